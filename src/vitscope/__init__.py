@@ -1,0 +1,26 @@
+"""vitscope: see and measure what a Vision Transformer attends to.
+
+>>> import vitscope
+>>> vit = vitscope.load("vitscope:shapes")                         # doctest: +SKIP
+>>> attn = vitscope.capture(vit, "cat.png", queries="cls")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from vitscope.adapters import ModelInfo, VitModel, load, wrap
+from vitscope.attentions import Attentions
+from vitscope.capture import capture
+from vitscope.errors import VitscopeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attentions",
+    "ModelInfo",
+    "VitModel",
+    "VitscopeError",
+    "__version__",
+    "capture",
+    "load",
+    "wrap",
+]

@@ -1,0 +1,143 @@
+"""Where models come from. `load` turns a spec (or a module) into a `VitModel`.
+
+Specs:
+    ``"vitscope:shapes"``          a model bundled with vitscope
+    ``"hf:<hub id or folder>"``    Hugging Face transformers (ViT, DeiT, DINO, DINOv2 (+registers), CLIP, SigLIP)
+    ``"timm:<model name>"``        a timm VisionTransformer (``pretrained=False`` unless ``pretrained=True``)
+    ``"dino:<file.pth>"``          a facebookresearch/dino checkpoint (also any ``.pth``/``.pt`` path)
+    a folder                       written by ``vitscope train`` (config.json + model.safetensors), or an HF folder
+    an ``nn.Module``               vitscope ViT, transformers or timm model; others via `wrap` with a declaration
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
+
+__all__ = ["AttentionSite", "ModelInfo", "Preprocess", "Tap", "VitModel", "as_vit", "load", "wrap"]
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+
+
+def _module_root(obj: object) -> str:
+    return type(obj).__module__.split(".", 1)[0]
+
+
+def wrap(module: nn.Module, **declaration: Any) -> VitModel:
+    """Describe an ``nn.Module``: detected for vitscope, transformers and timm models, else by declaration.
+
+    See `vitscope.adapters.custom.wrap_custom` for the declaration's keywords.
+    """
+    if isinstance(module, VitModel):
+        return module
+    if declaration:
+        from vitscope.adapters.custom import wrap_custom
+
+        return wrap_custom(module, **declaration)
+    from vitscope.train.model import ViT
+
+    if isinstance(module, ViT):
+        from vitscope.adapters.vitscope_vit import from_vit
+
+        return from_vit(module)
+    root = _module_root(module)
+    if root == "transformers":
+        from vitscope.adapters.hf import from_hf_model
+
+        return from_hf_model(module)
+    if root == "timm":
+        from vitscope.adapters.timm import from_timm_model
+
+        return from_timm_model(module)
+    if not isinstance(module, nn.Module):
+        raise NotAViTError("model", f"{type(module).__name__} is not an nn.Module", "pass a model or a spec string")
+    raise NotAViTError(
+        "model", f"{type(module).__name__} is not a ViT vitscope recognises (no attention blocks found)",
+        "declare them: vitscope.wrap(model, blocks='blocks.*', qkv='attn.qkv', num_heads=..., patch_size=...)",
+    )
+
+
+def as_vit(model: Any) -> VitModel:
+    """A `VitModel` from a `VitModel`, a spec string/path, or an ``nn.Module``."""
+    if isinstance(model, VitModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    if isinstance(model, nn.Module):
+        return wrap(model)
+    raise NotAViTError("model", f"cannot use a {type(model).__name__} as a model", "pass vitscope.load(...) or a spec")
+
+
+def _load_path(path: Path, **kwargs: Any) -> VitModel:
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise CheckpointError("model", f"folder {path} has no config.json", "pass a saved model folder")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError("model", f"{cfg_file} is not valid JSON ({exc.msg})") from None
+        if cfg.get("architecture") == "vitscope.ViT":
+            from vitscope.adapters.vitscope_vit import load_folder
+
+            return load_folder(path)
+        from vitscope.adapters.hf import load_hf
+
+        return load_hf(str(path), **kwargs)
+    if path.suffix in _CHECKPOINT_SUFFIXES:
+        from vitscope.adapters.checkpoint import load_dino_checkpoint
+
+        return load_dino_checkpoint(path, **kwargs)
+    raise CheckpointError("model", f"don't know how to load {path}", "pass a model folder or a .pth checkpoint")
+
+
+def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> VitModel:
+    """Load a ViT and describe it. See the module docstring for the accepted specs.
+
+    Example:
+        >>> vit = vitscope.load("vitscope:shapes")  # doctest: +SKIP
+        >>> vit.info.prefix, vit.info.num_layers  # doctest: +SKIP
+    """
+    if isinstance(spec, (VitModel, nn.Module)):
+        return wrap(spec, **kwargs) if not isinstance(spec, VitModel) else spec
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise VitscopeError("model", f"invalid model spec {spec!r}", "e.g. 'vitscope:shapes', 'hf:facebook/dinov2-small'")
+    scheme, sep, rest = spec.partition(":")
+    if sep and len(scheme) > 1:  # (a Windows drive letter is one character)
+        if scheme == "vitscope":
+            from vitscope.adapters.vitscope_vit import bundled_path, load_folder
+
+            return load_folder(bundled_path(rest), name=f"vitscope:{rest}")
+        if scheme == "hf":
+            from vitscope.adapters.hf import load_hf
+
+            return load_hf(rest, **kwargs)
+        if scheme == "timm":
+            from vitscope.adapters.timm import load_timm
+
+            return load_timm(rest, **kwargs)
+        if scheme == "dino":
+            from vitscope.adapters.checkpoint import load_dino_checkpoint
+
+            return load_dino_checkpoint(Path(rest), **kwargs)
+        if scheme not in ("file",):
+            raise VitscopeError(
+                "model", f"unknown scheme {scheme!r} in {spec!r}", "use vitscope:, hf:, timm:, dino: or a path"
+            )
+        spec = rest
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            "model", f"{spec!r} is neither an existing path nor a known spec",
+            "pass a folder/.pth file, or 'vitscope:shapes', 'hf:<id>', 'timm:<name>'",
+        )
+    return _load_path(path, **kwargs)

@@ -1,0 +1,193 @@
+"""The model description every adapter produces: `ModelInfo`, `Preprocess`, `AttentionSite` and `VitModel`.
+
+An adapter's whole job is to say, for one model family, where each layer's queries, keys and values can be
+read (`Tap`), how many prefix tokens of which kinds the model has, and how it wants its pixels. Capture
+(`vitscope.capture`) then works the same way for every family: it hooks those taps and recomputes
+``softmax(q k^T * scale)`` for only the rows it needs, so fused/SDPA attention stays on and outputs are
+bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+SizePolicy = Literal["resize", "crop", "native"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the model wants its images.
+
+    Attributes:
+        image_size: default input ``(height, width)`` in pixels (the size it was trained at).
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+        policy: default size policy: ``"resize"`` to ``image_size`` (the processors' way), ``"crop"`` the
+            image at its own resolution down to a multiple of the patch size (DINO's way), or ``"native"``
+            (resize so each side is the nearest multiple of the patch size, keeping the aspect ratio).
+        resample: PIL resampling filter name used when resizing (``"bicubic"``, ``"bilinear"``).
+        dynamic_size: the model accepts other sizes than ``image_size`` (positional embeddings interpolated).
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    policy: SizePolicy = "resize"
+    resample: str = "bicubic"
+    dynamic_size: bool = True
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What vitscope knows about a ViT, whatever it came from."""
+
+    name: str
+    family: str
+    num_layers: int
+    num_heads: int
+    embed_dim: int
+    patch_size: tuple[int, int]
+    prefix: tuple[str, ...]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    num_classes: int | None = None
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.prefix)
+
+    def describe(self) -> str:
+        ph, pw = self.patch_size
+        kinds = ", ".join(self.prefix) or "none"
+        h, w = self.preprocess.image_size
+        return (
+            f"{self.name} ({self.family}): {self.num_layers} layers x {self.num_heads} heads, dim {self.embed_dim}, "
+            f"patch {ph}x{pw}, prefix tokens [{kinds}], input {h}x{w}"
+        )
+
+
+TapLayout = Literal["flat", "heads", "qkv"]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where one of q, k, v (or the attention output) can be read during the forward pass.
+
+    Attributes:
+        module: the submodule to hook.
+        where: read the module's ``"output"`` or its first positional ``"input"``.
+        layout: ``"flat"``: ``(B, N, H*d)`` (a q/k/v Linear, or the heads-concatenated attention output);
+            ``"heads"``: ``(B, H, N, d)`` (e.g. timm's ``q_norm``/``k_norm``);
+            ``"qkv"``: a fused projection ``(B, N, 3*H*d)`` laid out as ``(3, H, d)``, ``index`` picks q/k/v.
+        index: which of q (0), k (1), v (2) in a ``"qkv"`` tap.
+    """
+
+    module: nn.Module
+    where: Literal["output", "input"] = "output"
+    layout: TapLayout = "flat"
+    index: int = 0
+
+    def extract(self, value: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """The tapped tensor as ``(B, H, N, d)``."""
+        if self.layout == "heads":
+            return value
+        B, N, C = value.shape
+        if self.layout == "qkv":
+            d = C // (3 * num_heads)
+            return value.reshape(B, N, 3, num_heads, d)[:, :, self.index].transpose(1, 2)
+        d = C // num_heads
+        return value.reshape(B, N, num_heads, d).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention layer: where its q, k, v and output are read, and its softmax scale.
+
+    ``softmax(q @ k.T * scale)`` per head equals the layer's attention probabilities. ``out`` (optional) reads
+    the per-head attention output ``O = A V`` (before any output norm or projection); gradient methods use
+    ``dL/dA = dL/dO @ V^T``, which is exact and works under fused attention.
+    """
+
+    layer: int
+    block: nn.Module
+    attn: nn.Module
+    q: Tap
+    k: Tap
+    num_heads: int
+    scale: float
+    v: Tap | None = None
+    out: Tap | None = None
+
+
+class VitModel:
+    """A ViT with its description: what `vitscope.load` returns and `vitscope.capture` reads.
+
+    Attributes:
+        module: the underlying ``nn.Module`` (left as the user gave it: capture changes no flag for good).
+        info: layers, heads, patch size, prefix tokens, preprocessing.
+        sites: one `AttentionSite` per layer, in depth order.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        info: ModelInfo,
+        sites: Sequence[AttentionSite],
+        forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+        logits: Callable[[Any], torch.Tensor | None] | None = None,
+    ) -> None:
+        if len(sites) != info.num_layers:
+            raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
+        self.module = module
+        self.info = info
+        self.sites = list(sites)
+        self._forward = forward
+        self._logits = logits
+
+    def __call__(self, pixel_values: torch.Tensor) -> Any:
+        """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""
+        if self._forward is not None:
+            return self._forward(self.module, pixel_values)
+        return self.module(pixel_values)
+
+    def logits(self, output: Any) -> torch.Tensor | None:
+        """Class logits ``(B, classes)`` from a forward output, or ``None`` when the model has no classifier."""
+        if self._logits is not None:
+            return self._logits(output)
+        return output if isinstance(output, torch.Tensor) and output.dim() == 2 else None
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def preprocess(self, images: Any, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
+                   ) -> torch.Tensor:
+        """Turn paths, PIL images, arrays (or a list of them) into pixel values ``(B, C, H, W)``.
+
+        A tensor is taken as already-preprocessed pixel values and returned as is.
+        """
+        from vitscope.images import preprocess
+
+        return preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
+
+    def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` for an input of ``(height, width)`` pixels."""
+        (h, w), (ph, pw) = image_size, self.info.patch_size
+        return (h // ph, w // pw)
+
+    def __repr__(self) -> str:
+        return f"VitModel({self.info.describe()})"

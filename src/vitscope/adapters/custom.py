@@ -1,0 +1,117 @@
+"""Any ``nn.Module`` plus a small declaration of where its attention is.
+
+Example (a model whose blocks are ``model.layers[i]`` with a fused ``attn.qkv`` Linear and ``attn.proj``)::
+
+    vit = vitscope.wrap(
+        model, blocks="layers.*", qkv="attn.qkv", out="attn.proj", num_heads=8,
+        patch_size=16, prefix=("cls",), image_size=(224, 224),
+    )
+
+``blocks`` is a dotted pattern where ``*`` matches one name component (``"blocks.*"``,
+``"encoder.layer.*"``) or an explicit list of modules; ``qkv``/``q``/``k``/``v``/``out`` are paths relative
+to each block. ``out`` names the output projection: its input is the heads-concatenated attention output
+(needed only for gradient methods).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.errors import NotAViTError, VitscopeError
+
+
+def find_blocks(module: nn.Module, pattern: str) -> list[nn.Module]:
+    """Submodules whose dotted name matches ``pattern`` (``*`` = one name component), in model order."""
+    rx = re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+    return [m for name, m in module.named_modules() if rx.match(name)]
+
+
+def _sub(block: nn.Module, path: str, argument: str) -> nn.Module:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        names = sorted(n for n, _ in block.named_modules() if n)[:12]
+        raise VitscopeError(
+            argument, f"no submodule {path!r} in block {type(block).__name__}",
+            f"paths are relative to each block, e.g. one of {names}",
+        ) from None
+
+
+def wrap_custom(
+    module: nn.Module,
+    *,
+    blocks: str | Sequence[nn.Module],
+    num_heads: int,
+    patch_size: int | tuple[int, int],
+    qkv: str | None = None,
+    q: str | None = None,
+    k: str | None = None,
+    v: str | None = None,
+    out: str | None = None,
+    scale: float | None = None,
+    prefix: Sequence[str] = ("cls",),
+    image_size: int | tuple[int, int] = 224,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    channels: int = 3,
+    dynamic_size: bool = False,
+    policy: str = "resize",
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+    logits: Callable[[Any], torch.Tensor | None] | None = None,
+    name: str | None = None,
+) -> VitModel:
+    """Describe a user's ViT: where its attention blocks are, and what its tokens and pixels look like.
+
+    Give either ``qkv`` (one Linear producing q, k, v stacked as ``(3, heads, head_dim)``) or ``q`` and ``k``
+    (Linears producing ``(heads * head_dim)`` each; ``v`` optional). ``scale`` defaults to
+    ``head_dim ** -0.5``.
+    """
+    block_list = find_blocks(module, blocks) if isinstance(blocks, str) else list(blocks)
+    if not block_list:
+        raise NotAViTError(
+            "blocks", f"pattern {blocks!r} matches no submodule of {type(module).__name__}",
+            "use a dotted pattern such as 'blocks.*' or 'encoder.layer.*' (see model.named_modules())",
+        )
+    if qkv is None and (q is None or k is None):
+        raise VitscopeError("qkv", "neither qkv nor both q and k were given", "name the projection(s) in each block")
+    sites = []
+    embed_dim = 0
+    for i, blk in enumerate(block_list):
+        if qkv is not None:
+            lin = _sub(blk, qkv, "qkv")
+            tq, tk, tv = (Tap(lin, layout="qkv", index=j) for j in range(3))
+            width = getattr(lin, "out_features", 0) // 3
+        else:
+            assert q is not None and k is not None
+            q_mod, k_mod = _sub(blk, q, "q"), _sub(blk, k, "k")
+            tq, tk = Tap(q_mod), Tap(k_mod)
+            tv = Tap(_sub(blk, v, "v")) if v is not None else None
+            width = getattr(q_mod, "out_features", 0)
+        if width and width % num_heads:
+            raise VitscopeError("num_heads", f"{num_heads} does not divide the projection width {width}")
+        embed_dim = embed_dim or width
+        head_dim = width // num_heads if width else 0
+        sc = scale if scale is not None else (head_dim**-0.5 if head_dim else None)
+        if sc is None:
+            raise VitscopeError("scale", "cannot infer head_dim from the projection", "pass scale=")
+        tout = Tap(_sub(blk, out, "out"), where="input") if out is not None else None
+        sites.append(
+            AttentionSite(layer=i, block=blk, attn=blk, q=tq, k=tk, v=tv, out=tout, num_heads=num_heads, scale=sc)
+        )
+    ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    info = ModelInfo(
+        name=name or type(module).__name__, family="custom", num_layers=len(sites), num_heads=num_heads,
+        embed_dim=embed_dim, patch_size=ps, prefix=tuple(prefix),  # type: ignore[arg-type]
+        preprocess=Preprocess(
+            image_size=size, mean=tuple(mean), std=tuple(std), policy=policy,  # type: ignore[arg-type]
+            dynamic_size=dynamic_size, channels=channels,
+        ),
+    )
+    return VitModel(module, info, sites, forward=forward, logits=logits)

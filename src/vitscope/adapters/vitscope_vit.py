@@ -1,0 +1,63 @@
+"""Adapter for vitscope's own ViT (`vitscope.train.model.ViT`) and its bundled models."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.errors import CheckpointError
+
+#: Models shipped inside the package: ``vitscope.load("vitscope:<name>")``.
+BUNDLED = ("shapes",)
+
+
+def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
+    from vitscope.train.model import ViT
+
+    assert isinstance(model, ViT)
+    cfg = model.cfg
+    sites = []
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn  # type: ignore[union-attr]
+        sites.append(
+            AttentionSite(
+                layer=i, block=blk, attn=attn,
+                q=Tap(attn.qkv, layout="qkv", index=0),
+                k=Tap(attn.qkv, layout="qkv", index=1),
+                v=Tap(attn.qkv, layout="qkv", index=2),
+                out=Tap(attn.proj, where="input"),
+                num_heads=cfg.heads, scale=float(attn.scale),
+            )
+        )
+    info = ModelInfo(
+        name=name, family="vitscope", num_layers=cfg.depth, num_heads=cfg.heads, embed_dim=cfg.dim,
+        patch_size=(cfg.patch_size, cfg.patch_size),
+        prefix=("cls",) + ("register",) * cfg.num_registers,
+        preprocess=Preprocess(
+            image_size=cfg.image_size, mean=tuple(cfg.mean) * (3 // len(cfg.mean)),  # type: ignore[arg-type]
+            std=tuple(cfg.std) * (3 // len(cfg.std)),  # type: ignore[arg-type]
+            policy="resize", resample="bilinear", dynamic_size=True, channels=cfg.in_chans,
+        ),
+        num_classes=cfg.num_classes or None, labels=cfg.labels,
+    )
+    return VitModel(model, info, sites)
+
+
+def bundled_path(name: str) -> Path:
+    if name not in BUNDLED:
+        raise CheckpointError("model", f"no bundled model {name!r}", f"choose one of {', '.join(BUNDLED)}")
+    folder = Path(str(resources.files("vitscope") / "data" / name))
+    if not (folder / "model.safetensors").exists():
+        raise CheckpointError(
+            "model", f"bundled model {name!r} is missing from the installation ({folder})",
+            "reinstall vitscope, or train one with `vitscope train --preset shapes`",
+        )
+    return folder
+
+
+def load_folder(folder: str | Path, name: str | None = None) -> VitModel:
+    from vitscope.train.model import load_vit
+
+    folder = Path(folder)
+    return from_vit(load_vit(folder), name=name or folder.name)

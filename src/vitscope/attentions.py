@@ -1,0 +1,286 @@
+"""`Attentions`: the one container every vitscope method reads.
+
+Token layout is always ``[prefix tokens..., patch tokens (row-major)]``; the prefix tokens are described by
+their kinds in order (``"cls"``, ``"dist"`` for DeiT's distillation token, ``"register"``), so no code ever
+assumes one prefix token or a square grid.
+
+``weights`` has named dims ``(layer, batch, head, query, key)``:
+
+- ``layer``: the captured layers, their absolute indices in ``layers``;
+- ``head``: the captured heads (indices in ``heads``), or one fused head when ``heads == "mean"``;
+- ``query``: the captured query tokens (token indices in ``queries``), or all ``N`` tokens when
+  ``queries is None``;
+- ``key``: always all ``N`` tokens, so every row is a full softmax distribution (sums to 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+TokenKind = Literal["cls", "dist", "register"]
+TOKEN_KINDS: tuple[str, ...] = ("cls", "dist", "register")
+
+
+def _as_pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    a, b = x
+    return (int(a), int(b))
+
+
+@dataclass
+class Attentions:
+    """Attention probabilities captured from one forward pass, with everything needed to read them.
+
+    Attributes:
+        weights: float tensor ``(layer, batch, head, query, key)``; each row sums to 1 over ``key``.
+        prefix: kinds of the prefix tokens in token order, e.g. ``("cls",)``, ``("cls", "dist")``,
+            ``("cls", "register", "register", "register", "register")`` or ``()`` (SigLIP).
+        grid: patch grid ``(rows, cols)``; ``N = len(prefix) + rows * cols``.
+        patch_size: ``(height, width)`` of one patch in input pixels.
+        image_size: ``(height, width)`` of the pixel tensor the model actually saw.
+        layers: absolute layer index of each entry along dim 0.
+        heads: head index of each entry along dim 2, or ``"mean"`` when heads were fused by averaging.
+        queries: token index of each entry along dim 3, or ``None`` when every token is a query.
+        num_layers: layers in the model (so negative indices and ranges can be checked).
+        num_heads: heads per layer in the model.
+        token_norms: optional ``(num_layers, batch, N)`` L2 norms of each block's output tokens (before the
+            final norm), filled by ``capture(..., token_norms=True)``.
+        meta: free-form provenance (model name, preprocessing, ...), kept JSON-serialisable.
+    """
+
+    weights: torch.Tensor
+    prefix: tuple[str, ...]
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    image_size: tuple[int, int]
+    layers: tuple[int, ...]
+    heads: tuple[int, ...] | Literal["mean"]
+    queries: tuple[int, ...] | None
+    num_layers: int
+    num_heads: int
+    token_norms: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefix = tuple(self.prefix)
+        for kind in self.prefix:
+            if kind not in TOKEN_KINDS:
+                raise ValueError(f"prefix: unknown token kind {kind!r}; expected one of {TOKEN_KINDS}")
+        self.grid = _as_pair(self.grid)
+        self.patch_size = _as_pair(self.patch_size)
+        self.image_size = _as_pair(self.image_size)
+        self.layers = tuple(int(i) for i in self.layers)
+        if self.heads != "mean":
+            self.heads = tuple(int(h) for h in self.heads)
+        if self.queries is not None:
+            self.queries = tuple(int(q) for q in self.queries)
+        if self.weights.dim() != 5:
+            raise ValueError(
+                f"weights: expected 5 dims (layer, batch, head, query, key), got shape {tuple(self.weights.shape)}"
+            )
+        L, _B, H, Q, N = self.weights.shape
+        if N != self.num_tokens:
+            raise ValueError(
+                f"weights: key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} gives {self.num_tokens}"
+            )
+        if L != len(self.layers):
+            raise ValueError(f"weights: {L} layers along dim 0 but layers={self.layers}")
+        expected_h = 1 if self.heads == "mean" else len(self.heads)
+        if H != expected_h:
+            raise ValueError(f"weights: {H} heads along dim 2 but heads={self.heads!r}")
+        expected_q = N if self.queries is None else len(self.queries)
+        if Q != expected_q:
+            raise ValueError(f"weights: {Q} queries along dim 3 but queries={self.queries!r}")
+
+    # ----------------------------------------------------------------------------------------- tokens
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.prefix)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.weights.shape[1])
+
+    @property
+    def cls_index(self) -> int | None:
+        """Token index of [CLS], or ``None`` for models without one (e.g. SigLIP)."""
+        return self.prefix.index("cls") if "cls" in self.prefix else None
+
+    @property
+    def dist_index(self) -> int | None:
+        return self.prefix.index("dist") if "dist" in self.prefix else None
+
+    @property
+    def register_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.prefix) if k == "register")
+
+    @property
+    def patch_slice(self) -> slice:
+        return slice(self.num_prefix_tokens, self.num_tokens)
+
+    def patch_index(self, row: int, col: int) -> int:
+        """Token index of the patch at grid position ``(row, col)``."""
+        rows, cols = self.grid
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise IndexError(f"patch (row={row}, col={col}) is outside the {rows}x{cols} grid")
+        return self.num_prefix_tokens + row * cols + col
+
+    def token_index(self, token: int | str | tuple[int, int]) -> int:
+        """Resolve a query token given as an index, ``"cls"``/``"dist"``/``"register:K"``, or ``(row, col)``."""
+        if isinstance(token, tuple):
+            return self.patch_index(*token)
+        if isinstance(token, str):
+            if token in ("cls", "dist"):
+                idx = self.cls_index if token == "cls" else self.dist_index
+                if idx is None:
+                    raise ValueError(
+                        f"query={token!r}: this model has no {token} token (prefix={self.prefix}); "
+                        "use a patch (row, col) or a token index"
+                    )
+                return idx
+            if token.startswith("register"):
+                k = int(token.split(":", 1)[1]) if ":" in token else 0
+                regs = self.register_indices
+                if not 0 <= k < len(regs):
+                    raise ValueError(f"query={token!r}: the model has {len(regs)} register tokens")
+                return regs[k]
+            raise ValueError(f"query={token!r}: expected 'cls', 'dist', 'register:K', an index or (row, col)")
+        idx = int(token)
+        if idx < 0:
+            idx += self.num_tokens
+        if not 0 <= idx < self.num_tokens:
+            raise IndexError(f"query token {token} out of range for {self.num_tokens} tokens")
+        return idx
+
+    # ---------------------------------------------------------------------------------- selections
+    def layer_position(self, layer: int) -> int:
+        """Position along dim 0 of absolute layer ``layer`` (negative counts from the model's last layer)."""
+        absolute = layer + self.num_layers if layer < 0 else layer
+        if absolute not in self.layers:
+            raise IndexError(
+                f"layer={layer}: not captured (captured layers {list(self.layers)}, model has {self.num_layers})"
+            )
+        return self.layers.index(absolute)
+
+    def query_position(self, token: int | str | tuple[int, int]) -> int:
+        """Position along dim 3 of the query token (see `token_index`)."""
+        idx = self.token_index(token)
+        if self.queries is None:
+            return idx
+        if idx not in self.queries:
+            raise ValueError(
+                f"query token {idx} was not captured (captured queries {list(self.queries)}); capture with "
+                "queries=None or include it"
+            )
+        return self.queries.index(idx)
+
+    def require_full(self, method: str) -> None:
+        """Raise unless every token was captured as a query (rollout, flow, distance need that)."""
+        if self.queries is not None:
+            raise ValueError(
+                f"{method} needs every query row, but these attentions hold only queries {list(self.queries)}; "
+                "capture with queries=None"
+            )
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Reshape a trailing dim of ``N`` tokens (or ``rows*cols`` patches) to ``(..., rows, cols)``.
+
+        Prefix tokens are dropped when the trailing dim is ``N``.
+        """
+        rows, cols = self.grid
+        if x.shape[-1] == self.num_tokens:
+            x = x[..., self.patch_slice]
+        if x.shape[-1] != rows * cols:
+            raise ValueError(f"to_grid: last dim {x.shape[-1]} is neither N={self.num_tokens} nor {rows * cols}")
+        return x.reshape(*x.shape[:-1], rows, cols)
+
+    def select(self, layers: Sequence[int] | None = None) -> Attentions:
+        """A view restricted to some captured layers (absolute or negative indices)."""
+        if layers is None:
+            return self
+        pos = [self.layer_position(i) for i in layers]
+        return replace(self, weights=self.weights[pos], layers=tuple(self.layers[p] for p in pos))
+
+    def fused(self, head_fusion: Literal["mean", "max", "min"] = "mean") -> torch.Tensor:
+        """Weights with heads fused: ``(layer, batch, query, key)``."""
+        w = self.weights
+        if head_fusion == "mean":
+            return w.mean(dim=2)
+        if self.heads == "mean":
+            raise ValueError(f"head_fusion={head_fusion!r}: heads were already averaged at capture time")
+        if head_fusion == "max":
+            return w.amax(dim=2)
+        if head_fusion == "min":
+            return w.amin(dim=2)
+        raise ValueError(f"head_fusion={head_fusion!r}: expected 'mean', 'max' or 'min'")
+
+    # -------------------------------------------------------------------------------------- I/O
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write an ``.npz`` (atomically): ``weights`` (float32), ``token_norms`` if present, and ``meta_json``."""
+        from vitscope._io import atomic_savez
+
+        arrays: dict[str, np.ndarray] = {"weights": self.weights.detach().float().cpu().numpy()}
+        if self.token_norms is not None:
+            arrays["token_norms"] = self.token_norms.detach().float().cpu().numpy()
+        arrays["meta_json"] = np.array(json.dumps(self._header()))
+        return atomic_savez(path, **arrays)
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "prefix": list(self.prefix),
+            "grid": list(self.grid),
+            "patch_size": list(self.patch_size),
+            "image_size": list(self.image_size),
+            "layers": list(self.layers),
+            "heads": self.heads if self.heads == "mean" else list(self.heads),
+            "queries": None if self.queries is None else list(self.queries),
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Attentions:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["meta_json"]))
+            weights = torch.from_numpy(data["weights"].copy())
+            norms = torch.from_numpy(data["token_norms"].copy()) if "token_norms" in data else None
+        heads = header["heads"]
+        return cls(
+            weights=weights,
+            prefix=tuple(header["prefix"]),
+            grid=tuple(header["grid"]),  # type: ignore[arg-type]
+            patch_size=tuple(header["patch_size"]),  # type: ignore[arg-type]
+            image_size=tuple(header["image_size"]),  # type: ignore[arg-type]
+            layers=tuple(header["layers"]),
+            heads="mean" if heads == "mean" else tuple(heads),
+            queries=None if header["queries"] is None else tuple(header["queries"]),
+            num_layers=header["num_layers"],
+            num_heads=header["num_heads"],
+            token_norms=norms,
+            meta=header.get("meta", {}),
+        )
+
+    def __repr__(self) -> str:
+        L, B, H, Q, N = self.weights.shape
+        return (
+            f"Attentions(layers={L}/{self.num_layers}, batch={B}, heads={H if self.heads != 'mean' else 'mean'}, "
+            f"queries={Q}, keys={N}, prefix={self.prefix}, grid={self.grid}, image_size={self.image_size})"
+        )

@@ -1,0 +1,199 @@
+"""Reading images of any kind into RGB, and turning them into the pixel values a model wants.
+
+Accepts paths, PIL images, numpy arrays (HxW, HxWxC; uint8, uint16 or float in [0, 1]) and lists of them.
+Grayscale, RGBA/LA (composited over white), palette, CMYK and 16-bit images are converted to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitscope.adapters.base import Preprocess, SizePolicy
+from vitscope.errors import ImageError
+
+#: Largest image (in pixels) vitscope will decode; PIL's own bomb guard stops at twice its default.
+MAX_PIXELS = 20_000 * 20_000
+
+ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _from_array(arr: np.ndarray, argument: str) -> Image.Image:
+    if arr.size == 0:
+        raise ImageError(argument, f"array has zero size (shape {arr.shape})", "pass a non-empty HxW or HxWxC array")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ImageError(argument, f"array of shape {arr.shape} is not an image", "expected HxW, HxWx3 or HxWx4")
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageError(argument, "float array contains NaN or inf", "clean the array first")
+        hi = 255.0 if arr.max() > 1.0 else 1.0
+        arr = (np.clip(arr / hi, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def to_rgb(img: Image.Image, argument: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited over white, 16-bit scaled, not clipped)."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(argument, "image has zero size", "pass an image with at least one pixel")
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
+        img = Image.fromarray((np.clip(arr / hi, 0, 1) * 255 + 0.5).astype(np.uint8))
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 255.0 if arr.max() > 1.0 else 1.0
+        img = Image.fromarray((np.clip(arr / hi, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(image: ImageLike, argument: str = "image") -> Image.Image:
+    """Open ``image`` (path, PIL image or array) as 8-bit RGB, with one-line errors for bad inputs."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image, argument)
+    if isinstance(image, np.ndarray):
+        return to_rgb(_from_array(image, argument), argument)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise ImageError(argument, f"file not found: {path}", "check the path")
+        if path.is_dir():
+            raise ImageError(argument, f"{path} is a folder", "pass an image file (or use `vitscope batch` for folders)")
+        if path.stat().st_size == 0:
+            raise ImageError(argument, f"{path} is empty (0 bytes)", "pass a valid image file")
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(argument, f"{path} is {im.width}x{im.height} pixels", "downscale it first")
+                im.load()
+                return to_rgb(im, argument)
+        except UnidentifiedImageError:
+            raise ImageError(argument, f"{path} is not an image PIL can read", "pass a PNG, JPEG, ... file") from None
+        except Image.DecompressionBombError:
+            raise ImageError(argument, f"{path} is too large to decode safely", "downscale it first") from None
+        except OSError as exc:
+            raise ImageError(argument, f"cannot read {path}: {exc}", "check the file is a complete image") from None
+    raise ImageError(argument, f"unsupported type {type(image).__name__}", "pass a path, PIL image or numpy array")
+
+
+def _target_size(
+    w: int, h: int, prep: Preprocess, patch: tuple[int, int], policy: SizePolicy, size: int | tuple[int, int] | None
+) -> tuple[int, int]:
+    """Output (height, width) for an image of (w, h) under ``policy``/``size``."""
+    ph, pw = patch
+    if size is not None:
+        if isinstance(size, int):
+            # shorter side to `size`, aspect kept, sides rounded to a multiple of the patch
+            scale = size / min(w, h)
+            th, tw = max(ph, round(h * scale / ph) * ph), max(pw, round(w * scale / pw) * pw)
+        else:
+            th, tw = int(size[0]), int(size[1])
+        return th, tw
+    if policy == "resize":
+        return prep.image_size
+    if policy == "crop":
+        return (h // ph) * ph, (w // pw) * pw
+    if policy == "native":
+        return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
+    raise ImageError("policy", f"unknown size policy {policy!r}", "use 'resize', 'crop' or 'native'")
+
+
+def image_to_pixels(
+    img: Image.Image,
+    prep: Preprocess,
+    patch: tuple[int, int],
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """One RGB PIL image -> normalised pixel values ``(C, H, W)``."""
+    policy = policy or prep.policy
+    th, tw = _target_size(img.width, img.height, prep, patch, policy, size)
+    if th < patch[0] or tw < patch[1]:
+        raise ImageError(
+            "image",
+            f"{img.width}x{img.height} image gives {tw}x{th} input, smaller than one {patch[1]}x{patch[0]} patch",
+            "use a larger image or policy='resize'",
+        )
+    if not prep.dynamic_size and (th, tw) != tuple(prep.image_size):
+        raise ImageError(
+            "size", f"this model only accepts {prep.image_size[0]}x{prep.image_size[1]} inputs, not {th}x{tw}",
+            "use policy='resize'",
+        )
+    if policy == "crop" and size is None:
+        # DINO's way: keep the resolution, crop (top-left anchored) to a multiple of the patch size
+        img = img.crop((0, 0, tw, th))
+    elif (img.height, img.width) != (th, tw):
+        img = img.resize((tw, th), _RESAMPLE.get(prep.resample, Image.Resampling.BICUBIC))
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    if prep.channels == 1:
+        arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        arr = arr[..., None]
+    mean = np.asarray(prep.mean[: prep.channels], dtype=np.float32)
+    std = np.asarray(prep.std[: prep.channels], dtype=np.float32)
+    arr = (arr - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def preprocess(
+    images: Any,
+    prep: Preprocess,
+    patch: tuple[int, int],
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Images (one or a list) -> ``(B, C, H, W)``. A tensor is returned as is (already pixel values)."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4:
+            raise ImageError("images", f"tensor of shape {tuple(images.shape)}", "pass pixel values (B, C, H, W)")
+        return images
+    items: Sequence[Any]
+    if isinstance(images, (list, tuple)):
+        items = images
+    else:
+        items = [images]
+    if len(items) == 0:
+        raise ImageError("images", "no images given", "pass at least one image")
+    tensors = [
+        image_to_pixels(load_image(im, f"images[{i}]" if len(items) > 1 else "image"), prep, patch, policy, size)
+        for i, im in enumerate(items)
+    ]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ImageError(
+            "images", f"images preprocess to different sizes {sorted(shapes)}",
+            "pass size=(H, W) or policy='resize', or capture them one at a time",
+        )
+    return torch.stack(tensors)

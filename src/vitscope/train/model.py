@@ -1,0 +1,240 @@
+"""vitscope's own Vision Transformer: small, readable, and loadable like any other model.
+
+Parameter names follow facebookresearch/dino's ``vision_transformer.py`` (and timm's), so DINO ``.pth``
+checkpoints load into it directly: ``patch_embed.proj``, ``cls_token``, ``pos_embed`` (which includes the
+[CLS] position), ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``.
+Optional register tokens (Darcet et al. 2024) sit between [CLS] and the patches: ``[CLS, reg..., patches]``.
+
+Attention has two visible branches, as in timm: the fused kernel (`F.scaled_dot_product_attention`) and the
+explicit ``softmax(q k^T * scale)``; they agree to float precision (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a vitscope ViT. Defaults are seed 004's tiny ViT (64 px, patch 4, depth 4, dim 128)."""
+
+    image_size: tuple[int, int] = (64, 64)  # (height, width) the position embeddings were trained at
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_registers: int = 0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    norm_eps: float = 1e-6
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(self.image_size)  # type: ignore[assignment]
+        self.mean = tuple(self.mean)
+        self.std = tuple(self.std)
+        if self.labels is not None:
+            self.labels = tuple(self.labels)
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_dropout)
+        self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        if self.fused_attn:
+            drop = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, H*d)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias, cfg.attn_dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, gh*gw, C)
+
+
+class ViT(nn.Module):
+    """A pre-norm ViT with [CLS], optional registers, learned position embeddings and a linear head."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        gh, gw = cfg.grid
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gh * gw, cfg.dim))  # [CLS] + patches
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_registers, cfg.dim)) if cfg.num_registers else None
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.trunc_normal_(self.reg_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.cfg.num_registers
+
+    def set_fused_attn(self, fused: bool) -> None:
+        for blk in self.blocks:
+            blk.attn.fused_attn = fused  # type: ignore[union-attr]
+
+    def interpolate_pos_embed(self, gh: int, gw: int) -> torch.Tensor:
+        """Position embeddings for a (gh, gw) grid: bicubic resampling of the patch part (DINO's way)."""
+        pos = self.pos_embed
+        th, tw = self.cfg.grid
+        if (gh, gw) == (th, tw):
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        D = pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, th, tw, D).permute(0, 3, 1, 2)  # (1, D, th, tw)
+        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, D)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(B, C, H, W)`` -> input tokens ``(B, N, D)`` laid out ``[CLS, registers..., patches]``."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}; crop or resize it")
+        x = self.patch_embed(x)  # (B, gh*gw, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.interpolate_pos_embed(H // p, W // p)
+        if self.reg_token is not None:
+            x = torch.cat([x[:, :1], self.reg_token.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # (B, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x)[:, 0])  # classify from [CLS]
+
+
+def save_vit(model: ViT, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (atomically) into ``folder``."""
+    from safetensors.torch import save_file
+
+    from vitscope._io import atomic_path, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    cfg = asdict(model.cfg)
+    cfg["architecture"] = "vitscope.ViT"
+    if extra:
+        cfg.update(extra)
+    atomic_write_text(folder / "config.json", json.dumps(cfg, indent=2))
+    return folder
+
+
+def load_vit(folder: str | Path, map_location: str | torch.device = "cpu") -> ViT:
+    """Load a ViT saved by `save_vit` (safetensors only: no code runs)."""
+    from safetensors.torch import load_file
+
+    from vitscope.errors import CheckpointError
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.exists():
+            raise CheckpointError("model", f"{p} not found", "pass a folder written by vitscope train / save_vit")
+    cfg = ViTConfig.from_dict(json.loads(cfg_path.read_text()))
+    model = ViT(cfg)
+    model.load_state_dict(load_file(str(weights), device=str(map_location)))
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
