@@ -5,7 +5,6 @@
 >>> attn = vitscope.capture(vit, "cat.png", queries="cls")          # doctest: +SKIP
 """
 
-from __future__ import annotations
 
 from vitscope.adapters import ModelInfo, VitModel, load, wrap
 from vitscope.attentions import Attentions
