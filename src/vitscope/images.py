@@ -135,13 +135,14 @@ def image_to_pixels(
     patch: tuple[int, int],
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
+    argument: str = "image",
 ) -> torch.Tensor:
-    """One RGB PIL image -> normalised pixel values ``(C, H, W)``."""
+    """One RGB PIL image -> normalised pixel values ``(C, H, W)``. Errors name ``argument``."""
     policy = policy or prep.policy
     th, tw = _target_size(img.width, img.height, prep, patch, policy, size)
     if th < patch[0] or tw < patch[1]:
         raise ImageError(
-            "image",
+            argument,
             f"{img.width}x{img.height} image gives {tw}x{th} input, smaller than one {patch[1]}x{patch[0]} patch",
             "use a larger image or policy='resize'",
         )
@@ -186,9 +187,10 @@ def preprocess(
         items = [images]
     if len(items) == 0:
         raise ImageError("images", "no images given", "pass at least one image")
+    names = [f"images[{i}]" if len(items) > 1 else "image" for i in range(len(items))]
     tensors = [
-        image_to_pixels(load_image(im, f"images[{i}]" if len(items) > 1 else "image"), prep, patch, policy, size)
-        for i, im in enumerate(items)
+        image_to_pixels(load_image(im, name), prep, patch, policy, size, argument=name)
+        for name, im in zip(names, items, strict=True)
     ]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:

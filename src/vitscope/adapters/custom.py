@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.attentions import TOKEN_KINDS
 from vitscope.errors import NotAViTError, VitscopeError
 
 
@@ -43,6 +44,15 @@ def _sub(block: nn.Module, path: str, argument: str) -> nn.Module:
         ) from None
 
 
+def _per_channel(values: float | Sequence[float], channels: int, argument: str) -> tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        return (float(values),) * max(channels, 3)
+    out = tuple(float(v) for v in values)
+    if len(out) < channels:
+        raise VitscopeError(argument, f"{len(out)} values for {channels} channels", "give one value per channel")
+    return out
+
+
 def wrap_custom(
     module: nn.Module,
     *,
@@ -57,8 +67,8 @@ def wrap_custom(
     scale: float | None = None,
     prefix: Sequence[str] = ("cls",),
     image_size: int | tuple[int, int] = 224,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: float | Sequence[float] = (0.485, 0.456, 0.406),
+    std: float | Sequence[float] = (0.229, 0.224, 0.225),
     channels: int = 3,
     dynamic_size: bool = False,
     policy: str = "resize",
@@ -70,8 +80,17 @@ def wrap_custom(
 
     Give either ``qkv`` (one Linear producing q, k, v stacked as ``(3, heads, head_dim)``) or ``q`` and ``k``
     (Linears producing ``(heads * head_dim)`` each; ``v`` optional). ``scale`` defaults to
-    ``head_dim ** -0.5``.
+    ``head_dim ** -0.5``. ``mean``/``std`` take one value per channel (a single number is used for all).
     """
+    prefix = tuple(prefix)
+    bad = [kind for kind in prefix if kind not in TOKEN_KINDS]
+    if bad:
+        raise VitscopeError("prefix", f"unknown token kind {bad[0]!r}", f"use kinds from {TOKEN_KINDS}, in token order")
+    if policy not in ("resize", "crop", "native"):
+        raise VitscopeError("policy", f"unknown size policy {policy!r}", "use 'resize', 'crop' or 'native'")
+    norm = {"mean": _per_channel(mean, channels, "mean"), "std": _per_channel(std, channels, "std")}
+    if any(s <= 0 for s in norm["std"]):
+        raise VitscopeError("std", f"{norm['std']} has a value <= 0", "pass positive standard deviations")
     block_list = find_blocks(module, blocks) if isinstance(blocks, str) else list(blocks)
     if not block_list:
         raise NotAViTError(
@@ -83,6 +102,7 @@ def wrap_custom(
     sites = []
     embed_dim = 0
     for i, blk in enumerate(block_list):
+        tv: Tap | None
         if qkv is not None:
             lin = _sub(blk, qkv, "qkv")
             tq, tk, tv = (Tap(lin, layout="qkv", index=j) for j in range(3))
@@ -108,9 +128,9 @@ def wrap_custom(
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     info = ModelInfo(
         name=name or type(module).__name__, family="custom", num_layers=len(sites), num_heads=num_heads,
-        embed_dim=embed_dim, patch_size=ps, prefix=tuple(prefix),  # type: ignore[arg-type]
+        embed_dim=embed_dim, patch_size=ps, prefix=prefix,  # type: ignore[arg-type]
         preprocess=Preprocess(
-            image_size=size, mean=tuple(mean), std=tuple(std), policy=policy,  # type: ignore[arg-type]
+            image_size=size, mean=norm["mean"], std=norm["std"], policy=policy,  # type: ignore[arg-type]
             dynamic_size=dynamic_size, channels=channels,
         ),
     )

@@ -103,23 +103,31 @@ class CaptureResult:
 
 
 def attention_rows(
-    q: torch.Tensor, k: torch.Tensor, scale: float, rows: Sequence[int] | None, fuse_heads: bool
+    q: torch.Tensor, k: torch.Tensor, scale: float, rows: Sequence[int] | None, fuse_heads: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q[rows] @ k^T * scale)`` in float32, chunked over rows: ``(B, H or 1, Q, N)``.
 
-    q, k: ``(B, H, N, d)``.
+    q, k: ``(B, H, N, d)``. ``out`` (optional) receives the result in place.
     """
     B, H, N, _ = k.shape
-    q = q.float() if rows is None else q[:, :, list(rows)].float()
+    if rows is not None:
+        ids = list(rows)
+        # a run of consecutive rows (e.g. [CLS] alone) is a view, not a gather
+        q = q[:, :, ids[0] : ids[-1] + 1] if ids == list(range(ids[0], ids[0] + len(ids))) else q[:, :, ids]
+    q = q.float()  # no copy when already float32
     k = k.float()
     Q = q.shape[2]
-    out = torch.empty(B, 1 if fuse_heads else H, Q, N, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(B, 1 if fuse_heads else H, Q, N, dtype=torch.float32, device=q.device)
     chunk = max(1, CHUNK_BYTES // max(1, B * H * N * 4))
     kt = k.transpose(-2, -1)  # (B, H, d, N)
     for s in range(0, Q, chunk):
         logits = torch.matmul(q[:, :, s : s + chunk], kt).mul_(scale)  # (B, H, c, N)
-        probs = logits.softmax(dim=-1)
-        out[:, :, s : s + chunk] = probs.mean(dim=1, keepdim=True) if fuse_heads else probs
+        if fuse_heads:
+            out[:, :, s : s + chunk] = logits.softmax(dim=-1).mean(dim=1, keepdim=True)
+        else:
+            torch.softmax(logits, dim=-1, out=out[:, :, s : s + chunk])
     return out
 
 
@@ -170,7 +178,7 @@ def capture_full(
             )
         if head_sel != "mean":
             q, k = q[:, list(head_sel)], k[:, list(head_sel)]
-        weights[pos[layer]] = attention_rows(q, k, by_layer[layer].scale, query_ids, head_sel == "mean")
+        attention_rows(q, k, by_layer[layer].scale, query_ids, head_sel == "mean", out=weights[pos[layer]])
 
     def on_block(layer: int, x: torch.Tensor) -> None:
         assert norms is not None

@@ -24,6 +24,9 @@ LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode; restore each one's own ``training`` flag on exit."""
     flags = {m: m.training for m in module.modules()}
+    if not any(flags.values()):  # already in eval mode: nothing to switch (saves a walk per forward)
+        yield module
+        return
     try:
         module.eval()
         yield module

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
-
 from vitscope.errors import VitscopeError
+from vitscope.train.datasets import LabeledDataset
 
 #: Object classes, in label order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
@@ -192,7 +191,7 @@ def render_shape(seed: int, index: int, image_size: tuple[int, int] = (48, 48), 
                        angle=float(angle))
 
 
-class ShapesDataset(Dataset):  # type: ignore[type-arg]
+class ShapesDataset(LabeledDataset):
     """``size`` procedurally generated images of `SHAPE_CLASSES`, rendered on the fly.
 
     Items are ``(image, label)`` with ``image`` a ``(3, H, W)`` float tensor in [0, 1], or
@@ -201,6 +200,8 @@ class ShapesDataset(Dataset):  # type: ignore[type-arg]
 
     classes = SHAPE_CLASSES
     channels = 3
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
 
     def __init__(
         self, size: int = 50_000, seed: int = 0, split: str = "train", image_size: tuple[int, int] | int = (48, 48),

@@ -1,0 +1,191 @@
+"""Shared benchmark plumbing: random-weight models, the paths to compare, and clean per-process measurements.
+
+Peak memory is measured in a fresh child process per configuration (torch's allocator and glibc keep freed
+memory, so a second measurement in the same process would be wrong): the child builds the model, warms the
+path up at a small size, records its resident set (``VmRSS``), resets the high-water mark (``/proc/self/
+clear_refs``), runs the path once, and reports ``VmHWM - VmRSS`` = the extra peak memory of that call.
+Times are medians over interleaved repeats inside one child per (model, size).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+# name -> (family, transformers config kwargs, patch)
+MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "vit-s16": ("vit", {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                        "intermediate_size": 1536}, 16),
+    "dinov2-s14-reg": ("dinov2reg", {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                                     "patch_size": 14, "image_size": 518, "num_register_tokens": 4}, 14),
+    "vit-b16": ("vit", {}, 16),  # ViTConfig defaults are ViT-B/16: 12 layers, 12 heads, dim 768
+}
+#: nominal size -> the size used for patch 14 (a multiple of 14)
+P14 = {224: 224, 512: 518, 1024: 1022}
+PATHS = ("plain", "cls_maps", "rollout", "fused", "output_attentions")
+
+
+def px(size: int, model: str) -> int:
+    return P14.get(size, size) if MODELS[model][2] == 14 else size
+
+
+def build(model: str, attn: str = "sdpa") -> Any:
+    """A random-weight transformers model (seed 0), ``attn``: ``"sdpa"`` or ``"eager"``."""
+    import torch
+
+    family, kwargs, _ = MODELS[model]
+    torch.manual_seed(0)
+    if family == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        return ViTModel(ViTConfig(**kwargs, attn_implementation=attn), add_pooling_layer=False).eval()
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**kwargs, attn_implementation=attn)).eval()
+
+
+def runner(path: str, model: str) -> Callable[[Any], Any]:
+    """A function ``run(pixels)`` for one path on ``model`` (built here)."""
+    import torch
+
+    import vitscope
+    from vitscope.capture.streaming import fused_attention, streaming_rollout
+
+    if path in ("output_attentions", "plain_eager"):
+        module = build(model, "eager")
+        kwargs = {"interpolate_pos_encoding": True} if MODELS[model][0] == "vit" else {}
+        want = path == "output_attentions"
+
+        def run_eager(x: Any) -> Any:
+            with torch.no_grad():
+                out = module(x, output_attentions=want, **kwargs)
+            return out.attentions if want else out.last_hidden_state
+
+        return run_eager
+    vit = vitscope.wrap(build(model, "sdpa"))
+    if path == "plain":
+
+        def run_plain(x: Any) -> Any:
+            with torch.no_grad():
+                return vit(x)
+
+        return run_plain
+    if path == "cls_maps":
+        return lambda x: vitscope.capture(vit, x, queries="cls")  # all layers, all heads
+    if path == "rollout":
+        return lambda x: streaming_rollout(vit, x)
+    if path == "fused":
+        return lambda x: fused_attention(vit, x)
+    raise ValueError(path)
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_memory(model: str, size: int, path: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    run = runner(path, model)
+    s = px(size, model)
+    patch = MODELS[model][2]
+    w = max(2, s // 2 // patch) * patch  # warm-up below the measured size, so its buffers cannot be reused
+    run(torch.randn(1, 3, w, w))  # warm-up: kernels, thread pools, lazy imports
+    x = torch.randn(1, 3, s, s)
+    gc.collect()
+    before = _status()["VmRSS"]
+    reset = _reset_peak()
+    out = run(x)
+    peak = _status()["VmHWM"]
+    del out
+    return {"extra_bytes": peak - before, "rss_before": before, "peak": peak, "hwm_reset": reset}
+
+
+def child_times(model: str, size: int, paths: list[str], repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    s = px(size, model)
+    x = torch.randn(1, 3, s, s)
+    runs = {p: runner(p, model) for p in paths}
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for p in paths:  # warm-up
+        runs[p](x)
+    for _ in range(repeats):  # interleaved, so drifting load on a shared machine hits every path alike
+        for p in paths:
+            t0 = time.perf_counter()
+            out = runs[p](x)
+            times[p].append(time.perf_counter() - t0)
+            del out
+    return {"median": {p: statistics.median(v) for p, v in times.items()}, "all": times}
+
+
+def in_child(kind: str, *args: Any, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``child_<kind>(*args)`` in a fresh interpreter and return its JSON result."""
+    code = (f"import sys, json; sys.path[:0] = [{str(HERE)!r}, {str(SRC)!r}]; import _common; "
+            f"print('RESULT' + json.dumps(_common.child_{kind}(*{args!r})))")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(args[-1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    raise RuntimeError(f"child {kind}{args} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def attention_bytes(model: str, size: int) -> int:
+    """Bytes of every layer's full ``H x N x N`` float32 attention (what ``output_attentions`` returns)."""
+    _family, kwargs, patch = MODELS[model]
+    layers = kwargs.get("num_hidden_layers", 12)
+    heads = kwargs.get("num_attention_heads", 12)
+    s = px(size, model)
+    n = 1 + kwargs.get("num_register_tokens", 0) + (s // patch) ** 2
+    return 4 * layers * heads * n * n
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"{mem_available() / 2**30:.0f} GiB available, torch {torch.__version__}, "
+            f"{'CUDA' if torch.cuda.is_available() else 'CPU'}")
+
+
+def mb(x: float) -> str:
+    return f"{x / 2**20:,.0f} MB" if abs(x) >= 2**20 else f"{x / 2**20:.2f} MB"

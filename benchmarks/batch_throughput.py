@@ -1,0 +1,194 @@
+"""Issue 6: batch mode throughput vs a bare loop of forwards, and a SIGKILL-restart check.
+
+Generates ``--images`` random images of four sizes in nested folders, a random-weight ViT-S/16 (vitscope's own
+ViT: 12 layers, 6 heads, dim 384), and measures, with the same batch size and the same size grouping:
+
+- ``bare forwards``:   images preloaded and preprocessed beforehand, only ``model(pixels)`` is timed
+- ``load + forward``:  a plain sequential loop that loads, preprocesses and runs each batch
+- ``vitscope batch``:  `run_batch` (DataLoader workers, [CLS] maps of the last layer, npz + png written
+  atomically, manifest fsynced per image)
+
+Target: batch throughput within 15% of the bare forwards. Then ``vitscope batch`` runs as a CLI subprocess, is
+SIGKILLed midway and restarted: every output must be present and loadable, equal to a direct computation, and
+each image finished exactly once in the manifest.
+
+    python benchmarks/batch_throughput.py [--images 500] [--batch-size 8] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import _common as C
+import numpy as np
+
+SIZES = [(224, 224), (192, 256), (256, 192), (240, 320)]  # (height, width), all multiples of 16
+
+
+def make_images(root: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        small = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)  # smooth, photo-like content
+        p = root / f"set{i % 5}" / f"img{i:04d}.{'jpg' if i % 2 else 'png'}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        img.save(p)
+        paths.append(p)
+    return paths
+
+
+def make_model(folder: Path):  # type: ignore[no-untyped-def]
+    import torch
+
+    from vitscope.train.model import ViT, ViTConfig, save_vit
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=(224, 224), patch_size=16, dim=384, depth=12, heads=6, num_classes=0,
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))).eval()
+    save_vit(model, folder)
+    return model
+
+
+def grouped(paths: list[Path], vit, batch_size: int) -> list[list[Path]]:  # type: ignore[no-untyped-def]
+    """The batches batch mode forms: inputs in order, grouped by preprocessed size."""
+    from PIL import Image
+
+    from vitscope.images import _target_size
+
+    buckets: dict[tuple[int, int], list[Path]] = {}
+    batches = []
+    for p in paths:
+        with Image.open(p) as im:
+            key = _target_size(im.width, im.height, vit.info.preprocess, vit.info.patch_size, "native", None)
+        bucket = buckets.setdefault(key, [])
+        bucket.append(p)
+        if len(bucket) == batch_size:
+            batches.append(buckets.pop(key))
+    batches.extend(b for b in buckets.values() if b)
+    return batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-kill", action="store_true", help="skip the SIGKILL-restart check")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import vitscope
+    from vitscope.batch import run_batch
+
+    tmp = Path(tempfile.mkdtemp(prefix="vitscope-bench-"))
+    src = tmp / "images"
+    paths = make_images(src, args.images)
+    module = make_model(tmp / "model")
+    vit = vitscope.wrap(module)
+    batches = grouped(paths, vit, args.batch_size)
+    print(f"# batch throughput, {datetime.date.today()}; machine: {C.machine()}; threads {args.threads}")
+    print(f"# {len(paths)} images of {len(SIZES)} sizes, {len(batches)} batches of <= {args.batch_size}, "
+          f"ViT-S/16 (random weights), method cls, formats npz+png, workers {args.workers}")
+
+    pixels = [vit.preprocess([str(p) for p in b], policy="native") for b in batches]
+    with torch.no_grad():
+        vit(pixels[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in pixels:
+            vit(x)
+        t_bare = time.perf_counter() - t0
+    del pixels
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            vit(vit.preprocess([str(p) for p in b], policy="native"))
+    t_loop = time.perf_counter() - t0
+
+    summary = run_batch(src, tmp / "out", model=vit, policy="native", batch_size=args.batch_size,
+                        workers=args.workers, progress=False)
+    t_batch = summary.seconds
+    assert summary.done == len(paths), summary
+
+    n = len(paths)
+    print("| run | seconds | images/s | throughput vs bare forwards |")
+    print("|---|---|---|---|")
+    for name, t in [("bare forwards (preloaded)", t_bare), ("load + forward loop", t_loop),
+                    ("vitscope batch", t_batch)]:
+        print(f"| {name} | {t:.1f} | {n / t:.2f} | {t_bare / t:.1%} |")
+    ratio = t_bare / t_batch
+    print(f"batch throughput = {ratio:.1%} of bare forwards (target >= 85%): {'PASS' if ratio >= 0.85 else 'FAIL'}")
+
+    if not args.no_kill:
+        kill_check(src, tmp, paths, vit, args)
+
+
+def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    from vitscope.capture import capture
+    from vitscope.methods.cls_attention import cls_map
+
+    out = tmp / "killed"
+    cmd = [sys.executable, "-m", "vitscope", "batch", str(src), "-o", str(out), "--model", str(tmp / "model"),
+           "--policy", "native", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    manifest = out / "manifest.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = int(0.4 * len(paths))
+    while proc.poll() is None:
+        if manifest.exists() and manifest.read_text().count('"status": "ok"') >= target:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    before = sum(1 for line in manifest.read_text().splitlines() if '"status": "ok"' in line)
+    leftovers = len(list(out.rglob("*.part")))
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    t_resume = time.perf_counter() - t0
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
+    rels = {p.relative_to(src).as_posix() for p in paths}
+    loadable = 0
+    for rel in rels:
+        with np.load(out / f"{rel}.npz") as data:
+            data["map"]
+            loadable += 1
+    sample = paths[:: max(1, len(paths) // 25)]
+    max_err = 0.0
+    for p in sample:
+        with np.load(out / f"{p.relative_to(src).as_posix()}.npz") as data:
+            direct = cls_map(capture(vit, str(p), layers=[-1], queries="cls", policy="native"))[0].numpy()
+            max_err = max(max_err, float(np.abs(data["map"] - direct).max()))
+    checks = {
+        "killed midway": 0 < before < len(paths),
+        "restart exit code 0": rc.returncode == 0,
+        "every image ok exactly once": set(ok) == rels and set(ok.values()) == {1},
+        "every npz loadable": loadable == len(rels),
+        "no .part files left": not list(out.rglob("*.part")),
+        f"sampled maps equal direct capture (max err {max_err:.1e})": max_err < 1e-5,
+    }
+    print(f"SIGKILL after {before}/{len(paths)} images ({leftovers} temp file(s) left by the kill); "
+          f"restart finished the rest in {t_resume:.1f} s: {rc.stdout.strip()}")
+    for name, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}: {name}")
+
+
+if __name__ == "__main__":
+    main()

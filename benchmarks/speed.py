@@ -1,0 +1,83 @@
+"""Issue 6: time and peak memory of vitscope's paths against the same model's plain SDPA forward.
+
+Paths (random-weight transformers models, batch 1):
+
+- ``plain``              the model's own forward (SDPA attention), no capture
+- ``cls_maps``           ``vitscope.capture(vit, x, queries="cls")``: [CLS] rows of every layer and head
+- ``rollout``            ``streaming_rollout(vit, x)``: rollout of [CLS] over all layers, never L x H x N x N
+- ``fused``              ``fused_attention(vit, x)``: head-mean N x N of every layer, in row chunks
+- ``output_attentions``  the same weights with ``attn_implementation="eager"`` and ``output_attentions=True``
+
+Targets: ``cls_maps`` <= 1.10x plain time at every size and extra peak memory < 5% of ``output_attentions``'
+at 1024 px; ``rollout`` <= 2.0x plain time at 512/518 px and peak memory 10x below the full L x H x N x N
+attention at 1024 px. Times: median of ``--repeats`` interleaved runs in one process per (model, size); memory:
+one fresh process per (model, size, path). Ratios within one run are what count (shared, noisy machine).
+
+    python benchmarks/speed.py [--quick] [--models vit-s16,vit-b16] [--sizes 224,512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import _common as C
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(C.MODELS))
+    ap.add_argument("--sizes", default="224,512,1024", help="nominal sizes; patch-14 models use 224, 518, 1022")
+    ap.add_argument("--paths", default=",".join(C.PATHS))
+    ap.add_argument("--quick", action="store_true", help="224 and 512 px only")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="time only")
+    ap.add_argument("--json", help="also write the raw results here")
+    args = ap.parse_args()
+    models = args.models.split(",")
+    sizes = [224, 512] if args.quick else [int(s) for s in args.sizes.split(",")]
+    paths = args.paths.split(",")
+    print(f"# vitscope speed, {datetime.date.today()}; machine: {C.machine()}; threads {args.threads}; "
+          f"median of {args.repeats}")
+    print("| model | px | path | time s | x plain | peak extra MB | over plain MB | % of output_attentions' | "
+          "full LxHxNxN MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for model in models:
+        for size in sizes:
+            s = C.px(size, model)
+            full = C.attention_bytes(model, size)
+            run_paths = list(paths)
+            skipped = ""
+            if "output_attentions" in run_paths and C.mem_available() < 1.4 * full + 2**30:
+                run_paths.remove("output_attentions")
+                skipped = f"output_attentions skipped (needs ~{C.mb(1.4 * full)})"
+            reps = args.repeats if size < 1024 else max(3, args.repeats // 2)
+            times = C.in_child("times", model, size, run_paths, reps, args.threads)["median"]
+            mem: dict[str, int] = {}
+            if not args.no_memory:
+                for p in run_paths:
+                    mem[p] = C.in_child("memory", model, size, p, args.threads)["extra_bytes"]
+            base = mem.get("plain")
+            ref = mem["output_attentions"] - base if base is not None and "output_attentions" in mem else None
+            for p in run_paths:
+                ratio = times[p] / times["plain"] if "plain" in times else float("nan")
+                raw = mem.get(p)
+                over = raw - base if raw is not None and base is not None else None
+                share = f"{over / ref:.2%}" if over is not None and ref and p != "output_attentions" else ""
+                cells = ["" if v is None else f"{v / 2**20:,.1f}" for v in (raw, over)]
+                print(f"| {model} | {s} | {p} | {times[p]:.3f} | {ratio:.2f} | {cells[0]} | {cells[1]} | {share} | "
+                      f"{full / 2**20:,.0f} |", flush=True)
+                results.append({"model": model, "px": s, "path": p, "time": times[p], "x_plain": ratio,
+                                "peak_extra": raw, "over_plain": over, "full_attention_bytes": full})
+            if skipped:
+                print(f"| {model} | {s} | {skipped} | | | | | | |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

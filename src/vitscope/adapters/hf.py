@@ -1,0 +1,570 @@
+"""Hugging Face ``transformers`` ViTs: ViT, DINO, DeiT, DINOv2 (+ registers), CLIP and SigLIP/SigLIP2 towers.
+
+Supported classes (any head: base model, ``...ForImageClassification``, DeiT's ``...WithTeacher``):
+
+=====================  =====================================================  ==============================
+family                 classes                                                token layout (prefix, patches)
+=====================  =====================================================  ==============================
+``vit`` / ``dino``     ``ViTModel``, ``ViTForImageClassification``            ``[CLS, patches]``
+                       (``facebook/dino-*`` are ``ViTModel`` checkpoints)
+``deit``               ``DeiTModel``, ``DeiTForImageClassification(...)``     ``[CLS, DIST, patches]``
+``dinov2``             ``Dinov2Model``, ``Dinov2ForImageClassification``      ``[CLS, patches]``
+``dinov2``             ``Dinov2WithRegistersModel`` (...)                     ``[CLS, REG x R, patches]``
+``clip``               ``CLIPVisionModel(WithProjection)``, ``CLIPModel``     ``[CLS, patches]``
+``siglip``/``siglip2`` ``SiglipVisionModel``, ``SiglipModel``,                ``[patches]`` (no prefix)
+                       ``Siglip2VisionModel``, ``Siglip2Model``
+=====================  =====================================================  ==============================
+
+For ``CLIPModel``/``SiglipModel``/``Siglip2Model`` only the vision tower runs (``model.vision_model``). The
+prefix is read from the embedding module's parameters (``cls_token``/``class_embedding``,
+``distillation_token``, ``register_tokens``), never assumed; layers, heads, patch size and image size come from
+the (vision) config; mean/std/size/resample from the folder's ``preprocessor_config.json`` (or the
+``image_processor`` entry of ``processor_config.json``), else the family's defaults.
+
+How attention is read: every attention layer has separate ``q_proj``/``k_proj``/``v_proj`` Linears (``query``/
+``key``/``value`` in transformers 4.x) whose outputs are ``(B, N, H*d)``. Capture hooks them and recomputes
+``softmax(q k^T * scale)`` with the layer's own ``scaling``/``scale`` attribute (``head_dim ** -0.5`` in every
+family; CLIP's q is not pre-scaled in transformers 5, and where older versions multiplied q by ``scale`` before
+the product the result is the same). The attention output for gradient methods is the input of ``o_proj`` /
+``out_proj`` (``output.dense`` in 4.x). The model keeps its own attention implementation (SDPA by default), so
+its outputs are bit-identical with and without capture. The forward pass uses ``interpolate_pos_encoding=True``
+where the class accepts it (DINOv2 interpolates natively; SigLIP2 gets its patches and ``spatial_shapes`` built
+from the pixel tensor), so any image size and aspect ratio works.
+
+Models without [CLS] (SigLIP, SigLIP2) have ``prefix == ()``: ``queries="cls"`` is an error, and vitscope's
+convention for their global map is the mean over all patch query rows (``weights.mean(dim=query)``). Their own
+pooling is an attention-pooling head (a learned probe attending to every patch); `probe_attention` returns that
+head's attention ``(B, heads, rows, cols)``, which is the closest thing they have to a [CLS] row.
+
+Example:
+    >>> vit = vitscope.load("hf:facebook/dinov2-small")                    # doctest: +SKIP
+    >>> vit = vitscope.load("hf:/path/to/folder")  # after model.save_pretrained(folder)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, SizePolicy, Tap, VitModel
+from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
+
+__all__ = ["from_hf_model", "load_hf", "probe_attention", "siglip2_inputs"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str
+    default_class: str
+
+
+#: ``config.model_type`` -> family defaults (used when a folder has no preprocessor config).
+FAMILIES: dict[str, _Family] = {
+    "vit": _Family("vit", HALF, HALF, "bilinear", "ViTModel"),
+    "deit": _Family("deit", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "DeiTModel"),
+    "dinov2": _Family("dinov2", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "Dinov2Model"),
+    "dinov2_with_registers": _Family(
+        "dinov2", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "Dinov2WithRegistersModel"
+    ),
+    "clip": _Family("clip", CLIP_MEAN, CLIP_STD, "bicubic", "CLIPModel"),
+    "clip_vision_model": _Family("clip", CLIP_MEAN, CLIP_STD, "bicubic", "CLIPVisionModel"),
+    "siglip": _Family("siglip", HALF, HALF, "bicubic", "SiglipModel"),
+    "siglip_vision_model": _Family("siglip", HALF, HALF, "bicubic", "SiglipVisionModel"),
+    "siglip2": _Family("siglip2", HALF, HALF, "bilinear", "Siglip2Model"),
+    "siglip2_vision_model": _Family("siglip2", HALF, HALF, "bilinear", "Siglip2VisionModel"),
+}
+_DINO = _Family("dino", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTModel")
+
+# PIL's integer filter ids, as image processors store them.
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
+_CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
+_HUB_FIX = "run once with internet access, or save_pretrained(folder) on a machine that has it and pass 'hf:/path/to/folder'"
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise VitscopeError(
+            "model", "Hugging Face models need the transformers package", "pip install 'vitscope[hf]'"
+        ) from None
+    return transformers
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``/``, ``./``, ``~``, deeper paths) is a folder."""
+    return (
+        spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
+        or (len(spec) > 1 and spec[1] == ":")
+    )
+
+
+def _hub_error(spec: str, exc: BaseException) -> CheckpointError:
+    from huggingface_hub import constants
+
+    reason = " ".join(str(exc).split())[:200]
+    if constants.is_offline_mode():
+        problem = f"cannot load {spec!r}: offline (HF_HUB_OFFLINE is set) and it is not in the local Hugging Face cache"
+    else:
+        problem = f"cannot download {spec!r} from the Hugging Face hub: offline or no such model ({reason})"
+    return CheckpointError("model", problem, _HUB_FIX)
+
+
+def _model_class(transformers: Any, config: Any, source: str) -> Any:
+    """The class to instantiate: the checkpoint's own architecture if it is a supported family, else a default."""
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(str(model_type))
+    if family is None:
+        supported = ", ".join(sorted({f.name for f in FAMILIES.values()} | {"dino"}))
+        raise NotAViTError(
+            "model", f"{source!r} is a {model_type!r} model; vitscope's HF adapter reads {supported}",
+            "load it yourself and describe it with vitscope.wrap(model, blocks=..., qkv=..., num_heads=..., patch_size=...)",
+        )
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, str(arch), None)
+        cfg_cls = getattr(cls, "config_class", None)
+        if cls is not None and getattr(cfg_cls, "model_type", None) == model_type:
+            return cls
+    return getattr(transformers, family.default_class)
+
+
+@contextmanager
+def _quiet_local_load(transformers: Any, quiet: bool) -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar for local folders (downloads keep theirs); restore it after."""
+    logging = transformers.utils.logging
+    was_on = logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            logging.enable_progress_bar()
+
+
+def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
+    """Load a transformers ViT from a hub id (downloaded as ``from_pretrained`` does) or a local folder.
+
+    Args:
+        id_or_folder: ``"facebook/dinov2-small"`` or a folder written by ``model.save_pretrained(folder)``.
+        **kwargs: passed to ``from_pretrained`` (``revision``, ``dtype``, ``cache_dir``, ``local_files_only``...).
+            ``attn_implementation`` is left to transformers (SDPA when available): capture needs no eager mode.
+
+    Raises:
+        CheckpointError: the folder is missing/incomplete, or the hub id cannot be downloaded (offline, unknown).
+        NotAViTError: the checkpoint is not one of the supported families.
+    """
+    transformers = _require_transformers()
+    spec = str(id_or_folder).strip()
+    if not spec:
+        raise VitscopeError("model", "empty Hugging Face id", "e.g. 'hf:facebook/dinov2-small' or 'hf:/path/to/folder'")
+    path = Path(spec).expanduser()
+    folder: Path | None = None
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError("model", f"{path} is a file, not a model folder", "pass the folder save_pretrained wrote")
+        if not (path / "config.json").exists():
+            raise CheckpointError("model", f"folder {path} has no config.json", "pass a folder written by save_pretrained")
+        folder = path
+    elif _looks_like_path(spec):
+        raise CheckpointError(
+            "model", f"folder not found: {path}", "check the path to the save_pretrained folder, or pass a hub id like facebook/dinov2-small"
+        )
+    source = str(folder) if folder is not None else spec
+    config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **config_kwargs)
+    except (OSError, ValueError) as exc:
+        if folder is not None:
+            raise CheckpointError("model", f"cannot read {folder / 'config.json'}: {' '.join(str(exc).split())[:200]}") from None
+        raise _hub_error(spec, exc) from None
+    cls = _model_class(transformers, config, spec)
+    if folder is not None and "use_safetensors" not in kwargs and any(folder.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never unpickle a .bin when safetensors weights are there
+    from safetensors import SafetensorError
+
+    try:
+        with _quiet_local_load(transformers, folder is not None):
+            model = cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, corrupt or mismatched weights
+        if folder is not None:
+            raise CheckpointError(
+                "model", f"cannot load weights from {folder}: {' '.join(str(exc).split())[:200]}",
+                "save the model with save_pretrained (model.safetensors)",
+            ) from None
+        raise _hub_error(spec, exc) from None
+    model.eval()
+    return from_hf_model(model, name=spec, folder=folder)
+
+
+# ------------------------------------------------------------------------------------------- description
+def _is_composite(module: nn.Module) -> bool:
+    """CLIPModel/SiglipModel/Siglip2Model: image + text; only ``module.vision_model`` runs."""
+    import inspect
+
+    if not hasattr(module, "vision_model"):
+        return False
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "input_ids" in params
+
+
+def _tower(module: nn.Module) -> nn.Module:
+    """The module holding the vision embeddings and encoder."""
+    tower = getattr(module, "vision_model", None)
+    return tower if isinstance(tower, nn.Module) else module
+
+
+def _vision_config(module: nn.Module) -> Any:
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        raise NotAViTError("model", f"{type(module).__name__} has no config", "pass a transformers PreTrainedModel")
+    return getattr(cfg, "vision_config", None) or cfg
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    if isinstance(x, (list, tuple)):
+        return (int(x[0]), int(x[1]))
+    return (int(x), int(x))
+
+
+def _linear(m: nn.Module, name: str) -> nn.Linear | None:
+    sub = getattr(m, name, None)
+    return sub if isinstance(sub, nn.Linear) else None
+
+
+def _attention_parts(name: str, m: nn.Module, root: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear] | None:
+    """``(q, k, v, out)`` Linears of an attention module, or ``None`` if ``m`` is not one."""
+    for qn, kn, vn in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+        q, k, v = _linear(m, qn), _linear(m, kn), _linear(m, vn)
+        if q is None or k is None or v is None:
+            continue
+        out = _linear(m, "o_proj") or _linear(m, "out_proj")
+        if out is None and "." in name:  # transformers 4.x: ViTAttention(attention=SelfAttention, output.dense)
+            parent = root.get_submodule(name.rsplit(".", 1)[0])
+            output = getattr(parent, "output", None)
+            out = _linear(output, "dense") if isinstance(output, nn.Module) else None
+        return (q, k, v, out) if out is not None else None
+    return None
+
+
+def _block_of(name: str, root: nn.Module) -> nn.Module:
+    """The transformer block containing attention module ``name``: the path up to its last numeric component."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return root.get_submodule(".".join(parts[: i + 1]))
+    return root.get_submodule(name)
+
+
+def _sites(tower: nn.Module, vcfg: Any) -> list[AttentionSite]:
+    sites: list[AttentionSite] = []
+    for name, m in tower.named_modules():
+        parts = _attention_parts(name, m, tower)
+        if parts is None:
+            continue
+        q, k, v, out = parts
+        heads = int(
+            getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None) or vcfg.num_attention_heads
+        )
+        if q.out_features % heads:
+            raise NotAViTError("model", f"{name}: {heads} heads do not divide q width {q.out_features}")
+        head_dim = q.out_features // heads
+        scale = getattr(m, "scaling", None)
+        if not isinstance(scale, float):
+            scale = getattr(m, "scale", None)
+        if not isinstance(scale, float):
+            scale = head_dim**-0.5
+        sites.append(
+            AttentionSite(
+                layer=len(sites), block=_block_of(name, tower), attn=m, q=Tap(q), k=Tap(k), v=Tap(v),
+                out=Tap(out, where="input"), num_heads=heads, scale=float(scale),
+            )
+        )
+    return sites
+
+
+def _prefix(tower: nn.Module, vcfg: Any) -> tuple[str, ...]:
+    """Prefix token kinds in token order, from the embedding module's own parameters."""
+    for m in tower.modules():
+        if not any(hasattr(m, a) for a in ("cls_token", "class_embedding", "position_embedding", "position_embeddings")):
+            continue
+        prefix: list[str] = []
+        if isinstance(getattr(m, "cls_token", None), torch.Tensor) or isinstance(
+            getattr(m, "class_embedding", None), torch.Tensor
+        ):
+            prefix.append("cls")
+        if isinstance(getattr(m, "distillation_token", None), torch.Tensor):
+            prefix.append("dist")
+        registers = getattr(m, "register_tokens", None)
+        if isinstance(registers, torch.Tensor):
+            prefix += ["register"] * int(registers.shape[1])  # (1, R, D)
+        expected = getattr(vcfg, "num_register_tokens", None)
+        if expected is not None and prefix.count("register") != int(expected):
+            raise NotAViTError(
+                "model", f"config says {expected} register tokens, the embeddings hold {prefix.count('register')}"
+            )
+        return tuple(prefix)
+    raise NotAViTError("model", f"{type(tower).__name__} has no patch embedding module vitscope recognises")
+
+
+def _read_processor_config(folder: Path | None) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    pre = folder / "preprocessor_config.json"
+    try:
+        if pre.exists():
+            data = json.loads(pre.read_text())
+            return data if isinstance(data, dict) else None
+        proc = folder / "processor_config.json"
+        if proc.exists():
+            data = json.loads(proc.read_text())
+            sub = data.get("image_processor") if isinstance(data, dict) else None
+            return sub if isinstance(sub, dict) else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError("model", f"cannot read the preprocessor config in {folder}: {exc}") from None
+    return None
+
+
+def _size_from(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return (int(value["height"]), int(value["width"]))
+        if "shortest_edge" in value:
+            return (int(value["shortest_edge"]), int(value["shortest_edge"]))
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)) and len(value) in (1, 3):
+        vals = [float(x) for x in value] * (3 // len(value))
+        return (vals[0], vals[1], vals[2])
+    return default
+
+
+def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path | None, dynamic: bool) -> Preprocess:
+    if family.name == "siglip2":
+        side = round(int(vcfg.num_patches) ** 0.5)
+        size = (side * patch[0], side * patch[1])
+    else:
+        size = _pair(vcfg.image_size)
+    mean, std, resample = family.mean, family.std, family.resample
+    proc = _read_processor_config(folder)
+    if proc is not None:
+        if proc.get("do_normalize", True):
+            mean, std = _triple(proc.get("image_mean"), mean), _triple(proc.get("image_std"), std)
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        crop = _size_from(proc.get("crop_size")) if proc.get("do_center_crop") else None
+        size = crop or _size_from(proc.get("size")) or size
+        r = proc.get("resample")
+        if isinstance(r, int):
+            resample = _PIL_RESAMPLE.get(r, resample)
+        elif isinstance(r, str) and r.lower() in ("nearest", "bilinear", "bicubic", "lanczos"):
+            resample = r.lower()
+    return Preprocess(
+        image_size=size, mean=mean, std=std, policy="resize", resample=resample, dynamic_size=dynamic,
+        channels=int(getattr(vcfg, "num_channels", 3)),
+    )
+
+
+def _accepts(fn: Callable[..., Any], arg: str) -> bool:
+    import inspect
+
+    try:
+        return arg in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def siglip2_inputs(pixel_values: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
+    """SigLIP2 (NaFlex) inputs from pixels ``(B, C, H, W)``: patches ``(B, rows*cols, p*p*C)`` in the image
+    processor's order (row-major patches, each flattened as ``(p, p, C)``), ``spatial_shapes`` ``(B, 2)`` and an
+    all-ones ``pixel_attention_mask`` ``(B, rows*cols)``."""
+    B, C, H, W = pixel_values.shape
+    rows, cols = H // patch, W // patch
+    x = pixel_values[:, :, : rows * patch, : cols * patch]
+    x = x.reshape(B, C, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)  # (B, rows, cols, p, p, C)
+    patches = x.reshape(B, rows * cols, patch * patch * C)
+    shapes = torch.tensor([[rows, cols]] * B, dtype=torch.long, device=pixel_values.device)
+    mask = torch.ones(B, rows * cols, dtype=torch.int32, device=pixel_values.device)
+    return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
+
+
+def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int]) -> tuple[
+    Callable[[nn.Module, torch.Tensor], Any], bool
+]:
+    """The forward callable and whether it accepts any input size."""
+    composite = _is_composite(module)
+    target = _tower(module) if composite else module
+    if family.name == "siglip2":
+
+        def forward_siglip2(m: nn.Module, pixels: torch.Tensor) -> Any:
+            t = _tower(m) if composite else m
+            return t(**siglip2_inputs(pixels, patch[0]))
+
+        return forward_siglip2, True
+    if _accepts(target.forward, "interpolate_pos_encoding"):
+
+        def forward_interp(m: nn.Module, pixels: torch.Tensor) -> Any:
+            t = _tower(m) if composite else m
+            return t(pixel_values=pixels, interpolate_pos_encoding=True)
+
+        return forward_interp, True
+
+    def forward_plain(m: nn.Module, pixels: torch.Tensor) -> Any:
+        t = _tower(m) if composite else m
+        return t(pixel_values=pixels)
+
+    return forward_plain, family.name == "dinov2"  # DINOv2 interpolates its position embeddings itself
+
+
+def _has_classifier(module: nn.Module) -> bool:
+    return any(isinstance(getattr(module, a, None), nn.Module) for a in ("classifier", "cls_classifier"))
+
+
+def _logits(output: Any) -> torch.Tensor | None:
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _no_logits(output: Any) -> torch.Tensor | None:
+    return None
+
+
+def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.PathLike[str] | None = None) -> VitModel:
+    """Describe a transformers ViT instance (see the module docstring for the supported classes).
+
+    Args:
+        module: a loaded transformers model; it is used as is (attention implementation, dtype, device).
+        name: display name; default the config's ``_name_or_path`` or the class name.
+        folder: where to read ``preprocessor_config.json``; default ``config._name_or_path`` when it is a folder.
+    """
+    cfg = getattr(module, "config", None)
+    vcfg = _vision_config(module)
+    model_type = str(getattr(vcfg, "model_type", getattr(cfg, "model_type", "")))
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise NotAViTError(
+            "model", f"{type(module).__name__} ({model_type!r}) is not a transformers family vitscope reads",
+            "supported: ViT, DINO, DeiT, DINOv2 (+registers), CLIP, SigLIP, SigLIP2; else use vitscope.wrap(...)",
+        )
+    source = str(getattr(cfg, "_name_or_path", "") or "")
+    if family.name == "vit" and "dino" in (name or source).lower():
+        family = _DINO
+    if folder is None and source and Path(source).is_dir():
+        folder = source
+    tower = _tower(module)
+    sites = _sites(tower, vcfg)
+    num_layers = int(vcfg.num_hidden_layers)
+    if len(sites) != num_layers:
+        raise NotAViTError(
+            "model", f"found {len(sites)} attention layers in {type(module).__name__}, config says {num_layers}",
+            "describe it with vitscope.wrap(model, blocks=..., q=..., k=..., num_heads=..., patch_size=...)",
+        )
+    patch = _pair(vcfg.patch_size)
+    forward, dynamic = _make_forward(module, family, patch)
+    classifier = _has_classifier(module)
+    labels = None
+    num_classes = None
+    if classifier:
+        num_classes = int(getattr(cfg, "num_labels", 0)) or None
+        id2label = getattr(cfg, "id2label", None) or {}
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+        if num_classes and all(i in by_id for i in range(num_classes)):
+            labels = tuple(by_id[i] for i in range(num_classes))
+    info = ModelInfo(
+        name=name or source or type(module).__name__, family=family.name, num_layers=num_layers,
+        num_heads=sites[0].num_heads, embed_dim=int(vcfg.hidden_size), patch_size=patch,
+        prefix=_prefix(tower, vcfg),
+        preprocess=_preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic),
+        num_classes=num_classes, labels=labels,
+    )
+    return VitModel(module, info, sites, forward=forward, logits=_logits if classifier else _no_logits)
+
+
+# ------------------------------------------------------------------------------------------- SigLIP probe
+def probe_attention(
+    model: Any,
+    images: Any,
+    *,
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Attention of SigLIP's pooling probe over the patches: ``(B, heads, rows, cols)``, float32, rows sum to 1.
+
+    SigLIP/SigLIP2 pool the image with one learned query ``p`` (``head.probe``) attending to the final,
+    post-layernorm tokens ``X`` through ``nn.MultiheadAttention``:
+    ``A_h = softmax((p W_q^h + b_q^h)(X W_k^h + b_k^h)^T / sqrt(d))`` (Zhai et al., 2023, "Sigmoid Loss for
+    Language Image Pre-Training"). It plays the role of a [CLS] row for these [CLS]-less models. The head's input
+    is read by a hook, so the model runs unchanged.
+
+    Example:
+        >>> a = probe_attention(vitscope.load("hf:google/siglip-base-patch16-224"), "cat.png")  # doctest: +SKIP
+        >>> a.mean(1)[0]  # (rows, cols) map  # doctest: +SKIP
+    """
+    from vitscope.adapters import as_vit
+    from vitscope.capture.hooks import eval_mode, hooks_removed_on_exit
+
+    vit: VitModel = as_vit(model)
+    head = getattr(_tower(vit.module), "head", None)
+    mha = getattr(head, "attention", None)
+    probe = getattr(head, "probe", None)
+    if not isinstance(mha, nn.MultiheadAttention) or not isinstance(probe, torch.Tensor):
+        raise VitscopeError(
+            "model", f"{vit.info.name} has no attention-pooling head (SigLIP's head.probe)",
+            "use a SigLIP/SigLIP2 vision tower with vision_use_head=True, or vitscope.capture for the layers",
+        )
+    pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
+    B, _, Hpx, Wpx = pixels.shape
+    rows, cols = vit.grid_for((Hpx, Wpx))
+    seen: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, inp: Any) -> None:
+        seen.append(inp[0].detach())
+
+    with hooks_removed_on_exit() as handles, eval_mode(vit.module), torch.no_grad():
+        handles.append(head.register_forward_pre_hook(grab))  # type: ignore[union-attr]
+        vit(pixels)
+    if not seen:
+        raise VitscopeError("model", "the pooling head did not run", "check vision_use_head in the config")
+    x = seen[-1].float()  # (B, N, D)
+    D, H = mha.embed_dim, mha.num_heads
+    d = D // H
+    if mha.in_proj_weight is not None:
+        w_q, w_k = mha.in_proj_weight[:D].float(), mha.in_proj_weight[D : 2 * D].float()
+    else:
+        w_q, w_k = mha.q_proj_weight.float(), mha.k_proj_weight.float()
+    bias = mha.in_proj_bias.float() if mha.in_proj_bias is not None else torch.zeros(3 * D, device=x.device)
+    q = probe.detach().float().reshape(1, 1, D) @ w_q.T + bias[:D]  # (1, 1, D)
+    k = x @ w_k.T + bias[D : 2 * D]  # (B, N, D)
+    q = q.reshape(1, 1, H, d).transpose(1, 2)  # (1, H, 1, d)
+    k = k.reshape(B, -1, H, d).transpose(1, 2)  # (B, H, N, d)
+    attn = (q @ k.transpose(-2, -1) * d**-0.5).softmax(dim=-1)  # (B, H, 1, N)
+    return attn[:, :, 0, vit.info.num_prefix_tokens :].reshape(B, H, rows, cols)

@@ -1,0 +1,264 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT incl. distilled, registers, qk-norm, ...).
+
+timm's ``Attention`` computes ``qkv = self.qkv(x)``, splits it per head, applies ``q_norm``/``k_norm`` (an
+``nn.Identity`` unless ``qk_norm=True``, hooks fire either way) and then runs either SDPA or the explicit
+softmax, as its ``fused_attn`` flag says. vitscope reads q and k at the *outputs* of ``q_norm``/``k_norm``
+(``(B, H, N, d)``), v from the fused ``qkv`` Linear, and the per-head output ``A V`` at the input of
+``attn.norm``; the fused kernel stays on and no flag is touched.
+
+Prefix tokens are read from the model, never assumed: ``[CLS]`` if ``cls_token`` is set, then
+``reg_tokens`` registers (``[CLS, reg..., patches]``), or ``[CLS, DIST]`` for ``VisionTransformerDistilled``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
+
+_RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
+_WRAP_HINT = (
+    "vitscope reads timm's VisionTransformer/DeiT; a model whose attention is softmax(q k^T * scale) of plain "
+    "q/k projections (no RoPE) can be declared with vitscope.wrap(model, blocks=..., qkv=..., num_heads=..., "
+    "patch_size=...)"
+)
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise VitscopeError("model", "timm is not installed", "pip install 'vitscope[timm]'") from None
+    return timm
+
+
+def _prefix_kinds(model: nn.Module) -> tuple[str, ...]:
+    """Kinds of the prefix tokens in token order, checked against the model's ``num_prefix_tokens``."""
+    n = int(getattr(model, "num_prefix_tokens", 0))
+    if getattr(model, "dist_token", None) is not None:
+        kinds: tuple[str, ...] = ("cls", "dist")  # VisionTransformerDistilled: [CLS, DIST, patches]
+    else:
+        has_cls = getattr(model, "cls_token", None) is not None and getattr(model, "has_class_token", True)
+        reg = getattr(model, "reg_token", None)
+        kinds = ("cls",) * bool(has_cls) + ("register",) * (int(reg.shape[1]) if reg is not None else 0)
+    if len(kinds) != n:
+        raise NotAViTError(
+            "model", f"{type(model).__name__} says num_prefix_tokens={n} but has the tokens {kinds}",
+            "this timm variant lays out its tokens differently; declare it with vitscope.wrap(..., prefix=...)",
+        )
+    return kinds
+
+
+def _preprocess(model: nn.Module) -> Preprocess:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch_embed: Any = model.patch_embed
+    channels = int(patch_embed.proj.in_channels)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is None:
+        img_size = tuple(cfg.get("input_size", (channels, 224, 224)))[1:]
+    mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+    if len(mean) < channels or len(std) < channels:
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    return Preprocess(
+        image_size=(int(img_size[0]), int(img_size[1])), mean=mean, std=std,  # type: ignore[arg-type]
+        policy="resize", resample=interpolation if interpolation in _RESAMPLE_NAMES else "bicubic",
+        dynamic_size=bool(getattr(model, "dynamic_img_size", False)), channels=channels,
+    )
+
+
+def _labels(model: nn.Module, num_classes: int) -> tuple[str, ...] | None:
+    """ImageNet class names when the classifier has an ImageNet subset's size (timm ships the names)."""
+    if num_classes <= 0:
+        return None
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return None
+        info = ImageNetInfo(subset)
+        if info.num_classes() != num_classes:
+            return None
+        return tuple(info.index_to_description(i) for i in range(num_classes))
+    except Exception:  # label names are a convenience; never fail a load over them
+        return None
+
+
+def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
+    """Describe a timm ``VisionTransformer`` (or DeiT ``VisionTransformerDistilled``) instance.
+
+    The module is used as given (its ``fused_attn`` flags, ``training`` flags and weights are not changed).
+    """
+    _import_timm()
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(module, VisionTransformer):
+        raise NotAViTError("model", f"timm model {type(module).__name__} is not a VisionTransformer", _WRAP_HINT)
+    prefix = _prefix_kinds(module)
+    sites = []
+    for i, blk in enumerate(module.blocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, Attention):
+            raise NotAViTError(
+                "model", f"block {i} of {type(module).__name__} has a {type(attn).__name__} attention, not timm's "
+                "Attention (qkv + q_norm/k_norm)", _WRAP_HINT,
+            )
+        sites.append(
+            AttentionSite(
+                layer=i, block=blk, attn=attn,
+                q=Tap(attn.q_norm, layout="heads"),  # (B, H, N, d) after the (optional) qk-norm
+                k=Tap(attn.k_norm, layout="heads"),
+                v=Tap(attn.qkv, layout="qkv", index=2),  # (B, N, 3*H*d) -> v
+                out=Tap(attn.norm, where="input"),  # (B, N, H*d): heads-concatenated A V, before scale-norm
+                num_heads=int(attn.num_heads), scale=float(attn.scale),
+            )
+        )
+    if not sites:
+        raise NotAViTError("model", f"{type(module).__name__} has no transformer blocks", _WRAP_HINT)
+    patch = tuple(int(p) for p in module.patch_embed.patch_size)
+    prep = _preprocess(module)
+    num_classes = int(getattr(module, "num_classes", 0) or 0)
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    info = ModelInfo(
+        name=name or str(cfg.get("architecture") or type(module).__name__), family="timm",
+        num_layers=len(sites), num_heads=sites[0].num_heads, embed_dim=int(module.embed_dim),
+        patch_size=(patch[0], patch[1]), prefix=prefix, preprocess=prep,
+        num_classes=num_classes or None, labels=_labels(module, num_classes),
+    )
+
+    def forward(m: nn.Module, pixels: torch.Tensor) -> Any:
+        if not prep.dynamic_size and tuple(pixels.shape[-2:]) != prep.image_size:
+            h, w = prep.image_size
+            raise VitscopeError(
+                "images", f"this timm model was built for {h}x{w} inputs, got {pixels.shape[-2]}x{pixels.shape[-1]}",
+                "create it with dynamic_img_size=True (load_timm's default), or resize the images to "
+                f"{h}x{w} (policy='resize')",
+            )
+        return m(pixels)
+
+    def logits(output: Any) -> torch.Tensor | None:
+        if num_classes and isinstance(output, torch.Tensor) and output.dim() == 2:
+            return output
+        return None
+
+    return VitModel(module, info, sites, forward=forward, logits=logits)
+
+
+def _unknown_model(timm: Any, name: str) -> VitscopeError:
+    base = name.split(".", 1)[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    fix = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('vit_*')"
+    return VitscopeError("model", f"timm has no model {name!r}", fix)
+
+
+def _pretrained_fix(timm: Any, name: str) -> str:
+    hub = None
+    try:
+        hub = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except Exception:
+        hub = None
+    where = f"https://huggingface.co/{hub}" if hub else "the model's page"
+    return (
+        f"offline? download model.safetensors from {where} on a connected machine and pass "
+        f"checkpoint='path/to/model.safetensors' (with pretrained=False)"
+    )
+
+
+def _read_timm_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    from vitscope.adapters.checkpoint import read_checkpoint
+
+    obj = read_checkpoint(path, argument="checkpoint")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError("checkpoint", f"{path} holds a {type(obj).__name__}, not a state dict",
+                              "save model.state_dict()")
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm train.py / other trainers
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            state[k[len("module."):] if k.startswith("module.") else k] = v
+    if not state:
+        raise CheckpointError("checkpoint", f"no tensors in {path}", "pass a state dict saved from a timm model")
+    return state
+
+
+def load_timm(
+    name: str, pretrained: bool = False, checkpoint: str | os.PathLike[str] | None = None, **timm_kwargs: Any
+) -> VitModel:
+    """Create a timm ViT by name and describe it.
+
+    Args:
+        name: a timm model name (``"vit_small_patch16_224"``, ``"deit_tiny_distilled_patch16_224"``,
+            ``"vit_base_patch14_reg4_dinov2"``, optionally with a ``.tag``).
+        pretrained: download timm's weights (needs the Hugging Face hub; offline, pass ``checkpoint``).
+        checkpoint: a local ``.safetensors`` or ``.pth`` (read with ``weights_only=True``) state dict for this
+            model, e.g. a timm hub ``model.safetensors`` or ``torch.save(model.state_dict())``; position
+            embeddings are resampled to the model's size as timm does. ``num_classes`` is taken from the
+            checkpoint's ``head.weight`` unless given.
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``reg_tokens``, ``qk_norm``, ...).
+            ``dynamic_img_size`` defaults to ``True`` so any multiple of the patch size works.
+
+    Example:
+        >>> vit = vitscope.load("timm:vit_small_patch16_224", checkpoint="vit_s16.safetensors")  # doctest: +SKIP
+    """
+    timm = _import_timm()
+    if pretrained and checkpoint is not None:
+        raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
+    timm_kwargs.setdefault("dynamic_img_size", True)
+    state = _read_timm_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None and "num_classes" not in timm_kwargs:
+        head = state.get("head.weight")
+        timm_kwargs["num_classes"] = int(head.shape[0]) if head is not None and head.dim() == 2 else 0
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise _unknown_model(timm, name) from None
+        if pretrained:
+            raise CheckpointError("pretrained", f"could not load timm's weights for {name!r} ({exc})",
+                                  _pretrained_fix(timm, name)) from None
+        raise
+    except TypeError as exc:
+        raise VitscopeError("timm_kwargs", f"timm.create_model({name!r}) rejected an argument: {exc}",
+                            "pass only keyword arguments the model accepts") from None
+    except Exception as exc:
+        if not pretrained:
+            raise
+        # Offline, huggingface_hub raises LocalEntryNotFoundError/OSError (after its retries).
+        raise CheckpointError(
+            "pretrained", f"could not download timm's weights for {name!r} ({type(exc).__name__})",
+            _pretrained_fix(timm, name),
+        ) from None
+    if state is not None:
+        _load_into(model, state, name, checkpoint)
+    return from_timm_model(model.eval(), name=name)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Any) -> None:
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        state = checkpoint_filter_fn(state, model)  # resamples pos_embed, converts original JAX/DeiT layouts
+    fix = "create the model with the arguments the checkpoint was made with (img_size, patch_size, embed_dim, depth, " \
+          "num_heads, reg_tokens, class_token, ...)"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        mismatch = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:200])
+        raise CheckpointError("checkpoint", f"{path} does not fit {name}: {mismatch}", fix) from None
+    if missing or unexpected:
+        parts = ([f"missing {sorted(missing)[:4]}"] if missing else []) + (
+            [f"unexpected {sorted(unexpected)[:4]}"] if unexpected else [])
+        raise CheckpointError("checkpoint", f"{path} does not fit {name}: {'; '.join(parts)}", fix)

@@ -1,0 +1,36 @@
+"""Maps and measures computed from `Attentions` (or from a model and images, for gradient methods).
+
+Maps come back as ``(batch, rows, cols)`` tensors on the patch grid (`upsample` brings them to the image);
+each method is a pure function in its own module, whose docstring gives the formula and the paper.
+"""
+
+from vitscope.methods.artifacts import ArtifactReport, token_norms
+from vitscope.methods.cls_attention import cls_map
+from vitscope.methods.distance import DistanceAccumulator, mean_attention_distance
+from vitscope.methods.flow import attention_flow
+from vitscope.methods.grad_rollout import grad_rollout
+from vitscope.methods.legrad import legrad
+from vitscope.methods.masks import dino_mask
+from vitscope.methods.metrics import mask_jaccard, perturbation_auc, pointing_game
+from vitscope.methods.relevance import chefer_relevance
+from vitscope.methods.rollout import rollout, rollout_matrix
+from vitscope.methods.upsample import upsample
+
+__all__ = [
+    "ArtifactReport",
+    "DistanceAccumulator",
+    "attention_flow",
+    "chefer_relevance",
+    "cls_map",
+    "dino_mask",
+    "grad_rollout",
+    "legrad",
+    "mask_jaccard",
+    "mean_attention_distance",
+    "perturbation_auc",
+    "pointing_game",
+    "rollout",
+    "rollout_matrix",
+    "token_norms",
+    "upsample",
+]

@@ -1,0 +1,81 @@
+"""`cls_map`: the raw attention of one query (by default [CLS]) over the patches, at one layer.
+
+The map DINO popularised (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
+Fig. 1): row ``q`` of layer ``l``'s attention, restricted to the patch keys and laid out on the patch grid,
+
+    map[b, r, c] = fuse_h A[l, b, h, q, patch(r, c)]
+
+optionally renormalised over the patches, ``map / sum_patches map``, because register tokens (Darcet et al.
+2024) and [CLS] itself can take much of each row's mass.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from vitscope.attentions import Attentions
+from vitscope.errors import VitscopeError
+from vitscope.methods._common import Query, fuse_heads, head_position, layer_position, query_positions
+from vitscope.methods.upsample import UpsampleMode, upsample
+
+HeadSpec = Literal["mean", "max", "min", "all"] | int
+
+
+def cls_map(
+    attn: Attentions,
+    *,
+    layer: int = -1,
+    head: HeadSpec = "mean",
+    query: Query = None,
+    renormalize: bool = False,
+    upsample_mode: UpsampleMode | None = None,
+) -> torch.Tensor:
+    """Attention of one query token over the patches of one layer.
+
+    ``map[b, r, c] = fuse_h( mean_{q in Q} A[layer, b, h, q, patch(r, c)] )`` with ``Q`` one query row, or
+    all patch rows for ``query="mean"``. For models without [CLS] (SigLIP, ``prefix == ()``) the default
+    query is ``"mean"``: the mean over all patch query rows (how much each patch is attended on average),
+    the closest analogue of a global query. Heads are fused per query row first (mean/max/min over heads),
+    then rows are averaged, then (optionally) the map is renormalised over patches only.
+
+    Args:
+        attn: captured attentions (the query rows needed must have been captured).
+        layer: absolute or negative layer index (default the last layer).
+        head: ``"mean"``/``"max"``/``"min"`` to fuse heads, a head index, or ``"all"`` to keep every captured
+            head (then the result is ``(batch, heads, rows, cols)``).
+        query: ``"cls"``, ``"dist"``, ``"register:K"``, a token index, a patch ``(row, col)`` or ``"mean"``;
+            default ``"cls"`` when the model has one, else ``"mean"``.
+        renormalize: divide by the map's sum over patches, so each map sums to 1 whatever mass the prefix
+            tokens took (without it, a map sums to the share of attention the query gave to patches).
+        upsample_mode: also resize to the input image (``attn.image_size``) with `upsample`.
+
+    Returns:
+        ``(batch, rows, cols)`` float tensor (``(batch, heads, rows, cols)`` for ``head="all"``), or the same
+        at ``(height, width)`` pixels when ``upsample_mode`` is given.
+
+    Example:
+        >>> attn = vitscope.capture("vitscope:shapes", "cat.png", queries="cls")  # doctest: +SKIP
+        >>> cls_map(attn, layer=-1, head="mean", renormalize=True).shape  # (1, rows, cols)  # doctest: +SKIP
+    """
+    pos = layer_position(attn, layer)
+    rows_pos = query_positions(attn, query)
+    w = attn.weights[pos][:, :, rows_pos]  # (B, H, q, N)
+    if head == "all":
+        fused = w  # (B, H, q, N)
+    elif isinstance(head, str):
+        fused = fuse_heads(w, head, attn.heads, dim=1).unsqueeze(1)  # (B, 1, q, N)
+    elif isinstance(head, int):
+        fused = w[:, head_position(attn, head)].unsqueeze(1)  # (B, 1, q, N)
+    else:
+        raise VitscopeError("head", f"unknown value {head!r}", "use 'mean', 'max', 'min', 'all' or a head index")
+    rows = fused.mean(dim=2)[..., attn.patch_slice].float()  # (B, H', P)
+    if renormalize:
+        rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    maps = attn.to_grid(rows)  # (B, H', rows, cols)
+    if head != "all":
+        maps = maps[:, 0]
+    if upsample_mode is not None:
+        maps = upsample(maps, attn.image_size, upsample_mode)
+    return maps

@@ -1,0 +1,201 @@
+"""One map of one image by method name, written as ``.npz`` + PNG overlay (what ``vitscope maps`` runs).
+
+The ``.npz`` holds (see docs/methods.md):
+
+- ``map``: float32 ``(batch, rows, cols)`` on the patch grid;
+- ``map_upsampled``: float32 ``(batch, height, width)`` at the pixels the model saw (bilinear by default;
+  nearest for ``dino_mask``);
+- ``mask``: uint8 ``(batch, heads, rows, cols)``, ``dino_mask`` only (per-head 0/1 masks);
+- ``meta_json``: a JSON string: method, model, layer, head, query, target, tau, grid, patch_size,
+  image_size, prefix, image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitscope.errors import VitscopeError
+from vitscope.methods.upsample import UpsampleMode, upsample
+
+METHODS: tuple[str, ...] = ("cls", "rollout", "flow", "grad_rollout", "chefer", "legrad", "dino_mask")
+
+
+@dataclass
+class MapOutput:
+    """A computed map with what is needed to save and overlay it."""
+
+    map: torch.Tensor  # (B, rows, cols) float32
+    map_upsampled: torch.Tensor  # (B, H, W) float32
+    rgb: np.ndarray  # (B, H, W, 3) uint8: the pixels the model saw
+    meta: dict[str, Any] = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # (B, heads, rows, cols) bool, dino_mask only
+
+
+def parse_head(text: str) -> str | int:
+    """``"mean"``/``"max"``/``"min"`` or a head index (``"3"``, ``"-1"``)."""
+    if text in ("mean", "max", "min"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise VitscopeError("--head", f"cannot parse {text!r}", "use mean, max, min or a head index") from None
+
+
+def parse_query(text: str | None) -> str | tuple[int, int] | None:
+    """``"cls"``, ``"mean"``, ``"register:K"``, ``"dist"`` or ``"ROW,COL"`` (a patch)."""
+    if text is None or text in ("", "default"):
+        return None
+    if text in ("cls", "mean", "dist") or text.startswith("register"):
+        return text
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return (int(parts[0]), int(parts[1]))
+    except ValueError:
+        pass
+    raise VitscopeError("--query", f"cannot parse {text!r}", "use cls, mean, register:K or ROW,COL")
+
+
+def _rgb(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Normalised pixels ``(B, C, H, W)`` back to uint8 RGB ``(B, H, W, 3)``."""
+    C = pixels.shape[1]
+    m = torch.tensor(mean[:C], dtype=torch.float32).reshape(1, C, 1, 1)
+    s = torch.tensor(std[:C], dtype=torch.float32).reshape(1, C, 1, 1)
+    x = (pixels.detach().float().cpu() * s + m).clamp(0, 1)
+    if C == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def compute_map(
+    model: Any,
+    images: Any,
+    method: str,
+    *,
+    layer: int = -1,
+    head: str | int = "mean",
+    query: str | tuple[int, int] | None = None,
+    target: int | None = None,
+    tau: float = 0.6,
+    upsample_mode: UpsampleMode = "bilinear",
+) -> MapOutput:
+    """Compute ``method``'s map for ``images`` (see `METHODS`); ``layer``/``head`` apply to cls and dino_mask."""
+    import vitscope
+    from vitscope.adapters import as_vit
+    from vitscope.methods import (
+        attention_flow,
+        chefer_relevance,
+        cls_map,
+        dino_mask,
+        grad_rollout,
+        legrad,
+        rollout,
+    )
+
+    if method not in METHODS:
+        raise VitscopeError("--method", f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    vit = as_vit(model)
+    pixels = vit.preprocess(images)
+    meta: dict[str, Any] = {"method": method, "model": vit.info.name, "query": query, "tau": None, "target": None,
+                            "layer": None, "head": None}
+    mask = None
+    if method in ("cls", "dino_mask"):
+        queries: Any = query
+        if query == "mean" or (query is None and "cls" not in vit.info.prefix):
+            queries = None  # the mean over patch query rows needs every row
+        elif query is None:
+            queries = "cls"
+        attn = vitscope.capture(vit, pixels, layers=[layer], queries=queries)
+        meta.update(layer=attn.layers[0])
+        if method == "cls":
+            grid_map = cls_map(attn, layer=layer, head=head, query=query)  # type: ignore[arg-type]
+            meta["head"] = head
+        else:
+            mask = dino_mask(attn, tau, layer=layer, query=query)  # (B, H, rows, cols)
+            meta.update(tau=tau)
+            if isinstance(head, int):
+                from vitscope.methods._common import head_position
+
+                grid_map = mask[:, head_position(attn, head)].float()
+                meta["head"] = head
+            else:
+                grid_map = mask.float().mean(dim=1)  # share of heads whose mask keeps each patch
+                meta["head"] = "share of heads"
+    elif method in ("rollout", "flow"):
+        attn = vitscope.capture(vit, pixels)
+        grid_map = rollout(attn, query=query) if method == "rollout" else attention_flow(
+            attn, query=query, approximate=True)
+    else:
+        if target is None:
+            with torch.no_grad():
+                logits = vit.logits(vit(pixels.to(vit.device, vit.dtype)))
+            if logits is None:
+                raise VitscopeError("--target", "the model has no classifier", "gradient methods need one")
+            classes = logits.argmax(dim=-1).tolist()
+        else:
+            classes = [int(target)] * pixels.shape[0]
+        meta["target"] = classes
+        if method == "grad_rollout":
+            grid_map = grad_rollout(vit, pixels, classes, query=query)
+        elif method == "chefer":
+            grid_map = chefer_relevance(vit, pixels, classes, query=query)
+        else:
+            grid_map = legrad(vit, pixels, classes)
+    H, W = int(pixels.shape[-2]), int(pixels.shape[-1])
+    mode: UpsampleMode = "nearest" if method == "dino_mask" else upsample_mode
+    prep = vit.info.preprocess
+    meta.update(
+        grid=list(grid_map.shape[-2:]), patch_size=list(vit.info.patch_size), image_size=[H, W],
+        prefix=list(vit.info.prefix), upsample=mode, query=query if not isinstance(query, tuple) else list(query),
+    )
+    return MapOutput(
+        map=grid_map.float().cpu(), map_upsampled=upsample(grid_map.float(), (H, W), mode).cpu(),
+        rgb=_rgb(pixels, prep.mean, prep.std), meta=meta, mask=mask,
+    )
+
+
+def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> bytes:
+    """PNG bytes of ``heat`` ``(H, W)`` (min-max scaled, coloured) blended over ``rgb`` ``(H, W, 3)``."""
+    import matplotlib
+    from PIL import Image
+
+    lo, hi = float(heat.min()), float(heat.max())
+    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    colour = matplotlib.colormaps[cmap](norm)[..., :3]  # (H, W, 3) in [0, 1]
+    blended = (1 - alpha) * rgb.astype(np.float64) / 255.0 + alpha * colour
+    buf = io.BytesIO()
+    Image.fromarray((blended.clip(0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def output_paths(out: str | os.PathLike[str], stem: str, method: str) -> tuple[Path, Path]:
+    """(npz, png) for ``-o OUT``: ``x.npz`` -> ``x.npz`` + ``x.png``; ``x.png`` likewise; else a folder."""
+    p = Path(out)
+    if p.suffix.lower() in (".npz", ".png"):
+        return p.with_suffix(".npz"), p.with_suffix(".png")
+    return p / f"{stem}_{method}.npz", p / f"{stem}_{method}.png"
+
+
+def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image") -> tuple[Path, Path]:
+    """Write the ``.npz`` (arrays in the module docstring) and a PNG overlay of the first image."""
+    from vitscope._io import atomic_savez, atomic_write_bytes
+
+    npz, png = output_paths(out, stem, str(result.meta.get("method", "map")))
+    arrays: dict[str, np.ndarray] = {
+        "map": result.map.numpy().astype(np.float32),
+        "map_upsampled": result.map_upsampled.numpy().astype(np.float32),
+    }
+    if result.mask is not None:
+        arrays["mask"] = result.mask.numpy().astype(np.uint8)
+    arrays["meta_json"] = np.array(json.dumps(result.meta))
+    atomic_savez(npz, True, **arrays)
+    atomic_write_bytes(png, overlay_png(result.rgb[0], result.map_upsampled[0].numpy()))
+    return npz, png

@@ -1,0 +1,102 @@
+"""LeGrad (Bousselham, Boggust, Chaybouti, Strobelt & Kuehne 2024, "LeGrad: An Explainability Method for
+Vision Transformers via Feature Formation Sensitivity", arXiv:2404.03214, ICCV 2025).
+
+Each layer's output tokens ``x_l`` are read out as if they were the last layer's (final norm and head: for a
+[CLS] classifier ``s_l = head(norm(x_l)[cls])``), giving a per-layer score ``s_l^c`` for the target. The
+signal is the gradient of that score w.r.t. the *same* layer's attention map:
+
+    E_l = mean_h mean_i relu( ds_l^c / dA_l )[h, i, patches]      mean over heads and all N query rows
+    map = minmax( sum_{l >= start_layer} E_l )                      min-max normalised per image
+
+This follows the authors' reference implementation (``WalBouss/LeGrad``, ``compute_legrad_clip``: ReLU of
+the gradient, mean over heads, mean over query rows, prefix columns dropped, sum over layers, min-max).
+The paper aggregates all layers (our default ``start_layer=0``); the authors' OpenCLIP wrapper defaults to
+the last two (``start_layer=-2``). Gradients are exact under fused attention (``dL/dA = dL/dO @ V^T``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vitscope.adapters.base import SizePolicy, VitModel
+from vitscope.errors import VitscopeError
+from vitscope.methods._gradients import (
+    Target,
+    attention_grads,
+    layers_from,
+    resolve_classes,
+    scores,
+    trace,
+)
+
+Readout = Callable[[torch.Tensor], Any]
+
+
+def default_readout(vit: VitModel) -> Readout:
+    """How to turn intermediate tokens ``(B, N, D)`` into the model's output, for known model families."""
+    from vitscope.train.model import ViT
+
+    m = vit.module
+    if isinstance(m, ViT):
+        vm = m
+        return lambda x: vm.head(vm.norm(x)[:, 0])  # the model's own forward after the blocks
+    norm, forward_head = getattr(m, "norm", None), getattr(m, "forward_head", None)
+    if isinstance(norm, torch.nn.Module) and callable(forward_head):  # timm VisionTransformer
+        return lambda x: forward_head(norm(x))
+    raise VitscopeError(
+        "readout", f"vitscope does not know how to read out intermediate tokens of {type(m).__name__}",
+        "pass readout=lambda tokens: <final norm + head applied to tokens (B, N, D)>",
+    )
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation of ``(B, ...)`` to [0, 1] (constant maps become 0)."""
+    flat = x.reshape(x.shape[0], -1)
+    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return out.reshape(x.shape)
+
+
+def legrad(
+    model: Any,
+    images: Any,
+    target: Target = None,
+    *,
+    start_layer: int = 0,
+    readout: Readout | None = None,
+    normalize: bool = True,
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """LeGrad map ``(batch, rows, cols)``; see the module docstring.
+
+    Args:
+        model: a `VitModel`, spec or module (left unchanged).
+        images: anything `vitscope.capture` takes.
+        target: class index (default: the predicted class of the full model), one per image, or a callable
+            applied to each layer's read-out output, returning one scalar per image.
+        start_layer: first layer aggregated (default 0: all layers).
+        readout: maps block-output tokens ``(B, N, D)`` to a model output; known for vitscope and timm ViTs.
+        normalize: min-max normalise each map (the paper's last step); False returns ``sum_l E_l``.
+        policy, size: preprocessing (see `vitscope.capture`).
+    """
+    from vitscope.adapters import as_vit
+
+    vit = as_vit(model)
+    read = readout or default_readout(vit)
+    t = trace(vit, images, layers_from(vit, start_layer), blocks=True, policy=policy, size=size)
+    classes = resolve_classes(vit, t.output, target)
+    n_prefix = len(t.prefix)
+    total: torch.Tensor | None = None
+    for n, i in enumerate(t.layers):
+        s = scores(vit, read(t.blocks[i]), target, classes)  # (B,) score read out at layer i
+        g = attention_grads(t, s, [i], retain_graph=n < len(t.layers) - 1)[i]  # (B, H, N, N)
+        e = g.clamp_min(0.0).mean(dim=1).mean(dim=1)[:, n_prefix:]  # (B, P)
+        total = e if total is None else total + e
+    assert total is not None
+    out = total.reshape(total.shape[0], *t.grid).detach()
+    return (minmax(out) if normalize else out).float()

@@ -1,0 +1,63 @@
+"""Gradient-weighted relevance (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability for
+Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV; the self-attention rule, Eq. 5-6).
+
+With ``y_c`` the target logit and ``A_l`` layer ``l``'s attention ``(H, N, N)``:
+
+    Ā_l = mean_h ( (∇A_l ⊙ A_l)^+ ),   ∇A_l = dy_c / dA_l
+    R_0 = I,   R_l = R_{l-1} + Ā_l R_{l-1}        (layers start_layer .. last, in depth order)
+
+and the map is the [CLS] row of ``R`` over the patch columns (for models without [CLS]: the mean of the
+patch rows). ``(x)^+`` keeps positive values; the ReLU is applied per head, before the head mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitscope.adapters.base import SizePolicy
+from vitscope.methods._common import Query
+from vitscope.methods._gradients import Target, attention_grads, layers_from, resolve_classes, scores, trace
+from vitscope.methods.rollout import map_from_matrix
+
+
+def relevance_update(r: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One layer of the rule: ``R + mean_h((g ⊙ a)^+) R`` with ``r`` ``(B, N, N)``, ``a, g`` ``(B, H, N, N)``."""
+    a_bar = (g * a).clamp_min(0.0).mean(dim=1)  # (B, N, N)
+    return r + a_bar @ r
+
+
+def chefer_relevance(
+    model: Any,
+    images: Any,
+    target: Target = None,
+    *,
+    start_layer: int = 0,
+    query: Query = None,
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Chefer et al. (2021) relevance map ``(batch, rows, cols)``; see the module docstring.
+
+    Args:
+        model: a `VitModel`, spec or module (left unchanged).
+        images: anything `vitscope.capture` takes.
+        target: class index (default the predicted class), one per image, or a callable on the output
+            returning one scalar per image.
+        start_layer: first layer of the update (default 0: all layers).
+        query: row of ``R`` giving the map (default [CLS], else the mean over patch rows).
+        policy, size: preprocessing (see `vitscope.capture`).
+    """
+    from vitscope.adapters import as_vit
+
+    vit = as_vit(model)
+    t = trace(vit, images, layers_from(vit, start_layer), policy=policy, size=size)
+    layers = list(t.layers)
+    classes = resolve_classes(vit, t.output, target)
+    grads = attention_grads(t, scores(vit, t.output, target, classes), layers)
+    B, _, N, _ = t.attn[layers[0]].shape
+    r = torch.eye(N, dtype=torch.float64, device=t.pixels.device).expand(B, N, N).clone()
+    for i in layers:
+        r = relevance_update(r, t.attn[i].double(), grads[i].double())
+    return map_from_matrix(r, t.prefix, t.grid, query).float().detach()

@@ -1,0 +1,277 @@
+"""Serialising attention for the viewer: compact, lossless enough to read, and bounded in size.
+
+Attention rows are packed as ``uint8`` with a per-row scale (``value = byte / 255 * scale[row]``, the scale is
+the row maximum as float32, so the error is at most ``scale / 510``), or as ``float16``; both base64. Attention
+rollout (Abnar & Zuidema 2020) for every query row is precomputed here, cumulatively per layer, because the
+page cannot afford ``L`` matrix products per hover.
+
+Size budget: a ViT-S/16 at 224 px with every layer and head is ``12 * 6 * 197 * 197`` bytes (~2.8 MB, ~3.7 MB
+in base64). Past ``budget_bytes`` the packer stores fewer layers (evenly spaced, always the last), then only
+the head mean, then only the prefix-token query rows, and says so in ``notes`` (shown on the page).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from vitscope.errors import VitscopeError
+
+if TYPE_CHECKING:
+    from vitscope.attentions import Attentions
+
+FORMAT = "vitscope-viewer/1"
+#: Default cap on the packed attention arrays (raw + rollout, before base64).
+BUDGET_BYTES = 6_000_000
+#: Longest side of the embedded image, in pixels.
+IMAGE_MAX_SIDE = 640
+
+Dtype = Literal["uint8", "float16"]
+
+
+def rollout_all_rows(attn: Attentions, batch: int = 0, residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout for every query row, cumulative over the captured layers (in depth order).
+
+    With ``Â_l = rownorm(residual * I + (1 - residual) * mean_h A_l)`` (one factor of
+    `vitscope.methods.rollout`, mean head fusion, no discard), returns ``R`` ``(layers, N, N)`` float32 with
+    ``R_0 = Â_0`` and ``R_l = Â_l @ R_{l-1}``: row ``q`` of ``R_l`` is how much token ``q`` after layer ``l``
+    draws from each input token (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers";
+    residual 0.5 as in the paper). Needs every query row.
+    """
+    from vitscope.methods.rollout import RolloutSettings, rollout_step
+
+    if not 0.0 <= residual <= 1.0:
+        raise VitscopeError("residual", f"{residual} is outside [0, 1]", "use 0.5 (Abnar & Zuidema)")
+    if attn.queries is not None:
+        raise VitscopeError("attn", "rollout needs every query row", "capture with queries=None")
+    settings = RolloutSettings(head_fusion="mean", residual=residual, discard_ratio=0.0, renormalize=True)
+    L, N = attn.weights.shape[0], attn.num_tokens
+    out = torch.empty(L, N, N, dtype=torch.float32)
+    acc: torch.Tensor | None = None
+    for pos in sorted(range(L), key=lambda i: attn.layers[i]):
+        a = attn.weights[pos, batch : batch + 1].detach().cpu()  # (1, H, N, N)
+        factor = rollout_step(a, settings, attn.cls_index, attn.heads)[0]  # (N, N) float64
+        acc = factor if acc is None else factor @ acc
+        out[pos] = acc.float()
+    return out
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` ``(..., K)`` >= 0 -> ``(bytes (..., K) uint8, scale (...) float32)`` with
+    ``x ~ bytes / 255 * scale`` (scale = row max; an all-zero row gets scale 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = x.max(axis=-1).astype(np.float32)  # (...)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    q = np.clip(np.rint(x / safe * 255.0), 0, 255).astype(np.uint8)
+    return q, scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) / 255.0 * scale[..., None]
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+
+
+def encode_array(x: np.ndarray, dtype: Dtype) -> dict[str, Any]:
+    """One array ``(..., K)`` as a JSON-ready dict: ``dtype``, ``shape``, ``data`` (base64, little-endian),
+    plus ``scale`` (float32 per row) for ``uint8``."""
+    if dtype == "uint8":
+        q, scale = quantize_rows(x)
+        return {"dtype": "uint8", "shape": list(x.shape), "data": _b64(q), "scale": _b64(scale.astype("<f4"))}
+    if dtype == "float16":
+        return {"dtype": "float16", "shape": list(x.shape), "data": _b64(np.asarray(x, dtype="<f2"))}
+    raise VitscopeError("dtype", f"unknown dtype {dtype!r}", "use 'uint8' or 'float16'")
+
+
+def decode_array(d: dict[str, Any]) -> np.ndarray:
+    """Inverse of `encode_array` (what the page does in JavaScript), for tests and tools."""
+    shape = tuple(d["shape"])
+    raw = base64.b64decode(d["data"])
+    if d["dtype"] == "uint8":
+        q = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+        scale = np.frombuffer(base64.b64decode(d["scale"]), dtype="<f4").reshape(shape[:-1])
+        return dequantize_rows(q, scale)
+    return np.frombuffer(raw, dtype="<f2").reshape(shape).astype(np.float32)
+
+
+def _bytes_per(dtype: Dtype) -> float:
+    return 1.0 + 4.0 / 197 if dtype == "uint8" else 2.0  # uint8 also stores one float32 scale per row
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)`` evenly spaced, always including the last."""
+    if k >= n:
+        return list(range(n))
+    picks = {round(i * (n - 1) / max(1, k - 1)) for i in range(k)} if k > 1 else {n - 1}
+    return sorted(picks)
+
+
+@dataclass
+class Plan:
+    """What fits in the budget: positions of the layers, whether all heads, which query rows."""
+
+    layer_pos: list[int]
+    all_heads: bool
+    query_pos: list[int] | None  # positions along the query dim; None = all captured rows
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(attn: Attentions, budget_bytes: int, dtype: Dtype, with_rollout: bool) -> Plan:
+    """Choose what to store so raw (+ rollout) attention fits ``budget_bytes``."""
+    L, _B, H, Q, N = attn.weights.shape
+    per = _bytes_per(dtype)
+
+    def size(k: int, heads: int, q: int) -> float:
+        return k * (heads + (1 if with_rollout else 0)) * q * N * per
+
+    notes: list[str] = []
+    for heads_all in ((True, False) if H > 1 else (True,)):
+        h = H if heads_all else 1
+        for k in range(L, 0, -1):
+            if size(k, h, Q) <= budget_bytes:
+                if k < L:
+                    notes.append(
+                        f"size budget ({budget_bytes / 1e6:.1f} MB): stored {k} of {L} captured layers"
+                    )
+                if not heads_all:
+                    notes.append(f"size budget ({budget_bytes / 1e6:.1f} MB): stored the head mean only")
+                return Plan(_spread(L, k), heads_all, None, notes)
+    # even one layer's N x N head mean is too big: keep the prefix-token rows only
+    prefix_rows = list(range(attn.num_prefix_tokens))
+    if attn.queries is None:
+        q_pos = prefix_rows
+    else:
+        q_pos = [i for i, t in enumerate(attn.queries) if t < attn.num_prefix_tokens]
+    if not q_pos:
+        raise VitscopeError(
+            "budget_bytes", f"{N} tokens without prefix tokens do not fit {budget_bytes} bytes",
+            "raise budget_bytes, use fewer layers or a smaller image",
+        )
+    k = L
+    while k > 1 and k * H * len(q_pos) * N * per > budget_bytes:
+        k -= 1
+    notes.append(
+        f"size budget ({budget_bytes / 1e6:.1f} MB): {N} tokens are too many to store every query row; only "
+        "the prefix-token queries ([CLS], registers) are stored, hovering patches reads values only"
+        + (f"; stored {k} of {L} layers" if k < L else "")
+    )
+    return Plan(_spread(L, k), True, q_pos, notes)
+
+
+def _image_data_url(img: np.ndarray, max_side: int = IMAGE_MAX_SIDE) -> tuple[str, int, int]:
+    """``(H, W, 3)`` float image -> (JPEG data URL, height, width) with its longest side <= ``max_side``."""
+    from PIL import Image
+
+    from vitscope.viz._render import pil_from_array
+
+    pil = pil_from_array(img)
+    if max(pil.size) > max_side:
+        s = max_side / max(pil.size)
+        pil = pil.resize((max(1, round(pil.width * s)), max(1, round(pil.height * s))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), pil.height, pil.width
+
+
+def colormap_lut(cmap: str) -> str:
+    """256 RGB entries of a matplotlib colormap as base64 bytes (768 bytes)."""
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise VitscopeError("cmap", f"unknown colormap {cmap!r}", "use a matplotlib name, e.g. 'inferno'")
+    rgb = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3]
+    return base64.b64encode((rgb * 255.0 + 0.5).astype(np.uint8).tobytes()).decode("ascii")
+
+
+def pack(
+    attn: Attentions,
+    image: Any,
+    *,
+    batch: int = 0,
+    dtype: Dtype = "uint8",
+    budget_bytes: int = BUDGET_BYTES,
+    residual: float = 0.5,
+    cmap: str = "inferno",
+    policy: str | None = None,
+    title: str | None = None,
+    labels: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything the page needs, as a JSON-ready dict (see the module docstring for the layout).
+
+    Args:
+        attn: captured attention; every query row (``queries=None``) enables patch queries and rollout.
+        image: the image the model saw (path, PIL, array); it is cropped like the model's ``policy``.
+        batch: which image of the batch.
+        dtype: ``"uint8"`` (per-row scaled, 1 byte per weight) or ``"float16"``.
+        budget_bytes: cap on the stored arrays; past it fewer layers/heads/rows are kept (noted on the page).
+        residual: rollout's identity weight.
+        labels: optional lines shown under the title (e.g. the model's top predictions).
+    """
+    from vitscope.viz._render import display_image
+
+    if not 0 <= batch < attn.batch_size:
+        raise VitscopeError("batch", f"index {batch} out of range for {attn.batch_size} images", "pick an image")
+    if dtype not in ("uint8", "float16"):
+        raise VitscopeError("dtype", f"unknown dtype {dtype!r}", "use 'uint8' or 'float16'")
+    contiguous = attn.layers == tuple(range(len(attn.layers)))
+    with_rollout = attn.queries is None
+    p = plan(attn, int(budget_bytes), dtype, with_rollout)
+    notes = list(p.notes)
+    w = attn.weights[:, batch].detach().float().cpu()  # (L, H, Q, N)
+    raw = w[p.layer_pos]
+    if not p.all_heads:
+        raw = raw.mean(dim=1, keepdim=True)
+    if p.query_pos is not None:
+        raw = raw[:, :, p.query_pos]
+    query_tokens = list(range(attn.num_tokens)) if attn.queries is None else list(attn.queries)
+    if p.query_pos is not None:
+        query_tokens = [query_tokens[i] for i in p.query_pos]
+    heads: list[Any] = ["mean"] if (attn.heads == "mean" or not p.all_heads) else list(attn.heads)
+    if attn.heads != "mean" and len(attn.heads) < attn.num_heads:
+        notes.append(f"only heads {list(attn.heads)} of {attn.num_heads} were captured: 'mean' averages those")
+
+    rollout: dict[str, Any] | None = None
+    if with_rollout:
+        full = rollout_all_rows(attn, batch, residual)  # (L, N, N)
+        r = full[p.layer_pos]
+        if p.query_pos is not None:
+            r = r[:, p.query_pos]
+        rollout = encode_array(r.numpy(), dtype)
+        rollout["residual"] = residual
+        if not contiguous:
+            notes.append(f"rollout runs over the captured layers {list(attn.layers)} only")
+    else:
+        notes.append("rollout needs every query row: capture with queries=None to enable it")
+    if attn.queries is not None:
+        notes.append("only some query rows were captured: hovering patches reads values, it cannot switch query")
+
+    img = display_image(image, attn, policy)
+    src, ih, iw = _image_data_url(img)
+    return {
+        "format": FORMAT,
+        "title": title or str(attn.meta.get("model", "attention")),
+        "model": str(attn.meta.get("model", "")),
+        "labels": list(labels or []),
+        "image": {"src": src, "height": ih, "width": iw},
+        "grid": list(attn.grid),
+        "patch_size": list(attn.patch_size),
+        "input_size": list(attn.image_size),
+        "prefix": list(attn.prefix),
+        "num_layers": attn.num_layers,
+        "num_heads": attn.num_heads,
+        "layers": [attn.layers[i] for i in p.layer_pos],
+        "heads": heads,
+        "queries": query_tokens,
+        "tokens": attn.num_tokens,
+        "attention": encode_array(raw.numpy(), dtype),
+        "rollout": rollout,
+        "cmap": {"name": cmap, "lut": colormap_lut(cmap)},
+        "notes": notes,
+    }

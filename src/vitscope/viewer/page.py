@@ -1,0 +1,170 @@
+"""`Viewer`: one self-contained HTML page (inline JS, CSS, data and image; no network) for notebooks and files.
+
+One renderer (``viewer.js``, shipped as package data) serves both: `Viewer.save` writes the page, and
+`Viewer._repr_html_` shows the same page in Jupyter inside a sandboxed ``<iframe srcdoc>``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vitscope.attentions import Attentions
+from vitscope.viewer.pack import BUDGET_BYTES, Dtype, pack
+
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+@cache
+def asset(name: str) -> str:
+    """Text of a packaged viewer file (``viewer.js``, ``viewer.css``, ``viewer.html``)."""
+    return (resources.files("vitscope.viewer") / name).read_text(encoding="utf-8")
+
+
+def json_for_script(payload: dict[str, Any]) -> str:
+    """JSON safe inside ``<script type="application/json">``: ``<``, ``>``, ``&`` escaped as ``\\u00XX``."""
+    text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_page(payload: dict[str, Any], header_html: str = "") -> str:
+    """The whole page for ``payload`` (from `vitscope.viewer.pack.pack`). ``header_html`` is trusted markup
+    placed above the viewer (the server's upload form)."""
+    from vitscope import __version__
+
+    parts = {
+        "version": __version__,
+        "title": html.escape(str(payload.get("title", "vitscope"))),
+        "css": asset("viewer.css"),
+        "js": asset("viewer.js"),
+        "header": header_html,
+        "data": json_for_script(payload),
+    }
+    return _PLACEHOLDER.sub(lambda m: parts[m.group(1)], asset("viewer.html"))
+
+
+class Viewer:
+    """An interactive attention viewer for one image.
+
+    Build it with `Viewer.from_attentions` or `vitscope.viewer.view`; display it in Jupyter (it has a
+    ``_repr_html_``) or write it with `save`. The page works offline from a ``file://`` URL.
+
+    Example:
+        >>> from vitscope.viewer import view
+        >>> v = view("cat.png", model="vitscope:shapes")      # doctest: +SKIP
+        >>> v.save("cat.html")                                 # doctest: +SKIP
+    """
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+
+    @classmethod
+    def from_attentions(
+        cls,
+        attn: Attentions,
+        image: Any,
+        *,
+        batch: int = 0,
+        dtype: Dtype = "uint8",
+        budget_bytes: int = BUDGET_BYTES,
+        residual: float = 0.5,
+        cmap: str = "inferno",
+        policy: str | None = None,
+        title: str | None = None,
+        labels: list[str] | None = None,
+    ) -> Viewer:
+        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options."""
+        return cls(
+            pack(
+                attn, image, batch=batch, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
+                policy=policy, title=title, labels=labels,
+            )
+        )
+
+    @property
+    def notes(self) -> list[str]:
+        """What the page says about what was left out."""
+        return list(self.payload.get("notes", []))
+
+    def to_html(self, header_html: str = "") -> str:
+        return render_page(self.payload, header_html)
+
+    def _repr_html_(self) -> str:
+        page = html.escape(self.to_html(), quote=True)
+        return (
+            f'<iframe srcdoc="{page}" sandbox="allow-scripts" title="vitscope viewer" '
+            'style="width:100%;height:760px;border:0"></iframe>'
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the page to ``path`` atomically; returns the path."""
+        from vitscope._io import atomic_write_text
+
+        return atomic_write_text(path, self.to_html())
+
+    def __repr__(self) -> str:
+        p = self.payload
+        rows, cols = p["grid"]
+        return (
+            f"Viewer({p['title']!r}, grid={rows}x{cols}, layers={len(p['layers'])}/{p['num_layers']}, "
+            f"heads={p['heads']}, rollout={p['rollout'] is not None})"
+        )
+
+
+def top_labels(vit: Any, output: Any, k: int = 3) -> list[str]:
+    """``["prediction: cat 0.91, dog 0.05, ..."]`` when the model has a classifier, else ``[]``."""
+    import torch
+
+    logits = vit.logits(output)
+    if logits is None or logits.dim() != 2:
+        return []
+    probs = torch.softmax(logits[0].float(), dim=-1)
+    k = min(k, probs.shape[0])
+    vals, idx = probs.topk(k)
+    names = vit.info.labels
+    items = [
+        f"{names[i] if names is not None and i < len(names) else f'class {i}'} {v:.2f}"
+        for v, i in zip(vals.tolist(), idx.tolist(), strict=True)
+    ]
+    return ["prediction: " + ", ".join(items)]
+
+
+def view(
+    image: Any,
+    model: Any = "vitscope:shapes",
+    *,
+    policy: str | None = None,
+    size: int | tuple[int, int] | None = None,
+    dtype: Dtype = "uint8",
+    budget_bytes: int = BUDGET_BYTES,
+    residual: float = 0.5,
+    cmap: str = "inferno",
+    title: str | None = None,
+) -> Viewer:
+    """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
+
+    Args:
+        image: path, PIL image or array (one image).
+        model: a `VitModel` or a spec (``"vitscope:shapes"``, ``"hf:..."``, ``"timm:..."``, a folder).
+        policy, size: how the image is sized for the model (see `vitscope.capture`).
+    """
+    from vitscope.adapters import as_vit
+    from vitscope.capture.core import capture_full
+    from vitscope.images import load_image
+
+    vit = as_vit(model)
+    img = load_image(image)
+    res = capture_full(vit, img, queries=None, heads="all", policy=policy, size=size)  # type: ignore[arg-type]
+    used_policy = policy or vit.info.preprocess.policy
+    if title is None:
+        title = Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else vit.info.name
+    return Viewer.from_attentions(
+        res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
+        policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output),
+    )

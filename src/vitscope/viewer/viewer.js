@@ -1,0 +1,475 @@
+/* vitscope viewer: draws packed ViT attention over an image. Self-contained: no network, no libraries.
+ *
+ * Data (JSON in <script type="application/json" class="vitscope-data">, written by vitscope/viewer/pack.py):
+ *   attention: [layers, heads, queries, tokens], uint8 (value = byte / 255 * scale[row]) or float16
+ *   rollout:   [layers, queries, tokens], cumulative attention rollout through each stored layer (or null)
+ * Token layout: [prefix tokens..., patches (row-major)]; grid = [rows, cols] (height before width).
+ *
+ * Each mounted viewer is exposed as window.vitscopeViewers[i]; viewer.current holds what is drawn
+ * (values of the patches, query token, layer, head, method), viewer.timings the last redraw times (ms).
+ */
+(function () {
+  "use strict";
+
+  var FORMAT = "vitscope-viewer/1";
+
+  function b64bytes(s) {
+    var bin = atob(s);
+    var out = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  function halfToFloat(h) {
+    var s = (h & 0x8000) ? -1 : 1;
+    var e = (h >> 10) & 0x1f;
+    var f = h & 0x3ff;
+    if (e === 0) return s * Math.pow(2, -14) * (f / 1024);
+    if (e === 31) return f ? NaN : s * Infinity;
+    return s * Math.pow(2, e - 15) * (1 + f / 1024);
+  }
+
+  /* One packed array [..., K]; row(i, out) writes flat row i (of K values) into out. */
+  function Store(d) {
+    this.shape = d.shape;
+    this.K = d.shape[d.shape.length - 1];
+    this.dtype = d.dtype;
+    var bytes = b64bytes(d.data);
+    var view, i;
+    if (d.dtype === "uint8") {
+      this.bytes = bytes;
+      var sb = b64bytes(d.scale);
+      view = new DataView(sb.buffer);
+      this.scale = new Float32Array(sb.length / 4);
+      for (i = 0; i < this.scale.length; i++) this.scale[i] = view.getFloat32(4 * i, true) / 255;
+    } else if (d.dtype === "float16") {
+      view = new DataView(bytes.buffer);
+      this.values = new Float32Array(bytes.length / 2);
+      for (i = 0; i < this.values.length; i++) this.values[i] = halfToFloat(view.getUint16(2 * i, true));
+    } else {
+      throw new Error("unknown dtype " + d.dtype);
+    }
+  }
+  Store.prototype.row = function (i, out) {
+    var K = this.K, off = i * K, k;
+    if (this.dtype === "uint8") {
+      var s = this.scale[i], b = this.bytes;
+      for (k = 0; k < K; k++) out[k] = b[off + k] * s;
+    } else {
+      var v = this.values;
+      for (k = 0; k < K; k++) out[k] = v[off + k];
+    }
+    return out;
+  };
+
+  function el(tag, attrs, parent) {
+    var e = document.createElement(tag);
+    if (attrs) {
+      for (var key in attrs) {
+        if (key === "text") e.textContent = attrs[key];
+        else if (key === "className") e.className = attrs[key];
+        else e.setAttribute(key, attrs[key]);
+      }
+    }
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+
+  function fmt(v) {
+    if (!isFinite(v)) return String(v);
+    if (v === 0) return "0";
+    return Math.abs(v) >= 0.01 ? v.toFixed(4) : v.toExponential(2);
+  }
+
+  /* DINO's mask (Caron et al. 2021): the largest values whose sum first reaches tau of the total
+   * (vitscope.methods.masks.mass_mask, with its 1e-6 slack so a map hitting tau exactly adds no cell). */
+  var MASS_SLACK = 1e-6;
+  function thresholdMask(values, tau) {
+    var n = values.length, order = new Array(n), total = 0, i;
+    for (i = 0; i < n; i++) { order[i] = i; total += values[i]; }
+    order.sort(function (a, b) { return values[b] - values[a] || a - b; });
+    var keep = new Uint8Array(n), before = 0;
+    for (i = 0; i < n; i++) {
+      var j = order[i];
+      keep[j] = (total > 0 ? before / total : 0) < tau - MASS_SLACK ? 1 : 0;
+      before += values[j];
+    }
+    return keep;
+  }
+
+  function Viewer(root, data) {
+    if (data.format !== FORMAT) throw new Error("unsupported data format " + data.format);
+    this.root = root;
+    this.data = data;
+    this.rows = data.grid[0];
+    this.cols = data.grid[1];
+    this.P = data.prefix.length;
+    this.N = data.tokens;
+    this.attn = new Store(data.attention);
+    this.roll = data.rollout ? new Store(data.rollout) : null;
+    this.L = data.layers.length;
+    this.H = data.heads.length;
+    this.Q = data.queries.length;
+    this.qpos = {};
+    for (var i = 0; i < this.Q; i++) this.qpos[data.queries[i]] = i;
+    this.lut = b64bytes(data.cmap.lut);
+    this.buf = new Float32Array(this.N);
+    this.acc = new Float32Array(this.N);
+    this.timings = [];
+    this.hoverKey = null;   // token index of the patch under the cursor
+    this.hoverQuery = null; // token used as query while following the cursor
+    var cls = data.prefix.indexOf("cls");
+    var q0 = (cls >= 0 && this.qpos[cls] !== undefined) ? cls : data.queries[0];
+    this.state = {
+      layer: this.L - 1, head: "mean", method: "raw", query: q0, follow: true,
+      mask: false, tau: 0.6, opacity: 0.6, smooth: false
+    };
+    this.build();
+    this.draw();
+  }
+
+  Viewer.prototype.tokenLabel = function (t) {
+    if (t < this.P) {
+      var kind = this.data.prefix[t];
+      if (kind === "cls") return "[CLS]";
+      if (kind === "dist") return "[DIST]";
+      var k = 0;
+      for (var i = 0; i < t; i++) if (this.data.prefix[i] === "register") k++;
+      return "register " + k;
+    }
+    var p = t - this.P;
+    return "patch (" + Math.floor(p / this.cols) + ", " + (p % this.cols) + ")";
+  };
+
+  Viewer.prototype.build = function () {
+    var self = this, d = this.data, root = this.root;
+    root.setAttribute("tabindex", "0");
+    var head = el("div", { className: "vs-header" }, root);
+    el("h1", { text: d.title }, head);
+    var sub = "grid " + this.rows + " x " + this.cols + " patches, " + this.P + " prefix token" +
+      (this.P === 1 ? "" : "s") + ", " + d.num_layers + " layers x " + d.num_heads + " heads";
+    if (d.model && d.model !== d.title) sub = d.model + " \u00b7 " + sub;
+    el("div", { className: "vs-sub", text: sub }, head);
+    (d.labels || []).forEach(function (line) { el("div", { className: "vs-label", text: line }, head); });
+
+    var controls = el("div", { className: "vs-controls" }, root);
+    function field(label) {
+      var f = el("label", { className: "vs-field" }, controls);
+      el("span", { text: label }, f);
+      return f;
+    }
+    var f;
+    f = field("method");
+    this.methodSel = el("select", { className: "vs-method" }, f);
+    el("option", { value: "raw", text: "raw attention" }, this.methodSel);
+    var ro = el("option", { value: "rollout", text: "rollout" }, this.methodSel);
+    if (!this.roll) ro.disabled = true;
+
+    f = field("layer");
+    this.layerIn = el("input", { className: "vs-layer", type: "range", min: "0", max: String(this.L - 1), step: "1" }, f);
+    this.layerLab = el("output", { className: "vs-layer-label" }, f);
+
+    f = field("head");
+    this.headSel = el("select", { className: "vs-head" }, f);
+    el("option", { value: "mean", text: "mean" }, this.headSel);
+    if (this.H > 1) el("option", { value: "max", text: "max" }, this.headSel);
+    if (!(this.H === 1 && d.heads[0] === "mean")) {
+      for (var h = 0; h < this.H; h++) el("option", { value: String(h), text: "head " + d.heads[h] }, this.headSel);
+    }
+
+    f = field("query");
+    this.querySel = el("select", { className: "vs-query" }, f);
+    for (var t = 0; t < this.P; t++) {
+      if (this.qpos[t] !== undefined) el("option", { value: String(t), text: this.tokenLabel(t) }, this.querySel);
+    }
+    this.pinnedOpt = el("option", { value: "", text: "patch" }, this.querySel);
+    this.pinnedOpt.hidden = true;
+
+    f = field("follow cursor");
+    this.followIn = el("input", { className: "vs-follow", type: "checkbox" }, f);
+    if (!this.hasPatchQueries()) { this.followIn.disabled = true; this.state.follow = false; }
+
+    f = field("DINO mask");
+    this.maskIn = el("input", { className: "vs-mask", type: "checkbox" }, f);
+    this.tauIn = el("input", { className: "vs-tau", type: "range", min: "0.05", max: "1", step: "0.01" }, f);
+    this.tauLab = el("output", { className: "vs-tau-label" }, f);
+
+    f = field("opacity");
+    this.opacityIn = el("input", { className: "vs-opacity", type: "range", min: "0", max: "1", step: "0.05" }, f);
+
+    f = field("smooth");
+    this.smoothIn = el("input", { className: "vs-smooth", type: "checkbox" }, f);
+
+    var main = el("div", { className: "vs-main" }, root);
+    this.stage = el("div", { className: "vs-stage" }, main);
+    this.img = el("img", { className: "vs-image", alt: "input image", src: d.image.src, draggable: "false" }, this.stage);
+    var longSide = Math.max(d.image.width, d.image.height);
+    var s = 560 / longSide;
+    this.stage.style.maxWidth = Math.round(d.image.width * s) + "px";
+    this.stage.style.aspectRatio = d.image.width + " / " + d.image.height;
+    if (longSide < 160) this.img.style.imageRendering = "pixelated";
+    this.canvas = el("canvas", { className: "vs-canvas" }, this.stage);
+    var side = el("div", { className: "vs-side" }, main);
+    this.bar = el("canvas", { className: "vs-colorbar", width: "256", height: "12" }, side);
+    this.barLab = el("div", { className: "vs-colorbar-label" }, side);
+    this.readout = el("div", { className: "vs-readout" }, side);
+    this.prefixOut = el("div", { className: "vs-prefix" }, side);
+    el("div", {
+      className: "vs-help",
+      text: "Hover a patch to see where it looks (follow cursor); click to pin it as the query. " +
+        "Untick 'follow cursor' to read the values under the cursor. Keys: \u2190 \u2192 layer, \u2191 \u2193 head, " +
+        "r rollout, m mask, Esc follow."
+    }, side);
+    var notes = el("ul", { className: "vs-notes" }, side);
+    (d.notes || []).forEach(function (n) { el("li", { text: n }, notes); });
+    this.off = document.createElement("canvas");
+    this.off.width = this.cols;
+    this.off.height = this.rows;
+    this.syncControls();
+    this.drawColorbar();
+
+    this.methodSel.addEventListener("change", function () { self.set({ method: self.methodSel.value }); });
+    this.layerIn.addEventListener("input", function () { self.set({ layer: +self.layerIn.value }); });
+    this.headSel.addEventListener("change", function () {
+      var v = self.headSel.value;
+      self.set({ head: (v === "mean" || v === "max") ? v : +v });
+    });
+    this.querySel.addEventListener("change", function () {
+      if (self.querySel.value !== "") self.set({ query: +self.querySel.value, follow: false });
+    });
+    this.followIn.addEventListener("change", function () { self.set({ follow: self.followIn.checked }); });
+    this.maskIn.addEventListener("change", function () { self.set({ mask: self.maskIn.checked }); });
+    this.tauIn.addEventListener("input", function () { self.set({ tau: +self.tauIn.value }); });
+    this.opacityIn.addEventListener("input", function () { self.set({ opacity: +self.opacityIn.value }); });
+    this.smoothIn.addEventListener("change", function () { self.set({ smooth: self.smoothIn.checked }); });
+    this.canvas.addEventListener("pointermove", function (e) { self.onMove(e); });
+    this.canvas.addEventListener("pointerleave", function () {
+      self.hoverKey = null;
+      self.hoverQuery = null;
+      self.draw();
+    });
+    this.canvas.addEventListener("click", function (e) { self.onClick(e); });
+    root.addEventListener("keydown", function (e) { self.onKey(e); });
+    if (typeof ResizeObserver !== "undefined") {
+      new ResizeObserver(function () { self.draw(); }).observe(this.stage);
+    } else {
+      window.addEventListener("resize", function () { self.draw(); });
+    }
+  };
+
+  Viewer.prototype.hasPatchQueries = function () {
+    return this.qpos[this.P] !== undefined && this.Q >= this.P + this.rows * this.cols;
+  };
+
+  Viewer.prototype.syncControls = function () {
+    var st = this.state;
+    this.methodSel.value = st.method;
+    this.layerIn.value = String(st.layer);
+    var abs = this.data.layers[st.layer];
+    this.layerLab.textContent = st.method === "rollout" ? "through " + abs : String(abs);
+    this.headSel.value = String(st.head);
+    this.headSel.disabled = st.method === "rollout";
+    if (st.query >= this.P) {
+      this.pinnedOpt.hidden = false;
+      this.pinnedOpt.value = String(st.query);
+      this.pinnedOpt.textContent = this.tokenLabel(st.query);
+    }
+    this.querySel.value = String(st.query);
+    this.followIn.checked = st.follow;
+    this.maskIn.checked = st.mask;
+    this.tauIn.value = String(st.tau);
+    this.tauIn.disabled = !st.mask;
+    this.tauLab.textContent = "tau " + st.tau.toFixed(2);
+    this.opacityIn.value = String(st.opacity);
+    this.smoothIn.checked = st.smooth;
+  };
+
+  /* Update state (validated), refresh the controls and redraw. */
+  Viewer.prototype.set = function (patch) {
+    var st = this.state;
+    for (var k in patch) st[k] = patch[k];
+    st.layer = Math.max(0, Math.min(this.L - 1, st.layer | 0));
+    if (st.method === "rollout" && !this.roll) st.method = "raw";
+    if (typeof st.head === "number" && (st.head < 0 || st.head >= this.H || this.data.heads[0] === "mean")) st.head = "mean";
+    if (st.head === "max" && this.H < 2) st.head = "mean";
+    if (this.qpos[st.query] === undefined) st.query = this.data.queries[0];
+    if (!this.hasPatchQueries()) st.follow = false;
+    st.tau = Math.max(0.01, Math.min(1, +st.tau));
+    st.opacity = Math.max(0, Math.min(1, +st.opacity));
+    this.syncControls();
+    return this.draw();
+  };
+
+  /* The full row (all N keys) of the current method/layer/head for query token t, or null. */
+  Viewer.prototype.row = function (t) {
+    var st = this.state, qp = this.qpos[t];
+    if (qp === undefined) return null;
+    var out = this.buf;
+    if (st.method === "rollout") return this.roll.row(st.layer * this.Q + qp, out);
+    var base = st.layer * this.H, N = this.N, k, h;
+    if (typeof st.head === "number") return this.attn.row((base + st.head) * this.Q + qp, out);
+    var acc = this.acc;
+    this.attn.row(base * this.Q + qp, out);
+    for (h = 1; h < this.H; h++) {
+      this.attn.row((base + h) * this.Q + qp, acc);
+      if (st.head === "max") { for (k = 0; k < N; k++) if (acc[k] > out[k]) out[k] = acc[k]; }
+      else { for (k = 0; k < N; k++) out[k] += acc[k]; }
+    }
+    if (st.head === "mean" && this.H > 1) for (k = 0; k < N; k++) out[k] /= this.H;
+    return out;
+  };
+
+  Viewer.prototype.patchAt = function (e) {
+    var r = this.canvas.getBoundingClientRect();
+    var x = (e.clientX - r.left) / r.width, y = (e.clientY - r.top) / r.height;
+    if (x < 0 || y < 0 || x >= 1 || y >= 1) return null;
+    var row = Math.min(this.rows - 1, Math.floor(y * this.rows));
+    var col = Math.min(this.cols - 1, Math.floor(x * this.cols));
+    return this.P + row * this.cols + col;
+  };
+
+  Viewer.prototype.onMove = function (e) {
+    var t = this.patchAt(e);
+    if (t === this.hoverKey) return;
+    this.hoverKey = t;
+    this.hoverQuery = (t !== null && this.state.follow && this.qpos[t] !== undefined) ? t : null;
+    this.draw();
+  };
+
+  Viewer.prototype.onClick = function (e) {
+    var t = this.patchAt(e);
+    if (t === null || this.qpos[t] === undefined) return;
+    if (!this.state.follow && this.state.query === t) { this.set({ follow: true }); return; }
+    this.hoverQuery = null;
+    this.set({ query: t, follow: false });
+  };
+
+  Viewer.prototype.onKey = function (e) {
+    var st = this.state, heads = ["mean"];
+    if (this.H > 1) heads.push("max");
+    if (this.data.heads[0] !== "mean") for (var h = 0; h < this.H; h++) heads.push(h);
+    var i = heads.indexOf(st.head);
+    if (e.key === "ArrowRight") this.set({ layer: st.layer + 1 });
+    else if (e.key === "ArrowLeft") this.set({ layer: st.layer - 1 });
+    else if (e.key === "ArrowDown") this.set({ head: heads[(i + 1) % heads.length] });
+    else if (e.key === "ArrowUp") this.set({ head: heads[(i - 1 + heads.length) % heads.length] });
+    else if (e.key === "r") this.set({ method: st.method === "raw" ? "rollout" : "raw" });
+    else if (e.key === "m") this.set({ mask: !st.mask });
+    else if (e.key === "Escape") this.set({ follow: true });
+    else return;
+    e.preventDefault();
+  };
+
+  Viewer.prototype.drawColorbar = function () {
+    var ctx = this.bar.getContext("2d"), im = ctx.createImageData(256, 1);
+    for (var i = 0; i < 256; i++) {
+      im.data[4 * i] = this.lut[3 * i];
+      im.data[4 * i + 1] = this.lut[3 * i + 1];
+      im.data[4 * i + 2] = this.lut[3 * i + 2];
+      im.data[4 * i + 3] = 255;
+    }
+    for (var y = 0; y < 12; y++) ctx.putImageData(im, 0, y);
+  };
+
+  Viewer.prototype.outline = function (ctx, t, cw, ch, colour, width) {
+    var p = t - this.P, r = Math.floor(p / this.cols), c = p % this.cols;
+    var pw = cw / this.cols, ph = ch / this.rows;
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = width;
+    ctx.strokeRect(c * pw + width / 2, r * ph + width / 2, pw - width, ph - width);
+  };
+
+  /* Compute the current map and paint it. Returns viewer.current. */
+  Viewer.prototype.draw = function () {
+    var t0 = performance.now();
+    var st = this.state, P = this.P, n = this.rows * this.cols;
+    var query = this.hoverQuery !== null ? this.hoverQuery : st.query;
+    var full = this.row(query);
+    var values = new Float32Array(n), lo = Infinity, hi = -Infinity, i;
+    if (full) {
+      for (i = 0; i < n; i++) {
+        var v = full[P + i];
+        values[i] = v;
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+    } else { lo = 0; hi = 0; }
+    var mask = st.mask ? thresholdMask(values, st.tau) : null;
+
+    var octx = this.off.getContext("2d"), im = octx.createImageData(this.cols, this.rows), px = im.data;
+    var span = hi > lo ? hi - lo : 0, alpha = Math.round(255 * st.opacity);
+    for (i = 0; i < n; i++) {
+      var idx = span > 0 ? Math.round((values[i] - lo) / span * 255) : 0;
+      if (mask && !mask[i]) {
+        px[4 * i] = 0; px[4 * i + 1] = 0; px[4 * i + 2] = 0; px[4 * i + 3] = 200;
+      } else {
+        px[4 * i] = this.lut[3 * idx]; px[4 * i + 1] = this.lut[3 * idx + 1]; px[4 * i + 2] = this.lut[3 * idx + 2];
+        px[4 * i + 3] = mask ? Math.max(alpha, 1) : alpha;
+      }
+    }
+    octx.putImageData(im, 0, 0);
+
+    var dpr = window.devicePixelRatio || 1;
+    var cw = Math.max(1, Math.round(this.canvas.clientWidth * dpr));
+    var ch = Math.max(1, Math.round(this.canvas.clientHeight * dpr));
+    if (this.canvas.width !== cw || this.canvas.height !== ch) { this.canvas.width = cw; this.canvas.height = ch; }
+    var ctx = this.canvas.getContext("2d");
+    ctx.clearRect(0, 0, cw, ch);
+    ctx.imageSmoothingEnabled = st.smooth;
+    ctx.drawImage(this.off, 0, 0, cw, ch);
+    if (query >= P) this.outline(ctx, query, cw, ch, "#00e5ff", Math.max(1, 2 * dpr));
+    if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
+
+    var abs = this.data.layers[st.layer];
+    var what = st.method === "rollout" ? "rollout through layer " + abs : "layer " + abs + ", head " + st.head;
+    var text = "query " + this.tokenLabel(query) + " \u00b7 " + what;
+    if (!full) text += " \u00b7 (this query row was not stored)";
+    else if (this.hoverKey !== null) {
+      text += " \u00b7 key " + this.tokenLabel(this.hoverKey) + ": " + fmt(values[this.hoverKey - P]);
+    }
+    this.readout.textContent = text;
+    this.barLab.textContent = fmt(lo) + " \u2013 " + fmt(hi);
+    var parts = [];
+    if (full) for (i = 0; i < P; i++) parts.push(this.tokenLabel(i) + " " + fmt(full[i]));
+    this.prefixOut.textContent = parts.length ? "to prefix tokens: " + parts.join(", ") : "";
+
+    this.current = {
+      method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
+      hoverKey: this.hoverKey, values: Array.prototype.slice.call(values), min: lo, max: hi,
+      mask: mask ? Array.prototype.slice.call(mask) : null
+    };
+    var ms = performance.now() - t0;
+    this.timings.push(ms);
+    if (this.timings.length > 200) this.timings.shift();
+    return this.current;
+  };
+
+  function mount(root) {
+    var script = root.querySelector("script.vitscope-data");
+    if (!script || root.vitscope) return root.vitscope || null;
+    var data = JSON.parse(script.textContent);
+    var v = new Viewer(root, data);
+    root.vitscope = v;
+    (window.vitscopeViewers = window.vitscopeViewers || []).push(v);
+    return v;
+  }
+
+  function mountAll() {
+    var roots = document.querySelectorAll(".vitscope-viewer");
+    for (var i = 0; i < roots.length; i++) {
+      try {
+        mount(roots[i]);
+      } catch (err) {
+        var box = document.createElement("pre");
+        box.className = "vs-error";
+        box.textContent = "vitscope viewer: " + err.message;
+        roots[i].appendChild(box);
+        throw err;
+      }
+    }
+  }
+
+  window.vitscopeThresholdMask = thresholdMask;
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", mountAll);
+  else mountAll();
+})();

@@ -1,0 +1,151 @@
+"""From images and a model to a figure in one call (what ``vitscope figure`` and ``vitscope demo`` run).
+
+Each kind captures only what it needs, computes its maps with `vitscope.methods`, and hands arrays to the
+figure functions in `vitscope.viz.figures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vitscope.errors import VitscopeError
+from vitscope.viz._render import Upsample, display_image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Figure kinds, with what each shows.
+KINDS: dict[str, str] = {
+    "heads": "one query's attention per head of one layer (optional DINO mask contours)",
+    "panel": "image | head-mean attention | attention rollout",
+    "grid": "layers x heads grid of one query's attention",
+    "batch": "several images with their maps (image x normalised map)",
+    "distance": "mean attention distance per head across layers, spread over images",
+    "norms": "histogram of token norms with the high-norm outliers marked",
+}
+
+
+def parse_query(text: str | None) -> str | int | tuple[int, int] | None:
+    """``"cls"``, ``"mean"``, ``"register:K"``, ``"ROW,COL"`` (a patch) or ``"7"`` (a token index)."""
+    if text is None or text == "":
+        return None
+    if "," in text:
+        try:
+            r, c = (int(t) for t in text.split(","))
+        except ValueError:
+            raise VitscopeError("query", f"cannot parse {text!r}", "use cls, mean, register:K, ROW,COL or an index") from None
+        return (r, c)
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _one(images: Sequence[Any], kind: str) -> Any:
+    if len(images) != 1:
+        raise VitscopeError("images", f"figure {kind!r} shows one image, got {len(images)}", "pass one image")
+    return images[0]
+
+
+def make_figure(
+    kind: str,
+    images: Sequence[Any],
+    model: Any = "vitscope:shapes",
+    *,
+    layer: int = -1,
+    layers: Sequence[int] | None = None,
+    query: str | int | tuple[int, int] | None = None,
+    cmap: str = "inferno",
+    alpha: float = 0.6,
+    shared_scale: bool = True,
+    mask_tau: float | None = None,
+    mode: Upsample = "bilinear",
+    policy: str | None = None,
+    method: str = "rollout",
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """Capture ``images`` with ``model`` and draw figure ``kind`` (one of `KINDS`).
+
+    ``layer``/``query`` pick the map for ``heads``, ``panel`` (head mean), ``grid`` and ``norms``
+    (``layer`` only); ``layers`` restricts ``grid``; ``method`` (``"rollout"`` or ``"cls"``) is the map of
+    ``batch``. Images are captured one at a time, so they may differ in size.
+    """
+    from vitscope.adapters import as_vit
+    from vitscope.capture import capture
+    from vitscope.images import load_image
+    from vitscope.methods import cls_map, mean_attention_distance, rollout, token_norms
+    from vitscope.viz import figures
+
+    if kind not in KINDS:
+        raise VitscopeError("kind", f"unknown figure {kind!r}", f"use one of {', '.join(KINDS)}")
+    if not images:
+        raise VitscopeError("images", "no images given", "pass at least one image")
+    vit = as_vit(model)
+    used_policy = policy or vit.info.preprocess.policy
+    pils = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]
+
+    if kind == "heads":
+        img = _one(pils, kind)
+        attn = capture(vit, img, layers=[layer], queries=None if query == "mean" else (query or _default_q(vit)),
+                       policy=policy)  # type: ignore[arg-type]
+        return figures.head_grid(
+            img, attn, layer=layer, query=query, cmap=cmap, alpha=alpha, shared_scale=shared_scale,
+            mask_tau=mask_tau, mode=mode, policy=used_policy,
+        )
+    if kind == "grid":
+        img = _one(pils, kind)
+        attn = capture(vit, img, layers=layers, queries=None if query == "mean" else (query or _default_q(vit)),
+                       policy=policy)  # type: ignore[arg-type]
+        return figures.layer_head_grid(
+            img, attn, query=query, cmap=cmap, alpha=alpha, mode=mode, shared_scale=shared_scale,
+            policy=used_policy,
+        )
+    if kind == "panel":
+        img = _one(pils, kind)
+        attn = capture(vit, img, queries=None, policy=policy)  # type: ignore[arg-type]
+        shown = display_image(img, attn, used_policy)
+        absolute = attn.layers[attn.layer_position(layer)]
+        maps = {
+            f"head mean, layer {absolute}": cls_map(attn, layer=layer, head="mean", query=query)[0],
+            "rollout": rollout(attn, query=query)[0],
+        }
+        return figures.map_panel(shown, maps, cmap=cmap, alpha=alpha, mode=mode)
+    if kind == "batch":
+        if method not in ("rollout", "cls"):
+            raise VitscopeError("method", f"unknown map {method!r} for the batch figure", "use 'rollout' or 'cls'")
+        shown_all, maps_all = [], []
+        for img in pils:
+            attn = capture(vit, img, queries=None if method == "rollout" else (query or _default_q(vit)),
+                           layers=None if method == "rollout" else [layer], policy=policy)  # type: ignore[arg-type]
+            m = rollout(attn, query=query)[0] if method == "rollout" else cls_map(attn, layer=layer, query=query)[0]
+            maps_all.append(m.detach().float().cpu().numpy())
+            shown_all.append(display_image(img, attn, used_policy))
+        if len({m.shape for m in maps_all}) > 1:
+            raise VitscopeError("images", "images give different patch grids", "use policy='resize'")
+        return figures.batch_maps(shown_all, np.stack(maps_all), titles=titles, mode=mode, cmap=cmap, alpha=alpha)
+    if kind == "distance":
+        per_image = []
+        for img in pils:
+            attn = capture(vit, img, queries=None, policy=policy)  # type: ignore[arg-type]
+            per_image.append(mean_attention_distance(attn, per_image=True)[:, 0].numpy())  # (layers, heads)
+        d = np.stack(per_image)  # (images, layers, heads)
+        title = f"mean attention distance ({len(pils)} image{'s' if len(pils) > 1 else ''})"
+        return figures.distance_plot(d, layers=list(range(vit.info.num_layers)), title=title)
+    # norms: one batch, so the outlier fit (a 2-Gaussian mixture per layer) sees every image's patches
+    attn = capture(vit, pils, layers=[layer], queries="cls" if "cls" in vit.info.prefix else None, heads="mean",
+                   token_norms=True, policy=policy)  # type: ignore[arg-type]
+    report = token_norms(attn)
+    absolute = layer + vit.info.num_layers if layer < 0 else layer
+    return figures.norm_histogram(
+        report.patch_norms[absolute].numpy(), outliers=report.outliers[absolute].numpy(),
+        threshold=float(report.threshold[absolute]),
+        title=f"patch token norms after block {absolute} ({len(pils)} image{'s' if len(pils) > 1 else ''})",
+    )
+
+
+def _default_q(vit: Any) -> str | None:
+    """What ``query=None`` means for capture: the [CLS] row, or every row for models without one."""
+    return "cls" if "cls" in vit.info.prefix else None

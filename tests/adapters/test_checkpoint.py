@@ -1,0 +1,246 @@
+"""DINO checkpoints: shapes -> architecture, every wrapping DINO's scripts produce, and no code ever runs."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitscope
+from tests.conftest import make_tiny_vit
+from vitscope.adapters.checkpoint import extract_state_dict, load_dino_checkpoint, read_checkpoint
+from vitscope.errors import CheckpointError, VitscopeError
+
+
+def _dino_like(num_registers: int = 0, num_classes: int = 0) -> torch.nn.Module:
+    """A vitscope ViT with DINO ViT-Tiny's width (192 -> 3 heads), 2 blocks, patch 8, 32x32, peaked attention."""
+    model = make_tiny_vit(num_registers=num_registers, dim=192, heads=3, depth=2, num_classes=num_classes)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.copy_(torch.randn(blk.attn.qkv.weight.shape, generator=g) * 0.15)
+        model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=g))
+        model.cls_token.copy_(torch.randn(model.cls_token.shape, generator=g))
+    return model.eval()
+
+
+def _dino_head(prefix: str) -> dict[str, torch.Tensor]:
+    """DINO's projection head (MultiCropWrapper.head), saved next to the backbone and to be dropped."""
+    return {
+        f"{prefix}head.mlp.0.weight": torch.randn(64, 192), f"{prefix}head.mlp.0.bias": torch.zeros(64),
+        f"{prefix}head.last_layer.weight_g": torch.ones(100, 1), f"{prefix}head.last_layer.weight_v": torch.randn(100, 64),
+    }
+
+
+def _training_checkpoint(model: torch.nn.Module) -> dict[str, object]:
+    """The layout of DINO's ``checkpoint.pth``: teacher/student with wrapper prefixes, plus args and epoch."""
+    sd = model.state_dict()
+    return {
+        "teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, **_dino_head("")},
+        "student": {**{f"module.backbone.{k}": v + 1.0 for k, v in sd.items()}, **_dino_head("module.")},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=100),
+    }
+
+
+def reference_attention(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) written out from the weights, block by block: ``(L, B, H, N, N)``."""
+    out = []
+    with torch.no_grad():
+        x = model.tokens(pixels)  # (B, N, D)
+        for blk in model.blocks:
+            B, N, D = x.shape
+            H = blk.attn.heads
+            d = D // H
+            h = torch.nn.functional.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, eps=1e-6)
+            qkv = h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias  # (B, N, 3D), laid out (3, H, d)
+            q = qkv[..., :D].reshape(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
+            k = qkv[..., D : 2 * D].reshape(B, N, H, d).transpose(1, 2)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            out.append(torch.exp(logits - logits.amax(-1, keepdim=True)))
+            out[-1] = out[-1] / out[-1].sum(-1, keepdim=True)
+            x = blk(x)
+    return torch.stack(out)
+
+
+def test_dino_training_checkpoint_loads_teacher(tmp_path: Path) -> None:
+    model = _dino_like()
+    path = tmp_path / "checkpoint.pth"
+    torch.save(_training_checkpoint(model), path)
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    ref = reference_attention(model, pixels)
+    assert ref.amax() > 0.5
+    for vit in (vitscope.load("dino:" + str(path)), vitscope.load(path), vitscope.load(str(path))):
+        info = vit.info
+        assert (info.family, info.num_layers, info.num_heads, info.embed_dim) == ("dino", 2, 3, 192)
+        assert info.patch_size == (8, 8) and info.prefix == ("cls",) and info.num_classes is None
+        assert info.preprocess.policy == "crop" and info.preprocess.mean == (0.485, 0.456, 0.406)
+        assert info.preprocess.image_size == (32, 32)
+        attn = vitscope.capture(vit, pixels)
+        torch.testing.assert_close(attn.weights, ref, atol=1e-5, rtol=0)  # teacher, not the (+1) student
+        with torch.no_grad():
+            torch.testing.assert_close(vit(pixels), model.forward_features(pixels)[:, 0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    ["bare", "module", "student", "model", "state_dict", "safetensors"],
+)
+def test_wrappings_and_formats(tmp_path: Path, wrap: str) -> None:
+    model = _dino_like(num_registers=2)
+    sd = model.state_dict()
+    if wrap == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "dino.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        obj: object = {
+            "bare": sd,
+            "module": {f"module.{k}": v for k, v in sd.items()},
+            "student": {"student": {f"module.backbone.{k}": v for k, v in sd.items()}},
+            "model": {"model": sd, "optimizer": {"lr": 0.1}},
+            "state_dict": {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1},
+        }[wrap]
+        path = tmp_path / "dino.pth"
+        torch.save(obj, path)
+    vit = load_dino_checkpoint(path)
+    assert vit.info.prefix == ("cls", "register", "register")
+    pixels = torch.randn(1, 3, 40, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(vitscope.capture(vit, pixels).weights, reference_attention(model, pixels),
+                               atol=1e-5, rtol=0)
+
+
+def test_linear_head_is_kept(tmp_path: Path) -> None:
+    model = _dino_like(num_classes=7)
+    path = tmp_path / "clf.pth"
+    torch.save(model.state_dict(), path)
+    vit = load_dino_checkpoint(path)
+    assert vit.info.num_classes == 7
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit(pixels), model(pixels))
+
+
+class _WritesAMarker:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, which creates the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    model = _dino_like()
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": model.state_dict(), "args": _WritesAMarker(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"^path: refused to load .*could run code") as err:
+        vitscope.load("dino:" + str(path))
+    assert "\n" not in str(err.value) and "open" in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"refused"):
+        vitscope.load(path)
+    assert not marker.exists()
+    # Control: the payload is live, an unsafe load would have run it.
+    obj = torch.load(path, weights_only=False)
+    obj["args"].close()
+    assert marker.exists()
+
+
+def test_pickled_module_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "whole_model.pth"
+    torch.save(_dino_like(), path)  # a pickled nn.Module needs its class imported: not weights only
+    with pytest.raises(CheckpointError, match=r"refused .*vitscope\.train\.model\.ViT"):
+        load_dino_checkpoint(path)
+
+
+def test_missing_empty_and_junk_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"^path: checkpoint file not found: .*nope\.pth \(check the path"):
+        vitscope.load("dino:" + str(tmp_path / "nope.pth"))
+    with pytest.raises(CheckpointError, match=r"^model: .* is neither an existing path"):
+        vitscope.load(tmp_path / "nope.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"^path: .*empty \(0 bytes\)"):
+        load_dino_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"^path: .*not a readable PyTorch checkpoint"):
+        load_dino_checkpoint(tmp_path / "text.pth")
+    (tmp_path / "bad.safetensors").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"^path: .*not a readable safetensors file"):
+        load_dino_checkpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"is a folder"):
+        read_checkpoint(tmp_path)
+
+
+def test_heads_from_table_arch_or_argument(tmp_path: Path) -> None:
+    model = make_tiny_vit(dim=32, heads=4)
+    path = tmp_path / "odd.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(VitscopeError, match=r"^num_heads: embedding dim 32 .*pass num_heads="):
+        load_dino_checkpoint(path)
+    vit = load_dino_checkpoint(path, num_heads=4)
+    pixels = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(vitscope.capture(vit, pixels).weights, reference_attention(model, pixels),
+                               atol=1e-5, rtol=0)
+    dino_path = tmp_path / "dino.pth"
+    torch.save(_dino_like().state_dict(), dino_path)
+    assert load_dino_checkpoint(dino_path, arch="vit_tiny").info.num_heads == 3
+    with pytest.raises(VitscopeError, match=r"^arch: 'vit_small' has embedding dim 384 but the checkpoint has 192"):
+        load_dino_checkpoint(dino_path, arch="vit_small")
+    with pytest.raises(VitscopeError, match=r"^arch: unknown"):
+        load_dino_checkpoint(dino_path, arch="resnet50")
+
+
+def test_non_square_training_grid_needs_image_size(tmp_path: Path) -> None:
+    model = _dino_like()
+    sd = dict(model.state_dict())
+    sd["pos_embed"] = torch.randn(1, 1 + 4 * 6, 192)  # trained at 32x48
+    path = tmp_path / "wide.pth"
+    torch.save(sd, path)
+    with pytest.raises(VitscopeError, match=r"^image_size: pos_embed has 24 patch positions, not a square"):
+        load_dino_checkpoint(path)
+    assert load_dino_checkpoint(path, image_size=(32, 48)).info.preprocess.image_size == (32, 48)
+
+
+def test_not_a_dino_vit(tmp_path: Path) -> None:
+    sd = dict(_dino_like().state_dict())
+    sd["blocks.0.ls1.gamma"] = torch.ones(192)  # DINOv2 LayerScale
+    path = tmp_path / "v2.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"not a DINO \(v1\) ViT checkpoint: unexpected \['blocks.0.ls1.gamma'\]"):
+        load_dino_checkpoint(path)
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, path)
+    with pytest.raises(CheckpointError, match=r"has no 'patch_embed.proj.weight'"):
+        load_dino_checkpoint(path)
+    torch.save({"teacher": {"backbone.x": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"checkpoint_key"):
+        load_dino_checkpoint(path, checkpoint_key="ema")
+
+
+def test_extract_state_dict_drops_the_projection_head() -> None:
+    sd = {"module.backbone.cls_token": torch.zeros(1), **_dino_head("module.")}
+    assert list(extract_state_dict({"student": sd})) == ["cls_token"]
+
+
+def test_crop_policy_keeps_resolution(tmp_path: Path) -> None:
+    """DINO's way: no resize, crop top-left to a multiple of the patch size, ImageNet normalisation."""
+    path = tmp_path / "dino.pth"
+    torch.save(_dino_like().state_dict(), path)
+    vit = load_dino_checkpoint(path)
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(45, 70, 3), dtype=np.uint8)  # (H, W, 3)
+    pixels = vit.preprocess(Image.fromarray(arr))
+    assert pixels.shape == (1, 3, 40, 64)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = (arr[:40, :64] / 255.0 - mean) / std
+    np.testing.assert_allclose(pixels[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    assert vitscope.capture(vit, Image.fromarray(arr), queries="cls").grid == (5, 8)

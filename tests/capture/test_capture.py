@@ -1,0 +1,220 @@
+"""`vitscope.capture` on vitscope's own ViT: exact against the unfused path and a hand-computed example."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vitscope
+from tests.conftest import make_tiny_vit
+from vitscope.attentions import Attentions
+from vitscope.capture import capture_full
+from vitscope.errors import VitscopeError
+
+
+def _sharp_vit(num_registers: int = 0, image_size: tuple[int, int] = (32, 32), seed: int = 0) -> nn.Module:
+    """Tiny ViT (2 layers, 4 heads, dim 32, patch 8) with peaked attention (the default init is near-uniform)."""
+    model = make_tiny_vit(num_registers=num_registers, image_size=image_size, seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.copy_(torch.randn(blk.attn.qkv.weight.shape, generator=g) * 0.35)
+        model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=g))
+        if model.reg_token is not None:
+            model.reg_token.copy_(torch.randn(model.reg_token.shape, generator=g))
+    return model.eval()
+
+
+def unfused_reference(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The model's own explicit branch (``set_fused_attn(False)``), probabilities read where they are formed."""
+    ref = copy.deepcopy(model).eval()
+    ref.set_fused_attn(False)
+    probs: list[torch.Tensor] = []
+    for blk in ref.blocks:
+        blk.attn.attn_drop.register_forward_pre_hook(lambda _m, inp: probs.append(inp[0].clone()))
+    with torch.no_grad():
+        ref(pixels)
+    return torch.stack(probs)  # (L, B, H, N, N)
+
+
+def manual_reference(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) from the qkv weights, written out independently of the model's Attention."""
+    out = []
+    with torch.no_grad():
+        x = model.tokens(pixels)
+        for blk in model.blocks:
+            B, N, D = x.shape
+            H = blk.attn.heads
+            d = D // H
+            qkv = blk.norm1(x) @ blk.attn.qkv.weight.T + blk.attn.qkv.bias  # (B, N, 3*D)
+            q, k = qkv[..., :D], qkv[..., D : 2 * D]
+            q = q.reshape(B, N, H, d).permute(0, 2, 1, 3)  # (B, H, N, d)
+            k = k.reshape(B, N, H, d).permute(0, 2, 1, 3)
+            out.append(torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d), dim=-1))
+            x = blk(x)
+    return torch.stack(out)
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)], ids=["square", "32x48"])
+@pytest.mark.parametrize("num_registers", [0, 4])
+def test_capture_matches_unfused_and_manual(num_registers: int, size: tuple[int, int]) -> None:
+    model = _sharp_vit(num_registers)
+    pixels = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(5))
+    res = capture_full(model, pixels)
+    attn = res.attentions
+    unfused, manual = unfused_reference(model, pixels), manual_reference(model, pixels)
+    assert unfused.amax() > 0.5  # peaked rows
+    torch.testing.assert_close(attn.weights, unfused, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn.weights, manual, atol=1e-5, rtol=0)
+    assert attn.prefix == ("cls",) + ("register",) * num_registers
+    assert attn.grid == (size[0] // 8, size[1] // 8)
+    assert attn.image_size == size and attn.weights.shape == (2, 3, 4, attn.num_tokens, attn.num_tokens)
+    with torch.no_grad():
+        assert torch.equal(res.output, model(pixels))  # outputs bit-identical to an uncaptured run
+
+
+class HandAttention(nn.Module):
+    """One head, d=2, three tokens X = [[1, 0], [0, 1], [1, 1]]; q = k = v = X (the qkv Linear is [I; I; I])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("X", torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        self.block = nn.Module()
+        self.block.qkv = nn.Linear(2, 6, bias=False)
+        with torch.no_grad():
+            self.block.qkv.weight.copy_(torch.cat([torch.eye(2)] * 3))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.X.expand(pixels.shape[0], -1, -1)  # (B, 3, 2): [CLS] + a 1x2 grid of patches
+        return self.block.qkv(x)
+
+
+def test_three_token_hand_example() -> None:
+    vit = vitscope.wrap(HandAttention(), blocks="block", qkv="qkv", num_heads=1, scale=0.5, patch_size=1, prefix=("cls",),
+                        image_size=(1, 2), channels=1, mean=(0.0,), std=(1.0,))
+    attn = vitscope.capture(vit, torch.zeros(1, 1, 1, 2))
+    e = math.exp(0.5)  # logits = X X^T * 0.5 = [[.5, 0, .5], [0, .5, .5], [.5, .5, 1]]
+    expected = torch.tensor([
+        [e / (2 * e + 1), 1 / (2 * e + 1), e / (2 * e + 1)],
+        [1 / (2 * e + 1), e / (2 * e + 1), e / (2 * e + 1)],
+        [e / (2 * e + e * e), e / (2 * e + e * e), e * e / (2 * e + e * e)],
+    ])
+    assert attn.weights.shape == (1, 1, 1, 3, 3)
+    torch.testing.assert_close(attn.weights[0, 0, 0], expected, atol=1e-6, rtol=0)
+    cls_row = vitscope.capture(vit, torch.zeros(1, 1, 1, 2), queries="cls").weights
+    torch.testing.assert_close(cls_row[0, 0, 0, 0], expected[0], atol=1e-6, rtol=0)
+
+
+def test_selections_equal_slices_of_the_reference() -> None:
+    model = _sharp_vit(num_registers=4, image_size=(32, 48))
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(6))
+    ref = unfused_reference(model, pixels)  # (L, B, H, N, N); N = 1 + 4 + 4*6
+    cls = vitscope.capture(model, pixels, queries="cls")
+    assert cls.queries == (0,)
+    torch.testing.assert_close(cls.weights[:, :, :, 0], ref[:, :, :, 0], atol=1e-5, rtol=0)
+    patch = vitscope.capture(model, pixels, queries=[(2, 5), (0, 1)])
+    assert patch.queries == (5 + 2 * 6 + 5, 5 + 0 * 6 + 1)  # 5 prefix tokens, 6 columns, row-major
+    torch.testing.assert_close(patch.weights, ref[:, :, :, [22, 6]], atol=1e-5, rtol=0)
+    mean = vitscope.capture(model, pixels, heads="mean")
+    assert mean.heads == "mean" and mean.weights.shape[2] == 1
+    torch.testing.assert_close(mean.weights[:, :, 0], ref.mean(dim=2), atol=1e-5, rtol=0)
+    some = vitscope.capture(model, pixels, heads=[0, 2])
+    torch.testing.assert_close(some.weights, ref[:, :, [0, 2]], atol=1e-5, rtol=0)
+    last = vitscope.capture(model, pixels, layers=[-1], queries="register:3")
+    assert last.layers == (1,) and last.queries == (4,)
+    torch.testing.assert_close(last.weights[0, :, :, 0], ref[1, :, :, 4], atol=1e-5, rtol=0)
+    rows = some.weights.sum(dim=-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)
+
+
+def test_small_chunks_give_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitscope.capture import core  # (`vitscope.capture` the attribute is the function)
+
+    model = _sharp_vit()
+    pixels = torch.randn(2, 3, 32, 32)
+    whole = vitscope.capture(model, pixels).weights
+    monkeypatch.setattr(core, "CHUNK_BYTES", 1)  # one query row per chunk
+    torch.testing.assert_close(vitscope.capture(model, pixels).weights, whole, atol=1e-6, rtol=0)
+
+
+def test_token_norms_are_block_outputs() -> None:
+    model = _sharp_vit(num_registers=4)
+    pixels = torch.randn(1, 3, 32, 32)
+    attn = vitscope.capture(model, pixels, layers=[0], token_norms=True)
+    assert attn.token_norms is not None
+    with torch.no_grad():
+        x = model.tokens(pixels)
+        for i, blk in enumerate(model.blocks):
+            x = blk(x)
+            torch.testing.assert_close(attn.token_norms[i], x.norm(dim=-1), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [({"layers": [2]}, "layers"), ({"layers": [-3]}, "layers"), ({"layers": []}, "layers"),
+     ({"heads": [4]}, "heads"), ({"heads": [0, -5]}, "heads"), ({"heads": "max"}, "heads"),
+     ({"queries": (4, 0)}, "queries"), ({"queries": "dist"}, "queries")],
+)
+def test_out_of_range_selections_name_the_argument(kwargs: dict[str, object], argument: str) -> None:
+    model = _sharp_vit()
+    with pytest.raises(VitscopeError, match=rf"^{argument}: ") as err:
+        vitscope.capture(model, torch.randn(1, 3, 32, 32), **kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)
+    assert _hook_count(model) == 0
+
+
+class _Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom in block 1")
+
+
+def test_exception_in_forward_removes_hooks_and_restores_flags() -> None:
+    model = _sharp_vit(num_registers=4)
+    model.blocks[1].mlp = _Boom()  # raises after layer 0's q/k were captured, before layer 1's
+    model.train()
+    model.blocks[0].eval()
+    model.blocks[0].attn.fused_attn = False
+    training = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match=r"boom in block 1"):
+        vitscope.capture(model, torch.randn(1, 3, 32, 32), token_norms=True)
+    assert _hook_count(model) == 0
+    assert {n: m.training for n, m in model.named_modules()} == training
+    assert [b.attn.fused_attn for b in model.blocks] == [False, True]
+
+
+def test_success_leaves_no_hooks_and_keeps_training_flags() -> None:
+    model = _sharp_vit()
+    model.train()
+    vitscope.capture(model, torch.randn(1, 3, 32, 32), token_norms=True)
+    assert _hook_count(model) == 0
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("variant", ["full", "mean-cls"])
+def test_save_load_round_trip_is_exact(tmp_path: Path, variant: str) -> None:
+    model = _sharp_vit(num_registers=4, image_size=(32, 48))
+    pixels = torch.randn(2, 3, 32, 48)
+    if variant == "full":
+        attn = vitscope.capture(model, pixels, token_norms=True)
+    else:
+        attn = vitscope.capture(model, pixels, heads="mean", queries=["cls", (1, 2)], layers=[-1])
+    attn.meta["note"] = "round trip"
+    path = attn.save(tmp_path / "attn.npz")
+    back = Attentions.load(path)
+    assert torch.equal(back.weights, attn.weights)
+    if attn.token_norms is None:
+        assert back.token_norms is None
+    else:
+        assert back.token_norms is not None and torch.equal(back.token_norms, attn.token_norms)
+    for field in ("prefix", "grid", "patch_size", "image_size", "layers", "heads", "queries", "num_layers",
+                  "num_heads", "meta"):
+        assert getattr(back, field) == getattr(attn, field), field

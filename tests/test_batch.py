@@ -1,0 +1,247 @@
+"""Batch mode: outputs equal direct capture + method, bad files are logged, runs resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from tests.conftest import make_tiny_vit
+from vitscope.adapters import load
+from vitscope.batch import METHODS, collect_inputs, run_batch
+from vitscope.capture import capture
+from vitscope.errors import VitscopeError
+from vitscope.methods.cls_attention import cls_map
+from vitscope.methods.rollout import rollout
+from vitscope.train.model import save_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return save_vit(make_tiny_vit(num_registers=2, seed=11), tmp_path / "model")
+
+
+def _image(path: Path, height: int, width: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """Five images of three sizes (two named x.png in different folders), a truncated PNG and a text file."""
+    root = tmp_path / "in"
+    sizes = {"a/x.png": (40, 56), "b/x.png": (32, 32), "c.jpg": (48, 24), "d.png": (40, 56), "deep/e/f.png": (40, 56)}
+    for i, (rel, (h, w)) in enumerate(sizes.items()):
+        _image(root / rel, h, w, seed=i)
+    (root / "broken.png").write_bytes((root / "d.png").read_bytes()[:80])
+    (root / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def _direct_cls(vit, path: Path, policy: str | None) -> tuple[np.ndarray, np.ndarray]:
+    attn = capture(vit, str(path), layers=[-1], queries="cls", policy=policy)
+    return cls_map(attn, head="mean")[0].numpy(), cls_map(attn, head="all")[0].numpy()
+
+
+def test_folder_with_mixed_sizes_and_bad_files(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_batch(mixed_folder, out, model=model_dir, policy="native", batch_size=2, workers=2,
+                        progress=False)
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (7, 5, 2, 0)
+    entries = {e["rel"]: e for e in _manifest(out)}
+    assert entries["broken.png"]["status"] == "error" and "truncated" in entries["broken.png"]["error"]
+    assert entries["notes.txt"]["status"] == "error" and "not an image" in entries["notes.txt"]["error"]
+    vit = load(model_dir)
+    for rel in ("a/x.png", "b/x.png", "c.jpg", "d.png", "deep/e/f.png"):
+        e = entries[rel]
+        assert e["status"] == "ok" and e["error"] is None
+        npz_path, png_path = out / f"{rel}.npz", out / f"{rel}.png"
+        assert e["outputs"]["npz"]["path"] == f"{rel}.npz"  # mirrors the relative path: a/x.png != b/x.png
+        assert e["outputs"]["npz"]["bytes"] == npz_path.stat().st_size
+        with np.load(npz_path) as data:
+            got_map, got_heads = data["map"], data["heads"]
+            meta = json.loads(str(data["meta_json"]))
+        exp_map, exp_heads = _direct_cls(vit, mixed_folder / rel, "native")
+        assert got_map.dtype == np.float32 and got_map.shape == exp_map.shape
+        np.testing.assert_allclose(got_map, exp_map, atol=1e-6)
+        np.testing.assert_allclose(got_heads, exp_heads, atol=1e-6)
+        with Image.open(mixed_folder / rel) as im:
+            h, w = im.height, im.width
+        assert meta["original_size"] == [h, w] and meta["grid"] == list(exp_map.shape)
+        with Image.open(png_path) as png:
+            assert png.size == (meta["image_size"][1], meta["image_size"][0]) and png.mode == "P"
+            index, palette = np.asarray(png), np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
+        assert index.min() == 0 and index.max() == 255  # min-max scaled
+        np.testing.assert_allclose(palette / 255.0, colormaps["inferno"](np.linspace(0, 1, 256))[:, :3], atol=0.003)
+    assert not list(out.rglob("*.part"))
+
+
+def test_rollout_outputs_equal_library_rollout(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_batch(mixed_folder, out, method="rollout", model=model_dir, policy="native", batch_size=3, workers=0,
+              formats="npz", progress=False)
+    vit = load(model_dir)
+    for rel in ("a/x.png", "c.jpg", "deep/e/f.png"):
+        expected = rollout(capture(vit, str(mixed_folder / rel), policy="native"))[0].numpy()
+        with np.load(out / f"{rel}.npz") as data:
+            np.testing.assert_allclose(data["map"], expected, atol=1e-5)
+    assert not list(out.rglob("*.png"))  # only the formats asked for
+
+
+def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
+    first = (out / "c.jpg.npz").read_bytes()
+    (out / "d.png.png").write_bytes(b"\x89PNG truncated")  # damaged output: size differs from the manifest
+    (out / "a" / ".x.png.npz.abc123.part").write_bytes(b"partial")  # leftover of a killed run
+    with open(out / "manifest.jsonl", "a") as fh:
+        fh.write('{"rel": "c.jpg", "status": "o')  # a line cut short by a kill
+    summary = run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
+    assert (summary.done, summary.skipped, summary.failed) == (1, 4, 2)  # d.png redone, bad files retried
+    assert (out / "c.jpg.npz").read_bytes() == first
+    assert not list(out.rglob("*.part"))
+    entries = _manifest(out)  # every line parses: the cut line was dropped
+    ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
+    assert ok == {"a/x.png": 1, "b/x.png": 1, "c.jpg": 1, "d.png": 2, "deep/e/f.png": 1}
+    with Image.open(out / "d.png.png") as png:
+        png.load()
+    # a different method into the same folder is refused, unless overwriting
+    with pytest.raises(VitscopeError, match="another run"):
+        run_batch(mixed_folder, out, method="rollout", model=model_dir, policy="native", progress=False)
+    summary = run_batch(mixed_folder, out, method="rollout", model=model_dir, policy="native", workers=0,
+                        overwrite=True, progress=False)
+    assert summary.done == 5 and len(_manifest(out)) == 7
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    from vitscope import batch
+
+    def slow_cls(vit, pixels, **kw):
+        time.sleep(float(sys.argv[4]))  # make the run long enough to be killed midway
+        return batch.METHODS["cls"](vit, pixels, **kw)
+
+    batch.register_method("slow-cls", slow_cls)
+    batch.run_batch(sys.argv[1], sys.argv[2], method="slow-cls", model=sys.argv[3], batch_size=2, workers=1,
+                    progress=False)
+    """
+)
+
+
+def _start(script: Path, src: Path, out: Path, model_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, str(script), str(src), str(out), str(model_dir), "0.15"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_after(proc: subprocess.Popen, out: Path, ok_lines: int, sig: int) -> None:
+    """Send ``sig`` once the manifest holds ``ok_lines`` finished images; wait for the process to end."""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifest = out / "manifest.jsonl"
+            if manifest.exists() and manifest.read_text().count('"ok"') >= ok_lines:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        proc.send_signal(sig)
+    finally:
+        proc.wait(timeout=30)
+
+
+def _outputs_match_manifest(out: Path) -> None:
+    for e in _manifest(out):
+        for rec in e["outputs"].values():
+            assert (out / rec["path"]).stat().st_size == rec["bytes"]
+
+
+def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    paths = [_image(src / f"g{i % 3}" / f"img{i:02d}.png", 32, 32, seed=100 + i) for i in range(30)]
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+
+    _stop_after(_start(script, src, out, model_dir), out, 4, signal.SIGINT)  # Ctrl-C
+    assert not list(out.rglob("*.part"))  # cleaned up on the way out
+    _outputs_match_manifest(out)
+    after_int = sum(e["status"] == "ok" for e in _manifest(out))
+
+    _stop_after(_start(script, src, out, model_dir), out, after_int + 6, signal.SIGKILL)
+    before = Counter(e["rel"] for e in _manifest(out) if e["status"] == "ok")
+    assert after_int + 6 <= len(before) < 30 and set(before.values()) == {1}
+
+    # restart (in this process) with the same method name, without the slowdown
+    monkeypatch.setitem(METHODS, "slow-cls", METHODS["cls"])
+    summary = run_batch(src, out, method="slow-cls", model=model_dir, batch_size=2, workers=0, progress=False)
+    assert summary.skipped == len(before) and summary.done == 30 - len(before) and summary.failed == 0
+    ok = Counter(e["rel"] for e in _manifest(out) if e["status"] == "ok")
+    assert set(ok) == {p.relative_to(src).as_posix() for p in paths}
+    assert set(ok.values()) == {1}  # none computed twice
+    assert not list(out.rglob("*.part"))
+    _outputs_match_manifest(out)
+    vit = load(model_dir)
+    for p in paths:
+        with np.load(out / f"{p.relative_to(src).as_posix()}.npz") as data:  # complete, readable files
+            np.testing.assert_allclose(data["map"], _direct_cls(vit, p, None)[0], atol=1e-6)
+
+
+def test_collect_inputs_from_glob_list_and_paths(mixed_folder: Path, tmp_path: Path) -> None:
+    by_glob = collect_inputs(str(mixed_folder / "**" / "*.png"))
+    assert [i.rel for i in by_glob] == ["a/x.png", "b/x.png", "broken.png", "d.png", "deep/e/f.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# images\nin/a/x.png\n\nin/b/x.png\n")
+    assert [i.rel for i in collect_inputs(listing)] == ["a/x.png", "b/x.png"]
+    items = collect_inputs([mixed_folder / "deep/e/f.png", mixed_folder / "c.jpg"])
+    assert [i.rel for i in items] == ["c.jpg", "deep/e/f.png"]
+    with pytest.raises(VitscopeError, match="inputs"):
+        collect_inputs(str(tmp_path / "nothing" / "*.png"))
+    # an output folder inside the input folder is not scanned
+    (mixed_folder / "out").mkdir()
+    _image(mixed_folder / "out" / "old.png", 8, 8, seed=0)
+    assert "out/old.png" not in [i.rel for i in collect_inputs(mixed_folder, exclude=mixed_folder / "out")]
+
+
+def test_bad_arguments(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    for kwargs, arg in [({"method": "nope"}, "method"), ({"formats": "jpg"}, "formats"),
+                        ({"batch_size": 0}, "batch_size"), ({"workers": -1}, "workers")]:
+        with pytest.raises(VitscopeError, match=arg):
+            run_batch(mixed_folder, tmp_path / "o", model=model_dir, progress=False, **kwargs)
+
+
+def test_cli_batch(mixed_folder: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vitscope.cli import main
+
+    out = tmp_path / "cli"
+    main(["batch", str(mixed_folder), "-o", str(out), "--model", str(model_dir), "--policy", "native",
+          "--workers", "0", "--format", "npz", "--quiet"])
+    captured = capsys.readouterr()
+    assert "5 done" in captured.out and "2 failed" in captured.out and "broken.png" in captured.err
+    assert len(list(out.rglob("*.npz"))) == 5 and not list(out.rglob("*.png.png"))
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", str(mixed_folder), "-o", str(out), "--model", str(model_dir), "--method", "rollout", "-q"])
+    assert exc.value.code == 2
+    assert "another run" in capsys.readouterr().err
+    torch.set_num_threads(1)

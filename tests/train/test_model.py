@@ -1,0 +1,90 @@
+"""vitscope's own ViT: fused == explicit attention, equal to timm's ViT with the same weights, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_vit
+from vitscope.train.model import ViT, ViTConfig, count_parameters, load_vit, save_vit
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_fused_equals_manual_attention(registers: int) -> None:
+    model = make_tiny_vit(num_registers=registers, image_size=(24, 40), seed=3)  # 3x5 grid: not square
+    x = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.set_fused_attn(True)
+        fused = model.forward_features(x)
+        model.set_fused_attn(False)
+        manual = model.forward_features(x)
+    assert fused.shape == (2, 1 + registers + 15, 32)
+    torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-5)
+    assert all(not blk.attn.fused_attn for blk in model.blocks)
+
+
+def test_attention_matches_hand_computation() -> None:
+    """One attention module on 3 tokens, 1 head: softmax(q k^T / sqrt(d)) v, computed by hand."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=(8, 8), patch_size=4, dim=4, heads=1, depth=1, num_classes=2))
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 3, 4)
+    W, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
+    q, k, v = (x[0] @ W[i * 4:(i + 1) * 4].T + b[i * 4:(i + 1) * 4] for i in range(3))
+    expected = torch.empty(3, 4)
+    for i in range(3):
+        logits = torch.tensor([float(q[i] @ k[j]) / 2.0 for j in range(3)])  # sqrt(head_dim=4) = 2
+        p = torch.exp(logits - logits.max())
+        p = p / p.sum()
+        expected[i] = sum(p[j] * v[j] for j in range(3))
+    expected = expected @ attn.proj.weight.detach().T + attn.proj.bias.detach()
+    for fused in (True, False):
+        attn.fused_attn = fused
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_timm_vit_with_same_weights() -> None:
+    """Same parameter names as timm's VisionTransformer: its forward is an independent reference."""
+    timm = pytest.importorskip("timm")
+    model = make_tiny_vit(image_size=(32, 32), seed=5)
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5, global_pool="token",
+        qkv_bias=True, mlp_ratio=4.0,
+    ).eval()
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if not k.startswith("fc_norm")]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_roundtrip_and_vitscope_load(tmp_path) -> None:
+    import vitscope
+
+    model = make_tiny_vit(num_registers=2, seed=7)
+    model.cfg.labels = ("a", "b", "c", "d", "e")
+    save_vit(model, tmp_path / "m", extra={"note": "hello"})
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architecture"] == "vitscope.ViT" and cfg["note"] == "hello"
+    loaded = load_vit(tmp_path / "m")
+    assert loaded.cfg == model.cfg
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    vit = vitscope.load(tmp_path / "m")
+    assert vit.info.prefix == ("cls", "register", "register")
+    assert vit.info.labels == ("a", "b", "c", "d", "e")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit(x), model(x))
+    assert count_parameters(loaded) == sum(p.numel() for p in model.parameters())
+
+
+def test_load_vit_missing_files_is_one_line_error(tmp_path) -> None:
+    from vitscope.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not found"):
+        load_vit(tmp_path)

@@ -1,0 +1,167 @@
+"""The local server: loopback by default, fixed routes only, capped uploads, 4xx + message on bad input."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_tiny_vit
+from vitscope.viewer.server import ViewerServer, is_loopback
+
+TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ViewerServer]:
+    srv = ViewerServer(make_tiny_vit(num_registers=1), port=0, max_upload=64 * 1024)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(TIMEOUT)
+
+
+def _png(h: int = 20, w: int = 30) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _multipart(field: str, filename: str, data: bytes, ctype: str = "image/png") -> tuple[bytes, str]:
+    boundary = "vitscopeTESTboundary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+        f"Content-Type: {ctype}\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _request(srv: ViewerServer, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """Send the raw path as written (no client-side normalisation), loopback only."""
+    host, port = srv.server_address[:2]
+    assert host == "127.0.0.1"
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def _viewer_data(page: str) -> dict:
+    m = re.search(r'<script type="application/json" class="vitscope-data">(.*?)</script>', page, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+def test_binds_loopback_by_default(server):
+    assert server.server_address[0] == "127.0.0.1"
+    assert server.url.startswith("http://127.0.0.1:")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+
+
+def test_index_health_and_samples(server):
+    with urllib.request.urlopen(server.url, timeout=TIMEOUT) as resp:
+        page = resp.read().decode()
+    assert resp.status == 200 and 'enctype="multipart/form-data"' in page and 'href="/sample/chelsea"' in page
+    with urllib.request.urlopen(server.url + "healthz", timeout=TIMEOUT) as resp:
+        assert resp.read() == b"ok\n"
+    status, page = _request(server, "GET", "/sample/chelsea")
+    assert status == 200
+    data = _viewer_data(page)
+    assert data["title"] == "chelsea" and data["prefix"] == ["cls", "register"]
+
+
+def test_upload_returns_the_viewer_for_that_image(server):
+    body, ctype = _multipart("image", "my photo.png", _png(20, 30))
+    req = urllib.request.Request(server.url + "view", data=body, headers={"Content-Type": ctype}, method="POST")
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+        page = resp.read().decode()
+    data = _viewer_data(page)
+    assert data["title"] == "my photo.png"
+    assert (data["image"]["height"], data["image"]["width"]) == (20, 30)
+    assert data["layers"] == [0, 1] and len(data["queries"]) == 2 + 16  # [CLS], 1 register, 4 x 4 patches
+    assert 'action="/view"' in page  # the upload form stays on the page
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "message"),
+    [
+        (b"just some text", "text/plain", 415, "multipart/form-data"),
+        (_multipart("image", "notes.txt", b"not an image at all", "text/plain")[0],
+         _multipart("image", "x", b"")[1], 415, "not an image"),
+        (_multipart("photo", "a.png", b"\x89PNG")[0], _multipart("photo", "a", b"")[1], 400, "no file field"),
+        (b"\x89PNG\r\n\x1a\n truncated", "image/png", 415, "not an image"),
+    ],
+)
+def test_bad_uploads_get_4xx_and_a_message(server, body, ctype, status, message):
+    got, text = _request(server, "POST", "/view", body, {"Content-Type": ctype})
+    assert got == status
+    assert message in text and text.startswith(f"{status} ")
+
+
+def test_oversized_upload_refused_before_reading(server):
+    # announce 10 MB but send nothing: the server must answer from the header alone, not wait for the body
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.putrequest("POST", "/view")
+        conn.putheader("Content-Type", "image/png")
+        conn.putheader("Content-Length", str(10 * 2**20))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert "byte limit" in resp.read().decode()
+    finally:
+        conn.close()
+    # and an upload just over the cap with its body
+    status, _ = _request(server, "POST", "/view", b"\0" * (64 * 1024 + 1), {"Content-Type": "image/png"})
+    assert status == 413
+
+
+def test_decompression_bomb_is_refused():
+    from vitscope.viewer.server import UploadError, decode_upload
+
+    with pytest.raises(UploadError) as exc:
+        decode_upload(_png(20, 30), max_pixels=100)
+    assert exc.value.status == 413
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../../etc/passwd",
+        "/sample/../../pyproject.toml",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/sample/..%2F..%2Fsrc%2Fvitscope%2F__init__.py",
+        "/sample/chelsea.jpg",
+        "/sample/",
+        "/viewer.js",
+        "/src/vitscope/data/samples/chelsea.jpg",
+        "//etc/passwd",
+    ],
+)
+def test_unknown_paths_and_traversal_get_404(server, path):
+    status, text = _request(server, "GET", path)
+    assert status == 404 and "no such page" in text
+
+
+def test_post_elsewhere_is_404(server):
+    status, _ = _request(server, "POST", "/sample/chelsea", b"x", {"Content-Type": "image/png"})
+    assert status == 404
