@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-kill", action="store_true", help="skip the SIGKILL-restart check")
+    ap.add_argument("--keep", action="store_true", help="keep the generated images and outputs")
     args = ap.parse_args()
 
     import torch
@@ -136,8 +138,12 @@ def main() -> None:
     ratio = t_bare / t_batch
     print(f"batch throughput = {ratio:.1%} of bare forwards (target >= 85%): {'PASS' if ratio >= 0.85 else 'FAIL'}")
 
-    if not args.no_kill:
-        kill_check(src, tmp, paths, vit, args)
+    try:
+        if not args.no_kill:
+            kill_check(src, tmp, paths, vit, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]

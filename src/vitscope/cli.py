@@ -173,6 +173,29 @@ def train_cmd(
                f"(step {result.best_step}); model in {result.output}")
 
 
+@app.command("report")
+def report_cmd(
+    model: Annotated[str, typer.Argument(help="vitscope:shapes, a run folder, or any model spec.")] = DEFAULT_MODEL,
+    output: OutOpt = Path("report"),
+    images: Annotated[int, typer.Option(help="Fresh shapes images for the accuracy.")] = 1000,
+    localisation: Annotated[int, typer.Option(help="Images for the localisation table (0: skip it).")] = 100,
+    samples: Annotated[int, typer.Option(help="Images in the rollout figure.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the fresh images.")] = 2024,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the compared methods.")] = None,
+) -> None:
+    """Report on a trained model: accuracy, mean attention distance, rollout, localisation (markdown + PNGs)."""
+    from vitscope.train.report import model_report
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples, seed=seed,
+                       methods=chosen, log=typer.echo)
+    if rep.accuracy is not None:
+        typer.echo(f"accuracy {100 * rep.accuracy:.2f}% on {rep.images} fresh images")
+    for name, row in rep.localisation.items():
+        typer.echo(f"{name:>17}: pointing game {100 * row['pointing_game']:.1f}%  mask IoU {row['mask_iou']:.3f}")
+    typer.echo(f"wrote {output / 'report.md'}")
+
+
 # ---------------------------------------------------------------------------------------------- show (#5)
 @app.command("figure")
 def figure_cmd(

@@ -142,6 +142,8 @@ def test_bad_arguments_name_the_argument() -> None:
         streaming_rollout(vit, x, head_fusion="median")  # type: ignore[arg-type]
     with pytest.raises(VitscopeError, match="residual"):
         streaming_rollout(vit, x, residual=1.5)
+    with pytest.raises(VitscopeError, match="discard_ratio"):
+        streaming_rollout(vit, x, discard_ratio=1.0)
     with pytest.raises(VitscopeError, match="start_layer"):
         streaming_rollout(vit, x, start_layer=5)
     with pytest.raises(VitscopeError, match="compute_dtype"):

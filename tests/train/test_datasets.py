@@ -119,10 +119,10 @@ def test_malicious_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_cifar_missing_or_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(VitscopeError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(VitscopeError, match=r"cifar-10-python\.tar\.gz"):
         get_dataset("cifar10", tmp_path, "train")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar")
-    with pytest.raises(VitscopeError, match="not a readable tar.gz"):
+    with pytest.raises(VitscopeError, match=r"not a readable tar\.gz"):
         get_dataset("cifar10", tmp_path, "train")
     members = _cifar10_members()
     members["data_batch_1"] = pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2)
@@ -141,7 +141,7 @@ def test_cifar_download_offline_and_md5_mismatch(tmp_path: Path, monkeypatch: py
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(VitscopeError, match="cannot download https://www.cs.toronto.edu/~kriz/cifar-10-python"):
+    with pytest.raises(VitscopeError, match=r"cannot download https://www\.cs\.toronto\.edu/~kriz/cifar-10-python"):
         get_dataset("cifar10", tmp_path / "new", "train", download=True)
 
     class Resp(io.BytesIO):

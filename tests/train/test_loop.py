@@ -54,7 +54,7 @@ def test_augment_identity_flip_and_crop() -> None:
     outs = random_resized_crop_flip(ramp.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1), scale=(1, 1),
                                     ratio=(W / H, W / H), flip=True)
     flipped = [torch.allclose(o, ramp[0].flip(-1), atol=1e-6) for o in outs]
-    assert all(f or torch.allclose(o, ramp[0], atol=1e-6) for f, o in zip(flipped, outs)) and 0 < sum(flipped) < len(outs)
+    assert all(f or torch.allclose(o, ramp[0], atol=1e-6) for f, o in zip(flipped, outs, strict=True)) and 0 < sum(flipped) < len(outs)
     # a box of a quarter of the area with the image's aspect is half as wide: the ramp's slope halves
     crop = random_resized_crop_flip(ramp, torch.Generator().manual_seed(2), scale=(0.25, 0.25),
                                     ratio=(W / H, W / H), flip=False)
@@ -203,3 +203,18 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exc:
         main(["train", "-o", str(tmp_path / "c"), "--set", "nonsense"])
     assert exc.value.code == 2 and "--set" in capsys.readouterr().err
+
+
+def test_mnist_benchmark_smoke(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/train_mnist.py end to end on 512 real digits for 8 steps (the full run is manual)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_mnist.py"
+    spec = importlib.util.spec_from_file_location("train_mnist", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    acc = bench.main(["--smoke", "--data", str(shared_data / "mnist")])
+    out = capsys.readouterr().out
+    assert f"test accuracy (images 8000-9999): {acc:.4f}" in out and "training time" in out
+    assert 0.0 <= acc <= 1.0

@@ -18,6 +18,7 @@ default; float16/bfloat16 allowed on CUDA/MPS for speed) and softmax, fusion and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -81,13 +82,13 @@ def _check_fusion(head_fusion: str) -> None:
         raise VitscopeError("head_fusion", f"unknown value {head_fusion!r}", "use 'mean', 'max' or 'min'")
 
 
-def _fuse(probs: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """``(B, H, c, N)`` -> ``(B, c, N)``."""
+def _fuse(probs: torch.Tensor, head_fusion: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H, c, N)`` -> ``(B, c, N)`` (into ``out`` when given)."""
     if head_fusion == "mean":
-        return probs.mean(dim=1)
+        return torch.mean(probs, dim=1, out=out) if out is not None else probs.mean(dim=1)
     if head_fusion == "max":
-        return probs.amax(dim=1)
-    return probs.amin(dim=1)
+        return torch.amax(probs, dim=1, out=out) if out is not None else probs.amax(dim=1)
+    return torch.amin(probs, dim=1, out=out) if out is not None else probs.amin(dim=1)
 
 
 def _chunk_rows(chunk_rows: int | None, B: int, H: int, N: int) -> int:
@@ -98,25 +99,49 @@ def _chunk_rows(chunk_rows: int | None, B: int, H: int, N: int) -> int:
     return int(chunk_rows)
 
 
+class Scratch:
+    """Reusable flat float buffers, so chunks do not allocate (and page-fault) fresh memory every time.
+
+    On CPU a fresh 64 MiB tensor is a new ``mmap`` whose pages fault in on first touch, which costs about as
+    much as the softmax over it; reusing one buffer per role pays that once per call instead of per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` backed by the ``role`` buffer (grown when too small)."""
+        n = math.prod(shape)
+        buf = self._bufs.get(role)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[role] = buf
+        return buf[:n].view(shape)
+
+
 def prob_chunks(
-    q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32
+    q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale))`` as float32 ``(B, H, c, N)``.
 
-    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``. Only one chunk of logits exists at a time.
+    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``. Only one chunk of logits exists at a time: the yielded tensor is
+    a view of a reused buffer (``scratch``, shared across calls when given), so consume it before advancing.
     """
+    scratch = scratch or Scratch()
     k = k if k.dtype == compute_dtype else k.to(compute_dtype)
     kt = k.transpose(-2, -1)  # (B, H, d, N)
-    Q = q.shape[2]
+    B, H, Q, _ = q.shape
+    N = k.shape[2]
+    dev = q.device
     for start in range(0, Q, chunk):
         stop = min(Q, start + chunk)
-        qc = q[:, :, start:stop]
-        qc = qc if qc.dtype == compute_dtype else qc.to(compute_dtype)
-        logits = torch.matmul(qc, kt)  # (B, H, c, N)
-        if compute_dtype == torch.float32:
-            probs = logits.mul_(scale).softmax(dim=-1)
-        else:
-            probs = logits.mul_(scale).softmax(dim=-1, dtype=torch.float32)
+        qc = q[:, :, start:stop].to(compute_dtype) * scale  # scale the (c, d) rows, not the (c, N) logits
+        logits = scratch.get("logits", (B, H, stop - start, N), compute_dtype, dev)
+        torch.matmul(qc, kt, out=logits)  # (B, H, c, N)
+        probs = scratch.get("probs", (B, H, stop - start, N), torch.float32, dev)
+        torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs) if compute_dtype != torch.float32 else \
+            torch.softmax(logits, dim=-1, out=probs)
         yield start, stop, probs
 
 
@@ -220,11 +245,12 @@ def fused_attention(
     out = torch.empty(len(layer_ids), B, Q, N, dtype=torch.float32, device=run.pixels.device)
     pos = {layer: i for i, layer in enumerate(layer_ids)}
     chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
+    scratch = Scratch()
 
     def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         if query_ids is not None:
             q = q[:, :, list(query_ids)]  # (B, H, Q, d)
-        for start, stop, probs in prob_chunks(q, k, run.vit.sites[layer].scale, chunk, cdt):
+        for start, stop, probs in prob_chunks(q, k, run.vit.sites[layer].scale, chunk, cdt, scratch):
             out[pos[layer], :, start:stop] = _fuse(probs, head_fusion)
 
     _forward_qk(run, layer_ids, on_layer)
@@ -360,24 +386,31 @@ def streaming_rollout(
     chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
     a = float(residual)
     cls_index = info.prefix.index("cls") if "cls" in info.prefix else None
+    # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
+    renorm = renormalize and (head_fusion != "mean" or discard_ratio > 0)
+    scratch = Scratch()
     for layer in reversed(layer_ids):
         q, k = stored.pop(layer)  # (B, H, N, d); freed after this layer
         scale = run.vit.sites[layer].scale
         blocks: Iterator[tuple[int, int, torch.Tensor]]
         if discard_ratio > 0:
             fused = torch.empty(B, N, N, dtype=torch.float32, device=dev)
-            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt):
-                fused[:, s:e] = _fuse(probs, head_fusion)
+            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch):
+                _fuse(probs, head_fusion, out=fused[:, s:e])
             fused = discard_lowest(fused, float(discard_ratio), cls_index)
             blocks = ((s, min(N, s + chunk), fused[:, s : s + chunk]) for s in range(0, N, chunk))
         else:
-            blocks = ((s, e, _fuse(probs, head_fusion)) for s, e, probs in prob_chunks(q, k, scale, chunk, cdt))
+            blocks = (
+                (s, e, _fuse(probs, head_fusion, out=scratch.get("fused", (B, e - s, N), torch.float32, dev)))
+                for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch)
+            )
         new_r = torch.zeros_like(r)
-        for s, e, fused_rows in blocks:
-            block = fused_rows * (1.0 - a)  # rows s:e of (1 - a) F_l, (B, c, N)
-            diag = torch.arange(e - s, device=dev)
-            block[:, diag, diag + s] += a
-            if renormalize:
+        for s, e, block in blocks:
+            if a != 0.0:  # rows s:e of A'_l = (1 - a) F_l + a I, built in place, (B, c, N)
+                block.mul_(1.0 - a)
+                diag = torch.arange(e - s, device=dev)
+                block[:, diag, diag + s] += a
+            if renorm:
                 block.div_(block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny))
             new_r.baddbmm_(r[:, :, s:e], block)  # r[:, :, s:e] @ A'_l[s:e]
         r = new_r
@@ -430,10 +463,11 @@ def streaming_distance(
     out = torch.zeros(len(layer_ids), B, info.num_heads, dtype=torch.float32, device=dev)
     pos = {layer: i for i, layer in enumerate(layer_ids)}
     chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
+    scratch = Scratch()
 
     def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         acc = out[pos[layer]]  # (B, H)
-        for s, e, probs in prob_chunks(q[:, :, P0:], k, run.vit.sites[layer].scale, chunk, cdt):
+        for s, e, probs in prob_chunks(q[:, :, P0:], k, run.vit.sites[layer].scale, chunk, cdt, scratch):
             patch = probs[..., P0:]  # (B, H, c, P)
             dist = (centres[s:e, None, :] - centres[None]).norm(dim=-1)  # (c, P)
             weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)

@@ -295,8 +295,8 @@ def load_cifar(name: str, root: Path, split: str, image_size: tuple[int, int] | 
         names = meta.get(f"{label_mode}_label_names".encode(), [])
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
         members, key = [split], f"{label_mode}_labels".encode()
-    xs, ys = zip(*(_cifar_batch(src.read(m), m, key) for m in members))
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    batches = [_cifar_batch(src.read(m), m, key) for m in members]
+    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     if not classes or y.max(initial=0) >= len(classes) or y.min(initial=0) < 0:
         raise VitscopeError("root", f"{name} labels do not match its {len(classes)} class names",
                             "use the official CIFAR python archive")
@@ -310,7 +310,11 @@ MNIST_CLASSES = tuple(str(i) for i in range(10))
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic ``0x0000 <dtype> <ndim>``, big-endian sizes, data."""
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as exc:
         raise VitscopeError("root", f"cannot read {path} ({exc})", "use the original MNIST IDX files") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -452,8 +456,11 @@ def get_dataset(
         size, seed, with_masks: ``shapes`` only: number of images, generator seed, also return masks.
         label_mode: CIFAR-100 only: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
     """
-    size_hw = (image_size, image_size) if isinstance(image_size, int) else (
-        tuple(image_size) if image_size is not None else None)  # type: ignore[assignment]
+    size_hw: tuple[int, int] | None = None
+    if isinstance(image_size, int):
+        size_hw = (image_size, image_size)
+    elif image_size is not None:
+        size_hw = (int(image_size[0]), int(image_size[1]))
     ds: LabeledDataset
     if name == "shapes":
         from vitscope.train.shapes import ShapesDataset

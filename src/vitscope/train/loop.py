@@ -70,6 +70,7 @@ class TrainConfig:
     num_registers: int = 0
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    pos_init: str = "random"  # "random" (trunc normal 0.02) or "sincos" (2-D sin-cos, still learned)
     # optimisation
     batch_size: int = 16
     lr: float = 5e-4
@@ -106,6 +107,8 @@ class TrainConfig:
         if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
             raise VitscopeError("image_size", f"{self.image_size} is not a multiple of patch {self.patch_size}",
                                 "pick an image size divisible by the patch size")
+        if self.pos_init not in ("random", "sincos"):
+            raise VitscopeError("pos_init", f"unknown value {self.pos_init!r}", "use 'random' or 'sincos'")
         if self.lr <= 0:
             raise VitscopeError("lr", f"must be positive, got {self.lr}", "e.g. 5e-4")
 
@@ -145,10 +148,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=100, epochs=15, patience=5,
                   augment=True, crop_scale=(0.6, 1.0), flip=False, checkpoint_every=200),
     # the bundled model (vitscope:shapes): fresh procedural images, trains in ~30 min on 2 CPU cores
-    "shapes": dict(dataset="shapes", image_size=(48, 48), patch_size=4, depth=4, dim=64, heads=4, mlp_ratio=2.0,
+    "shapes": dict(dataset="shapes", image_size=(32, 32), patch_size=4, depth=4, dim=64, heads=4, mlp_ratio=2.0,
                    batch_size=64, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=200, epochs=1,
-                   train_size=64 * 3000, val_size=1000, val_every=250, patience=8, augment=False,
-                   checkpoint_every=250, snapshots=8, num_workers=1),
+                   train_size=64 * 6000, val_size=1000, val_every=500, patience=8, augment=False, pos_init="sincos",
+                   checkpoint_every=500, snapshots=8, num_workers=1),
 }
 
 
@@ -195,9 +198,25 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def sincos_2d(rows: int, cols: int, dim: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """2-D sin-cos position embeddings ``(rows * cols, dim)`` (Beyer et al. 2022, "Better plain ViT baselines").
+
+    A quarter of the channels each hold ``sin(y w_k)``, ``cos(y w_k)``, ``sin(x w_k)``, ``cos(x w_k)`` with
+    ``w_k = temperature^(-k / (dim/4))``, for patch row ``y`` and column ``x`` (row-major patch order).
+    """
+    if dim % 4:
+        raise VitscopeError("dim", f"{dim} is not a multiple of 4", "sincos position embeddings need dim = 4k")
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                          indexing="ij")
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    yw, xw = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega  # (rows*cols, dim/4)
+    return torch.cat([yw.sin(), yw.cos(), xw.sin(), xw.cos()], dim=1).float()
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on biases, norms, [CLS]/register tokens or position embeddings)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -390,7 +409,11 @@ def train(
     val_every = cfg.val_every or steps_per_epoch
 
     torch.manual_seed(_seed_for(cfg.seed, 0))
-    model = ViT(model_config(cfg, classes, channels, mean, std)).to(device)
+    model = ViT(model_config(cfg, classes, channels, mean, std))
+    if cfg.pos_init == "sincos":
+        with torch.no_grad():
+            model.pos_embed[0, 1:] = sincos_2d(*model.cfg.grid, cfg.dim)  # [CLS] keeps its random init
+    model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     min_ratio = cfg.min_lr / cfg.lr
     sched = torch.optim.lr_scheduler.LambdaLR(

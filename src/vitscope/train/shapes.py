@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
 from vitscope.errors import VitscopeError
 from vitscope.train.datasets import LabeledDataset
 
@@ -104,8 +105,8 @@ def _background(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     yy, xx = yy / max(H - 1, 1), xx / max(W - 1, 1)
     # two low-saturation colours blended along a random direction
-    c1 = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.8)))
-    c2 = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.8)))
+    c1 = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.75)))
+    c2 = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.75)))
     theta = rng.uniform(0, 2 * math.pi)
     g = (math.cos(theta) * xx + math.sin(theta) * yy)
     g = (g - g.min()) / max(float(g.max() - g.min()), 1e-6)
@@ -113,16 +114,16 @@ def _background(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
     # stripes of random orientation, frequency and amplitude
     phi, freq = rng.uniform(0, math.pi), rng.uniform(2.0, 9.0)
     stripes = np.sin(2 * math.pi * freq * (math.cos(phi) * xx + math.sin(phi) * yy) + rng.uniform(0, 2 * math.pi))
-    img = img + rng.uniform(0.0, 0.12) * stripes[..., None] * rng.uniform(0.5, 1.0, size=3)
+    img = img + rng.uniform(0.0, 0.08) * stripes[..., None] * rng.uniform(0.5, 1.0, size=3)
     # smooth blotches: a coarse random field upsampled bilinearly
     coarse = rng.uniform(-1, 1, size=(5, 5, 3)).astype(np.float32)
     blot = np.asarray(
         Image.fromarray(((coarse + 1) * 127.5).astype(np.uint8)).resize((W, H), Image.Resampling.BILINEAR),
         dtype=np.float32,
     ) / 127.5 - 1
-    img = img + rng.uniform(0.03, 0.12) * blot
+    img = img + rng.uniform(0.02, 0.08) * blot
     # pixel noise
-    img = img + rng.normal(0, rng.uniform(0.01, 0.05), size=(H, W, 3))
+    img = img + rng.normal(0, rng.uniform(0.01, 0.03), size=(H, W, 3))
     return np.clip(img, 0, 1)
 
 
@@ -130,7 +131,7 @@ def _clutter(rng: np.random.Generator, canvas: Image.Image) -> None:
     """Thin lines and small dots of random colours (much smaller than any object)."""
     W, H = canvas.size
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(2, 7))):
         colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
         if rng.random() < 0.5:
             x0, y0 = rng.uniform(0, W), rng.uniform(0, H)
@@ -142,13 +143,13 @@ def _clutter(rng: np.random.Generator, canvas: Image.Image) -> None:
 
 
 def _object_colour(rng: np.random.Generator, background_lum: float) -> np.ndarray:
-    """A saturated colour whose luminance differs from the background's by at least 0.2."""
-    rgb = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)))
-    if abs(_luminance(rgb) - background_lum) < 0.2:
+    """A saturated colour whose luminance differs from the background's by at least 0.3."""
+    rgb = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)))
+    if abs(_luminance(rgb) - background_lum) < 0.3:
         if background_lum > 0.5:
-            rgb = rgb * 0.3  # darken
+            rgb = rgb * 0.25  # darken
         else:
-            rgb = rgb + (1 - rgb) * 0.6  # lighten
+            rgb = rgb + (1 - rgb) * 0.7  # lighten
     return rgb
 
 
@@ -167,7 +168,7 @@ def render_shape(seed: int, index: int, image_size: tuple[int, int] = (48, 48), 
     base = np.asarray(canvas, dtype=np.float32) / 255.0
 
     side = min(H, W)
-    radius = rng.uniform(0.2, 0.33) * side
+    radius = rng.uniform(0.22, 0.36) * side
     margin = 1.2 * radius + 1
     cy, cx = rng.uniform(margin, H - margin), rng.uniform(margin, W - margin)
     angle = rng.uniform(0, 2 * math.pi)
@@ -214,7 +215,8 @@ class ShapesDataset(LabeledDataset):
         self.size = int(size)
         self.seed = int(seed)
         self.split = split
-        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size: tuple[int, int] = (
+            (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1])))
         self.with_masks = with_masks
         self.offset = int(offset)
         render_shape(self.seed, self.offset, self.image_size, split)  # validate the size once, early
@@ -225,7 +227,7 @@ class ShapesDataset(LabeledDataset):
     def sample(self, index: int) -> ShapeSample:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a shapes dataset of {self.size} images")
-        return render_shape(self.seed, self.offset + index, self.image_size, self.split)  # type: ignore[arg-type]
+        return render_shape(self.seed, self.offset + index, self.image_size, self.split)
 
     def mask(self, index: int) -> np.ndarray:
         """Ground-truth object mask ``(H, W)`` bool of image ``index``."""
