@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -49,8 +49,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_savez(path: str | os.PathLike[str], compress: bool = True, **arrays: np.ndarray) -> Path:
-    """``np.savez_compressed`` to ``path`` atomically (lossless)."""
+def atomic_savez(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], compress: bool = True) -> Path:
+    """``np.savez_compressed`` (or ``np.savez``) of ``arrays`` to ``path`` atomically (lossless)."""
     buf = io.BytesIO()
-    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    if compress:
+        np.savez_compressed(buf, allow_pickle=False, **arrays)
+    else:
+        np.savez(buf, allow_pickle=False, **arrays)
     return atomic_write_bytes(path, buf.getvalue())

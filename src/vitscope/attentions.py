@@ -88,17 +88,17 @@ class Attentions:
                 f"weights: expected 5 dims (layer, batch, head, query, key), got shape {tuple(self.weights.shape)}"
             )
         L, _B, H, Q, N = self.weights.shape
-        if N != self.num_tokens:
+        if self.num_tokens != N:
             raise ValueError(
                 f"weights: key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} gives {self.num_tokens}"
             )
-        if L != len(self.layers):
+        if len(self.layers) != L:
             raise ValueError(f"weights: {L} layers along dim 0 but layers={self.layers}")
         expected_h = 1 if self.heads == "mean" else len(self.heads)
-        if H != expected_h:
+        if expected_h != H:
             raise ValueError(f"weights: {H} heads along dim 2 but heads={self.heads!r}")
         expected_q = N if self.queries is None else len(self.queries)
-        if Q != expected_q:
+        if expected_q != Q:
             raise ValueError(f"weights: {Q} queries along dim 3 but queries={self.queries!r}")
 
     # ----------------------------------------------------------------------------------------- tokens
@@ -240,7 +240,7 @@ class Attentions:
         if self.token_norms is not None:
             arrays["token_norms"] = self.token_norms.detach().float().cpu().numpy()
         arrays["meta_json"] = np.array(json.dumps(self._header()))
-        return atomic_savez(path, **arrays)
+        return atomic_savez(path, arrays)
 
     def _header(self) -> dict[str, Any]:
         return {

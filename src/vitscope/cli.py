@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,7 @@ ModelOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file or folder.")]
 
 
-def _parse_layers(text: Optional[str]) -> Optional[list[int]]:
+def _parse_layers(text: str | None) -> list[int] | None:
     """'-1' / '0,3,-1' / '0:4' -> indices (None = all)."""
     from vitscope.errors import VitscopeError
 
@@ -59,10 +59,10 @@ def capture_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image file(s).")],
     model: ModelOpt = DEFAULT_MODEL,
     output: OutOpt = Path("attentions.npz"),
-    layers: Annotated[Optional[str], typer.Option(help="Layers: -1, 0,3,-1 or 0:4 (default all).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers: -1, 0,3,-1 or 0:4 (default all).")] = None,
     queries: Annotated[str, typer.Option(help="'all' rows or 'cls' only.")] = "all",
     heads: Annotated[str, typer.Option(help="'all' or 'mean'.")] = "all",
-    policy: Annotated[Optional[str], typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
 ) -> None:
     """Capture attention of IMAGES and write it to an .npz (weights + JSON header 'meta_json')."""
     import vitscope
@@ -92,9 +92,9 @@ def maps_cmd(
     layer: Annotated[int, typer.Option(help="Layer for cls / dino_mask (negative counts from the end).")] = -1,
     head: Annotated[str, typer.Option(help="mean | max | min | a head index (cls, dino_mask).")] = "mean",
     query: Annotated[
-        Optional[str], typer.Option(help="cls | mean | register:K | ROW,COL (default: cls, or mean without one).")
+        str | None, typer.Option(help="cls | mean | register:K | ROW,COL (default: cls, or mean without one).")
     ] = None,
-    target: Annotated[Optional[int], typer.Option(help="Class for gradient methods (default: predicted).")] = None,
+    target: Annotated[int | None, typer.Option(help="Class for gradient methods (default: predicted).")] = None,
     tau: Annotated[float, typer.Option(help="Mass kept by dino_mask.")] = 0.6,
     upsample: Annotated[str, typer.Option(help="nearest | bilinear | bicubic for map_upsampled.")] = "bilinear",
     output: OutOpt = Path("maps.npz"),
@@ -118,7 +118,7 @@ def maps_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- train (#4)
-def _parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
+def _parse_overrides(items: list[str] | None) -> dict[str, object]:
     """``["key=value", ...]`` -> dict; values are read as JSON when they parse (numbers, lists, null)."""
     import json
 
@@ -140,16 +140,16 @@ def _parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
 def train_cmd(
     output: OutOpt = Path("runs/shapes"),
     preset: Annotated[str, typer.Option("--preset", "-p", help="shapes, mnist, cifar10, cifar100, tiny-imagenet, seed004.")] = "shapes",
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder or archive (not needed for shapes).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder or archive (not needed for shapes).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT from its last checkpoint.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimisation steps.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Override the preset's peak learning rate.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the seed (default 0).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, auto.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimisation steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override the preset's peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed (default 0).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, auto.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a vitscope ViT from scratch (e.g. the bundled model: vitscope train --preset shapes -o runs/shapes)."""
@@ -181,7 +181,7 @@ def report_cmd(
     localisation: Annotated[int, typer.Option(help="Images for the localisation table (0: skip it).")] = 100,
     samples: Annotated[int, typer.Option(help="Images in the rollout figure.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the fresh images.")] = 2024,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of the compared methods.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated subset of the compared methods.")] = None,
 ) -> None:
     """Report on a trained model: accuracy, mean attention distance, rollout, localisation (markdown + PNGs)."""
     from vitscope.train.report import model_report
@@ -204,15 +204,15 @@ def figure_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     output: OutOpt = Path("figure.png"),
     layer: Annotated[int, typer.Option(help="Layer of the map (heads, panel, batch --method cls, norms).")] = -1,
-    layers: Annotated[Optional[str], typer.Option(help="Layers of the grid: -1, 0,3,-1 or 0:4.")] = None,
-    query: Annotated[Optional[str], typer.Option(help="cls (default), mean, register:K, ROW,COL or an index.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers of the grid: -1, 0,3,-1 or 0:4.")] = None,
+    query: Annotated[str | None, typer.Option(help="cls (default), mean, register:K, ROW,COL or an index.")] = None,
     cmap: Annotated[str, typer.Option(help="matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option(help="Overlay opacity in [0, 1].")] = 0.6,
     per_head_scale: Annotated[bool, typer.Option(help="Each panel its own colour scale.")] = False,
-    tau: Annotated[Optional[float], typer.Option(help="Contour DINO's mask holding this share of the mass.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Contour DINO's mask holding this share of the mass.")] = None,
     nearest: Annotated[bool, typer.Option(help="Upsample maps as patch blocks, not bilinear.")] = False,
     method: Annotated[str, typer.Option(help="Map of the batch figure: rollout | cls.")] = "rollout",
-    policy: Annotated[Optional[str], typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
     dpi: Annotated[int, typer.Option(help="Resolution of .png output.")] = 150,
 ) -> None:
     """Draw a publication figure of IMAGES to -o (.png, .svg or .pdf)."""
@@ -233,7 +233,7 @@ def view_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.")],
     model: ModelOpt = DEFAULT_MODEL,
     output: OutOpt = Path("attention.html"),
-    policy: Annotated[Optional[str], typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
     budget_mb: Annotated[float, typer.Option(help="Cap on the stored attention, MB (fewer layers/heads past it).")] = 6.0,
     cmap: Annotated[str, typer.Option(help="matplotlib colormap.")] = "inferno",
@@ -287,7 +287,7 @@ def batch_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Loader processes (0: load in this process).")] = 2,
     formats: Annotated[str, typer.Option("--format", help="npz, png or npz,png.")] = "npz,png",
-    policy: Annotated[Optional[str], typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
     layer: Annotated[int, typer.Option(help="Layer of the cls map.")] = -1,
     device: Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = "auto",
     verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
@@ -310,7 +310,7 @@ def batch_cmd(
 
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning vitscope's errors into one line and exit code 2."""
     from vitscope.errors import VitscopeError
 

@@ -65,18 +65,19 @@ def _pointing(maps: torch.Tensor, masks: np.ndarray, tolerance: float = 0.0) -> 
 
 
 def test_bundled_model_attention_points_at_the_object(fresh) -> None:
-    """Pointing game with Zhang et al.'s tolerance (15 px at 224 px, i.e. 2 px at 32 px).
+    """Strict pointing game (tolerance 0) of rollout smoothed by a 1-patch Gaussian >= 90%.
 
-    Strictly (tolerance 0) the maximum often sits on a boundary patch whose centre lies just outside the
-    object (about 56% hits for rollout on 2,000 images, see docs/training.md); within 2 px it is ~99%.
+    The raw maximum often sits on a boundary patch (a corner: what tells the classes apart) whose centre lies
+    just outside the object, so raw rollout hits on ~55-60% only; smoothing moves the maximum to where the
+    attention mass is (see vitscope.methods.smooth). Both numbers are in docs/training.md.
     """
+    from scipy.ndimage import gaussian_filter
+
     pixels, _, masks = fresh
     vit = vitscope.load("vitscope:shapes")
     attn = vitscope.capture(vit, pixels)  # (layers, B, heads, N, N)
     P = attn.num_prefix_tokens
     rows, cols = attn.grid
-    # last-layer [CLS] attention, mean over heads
-    cls_last = attn.weights[-1, :, :, 0, P:].mean(1).reshape(-1, rows, cols)
     # rollout (Abnar & Zuidema 2020): prod over layers of rownorm(0.5 A_mean + 0.5 I), [CLS] row
     N = attn.num_tokens
     R = torch.eye(N).expand(pixels.shape[0], N, N)
@@ -84,8 +85,15 @@ def test_bundled_model_attention_points_at_the_object(fresh) -> None:
         a = 0.5 * attn.weights[layer].mean(1) + 0.5 * torch.eye(N)
         R = (a / a.sum(-1, keepdim=True)) @ R
     roll = R[:, 0, P:].reshape(-1, rows, cols)
-    tol = 15 / 224 * pixels.shape[-1]
-    scores = {"cls_last": _pointing(cls_last, masks, tol), "rollout": _pointing(roll, masks, tol)}
-    assert max(scores.values()) >= 0.9, scores
-    # and far above chance: a uniformly random patch hits the object on ~20-30% of images
+    # scipy's Gaussian: sigma 1 patch, truncated at 2 sigma, border replicated ("nearest")
+    smoothed = torch.from_numpy(
+        np.stack([gaussian_filter(m.double().numpy(), sigma=1.0, mode="nearest", truncate=2.0) for m in roll])
+    )
+    assert _pointing(smoothed, masks) >= 0.9
+    # the library's smooth + pointing_game agree with the lines above
+    from vitscope.methods import pointing_game, rollout, smooth
+
+    lib = pointing_game(smooth(rollout(attn), 1.0), torch.from_numpy(masks)).float().mean().item()
+    assert lib == pytest.approx(_pointing(smoothed, masks), abs=0.01)
+    # raw rollout is far above chance (a random patch hits the object on ~20-30% of images)
     assert _pointing(roll, masks) >= 0.4

@@ -13,13 +13,15 @@ BUNDLED = ("shapes",)
 
 
 def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
-    from vitscope.train.model import ViT
+    from vitscope.train.model import Attention, ViT
 
-    assert isinstance(model, ViT)
+    if not isinstance(model, ViT):
+        raise TypeError(f"expected a vitscope ViT, got {type(model).__name__}")
     cfg = model.cfg
     sites = []
     for i, blk in enumerate(model.blocks):
-        attn = blk.attn  # type: ignore[union-attr]
+        attn = blk.get_submodule("attn")
+        assert isinstance(attn, Attention)
         sites.append(
             AttentionSite(
                 layer=i, block=blk, attn=attn,

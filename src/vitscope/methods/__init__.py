@@ -14,6 +14,7 @@ from vitscope.methods.masks import dino_mask
 from vitscope.methods.metrics import mask_jaccard, perturbation_auc, pointing_game
 from vitscope.methods.relevance import chefer_relevance
 from vitscope.methods.rollout import rollout, rollout_matrix
+from vitscope.methods.smooth import smooth
 from vitscope.methods.upsample import upsample
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "pointing_game",
     "rollout",
     "rollout_matrix",
+    "smooth",
     "token_norms",
     "upsample",
 ]

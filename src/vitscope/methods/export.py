@@ -196,6 +196,6 @@ def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image"
     if result.mask is not None:
         arrays["mask"] = result.mask.numpy().astype(np.uint8)
     arrays["meta_json"] = np.array(json.dumps(result.meta))
-    atomic_savez(npz, True, **arrays)
+    atomic_savez(npz, arrays)
     atomic_write_bytes(png, overlay_png(result.rgb[0], result.map_upsampled[0].numpy()))
     return npz, png
