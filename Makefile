@@ -33,7 +33,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/capture_memory.py
+	$(PY) benchmarks/speed.py --quick
+	$(PY) benchmarks/batch_throughput.py
+	$(PY) benchmarks/train_mnist.py
 
 clean:
 	rm -rf $(VENV) vitscope-demo .pytest_cache

@@ -283,6 +283,27 @@ def test_value_and_output_taps_for_gradients(built: Built) -> None:
     assert _hooked(built.vit.module) == []
 
 
+def test_readout_of_last_block_tokens_equals_the_logits(built: Built) -> None:
+    """The adapter's read-out (LeGrad) applied to the last block's tokens reproduces the model's own logits."""
+    pixels = _pixels(2, 32, 32, seed=5)
+    out = built.vit(pixels)
+    logits = built.vit.logits(out)
+    assert (logits is not None) == built.spec.classifier
+    if logits is None:
+        assert built.vit.readout is None
+        return
+    assert built.vit.readout is not None
+    last: list[torch.Tensor] = []
+    handle = built.vit.sites[-1].block.register_forward_hook(
+        lambda _m, _i, o: last.append(o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        built.vit(pixels)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(built.vit.readout(last[0]), logits, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- SigLIP probe
 def test_probe_attention_matches_multihead_attention(built: Built) -> None:
     from vitscope.adapters.hf import probe_attention

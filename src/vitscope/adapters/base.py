@@ -131,6 +131,9 @@ class VitModel:
         module: the underlying ``nn.Module`` (left as the user gave it: capture changes no flag for good).
         info: layers, heads, patch size, prefix tokens, preprocessing.
         sites: one `AttentionSite` per layer, in depth order.
+        readout: the model's head after the blocks (final norm, pooling, classifier) as a function of block-output
+            tokens ``(B, N, D)`` -> logits ``(B, classes)``, or ``None`` when unknown; LeGrad reads every
+            layer's tokens out through it.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class VitModel:
         sites: Sequence[AttentionSite],
         forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
         logits: Callable[[Any], torch.Tensor | None] | None = None,
+        readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if len(sites) != info.num_layers:
             raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
@@ -148,6 +152,7 @@ class VitModel:
         self.sites = list(sites)
         self._forward = forward
         self._logits = logits
+        self.readout = readout
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""

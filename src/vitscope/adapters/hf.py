@@ -458,6 +458,33 @@ def _no_logits(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _readout(module: nn.Module, num_prefix: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The classifier's own computation after the encoder, on block-output tokens ``(B, N, D)``.
+
+    ViT / DeiT: ``classifier(layernorm(x)[:, 0])``; DeiT with teacher: the mean of the [CLS] and distillation
+    heads; DINOv2 (+registers): ``classifier([cls, mean(patch tokens)])`` after the layernorm.
+    """
+    backbone = next((getattr(module, a) for a in ("vit", "deit", "dinov2", "dinov2_with_registers")
+                     if isinstance(getattr(module, a, None), nn.Module)), None)
+    norm = getattr(backbone, "layernorm", None)
+    if not isinstance(norm, nn.Module):
+        return None
+    cls_head, dist_head = getattr(module, "cls_classifier", None), getattr(module, "distillation_classifier", None)
+    if isinstance(cls_head, nn.Module) and isinstance(dist_head, nn.Module):
+        return lambda x: (cls_head(norm(x)[:, 0]) + dist_head(norm(x)[:, 1])) / 2
+    head = getattr(module, "classifier", None)
+    if not isinstance(head, nn.Module):
+        return None
+    if backbone is getattr(module, "dinov2", None) or backbone is getattr(module, "dinov2_with_registers", None):
+
+        def dinov2_head(x: torch.Tensor) -> torch.Tensor:
+            y = norm(x)
+            return head(torch.cat([y[:, 0], y[:, num_prefix:].mean(dim=1)], dim=1))
+
+        return dinov2_head
+    return lambda x: head(norm(x)[:, 0])
+
+
 def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.PathLike[str] | None = None) -> VitModel:
     """Describe a transformers ViT instance (see the module docstring for the supported classes).
 
@@ -506,7 +533,10 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         preprocess=_preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic),
         num_classes=num_classes, labels=labels,
     )
-    return VitModel(module, info, sites, forward=forward, logits=_logits if classifier else _no_logits)
+    return VitModel(
+        module, info, sites, forward=forward, logits=_logits if classifier else _no_logits,
+        readout=_readout(module, info.num_prefix_tokens) if classifier else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------- SigLIP probe

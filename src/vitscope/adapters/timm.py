@@ -151,7 +151,11 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
             return output
         return None
 
-    return VitModel(module, info, sites, forward=forward, logits=logits)
+    norm, forward_head = getattr(module, "norm", None), getattr(module, "forward_head", None)
+    readout = None
+    if isinstance(norm, nn.Module) and callable(forward_head):
+        readout = lambda x: forward_head(norm(x))  # noqa: E731  (timm's own forward after the blocks)
+    return VitModel(module, info, sites, forward=forward, logits=logits, readout=readout)
 
 
 def _unknown_model(timm: Any, name: str) -> VitscopeError:

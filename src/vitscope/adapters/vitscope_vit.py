@@ -43,7 +43,7 @@ def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
         ),
         num_classes=cfg.num_classes or None, labels=cfg.labels,
     )
-    return VitModel(model, info, sites)
+    return VitModel(model, info, sites, readout=lambda x: model.head(model.norm(x)[:, 0]))
 
 
 def bundled_path(name: str) -> Path:

@@ -36,20 +36,13 @@ Readout = Callable[[torch.Tensor], Any]
 
 
 def default_readout(vit: VitModel) -> Readout:
-    """How to turn intermediate tokens ``(B, N, D)`` into the model's output, for known model families."""
-    from vitscope.train.model import ViT
-
-    m = vit.module
-    if isinstance(m, ViT):
-        vm = m
-        return lambda x: vm.head(vm.norm(x)[:, 0])  # the model's own forward after the blocks
-    norm, forward_head = getattr(m, "norm", None), getattr(m, "forward_head", None)
-    if isinstance(norm, torch.nn.Module) and callable(forward_head):  # timm VisionTransformer
-        return lambda x: forward_head(norm(x))
-    raise VitscopeError(
-        "readout", f"vitscope does not know how to read out intermediate tokens of {type(m).__name__}",
-        "pass readout=lambda tokens: <final norm + head applied to tokens (B, N, D)>",
-    )
+    """The adapter's read-out (final norm + pooling + head on tokens ``(B, N, D)``), or a one-line error."""
+    if vit.readout is None:
+        raise VitscopeError(
+            "readout", f"vitscope does not know how to read out intermediate tokens of {type(vit.module).__name__}",
+            "pass readout=lambda tokens: <final norm + head applied to tokens (B, N, D)>",
+        )
+    return vit.readout
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
