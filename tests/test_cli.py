@@ -47,6 +47,10 @@ def test_capture_writes_npz_equal_to_library(model_dir: Path, image_path: Path, 
         (["capture", "{img}", "--layers", "x"], "--layers: cannot parse"),
         (["info", "--model", "nope/nothing"], "model:"),
         (["capture", "{txt}"], "is not an image"),
+        (["capture", "{empty}"], "is empty (0 bytes)"),
+        (["capture", "{img}", "--heads", "some"], "--heads: unknown value"),
+        (["info", "--model", "dino:{tmp}/missing.pth"], "checkpoint file not found"),
+        (["info", "--model", "{tmp}/missing.pth"], "model:"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(
@@ -54,7 +58,9 @@ def test_bad_input_is_one_line_without_traceback(
 ) -> None:
     txt = tmp_path / "notes.png"
     txt.write_text("not an image")
-    args = [a.format(img=image_path, txt=txt) for a in args]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    args = [a.format(img=image_path, txt=txt, empty=empty, tmp=tmp_path) for a in args]
     if args[0] == "capture":
         args += ["--model", str(model_dir)]
     res = run_cli(*args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,25 +210,23 @@ def test_click_pins_a_patch_query_for_rollout_and_the_mask(small, small_page):
     small.clean()
 
 
-def test_vits16_page_loads_offline_and_reacts_fast(browser, vits_page):
-    import time
+def test_vits16_page_follows_24_hovers_offline(browser, vits_page):
+    """ViT-S/16 at 224 px with every layer and head: each hover redraws the hovered patch's row.
 
-    t0 = time.perf_counter()
+    (How fast: benchmarks/viewer_page.py; tests never assert timings.)
+    """
     s = Session(browser, vits_page.path)
-    load_s = time.perf_counter() - t0
     attn = vits_page.attn
     seen = set()
     patches = [(r, c) for r in range(0, 14, 3) for c in range(1, 14, 3)][:24]
     for r, c in patches:
         cur = s.hover(r, c)
         seen.add(cur["query"])
+        assert cur["query"] == _token(attn, r, c)
     tok = _token(attn, r, c)
     _close(cur["values"], _raw_row(attn, 11, tok), attn.weights[11, 0, :, tok].max().item())
     timings = s.page.evaluate("() => window.vitscopeViewers[0].timings.slice(1)")  # the first draw is at load
-    median, worst = statistics.median(timings), max(timings)
-    print(f"\nViT-S/16 page: load+decode {load_s:.2f} s, redraw per hover median {median:.2f} ms, max {worst:.2f} ms")
-    assert len(seen) == 24
-    assert median < 50
+    assert len(seen) == 24 and len(timings) >= 24  # one redraw per hover
     s.clean()
     s.page.close()
 
