@@ -189,6 +189,17 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
             "model", f"folder not found: {path}", "check the path to the save_pretrained folder, or pass a hub id like facebook/dinov2-small"
         )
     source = str(folder) if folder is not None else spec
+    if folder is None and not kwargs.get("local_files_only"):
+        from vitscope.adapters._hub import cached_file, offline_reason
+
+        reason = offline_reason()
+        if reason is not None:
+            if cached_file(spec, "config.json", kwargs.get("cache_dir")) is None:
+                raise CheckpointError(
+                    "model", f"cannot download {spec!r}: offline ({reason}) and it is not in the local Hugging Face cache",
+                    _HUB_FIX,
+                )
+            kwargs["local_files_only"] = True  # in the cache: load it without waiting for the hub's retries
     config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
     try:
         config = transformers.AutoConfig.from_pretrained(source, **config_kwargs)

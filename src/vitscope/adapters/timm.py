@@ -165,12 +165,16 @@ def _unknown_model(timm: Any, name: str) -> VitscopeError:
     return VitscopeError("model", f"timm has no model {name!r}", fix)
 
 
-def _pretrained_fix(timm: Any, name: str) -> str:
-    hub = None
+def _hub_id(timm: Any, name: str) -> str | None:
     try:
         hub = timm.models.get_pretrained_cfg(name).hf_hub_id
     except Exception:
-        hub = None
+        return None
+    return str(hub) if hub else None
+
+
+def _pretrained_fix(timm: Any, name: str) -> str:
+    hub = _hub_id(timm, name)
     where = f"https://huggingface.co/{hub}" if hub else "the model's page"
     return (
         f"offline? download model.safetensors from {where} on a connected machine and pass "
@@ -221,6 +225,17 @@ def load_timm(
     if pretrained and checkpoint is not None:
         raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
     timm_kwargs.setdefault("dynamic_img_size", True)
+    if pretrained:
+        from vitscope.adapters._hub import cached_file, offline_reason
+
+        reason = offline_reason()
+        if reason is not None:  # don't wait for the hub's retries: use the cache, or say so at once
+            hub = _hub_id(timm, name)
+            cached = cached_file(hub, "model.safetensors") if hub else None
+            if cached is None:
+                raise CheckpointError("pretrained", f"cannot download timm's weights for {name!r}: offline ({reason})",
+                                      _pretrained_fix(timm, name))
+            pretrained, checkpoint = False, cached
     state = _read_timm_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None and "num_classes" not in timm_kwargs:
         head = state.get("head.weight")

@@ -1,0 +1,44 @@
+"""Is the Hugging Face hub reachable? Asked once, quickly, before a download is attempted.
+
+Without network, ``huggingface_hub`` retries each request with back-off (about 25 s and a page of log lines per
+file) before failing. vitscope asks the operating system for one TCP connection first (a few seconds at most),
+so an offline user gets the one-line error at once, and a model already in the local cache loads with
+``local_files_only=True`` instead of waiting for the retries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+#: Seconds to wait for the hub's host to accept a connection.
+CONNECT_TIMEOUT = 3.0
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def offline_reason(timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """``None`` when the hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection, else why not."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port} ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def cached_file(repo_id: str, filename: str, cache_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """Path of ``filename`` of ``repo_id`` in the local Hugging Face cache (or ``cache_dir``), or ``None``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers and timm both depend on huggingface_hub
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    except Exception:  # an invalid repo id: let the real loader report it
+        return None
+    return found if isinstance(found, str) else None
