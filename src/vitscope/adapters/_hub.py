@@ -38,7 +38,7 @@ def cached_file(repo_id: str, filename: str, cache_dir: str | os.PathLike[str] |
     except ImportError:  # pragma: no cover - transformers and timm both depend on huggingface_hub
         return None
     try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=None if cache_dir is None else os.fspath(cache_dir))
     except Exception:  # an invalid repo id: let the real loader report it
         return None
     return found if isinstance(found, str) else None
