@@ -108,6 +108,23 @@ def test_rollout_outputs_equal_library_rollout(mixed_folder: Path, model_dir: Pa
     assert not list(out.rglob("*.png"))  # only the formats asked for
 
 
+@pytest.mark.parametrize(("method", "name"), [("chefer", "chefer_relevance"), ("grad_rollout", "grad_rollout"),
+                                             ("legrad", "legrad")])
+def test_gradient_methods_equal_direct_calls(method: str, name: str, mixed_folder: Path, model_dir: Path,
+                                             tmp_path: Path) -> None:
+    from vitscope import methods
+
+    out = tmp_path / "out"
+    summary = run_batch(mixed_folder, out, method=method, model=model_dir, policy="native", batch_size=2, workers=0,
+                        formats="npz", progress=False)
+    assert summary.done == 5 and summary.failed == 2
+    vit = load(model_dir)
+    for rel in ("a/x.png", "c.jpg"):
+        expected = getattr(methods, name)(vit, str(mixed_folder / rel), policy="native")[0].numpy()
+        with np.load(out / f"{rel}.npz") as data:
+            np.testing.assert_allclose(data["map"], expected, atol=1e-5)
+
+
 def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)

@@ -67,8 +67,27 @@ def _rollout_method(vit: VitModel, pixels: torch.Tensor, **_: Any) -> dict[str, 
     return {"map": streaming_rollout(vit, pixels).map().cpu().numpy()}
 
 
+def _gradient_method(name: str) -> MapMethod:
+    """A class-specific map for each image's predicted class (the methods' default target)."""
+
+    def run(vit: VitModel, pixels: torch.Tensor, **_: Any) -> dict[str, np.ndarray]:
+        from vitscope import methods
+
+        fn = getattr(methods, name)
+        return {"map": fn(vit, pixels).detach().cpu().numpy()}
+
+    run.__doc__ = f"`vitscope.methods.{name}` for the predicted class."
+    return run
+
+
 #: Methods `run_batch` knows by name; `register_method` adds more.
-METHODS: dict[str, MapMethod] = {"cls": _cls_method, "rollout": _rollout_method}
+METHODS: dict[str, MapMethod] = {
+    "cls": _cls_method,
+    "rollout": _rollout_method,
+    "chefer": _gradient_method("chefer_relevance"),
+    "grad_rollout": _gradient_method("grad_rollout"),
+    "legrad": _gradient_method("legrad"),
+}
 
 
 def register_method(name: str, fn: MapMethod) -> None:
@@ -401,8 +420,9 @@ def run_batch(
         inputs: a folder (recursive), a glob (``"imgs/**/*.jpg"``), a ``.txt`` list of paths, an image file,
             or a sequence of paths.
         output_dir: where outputs mirror the inputs' relative paths, beside ``manifest.jsonl``.
-        method: ``"cls"`` (last layer's [CLS] attention, `cls_map`; ``heads`` kept in the npz) or
-            ``"rollout"`` (`streaming_rollout`), or a name given to `register_method`.
+        method: ``"cls"`` (last layer's [CLS] attention, `cls_map`; ``heads`` kept in the npz),
+            ``"rollout"`` (`streaming_rollout`), ``"chefer"``, ``"grad_rollout"`` or ``"legrad"`` (gradient maps
+            of each image's predicted class), or a name given to `register_method`.
         model: a spec (``"hf:..."``, ``"timm:..."``, a folder) or a `VitModel`.
         batch_size: images per forward pass; only inputs that preprocess to the same size share a batch.
         workers: DataLoader worker processes that load and preprocess (0: in this process).

@@ -282,7 +282,9 @@ def demo_cmd(
 def batch_cmd(
     inputs: Annotated[str, typer.Argument(help="A folder (recursive), a quoted glob, a .txt list of paths, or a file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (mirrors the inputs' paths).")],
-    method: Annotated[str, typer.Option(help="cls (last-layer [CLS] attention) or rollout.")] = "cls",
+    method: Annotated[
+        str, typer.Option(help="cls (last-layer [CLS] attention), rollout, chefer, grad_rollout or legrad.")
+    ] = "cls",
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Loader processes (0: load in this process).")] = 2,
