@@ -75,3 +75,10 @@ def test_info_describes_prefix_tokens(model_dir: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "prefix tokens [cls, register, register]" in res.stdout
     assert "2 layers x 4 heads" in res.stdout
+
+
+def test_version() -> None:
+    import vitscope
+
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"vitscope {vitscope.__version__}"

@@ -27,6 +27,23 @@ ModelOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file or folder.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from vitscope import __version__
+
+        typer.echo(f"vitscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """See and measure what a Vision Transformer attends to."""
+
+
 def _parse_layers(text: str | None) -> list[int] | None:
     """'-1' / '0,3,-1' / '0:4' -> indices (None = all)."""
     from vitscope.errors import VitscopeError
