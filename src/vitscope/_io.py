@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -67,3 +68,19 @@ def atomic_savez(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
     else:
         np.savez(buf, allow_pickle=False, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Swap the finished folder ``src`` in as ``dst`` by renames; the previous ``dst`` is removed afterwards.
+
+    While the swap runs the previous folder sits at ``.<dst name>.old`` beside ``dst``, so a crash between the two
+    renames leaves a complete folder there.
+    """
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst

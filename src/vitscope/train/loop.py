@@ -313,17 +313,14 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _save_checkpoint(folder: Path, model: ViT, trainer: dict[str, Any]) -> None:
     """Write ``folder`` (weights, config, trainer_state.pt) as a whole: a new folder swapped in by renames."""
+    from vitscope._io import replace_dir
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.new")
-    old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_vit(model, tmp)
     torch.save(trainer, tmp / "trainer_state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, folder)
 
 
 def _find_checkpoint(folder: Path) -> Path | None:

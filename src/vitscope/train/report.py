@@ -238,14 +238,11 @@ def _denormalise(p: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder ``src`` onto ``dst`` (the old one, if any, is removed after the swap)."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        if not dst.is_dir():
-            raise VitscopeError("output", f"{dst} exists and is not a folder", "choose a folder name")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    from vitscope._io import replace_dir
+
+    if dst.exists() and not dst.is_dir():
+        raise VitscopeError("output", f"{dst} exists and is not a folder", "choose a folder name")
+    replace_dir(src, dst)
 
 
 def _figure(width: float, height: float) -> Any:
