@@ -11,7 +11,7 @@ from PIL import Image
 
 from vitscope.adapters.base import Preprocess
 from vitscope.errors import ImageError
-from vitscope.images import load_image, preprocess
+from vitscope.images import image_to_pixels, load_image, pixels_to_rgb, preprocess
 
 PATCH = (8, 8)
 PREP = Preprocess(image_size=(32, 32), mean=(0.5, 0.25, 0.125), std=(0.5, 0.5, 0.25), policy="resize",
@@ -171,3 +171,15 @@ def test_one_channel_models_and_tensors() -> None:
         preprocess(torch.zeros(8, 8), PREP, PATCH)
     with pytest.raises(ImageError, match=r"^images: images preprocess to different sizes"):
         preprocess([Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))], PREP, PATCH, policy="crop")
+
+
+def test_pixels_to_rgb_inverts_the_normalisation() -> None:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    prep = Preprocess(image_size=(16, 24), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = image_to_pixels(Image.fromarray(arr), prep, (8, 8))[None]  # (1, 3, 16, 24)
+    back = pixels_to_rgb(pixels, prep.mean, prep.std)
+    assert back.shape == (1, 16, 24, 3) and back.dtype == np.uint8
+    assert np.abs(back[0].astype(int) - arr.astype(int)).max() <= 1
+    gray = pixels_to_rgb(torch.zeros(1, 1, 2, 2), (0.5,), (0.5,))  # normalised 0 = mid grey, repeated to RGB
+    assert gray.shape == (1, 2, 2, 3) and (gray == 128).all()

@@ -166,6 +166,17 @@ def image_to_pixels(
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def pixels_to_rgb(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo `image_to_pixels`' normalisation: ``(B, C, H, W)`` -> uint8 RGB ``(B, H, W, 3)`` (1 channel repeated)."""
+    C = pixels.shape[1]
+    m = torch.tensor(list(mean)[:C], dtype=torch.float32).reshape(1, C, 1, 1)
+    s = torch.tensor(list(std)[:C], dtype=torch.float32).reshape(1, C, 1, 1)
+    x = (pixels.detach().float().cpu() * s + m).clamp(0, 1)
+    if C == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
 def preprocess(
     images: Any,
     prep: Preprocess,

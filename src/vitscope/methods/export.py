@@ -64,17 +64,6 @@ def parse_query(text: str | None) -> str | tuple[int, int] | None:
     raise VitscopeError("--query", f"cannot parse {text!r}", "use cls, mean, register:K or ROW,COL")
 
 
-def _rgb(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """Normalised pixels ``(B, C, H, W)`` back to uint8 RGB ``(B, H, W, 3)``."""
-    C = pixels.shape[1]
-    m = torch.tensor(mean[:C], dtype=torch.float32).reshape(1, C, 1, 1)
-    s = torch.tensor(std[:C], dtype=torch.float32).reshape(1, C, 1, 1)
-    x = (pixels.detach().float().cpu() * s + m).clamp(0, 1)
-    if C == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-
-
 def compute_map(
     model: Any,
     images: Any,
@@ -90,6 +79,7 @@ def compute_map(
     """Compute ``method``'s map for ``images`` (see `METHODS`); ``layer``/``head`` apply to cls and dino_mask."""
     import vitscope
     from vitscope.adapters import as_vit
+    from vitscope.images import pixels_to_rgb
     from vitscope.methods import (
         attention_flow,
         chefer_relevance,
@@ -158,7 +148,7 @@ def compute_map(
     )
     return MapOutput(
         map=grid_map.float().cpu(), map_upsampled=upsample(grid_map.float(), (H, W), mode).cpu(),
-        rgb=_rgb(pixels, prep.mean, prep.std), meta=meta, mask=mask,
+        rgb=pixels_to_rgb(pixels, prep.mean, prep.std), meta=meta, mask=mask,
     )
 
 

@@ -135,6 +135,7 @@ def model_report(
     """
     import vitscope
     from vitscope import methods as M
+    from vitscope.images import pixels_to_rgb
     from vitscope.train.shapes import SHAPE_CLASSES
 
     say = log or (lambda s: None)
@@ -176,7 +177,7 @@ def model_report(
             folder = resources.files("vitscope") / "data" / "samples"
             files = sorted(str(p) for p in folder.iterdir() if str(p).endswith((".jpg", ".png")))[:samples]
             pixels = vit.preprocess(files, policy="resize")
-            show = np.stack([_denormalise(p, prep.mean, prep.std) for p in pixels])
+            show = pixels_to_rgb(pixels, prep.mean, prep.std)
             show_masks = None
             data = None
 
@@ -227,13 +228,6 @@ def model_report(
 
 def _title(labels: Sequence[str] | None, k: int) -> str:
     return labels[k] if labels and 0 <= k < len(labels) else str(k)
-
-
-def _denormalise(p: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    x = p.permute(1, 2, 0).numpy() * np.asarray(std)[: p.shape[0]] + np.asarray(mean)[: p.shape[0]]
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
