@@ -34,6 +34,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from vitscope._io import atomic_write_bytes
 from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
 from vitscope.errors import VitscopeError
 
@@ -242,13 +243,6 @@ def heatmap_png(heat: np.ndarray, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``.<name>.<random>.part`` beside ``path``, fsync, rename (never a partial file)."""
-    from vitscope._io import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 def _sha256(data: bytes) -> str:
@@ -471,7 +465,7 @@ def run_batch(
         cfg_path = out_dir / CONFIG
         if overwrite:
             if manifest.path.exists():
-                _write_atomic(manifest.path, b"")
+                atomic_write_bytes(manifest.path, b"")
         else:
             manifest.load()
             if cfg_path.exists() and manifest.entries:
@@ -537,7 +531,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
             for fmt in fmts:
                 data = _npz_bytes(arrays, meta) if fmt == "npz" else heatmap_png(arrays["map"], hw)
                 rel_out = f"{item.rel}.{fmt}"
-                _write_atomic(out_dir / rel_out, data)
+                atomic_write_bytes(out_dir / rel_out, data)
                 outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}
             entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,
                             "outputs": outputs, "method": method, "finished": time.time()})
