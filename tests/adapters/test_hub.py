@@ -25,18 +25,23 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    """huggingface_hub read HF_HUB_OFFLINE / HF_ENDPOINT at import: set its constants as the variables would."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
 
 
 def test_offline_reason(monkeypatch: pytest.MonkeyPatch, no_hub: None) -> None:
+    from huggingface_hub import constants
+
     assert "cannot reach 127.0.0.1" in (_hub.offline_reason() or "")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert _hub.offline_reason() is None
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert _hub.offline_reason() == "HF_HUB_OFFLINE is set"
 
 

@@ -14,14 +14,19 @@ from urllib.parse import urlparse
 
 #: Seconds to wait for the hub's host to accept a connection.
 CONNECT_TIMEOUT = 3.0
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def offline_reason(timeout: float = CONNECT_TIMEOUT) -> str | None:
-    """``None`` when the hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection, else why not."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+    """``None`` when the hub accepts a connection, else why not.
+
+    Asks ``huggingface_hub`` itself (its offline switch ``HF_HUB_OFFLINE`` and endpoint ``HF_ENDPOINT``, as it read
+    them), so the probe tests exactly the host the download would contact.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
         return "HF_HUB_OFFLINE is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlparse(constants.ENDPOINT or "https://huggingface.co")
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
