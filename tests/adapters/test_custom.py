@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitscope
+from vitscope.capture.intercept import CaptureError
 from vitscope.capture import capture_full
 from vitscope.errors import NotAViTError, VitscopeError
 
@@ -121,11 +122,18 @@ def test_mnist_vit_accuracy_and_exact_attention(shared_data: Path) -> None:
     attn = res.attentions
     assert attn.grid == (4, 4) and attn.prefix == ("cls",)
     torch.testing.assert_close(attn.weights, torch.stack(ref), atol=1e-5, rtol=0)
-    # The default 8**-0.5 scale would give different rows: the declared scale is what is used.
+    # A declaration that disagrees with the model (the default 8**-0.5 scale) is refused, not used.
     wrong = vitscope.wrap(model, blocks="blocks.*", qkv="qkv", num_heads=8, patch_size=7, image_size=28,
                           mean=(MNIST_MEAN,), std=(MNIST_STD,), channels=1)
     assert wrong.sites[0].scale == pytest.approx(8**-0.5)
-    assert not torch.allclose(vitscope.capture(wrong, expected_pixels[:4]).weights, attn.weights[:, :4], atol=1e-3)
+    with pytest.raises(CaptureError, match="declared q/k differs") as err:
+        vitscope.capture(wrong, expected_pixels[:4])
+    assert "\n" not in str(err.value)
+    # Without q/k declarations the attention comes from the model's own softmax: the same rows.
+    plain = vitscope.wrap(model, blocks="blocks.*", num_heads=8, patch_size=7, image_size=28,
+                          mean=(MNIST_MEAN,), std=(MNIST_STD,), channels=1)
+    torch.testing.assert_close(vitscope.capture(plain, expected_pixels[:4]).weights, attn.weights[:, :4],
+                               atol=1e-5, rtol=0)
 
 
 def test_mnist_out_tap_is_heads_output(shared_data: Path) -> None:
@@ -144,6 +152,18 @@ def test_mnist_out_tap_is_heads_output(shared_data: Path) -> None:
             t = blk(t)
 
 
+class _QKVLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        nn.init.normal_(self.to_q.weight, std=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = (m(x).reshape(B, N, 2, 4).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 8)
+
+
 class SeparateQKV(nn.Module):
     """Two layers of 2 heads with separate q, k, v Linears and a forward that returns a dict."""
 
@@ -151,19 +171,12 @@ class SeparateQKV(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-        self.layers = nn.ModuleList()
-        for _ in range(2):
-            layer = nn.Module()
-            layer.to_q, layer.to_k, layer.to_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-            nn.init.normal_(layer.to_q.weight, std=1.0)
-            self.layers.append(layer)
+        self.layers = nn.ModuleList([_QKVLayer() for _ in range(2)])
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.embed(pixels).flatten(2).transpose(1, 2)  # (B, N, 8), no prefix tokens
-        B, N, _ = x.shape
         for layer in self.layers:
-            q, k, v = (m(x).reshape(B, N, 2, 4).transpose(1, 2) for m in (layer.to_q, layer.to_k, layer.to_v))
-            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 8)
+            x = layer(x)
         return {"features": x}
 
 
@@ -212,7 +225,7 @@ def test_declaration_errors_name_the_argument(shared_data: Path) -> None:
         vitscope.wrap(model, qkv="attn.qkv", num_heads=8, **kw)
     with pytest.raises(VitscopeError, match=r"^num_heads: 5 does not divide the projection width 64"):
         vitscope.wrap(model, qkv="qkv", num_heads=5, **kw)
-    with pytest.raises(VitscopeError, match=r"^qkv: neither qkv nor both q and k"):
+    with pytest.raises(VitscopeError, match=r"^qkv: only one of q and k was given"):
         vitscope.wrap(model, q="qkv", num_heads=8, **kw)
     with pytest.raises(VitscopeError, match=r"^prefix: unknown token kind 'class'"):
         vitscope.wrap(model, qkv="qkv", num_heads=8, prefix=("class",), **kw)

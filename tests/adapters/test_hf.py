@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import vitscope
-from vitscope.capture import capture_full, record_sites
+from vitscope.capture import capture_full
+from vitscope.capture.intercept import AttentionCall, observe_attention
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 transformers = pytest.importorskip("transformers")
@@ -175,7 +176,6 @@ def test_info_read_from_config(built: Built) -> None:
     assert info.patch_size == (spec.patch, spec.patch)
     assert info.preprocess.image_size == (32, 32)
     assert info.preprocess.dynamic_size
-    assert all(s.scale == pytest.approx(8**-0.5) for s in built.vit.sites)  # head_dim 32/4 = 8
     assert info.num_classes == (cfg.num_labels if spec.classifier else None)
     # capture must not need eager attention: the model keeps transformers' default (SDPA)
     assert cfg._attn_implementation == "sdpa"
@@ -269,17 +269,20 @@ def test_hooks_removed_after_errors(built: Built) -> None:
     assert module.config._attn_implementation == "sdpa"
 
 
-def test_value_and_output_taps_for_gradients(built: Built) -> None:
-    """``out`` (input of o_proj/out_proj) is ``A V`` with the eager ``A``; taps stay in the graph."""
+def test_kernel_value_and_output_for_gradients(built: Built) -> None:
+    """The intercepted kernel output is ``A V`` with the eager ``A``, and stays in the graph."""
     pixels = _pixels(2, 32, 48, seed=3).requires_grad_(True)
     ref = _eager_attentions(built, pixels.detach())  # (L, B, H, N, N)
-    seen: dict[int, dict[str, torch.Tensor]] = {}
-    with record_sites(built.vit.sites, ("q", "k", "v", "out"), lambda i, t: seen.__setitem__(i, t), detach=False):
+    seen: dict[int, AttentionCall] = {}
+    with observe_attention(built.vit.sites, lambda c: seen.__setitem__(c.layer, c), graph=True) as check:
         built.vit(pixels)
+        check()
     assert sorted(seen) == [0, 1]
-    for layer, t in seen.items():
-        assert t["out"].requires_grad and t["v"].requires_grad
-        torch.testing.assert_close(t["out"].detach(), ref[layer] @ t["v"].detach(), atol=1e-5, rtol=0)
+    for layer, call in seen.items():
+        assert call.out is not None and call.v is not None and call.out_to_heads is not None
+        assert call.out.requires_grad
+        o = call.out_to_heads(call.out.detach())  # (B, H, N, d): SDPA's output is per head already
+        torch.testing.assert_close(o, ref[layer] @ call.v.detach(), atol=1e-5, rtol=0)
     assert _hooked(built.vit.module) == []
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 import vitscope
 from vitscope.adapters.timm import load_timm
-from vitscope.capture import capture_full, record_sites
+from vitscope.capture import capture_full
+from vitscope.capture.intercept import AttentionCall, observe_attention
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 timm = pytest.importorskip("timm")
@@ -97,17 +98,19 @@ def test_capture_matches_timm_unfused(tmp_path: Path, vid: str, name: str, extra
         assert torch.equal(res.output, vit(pixels))
 
 
-def test_v_and_out_taps_match_unfused(tmp_path: Path) -> None:
-    """The v tap (from qkv) and out tap (input of attn.norm) give ``A V`` exactly as timm computes it."""
+def test_kernel_value_and_output_match_unfused(tmp_path: Path) -> None:
+    """The intercepted SDPA call's v and output give ``A V`` exactly as timm's unfused path computes it."""
     model, path = _build(tmp_path, "vit_tiny_patch16_224", {"reg_tokens": 2, "qk_norm": True})
     vit = load_timm("vit_tiny_patch16_224", checkpoint=path, **TINY, reg_tokens=2, qk_norm=True)
     pixels = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(2))
     probs = timm_unfused_attention(model, pixels)
-    got: dict[int, dict[str, torch.Tensor]] = {}
-    with torch.no_grad(), record_sites(vit.sites, ("v", "out"), lambda layer, t: got.__setitem__(layer, t)):
+    got: dict[int, AttentionCall] = {}
+    with torch.no_grad(), observe_attention(vit.sites, lambda c: got.__setitem__(c.layer, c)) as check:
         vit(pixels)
+        check()
     for layer in range(2):
-        v, out = got[layer]["v"], got[layer]["out"]  # (B, H, N, d) each
+        v, out = got[layer].v, got[layer].out  # (B, H, N, d) each
+        assert v is not None and out is not None and got[layer].source == "sdpa"
         torch.testing.assert_close(out, probs[layer] @ v, atol=1e-5, rtol=0)
 
 
@@ -235,7 +238,7 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(monkeypatch: pytest.Mo
 
 def test_non_vit_timm_model_is_refused() -> None:
     cnn = timm.create_model("resnet10t", pretrained=False, num_classes=2)
-    with pytest.raises(NotAViTError, match=r"^model: timm model ResNet is not a VisionTransformer") as err:
+    with pytest.raises(NotAViTError, match=r"^model: timm model ResNet has no transformer blocks") as err:
         vitscope.load(cnn)
     assert "\n" not in str(err.value)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vitscope
@@ -82,20 +83,32 @@ def test_capture_matches_unfused_and_manual(num_registers: int, size: tuple[int,
         assert torch.equal(res.output, model(pixels))  # outputs bit-identical to an uncaptured run
 
 
+class _Block(nn.Module):
+    qkv: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return HandAttention.block_forward(self, x)
+
+
 class HandAttention(nn.Module):
     """One head, d=2, three tokens X = [[1, 0], [0, 1], [1, 1]]; q = k = v = X (the qkv Linear is [I; I; I])."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("X", torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-        self.block = nn.Module()
+        self.block = _Block()
         self.block.qkv = nn.Linear(2, 6, bias=False)
         with torch.no_grad():
             self.block.qkv.weight.copy_(torch.cat([torch.eye(2)] * 3))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.X.expand(pixels.shape[0], -1, -1)  # (B, 3, 2): [CLS] + a 1x2 grid of patches
-        return self.block.qkv(x)
+        return self.block(x)
+
+    @staticmethod
+    def block_forward(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = blk.qkv(x)[:, None].chunk(3, dim=-1)  # each (B, 1, 3, 2): one head
+        return F.scaled_dot_product_attention(q, k, v, scale=0.5)
 
 
 def test_three_token_hand_example() -> None:

@@ -1,10 +1,10 @@
 """The model description every adapter produces: `ModelInfo`, `Preprocess`, `AttentionSite` and `VitModel`.
 
-An adapter's whole job is to say, for one model family, where each layer's queries, keys and values can be
-read (`Tap`), how many prefix tokens of which kinds the model has, and how it wants its pixels. Capture
-(`vitscope.capture`) then works the same way for every family: it hooks those taps and recomputes
-``softmax(q k^T * scale)`` for only the rows it needs, so fused/SDPA attention stays on and outputs are
-bit-identical.
+An adapter's whole job is to say, for one model family, which module computes each layer's attention, how
+many prefix tokens of which kinds the model has, and how it wants its pixels. Capture (`vitscope.capture`)
+then works the same way for every family: it intercepts the attention computation inside those modules (after
+RoPE, qk-norm and position biases) and recomputes ``softmax(q k^T * scale + bias)`` for only the rows it needs,
+so fused/SDPA attention stays on and outputs are bit-identical.
 """
 
 from __future__ import annotations
@@ -106,20 +106,20 @@ class Tap:
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One attention layer: where its q, k, v and output are read, and its softmax scale.
+    """One attention layer: the block and the module inside which its attention is computed.
 
-    ``softmax(q @ k.T * scale)`` per head equals the layer's attention probabilities. ``out`` (optional) reads
-    the per-head attention output ``O = A V`` (before any output norm or projection); gradient methods use
-    ``dL/dA = dL/dO @ V^T``, which is exact and works under fused attention.
+    Capture intercepts the attention computation made while ``attn`` runs (`vitscope.capture.intercept`), so
+    an adapter only names the module. ``q``/``k``/``v``/``out`` taps and ``scale`` are optional declarations
+    (`vitscope.wrap`): when given, capture checks that they agree with what the attention kernel sees.
     """
 
     layer: int
     block: nn.Module
     attn: nn.Module
-    q: Tap
-    k: Tap
     num_heads: int
-    scale: float
+    q: Tap | None = None
+    k: Tap | None = None
+    scale: float | None = None
     v: Tap | None = None
     out: Tap | None = None
 

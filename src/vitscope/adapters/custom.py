@@ -59,6 +59,7 @@ def wrap_custom(
     blocks: str | Sequence[nn.Module],
     num_heads: int,
     patch_size: int | tuple[int, int],
+    attn: str | None = None,
     qkv: str | None = None,
     q: str | None = None,
     k: str | None = None,
@@ -78,9 +79,13 @@ def wrap_custom(
 ) -> VitModel:
     """Describe a user's ViT: where its attention blocks are, and what its tokens and pixels look like.
 
-    Give either ``qkv`` (one Linear producing q, k, v stacked as ``(3, heads, head_dim)``) or ``q`` and ``k``
-    (Linears producing ``(heads * head_dim)`` each; ``v`` optional). ``scale`` defaults to
-    ``head_dim ** -0.5``. ``mean``/``std`` take one value per channel (a single number is used for all).
+    Capture reads each layer's attention where the block computes it (``scaled_dot_product_attention``, an
+    explicit softmax, or an ``nn.MultiheadAttention``), so ``blocks`` and ``num_heads`` are all it needs; ``attn``
+    narrows it to a submodule of each block. Optionally declare ``qkv`` (one Linear producing q, k, v stacked as
+    ``(3, heads, head_dim)``) or ``q`` and ``k`` (Linears producing ``(heads * head_dim)`` each; ``v``
+    optional) with ``scale`` (default ``head_dim ** -0.5``): capture then checks that they give the attention
+    the model computes, and refuses a declaration that does not (RoPE or qk-norm after the projections, a wrong
+    scale). ``mean``/``std`` take one value per channel (a single number is used for all).
     """
     prefix = tuple(prefix)
     bad = [kind for kind in prefix if kind not in TOKEN_KINDS]
@@ -97,18 +102,20 @@ def wrap_custom(
             "blocks", f"pattern {blocks!r} matches no submodule of {type(module).__name__}",
             "use a dotted pattern such as 'blocks.*' or 'encoder.layer.*' (see model.named_modules())",
         )
-    if qkv is None and (q is None or k is None):
-        raise VitscopeError("qkv", "neither qkv nor both q and k were given", "name the projection(s) in each block")
+    if qkv is None and (q is None) != (k is None):
+        raise VitscopeError("qkv", "only one of q and k was given", "name both projections, or neither")
     sites = []
     embed_dim = 0
     for i, blk in enumerate(block_list):
-        tv: Tap | None
+        tq: Tap | None = None
+        tk: Tap | None = None
+        tv: Tap | None = None
+        width = 0
         if qkv is not None:
             lin = _sub(blk, qkv, "qkv")
             tq, tk, tv = (Tap(lin, layout="qkv", index=j) for j in range(3))
             width = getattr(lin, "out_features", 0) // 3
-        else:
-            assert q is not None and k is not None
+        elif q is not None and k is not None:
             q_mod, k_mod = _sub(blk, q, "q"), _sub(blk, k, "k")
             tq, tk = Tap(q_mod), Tap(k_mod)
             tv = Tap(_sub(blk, v, "v")) if v is not None else None
@@ -118,11 +125,12 @@ def wrap_custom(
         embed_dim = embed_dim or width
         head_dim = width // num_heads if width else 0
         sc = scale if scale is not None else (head_dim**-0.5 if head_dim else None)
-        if sc is None:
+        if sc is None and tq is not None:
             raise VitscopeError("scale", "cannot infer head_dim from the projection", "pass scale=")
         tout = Tap(_sub(blk, out, "out"), where="input") if out is not None else None
         sites.append(
-            AttentionSite(layer=i, block=blk, attn=blk, q=tq, k=tk, v=tv, out=tout, num_heads=num_heads, scale=sc)
+            AttentionSite(layer=i, block=blk, attn=_sub(blk, attn, "attn") if attn else blk, q=tq, k=tk, v=tv,
+                          out=tout, num_heads=num_heads, scale=sc)
         )
     ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

@@ -89,6 +89,19 @@ FAMILIES: dict[str, _Family] = {
     "siglip_vision_model": _Family("siglip", HALF, HALF, "bicubic", "SiglipVisionModel"),
     "siglip2": _Family("siglip2", HALF, HALF, "bilinear", "Siglip2Model"),
     "siglip2_vision_model": _Family("siglip2", HALF, HALF, "bilinear", "Siglip2VisionModel"),
+    "dinov3_vit": _Family("dinov3", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "DINOv3ViTModel"),
+    "beit": _Family("beit", HALF, HALF, "bicubic", "BeitModel"),
+    "data2vec-vision": _Family("data2vec-vision", HALF, HALF, "bicubic", "Data2VecVisionModel"),
+    "vit_mae": _Family("vit_mae", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTMAEModel"),
+    "vit_msn": _Family("vit_msn", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTMSNModel"),
+    "ijepa": _Family("ijepa", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "IJepaModel"),
+    "aimv2_vision_model": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2VisionModel"),
+    "aimv2": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2Model"),
+}
+#: Families whose attention is windowed (no global attention over every patch): refused with this reason.
+WINDOWED = {
+    "swin": "Swin", "swinv2": "Swin V2", "donut-swin": "Donut Swin", "hiera": "Hiera", "sam": "SAM's image encoder",
+    "sam_vision_model": "SAM's image encoder", "maskformer-swin": "MaskFormer Swin", "dinat": "DiNAT", "nat": "NAT",
 }
 _DINO = _Family("dino", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTModel")
 
@@ -132,6 +145,7 @@ def _model_class(transformers: Any, config: Any, source: str) -> Any:
     """The class to instantiate: the checkpoint's own architecture if it is a supported family, else a default."""
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(str(model_type))
+    _refuse_windowed(str(model_type), source)
     if family is None:
         supported = ", ".join(sorted({f.name for f in FAMILIES.values()} | {"dino"}))
         raise NotAViTError(
@@ -144,6 +158,15 @@ def _model_class(transformers: Any, config: Any, source: str) -> Any:
         if cls is not None and getattr(cfg_cls, "model_type", None) == model_type:
             return cls
     return getattr(transformers, family.default_class)
+
+
+def _refuse_windowed(model_type: str, source: str) -> None:
+    if model_type in WINDOWED:
+        raise NotAViTError(
+            "model", f"{source!r} is {WINDOWED[model_type]}: its attention is windowed (each token attends to a local "
+            "window, not to every patch), so there is no global attention map to capture",
+            "use a global-attention ViT (ViT, DeiT, DINOv2/v3, BEiT, CLIP, SigLIP, ...)",
+        )
 
 
 @contextmanager
@@ -264,19 +287,10 @@ def _linear(m: nn.Module, name: str) -> nn.Linear | None:
     return sub if isinstance(sub, nn.Linear) else None
 
 
-def _attention_parts(name: str, m: nn.Module, root: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear] | None:
-    """``(q, k, v, out)`` Linears of an attention module, or ``None`` if ``m`` is not one."""
-    for qn, kn, vn in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
-        q, k, v = _linear(m, qn), _linear(m, kn), _linear(m, vn)
-        if q is None or k is None or v is None:
-            continue
-        out = _linear(m, "o_proj") or _linear(m, "out_proj")
-        if out is None and "." in name:  # transformers 4.x: ViTAttention(attention=SelfAttention, output.dense)
-            parent = root.get_submodule(name.rsplit(".", 1)[0])
-            output = getattr(parent, "output", None)
-            out = _linear(output, "dense") if isinstance(output, nn.Module) else None
-        return (q, k, v, out) if out is not None else None
-    return None
+def _is_attention(m: nn.Module) -> bool:
+    """An attention module: it owns separate q/k/v Linears (``q_proj``... or ``query``... in older layouts)."""
+    return any(all(_linear(m, n) is not None for n in names)
+               for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")))
 
 
 def _block_of(name: str, root: nn.Module) -> nn.Module:
@@ -289,29 +303,15 @@ def _block_of(name: str, root: nn.Module) -> nn.Module:
 
 
 def _sites(tower: nn.Module, vcfg: Any) -> list[AttentionSite]:
+    """One site per encoder attention module, in depth order (pooling heads after the encoder are not layers)."""
     sites: list[AttentionSite] = []
     for name, m in tower.named_modules():
-        parts = _attention_parts(name, m, tower)
-        if parts is None:
+        if not _is_attention(m) or name.split(".", 1)[0] == "head":
             continue
-        q, k, v, out = parts
         heads = int(
             getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None) or vcfg.num_attention_heads
         )
-        if q.out_features % heads:
-            raise NotAViTError("model", f"{name}: {heads} heads do not divide q width {q.out_features}")
-        head_dim = q.out_features // heads
-        scale = getattr(m, "scaling", None)
-        if not isinstance(scale, float):
-            scale = getattr(m, "scale", None)
-        if not isinstance(scale, float):
-            scale = head_dim**-0.5
-        sites.append(
-            AttentionSite(
-                layer=len(sites), block=_block_of(name, tower), attn=m, q=Tap(q), k=Tap(k), v=Tap(v),
-                out=Tap(out, where="input"), num_heads=heads, scale=float(scale),
-            )
-        )
+        sites.append(AttentionSite(layer=len(sites), block=_block_of(name, tower), attn=m, num_heads=heads))
     return sites
 
 
@@ -441,6 +441,13 @@ def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int]) ->
             return t(**siglip2_inputs(pixels, patch[0]))
 
         return forward_siglip2, True
+    if family.name == "vit_mae":
+
+        def forward_mae(m: nn.Module, pixels: torch.Tensor) -> Any:
+            t = _tower(m) if composite else m
+            return _mae_unmasked(t, pixels, patch)
+
+        return forward_mae, True
     if _accepts(target.forward, "interpolate_pos_encoding"):
 
         def forward_interp(m: nn.Module, pixels: torch.Tensor) -> Any:
@@ -453,7 +460,31 @@ def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int]) ->
         t = _tower(m) if composite else m
         return t(pixel_values=pixels)
 
-    return forward_plain, family.name == "dinov2"  # DINOv2 interpolates its position embeddings itself
+    # DINOv2 interpolates its position embeddings itself, DINOv3 uses RoPE, AIMv2 "native" sin-cos embeddings
+    vcfg = _vision_config(module)
+    dynamic = family.name in ("dinov2", "dinov3") or (family.name == "aimv2" and bool(getattr(vcfg, "is_native", False)))
+    return forward_plain, dynamic
+
+
+def _mae_unmasked(model: nn.Module, pixels: torch.Tensor, patch: tuple[int, int]) -> Any:
+    """ViTMAE without its random masking: ``mask_ratio = 0`` and increasing noise keep every patch in order.
+
+    ViTMAE drops 75% of the patches in a random order on every call (``random_masking``), which would give a
+    different map each time; vitscope runs it on all patches in their original order (deterministic), with the
+    config's ``mask_ratio`` restored afterwards.
+    """
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "mask_ratio", None)
+    B, _, H, W = pixels.shape
+    n = (H // patch[0]) * (W // patch[1])
+    noise = torch.arange(n, dtype=torch.float32, device=pixels.device).expand(B, n)  # argsort = identity
+    try:
+        if cfg is not None:
+            cfg.mask_ratio = 0.0
+        return model(pixel_values=pixels, noise=noise, interpolate_pos_encoding=True)
+    finally:
+        if cfg is not None:
+            cfg.mask_ratio = old
 
 
 def _has_classifier(module: nn.Module) -> bool:
@@ -507,11 +538,13 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     cfg = getattr(module, "config", None)
     vcfg = _vision_config(module)
     model_type = str(getattr(vcfg, "model_type", getattr(cfg, "model_type", "")))
+    _refuse_windowed(model_type, type(module).__name__)
     family = FAMILIES.get(model_type)
     if family is None:
         raise NotAViTError(
             "model", f"{type(module).__name__} ({model_type!r}) is not a transformers family vitscope reads",
-            "supported: ViT, DINO, DeiT, DINOv2 (+registers), CLIP, SigLIP, SigLIP2; else use vitscope.wrap(...)",
+            "supported: ViT, DINO, DeiT, DINOv2 (+registers), DINOv3, BEiT, Data2Vec-vision, ViTMAE, ViT-MSN, I-JEPA, "
+            "AIMv2, CLIP, SigLIP, SigLIP2; else use vitscope.wrap(...)",
         )
     source = str(getattr(cfg, "_name_or_path", "") or "")
     if family.name == "vit" and "dino" in (name or source).lower():

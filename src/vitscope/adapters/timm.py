@@ -1,13 +1,14 @@
-"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT incl. distilled, registers, qk-norm, ...).
+"""Adapter for timm's ViTs: ``VisionTransformer`` (DeiT incl. distilled, registers, qk-norm), ``Eva`` (EVA-02,
+DINOv3, ``vit_*_rope_*``), ``Beit``, ``VisionTransformerRelPos`` and ``NaFlexVit``.
 
-timm's ``Attention`` computes ``qkv = self.qkv(x)``, splits it per head, applies ``q_norm``/``k_norm`` (an
-``nn.Identity`` unless ``qk_norm=True``, hooks fire either way) and then runs either SDPA or the explicit
-softmax, as its ``fused_attn`` flag says. vitscope reads q and k at the *outputs* of ``q_norm``/``k_norm``
-(``(B, H, N, d)``), v from the fused ``qkv`` Linear, and the per-head output ``A V`` at the input of
-``attn.norm``; the fused kernel stays on and no flag is touched.
+The adapter only says which module computes each layer's attention (``blocks[i].attn``), what the prefix tokens
+are and how pixels are prepared; capture intercepts the attention inside that module (SDPA with its RoPE'd q/k
+and relative-position bias as ``attn_mask``, or the explicit softmax when ``fused_attn`` is off), so no flag is
+touched and outputs are bit-identical. Windowed models (Swin, Hiera, SAM's windowed blocks) are refused.
 
 Prefix tokens are read from the model, never assumed: ``[CLS]`` if ``cls_token`` is set, then
-``reg_tokens`` registers (``[CLS, reg..., patches]``), or ``[CLS, DIST]`` for ``VisionTransformerDistilled``.
+``reg_token`` registers (``[CLS, reg..., patches]``), or ``[CLS, DIST]`` for ``VisionTransformerDistilled``;
+NaFlexViT keeps them on its ``embeds`` module.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 _RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
 _WRAP_HINT = (
-    "vitscope reads timm's VisionTransformer/DeiT; a model whose attention is softmax(q k^T * scale) of plain "
-    "q/k projections (no RoPE) can be declared with vitscope.wrap(model, blocks=..., qkv=..., num_heads=..., "
-    "patch_size=...)"
+    "vitscope reads timm's VisionTransformer, Eva, Beit, RelPos and NaFlexViT; another global-attention ViT can be "
+    "declared with vitscope.wrap(model, blocks=..., num_heads=..., patch_size=...)"
 )
 
 
@@ -39,9 +39,16 @@ def _import_timm() -> Any:
     return timm
 
 
+def _token_owner(model: nn.Module) -> nn.Module:
+    """The module holding the prefix tokens: the model itself, or NaFlexViT's ``embeds``."""
+    embeds = getattr(model, "embeds", None)
+    return embeds if isinstance(embeds, nn.Module) and not hasattr(model, "cls_token") else model
+
+
 def _prefix_kinds(model: nn.Module) -> tuple[str, ...]:
     """Kinds of the prefix tokens in token order, checked against the model's ``num_prefix_tokens``."""
     n = int(getattr(model, "num_prefix_tokens", 0))
+    model = _token_owner(model)
     if getattr(model, "dist_token", None) is not None:
         kinds: tuple[str, ...] = ("cls", "dist")  # VisionTransformerDistilled: [CLS, DIST, patches]
     else:
@@ -56,11 +63,19 @@ def _prefix_kinds(model: nn.Module) -> tuple[str, ...]:
     return kinds
 
 
-def _preprocess(model: nn.Module) -> Preprocess:
+def _patch_embed(model: nn.Module) -> Any:
+    pe = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    if not isinstance(pe, nn.Module) or getattr(pe, "patch_size", None) is None:
+        raise NotAViTError("model", f"{type(model).__name__} has no patch embedding vitscope recognises", _WRAP_HINT)
+    return pe
+
+
+def _preprocess(model: nn.Module, dynamic: bool) -> Preprocess:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    patch_embed: Any = model.patch_embed
-    channels = int(patch_embed.proj.in_channels)
-    img_size = getattr(patch_embed, "img_size", None)
+    patch_embed: Any = _patch_embed(model)
+    proj = getattr(patch_embed, "proj", None)
+    channels = int(getattr(proj, "in_channels", 0) or getattr(patch_embed, "in_chans", 3))
+    img_size = getattr(patch_embed, "img_size", None) or getattr(patch_embed, "default_img_size", None)
     if img_size is None:
         img_size = tuple(cfg.get("input_size", (channels, 224, 224)))[1:]
     mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -71,7 +86,7 @@ def _preprocess(model: nn.Module) -> Preprocess:
     return Preprocess(
         image_size=(int(img_size[0]), int(img_size[1])), mean=mean, std=std,  # type: ignore[arg-type]
         policy="resize", resample=interpolation if interpolation in _RESAMPLE_NAMES else "bicubic",
-        dynamic_size=bool(getattr(model, "dynamic_img_size", False)), channels=channels,
+        dynamic_size=dynamic, channels=channels,
     )
 
 
@@ -93,45 +108,64 @@ def _labels(model: nn.Module, num_classes: int) -> tuple[str, ...] | None:
         return None
 
 
+#: timm classes whose attention is windowed or pooled per stage: refused with this reason (no global map).
+_WINDOWED = {
+    "SwinTransformer": "Swin", "SwinTransformerV2": "Swin V2", "SwinTransformerV2Cr": "Swin V2", "Hiera": "Hiera",
+    "MaxxVit": "MaxViT", "MaxxVitV2": "MaxViT", "DaVit": "DaViT", "EfficientVit": "EfficientViT",
+    "NextViT": "Next-ViT", "GcVit": "GC ViT", "Twins": "Twins", "PoolFormer": "PoolFormer", "MViT": "MViT",
+}
+
+
+def _refuse_windowed(module: nn.Module) -> None:
+    name = type(module).__name__
+    if name in _WINDOWED:
+        raise NotAViTError(
+            "model", f"{name} ({_WINDOWED[name]}) attends within local windows, not over every patch: there is no "
+            "global attention map to capture", "use a global-attention ViT (ViT, DeiT, EVA, DINOv2/v3, BEiT, ...)",
+        )
+    for i, blk in enumerate(getattr(module, "blocks", None) or ()):
+        if int(getattr(blk, "window_size", 0) or 0) > 0:  # SAM's image encoder: windowed blocks between global ones
+            raise NotAViTError(
+                "model", f"block {i} of {name} uses windowed attention (window_size={blk.window_size}): its tokens "
+                "attend within local windows, so no global attention map exists", "use a global-attention ViT",
+            )
+
+
 def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
-    """Describe a timm ``VisionTransformer`` (or DeiT ``VisionTransformerDistilled``) instance.
+    """Describe a timm ViT: ``VisionTransformer`` (DeiT incl. distilled), ``Eva`` (EVA-02, DINOv3, RoPE ViTs),
+    ``Beit``, ``VisionTransformerRelPos`` or ``NaFlexVit``: any timm model with ``blocks[i].attn`` and a patch
+    embedding. Capture reads each block's attention where ``blocks[i].attn`` computes it, so RoPE, relative
+    position biases and qk-norm are included.
 
     The module is used as given (its ``fused_attn`` flags, ``training`` flags and weights are not changed).
     """
     _import_timm()
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(module, VisionTransformer):
-        raise NotAViTError("model", f"timm model {type(module).__name__} is not a VisionTransformer", _WRAP_HINT)
+    _refuse_windowed(module)
+    blocks = getattr(module, "blocks", None)
+    if not isinstance(blocks, nn.Module) or not len(blocks):  # type: ignore[arg-type]
+        raise NotAViTError("model", f"timm model {type(module).__name__} has no transformer blocks", _WRAP_HINT)
+    _patch_embed(module)
     prefix = _prefix_kinds(module)
     sites = []
-    for i, blk in enumerate(module.blocks):
+    for i, blk in enumerate(blocks):  # type: ignore[arg-type]
         attn = getattr(blk, "attn", None)
-        if not isinstance(attn, Attention):
+        heads = getattr(attn, "num_heads", None)
+        if not isinstance(attn, nn.Module) or not isinstance(heads, int):
             raise NotAViTError(
-                "model", f"block {i} of {type(module).__name__} has a {type(attn).__name__} attention, not timm's "
-                "Attention (qkv + q_norm/k_norm)", _WRAP_HINT,
+                "model", f"block {i} of {type(module).__name__} has no attention module with num_heads", _WRAP_HINT,
             )
-        sites.append(
-            AttentionSite(
-                layer=i, block=blk, attn=attn,
-                q=Tap(attn.q_norm, layout="heads"),  # (B, H, N, d) after the (optional) qk-norm
-                k=Tap(attn.k_norm, layout="heads"),
-                v=Tap(attn.qkv, layout="qkv", index=2),  # (B, N, 3*H*d) -> v
-                out=Tap(attn.norm, where="input"),  # (B, N, H*d): heads-concatenated A V, before scale-norm
-                num_heads=int(attn.num_heads), scale=float(attn.scale),
-            )
-        )
-    if not sites:
-        raise NotAViTError("model", f"{type(module).__name__} has no transformer blocks", _WRAP_HINT)
-    patch = tuple(int(p) for p in module.patch_embed.patch_size)
-    prep = _preprocess(module)
+        sites.append(AttentionSite(layer=i, block=blk, attn=attn, num_heads=heads))
+    pe = _patch_embed(module)
+    ps = pe.patch_size
+    patch = (int(ps), int(ps)) if isinstance(ps, int) else tuple(int(p) for p in ps)
+    dynamic = bool(getattr(module, "dynamic_img_size", False)) or type(module).__name__ == "NaFlexVit"
+    prep = _preprocess(module, dynamic)
     num_classes = int(getattr(module, "num_classes", 0) or 0)
     cfg = getattr(module, "pretrained_cfg", None) or {}
     info = ModelInfo(
         name=name or str(cfg.get("architecture") or type(module).__name__), family="timm",
-        num_layers=len(sites), num_heads=sites[0].num_heads, embed_dim=int(module.embed_dim),
+        num_layers=len(sites), num_heads=sites[0].num_heads,
+        embed_dim=int(getattr(module, "embed_dim", 0) or getattr(module, "num_features", 0)),
         patch_size=(patch[0], patch[1]), prefix=prefix, preprocess=prep,
         num_classes=num_classes or None, labels=_labels(module, num_classes),
     )
@@ -141,8 +175,8 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
             h, w = prep.image_size
             raise VitscopeError(
                 "images", f"this timm model was built for {h}x{w} inputs, got {pixels.shape[-2]}x{pixels.shape[-1]}",
-                "create it with dynamic_img_size=True (load_timm's default), or resize the images to "
-                f"{h}x{w} (policy='resize')",
+                "create it with dynamic_img_size=True where the class accepts it (load_timm's default), or "
+                f"resize the images to {h}x{w} (policy='resize')",
             )
         return m(pixels)
 
@@ -224,6 +258,7 @@ def load_timm(
     timm = _import_timm()
     if pretrained and checkpoint is not None:
         raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
+    auto_dynamic = "dynamic_img_size" not in timm_kwargs
     timm_kwargs.setdefault("dynamic_img_size", True)
     if pretrained:
         from vitscope.adapters._hub import cached_file, offline_reason
@@ -241,7 +276,13 @@ def load_timm(
         head = state.get("head.weight")
         timm_kwargs["num_classes"] = int(head.shape[0]) if head is not None and head.dim() == 2 else 0
     try:
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        except TypeError as exc:  # Beit, RelPos, NaFlexViT...: no dynamic_img_size (fixed size or native)
+            if "dynamic_img_size" not in str(exc) or not auto_dynamic:
+                raise
+            timm_kwargs.pop("dynamic_img_size")
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise _unknown_model(timm, name) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
 from vitscope.errors import CheckpointError
 
 #: Models shipped inside the package: ``vitscope.load("vitscope:<name>")``.
@@ -24,12 +24,7 @@ def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
         assert isinstance(attn, Attention)
         sites.append(
             AttentionSite(
-                layer=i, block=blk, attn=attn,
-                q=Tap(attn.qkv, layout="qkv", index=0),
-                k=Tap(attn.qkv, layout="qkv", index=1),
-                v=Tap(attn.qkv, layout="qkv", index=2),
-                out=Tap(attn.proj, where="input"),
-                num_heads=cfg.heads, scale=float(attn.scale),
+                layer=i, block=blk, attn=attn, num_heads=cfg.heads,
             )
         )
     info = ModelInfo(

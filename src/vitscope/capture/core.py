@@ -1,8 +1,10 @@
 """`capture`: one forward pass in, one exact `Attentions` out.
 
-How attention leaves the model: the adapter names, per layer, where q and k can be read (`Tap`). Forward hooks
-read them while the model runs its own (fused/SDPA or eager) attention, and the probabilities are recomputed
-as ``softmax(q_rows @ k^T * scale)`` in float32, for the requested query rows and heads only, in row chunks.
+How attention leaves the model: the adapter names, per layer, the module that computes attention;
+`vitscope.capture.intercept` sees the q, k, scale and bias its attention kernel gets (after RoPE, qk-norm and
+position biases) while the model runs its own (fused/SDPA or eager) attention, and the probabilities are
+recomputed as ``softmax(q_rows @ k^T * scale + bias_rows)`` in float32, for the requested query rows and heads
+only, in row chunks (an eager layer's own probabilities are sliced instead).
 The model's own computation is never altered, so its outputs are bit-identical to an uncaptured run, and a
 caller who asks for last-layer [CLS] rows of a 1024 px image never materialises an ``N x N`` matrix.
 """
@@ -16,16 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from vitscope.adapters.base import SizePolicy, VitModel
+from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
 from vitscope.attentions import Attentions
 from vitscope.capture.hooks import eval_mode, record_block_outputs, record_sites
+from vitscope.capture.intercept import CHUNK_BYTES, AttentionCall, CaptureError, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
 
 QuerySpec = None | str | int | tuple[int, int] | Sequence[int | str | tuple[int, int]]
 HeadSpec = Literal["all", "mean"] | Sequence[int]
-
-#: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
-CHUNK_BYTES = 64 * 2**20
 
 
 def resolve_layers(layers: int | Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
@@ -104,31 +104,45 @@ class CaptureResult:
 
 def attention_rows(
     q: torch.Tensor, k: torch.Tensor, scale: float, rows: Sequence[int] | None, fuse_heads: bool,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(q[rows] @ k^T * scale)`` in float32, chunked over rows: ``(B, H or 1, Q, N)``.
+    """``softmax(q[rows] @ k^T * scale + bias[rows])`` in float32, chunked over rows: ``(B, H or 1, Q, N)``.
 
-    q, k: ``(B, H, N, d)``. ``out`` (optional) receives the result in place.
+    q, k: ``(B, H, N, d)``; bias broadcastable to ``(B, H, N, N)``. ``out`` (optional) receives the result.
     """
-    B, H, N, _ = k.shape
-    if rows is not None:
-        ids = list(rows)
-        # a run of consecutive rows (e.g. [CLS] alone) is a view, not a gather
-        q = q[:, :, ids[0] : ids[-1] + 1] if ids == list(range(ids[0], ids[0] + len(ids))) else q[:, :, ids]
-    q = q.float()  # no copy when already float32
-    k = k.float()
-    Q = q.shape[2]
-    if out is None:
-        out = torch.empty(B, 1 if fuse_heads else H, Q, N, dtype=torch.float32, device=q.device)
-    chunk = max(1, CHUNK_BYTES // max(1, B * H * N * 4))
-    kt = k.transpose(-2, -1)  # (B, H, d, N)
-    for s in range(0, Q, chunk):
-        logits = torch.matmul(q[:, :, s : s + chunk], kt).mul_(scale)  # (B, H, c, N)
-        if fuse_heads:
-            out[:, :, s : s + chunk] = logits.softmax(dim=-1).mean(dim=1, keepdim=True)
-        else:
-            torch.softmax(logits, dim=-1, out=out[:, :, s : s + chunk])
-    return out
+    call = AttentionCall(layer=-1, scale=scale, q=q, k=k, bias=bias)
+    return call.rows(rows, None, fuse_heads, out=out)
+
+
+def check_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int) -> None:
+    """The layer attends over exactly ``prefix + rows * cols`` tokens, queries and keys alike."""
+    _, _, Nq, Nk = call.shape
+    if Nq != expected or Nk != expected:
+        raise CaptureError(
+            "images", f"layer {call.layer} attends {Nq} queries over {Nk} keys, expected {expected} for a "
+            f"{grid[0]}x{grid[1]} grid plus {num_prefix} prefix tokens",
+            "the model drops, adds or reorders tokens vitscope does not know of; check its patch size and prefix",
+        )
+
+
+def check_declared(call: AttentionCall, site: AttentionSite, declared: dict[str, torch.Tensor]) -> None:
+    """Declared q/k taps (`vitscope.wrap`) must give the attention the kernel computes (first query row)."""
+    q, k = declared["q"], declared["k"]  # (B, H, N, d)
+    if q.shape != k.shape or q.shape[2] != call.shape[2] or q.shape[1] != call.shape[1]:
+        raise CaptureError(
+            "model", f"layer {site.layer}: the declared q/k have shape {tuple(q.shape)}, the attention kernel "
+            f"sees {call.shape[1]} heads x {call.shape[2]} tokens", "fix num_heads, or drop qkv=/q=/k= from wrap()",
+        )
+    scale = site.scale if site.scale is not None else q.shape[-1] ** -0.5
+    mine = AttentionCall(layer=site.layer, scale=scale, q=q, k=k).rows([0], None, False)
+    theirs = call.rows([0], None, False)
+    err = float((mine - theirs).abs().max())
+    if err > 1e-4:
+        raise CaptureError(
+            "model", f"layer {site.layer}: attention from the declared q/k differs from what the model computes "
+            f"by {err:.3g} (RoPE, qk-norm or a position bias applied after the projections?)",
+            "drop qkv=/q=/k=/scale= from vitscope.wrap(...): vitscope reads q and k at the attention kernel",
+        )
 
 
 def capture_full(
@@ -167,29 +181,30 @@ def capture_full(
     norms = torch.empty(info.num_layers, B, N, dtype=torch.float32, device=dev) if token_norms else None
     pos = {layer: i for i, layer in enumerate(layer_ids)}
     sites = [vit.sites[i] for i in layer_ids]
-    by_layer = {s.layer: s for s in sites}
+    heads_kept = None if head_sel == "mean" else list(head_sel)
+    declared: dict[int, dict[str, torch.Tensor]] = {}
+    to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
-    def on_layer(layer: int, t: dict[str, torch.Tensor]) -> None:
-        q, k = t["q"], t["k"]  # (B, H, N', d)
-        if q.shape[2] != N:
-            raise VitscopeError(
-                "images", f"layer {layer} saw {q.shape[2]} tokens, expected {N} for a {grid[0]}x{grid[1]} grid "
-                f"plus {info.num_prefix_tokens} prefix tokens", "check the model's patch size and prefix tokens",
-            )
-        if head_sel != "mean":
-            q, k = q[:, list(head_sel)], k[:, list(head_sel)]
-        attention_rows(q, k, by_layer[layer].scale, query_ids, head_sel == "mean", out=weights[pos[layer]])
+    def on_call(call: AttentionCall) -> None:
+        check_tokens(call, N, grid, info.num_prefix_tokens)
+        if call.layer in declared:
+            check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
+        call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
     def on_block(layer: int, x: torch.Tensor) -> None:
         assert norms is not None
         norms[layer] = x.float().norm(dim=-1)
 
+    refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        stack.enter_context(record_sites(sites, ("q", "k"), on_layer))
+        if to_check:
+            stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
+        check = stack.enter_context(observe_attention(sites, on_call))
         if token_norms:
             stack.enter_context(record_block_outputs(vit.sites, on_block))
         output = vit(pixels)
+        check()
 
     attn = Attentions(
         weights=weights, prefix=info.prefix, grid=grid, patch_size=info.patch_size, image_size=(Hpx, Wpx),

@@ -11,7 +11,7 @@
 - `streaming_distance`: the mean attention distance of each head (Dosovitskiy et al. 2021, Fig. 7), summed over
   row chunks as the forward pass goes.
 
-Each recomputes ``softmax(q k^T * scale)`` from the hooked q and k like `capture` does, so the model's own
+Each recomputes ``softmax(q k^T * scale + bias)`` from the intercepted q, k and bias like `capture` does, so the model's own
 (SDPA) attention stays on and its outputs are unchanged. Logits are computed in ``compute_dtype`` (float32 by
 default; float16/bfloat16 allowed on CUDA/MPS for speed) and softmax, fusion and products are float32.
 """
@@ -27,8 +27,9 @@ from typing import Any, Literal
 import torch
 
 from vitscope.adapters.base import SizePolicy, VitModel
-from vitscope.capture.core import CHUNK_BYTES, QuerySpec, resolve_layers, resolve_queries
-from vitscope.capture.hooks import eval_mode, record_sites
+from vitscope.capture.core import CHUNK_BYTES, QuerySpec, check_tokens, resolve_layers, resolve_queries
+from vitscope.capture.hooks import eval_mode
+from vitscope.capture.intercept import AttentionCall, CaptureError, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -121,11 +122,13 @@ class Scratch:
 
 def prob_chunks(
     q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32,
-    scratch: Scratch | None = None,
+    scratch: Scratch | None = None, bias: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale))`` as float32 ``(B, H, c, N)``.
+    """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale + bias[:, :, start:stop]))`` as float32
+    ``(B, H, c, N)``.
 
-    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``. Only one chunk of logits exists at a time: the yielded tensor is
+    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``, bias (the layer's additive mask / position bias, rows aligned
+    with q's): ``(B or 1, H or 1, Q or 1, N)``. Only one chunk of logits exists at a time: the yielded tensor is
     a view of a reused buffer (``scratch``, shared across calls when given), so consume it before advancing.
     """
     scratch = scratch or Scratch()
@@ -139,6 +142,8 @@ def prob_chunks(
         qc = q[:, :, start:stop].to(compute_dtype) * scale  # scale the (c, d) rows, not the (c, N) logits
         logits = scratch.get("logits", (B, H, stop - start, N), compute_dtype, dev)
         torch.matmul(qc, kt, out=logits)  # (B, H, c, N)
+        if bias is not None:
+            logits.add_(bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
         probs = scratch.get("probs", (B, H, stop - start, N), torch.float32, dev)
         torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs) if compute_dtype != torch.float32 else \
             torch.softmax(logits, dim=-1, out=probs)
@@ -184,22 +189,28 @@ def _prepare(
 
 
 def _forward_qk(run: _Run, layer_ids: Sequence[int], on_layer: Any) -> Any:
-    """Run the model once with q/k hooks on ``layer_ids``; ``on_layer(layer, q, k)`` gets ``(B, H, N, d)``."""
+    """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
+    layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it."""
     vit, N = run.vit, run.num_tokens
 
-    def deliver(layer: int, t: dict[str, torch.Tensor]) -> None:
-        q, k = t["q"], t["k"]
-        if q.shape[2] != N:
-            raise VitscopeError(
-                "images", f"layer {layer} saw {q.shape[2]} tokens, expected {N} for a {run.grid[0]}x{run.grid[1]} "
-                f"grid plus {vit.info.num_prefix_tokens} prefix tokens", "check the model's patch size and prefix",
+    def deliver(call: AttentionCall) -> None:
+        check_tokens(call, N, run.grid, vit.info.num_prefix_tokens)
+        if call.q is None or call.k is None:
+            raise CaptureError(
+                "model", f"layer {call.layer} computes its attention matrix explicitly (an eager softmax), so the "
+                "low-memory paths cannot rebuild it in chunks from q and k",
+                "use the model's fused attention (timm: fused_attn=True; transformers: attn_implementation='sdpa'), "
+                "or vitscope.capture",
             )
-        on_layer(layer, q, k)
+        on_layer(call.layer, call)
 
+    refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        stack.enter_context(record_sites([vit.sites[i] for i in layer_ids], ("q", "k"), deliver))
-        return vit(run.pixels)
+        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver))
+        out = vit(run.pixels)
+        check()
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ fused
@@ -247,10 +258,13 @@ def fused_attention(
     chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
     scratch = Scratch()
 
-    def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def on_layer(layer: int, call: AttentionCall) -> None:
+        q, k, bias = call.q, call.k, call.bias_rows(slice(None))
+        assert q is not None and k is not None
         if query_ids is not None:
             q = q[:, :, list(query_ids)]  # (B, H, Q, d)
-        for start, stop, probs in prob_chunks(q, k, run.vit.sites[layer].scale, chunk, cdt, scratch):
+            bias = call.bias_rows(list(query_ids))
+        for start, stop, probs in prob_chunks(q, k, call.scale, chunk, cdt, scratch, bias):
             out[pos[layer], :, start:stop] = _fuse(probs, head_fusion)
 
     _forward_qk(run, layer_ids, on_layer)
@@ -375,11 +389,12 @@ def streaming_rollout(
     B, N, dev = run.batch, run.num_tokens, run.pixels.device
     query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev)  # r: (B, R, N)
     layer_ids = tuple(range(start, L))
-    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
 
-    def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        # q, k are views into the fused qkv output: copy them so v (and the rest) can be freed.
-        stored[layer] = (q.contiguous(), k.contiguous())
+    def on_layer(layer: int, call: AttentionCall) -> None:
+        # q, k may be views into a fused qkv output: copy them so v (and the rest) can be freed.
+        assert call.q is not None and call.k is not None
+        stored[layer] = (call.q.contiguous(), call.k.contiguous(), call.scale, call.bias_rows(slice(None)))
 
     _forward_qk(run, layer_ids, on_layer)
 
@@ -390,19 +405,18 @@ def streaming_rollout(
     renorm = renormalize and (head_fusion != "mean" or discard_ratio > 0)
     scratch = Scratch()
     for layer in reversed(layer_ids):
-        q, k = stored.pop(layer)  # (B, H, N, d); freed after this layer
-        scale = run.vit.sites[layer].scale
+        q, k, scale, bias = stored.pop(layer)  # (B, H, N, d); freed after this layer
         blocks: Iterator[tuple[int, int, torch.Tensor]]
         if discard_ratio > 0:
             fused = torch.empty(B, N, N, dtype=torch.float32, device=dev)
-            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch):
+            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias):
                 _fuse(probs, head_fusion, out=fused[:, s:e])
             fused = discard_lowest(fused, float(discard_ratio), cls_index)
             blocks = ((s, min(N, s + chunk), fused[:, s : s + chunk]) for s in range(0, N, chunk))
         else:
             blocks = (
                 (s, e, _fuse(probs, head_fusion, out=scratch.get("fused", (B, e - s, N), torch.float32, dev)))
-                for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch)
+                for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias)
             )
         new_r = torch.zeros_like(r)
         for s, e, block in blocks:
@@ -465,9 +479,11 @@ def streaming_distance(
     chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
     scratch = Scratch()
 
-    def on_layer(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def on_layer(layer: int, call: AttentionCall) -> None:
         acc = out[pos[layer]]  # (B, H)
-        for s, e, probs in prob_chunks(q[:, :, P0:], k, run.vit.sites[layer].scale, chunk, cdt, scratch):
+        assert call.q is not None and call.k is not None
+        rows = call.q[:, :, P0:]
+        for s, e, probs in prob_chunks(rows, call.k, call.scale, chunk, cdt, scratch, call.bias_rows(slice(P0, N))):
             patch = probs[..., P0:]  # (B, H, c, P)
             dist = (centres[s:e, None, :] - centres[None]).norm(dim=-1)  # (c, P)
             weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)

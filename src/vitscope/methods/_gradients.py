@@ -1,15 +1,16 @@
 """Attention and its gradient, with the model's fused attention left on.
 
-One forward pass with hooks (removed on exit, training flags restored) reads per layer ``q, k, v`` and the
-raw tensor at the adapter's ``out`` tap (the per-head attention output ``O = A V`` before the projection),
-which stays in the autograd graph. Then
+One forward pass with autograd on; `vitscope.capture.intercept` reports each layer's attention where the model
+computes it (hooks removed and training flags restored on exit). Per layer it gives q, k, the additive bias and
+a tensor of the model's own graph: the kernel output ``O = A V`` (SDPA, ``nn.MultiheadAttention``) or ``A``
+itself (an explicit softmax). Then
 
-    A      = softmax(q k^T * scale)            recomputed exactly (float32, or float64 for a float64 model)
-    dL/dA  = dL/dO @ V^T                       exact, because O = A V
+    A      = softmax(q k^T * scale + bias)     recomputed exactly (float32, or float64 for a float64 model)
+    dL/dA  = dL/dO @ V^T                       exact, because O = A V    (or dL/dA directly for explicit A)
 
-with ``dL/dO`` from ``torch.autograd.grad`` w.r.t. the raw tapped tensors (a reshaped view of them would
-not be on the graph's path). ``torch.autograd.grad`` writes no ``.grad`` on any parameter, and the pixels
-get their own ``requires_grad`` copy so the graph exists even for frozen models.
+with ``dL/dO`` from ``torch.autograd.grad`` w.r.t. the graph tensors. ``torch.autograd.grad`` writes no
+``.grad`` on any parameter, and the pixels get their own ``requires_grad`` copy so the graph exists even for
+frozen models.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 
 from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
-from vitscope.capture.core import resolve_layers
-from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, record_sites
+from vitscope.capture.core import check_tokens, resolve_layers
+from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit
+from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
 
 #: A target: ``None`` (the predicted class), a class index, one class per image, or a callable taking the
@@ -42,7 +44,8 @@ class Trace:
     layers: tuple[int, ...]
     attn: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, N), detached
     values: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, d), detached
-    outs: dict[int, torch.Tensor] = field(default_factory=dict)  # raw tensor at the out tap, in the graph
+    outs: dict[int, torch.Tensor] = field(default_factory=dict)  # O = A V (or A), in the graph
+    calls: dict[int, AttentionCall] = field(default_factory=dict)  # what each layer's kernel saw
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # block outputs (B, N, D), in the graph
 
     @property
@@ -106,38 +109,34 @@ def trace(
     vit = as_vit(model)
     layer_ids = resolve_layers(layers, vit.info.num_layers)
     sites = [vit.sites[i] for i in layer_ids]
-    for s in sites:
-        if s.v is None or s.out is None:
-            raise VitscopeError(
-                "model", f"layer {s.layer}: the adapter gives no v/out tap, needed for attention gradients",
-                "use a model whose adapter declares them (vitscope, timm, transformers ViTs)",
-            )
     pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
     pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
     t = Trace(vit=vit, pixels=pixels, output=None, layers=layer_ids)
+    grid = t.grid
+    N = vit.info.num_prefix_tokens + grid[0] * grid[1]
 
-    def on_layer(layer: int, x: dict[str, torch.Tensor]) -> None:
-        q, k, v = x["q"], x["k"], x["v"]  # (B, H, N, d)
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        site = vit.sites[layer]
-        logits = torch.matmul(q.to(dt), k.to(dt).transpose(-2, -1)) * site.scale  # (B, H, N, N)
-        t.attn[layer] = logits.softmax(dim=-1)
-        t.values[layer] = v
+    def on_call(call: AttentionCall) -> None:
+        check_tokens(call, N, grid, vit.info.num_prefix_tokens)
+        layer = call.layer
+        dt = torch.float64 if (call.q if call.q is not None else call.probs).dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            t.attn[layer] = call.rows(None, None, False, dtype=dt)  # (B, H, N, N), detached
+        if call.v is not None:
+            t.values[layer] = call.v.detach()
+        assert call.out is not None
+        t.outs[layer] = call.out
+        t.calls[layer] = call
 
+    refuse_compiled(vit.module)
     with ExitStack() as stack, torch.enable_grad():
         stack.enter_context(eval_mode(vit.module))
-        stack.enter_context(record_sites(sites, ("q", "k", "v"), on_layer, detach=True))
+        check = stack.enter_context(observe_attention(sites, on_call, graph=True))
         handles = stack.enter_context(hooks_removed_on_exit())
-        for s in sites:
-            out_tap = s.out
-            assert out_tap is not None
-            handles.append(_hook_raw(out_tap.module, out_tap.where, _store(t.outs, s.layer)))
-            if blocks:
+        if blocks:
+            for s in sites:
                 handles.append(_hook_raw(s.block, "output", _store(t.blocks, s.layer)))
         t.output = vit(pixels)
-    missing = [i for i in layer_ids if i not in t.attn or i not in t.outs]
-    if missing:
-        raise VitscopeError("model", f"layers {missing} were not reached in the forward pass", "check the adapter")
+        check()
     return t
 
 
@@ -184,11 +183,13 @@ def attention_grads(t: Trace, score: torch.Tensor, layers: Sequence[int], retain
     grads = torch.autograd.grad(score.sum(), raws, retain_graph=retain_graph, allow_unused=True)
     out = {}
     for i, raw, g in zip(layers, raws, grads, strict=True):
-        site = t.site(i)
-        assert site.out is not None
+        call = t.calls[i]
+        a = t.attn[i]
         if g is None:
             g = torch.zeros_like(raw)
-        d_out = site.out.extract(g, site.num_heads)  # (B, H, N, d)
-        a = t.attn[i]
+        if call.out_to_heads is None:  # the model's own A: its gradient is dL/dA
+            out[i] = g.to(a.dtype)
+            continue
+        d_out = call.out_to_heads(g)  # (B, H, N, dv)
         out[i] = torch.matmul(d_out.to(a.dtype), t.values[i].to(a.dtype).transpose(-2, -1))  # (B, H, N, N)
     return out

@@ -1,0 +1,439 @@
+"""Intercept attention where the model computes it: one `AttentionCall` per layer per forward pass.
+
+vitscope does not read q and k at the projections (RoPE, qk-norm, relative position biases and masks are
+applied after them). It watches the attention computation itself, inside each layer's attention module:
+
+- ``torch.nn.functional.scaled_dot_product_attention`` (timm's fused path, transformers' ``"sdpa"``
+  implementation, DINOv2/v3, vitscope's own ViT, any module that calls it): a `torch.overrides.TorchFunctionMode`
+  sees the q, k, v the kernel sees, its ``attn_mask`` (additive bias or boolean mask), ``is_causal``, ``scale``
+  (SDPA's default ``1/sqrt(d)`` when unset) and ``enable_gqa``, and its output ``O = A V``;
+- an explicit ``softmax`` of a ``(B, H, N, N)`` tensor (eager implementations): the probabilities themselves;
+- ``nn.MultiheadAttention`` (torchvision, open_clip): module hooks read its inputs and weights, and q, k, v are
+  computed exactly as ``F.multi_head_attention_forward`` does. The mode is never active inside it, so its fast
+  path still runs and outputs stay bit-identical.
+
+The mode is active only while one of the selected layers' attention modules runs (entered by a forward pre-hook,
+left by the forward hook), so the rest of the network runs at full speed, and each call is attributed to the
+layer whose module made it, never by counting. On exit every hook is removed and any mode still on the stack
+(after an exception inside the forward pass) is popped.
+
+Guards (a one-line `CaptureError` naming the layer, never a silently wrong map): each selected layer must report
+exactly once per forward pass; a layer whose module ran without any call vitscope can see (a custom kernel, a
+compiled module) is refused; `AttentionCall.rows` checks that rows sum to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from vitscope.adapters.base import AttentionSite
+from vitscope.errors import VitscopeError
+
+#: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
+CHUNK_BYTES = 64 * 2**20
+
+_SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
+_ROW_SUM_TOL = 1e-4
+
+
+class CaptureError(VitscopeError):
+    """Attention could not be captured exactly: the layer and the reason, in one line."""
+
+
+@dataclass
+class AttentionCall:
+    """One layer's attention as the model computed it.
+
+    Either ``q``/``k`` (with ``scale`` and an additive ``bias``) describe ``A = softmax(q k^T * scale + bias)``,
+    or ``probs`` holds ``A`` itself (the model materialised it). Shapes: q ``(B, H, Nq, d)``, k ``(B, H, Nk, d)``
+    (grouped-query keys already repeated per head), v ``(B, H, Nk, dv)``, bias broadcastable to
+    ``(B, H, Nq, Nk)``, probs ``(B, H, Nq, Nk)``.
+
+    ``out`` is a tensor of the model's own graph from which ``dL/dA`` follows: the kernel output ``O = A V``
+    (``out_to_heads`` maps its gradient to ``dL/dO`` ``(B, H, Nq, dv)``), or ``A`` itself for ``probs`` calls
+    (``out_to_heads`` is ``None``: its gradient *is* ``dL/dA``).
+    """
+
+    layer: int
+    scale: float = 1.0
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    out_to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None
+    source: str = "sdpa"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, Nq, Nk)``."""
+        if self.probs is not None:
+            B, H, Nq, Nk = self.probs.shape
+            return (B, H, Nq, Nk)
+        assert self.q is not None and self.k is not None
+        return (int(self.q.shape[0]), int(self.q.shape[1]), int(self.q.shape[2]), int(self.k.shape[2]))
+
+    def bias_rows(self, ids: Sequence[int] | slice) -> torch.Tensor | None:
+        """The additive bias for query rows ``ids``, broadcast to ``(B or 1, H or 1, rows, Nk)``."""
+        if self.bias is None:
+            return None
+        b = self.bias
+        while b.dim() < 4:
+            b = b.unsqueeze(0)
+        if b.shape[-2] == 1:
+            return b
+        return b[:, :, ids] if not isinstance(ids, slice) else b[:, :, ids]
+
+    def rows(
+        self, rows: Sequence[int] | None, heads: Sequence[int] | None, fuse_heads: bool,
+        out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Attention rows ``(B, H' or 1, Q, Nk)`` in ``dtype`` (float32 by default), chunked over rows.
+
+        ``rows``/``heads``: token and head indices to keep (``None`` = all). ``fuse_heads`` averages the kept
+        heads as they are computed. Raises `CaptureError` when a row does not sum to 1 within 1e-4.
+        """
+        B, H, Nq, Nk = self.shape
+        ids = list(range(Nq)) if rows is None else list(rows)
+        hsel = None if heads is None or list(heads) == list(range(H)) else list(heads)
+        n_h = 1 if fuse_heads else (H if hsel is None else len(hsel))
+        if out is None:
+            out = torch.empty(B, n_h, len(ids), Nk, dtype=dtype, device=self._device)
+        if self.probs is not None:
+            p = self.probs if hsel is None else self.probs[:, hsel]
+            p = p[:, :, _index(ids)].to(dtype)
+            out.copy_(p.mean(dim=1, keepdim=True) if fuse_heads else p)
+        else:
+            assert self.q is not None and self.k is not None
+            q, k = self.q, self.k
+            if hsel is not None:
+                q, k = q[:, hsel], k[:, hsel]
+            bias = self.bias_rows(_index(ids))
+            if bias is not None and hsel is not None and bias.shape[1] != 1:
+                bias = bias[:, hsel]
+            q = q[:, :, _index(ids)].to(dtype)
+            kt = k.to(dtype).transpose(-2, -1)  # (B, H', d, Nk)
+            n_kept = q.shape[1]
+            chunk = max(1, CHUNK_BYTES // max(1, B * n_kept * Nk * 4))
+            for s in range(0, len(ids), chunk):
+                logits = torch.matmul(q[:, :, s : s + chunk], kt).mul_(self.scale)  # (B, H', c, Nk)
+                if bias is not None:
+                    logits = logits.add_(bias[:, :, s : s + chunk] if bias.shape[2] != 1 else bias)
+                if fuse_heads:
+                    out[:, :, s : s + chunk] = logits.softmax(dim=-1).mean(dim=1, keepdim=True)
+                else:
+                    torch.softmax(logits, dim=-1, out=out[:, :, s : s + chunk])
+        check_rows(out, self.layer)
+        return out
+
+    @property
+    def _device(self) -> torch.device:
+        t = self.probs if self.probs is not None else self.q
+        assert t is not None
+        return t.device
+
+
+def _index(ids: list[int]) -> slice | list[int]:
+    """A run of consecutive indices as a slice (a view, not a gather)."""
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return ids
+
+
+def check_rows(rows: torch.Tensor, layer: int) -> None:
+    """Every attention row sums to 1 within 1e-4 (NaN fails too)."""
+    if rows.numel() == 0:
+        return
+    err = (rows.sum(dim=-1, dtype=torch.float32) - 1).abs().max()
+    if not bool(err <= _ROW_SUM_TOL):
+        raise CaptureError(
+            "model", f"layer {layer}: captured attention rows do not sum to 1 (max error {float(err):.3g})",
+            "the layer's attention is not a softmax over its keys that vitscope can recompute; report it",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+def _sdpa_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> AttentionCall:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    if q.dim() != 4:
+        raise CaptureError(
+            "model", f"layer {layer}: scaled_dot_product_attention got {q.dim()}-d queries, expected (B, H, N, d)",
+            "vitscope reads batched multi-head attention only",
+        )
+    if bound.get("dropout_p", 0.0):
+        raise CaptureError("model", f"layer {layer}: attention dropout is active", "put the model in eval mode")
+    Hq, Hk = q.shape[1], k.shape[1]
+    if Hk != Hq:  # grouped-query attention: each key head serves Hq // Hk query heads
+        k = k.repeat_interleave(Hq // Hk, dim=1)
+        v = v.repeat_interleave(Hq // Hk, dim=1)
+    scale = bound.get("scale")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    bias = _additive(bound.get("attn_mask"), bool(bound.get("is_causal", False)), q.shape[2], k.shape[2], q.device)
+    return AttentionCall(layer=layer, scale=scale, q=q, k=k, v=v, bias=bias, out=out, out_to_heads=_identity)
+
+
+def _identity(g: torch.Tensor) -> torch.Tensor:
+    return g
+
+
+def _additive(mask: torch.Tensor | None, causal: bool, Nq: int, Nk: int, device: torch.device) -> torch.Tensor | None:
+    """SDPA's ``attn_mask``/``is_causal`` as one float32 additive bias (``-inf`` where not attended)."""
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:  # SDPA: True = take part in attention
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+        else:
+            bias = mask.float()
+    if causal:
+        tri = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril()
+        c = torch.zeros(Nq, Nk, device=device).masked_fill_(~tri, float("-inf"))
+        bias = c if bias is None else bias + c
+    return bias
+
+
+def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> AttentionCall | None:
+    """An explicit softmax over the last dim of a ``(B, H, N, N)`` tensor, else ``None`` (not attention)."""
+    x = args[0] if args else kwargs.get("input")
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 4:
+        return None
+    if dim not in (-1, 3):
+        return None
+    return AttentionCall(layer=layer, probs=out, out=out, out_to_heads=None, source="softmax")
+
+
+class _Mode(TorchFunctionMode):
+    """Sees every torch call made while a selected attention module runs; passes each through unchanged."""
+
+    def __init__(self, engine: _Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            layer = self.engine.current
+            if layer is not None:
+                self.engine.report(_sdpa_call(layer, args, kwargs, out))
+        elif func in _SOFTMAXES:
+            layer = self.engine.current
+            if layer is not None:
+                call = _softmax_call(layer, args, kwargs, out)
+                if call is not None:
+                    self.engine.report(call)
+        elif func is F.multi_head_attention_forward:
+            layer = self.engine.current
+            raise CaptureError(
+                "model", f"layer {layer}: an nn.MultiheadAttention runs inside the declared attention module",
+                "declare the nn.MultiheadAttention itself as the layer's attention module",
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ MHA
+def _mha_qkv(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
+]:
+    """q, k, v ``(B, H, N, d)`` and the additive bias, as ``F.multi_head_attention_forward`` computes them."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    if m.bias_k is not None or m.add_zero_attn:
+        raise CaptureError("model", "nn.MultiheadAttention with bias_k/add_zero_attn", "vitscope cannot read it")
+    if query.dim() != 3:
+        raise CaptureError("model", "unbatched nn.MultiheadAttention input", "pass batched tokens")
+    if not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (B, N, E)
+    E, H = m.embed_dim, m.num_heads
+    d = E // H
+    if m._qkv_same_embed_dim:
+        assert m.in_proj_weight is not None
+        wq, wk, wv = m.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    bq = bk = bv = None
+    if m.in_proj_bias is not None:
+        bq, bk, bv = m.in_proj_bias.chunk(3)
+    B, Nq, _ = query.shape
+    Nk = key.shape[1]
+    q = F.linear(query, wq, bq).view(B, Nq, H, d).transpose(1, 2)  # (B, H, Nq, d)
+    k = F.linear(key, wk, bk).view(B, Nk, H, d).transpose(1, 2)
+    v = F.linear(value, wv, bv).view(B, Nk, H, d).transpose(1, 2)
+    bias = None
+    attn_mask = bound.get("attn_mask")
+    if attn_mask is not None:  # MHA: bool True = NOT allowed; float = additive; (N, S) or (B*H, N, S)
+        a = torch.zeros(attn_mask.shape, device=q.device).masked_fill_(attn_mask, float("-inf")) \
+            if attn_mask.dtype == torch.bool else attn_mask.float()
+        bias = a.view(B, H, Nq, Nk) if a.dim() == 3 else a
+    kpm = bound.get("key_padding_mask")
+    if kpm is not None:
+        p = torch.zeros(kpm.shape, device=q.device).masked_fill_(kpm, float("-inf")) \
+            if kpm.dtype == torch.bool else kpm.float()
+        p = p.view(B, 1, 1, Nk)
+        bias = p if bias is None else bias + p
+    if bound.get("is_causal") and attn_mask is None:
+        bias = _additive(None, True, Nq, Nk, q.device)
+    return q, k, v, bias
+
+
+def _mha_out_to_heads(m: nn.MultiheadAttention) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gradient of the MHA output ``y = O W_o^T + b_o`` -> ``dL/dO`` per head ``(B, H, N, d)``."""
+
+    def to_heads(g: torch.Tensor) -> torch.Tensor:
+        if not m.batch_first:
+            g = g.transpose(0, 1)
+        B, N, E = g.shape
+        d_o = g @ m.out_proj.weight.to(g.dtype)  # (B, N, E): y is linear in O
+        return d_o.view(B, N, m.num_heads, E // m.num_heads).transpose(1, 2)
+
+    return to_heads
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def attention_module(site: AttentionSite) -> nn.Module:
+    """The module within which ``site``'s attention is computed (an inner ``nn.MultiheadAttention`` if any)."""
+    if isinstance(site.attn, nn.MultiheadAttention):
+        return site.attn
+    inner = [m for m in site.attn.modules() if isinstance(m, nn.MultiheadAttention)]
+    return inner[0] if len(inner) == 1 else site.attn
+
+
+class _Engine:
+    def __init__(self, sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], graph: bool) -> None:
+        self.sites = list(sites)
+        self.on_call = on_call
+        self.graph = graph
+        self.mode = _Mode(self)
+        self.stack: list[int] = []
+        self.counts: dict[int, int] = {s.layer: 0 for s in self.sites}
+        self.ran: dict[int, int] = {s.layer: 0 for s in self.sites}
+        self.entered = 0
+
+    @property
+    def current(self) -> int | None:
+        return self.stack[-1] if self.stack else None
+
+    def report(self, call: AttentionCall) -> None:
+        layer = call.layer
+        self.counts[layer] += 1
+        if self.counts[layer] > self.ran[layer]:
+            raise CaptureError(
+                "model", f"layer {layer} computed attention {self.counts[layer]} times in one pass of its module",
+                "vitscope reads one softmax/attention kernel per layer; declare the module that makes one call",
+            )
+        if not self.graph:
+            for name in ("q", "k", "v", "probs"):
+                t = getattr(call, name)
+                if t is not None:
+                    setattr(call, name, t.detach())
+        self.on_call(call)
+
+    # ---- module hooks
+    def enter(self, layer: int) -> None:
+        self.stack.append(layer)
+        self.ran[layer] += 1
+        self.mode.__enter__()
+        self.entered += 1
+
+    def leave(self, layer: int) -> None:
+        if self.entered:
+            self.mode.__exit__(None, None, None)
+            self.entered -= 1
+        if self.stack and self.stack[-1] == layer:
+            self.stack.pop()
+        if self.counts[layer] < self.ran[layer]:
+            raise CaptureError(
+                "model", f"layer {layer}: its attention module ran but made no attention call vitscope can see "
+                "(no scaled_dot_product_attention, no softmax over (B, H, N, N))",
+                "custom kernels, flash/flex attention and torch.compile'd modules cannot be captured; use "
+                "attn_implementation='sdpa' or 'eager'",
+            )
+
+    def close(self) -> None:
+        while self.entered:
+            self.mode.__exit__(None, None, None)
+            self.entered -= 1
+        self.stack.clear()
+
+    def mha_call(self, layer: int, m: nn.MultiheadAttention, args: Any, kwargs: Any, output: Any) -> None:
+        self.ran[layer] += 1
+        with torch.no_grad():
+            q, k, v, bias = _mha_qkv(m, tuple(args), dict(kwargs))
+        y = output[0] if isinstance(output, tuple) else output
+        self.report(AttentionCall(
+            layer=layer, scale=1.0 / math.sqrt(q.shape[-1]), q=q, k=k, v=v, bias=bias, out=y,
+            out_to_heads=_mha_out_to_heads(m), source="multihead",
+        ))
+
+    def check_complete(self) -> None:
+        for layer, n in self.counts.items():
+            if n != 1:
+                raise CaptureError(
+                    "model", f"layer {layer} reported attention {n} times in one forward pass (expected once)",
+                    "each selected layer's attention module must run exactly once per forward",
+                )
+
+
+def refuse_compiled(module: nn.Module) -> None:
+    """A ``torch.compile``'d module runs graphs vitscope cannot see into: say so."""
+    if hasattr(module, "_orig_mod") or type(module).__name__ == "OptimizedModule":
+        raise CaptureError(
+            "model", "the model is torch.compile'd: its attention runs inside a compiled graph vitscope cannot see",
+            "pass the original module (compiled_model._orig_mod)",
+        )
+
+
+@contextmanager
+def observe_attention(
+    sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
+) -> Iterator[Callable[[], None]]:
+    """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
+
+    Yields ``check()``: call it after the forward pass to enforce that every selected layer reported exactly
+    once. ``graph=True`` keeps q/k/v/probs in the autograd graph (gradient methods). All hooks are removed and
+    every mode popped on exit, also after an exception.
+    """
+    engine = _Engine(sites, on_call, graph)
+    handles: list[Any] = []
+    try:
+        for site in sites:
+            m = attention_module(site)
+            layer = site.layer
+            if isinstance(m, nn.MultiheadAttention):
+
+                def mha_hook(mod: nn.Module, args: Any, kwargs: Any, output: Any, layer: int = layer) -> None:
+                    assert isinstance(mod, nn.MultiheadAttention)
+                    engine.mha_call(layer, mod, args, kwargs, output)
+
+                handles.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+            else:
+
+                def pre(_m: nn.Module, _args: Any, layer: int = layer) -> None:
+                    engine.enter(layer)
+
+                def post(_m: nn.Module, _args: Any, _out: Any, layer: int = layer) -> None:
+                    engine.leave(layer)
+
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post))
+        yield engine.check_complete
+    finally:
+        engine.close()
+        for h in handles:
+            h.remove()
