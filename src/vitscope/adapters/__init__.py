@@ -3,7 +3,9 @@
 Specs:
     ``"vitscope:shapes"``          a model bundled with vitscope
     ``"hf:<hub id or folder>"``    Hugging Face transformers (ViT, DeiT, DINO, DINOv2 (+registers), CLIP, SigLIP)
-    ``"timm:<model name>"``        a timm VisionTransformer (``pretrained=False`` unless ``pretrained=True``)
+    ``"timm:<model name>"``        a timm ViT: VisionTransformer, Eva (EVA-02, DINOv3, RoPE), Beit, RelPos, NaFlexViT
+    ``"torchvision:<name>"``       a torchvision VisionTransformer (``vit_b_16``...; ``checkpoint=`` for weights)
+    ``"open_clip:<name>"``         an open_clip ViT image tower (``ViT-B-32``...; ``pretrained=``/``checkpoint=``)
     ``"dino:<file.pth>"``          a facebookresearch/dino checkpoint (also any ``.pth``/``.pt`` path)
     a folder                       written by ``vitscope train`` (config.json + model.safetensors), or an HF folder
     an ``nn.Module``               vitscope ViT, transformers or timm model; others via `wrap` with a declaration
@@ -47,7 +49,19 @@ def wrap(module: nn.Module, **declaration: Any) -> VitModel:
         from vitscope.adapters.vitscope_vit import from_vit
 
         return from_vit(module)
+    if hasattr(module, "_orig_mod"):  # torch.compile: attention runs in a graph vitscope cannot see
+        from vitscope.capture.intercept import refuse_compiled
+
+        refuse_compiled(module)
     root = _module_root(module)
+    if root == "torchvision":
+        from vitscope.adapters.torchvision import from_torchvision_model
+
+        return from_torchvision_model(module)
+    if root == "open_clip":
+        from vitscope.adapters.openclip import from_open_clip_model
+
+        return from_open_clip_model(module)
     if root == "transformers":
         from vitscope.adapters.hf import from_hf_model
 
@@ -125,13 +139,21 @@ def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> 
             from vitscope.adapters.timm import load_timm
 
             return load_timm(rest, **kwargs)
+        if scheme == "torchvision":
+            from vitscope.adapters.torchvision import load_torchvision
+
+            return load_torchvision(rest, **kwargs)
+        if scheme in ("open_clip", "openclip"):
+            from vitscope.adapters.openclip import load_open_clip
+
+            return load_open_clip(rest, **kwargs)
         if scheme == "dino":
             from vitscope.adapters.checkpoint import load_dino_checkpoint
 
             return load_dino_checkpoint(Path(rest), **kwargs)
         if scheme not in ("file",):
             raise VitscopeError(
-                "model", f"unknown scheme {scheme!r} in {spec!r}", "use vitscope:, hf:, timm:, dino: or a path"
+                "model", f"unknown scheme {scheme!r} in {spec!r}", "use vitscope:, hf:, timm:, torchvision:, open_clip:, dino: or a path"
             )
         spec = rest
     path = Path(spec).expanduser()

@@ -1,0 +1,108 @@
+"""open_clip's ``VisionTransformer`` (the image tower of ``open_clip.create_model("ViT-B-32")`` and friends).
+
+Token layout ``[CLS, patches]`` (``class_embedding``); each ``transformer.resblocks[i].attn`` is an
+``nn.MultiheadAttention`` (or open_clip's own ``Attention`` for custom blocks), read where it computes its
+attention. The grid is fixed by ``positional_embedding`` (``image_size`` may be non-square): inputs are resized
+to it. Models with a timm trunk (``model.visual.trunk``) are described by the timm adapter.
+
+Example:
+    >>> vit = vitscope.load("open_clip:ViT-B-32", checkpoint="open_clip_pytorch_model.bin")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
+from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _import() -> Any:
+    try:
+        import open_clip
+    except ImportError:
+        raise VitscopeError("model", "open_clip is not installed", "pip install open_clip_torch") from None
+    return open_clip
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+
+
+def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel:
+    """Describe an open_clip ``CLIP`` model (its ``visual`` tower runs) or a ``VisionTransformer``."""
+    open_clip = _import()
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(module, "visual", module)
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(trunk, nn.Module):  # TimmModel: a timm ViT inside
+        from vitscope.adapters.timm import from_timm_model
+
+        return from_timm_model(trunk, name=name)
+    if not isinstance(visual, VisionTransformer):
+        raise NotAViTError(
+            "model", f"open_clip model {type(visual).__name__} is not a VisionTransformer",
+            "vitscope reads open_clip's ViT towers (ViT-B-32, ...); ResNet (ModifiedResNet) towers have no attention",
+        )
+    del open_clip
+    sites = []
+    for i, blk in enumerate(visual.transformer.resblocks):
+        attn = blk.attn
+        heads = getattr(attn, "num_heads", None)
+        if not isinstance(heads, int):
+            raise NotAViTError("model", f"block {i}: {type(attn).__name__} has no num_heads")
+        sites.append(AttentionSite(layer=i, block=blk, attn=attn, num_heads=heads))
+    size, patch = _pair(visual.image_size), _pair(visual.patch_size)
+    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    info = ModelInfo(
+        name=name or "open_clip.VisionTransformer", family="open_clip", num_layers=len(sites),
+        num_heads=sites[0].num_heads, embed_dim=int(visual.conv1.out_channels), patch_size=patch, prefix=("cls",),
+        preprocess=Preprocess(image_size=size, mean=mean, std=std, policy="resize",  # type: ignore[arg-type]
+                              resample="bicubic", dynamic_size=False, channels=3),
+    )
+
+    def forward(m: nn.Module, pixels: torch.Tensor) -> Any:
+        if tuple(pixels.shape[-2:]) != size:
+            raise VitscopeError(
+                "images", f"this open_clip ViT takes only {size[0]}x{size[1]} inputs, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]}", "use policy='resize' (the default)",
+            )
+        return getattr(m, "visual", m)(pixels)
+
+    return VitModel(module, info, sites, forward=forward)
+
+
+def load_open_clip(
+    name: str, pretrained: str | None = None, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
+) -> VitModel:
+    """``open_clip.create_model(name, pretrained=...)``; offline, a local ``checkpoint`` state dict instead."""
+    open_clip = _import()
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if pretrained:
+            raise CheckpointError(
+                "pretrained", f"cannot download open_clip's weights {pretrained!r} for {name!r}",
+                "offline? pass checkpoint='path/to/open_clip_model.safetensors'",
+            ) from None
+        raise VitscopeError("model", f"open_clip cannot build {name!r}: {str(exc)[:150]}",
+                            "list names with open_clip.list_models()") from None
+    if checkpoint is not None:
+        from vitscope.adapters.checkpoint import read_checkpoint
+
+        state = read_checkpoint(checkpoint, argument="checkpoint")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise CheckpointError("checkpoint", f"{checkpoint} does not fit open_clip {name}: {first}") from None
+    return from_open_clip_model(model.eval(), name=f"open_clip:{name}")
