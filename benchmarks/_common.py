@@ -30,6 +30,10 @@ MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
     "dinov2-s14-reg": ("dinov2reg", {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
                                      "patch_size": 14, "image_size": 518, "num_register_tokens": 4}, 14),
     "vit-b16": ("vit", {}, 16),  # ViTConfig defaults are ViT-B/16: 12 layers, 12 heads, dim 768
+    "dinov3-s16": ("dinov3", {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                              "intermediate_size": 1536, "patch_size": 16, "num_register_tokens": 4}, 16),
+    # timm's EVA-02 small (RoPE, SwiGLU); the "output_attentions" reference is its unfused path's probabilities
+    "eva02-s14": ("timm:eva02_small_patch14_224", {"num_hidden_layers": 12, "num_attention_heads": 6}, 14),
 }
 #: nominal size -> the size used for patch 14 (a multiple of 14)
 P14 = {224: 224, 512: 518, 1024: 1022}
@@ -46,6 +50,17 @@ def build(model: str, attn: str = "sdpa") -> Any:
 
     family, kwargs, _ = MODELS[model]
     torch.manual_seed(0)
+    if family.startswith("timm:"):
+        import timm
+
+        m = timm.create_model(family[5:], pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+        for blk in m.blocks:
+            blk.attn.fused_attn = attn != "eager"
+        return m
+    if family == "dinov3":
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        return DINOv3ViTModel(DINOv3ViTConfig(**kwargs, attn_implementation=attn)).eval()
     if family == "vit":
         from transformers import ViTConfig, ViTModel
 
@@ -62,6 +77,20 @@ def runner(path: str, model: str) -> Callable[[Any], Any]:
     import vitscope
     from vitscope.capture.streaming import fused_attention, streaming_rollout
 
+    if path in ("output_attentions", "plain_eager") and MODELS[model][0].startswith("timm:"):
+        tm = build(model, "eager")
+        probs: list[Any] = []
+        for blk in tm.blocks:  # the unfused path's probabilities, as output_attentions would return them
+            blk.attn.attn_drop.register_forward_hook(lambda _m, _i, o: probs.append(o))
+        keep = path == "output_attentions"
+
+        def run_timm_eager(x: Any) -> Any:
+            probs.clear()
+            with torch.no_grad():
+                out = tm(x)
+            return tuple(probs) if keep else out
+
+        return run_timm_eager
     if path in ("output_attentions", "plain_eager"):
         module = build(model, "eager")
         kwargs = {"interpolate_pos_encoding": True} if MODELS[model][0] == "vit" else {}
@@ -165,7 +194,7 @@ def attention_bytes(model: str, size: int) -> int:
     layers = kwargs.get("num_hidden_layers", 12)
     heads = kwargs.get("num_attention_heads", 12)
     s = px(size, model)
-    n = 1 + kwargs.get("num_register_tokens", 0) + (s // patch) ** 2
+    n = 1 + kwargs.get("num_register_tokens", 0) + (s // patch) ** 2  # [CLS] + registers + patches
     return 4 * layers * heads * n * n
 
 
