@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import vitscope
@@ -21,6 +22,7 @@ from vitscope.errors import CheckpointError, VitscopeError
 def _dino_like(num_registers: int = 0, num_classes: int = 0) -> torch.nn.Module:
     """A vitscope ViT with DINO ViT-Tiny's width (192 -> 3 heads), 2 blocks, patch 8, 32x32, peaked attention."""
     model = make_tiny_vit(num_registers=num_registers, dim=192, heads=3, depth=2, num_classes=num_classes)
+    model.cfg.pos_interp = "dino"  # resample position embeddings as DINO (and the dino: loader) does
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for blk in model.blocks:
@@ -244,3 +246,149 @@ def test_crop_policy_keeps_resolution(tmp_path: Path) -> None:
     expected = (arr[:40, :64] / 255.0 - mean) / std
     np.testing.assert_allclose(pixels[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
     assert vitscope.capture(vit, Image.fromarray(arr), queries="cls").grid == (5, 8)
+
+
+# ---- DINO's own forward, re-implemented from facebookresearch/dino's vision_transformer.py -------------------
+
+
+def _random_dino_state(depth: int = 2, dim: int = 192, patch: int = 16, grid: int = 14) -> dict[str, torch.Tensor]:
+    """A DINO ViT-Tiny-width backbone state dict (dim 192 -> 3 heads), patch 16, trained at 224 (a 14x14 grid).
+
+    Position embeddings are large (std 1) so that how they are resampled shows in the attention, and the qkv
+    weights have std 0.15 so attention is peaked: the reference's mean row maximum of the last layer's
+    attention is 0.51 at 224x224, 0.43 at 480x480, 0.42 at 480x640, 0.53 at 112x448 (with std 0.05 it is
+    0.017 at 224x224 and 0.004 at 480x640: nearly uniform).
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {
+        "patch_embed.proj.weight": r(dim, 3, patch, patch, std=0.05), "patch_embed.proj.bias": r(dim),
+        "cls_token": r(1, 1, dim, std=1.0), "pos_embed": r(1, 1 + grid * grid, dim, std=1.0),
+        "norm.weight": 1 + r(dim, std=0.1), "norm.bias": r(dim, std=0.1),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd |= {
+            b + "norm1.weight": 1 + r(dim, std=0.1), b + "norm1.bias": r(dim, std=0.1),
+            b + "attn.qkv.weight": r(3 * dim, dim, std=0.15), b + "attn.qkv.bias": r(3 * dim),
+            b + "attn.proj.weight": r(dim, dim, std=0.05), b + "attn.proj.bias": r(dim),
+            b + "norm2.weight": 1 + r(dim, std=0.1), b + "norm2.bias": r(dim, std=0.1),
+            b + "mlp.fc1.weight": r(4 * dim, dim, std=0.05), b + "mlp.fc1.bias": r(4 * dim),
+            b + "mlp.fc2.weight": r(dim, 4 * dim, std=0.05), b + "mlp.fc2.bias": r(dim),
+        }
+    return sd
+
+
+def _dino_pos_embed(pos_embed: torch.Tensor, p: int, w: int, h: int, exact_grid: bool = False) -> torch.Tensor:
+    """DINO's ``interpolate_pos_encoding``, with its names: ``w`` is the pixels' dim -2 (rows), ``h`` dim -1.
+
+    ``exact_grid=True`` swaps DINO's ``scale_factor`` for ``size=(w // p, h // p)`` (transformers' ViT way).
+    """
+    npatch, N = (w // p) * (h // p), pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    D, side = pos_embed.shape[-1], math.sqrt(N)
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    patch_pos_embed = patch_pos_embed.reshape(1, int(side), int(side), D).permute(0, 3, 1, 2)  # (1, D, side, side)
+    w0, h0 = w // p, h // p
+    if exact_grid:
+        patch_pos_embed = F.interpolate(patch_pos_embed, size=(w0, h0), mode="bicubic")
+    else:
+        w0, h0 = w0 + 0.1, h0 + 0.1  # DINO: "a small number to avoid floating point error in the interpolation"
+        patch_pos_embed = F.interpolate(patch_pos_embed, scale_factor=(w0 / side, h0 / side), mode="bicubic")
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, D)  # (1, rows*cols, D), row-major
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def _dino_forward(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, exact_grid: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO's ``prepare_tokens`` + pre-norm blocks + final norm from the raw weights: (tokens, attention).
+
+    Returns the normed output tokens ``(B, N, D)`` and every layer's attention ``(L, B, heads, N, N)``.
+    """
+    B, _, w, h = x.shape  # DINO's naming: w = rows, h = columns
+    W = sd["patch_embed.proj.weight"]
+    D, p = W.shape[0], W.shape[-1]
+    t = F.conv2d(x, W, sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)  # (B, rows*cols, D)
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), t], dim=1)
+    t = t + _dino_pos_embed(sd["pos_embed"], p, w, h, exact_grid)
+    attns = []
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        def wt(name: str, i: int = i) -> torch.Tensor:
+            return sd[f"blocks.{i}.{name}"]
+
+        N = t.shape[1]
+        y = F.layer_norm(t, (D,), wt("norm1.weight"), wt("norm1.bias"), eps=1e-6)
+        qkv = F.linear(y, wt("attn.qkv.weight"), wt("attn.qkv.bias"))
+        qkv = qkv.reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (D // heads) ** -0.5).softmax(dim=-1)  # (B, heads, N, N)
+        attns.append(attn)
+        y = (attn @ v).transpose(1, 2).reshape(B, N, D)
+        t = t + F.linear(y, wt("attn.proj.weight"), wt("attn.proj.bias"))
+        y = F.layer_norm(t, (D,), wt("norm2.weight"), wt("norm2.bias"), eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, wt("mlp.fc1.weight"), wt("mlp.fc1.bias"))), wt("mlp.fc2.weight"),
+                     wt("mlp.fc2.bias"))
+        t = t + y
+    return F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6), torch.stack(attns)
+
+
+@pytest.fixture(scope="module")
+def dino_pth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    sd = _random_dino_state()
+    path = tmp_path_factory.mktemp("dino") / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
+    return path, sd
+
+
+def _compare(vit: object, sd: dict[str, torch.Tensor], size: tuple[int, int], exact_grid: bool) -> tuple[float, float]:
+    """Max |vitscope - reference| of the last layer's attention and of the output tokens, at ``size``."""
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_tokens, ref_attn = _dino_forward(sd, pixels, heads=3, exact_grid=exact_grid)
+        features = vit.module.forward_features(pixels)  # type: ignore[attr-defined]
+        torch.testing.assert_close(vit(pixels), features[:, 0], atol=0, rtol=0)  # type: ignore[operator]
+    attn = vitscope.capture(vit, pixels, layers=[-1]).weights[0]  # (B, heads, N, N)
+    n = 1 + (size[0] // 16) * (size[1] // 16)  # [CLS] + rows * cols
+    assert attn.shape == ref_attn[-1].shape == (2, 3, n, n)
+    assert ref_attn[-1].amax(-1).mean() > 0.2  # peaked attention (measured 0.42-0.53, see _random_dino_state)
+    return float((attn - ref_attn[-1]).abs().max()), float((features - ref_tokens).abs().max())
+
+
+@pytest.mark.parametrize("size", [(224, 224), (480, 480), (480, 640), (112, 448)])
+def test_dino_checkpoint_reproduces_dinos_forward(dino_pth: tuple[Path, dict[str, torch.Tensor]],
+                                                  size: tuple[int, int]) -> None:
+    """vitscope's ``dino:`` model == DINO's forward (scale-factor resampling) at any size, non-square included.
+
+    Measured max abs diffs (attention, tokens): 224x224 2.2e-6, 3.6e-6; 480x480 3.1e-6, 4.9e-6; 480x640 2.8e-6,
+    4.9e-6; 112x448 2.4e-6, 4.3e-6.
+    112x448 has DINO's 196 training positions but a non-square input, so DINO resamples it too.
+    """
+    path, sd = dino_pth
+    vit = vitscope.load("dino:" + str(path))
+    assert vit.module.cfg.pos_interp == "dino"  # type: ignore[union-attr]
+    d_attn, d_tokens = _compare(vit, sd, size, exact_grid=False)
+    assert d_attn < 1e-5 and d_tokens < 1e-5, (d_attn, d_tokens)
+
+
+def test_pos_interp_size_is_the_exact_grid_and_differs_from_dino(
+    dino_pth: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    path, sd = dino_pth
+    exact = load_dino_checkpoint(path, pos_interp="size")
+    assert exact.module.cfg.pos_interp == "size"  # type: ignore[union-attr]
+    d_attn, d_tokens = _compare(exact, sd, (480, 640), exact_grid=True)
+    assert d_attn < 1e-5 and d_tokens < 1e-5, (d_attn, d_tokens)
+    # ... and the option matters: against DINO's own forward the attention is off by 0.37, the tokens by 0.68.
+    d_attn, d_tokens = _compare(exact, sd, (480, 640), exact_grid=False)
+    assert d_attn > 0.05 and d_tokens > 0.05, (d_attn, d_tokens)
+    # Both agree on the training grid, where neither resamples.
+    assert max(_compare(exact, sd, (224, 224), exact_grid=False)) < 1e-5
+    with pytest.raises(VitscopeError, match=r"^pos_interp: 'nearest' is not"):
+        load_dino_checkpoint(path, pos_interp="nearest")  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import make_tiny_vit
 from vitscope.train.model import ViT, ViTConfig, count_parameters, load_vit, save_vit
@@ -88,3 +89,45 @@ def test_load_vit_missing_files_is_one_line_error(tmp_path) -> None:
 
     with pytest.raises(CheckpointError, match="not found"):
         load_vit(tmp_path)
+
+
+def test_pos_interp_defaults_to_size_and_round_trips(tmp_path) -> None:
+    model = make_tiny_vit(seed=2)
+    assert model.cfg.pos_interp == "size"  # vitscope-trained models keep the exact-grid resampling
+    model.cfg.pos_interp = "dino"
+    save_vit(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["pos_interp"] == "dino"
+    assert load_vit(tmp_path / "m").cfg.pos_interp == "dino"
+    # A config.json written before pos_interp existed loads as "size".
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["pos_interp"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert load_vit(tmp_path / "m").cfg.pos_interp == "size"
+    with pytest.raises(ValueError, match=r"pos_interp='area' is not one of 'size', 'dino'"):
+        ViTConfig(pos_interp="area")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (4, 8), (12, 20), (8, 3)])
+def test_pos_interp_modes(grid: tuple[int, int]) -> None:
+    """"size" resamples to the exact grid; "dino" with DINO's scale factor (grid + 0.1) / training grid."""
+    model = make_tiny_vit(image_size=(32, 32), patch=4, seed=4)  # trained on an 8x8 grid
+    pos = model.pos_embed.detach()
+    patch_pos = pos[:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2)  # (1, D, 8, 8)
+    expected = {
+        "size": F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False),
+        "dino": F.interpolate(patch_pos, scale_factor=((grid[0] + 0.1) / 8, (grid[1] + 0.1) / 8), mode="bicubic"),
+    }
+    out = {}
+    for mode in ("size", "dino"):
+        model.cfg.pos_interp = mode  # type: ignore[assignment]
+        with torch.no_grad():
+            out[mode] = model.interpolate_pos_embed(*grid)
+        assert out[mode].shape == (1, 1 + grid[0] * grid[1], 32)
+        assert torch.equal(out[mode][:, :1], pos[:, :1])  # [CLS] position untouched
+        if grid == (8, 8):
+            assert out[mode] is model.pos_embed  # the training grid is never resampled
+        else:
+            ref = expected[mode].permute(0, 2, 3, 1).reshape(1, -1, 32)  # (1, rows*cols, D), row-major
+            torch.testing.assert_close(out[mode][:, 1:], ref, atol=1e-6, rtol=0)
+    if grid != (8, 8):
+        assert (out["size"] - out["dino"]).abs().max() > 1e-3

@@ -25,12 +25,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vitscope.adapters.base import VitModel
 from vitscope.errors import CheckpointError, VitscopeError
+
+if TYPE_CHECKING:
+    from vitscope.train.model import PosInterp
 
 #: Heads per embedding dim of DINO's (and DeiT's) ViT sizes.
 HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16}
@@ -201,6 +204,7 @@ def load_dino_checkpoint(
     image_size: int | tuple[int, int] | None = None,
     checkpoint_key: str | None = None,
     name: str | None = None,
+    pos_interp: PosInterp = "dino",
 ) -> VitModel:
     """Load a facebookresearch/dino ViT checkpoint into vitscope's own ViT.
 
@@ -213,6 +217,9 @@ def load_dino_checkpoint(
         num_heads: heads per layer, when the embedding dim is not a standard size.
         image_size: ``(height, width)`` the position embeddings were trained at, when not square.
         checkpoint_key: the entry holding the weights (default: ``teacher`` first, as DINO evaluates).
+        pos_interp: how position embeddings are resampled at other input sizes: ``"dino"`` (default)
+            reproduces DINO's own forward (bicubic with ``scale_factor=((H/p + 0.1) / gh, (W/p + 0.1) / gw)``);
+            ``"size"`` resamples to the exact grid (``size=(H/p, W/p)``), as transformers' ``ViTModel`` does.
 
     Returns:
         A `VitModel` with ImageNet normalisation and DINO's ``"crop"`` size policy (images keep their
@@ -222,8 +229,13 @@ def load_dino_checkpoint(
         >>> vit = vitscope.load("dino:dino_deitsmall16_pretrain.pth")  # doctest: +SKIP
     """
     from vitscope.adapters.vitscope_vit import from_vit
-    from vitscope.train.model import ViT, ViTConfig
+    from vitscope.train.model import POS_INTERPS, ViT, ViTConfig
 
+    if pos_interp not in POS_INTERPS:
+        raise VitscopeError(
+            "pos_interp", f"{pos_interp!r} is not a position-embedding resampling",
+            "use 'dino' (DINO's own forward) or 'size' (the exact grid, as transformers' ViT)",
+        )
     p = Path(path).expanduser()
     state = extract_state_dict(read_checkpoint(p), checkpoint_key)
     w = _require(state, "patch_embed.proj.weight", p)
@@ -262,7 +274,7 @@ def load_dino_checkpoint(
         image_size=size, patch_size=patch, in_chans=in_chans, num_classes=num_classes, dim=dim, depth=depth,
         heads=_num_heads(dim, arch, num_heads), mlp_ratio=hidden / dim, qkv_bias="blocks.0.attn.qkv.bias" in state,
         num_registers=int(reg.shape[1]) if reg is not None else 0, norm_eps=1e-6,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_interp=pos_interp,
     )
     model = ViT(cfg)
     try:

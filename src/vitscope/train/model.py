@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: How `ViT.interpolate_pos_embed` resamples the patch position embeddings for another grid (see there).
+PosInterp = Literal["size", "dino"]
+POS_INTERPS: tuple[str, ...] = get_args(PosInterp)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class ViTConfig:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     labels: tuple[str, ...] | None = None
+    pos_interp: PosInterp = "size"  # "dino": facebookresearch/dino's scale-factor resampling (DINO checkpoints)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)  # type: ignore[assignment]
@@ -50,6 +55,8 @@ class ViTConfig:
             self.labels = tuple(self.labels)
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        if self.pos_interp not in POS_INTERPS:
+            raise ValueError(f"pos_interp={self.pos_interp!r} is not one of {', '.join(map(repr, POS_INTERPS))}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -165,16 +172,36 @@ class ViT(nn.Module):
             blk.attn.fused_attn = fused  # type: ignore[union-attr]
 
     def interpolate_pos_embed(self, gh: int, gw: int) -> torch.Tensor:
-        """Position embeddings for a (gh, gw) grid: bicubic resampling of the patch part (DINO's way)."""
+        """Position embeddings ``(1, 1 + gh * gw, D)`` for a ``(gh, gw)`` patch grid.
+
+        The [CLS] position is kept; the patch positions, a ``(th, tw)`` grid (`ViTConfig.grid`), are resampled
+        bicubically (``align_corners=False``) as ``cfg.pos_interp`` says:
+
+        - ``"size"``: to exactly ``(gh, gw)`` (``F.interpolate(size=(gh, gw))``, as transformers' ViT does);
+        - ``"dino"``: facebookresearch/dino's ``interpolate_pos_encoding``: ``scale_factor=((gh + 0.1) / th,
+          (gw + 0.1) / tw)``. The output is still ``(gh, gw)`` (the 0.1 only guards the floor), but bicubic
+          sampling follows the scale factor, ``src = (dst + 0.5) * th / (gh + 0.1) - 0.5``, not ``th / gh``,
+          so the embeddings differ slightly from ``"size"``.
+
+        Both return ``pos_embed`` untouched on the training grid. (DINO's test is ``npatch == N and w == h`` on
+        the pixels; with a square training grid and inputs that are multiples of the patch size, which
+        `tokens` requires, that is exactly ``(gh, gw) == (th, tw)``.)
+        """
         pos = self.pos_embed
         th, tw = self.cfg.grid
         if (gh, gw) == (th, tw):
             return pos
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
         D = pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, th, tw, D).permute(0, 3, 1, 2)  # (1, D, th, tw)
-        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, D)
+        patch_pos = patch_pos.reshape(1, th, tw, D).permute(0, 3, 1, 2).float()  # (1, D, th, tw)
+        if self.cfg.pos_interp == "dino":
+            scale = [(gh + 0.1) / th, (gw + 0.1) / tw]  # rows, cols: DINO's (w0 / sqrt(N), h0 / sqrt(N))
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
+            if tuple(patch_pos.shape[-2:]) != (gh, gw):  # DINO asserts the same
+                raise RuntimeError(f"DINO resampling gave a {tuple(patch_pos.shape[-2:])} grid, not {(gh, gw)}")
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, D)  # (1, gh*gw, D)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
