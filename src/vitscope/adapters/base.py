@@ -185,9 +185,18 @@ class VitModel:
 
         A tensor is taken as already-preprocessed pixel values and returned as is.
         """
+        from vitscope.errors import ImageError
         from vitscope.images import preprocess
 
-        return preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
+        pixels = preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
+        (H, W), (ph, pw) = pixels.shape[-2:], self.info.patch_size
+        if H % ph or W % pw:  # a tensor given as is: the model would crop, pad or assert on its own
+            raise ImageError(
+                "images", f"pixel values of {H}x{W} are not a multiple of the {ph}x{pw} patch",
+                f"crop them to {H // ph * ph}x{W // pw * pw}, or pass the images themselves (paths, PIL, arrays) "
+                "with policy='crop' or 'resize'",
+            )
+        return pixels
 
     def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid ``(rows, cols)`` for an input of ``(height, width)`` pixels."""
