@@ -73,6 +73,7 @@ class Built:
     reference: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels -> (L, B, H, N, N), output
     forward: Callable[[torch.Tensor], torch.Tensor]  # a plain forward of `module` (the main tensor)
     blocks: list[nn.Module]  # the attention blocks in depth order
+    folder: Path | None = None  # transformers: where save_pretrained wrote the model
 
 
 Builder = Callable[[float, tuple[int, int]], Built]  # (q/k factor, input size) -> Built
@@ -150,7 +151,7 @@ def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
                     module.config.mask_ratio = saved
 
         blocks = [m for m in module.modules() if type(m).__name__.endswith(("Layer", "EncoderLayer"))]
-        return Built(module, module, reference, forward, blocks)
+        return Built(module, module, reference, forward, blocks, folder)
 
     return build
 
@@ -405,7 +406,11 @@ FAMILIES: list[Family] = [
     Family("timm-eva-dinov3", "timm", "Eva", _timm("vit_small_patch16_dinov3"), REG4, 16.0),
     Family("timm-eva-dinov3-qkvb", "timm", "Eva", _timm("vit_small_patch16_dinov3_qkvb"), REG4, 16.0),
     Family("timm-eva02", "timm", "Eva", _timm("eva02_tiny_patch14_224"), CLS, 16.0),
-    Family("timm-eva-rope", "timm", "Eva", _timm("vit_small_patch16_rope_mixed_224"), CLS, 16.0),
+    Family("timm-vit-qknorm", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224", qk_norm=True), CLS, 2.0),
+    Family("timm-eva-rope", "timm", "Eva", _timm("vit_small_patch16_rope_224"), CLS, 16.0),
+    Family("timm-eva-rope-mixed", "timm", "Eva", _timm("vit_small_patch16_rope_mixed_224"), CLS, 16.0),
+    Family("timm-eva-rope-reg1-gap", "timm", "Eva", _timm("vit_medium_patch16_rope_reg1_gap_256"), ("register",),
+           16.0, has_cls=False),
     Family("timm-beit", "timm", "Beit", _timm("beit_base_patch16_224", dynamic=False), CLS, 16.0, per_size=True),
     Family("timm-relpos", "timm", "VisionTransformerRelPos",
            _timm("vit_relpos_small_patch16_224", dynamic=False, class_token=True, global_pool="token"), CLS, 4.0,

@@ -10,7 +10,8 @@ the q/k factor of each family in the table (factor: square, wide):
     hf-dinov3 16: 0.58 0.55     hf-beit 16: 0.62 0.54        hf-data2vec-vision 16: 0.62 0.54
     hf-vitmae 16: 0.58 0.55     hf-vitmsn 16: 0.58 0.55      hf-ijepa 16: 0.62 0.56       hf-aimv2 16: 0.53 0.47
     timm-vit 16: 0.57 0.56      timm-vit-reg4 16: 0.60 0.56  timm-deit-distilled 16: 0.60 0.54
-    timm-eva-dinov3(-qkvb) 16: 0.59 0.56                      timm-eva02 16: 0.57 0.58     timm-eva-rope 16: 0.59 0.54
+    timm-eva-dinov3(-qkvb) 16: 0.59 0.56                      timm-eva02 16: 0.57 0.58     timm-vit-qknorm 2: 0.65 0.63
+    timm-eva-rope 16: 0.57 0.56 timm-eva-rope-mixed 16: 0.59 0.54                          timm-eva-rope-reg1-gap 16: 0.62 0.55
     timm-beit 16: 0.65 0.55     timm-relpos 4: 0.70 0.68     timm-naflexvit 16: 0.48 0.46
     torchvision-vit 2: 0.43 (square only)                     open-clip-vit 2: 0.41 0.38
     vitscope-vit 16: 0.60 0.54  vitscope-vit-reg4 16: 0.56 0.53                           custom-wrap 4: 0.73 0.69
@@ -74,6 +75,10 @@ def test_reference_is_the_models_own_computation(fid: str) -> None:
     sums = ref.sum(-1)
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
     assert ref.amax(-1).mean() > 0.2  # peaked rows (values in the module docstring)
+    if not fam.square_only:  # the same rows with the 4x6 patch grid read column-major differ: layout matters
+        p = len(fam.prefix)
+        perm = list(range(p)) + [p + r * cols + c for c in range(cols) for r in range(rows)]
+        assert (ref - ref[..., perm, :][..., perm]).abs().amax() > 0.05
 
 
 # ------------------------------------------------------------------------------------------------ exactness
@@ -106,6 +111,20 @@ def test_capture_equals_reference(fid: str, sname: str, batch: int, mode: str) -
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0)
     diff = (attn.weights - expected).abs().max().item()
     assert torch.allclose(attn.weights, expected, atol=1e-5), f"{fid} {sname} b{batch} {mode}: max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("fid", [f.id for f in FAMILIES if f.source == "hf"])
+def test_saved_folder_loads_and_captures_the_same(fid: str) -> None:
+    """``vitscope.load("hf:<folder>")`` on what save_pretrained wrote gives the reference too."""
+    b = built(fid, SIZES["wide"])
+    assert b.folder is not None
+    vit = vitscope.load(f"hf:{b.folder}")
+    attn = vitscope.capture(vit, _pixels(SIZES["wide"], 3))
+    ref, _ = _reference(fid, "wide", 3)
+    assert attn.prefix == BY_ID[fid].prefix
+    assert attn.weights.shape == ref.shape
+    diff = (attn.weights - ref).abs().max().item()
+    assert torch.allclose(attn.weights, ref, atol=1e-5), f"{fid} loaded from its folder: max |diff| {diff:.2e}"
 
 
 # ------------------------------------------------------------------------------- outputs, hooks and modes
