@@ -39,14 +39,24 @@ REG4 = ("cls", "register", "register", "register", "register")
 # name components of the parameters that set q·k (the v part of a fused qkv is scaled too: harmless)
 _QK_PARTS = {"query", "key", "q_proj", "k_proj", "qkv", "q_norm", "k_norm"}
 _QK_LEAVES = {"in_proj_weight", "in_proj_bias", "q_bias", "k_bias"}
+# parameters many inits leave at zero (or 1e-6): prefix tokens, position tables, relative position biases. Left
+# so, [CLS] and [DIST] (or the registers) are the same vector and a capture that swaps them would still pass.
+_DISTINCT = {"cls_token": 1.0, "reg_token": 1.0, "register_tokens": 1.0, "distillation_token": 1.0,
+             "dist_token": 1.0, "class_embedding": 1.0, "class_token": 1.0, "position_embeddings": 0.5,
+             "pos_embed": 0.5, "pos_embedding": 0.5, "positional_embedding": 0.5,
+             "relative_position_bias_table": 1.0}
 
 
-def sharpen(model: nn.Module, factor: float) -> nn.Module:
-    """Multiply every q/k projection (and q/k norm) parameter by ``factor``: peaked attention."""
+def sharpen(model: nn.Module, factor: float, seed: int = 0) -> nn.Module:
+    """Peaked, distinguishable attention: q/k projections (and q/k norms) times ``factor``; prefix tokens,
+    learned position tables and relative position bias tables redrawn ``N(0, s^2)`` (fixed tables kept)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             parts = name.split(".")
-            if parts[-1] in _QK_LEAVES or (_QK_PARTS & set(parts[:-1]) and parts[-1] in ("weight", "bias")):
+            if parts[-1] in _DISTINCT and p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * _DISTINCT[parts[-1]])
+            elif parts[-1] in _QK_LEAVES or (_QK_PARTS & set(parts[:-1]) and parts[-1] in ("weight", "bias")):
                 p.mul_(factor)
     return model
 
@@ -336,13 +346,13 @@ class CustomViT(nn.Module):
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, dim, PATCH, PATCH)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.layers = nn.ModuleList([CustomBlock(dim) for _ in range(2)])
         self.head = nn.Linear(dim, 5)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch(pixels).flatten(2).transpose(1, 2)  # (B, rows*cols, D), row-major
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.tokens(pixels)
@@ -391,6 +401,8 @@ FAMILIES: list[Family] = [
            _hf("DINOv3ViTModel", _cfg("DINOv3ViTConfig", num_register_tokens=4)), REG4, 16.0),
     Family("hf-beit", "hf", "BeitModel", _hf("BeitModel", _cfg("BeitConfig", use_relative_position_bias=True)),
            CLS, 16.0),
+    Family("hf-beit-shared-bias", "hf", "BeitModel",
+           _hf("BeitModel", _cfg("BeitConfig", use_shared_relative_position_bias=True)), CLS, 16.0),
     Family("hf-data2vec-vision", "hf", "Data2VecVisionModel",
            _hf("Data2VecVisionModel", _cfg("Data2VecVisionConfig", use_relative_position_bias=True)), CLS, 16.0),
     Family("hf-vitmae", "hf", "ViTMAEModel", _hf("ViTMAEModel", _cfg("ViTMAEConfig"), mae=True), CLS, 16.0),
