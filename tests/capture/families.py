@@ -409,7 +409,13 @@ FAMILIES: list[Family] = [
     Family("hf-vitmsn", "hf", "ViTMSNModel", _hf("ViTMSNModel", _cfg("ViTMSNConfig")), CLS, 16.0),
     Family("hf-ijepa", "hf", "IJepaModel", _hf("IJepaModel", _cfg("IJepaConfig")), (), 16.0, has_cls=False),
     Family("hf-aimv2", "hf", "Aimv2VisionModel", _hf("Aimv2VisionModel", _cfg("Aimv2VisionConfig", is_native=True)),
-           (), 16.0, has_cls=False),
+           (), 16.0, has_cls=False),  # "native": sin-cos positions for any grid; an attention-pooling head
+    Family("hf-aimv2-no-head", "hf", "Aimv2VisionModel",
+           _hf("Aimv2VisionModel", _cfg("Aimv2VisionConfig", is_native=True, use_head=False)), (), 16.0,
+           has_cls=False),
+    Family("hf-aimv2-learned", "hf", "Aimv2VisionModel",
+           _hf("Aimv2VisionModel", _cfg("Aimv2VisionConfig", is_native=False)), (), 16.0, has_cls=False,
+           square_only=True),  # a learned 4x4 position table: one input size
     # timm 1.x: the module itself
     Family("timm-vit", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224"), CLS, 16.0),
     Family("timm-vit-reg4", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224", reg_tokens=4), REG4, 16.0),

@@ -9,7 +9,8 @@ family's q/k factor from the table (id factor: square wide):
     hf-dinov2-registers 16: .59 .53  hf-clip 4: .69 .68             hf-siglip 2: .64 .61
     hf-dinov3 16: .57 .57          hf-beit 16: .63 .58              hf-beit-shared-bias 16: .63 .57
     hf-data2vec-vision 16: .63 .58 hf-vitmae 16: .63 .57            hf-vitmsn 16: .61 .56
-    hf-ijepa 16: .67 .61           hf-aimv2 16: .53 .47
+    hf-ijepa 16: .67 .61           hf-aimv2 16: .53 .47             hf-aimv2-no-head 16: .52 .48
+    hf-aimv2-learned 16: .60 (square only)
     timm-vit 16: .64 .57           timm-vit-reg4 16: .56 .55        timm-deit-distilled 16: .61 .57
     timm-eva-dinov3(-qkvb) 16: .57 .55  timm-eva02 16: .63 .57      timm-vit-qknorm 2: .70 .63
     timm-eva-rope 16: .57 .56      timm-eva-rope-mixed 16: .59 .54  timm-eva-rope-reg1-gap 16: .63 .55
@@ -120,15 +121,35 @@ def test_capture_equals_reference(fid: str, sname: str, batch: int, mode: str) -
 @pytest.mark.parametrize("fid", [f.id for f in FAMILIES if f.source == "hf"])
 def test_saved_folder_loads_and_captures_the_same(fid: str) -> None:
     """``vitscope.load("hf:<folder>")`` on what save_pretrained wrote gives the reference too."""
-    b = built(fid, SIZES["wide"])
+    sname = "square" if BY_ID[fid].square_only else "wide"
+    _, b = _family(fid, sname)
     assert b.folder is not None
     vit = vitscope.load(f"hf:{b.folder}")
-    attn = vitscope.capture(vit, _pixels(SIZES["wide"], 3))
-    ref, _ = _reference(fid, "wide", 3)
+    attn = vitscope.capture(vit, _pixels(SIZES[sname], 3))
+    ref, _ = _reference(fid, sname, 3)
     assert attn.prefix == BY_ID[fid].prefix
     assert attn.weights.shape == ref.shape
     diff = (attn.weights - ref).abs().max().item()
     assert torch.allclose(attn.weights, ref, atol=1e-5), f"{fid} loaded from its folder: max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_layer_head_and_patch_selections_are_slices(fid: str) -> None:
+    """The last layer, the last head, two patch rows (bottom-right, then top-left): slices of the reference."""
+    fam = BY_ID[fid]
+    sname = "square" if fam.square_only else "wide"
+    _, b = _family(fid, sname)
+    rows, cols = SIZES[sname][0] // fam.patch, SIZES[sname][1] // fam.patch
+    ref, _ = _reference(fid, sname, 3)
+    attn = vitscope.capture(b.model, _pixels(SIZES[sname], 3), layers=[-1], heads=[fam.heads - 1],
+                            queries=[(rows - 1, cols - 1), (0, 0)])
+    p = len(fam.prefix)
+    assert attn.layers == (fam.depth - 1,)
+    assert attn.queries == (p + rows * cols - 1, p)
+    expected = ref[-1:, :, -1:][:, :, :, [p + rows * cols - 1, p]]
+    assert attn.weights.shape == expected.shape
+    diff = (attn.weights - expected).abs().max().item()
+    assert torch.allclose(attn.weights, expected, atol=1e-5), f"{fid} selections: max |diff| {diff:.2e}"
 
 
 # ------------------------------------------------------------------------------- outputs, hooks and modes
