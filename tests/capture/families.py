@@ -84,6 +84,7 @@ class Built:
     forward: Callable[[torch.Tensor], torch.Tensor]  # a plain forward of `module` (the main tensor)
     blocks: list[nn.Module]  # the attention blocks in depth order
     folder: Path | None = None  # transformers: where save_pretrained wrote the model
+    explicit: nn.Module | None = None  # the reference's own model (eager / unfused): capture must read it too
 
 
 Builder = Callable[[float, tuple[int, int]], Built]  # (q/k factor, input size) -> Built
@@ -161,7 +162,7 @@ def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
                     module.config.mask_ratio = saved
 
         blocks = [m for m in module.modules() if type(m).__name__.endswith(("Layer", "EncoderLayer"))]
-        return Built(module, module, reference, forward, blocks, folder)
+        return Built(module, module, reference, forward, blocks, folder, eager)
 
     return build
 
@@ -181,7 +182,7 @@ def _cfg(name: str, **extra: Any) -> Callable[[], Any]:
 
 
 # --------------------------------------------------------------------------------------------------- timm
-def _timm_reference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _timm_reference(model: nn.Module) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], nn.Module]:
     """timm's explicit branch: ``fused_attn=False`` on a copy; each block's ``attn.attn_drop`` gets the probs."""
     ref = copy.deepcopy(model).eval()
     for m in ref.modules():
@@ -197,7 +198,7 @@ def _timm_reference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             out = main_tensor(ref(pixels))
         return _stack(probs), out
 
-    return reference
+    return reference, ref
 
 
 def _timm(name: str, dynamic: bool = True, **extra: Any) -> Builder:
@@ -214,7 +215,8 @@ def _timm(name: str, dynamic: bool = True, **extra: Any) -> Builder:
             with torch.no_grad():
                 return main_tensor(model(pixels))
 
-        return Built(model, model, _timm_reference(model), forward, list(model.blocks))
+        reference, explicit = _timm_reference(model)
+        return Built(model, model, reference, forward, list(model.blocks), explicit=explicit)
 
     return build
 
@@ -307,7 +309,7 @@ def _vitscope(registers: int = 0) -> Builder:
             with torch.no_grad():
                 return model(pixels)
 
-        return Built(model, model, reference, forward, list(model.blocks))
+        return Built(model, model, reference, forward, list(model.blocks), explicit=ref)
 
     return build
 

@@ -118,6 +118,19 @@ def test_capture_equals_reference(fid: str, sname: str, batch: int, mode: str) -
     assert torch.allclose(attn.weights, expected, atol=1e-5), f"{fid} {sname} b{batch} {mode}: max |diff| {diff:.2e}"
 
 
+@pytest.mark.parametrize("fid", [f.id for f in FAMILIES if f.source in ("hf", "timm", "vitscope")])
+def test_capture_reads_the_explicit_path_too(fid: str) -> None:
+    """The reference's own model (eager transformers, ``fused_attn=False`` timm): an explicit softmax, same rows."""
+    sname = "square" if BY_ID[fid].square_only else "wide"
+    fam, b = _family(fid, sname)
+    assert b.explicit is not None
+    ref, _ = _reference(fid, sname, 3)
+    attn = vitscope.capture(b.explicit, _pixels(SIZES[sname], 3))
+    assert attn.prefix == fam.prefix and attn.weights.shape == ref.shape
+    diff = (attn.weights - ref).abs().max().item()
+    assert torch.allclose(attn.weights, ref, atol=1e-5), f"{fid} explicit path: max |diff| {diff:.2e}"
+
+
 @pytest.mark.parametrize("fid", [f.id for f in FAMILIES if f.source == "hf"])
 def test_saved_folder_loads_and_captures_the_same(fid: str) -> None:
     """``vitscope.load("hf:<folder>")`` on what save_pretrained wrote gives the reference too."""
