@@ -222,6 +222,15 @@ def test_no_hooks_or_function_modes_left(fid: str) -> None:
         assert _hooked(b.module) == []
         assert _modes_active() == 0
         assert _state(b.module) == state
+
+        seen: list[int] = []  # a hook of the user's own is run, and left in place
+        user = b.blocks[0].register_forward_hook(lambda _m, _a, _o: seen.append(1))
+        try:
+            vitscope.capture(b.model, pixels)
+            assert seen == [1]
+            assert _hooked(b.module) == [name for name, m in b.module.named_modules() if m is b.blocks[0]]
+        finally:
+            user.remove()
     finally:
         b.module.eval()
 
@@ -271,7 +280,16 @@ def _samvit() -> nn.Module:
                              num_classes=5)
 
 
-@pytest.mark.parametrize(("build", "side"), [(_swin, 32), (_hiera, 64), (_samvit, 32)], ids=["swin", "hiera", "samvit"])
+def _samvit_one_global() -> nn.Module:
+    import timm
+
+    return timm.create_model("samvit_base_patch16", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, window_size=2, global_attn_indexes=(1,), neck_chans=16,
+                             num_classes=5)
+
+
+@pytest.mark.parametrize(("build", "side"), [(_swin, 32), (_hiera, 64), (_samvit, 32), (_samvit_one_global, 32)],
+                         ids=["swin", "hiera", "samvit", "samvit-window-then-global"])
 def test_windowed_attention_is_refused(build: Any, side: int) -> None:
     pytest.importorskip("timm")
     torch.manual_seed(0)
