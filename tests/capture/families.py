@@ -9,9 +9,13 @@ Each entry builds (once per input size it needs) the model vitscope captures and
   ``need_weights=True, average_attn_weights=False``;
 - vitscope's ViT: ``set_fused_attn(False)`` and its ``attn_drop``; the custom module: its explicit ``probs``.
 
-Random init gives near-uniform attention, which hides a wrong capture, so every model's q/k projections (and
-q/k norms) are multiplied by a per-family ``factor`` chosen so that the reference's mean row maximum is above
-0.2 (`tests/capture/test_families.py` asserts it). ``FAMILY_DOCS`` lists (id, source, class) for the docs.
+Random init hides a wrong capture two ways, and `sharpen` undoes both: attention is near uniform (so every
+model's q/k projections and q/k norms are multiplied by a per-family ``factor``, chosen so that the reference's
+mean row maximum is above 0.2), and prefix tokens, position tables and relative position biases start at zero
+(so [CLS] and [DIST], or two registers, are the same vector; they are redrawn). `tests/capture/test_families.py`
+asserts both: row maxima above 0.2, and no two tokens' attention columns equal.
+
+``FAMILY_DOCS`` lists (family id, source kind, class name) for generated docs.
 """
 
 from __future__ import annotations
@@ -127,7 +131,8 @@ def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
 
         cls = getattr(transformers, cls_name)
         torch.manual_seed(0)
-        module = sharpen(cls(config()).eval(), factor)  # transformers' default attention (SDPA)
+        module = sharpen(cls(config()).eval(), factor)
+        assert module.config._attn_implementation == "sdpa"  # capture runs transformers' default kernel
         folder = Path(tempfile.mkdtemp(dir=_TMP.name))
         module.save_pretrained(folder)
         eager = cls.from_pretrained(folder, attn_implementation="eager").eval()
@@ -161,7 +166,7 @@ def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
                 if mae:
                     module.config.mask_ratio = saved
 
-        blocks = [m for m in module.modules() if type(m).__name__.endswith(("Layer", "EncoderLayer"))]
+        blocks = [m for m in module.modules() if type(m).__name__.endswith("Layer")]  # ViTLayer, CLIPEncoderLayer
         return Built(module, module, reference, forward, blocks, folder, eager)
 
     return build
