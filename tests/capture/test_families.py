@@ -118,6 +118,15 @@ def test_capture_equals_reference(fid: str, sname: str, batch: int, mode: str) -
     assert torch.allclose(attn.weights, expected, atol=1e-5), f"{fid} {sname} b{batch} {mode}: max |diff| {diff:.2e}"
 
 
+@pytest.mark.parametrize("fid", [f.id for f in FAMILIES if not f.has_cls])
+def test_cls_query_without_cls_names_the_argument(fid: str) -> None:
+    b = built(fid, SIZES["square"])
+    with pytest.raises(VitscopeError, match=r"^queries: ") as err:
+        vitscope.capture(b.model, _pixels(SIZES["square"], 1), queries="cls")
+    assert "\n" not in str(err.value)
+    assert _hooked(b.module) == [] and _modes_active() == 0
+
+
 @pytest.mark.parametrize("fid", [f.id for f in FAMILIES if f.source in ("hf", "timm", "vitscope")])
 def test_capture_reads_the_explicit_path_too(fid: str) -> None:
     """The reference's own model (eager transformers, ``fused_attn=False`` timm): an explicit softmax, same rows."""
