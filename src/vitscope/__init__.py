@@ -10,6 +10,7 @@ from vitscope.adapters import ModelInfo, VitModel, load, wrap
 from vitscope.attentions import Attentions
 from vitscope.capture import capture
 from vitscope.errors import VitscopeError
+from vitscope.methods.registry import maps
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "__version__",
     "capture",
     "load",
+    "maps",
     "wrap",
 ]

@@ -434,7 +434,7 @@ def run_batch(
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
-    from vitscope.capture.streaming import resolve_device
+    from vitscope.capture.prepare import resolve_device
 
     fmts = _parse_formats(formats)
     if method not in METHODS:

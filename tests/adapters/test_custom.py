@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitscope
-from vitscope.capture.intercept import CaptureError
 from vitscope.capture import capture_full
+from vitscope.capture.intercept import CaptureError
 from vitscope.errors import NotAViTError, VitscopeError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

@@ -150,12 +150,12 @@ def test_selections_equal_slices_of_the_reference() -> None:
 
 
 def test_small_chunks_give_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitscope.capture import core  # (`vitscope.capture` the attribute is the function)
+    from vitscope.capture import intercept
 
     model = _sharp_vit()
     pixels = torch.randn(2, 3, 32, 32)
     whole = vitscope.capture(model, pixels).weights
-    monkeypatch.setattr(core, "CHUNK_BYTES", 1)  # one query row per chunk
+    monkeypatch.setattr(intercept, "CHUNK_BYTES", 1)  # one query row per chunk
     torch.testing.assert_close(vitscope.capture(model, pixels).weights, whole, atol=1e-6, rtol=0)
 
 

@@ -22,7 +22,7 @@ def _no_state_left(model: nn.Module) -> None:
 
 def _rope(x: torch.Tensor) -> torch.Tensor:
     """A rotary embedding over token positions (pairs of channels rotated by position-dependent angles)."""
-    B, H, N, d = x.shape
+    _, _, N, d = x.shape  # (B, H, N, d)
     pos = torch.arange(N, dtype=x.dtype)[:, None]
     freq = 1.0 / (10.0 ** (torch.arange(0, d, 2, dtype=x.dtype) / d))
     ang = pos * freq  # (N, d/2)

@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import make_tiny_vit
 from vitscope.capture import capture
+from vitscope.capture.prepare import default_device
 from vitscope.capture.streaming import (
-    default_device,
     fused_attention,
     patch_centres,
     streaming_distance,

@@ -68,9 +68,21 @@ def test_frozen_training_model_is_left_as_found(model):
 
 def test_hooks_removed_after_an_error(model):
     before = snapshot(model)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        trace(model, torch.randn(1, 3, 20, 40))  # the model itself raises during the traced forward
+    with pytest.raises(VitscopeError, match="not a multiple of the"):
+        trace(model, torch.randn(1, 3, 20, 40))  # refused before the forward pass
     assert_unchanged(model, before)
+
+    def boom(*_: object) -> None:
+        raise ValueError("boom")
+
+    handle = model.blocks[-1].attn.proj.register_forward_pre_hook(boom)  # raises inside the traced forward
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            trace(model, torch.randn(1, 3, 24, 40))
+    finally:
+        handle.remove()
+    assert_unchanged(model, before)
+    assert torch._C._len_torch_function_stack() == 0
 
 
 def test_targets(model):

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, SizePolicy, Tap, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, SizePolicy, VitModel
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["from_hf_model", "load_hf", "probe_attention", "siglip2_inputs"]
@@ -317,8 +317,12 @@ def _sites(tower: nn.Module, vcfg: Any) -> list[AttentionSite]:
 
 def _prefix(tower: nn.Module, vcfg: Any) -> tuple[str, ...]:
     """Prefix token kinds in token order, from the embedding module's own parameters."""
-    for m in tower.modules():
-        if not any(hasattr(m, a) for a in ("cls_token", "class_embedding", "position_embedding", "position_embeddings")):
+    embed_attrs = ("cls_token", "class_embedding", "position_embedding", "position_embeddings", "patch_embed",
+                   "patch_embeddings", "patch_embedding")
+    for name, m in tower.named_modules():
+        if name.split(".", 1)[0] == "head":  # a pooling head's own query (AIMv2's cls_token) is not a token
+            continue
+        if not any(hasattr(m, a) for a in embed_attrs):
             continue
         prefix: list[str] = []
         if isinstance(getattr(m, "cls_token", None), torch.Tensor) or isinstance(

@@ -147,7 +147,7 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
     _patch_embed(module)
     prefix = _prefix_kinds(module)
     sites = []
-    for i, blk in enumerate(blocks):  # type: ignore[arg-type]
+    for i, blk in enumerate(list(blocks.children())):
         attn = getattr(blk, "attn", None)
         heads = getattr(attn, "num_heads", None)
         if not isinstance(attn, nn.Module) or not isinstance(heads, int):

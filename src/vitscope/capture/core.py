@@ -18,10 +18,15 @@ from typing import Any, Literal
 
 import torch
 
-from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
+from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.hooks import eval_mode, record_block_outputs, record_sites
-from vitscope.capture.intercept import CHUNK_BYTES, AttentionCall, CaptureError, observe_attention, refuse_compiled
+from vitscope.capture.intercept import (
+    AttentionCall,
+    CaptureError,
+    observe_attention,
+    refuse_compiled,
+)
 from vitscope.errors import VitscopeError
 
 QuerySpec = None | str | int | tuple[int, int] | Sequence[int | str | tuple[int, int]]
@@ -158,19 +163,13 @@ def capture_full(
     device: str | torch.device | None = None,
 ) -> CaptureResult:
     """Like `capture`, also returning the model output and the pixel values used."""
-    from vitscope.adapters import as_vit
+    from vitscope.capture.prepare import prepare
 
-    vit: VitModel = as_vit(model)
+    vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
     info = vit.info
     layer_ids = resolve_layers(layers, info.num_layers)
     head_sel = resolve_heads(heads, info.num_heads)
-    dev = torch.device(device) if device is not None else vit.device
-    pixels = vit.preprocess(images, policy=policy, size=size).to(dev, vit.dtype)
-    if pixels.shape[1] != info.preprocess.channels:
-        raise VitscopeError(
-            "images", f"{pixels.shape[1]} channels but the model expects {info.preprocess.channels}",
-            "pass pixel values with the model's channel count",
-        )
+    dev = pixels.device
     B, _, Hpx, Wpx = pixels.shape
     grid = vit.grid_for((Hpx, Wpx))
     query_ids = resolve_queries(queries, info.prefix, grid)
@@ -241,6 +240,8 @@ def capture(
             way) or ``"native"``; default the model's own.
         size: target ``(height, width)``, or an int for the shorter side (aspect kept).
         token_norms: also record each block's output token norms (for artifact detection).
+        device: where a model loaded from a spec runs; a model object stays where it is and the inputs follow
+            it (see `vitscope.capture.prepare`).
 
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.

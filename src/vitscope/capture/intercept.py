@@ -92,7 +92,7 @@ class AttentionCall:
             b = b.unsqueeze(0)
         if b.shape[-2] == 1:
             return b
-        return b[:, :, ids] if not isinstance(ids, slice) else b[:, :, ids]
+        return b[:, :, ids]
 
     def rows(
         self, rows: Sequence[int] | None, heads: Sequence[int] | None, fuse_heads: bool,

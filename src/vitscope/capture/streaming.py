@@ -27,9 +27,10 @@ from typing import Any, Literal
 import torch
 
 from vitscope.adapters.base import SizePolicy, VitModel
-from vitscope.capture.core import CHUNK_BYTES, QuerySpec, check_tokens, resolve_layers, resolve_queries
+from vitscope.capture.core import QuerySpec, check_tokens, resolve_layers, resolve_queries
 from vitscope.capture.hooks import eval_mode
-from vitscope.capture.intercept import AttentionCall, CaptureError, observe_attention, refuse_compiled
+from vitscope.capture.intercept import CHUNK_BYTES, AttentionCall, CaptureError, observe_attention, refuse_compiled
+from vitscope.capture.prepare import prepare
 from vitscope.errors import VitscopeError
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -38,33 +39,6 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
-def default_device() -> torch.device:
-    """The best available device: CUDA, then Apple MPS, then CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    """``None`` -> ``fallback``; ``"auto"`` -> `default_device`; else the named device (checked to exist)."""
-    if device is None:
-        return fallback
-    if isinstance(device, str) and device == "auto":
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise VitscopeError("device", f"unknown device {device!r}", "use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitscopeError("device", "CUDA is not available here", "use device='cpu' or 'auto'")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VitscopeError("device", "Apple MPS is not available here", "use device='cpu' or 'auto'")
-    return dev
-
-
 def _check_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float32:
         return dtype
@@ -172,18 +146,7 @@ def _prepare(
     model: Any, images: Any, device: str | torch.device | None, policy: SizePolicy | None,
     size: int | tuple[int, int] | None,
 ) -> _Run:
-    from vitscope.adapters import as_vit
-
-    vit = as_vit(model)
-    dev = resolve_device(device, vit.device)
-    if dev != vit.device:
-        vit.module.to(dev)  # the `device=` argument moves the model, as `model.to(device)` would
-    pixels = vit.preprocess(images, policy=policy, size=size).to(dev, vit.dtype)
-    if pixels.shape[1] != vit.info.preprocess.channels:
-        raise VitscopeError(
-            "images", f"{pixels.shape[1]} channels but the model expects {vit.info.preprocess.channels}",
-            "pass pixel values with the model's channel count",
-        )
+    vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
     grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
     return _Run(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
 

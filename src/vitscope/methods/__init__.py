@@ -4,7 +4,9 @@ Maps come back as ``(batch, rows, cols)`` tensors on the patch grid (`upsample` 
 each method is a pure function in its own module, whose docstring gives the formula and the paper.
 """
 
+from vitscope.methods import registry
 from vitscope.methods.artifacts import ArtifactReport, token_norms
+from vitscope.methods.attn_gradcam import attn_gradcam
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.distance import DistanceAccumulator, mean_attention_distance
 from vitscope.methods.flow import attention_flow
@@ -21,6 +23,7 @@ __all__ = [
     "ArtifactReport",
     "DistanceAccumulator",
     "attention_flow",
+    "attn_gradcam",
     "chefer_relevance",
     "cls_map",
     "dino_mask",
@@ -30,6 +33,7 @@ __all__ = [
     "mean_attention_distance",
     "perturbation_auc",
     "pointing_game",
+    "registry",
     "rollout",
     "rollout_matrix",
     "smooth",

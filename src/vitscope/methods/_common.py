@@ -178,3 +178,10 @@ def mix_residual(a: torch.Tensor, residual: float, renormalize: bool) -> torch.T
     if renormalize:
         out = out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
     return out
+
+
+def rows_needed(prefix: tuple[str, ...], query: Query) -> Query:
+    """The ``queries=`` selection a map of ``query`` needs: the one row, or every row for a patch mean."""
+    if query == "mean" or (query is None and "cls" not in prefix):
+        return None  # the mean over patch query rows needs every row
+    return "cls" if query is None else query

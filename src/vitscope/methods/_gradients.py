@@ -104,12 +104,11 @@ def trace(
     size: int | tuple[int, int] | None = None,
 ) -> Trace:
     """Run ``model`` once on ``images`` with autograd on; see the module docstring."""
-    from vitscope.adapters import as_vit
+    from vitscope.capture.prepare import prepare
 
-    vit = as_vit(model)
+    vit, pixels = prepare(model, images, policy=policy, size=size)
     layer_ids = resolve_layers(layers, vit.info.num_layers)
     sites = [vit.sites[i] for i in layer_ids]
-    pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
     pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
     t = Trace(vit=vit, pixels=pixels, output=None, layers=layer_ids)
     grid = t.grid
@@ -118,7 +117,9 @@ def trace(
     def on_call(call: AttentionCall) -> None:
         check_tokens(call, N, grid, vit.info.num_prefix_tokens)
         layer = call.layer
-        dt = torch.float64 if (call.q if call.q is not None else call.probs).dtype == torch.float64 else torch.float32
+        src = call.q if call.q is not None else call.probs
+        assert src is not None
+        dt = torch.float64 if src.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             t.attn[layer] = call.rows(None, None, False, dtype=dt)  # (B, H, N, N), detached
         if call.v is not None:

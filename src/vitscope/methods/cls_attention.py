@@ -17,7 +17,15 @@ import torch
 
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
-from vitscope.methods._common import Query, fuse_heads, head_position, layer_position, query_positions
+from vitscope.methods._common import (
+    Query,
+    fuse_heads,
+    head_position,
+    layer_position,
+    query_positions,
+    rows_needed,
+)
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.upsample import UpsampleMode, upsample
 
 HeadSpec = Literal["mean", "max", "min", "all"] | int
@@ -79,3 +87,17 @@ def cls_map(
     if upsample_mode is not None:
         maps = upsample(maps, attn.image_size, upsample_mode)
     return maps
+
+
+def _compute(ctx: MapContext, *, layer: int = -1, head: HeadSpec = "mean", query: Query = None,
+             renormalize: bool = False) -> MapResult:
+    attn = ctx.capture(layers=[layer], queries=rows_needed(ctx.vit.info.prefix, query))
+    heads = cls_map(attn, layer=layer, head="all", query=query, renormalize=renormalize)  # (B, H, rows, cols)
+    fused = cls_map(attn, layer=layer, head=head, query=query, renormalize=renormalize)
+    return MapResult(map=fused.float(), extras={"heads": heads.float()}, meta={"layer": attn.layers[-1]})
+
+
+register(Method(
+    name="cls", compute=_compute, summary="one layer's [CLS] (or query) attention over the patches, heads fused",
+    paper="Caron et al., Emerging Properties in Self-Supervised Vision Transformers (DINO), ICCV 2021",
+))

@@ -36,6 +36,7 @@ from vitscope.methods._common import (
     require_full,
     token_ids_for_query,
 )
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 #: Largest token count (prefix + patches) for the exact flow. Measured on one CPU core, 12 layers: 0.3 s per
 #: image at 50 or 81 tokens, 4.7 s at 197 tokens (ViT-B/16 at 224 px).
@@ -167,3 +168,17 @@ def attention_flow(
         fine = out.reshape(B, -1)[:, torch.from_numpy(cell_of)] / torch.from_numpy(sizes[cell_of])
         out = fine.reshape(B, rows, cols)
     return out.float()
+
+
+def _compute(ctx: MapContext, *, head_fusion: str = "mean", residual: float = 0.5, start_layer: int = 0,
+             query: Query = None, approximate: bool = True) -> MapResult:
+    grid_map = attention_flow(ctx.capture(), head_fusion=head_fusion, residual=residual, start_layer=start_layer,
+                              query=query, approximate=approximate)
+    return MapResult(map=grid_map.float())
+
+
+register(Method(
+    name="flow", compute=_compute,
+    summary="attention flow: max flow from each patch to the query through the rollout graph",
+    paper="Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020",
+))

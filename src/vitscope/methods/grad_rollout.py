@@ -25,6 +25,7 @@ from vitscope.adapters.base import SizePolicy
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import Query, check_unit, discard_lowest, mix_residual
 from vitscope.methods._gradients import Target, attention_grads, layers_from, resolve_classes, scores, trace
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix, rollout_product
 
 
@@ -82,3 +83,16 @@ def grad_rollout(
         factors.append(mix_residual(f, residual, True))
     return map_from_matrix(rollout_product(factors), t.prefix, t.grid, query).float().detach()
 
+
+
+def _compute(ctx: MapContext, *, target: Target = None, discard_ratio: float = 0.9, residual: float = 0.5, relu: Literal['fused', 'grad'] = 'fused', start_layer: int = 0, query: Query = None) -> MapResult:
+    classes = ctx.classes(target)
+    grid_map = grad_rollout(ctx.vit, ctx.pixels, classes, discard_ratio=discard_ratio, residual=residual, relu=relu, start_layer=start_layer, query=query)
+    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+
+
+register(Method(
+    name="grad_rollout", compute=_compute, needs="gradients",
+    summary="gradient-weighted attention rollout (vit-explain): rollout of mean_h((dL/dA * A)^+) with discard",
+    paper="Gildenblat, vit-explain (2020): gradient attention rollout, after Abnar & Zuidema 2020",
+))

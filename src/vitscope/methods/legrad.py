@@ -31,6 +31,7 @@ from vitscope.methods._gradients import (
     scores,
     trace,
 )
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 Readout = Callable[[torch.Tensor], Any]
 
@@ -93,3 +94,16 @@ def legrad(
     assert total is not None
     out = total.reshape(total.shape[0], *t.grid).detach()
     return (minmax(out) if normalize else out).float()
+
+
+def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, normalize: bool = True) -> MapResult:
+    classes = ctx.classes(target)
+    grid_map = legrad(ctx.vit, ctx.pixels, classes, start_layer=start_layer, normalize=normalize)
+    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+
+
+register(Method(
+    name="legrad", compute=_compute, needs="gradients",
+    summary="LeGrad: per layer, the gradient of the read-out score w.r.t. the attention, averaged and min-maxed",
+    paper="Bousselham et al., LeGrad: An Explainability Method for Vision Transformers via Feature Formation Sensitivity, 2024",
+))

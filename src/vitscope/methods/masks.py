@@ -12,7 +12,8 @@ import torch
 
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
-from vitscope.methods._common import Query, check_unit
+from vitscope.methods._common import Query, check_unit, rows_needed
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 #: Tolerance on the mass comparison (float32 maps carry ~1e-7 relative rounding).
 MASS_SLACK = 1e-6
@@ -76,3 +77,23 @@ def dino_mask(
     else:
         maps = attn
     return mass_mask(maps, tau)
+
+
+def _compute(ctx: MapContext, *, tau: float = 0.6, layer: int = -1, head: str | int = "mean",
+             query: Query = None) -> MapResult:
+    attn = ctx.capture(layers=[layer], queries=rows_needed(ctx.vit.info.prefix, query))
+    mask = dino_mask(attn, tau, layer=layer, query=query)  # (B, H, rows, cols) bool
+    if isinstance(head, int):
+        from vitscope.methods._common import head_position
+
+        grid_map = mask[:, head_position(attn, head)].float()
+    else:
+        grid_map = mask.float().mean(dim=1)  # share of heads whose mask keeps each patch
+    return MapResult(map=grid_map, extras={"mask": mask}, meta={"layer": attn.layers[-1]})
+
+
+register(Method(
+    name="dino_mask", compute=_compute, upsample="nearest",
+    summary="per head, the smallest patch set holding tau of the [CLS] attention; the map is the share of heads",
+    paper="Caron et al., Emerging Properties in Self-Supervised Vision Transformers (DINO), ICCV 2021",
+))

@@ -19,6 +19,7 @@ import torch
 from vitscope.adapters.base import SizePolicy
 from vitscope.methods._common import Query
 from vitscope.methods._gradients import Target, attention_grads, layers_from, resolve_classes, scores, trace
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix
 
 
@@ -61,3 +62,16 @@ def chefer_relevance(
     for i in layers:
         r = relevance_update(r, t.attn[i].double(), grads[i].double())
     return map_from_matrix(r, t.prefix, t.grid, query).float().detach()
+
+
+def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
+    classes = ctx.classes(target)
+    grid_map = chefer_relevance(ctx.vit, ctx.pixels, classes, start_layer=start_layer, query=query)
+    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+
+
+register(Method(
+    name="chefer", compute=_compute, needs="gradients",
+    summary="Chefer relevance: R <- R + mean_h((dL/dA * A)^+) R over layers, the query row over patches",
+    paper="Chefer, Gur & Wolf, Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
+))

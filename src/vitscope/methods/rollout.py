@@ -43,6 +43,7 @@ from vitscope.methods._common import (
     require_full,
     token_ids_for_query,
 )
+from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,34 @@ def rollout(
         start_layer=start_layer, renormalize=renormalize,
     )
     return map_from_matrix(r, attn.prefix, attn.grid, query).float()
+
+
+#: Above this many bytes of full ``L x H x N x N`` attention, the registry's rollout streams (`streaming_rollout`).
+STREAM_BYTES = 256 * 2**20
+
+
+def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | None = None,
+             residual: float | None = None, discard_ratio: float | None = None, start_layer: int = 0,
+             renormalize: bool | None = None, query: Query = None) -> MapResult:
+    s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
+                  renormalize=renormalize)
+    if ctx.attention_bytes() > STREAM_BYTES and not isinstance(query, int):
+        from vitscope.capture.streaming import streaming_rollout
+
+        rows = streaming_rollout(
+            ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
+            discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
+            queries="auto" if query is None else query,
+        )
+        return MapResult(map=rows.maps()[:, 0].float(), meta={"strategy": "streaming", **s.__dict__})
+    attn = ctx.capture()
+    grid_map = rollout(attn, head_fusion=s.head_fusion, residual=s.residual, discard_ratio=s.discard_ratio,
+                       start_layer=start_layer, renormalize=s.renormalize, query=query)
+    return MapResult(map=grid_map, meta={"strategy": "dense", **s.__dict__})
+
+
+register(Method(
+    name="rollout", compute=_compute,
+    summary="attention rollout: the product of residual-mixed, head-fused attention over layers",
+    paper="Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020",
+))

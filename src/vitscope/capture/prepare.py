@@ -1,0 +1,76 @@
+"""One preparation step for every entry point: the model described, the pixels made, on the model's device.
+
+The device rule (the same for `vitscope.capture`, `vitscope.maps`, the streaming paths, gradient methods and
+batch mode): **inputs follow the model, and a model you pass is never moved.** A model vitscope loads itself
+from a spec string (``"timm:..."``, ``"hf:..."``, a folder) is loaded onto ``device=`` (``"auto"``: CUDA, then
+Apple MPS, then CPU). For a model object (an ``nn.Module`` or `VitModel`), ``device=`` may only name the device it
+is on; anything else is a one-line error telling you to move it yourself (``model.to(device)``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from vitscope.adapters.base import SizePolicy, VitModel
+from vitscope.errors import VitscopeError
+
+
+def default_device() -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
+    """``None`` -> ``fallback``; ``"auto"`` -> `default_device`; else the named device (checked to exist)."""
+    if device is None:
+        return fallback
+    if isinstance(device, str) and device == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise VitscopeError("device", f"unknown device {device!r}", "use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VitscopeError("device", "CUDA is not available here", "use device='cpu' or 'auto'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise VitscopeError("device", "Apple MPS is not available here", "use device='cpu' or 'auto'")
+    return dev
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def prepare(
+    model: Any, images: Any, *, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[VitModel, torch.Tensor]:
+    """``(vit, pixels)``: the described model and its pixel values ``(B, C, H, W)`` on the model's device."""
+    from vitscope.adapters import as_vit
+
+    vit = as_vit(model)
+    if device is not None:
+        dev = resolve_device(device, vit.device)
+        if not _same_device(dev, vit.device):
+            if not isinstance(model, (str, os.PathLike)):
+                raise VitscopeError(
+                    "device", f"the model is on {vit.device}, device={str(device)!r} asks for {dev}",
+                    f"move it yourself (model.to('{dev}')): vitscope never moves a model you pass",
+                )
+            vit.module.to(dev)  # loaded here from a spec: nobody else holds it
+    pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
+    channels = vit.info.preprocess.channels
+    if pixels.shape[1] != channels:
+        raise VitscopeError(
+            "images", f"{pixels.shape[1]} channels but the model expects {channels}",
+            "pass pixel values with the model's channel count",
+        )
+    return vit, pixels

@@ -1,0 +1,214 @@
+"""The one table of maps: each method is declared once, in its own module, with what it needs.
+
+A `Method` names the map the way users type it (``vitscope maps --method rollout``, ``vitscope.maps(...,
+"rollout")``, ``vitscope batch --method rollout``, the report's ``--methods``), its parameters and defaults (the
+keyword-only arguments of its ``compute`` function), its paper, and what it needs from the forward pass.
+``compute(ctx, **params)`` receives a `MapContext`: the model and the pixels, prepared once, and a cache of
+captures, so a report that runs several methods on the same images captures each selection once.
+
+Adding a method is one module under ``vitscope/methods/`` that ends with ``register(Method(...))`` (imported by
+``vitscope.methods``) plus its test; every surface (CLI choices and help, batch, report, figures) reads this
+registry. Registering a name twice is refused, as timm's model registry does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from vitscope.errors import VitscopeError
+
+
+@dataclass
+class MapResult:
+    """A method's output: the map on the patch grid and what comes with it."""
+
+    map: torch.Tensor  # (B, rows, cols) float32
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "heads" (B, H, rows, cols), "mask"
+    meta: dict[str, Any] = field(default_factory=dict)  # method settings as used (JSON-able)
+
+
+class MapContext:
+    """The model and pixels of one call, prepared once, with captures cached by selection."""
+
+    def __init__(self, vit: Any, pixels: torch.Tensor) -> None:
+        self.vit = vit
+        self.pixels = pixels
+        self._captures: dict[Any, Any] = {}
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.vit.grid_for((int(self.pixels.shape[-2]), int(self.pixels.shape[-1])))
+
+    @property
+    def num_tokens(self) -> int:
+        rows, cols = self.grid
+        return int(self.vit.info.num_prefix_tokens + rows * cols)
+
+    def capture(self, layers: int | Sequence[int] | None = None, queries: Any = None, heads: Any = "all") -> Any:
+        """`vitscope.capture` of these pixels, computed once per selection (also reused by wider selections:
+        a capture of every row and layer serves any request)."""
+        from vitscope.capture.core import capture
+
+        key = (_key(layers), _key(queries), _key(heads))
+        full = (None, None, "all")
+        if key not in self._captures and full in self._captures:
+            return self._captures[full]
+        if key not in self._captures:
+            self._captures[key] = capture(self.vit, self.pixels, layers=layers, queries=queries, heads=heads)
+        return self._captures[key]
+
+    def classes(self, target: Any) -> list[int] | Any:
+        """The target of a gradient method as one class per image: ``None`` -> the predicted classes (one
+        forward pass, cached); an int -> that class for every image; a callable is passed through."""
+        if callable(target) and not isinstance(target, torch.Tensor):
+            return target
+        if target is not None:
+            t = torch.as_tensor(target).reshape(-1).tolist()
+            return [int(t[0])] * int(self.pixels.shape[0]) if len(t) == 1 else [int(x) for x in t]
+        if "predicted" not in self._captures:
+            with torch.no_grad():
+                logits = self.vit.logits(self.vit(self.pixels.to(self.vit.device, self.vit.dtype)))
+            if logits is None:
+                raise VitscopeError("target", "the model has no classifier to take a class from",
+                                    "pass target=<class index> or a callable target(output) -> (batch,) scores")
+            self._captures["predicted"] = logits.argmax(dim=-1).tolist()
+        return self._captures["predicted"]
+
+    def attention_bytes(self) -> int:
+        """Bytes of every layer's full ``H x N x N`` float32 attention for these pixels."""
+        info = self.vit.info
+        return int(4 * self.pixels.shape[0] * info.num_layers * info.num_heads * self.num_tokens**2)
+
+
+def _key(x: Any) -> Any:
+    return tuple(x) if isinstance(x, list) else x
+
+
+Needs = Literal["attention", "gradients"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One map, declared once.
+
+    Attributes:
+        name: what users type (``"cls"``, ``"rollout"``, ...).
+        compute: ``compute(ctx: MapContext, **params) -> MapResult``; its keyword-only arguments are the
+            method's parameters and their defaults.
+        summary: one line for ``--help`` and docs.
+        paper: the reference (authors, title, venue year).
+        needs: ``"attention"`` (a forward pass, no autograd) or ``"gradients"`` (a target class, backward).
+        upsample: how the map is brought to pixels (``"bilinear"``; ``"nearest"`` for masks).
+    """
+
+    name: str
+    compute: Callable[..., MapResult]
+    summary: str
+    paper: str
+    needs: Needs = "attention"
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Parameter name -> default, from ``compute``'s keyword-only arguments."""
+        sig = inspect.signature(self.compute)
+        return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (a second method of the same name is refused)."""
+    old = REGISTRY.get(method.name)
+    if old is not None and old.compute is not method.compute:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    """Every registered method name, in registration order."""
+    _load()
+    return tuple(REGISTRY)
+
+
+def get(name: str, argument: str = "method") -> Method:
+    """The method called ``name``, or a one-line error listing the names."""
+    _load()
+    if name not in REGISTRY:
+        raise VitscopeError(argument, f"unknown method {name!r}", f"use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def _load() -> None:
+    import vitscope.methods  # noqa: F401  (each method module registers itself on import)
+
+
+def check_params(method: Method, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` completed with the method's defaults; an unknown name is a one-line error."""
+    known = method.params
+    bad = sorted(set(params) - set(known))
+    if bad:
+        raise VitscopeError(
+            bad[0], f"method {method.name!r} has no parameter {bad[0]!r}",
+            f"its parameters are {', '.join(known) or 'none'}",
+        )
+    return {**known, **params}
+
+
+def compute(ctx: MapContext, name: str, **params: Any) -> MapResult:
+    """Run method ``name`` on a prepared context."""
+    method = get(name)
+    full = check_params(method, params)
+    result = method.compute(ctx, **full)
+    result.meta = {"method": name, **{k: _jsonable(v) for k, v in full.items() if not callable(v)}, **result.meta}
+    return result
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def maps(
+    model: Any,
+    images: Any,
+    method: str = "cls",
+    *,
+    policy: Any = None,
+    size: int | tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+    **params: Any,
+) -> MapResult:
+    """One method's map of ``images``: prepare once, capture what the method declares, compute.
+
+    Args:
+        model: a `VitModel`, a spec string or an ``nn.Module``.
+        images: a path, PIL image, array, a list of them, or pixel values ``(B, C, H, W)``.
+        method: a registered name (`names()`: ``cls``, ``dino_mask``, ``rollout``, ``flow``, ``grad_rollout``,
+            ``chefer``, ``legrad``, ``attn_gradcam``).
+        policy, size, device: preparation (`vitscope.capture.prepare`).
+        **params: the method's parameters (see ``registry.get(method).params``); unknown names are an error.
+
+    Returns:
+        `MapResult`: ``map`` ``(batch, rows, cols)`` float32, ``extras`` and ``meta``.
+
+    Example:
+        >>> r = vitscope.maps("vitscope:shapes", "cat.png", "rollout", residual=0.5)  # doctest: +SKIP
+        >>> r.map.shape  # (1, rows, cols)  # doctest: +SKIP
+    """
+    from vitscope.capture.prepare import prepare
+
+    spec = get(method)
+    check_params(spec, params)
+    vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
+    return compute(MapContext(vit, pixels), method, **params)
