@@ -28,7 +28,7 @@ ARGS = [
 
 def build(folder: Path) -> Path:
     import vitscope
-    from vitscope.train.model import ViT, ViTConfig
+    from vitscope.models.vit import ViT, ViTConfig
     from vitscope.viewer import Viewer
 
     torch.manual_seed(0)

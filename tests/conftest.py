@@ -39,7 +39,7 @@ def shared_data() -> Path:
 
 def make_tiny_vit(num_registers: int = 0, image_size: tuple[int, int] = (32, 32), seed: int = 0,
                   num_classes: int = 5, depth: int = 2, heads: int = 4, dim: int = 32, patch: int = 8):
-    from vitscope.train.model import ViT, ViTConfig
+    from vitscope.models.vit import ViT, ViTConfig
 
     torch.manual_seed(seed)
     cfg = ViTConfig(image_size=image_size, patch_size=patch, dim=dim, depth=depth, heads=heads,

@@ -25,7 +25,7 @@ from vitscope.capture import capture
 from vitscope.errors import VitscopeError
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.rollout import rollout
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import make_tiny_vit
 from vitscope.attentions import Attentions
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from PIL import Image
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
 from vitscope.demo import demo_images
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 
 
 def test_demo_images_are_shapes_then_photos():

@@ -25,15 +25,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-TokenKind = Literal["cls", "dist", "register"]
-TOKEN_KINDS: tuple[str, ...] = ("cls", "dist", "register")
+from vitscope._ops import fuse_heads
+from vitscope.errors import VitscopeError
+from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout
+from vitscope.layout import as_pair as _as_pair
 
-
-def _as_pair(x: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    a, b = x
-    return (int(a), int(b))
+__all__ = ["TOKEN_KINDS", "Attentions", "TokenKind"]
 
 
 @dataclass
@@ -74,7 +71,7 @@ class Attentions:
         self.prefix = tuple(self.prefix)
         for kind in self.prefix:
             if kind not in TOKEN_KINDS:
-                raise ValueError(f"prefix: unknown token kind {kind!r}; expected one of {TOKEN_KINDS}")
+                raise VitscopeError("prefix", f"unknown token kind {kind!r}", f"expected one of {TOKEN_KINDS}")
         self.grid = _as_pair(self.grid)
         self.patch_size = _as_pair(self.patch_size)
         self.image_size = _as_pair(self.image_size)
@@ -84,24 +81,29 @@ class Attentions:
         if self.queries is not None:
             self.queries = tuple(int(q) for q in self.queries)
         if self.weights.dim() != 5:
-            raise ValueError(
-                f"weights: expected 5 dims (layer, batch, head, query, key), got shape {tuple(self.weights.shape)}"
+            raise VitscopeError(
+                "weights", f"expected 5 dims (layer, batch, head, query, key), got shape {tuple(self.weights.shape)}"
             )
         L, _B, H, Q, N = self.weights.shape
         if self.num_tokens != N:
-            raise ValueError(
-                f"weights: key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} gives {self.num_tokens}"
+            raise VitscopeError(
+                "weights", f"key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} gives {self.num_tokens}"
             )
         if len(self.layers) != L:
-            raise ValueError(f"weights: {L} layers along dim 0 but layers={self.layers}")
+            raise VitscopeError("weights", f"{L} layers along dim 0 but layers={self.layers}")
         expected_h = 1 if self.heads == "mean" else len(self.heads)
         if expected_h != H:
-            raise ValueError(f"weights: {H} heads along dim 2 but heads={self.heads!r}")
+            raise VitscopeError("weights", f"{H} heads along dim 2 but heads={self.heads!r}")
         expected_q = N if self.queries is None else len(self.queries)
         if expected_q != Q:
-            raise ValueError(f"weights: {Q} queries along dim 3 but queries={self.queries!r}")
+            raise VitscopeError("weights", f"{Q} queries along dim 3 but queries={self.queries!r}")
 
     # ----------------------------------------------------------------------------------------- tokens
+    @property
+    def layout(self) -> TokenLayout:
+        """The token layout (prefix kinds, grid, patch and image size) that owns token indexing."""
+        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size)
+
     @property
     def num_prefix_tokens(self) -> int:
         return len(self.prefix)
@@ -121,61 +123,36 @@ class Attentions:
     @property
     def cls_index(self) -> int | None:
         """Token index of [CLS], or ``None`` for models without one (e.g. SigLIP)."""
-        return self.prefix.index("cls") if "cls" in self.prefix else None
+        return self.layout.cls_index
 
     @property
     def dist_index(self) -> int | None:
-        return self.prefix.index("dist") if "dist" in self.prefix else None
+        return self.layout.dist_index
 
     @property
     def register_indices(self) -> tuple[int, ...]:
-        return tuple(i for i, k in enumerate(self.prefix) if k == "register")
+        return self.layout.register_indices
 
     @property
     def patch_slice(self) -> slice:
         return slice(self.num_prefix_tokens, self.num_tokens)
 
     def patch_index(self, row: int, col: int) -> int:
-        """Token index of the patch at grid position ``(row, col)``."""
-        rows, cols = self.grid
-        if not (0 <= row < rows and 0 <= col < cols):
-            raise IndexError(f"patch (row={row}, col={col}) is outside the {rows}x{cols} grid")
-        return self.num_prefix_tokens + row * cols + col
+        """Token index of the patch at grid position ``(row, col)`` (`TokenLayout.patch_index`)."""
+        return self.layout.patch_index(row, col)
 
     def token_index(self, token: int | str | tuple[int, int]) -> int:
         """Resolve a query token given as an index, ``"cls"``/``"dist"``/``"register:K"``, or ``(row, col)``."""
-        if isinstance(token, tuple):
-            return self.patch_index(*token)
-        if isinstance(token, str):
-            if token in ("cls", "dist"):
-                idx = self.cls_index if token == "cls" else self.dist_index
-                if idx is None:
-                    raise ValueError(
-                        f"query={token!r}: this model has no {token} token (prefix={self.prefix}); "
-                        "use a patch (row, col) or a token index"
-                    )
-                return idx
-            if token.startswith("register"):
-                k = int(token.split(":", 1)[1]) if ":" in token else 0
-                regs = self.register_indices
-                if not 0 <= k < len(regs):
-                    raise ValueError(f"query={token!r}: the model has {len(regs)} register tokens")
-                return regs[k]
-            raise ValueError(f"query={token!r}: expected 'cls', 'dist', 'register:K', an index or (row, col)")
-        idx = int(token)
-        if idx < 0:
-            idx += self.num_tokens
-        if not 0 <= idx < self.num_tokens:
-            raise IndexError(f"query token {token} out of range for {self.num_tokens} tokens")
-        return idx
+        return self.layout.token_index(token)
 
     # ---------------------------------------------------------------------------------- selections
     def layer_position(self, layer: int) -> int:
         """Position along dim 0 of absolute layer ``layer`` (negative counts from the model's last layer)."""
         absolute = layer + self.num_layers if layer < 0 else layer
         if absolute not in self.layers:
-            raise IndexError(
-                f"layer={layer}: not captured (captured layers {list(self.layers)}, model has {self.num_layers})"
+            raise TokenError(
+                "layer", f"layer {layer} not captured (captured layers {list(self.layers)}, model has "
+                f"{self.num_layers})", "capture that layer, or pick one of the captured layers",
             )
         return self.layers.index(absolute)
 
@@ -185,18 +162,18 @@ class Attentions:
         if self.queries is None:
             return idx
         if idx not in self.queries:
-            raise ValueError(
-                f"query token {idx} was not captured (captured queries {list(self.queries)}); capture with "
-                "queries=None or include it"
+            raise VitscopeError(
+                "query", f"query token {idx} was not captured (captured queries {list(self.queries)})",
+                "capture with queries=None or include it",
             )
         return self.queries.index(idx)
 
     def require_full(self, method: str) -> None:
         """Raise unless every token was captured as a query (rollout, flow, distance need that)."""
         if self.queries is not None:
-            raise ValueError(
-                f"{method} needs every query row, but these attentions hold only queries {list(self.queries)}; "
-                "capture with queries=None"
+            raise VitscopeError(
+                "attn", f"{method} needs every query row, but these attentions hold only queries "
+                f"{list(self.queries)}", "capture with queries=None",
             )
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +185,7 @@ class Attentions:
         if x.shape[-1] == self.num_tokens:
             x = x[..., self.patch_slice]
         if x.shape[-1] != rows * cols:
-            raise ValueError(f"to_grid: last dim {x.shape[-1]} is neither N={self.num_tokens} nor {rows * cols}")
+            raise VitscopeError("x", f"to_grid: last dim {x.shape[-1]} is neither N={self.num_tokens} nor {rows * cols}")
         return x.reshape(*x.shape[:-1], rows, cols)
 
     def select(self, layers: Sequence[int] | None = None) -> Attentions:
@@ -220,16 +197,7 @@ class Attentions:
 
     def fused(self, head_fusion: Literal["mean", "max", "min"] = "mean") -> torch.Tensor:
         """Weights with heads fused: ``(layer, batch, query, key)``."""
-        w = self.weights
-        if head_fusion == "mean":
-            return w.mean(dim=2)
-        if self.heads == "mean":
-            raise ValueError(f"head_fusion={head_fusion!r}: heads were already averaged at capture time")
-        if head_fusion == "max":
-            return w.amax(dim=2)
-        if head_fusion == "min":
-            return w.amin(dim=2)
-        raise ValueError(f"head_fusion={head_fusion!r}: expected 'mean', 'max' or 'min'")
+        return fuse_heads(self.weights, head_fusion, self.heads, dim=2)
 
     # -------------------------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike[str]) -> Path:

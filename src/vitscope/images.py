@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vitscope.adapters.base import Preprocess, SizePolicy
 from vitscope.errors import ImageError
+from vitscope.layout import Preprocess, SizePolicy
 
 #: Largest image (in pixels) vitscope will decode; PIL's own bomb guard stops at twice its default.
 MAX_PIXELS = 20_000 * 20_000

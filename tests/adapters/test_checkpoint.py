@@ -161,7 +161,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
 def test_pickled_module_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "whole_model.pth"
     torch.save(_dino_like(), path)  # a pickled nn.Module needs its class imported: not weights only
-    with pytest.raises(CheckpointError, match=r"refused .*vitscope\.train\.model\.ViT"):
+    with pytest.raises(CheckpointError, match=r"refused .*vitscope\.models\.vit\.ViT"):
         load_dino_checkpoint(path)
 
 

@@ -292,7 +292,7 @@ def _open_clip() -> Builder:
 # ------------------------------------------------------------------------------------- vitscope and custom
 def _vitscope(registers: int = 0) -> Builder:
     def build(factor: float, _size: tuple[int, int]) -> Built:
-        from vitscope.train.model import ViT, ViTConfig
+        from vitscope.models.vit import ViT, ViTConfig
 
         torch.manual_seed(0)
         cfg = ViTConfig(image_size=(32, 32), patch_size=PATCH, dim=32, depth=2, heads=2, num_classes=5,

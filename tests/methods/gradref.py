@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vitscope.train.model import ViT
+from vitscope.models.vit import ViT
 
 
 def reference_forward(model: ViT, pixels: torch.Tensor, edit: Callable[[int, torch.Tensor], torch.Tensor] | None = None,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_tiny_vit
 from vitscope.cli import app, main
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 
 runner = CliRunner()
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from vitscope.errors import VitscopeError
+from vitscope.models.vit import load_vit
 from vitscope.train import loop
 from vitscope.train.augment import random_resized_crop_flip
 from vitscope.train.loop import TrainConfig, epoch_order, lr_factor, preset, train
-from vitscope.train.model import load_vit
 
 
 def tiny_config(**kw: object) -> TrainConfig:

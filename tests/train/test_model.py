@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_tiny_vit
-from vitscope.train.model import ViT, ViTConfig, count_parameters, load_vit, save_vit
+from vitscope.models.vit import ViT, ViTConfig, count_parameters, load_vit, save_vit
 
 
 @pytest.mark.parametrize("registers", [0, 4])

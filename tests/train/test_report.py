@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tiny_vit
-from vitscope.train.model import ViT, ViTConfig, save_vit
+from vitscope.models.vit import ViT, ViTConfig, save_vit
 from vitscope.train.report import METHODS, model_report, shapes_batch
 from vitscope.train.shapes import SHAPE_CLASSES, render_shape
 
@@ -33,7 +33,7 @@ def test_report_numbers_and_files(shapes_model: Path, tmp_path: Path) -> None:
         "attention_distance.png", "metrics.json", "report.md", "rollout.png"]  # replaced as a whole
     assert not list(tmp_path.glob(".rep.*"))
     # accuracy recomputed independently from the generator and the saved model
-    from vitscope.train.model import load_vit
+    from vitscope.models.vit import load_vit
 
     model = load_vit(shapes_model)
     x = torch.stack([torch.from_numpy(render_shape(5, i, (16, 16), "test").image) for i in range(24)])

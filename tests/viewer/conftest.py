@@ -50,7 +50,7 @@ def small_page(tmp_path_factory: pytest.TempPathFactory) -> Page:
 @pytest.fixture(scope="session")
 def vits_page(tmp_path_factory: pytest.TempPathFactory) -> Page:
     """A random-weight ViT-S/16 (12 layers, 6 heads, dim 384) at 224 px: 12 x 6 x 197 x 197 weights."""
-    from vitscope.train.model import ViT, ViTConfig
+    from vitscope.models.vit import ViT, ViTConfig
 
     torch.manual_seed(0)
     model = ViT(ViTConfig(image_size=(224, 224), patch_size=16, dim=384, depth=12, heads=6, num_classes=10)).eval()

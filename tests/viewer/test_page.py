@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 from vitscope.viewer import view
 from vitscope.viewer.page import asset, json_for_script
 

@@ -10,7 +10,7 @@ import vitscope
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
 from vitscope.errors import VitscopeError
-from vitscope.train.model import save_vit
+from vitscope.models.vit import save_vit
 from vitscope.viz import render_array
 from vitscope.viz.make import make_figure, parse_query
 

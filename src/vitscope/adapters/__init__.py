@@ -43,7 +43,7 @@ def wrap(module: nn.Module, **declaration: Any) -> VitModel:
         from vitscope.adapters.custom import wrap_custom
 
         return wrap_custom(module, **declaration)
-    from vitscope.train.model import ViT
+    from vitscope.models.vit import ViT
 
     if isinstance(module, ViT):
         from vitscope.adapters.vitscope_vit import from_vit

@@ -16,31 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-SizePolicy = Literal["resize", "crop", "native"]
+from vitscope.layout import Preprocess, SizePolicy
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How the model wants its images.
-
-    Attributes:
-        image_size: default input ``(height, width)`` in pixels (the size it was trained at).
-        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
-        policy: default size policy: ``"resize"`` to ``image_size`` (the processors' way), ``"crop"`` the
-            image at its own resolution down to a multiple of the patch size (DINO's way), or ``"native"``
-            (resize so each side is the nearest multiple of the patch size, keeping the aspect ratio).
-        resample: PIL resampling filter name used when resizing (``"bicubic"``, ``"bilinear"``).
-        dynamic_size: the model accepts other sizes than ``image_size`` (positional embeddings interpolated).
-    """
-
-    image_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    policy: SizePolicy = "resize"
-    resample: str = "bicubic"
-    dynamic_size: bool = True
-    channels: int = 3
-
+__all__ = ["AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel"]
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -6,7 +6,7 @@ than tensors and plain containers. (Training checkpoints that carry an ``argpars
 ``args`` entry, are allowed: building a Namespace sets attributes and runs nothing.)
 
 DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers") saves its ViTs with the
-parameter names of its ``vision_transformer.py``, which vitscope's own ViT (`vitscope.train.model.ViT`) shares,
+parameter names of its ``vision_transformer.py``, which vitscope's own ViT (`vitscope.models.vit.ViT`) shares,
 so a DINO backbone loads into it directly. The architecture is read from the tensor shapes:
 
 - ``patch_embed.proj.weight`` ``(D, C, p, p)``: embedding dim ``D``, channels ``C``, patch size ``p``;
@@ -33,7 +33,7 @@ from vitscope.adapters.base import VitModel
 from vitscope.errors import CheckpointError, VitscopeError
 
 if TYPE_CHECKING:
-    from vitscope.train.model import PosInterp
+    from vitscope.models.vit import PosInterp
 
 #: Heads per embedding dim of DINO's (and DeiT's) ViT sizes.
 HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16}
@@ -229,7 +229,7 @@ def load_dino_checkpoint(
         >>> vit = vitscope.load("dino:dino_deitsmall16_pretrain.pth")  # doctest: +SKIP
     """
     from vitscope.adapters.vitscope_vit import from_vit
-    from vitscope.train.model import POS_INTERPS, ViT, ViTConfig
+    from vitscope.models.vit import POS_INTERPS, ViT, ViTConfig
 
     if pos_interp not in POS_INTERPS:
         raise VitscopeError(

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
-from vitscope.attentions import TOKEN_KINDS
 from vitscope.errors import NotAViTError, VitscopeError
+from vitscope.layout import TOKEN_KINDS
 
 
 def find_blocks(module: nn.Module, pattern: str) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""Adapter for vitscope's own ViT (`vitscope.train.model.ViT`) and its bundled models."""
+"""Adapter for vitscope's own ViT (`vitscope.models.vit.ViT`) and its bundled models."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ BUNDLED = ("shapes",)
 
 
 def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
-    from vitscope.train.model import Attention, ViT
+    from vitscope.models.vit import Attention, ViT
 
     if not isinstance(model, ViT):
         raise TypeError(f"expected a vitscope ViT, got {type(model).__name__}")
@@ -54,7 +54,7 @@ def bundled_path(name: str) -> Path:
 
 
 def load_folder(folder: str | Path, name: str | None = None) -> VitModel:
-    from vitscope.train.model import load_vit
+    from vitscope.models.vit import load_vit
 
     folder = Path(folder)
     return from_vit(load_vit(folder), name=name or folder.name)

@@ -26,15 +26,21 @@ from typing import Any, Literal
 
 import torch
 
+from vitscope._ops import check_fusion, fuse_heads
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.capture.core import QuerySpec, check_tokens, resolve_layers, resolve_queries
 from vitscope.capture.hooks import eval_mode
-from vitscope.capture.intercept import CHUNK_BYTES, AttentionCall, CaptureError, observe_attention, refuse_compiled
+from vitscope.capture.intercept import (
+    CHUNK_BYTES,
+    AttentionCall,
+    CaptureError,
+    observe_attention,
+    refuse_compiled,
+)
 from vitscope.capture.prepare import prepare
 from vitscope.errors import VitscopeError
 
 HeadFusion = Literal["mean", "max", "min"]
-_FUSIONS = ("mean", "max", "min")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -52,18 +58,9 @@ def _check_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtyp
     raise VitscopeError("compute_dtype", f"unsupported dtype {dtype}", "use torch.float32, float16 or bfloat16")
 
 
-def _check_fusion(head_fusion: str) -> None:
-    if head_fusion not in _FUSIONS:
-        raise VitscopeError("head_fusion", f"unknown value {head_fusion!r}", "use 'mean', 'max' or 'min'")
-
-
 def _fuse(probs: torch.Tensor, head_fusion: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, H, c, N)`` -> ``(B, c, N)`` (into ``out`` when given)."""
-    if head_fusion == "mean":
-        return torch.mean(probs, dim=1, out=out) if out is not None else probs.mean(dim=1)
-    if head_fusion == "max":
-        return torch.amax(probs, dim=1, out=out) if out is not None else probs.amax(dim=1)
-    return torch.amin(probs, dim=1, out=out) if out is not None else probs.amin(dim=1)
+    """``(B, H, c, N)`` -> ``(B, c, N)`` (into ``out`` when given): `vitscope._ops.fuse_heads` over dim 1."""
+    return fuse_heads(probs, head_fusion, dim=1, out=out)
 
 
 def _chunk_rows(chunk_rows: int | None, B: int, H: int, N: int) -> int:
@@ -208,7 +205,7 @@ def fused_attention(
         >>> fused = vitscope.capture.streaming.fused_attention(vit, "cat.png", layers=[-1])  # doctest: +SKIP
         >>> fused.shape  # (1, 1, N, N)  # doctest: +SKIP
     """
-    _check_fusion(head_fusion)
+    check_fusion(head_fusion)
     run = _prepare(model, images, device, policy, size)
     info = run.vit.info
     cdt = _check_compute_dtype(compute_dtype, run.pixels.device)
@@ -338,7 +335,7 @@ def streaming_rollout(
     """
     from vitscope.methods._common import discard_lowest
 
-    _check_fusion(head_fusion)
+    check_fusion(head_fusion)
     for name, value, top in (("residual", residual, 1.0), ("discard_ratio", discard_ratio, 1.0)):
         if not (0.0 <= float(value) <= top) or (name == "discard_ratio" and value >= 1.0):
             raise VitscopeError(name, f"{value} is out of range", "pass a value in [0, 1] ([0, 1) for discard_ratio)")

@@ -11,11 +11,13 @@ from typing import Literal
 
 import torch
 
+from vitscope._ops import HEAD_FUSIONS, check_fusion, fuse_heads
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
+from vitscope.layout import TokenLayout
 
 HeadFusion = Literal["mean", "max", "min"]
-HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
+__all__ = ["HEAD_FUSIONS", "HeadFusion", "Query", "check_fusion", "fuse_heads"]
 
 #: A query for a map: ``"cls"``, ``"dist"``, ``"register:K"``, a token index, a patch ``(row, col)``, or
 #: ``"mean"`` (the mean over all patch query rows: the global query of models without [CLS]).
@@ -38,24 +40,6 @@ def require_full(attn: Attentions, method: str) -> None:
         raise VitscopeError("attn", str(exc)) from None
 
 
-def check_fusion(head_fusion: str) -> None:
-    if head_fusion not in HEAD_FUSIONS:
-        raise VitscopeError("head_fusion", f"unknown value {head_fusion!r}", "use 'mean', 'max' or 'min'")
-
-
-def fuse_heads(w: torch.Tensor, head_fusion: str, heads: object, dim: int = 1) -> torch.Tensor:
-    """Fuse the head dim ``dim`` of ``w`` by mean / max / min (dim removed)."""
-    check_fusion(head_fusion)
-    if head_fusion == "mean":
-        return w.mean(dim=dim)
-    if heads == "mean":
-        raise VitscopeError(
-            "head_fusion", f"{head_fusion!r} needs every head, but heads were averaged at capture time",
-            "capture with heads='all', or use head_fusion='mean'",
-        )
-    return w.amax(dim=dim) if head_fusion == "max" else w.amin(dim=dim)
-
-
 def head_position(attn: Attentions, head: int) -> int:
     """Position along dim 2 of the model's head ``head`` (negatives count from the model's last head)."""
     if attn.heads == "mean":
@@ -73,21 +57,19 @@ def head_position(attn: Attentions, head: int) -> int:
 
 
 def default_query(prefix: Sequence[str]) -> str:
-    """``"cls"`` when the model has a [CLS] token, else ``"mean"`` (mean over patch query rows)."""
-    return "cls" if "cls" in prefix else "mean"
+    """``"cls"`` when the model has a [CLS] token, else ``"mean"`` (`TokenLayout.default_query`)."""
+    return TokenLayout(tuple(prefix), (0, 0)).default_query
 
 
 def query_positions(attn: Attentions, query: Query) -> list[int]:
     """Positions along dim 3 whose rows are averaged for ``query`` (one position unless ``"mean"``).
 
-    ``None`` means the default global query (`default_query`).
+    ``None`` means the default global query (`TokenLayout.default_query`).
     """
-    if query is None:
-        query = default_query(attn.prefix)
-    if query == "mean":
-        patch_ids = range(attn.num_prefix_tokens, attn.num_tokens)
-        if attn.queries is None:
-            return list(patch_ids)
+    ids = attn.layout.query_ids(query)
+    if attn.queries is None:
+        return ids
+    if query == "mean" or (query is None and attn.layout.default_query == "mean"):
         pos = [i for i, q in enumerate(attn.queries) if q >= attn.num_prefix_tokens]
         if not pos:
             raise VitscopeError(
@@ -95,23 +77,12 @@ def query_positions(attn: Attentions, query: Query) -> list[int]:
                 "capture with queries=None",
             )
         return pos
-    try:
-        return [attn.query_position(query)]  # type: ignore[arg-type]
-    except (ValueError, IndexError) as exc:
-        raise VitscopeError(
-            "query", str(exc), "use 'cls', 'mean', 'register:K', a token index or a patch (row, col)"
-        ) from None
+    return [attn.query_position(ids[0])]
 
 
 def token_ids_for_query(prefix: Sequence[str], grid: tuple[int, int], query: Query) -> list[int]:
     """Token indices averaged for ``query`` when every row is available (rollout, gradient methods)."""
-    n_prefix = len(prefix)
-    rows, cols = grid
-    probe = Attentions(
-        weights=torch.zeros(0, 0, 1, n_prefix + rows * cols, n_prefix + rows * cols), prefix=tuple(prefix), grid=grid,
-        patch_size=(1, 1), image_size=grid, layers=(), heads="mean", queries=None, num_layers=0, num_heads=0,
-    )
-    return query_positions(probe, query)
+    return TokenLayout(tuple(prefix), grid).query_ids(query)
 
 
 def contiguous_layers(attn: Attentions, start_layer: int = 0, method: str = "rollout") -> list[int]:

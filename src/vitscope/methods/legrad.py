@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vitscope._ops import minmax
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.errors import VitscopeError
 from vitscope.methods._gradients import (
@@ -44,15 +45,6 @@ def default_readout(vit: VitModel) -> Readout:
             "pass readout=lambda tokens: <final norm + head applied to tokens (B, N, D)>",
         )
     return vit.readout
-
-
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max normalisation of ``(B, ...)`` to [0, 1] (constant maps become 0)."""
-    flat = x.reshape(x.shape[0], -1)
-    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return out.reshape(x.shape)
 
 
 def legrad(

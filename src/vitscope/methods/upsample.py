@@ -23,7 +23,8 @@ def upsample(
 
     - ``"nearest"``: each patch becomes a constant block, as DINO's ``visualize_attention.py``
       (``interpolate(scale_factor=patch_size, mode="nearest")``); exact repetition when the size is a
-      multiple of the grid.
+      multiple of the grid, and otherwise each pixel takes the patch its centre falls in (torch's
+      ``"nearest-exact"``; its legacy ``"nearest"`` shifts blocks towards the top-left).
     - ``"bilinear"``: ``align_corners=False`` (patch centres sit at pixel centres of their patch).
     - ``"bicubic"``: ``align_corners=False``, then clamped to each map's own ``[min, max]`` so overshoot never
       creates negative attention.
@@ -49,7 +50,7 @@ def upsample(
     x = maps.reshape(-1, 1, rows, cols)  # (M, 1, rows, cols)
     x = x.float() if not x.is_floating_point() else x
     if mode == "nearest":
-        out = F.interpolate(x, size=(H, W), mode="nearest")
+        out = F.interpolate(x, size=(H, W), mode="nearest-exact")
     else:
         out = F.interpolate(x, size=(H, W), mode=mode, align_corners=False)
         if mode == "bicubic":

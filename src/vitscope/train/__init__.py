@@ -14,10 +14,10 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    "ViT": "vitscope.train.model",
-    "ViTConfig": "vitscope.train.model",
-    "save_vit": "vitscope.train.model",
-    "load_vit": "vitscope.train.model",
+    "ViT": "vitscope.models.vit",
+    "ViTConfig": "vitscope.models.vit",
+    "save_vit": "vitscope.models.vit",
+    "load_vit": "vitscope.models.vit",
     "DATASETS": "vitscope.train.datasets",
     "LabeledDataset": "vitscope.train.datasets",
     "get_dataset": "vitscope.train.datasets",

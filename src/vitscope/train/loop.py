@@ -43,9 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from vitscope.errors import VitscopeError
+from vitscope.models.vit import ViT, ViTConfig, load_vit, save_vit
 from vitscope.train.augment import normalize, random_resized_crop_flip
 from vitscope.train.datasets import LabeledDataset, get_dataset
-from vitscope.train.model import ViT, ViTConfig, load_vit, save_vit
 
 
 @dataclass

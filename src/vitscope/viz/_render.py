@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitscope.errors import VitscopeError
 
@@ -53,30 +52,23 @@ def as_map(x: Any, argument: str = "maps") -> np.ndarray:
 
 
 def upsample(amap: np.ndarray, size: tuple[int, int], mode: Upsample = "bilinear") -> np.ndarray:
-    """Resize ``(..., rows, cols)`` maps to ``(..., height, width)`` (``size`` is ``(height, width)``).
+    """`vitscope.methods.upsample` for numpy maps ``(..., rows, cols)`` -> ``(..., height, width)``."""
+    from vitscope.methods.upsample import upsample as upsample_maps
 
-    ``"nearest"`` keeps every patch a flat block (``nearest-exact``: pixel centres pick their patch),
-    ``"bilinear"`` interpolates between patch centres (``align_corners=False``).
-    """
-    H, W = int(size[0]), int(size[1])
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))
-    lead = t.shape[:-2]
-    rows, cols = t.shape[-2:]
-    t = t.reshape(-1, 1, rows, cols)  # (M, 1, rows, cols)
-    if mode == "nearest":
-        out = F.interpolate(t, size=(H, W), mode="nearest-exact")
-    elif mode == "bilinear":
-        out = F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)
-    else:
+    if mode not in ("nearest", "bilinear"):
         raise VitscopeError("upsample", f"unknown mode {mode!r}", "use 'nearest' or 'bilinear'")
-    return out.reshape(*lead, H, W).numpy()
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))
+    return upsample_maps(t, size, mode).numpy()
 
 
 def normalise(amap: np.ndarray) -> np.ndarray:
-    """Min-max scale each trailing ``(rows, cols)`` map to [0, 1] (a constant map becomes 0)."""
-    lo = amap.min(axis=(-2, -1), keepdims=True)
-    span = amap.max(axis=(-2, -1), keepdims=True) - lo
-    return np.where(span > 0, (amap - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    """Min-max scale each trailing ``(rows, cols)`` map to [0, 1] (a constant map becomes 0): `vitscope._ops.minmax`."""
+    from vitscope._ops import minmax
+
+    a = np.asarray(amap, dtype=np.float32)
+    lead = a.shape[:-2]
+    t = torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, *a.shape[-2:])
+    return minmax(t).reshape(*lead, *a.shape[-2:]).numpy()
 
 
 def display_image(image: Any, attn: Attentions | None = None, policy: str | None = None) -> np.ndarray:

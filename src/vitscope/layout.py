@@ -1,0 +1,159 @@
+"""What a ViT's input and tokens look like: `Preprocess`, `SizePolicy` and `TokenLayout`.
+
+This module imports nothing else of vitscope but its errors, so every layer (adapters, images, capture,
+`Attentions`, methods) can share one definition of the token layout ``[prefix tokens..., patches (row-major)]``
+and of token indexing: ``"cls"``, ``"dist"``, ``"register:K"``, a token index, a patch ``(row, col)``, and the
+default query (``"cls"`` when the model has one, else ``"mean"``, the mean over patch query rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vitscope.errors import VitscopeError
+
+SizePolicy = Literal["resize", "crop", "native"]
+TokenKind = Literal["cls", "dist", "register"]
+TOKEN_KINDS: tuple[str, ...] = ("cls", "dist", "register")
+_QUERY_FIX = "use 'cls', 'mean', 'register:K', a token index or a patch (row, col)"
+
+
+class TokenError(VitscopeError, IndexError):
+    """A token, patch or layer selection outside what exists (also an ``IndexError``)."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the model wants its images.
+
+    Attributes:
+        image_size: default input ``(height, width)`` in pixels (the size it was trained at).
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+        policy: default size policy: ``"resize"`` to ``image_size`` (the processors' way), ``"crop"`` the
+            image at its own resolution down to a multiple of the patch size (DINO's way), or ``"native"``
+            (resize so each side is the nearest multiple of the patch size, keeping the aspect ratio).
+        resample: PIL resampling filter name used when resizing (``"bicubic"``, ``"bilinear"``).
+        dynamic_size: the model accepts other sizes than ``image_size`` (positional embeddings interpolated).
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    policy: SizePolicy = "resize"
+    resample: str = "bicubic"
+    dynamic_size: bool = True
+    channels: int = 3
+
+
+def as_pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    a, b = x
+    return (int(a), int(b))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """``[prefix..., patches]``: the prefix token kinds in order, the patch grid ``(rows, cols)``, the patch size
+    and the input size in pixels (height first)."""
+
+    prefix: tuple[str, ...]
+    grid: tuple[int, int]
+    patch_size: tuple[int, int] = (1, 1)
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", tuple(self.prefix))
+        object.__setattr__(self, "grid", as_pair(self.grid))
+        object.__setattr__(self, "patch_size", as_pair(self.patch_size))
+        for kind in self.prefix:
+            if kind not in TOKEN_KINDS:
+                raise VitscopeError("prefix", f"unknown token kind {kind!r}", f"use kinds from {TOKEN_KINDS}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.prefix)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def patch_slice(self) -> slice:
+        return slice(self.num_prefix_tokens, self.num_tokens)
+
+    @property
+    def cls_index(self) -> int | None:
+        """Token index of [CLS], or ``None`` for models without one (e.g. SigLIP)."""
+        return self.prefix.index("cls") if "cls" in self.prefix else None
+
+    @property
+    def dist_index(self) -> int | None:
+        return self.prefix.index("dist") if "dist" in self.prefix else None
+
+    @property
+    def register_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.prefix) if k == "register")
+
+    @property
+    def default_query(self) -> str:
+        """``"cls"`` when the model has a [CLS] token, else ``"mean"`` (the mean over patch query rows)."""
+        return "cls" if "cls" in self.prefix else "mean"
+
+    def patch_index(self, row: int, col: int) -> int:
+        """Token index of the patch at grid position ``(row, col)``."""
+        rows, cols = self.grid
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise TokenError("query", f"patch (row={row}, col={col}) is outside the {rows}x{cols} grid", _QUERY_FIX)
+        return self.num_prefix_tokens + row * cols + col
+
+    def token_index(self, token: int | str | tuple[int, int]) -> int:
+        """A token given as an index, ``"cls"``/``"dist"``/``"register:K"``, or ``(row, col)``."""
+        if isinstance(token, tuple):
+            return self.patch_index(*token)
+        if isinstance(token, str):
+            if token in ("cls", "dist"):
+                idx = self.cls_index if token == "cls" else self.dist_index
+                if idx is None:
+                    fix = ("this model has no [CLS] (e.g. SigLIP pools patches): use the mean over patch rows "
+                           "(queries=None, query='mean')") if token == "cls" else _QUERY_FIX
+                    raise VitscopeError("query", f"this model has no {token} token (prefix={self.prefix})", fix)
+                return idx
+            if token.startswith("register"):
+                try:
+                    k = int(token.split(":", 1)[1]) if ":" in token else 0
+                except ValueError:
+                    raise VitscopeError("query", f"cannot parse {token!r}", "use register:K") from None
+                regs = self.register_indices
+                if not 0 <= k < len(regs):
+                    raise TokenError("query", f"{token!r}: the model has {len(regs)} register tokens", _QUERY_FIX)
+                return regs[k]
+            raise VitscopeError("query", f"unknown token {token!r}", _QUERY_FIX)
+        idx = int(token)
+        if idx < 0:
+            idx += self.num_tokens
+        if not 0 <= idx < self.num_tokens:
+            raise TokenError("query", f"token {token} out of range for {self.num_tokens} tokens", _QUERY_FIX)
+        return idx
+
+    def query_ids(self, query: Any) -> list[int]:
+        """Token indices whose rows a map of ``query`` averages: one token, or every patch for ``"mean"``;
+        ``None`` is the default query."""
+        if query is None:
+            query = self.default_query
+        if query == "mean":
+            return list(range(self.num_prefix_tokens, self.num_tokens))
+        return [self.token_index(query)]
+
+    def resolve_queries(self, queries: Any) -> tuple[int, ...] | None:
+        """The capture selection: ``None`` (every row), or distinct token indices of ``"cls"``, indices, patches."""
+        if queries is None:
+            return None
+        items = [queries] if isinstance(queries, (str, int, tuple)) else list(queries)
+        return tuple(dict.fromkeys(self.token_index(q) for q in items))
