@@ -75,7 +75,8 @@ def runner(path: str, model: str) -> Callable[[Any], Any]:
     import torch
 
     import vitscope
-    from vitscope.capture.streaming import fused_attention, streaming_rollout
+    from vitscope.capture.streaming import fused_attention
+    from vitscope.methods.streaming import streaming_rollout
 
     if path in ("output_attentions", "plain_eager") and MODELS[model][0].startswith("timm:"):
         tm = build(model, "eager")

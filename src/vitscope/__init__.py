@@ -6,13 +6,12 @@
 """
 
 
+from vitscope._version import __version__
 from vitscope.adapters import ModelInfo, VitModel, load, wrap
 from vitscope.attentions import Attentions
 from vitscope.capture import capture
 from vitscope.errors import VitscopeError
-from vitscope.methods.registry import maps
-
-__version__ = "0.1.0"
+from vitscope.methods.api import maps
 
 __all__ = [
     "Attentions",

@@ -63,7 +63,7 @@ def _cls_method(vit: VitModel, pixels: torch.Tensor, layer: int = -1, **_: Any) 
 
 def _rollout_method(vit: VitModel, pixels: torch.Tensor, **_: Any) -> dict[str, np.ndarray]:
     """Attention rollout (Abnar & Zuidema 2020) of [CLS], streamed (`streaming_rollout`)."""
-    from vitscope.capture.streaming import streaming_rollout
+    from vitscope.methods.streaming import streaming_rollout
 
     return {"map": streaming_rollout(vit, pixels).map().cpu().numpy()}
 

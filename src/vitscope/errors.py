@@ -26,3 +26,7 @@ class CheckpointError(VitscopeError):
 
 class ImageError(VitscopeError):
     """An input image cannot be read or used."""
+
+
+class CaptureError(VitscopeError):
+    """Attention could not be captured exactly: the layer and the reason, in one line."""

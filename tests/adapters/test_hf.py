@@ -309,7 +309,7 @@ def test_readout_of_last_block_tokens_equals_the_logits(built: Built) -> None:
 
 # ------------------------------------------------------------------------------------------- SigLIP probe
 def test_probe_attention_matches_multihead_attention(built: Built) -> None:
-    from vitscope.adapters.hf import probe_attention
+    from vitscope.methods import probe_attention
 
     if built.spec.family not in ("siglip", "siglip2"):
         with pytest.raises(VitscopeError, match="attention-pooling head"):

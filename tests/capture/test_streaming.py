@@ -9,13 +9,9 @@ import torch
 from tests.conftest import make_tiny_vit
 from vitscope.capture import capture
 from vitscope.capture.prepare import default_device
-from vitscope.capture.streaming import (
-    fused_attention,
-    patch_centres,
-    streaming_distance,
-    streaming_rollout,
-)
+from vitscope.capture.streaming import fused_attention
 from vitscope.errors import VitscopeError
+from vitscope.methods.streaming import patch_centres, streaming_distance, streaming_rollout
 
 
 def _pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

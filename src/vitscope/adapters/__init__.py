@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel, refuse_compiled
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["AttentionSite", "ModelInfo", "Preprocess", "Tap", "VitModel", "as_vit", "load", "wrap"]
@@ -50,8 +50,6 @@ def wrap(module: nn.Module, **declaration: Any) -> VitModel:
 
         return from_vit(module)
     if hasattr(module, "_orig_mod"):  # torch.compile: attention runs in a graph vitscope cannot see
-        from vitscope.capture.intercept import refuse_compiled
-
         refuse_compiled(module)
     root = _module_root(module)
     if root == "torchvision":

@@ -16,9 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vitscope.errors import CaptureError
 from vitscope.layout import Preprocess, SizePolicy
 
-__all__ = ["AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel"]
+__all__ = ["AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "refuse_compiled"]
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -183,3 +184,12 @@ class VitModel:
 
     def __repr__(self) -> str:
         return f"VitModel({self.info.describe()})"
+
+
+def refuse_compiled(module: nn.Module) -> None:
+    """A ``torch.compile``'d module runs graphs vitscope cannot see into: say so."""
+    if hasattr(module, "_orig_mod") or type(module).__name__ == "OptimizedModule":
+        raise CaptureError(
+            "model", "the model is torch.compile'd: its attention runs inside a compiled graph vitscope cannot see",
+            "pass the original module (compiled_model._orig_mod)",
+        )

@@ -13,38 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from vitscope._hooks import eval_mode, hooks_removed_on_exit
 from vitscope.adapters.base import AttentionSite, Tap
 
+__all__ = ["eval_mode", "hooks_removed_on_exit", "record_block_outputs", "record_sites"]
+
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own ``training`` flag on exit."""
-    flags = {m: m.training for m in module.modules()}
-    if not any(flags.values()):  # already in eval mode: nothing to switch (saves a walk per forward)
-        yield module
-        return
-    try:
-        module.eval()
-        yield module
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-@contextmanager
-def hooks_removed_on_exit() -> Iterator[list[RemovableHandle]]:
-    """Collect hook handles; remove all of them on exit, also when an exception is raised."""
-    handles: list[RemovableHandle] = []
-    try:
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-        handles.clear()
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -35,18 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vitscope.adapters.base import AttentionSite
-from vitscope.errors import VitscopeError
+from vitscope.adapters.base import AttentionSite, refuse_compiled
+from vitscope.errors import CaptureError
 
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
 CHUNK_BYTES = 64 * 2**20
 
+__all__ = ["CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows", "observe_attention", "refuse_compiled"]
+
 _SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
 _ROW_SUM_TOL = 1e-4
-
-
-class CaptureError(VitscopeError):
-    """Attention could not be captured exactly: the layer and the reason, in one line."""
 
 
 @dataclass
@@ -388,15 +386,6 @@ class _Engine:
                     "model", f"layer {layer} reported attention {n} times in one forward pass (expected once)",
                     "each selected layer's attention module must run exactly once per forward",
                 )
-
-
-def refuse_compiled(module: nn.Module) -> None:
-    """A ``torch.compile``'d module runs graphs vitscope cannot see into: say so."""
-    if hasattr(module, "_orig_mod") or type(module).__name__ == "OptimizedModule":
-        raise CaptureError(
-            "model", "the model is torch.compile'd: its attention runs inside a compiled graph vitscope cannot see",
-            "pass the original module (compiled_model._orig_mod)",
-        )
 
 
 @contextmanager

@@ -5,10 +5,10 @@
 
 - `fused_attention`: the head-fused ``N x N`` matrix of each layer, ``(layer, batch, query, key)``, computed in
   row chunks during the forward pass (peak scratch ``2 * CHUNK_BYTES``, never one ``H x N x N`` tensor).
-- `streaming_rollout`: attention rollout (Abnar & Zuidema 2020) for chosen query rows. q and k of every layer
+- `vitscope.methods.streaming.streaming_rollout`: attention rollout (Abnar & Zuidema 2020) for chosen query rows. q and k of every layer
   are kept during the forward pass (``2 * N * D`` values per layer, far below ``H * N^2``); the rows are then
   pushed through the layers from last to first, ``r <- r @ A'_l``, each ``A'_l`` built chunk by chunk.
-- `streaming_distance`: the mean attention distance of each head (Dosovitskiy et al. 2021, Fig. 7), summed over
+- `vitscope.methods.streaming.streaming_distance`: the mean attention distance of each head (Dosovitskiy et al. 2021, Fig. 7), summed over
   row chunks as the forward pass goes.
 
 Each recomputes ``softmax(q k^T * scale + bias)`` from the intercepted q, k and bias like `capture` does, so the model's own
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -45,7 +45,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
-def _check_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def check_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float32:
         return dtype
     if dtype in _HALF:
@@ -58,12 +58,12 @@ def _check_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtyp
     raise VitscopeError("compute_dtype", f"unsupported dtype {dtype}", "use torch.float32, float16 or bfloat16")
 
 
-def _fuse(probs: torch.Tensor, head_fusion: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def fuse_chunk(probs: torch.Tensor, head_fusion: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, H, c, N)`` -> ``(B, c, N)`` (into ``out`` when given): `vitscope._ops.fuse_heads` over dim 1."""
     return fuse_heads(probs, head_fusion, dim=1, out=out)
 
 
-def _chunk_rows(chunk_rows: int | None, B: int, H: int, N: int) -> int:
+def chunk_rows_for(chunk_rows: int | None, B: int, H: int, N: int) -> int:
     if chunk_rows is None:
         return max(1, CHUNK_BYTES // max(1, B * H * N * 4))
     if int(chunk_rows) < 1:
@@ -122,7 +122,7 @@ def prob_chunks(
 
 
 @dataclass
-class _Run:
+class StreamRun:
     """A model prepared for one streaming pass: pixels on its device, grid, tokens."""
 
     vit: VitModel
@@ -139,16 +139,16 @@ class _Run:
         return (int(self.pixels.shape[-2]), int(self.pixels.shape[-1]))
 
 
-def _prepare(
+def prepare_run(
     model: Any, images: Any, device: str | torch.device | None, policy: SizePolicy | None,
     size: int | tuple[int, int] | None,
-) -> _Run:
+) -> StreamRun:
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
     grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
-    return _Run(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
+    return StreamRun(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
 
 
-def _forward_qk(run: _Run, layer_ids: Sequence[int], on_layer: Any) -> Any:
+def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any) -> Any:
     """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
     layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it."""
     vit, N = run.vit, run.num_tokens
@@ -206,16 +206,16 @@ def fused_attention(
         >>> fused.shape  # (1, 1, N, N)  # doctest: +SKIP
     """
     check_fusion(head_fusion)
-    run = _prepare(model, images, device, policy, size)
+    run = prepare_run(model, images, device, policy, size)
     info = run.vit.info
-    cdt = _check_compute_dtype(compute_dtype, run.pixels.device)
+    cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     layer_ids = resolve_layers(layers, info.num_layers)
     query_ids = resolve_queries(queries, info.prefix, run.grid)
     B, N = run.batch, run.num_tokens
     Q = N if query_ids is None else len(query_ids)
     out = torch.empty(len(layer_ids), B, Q, N, dtype=torch.float32, device=run.pixels.device)
     pos = {layer: i for i, layer in enumerate(layer_ids)}
-    chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
+    chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
     scratch = Scratch()
 
     def on_layer(layer: int, call: AttentionCall) -> None:
@@ -225,230 +225,7 @@ def fused_attention(
             q = q[:, :, list(query_ids)]  # (B, H, Q, d)
             bias = call.bias_rows(list(query_ids))
         for start, stop, probs in prob_chunks(q, k, call.scale, chunk, cdt, scratch, bias):
-            out[pos[layer], :, start:stop] = _fuse(probs, head_fusion)
+            out[pos[layer], :, start:stop] = fuse_chunk(probs, head_fusion)
 
-    _forward_qk(run, layer_ids, on_layer)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ rollout
-@dataclass
-class TokenRows:
-    """Rows over all ``N`` tokens for some query tokens (e.g. rollout's joint attention of [CLS]).
-
-    Attributes:
-        rows: float32 ``(batch, query, key)``; ``key`` covers all ``N = len(prefix) + rows * cols`` tokens.
-        queries: token index of each entry along dim 1, or ``"mean"`` for the mean over the patch rows.
-        prefix, grid, patch_size, image_size: the token layout, as in `vitscope.Attentions`.
-        meta: provenance (model, method, parameters).
-    """
-
-    rows: torch.Tensor
-    queries: tuple[int | str, ...]
-    prefix: tuple[str, ...]
-    grid: tuple[int, int]
-    patch_size: tuple[int, int]
-    image_size: tuple[int, int]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return len(self.prefix)
-
-    def maps(self) -> torch.Tensor:
-        """Patch part of every row on the grid: ``(batch, query, rows, cols)`` (height before width)."""
-        gh, gw = self.grid
-        return self.rows[..., self.num_prefix_tokens :].reshape(*self.rows.shape[:-1], gh, gw)
-
-    def map(self, query: int | str | None = None) -> torch.Tensor:
-        """One query's patch map ``(batch, rows, cols)``: ``"cls"``, ``"mean"``, a token index, or the first."""
-        if query is None:
-            return self.maps()[:, 0]
-        if query == "cls":
-            if "cls" not in self.prefix:
-                raise VitscopeError("query", "this model has no [CLS] token", "pass 'mean' or a token index")
-            query = self.prefix.index("cls")
-        key: int | str = query if query == "mean" else int(query)
-        if key not in self.queries:
-            raise VitscopeError("query", f"{query!r} was not computed (queries {list(self.queries)})",
-                                "compute it with queries=[...]")
-        return self.maps()[:, self.queries.index(key)]
-
-
-def _initial_rows(queries: Any, prefix: tuple[str, ...], grid: tuple[int, int], N: int, B: int,
-                  device: torch.device) -> tuple[tuple[int | str, ...], torch.Tensor]:
-    """The starting rows ``r`` ``(B, R, N)``: one-hot rows of the query tokens, or the patch mean for ``"mean"``."""
-    if queries == "auto":
-        queries = "cls" if "cls" in prefix else "mean"
-    if queries == "mean":
-        r = torch.zeros(B, 1, N, dtype=torch.float32, device=device)
-        r[:, 0, len(prefix) :] = 1.0 / (N - len(prefix))  # mean over the patch rows
-        return ("mean",), r
-    ids = resolve_queries(queries, prefix, grid)
-    rows_idx = list(range(N)) if ids is None else list(ids)
-    r = torch.zeros(B, len(rows_idx), N, dtype=torch.float32, device=device)
-    r[:, torch.arange(len(rows_idx), device=device), torch.tensor(rows_idx, device=device)] = 1.0
-    return tuple(rows_idx), r
-
-
-def streaming_rollout(
-    model: Any,
-    images: Any,
-    *,
-    residual: float = 0.5,
-    head_fusion: HeadFusion = "mean",
-    discard_ratio: float = 0.0,
-    start_layer: int = 0,
-    renormalize: bool = True,
-    queries: QuerySpec | Literal["auto", "mean"] = "auto",
-    chunk_rows: int | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-    policy: SizePolicy | None = None,
-    size: int | tuple[int, int] | None = None,
-    device: str | torch.device | None = None,
-) -> TokenRows:
-    """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020), streamed.
-
-    Per layer ``F_l = fuse_h softmax(q k^T * scale)``, ``A'_l = rownorm((1 - a) discard(F_l) + a I)`` with
-    ``a = residual``, and the joint attention is ``R = A'_{L-1} @ ... @ A'_{start_layer}``. Only the chosen
-    query rows ``r`` of ``R`` are computed, from the last layer down: ``r <- r @ A'_l``, each ``A'_l`` rebuilt
-    from the stored q and k in row chunks, so no ``H x N x N`` (let alone ``L x H x N x N``) tensor is ever
-    held. With ``discard_ratio > 0`` one layer's fused ``B x N x N`` matrix is materialised at a time, since
-    the discard threshold is global over the matrix. Same semantics as `vitscope.methods.rollout.rollout`.
-
-    Args:
-        residual: weight ``a`` of the identity (the skip connection); 0.5 as in the paper.
-        head_fusion: ``"mean"`` (the paper's), ``"max"`` or ``"min"`` over heads.
-        discard_ratio: share of each fused matrix's lowest entries zeroed (never the [CLS] key column).
-        start_layer: first layer of the product (absolute or negative; earlier layers are skipped).
-        renormalize: divide each ``A'_l``'s rows by their sum (a no-op for mean fusion without discard).
-        queries: ``"auto"`` ([CLS], or ``"mean"`` over patch rows for models without one), ``"cls"``,
-            ``"mean"``, a list of token indices / ``(row, col)`` patches, or ``None`` for all rows.
-        chunk_rows, compute_dtype, policy, size, device: as in `fused_attention`.
-
-    Returns:
-        `TokenRows` with ``rows`` ``(batch, query, N)``; ``.map()`` is the ``(batch, rows, cols)`` map.
-
-    Example:
-        >>> r = streaming_rollout(vit, "cat.png")  # doctest: +SKIP
-        >>> r.map().shape  # (1, rows, cols)  # doctest: +SKIP
-    """
-    from vitscope.methods._common import discard_lowest
-
-    check_fusion(head_fusion)
-    for name, value, top in (("residual", residual, 1.0), ("discard_ratio", discard_ratio, 1.0)):
-        if not (0.0 <= float(value) <= top) or (name == "discard_ratio" and value >= 1.0):
-            raise VitscopeError(name, f"{value} is out of range", "pass a value in [0, 1] ([0, 1) for discard_ratio)")
-    run = _prepare(model, images, device, policy, size)
-    info = run.vit.info
-    cdt = _check_compute_dtype(compute_dtype, run.pixels.device)
-    L = info.num_layers
-    start = start_layer + L if start_layer < 0 else start_layer
-    if not 0 <= start < L:
-        raise VitscopeError("start_layer", f"{start_layer} out of range for {L} layers", f"use {-L}..{L - 1}")
-    B, N, dev = run.batch, run.num_tokens, run.pixels.device
-    query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev)  # r: (B, R, N)
-    layer_ids = tuple(range(start, L))
-    stored: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
-
-    def on_layer(layer: int, call: AttentionCall) -> None:
-        # q, k may be views into a fused qkv output: copy them so v (and the rest) can be freed.
-        assert call.q is not None and call.k is not None
-        stored[layer] = (call.q.contiguous(), call.k.contiguous(), call.scale, call.bias_rows(slice(None)))
-
-    _forward_qk(run, layer_ids, on_layer)
-
-    chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
-    a = float(residual)
-    cls_index = info.prefix.index("cls") if "cls" in info.prefix else None
-    # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
-    renorm = renormalize and (head_fusion != "mean" or discard_ratio > 0)
-    scratch = Scratch()
-    for layer in reversed(layer_ids):
-        q, k, scale, bias = stored.pop(layer)  # (B, H, N, d); freed after this layer
-        blocks: Iterator[tuple[int, int, torch.Tensor]]
-        if discard_ratio > 0:
-            fused = torch.empty(B, N, N, dtype=torch.float32, device=dev)
-            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias):
-                _fuse(probs, head_fusion, out=fused[:, s:e])
-            fused = discard_lowest(fused, float(discard_ratio), cls_index)
-            blocks = ((s, min(N, s + chunk), fused[:, s : s + chunk]) for s in range(0, N, chunk))
-        else:
-            blocks = (
-                (s, e, _fuse(probs, head_fusion, out=scratch.get("fused", (B, e - s, N), torch.float32, dev)))
-                for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias)
-            )
-        new_r = torch.zeros_like(r)
-        for s, e, block in blocks:
-            if a != 0.0:  # rows s:e of A'_l = (1 - a) F_l + a I, built in place, (B, c, N)
-                block.mul_(1.0 - a)
-                diag = torch.arange(e - s, device=dev)
-                block[:, diag, diag + s] += a
-            if renorm:
-                block.div_(block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny))
-            new_r.baddbmm_(r[:, :, s:e], block)  # r[:, :, s:e] @ A'_l[s:e]
-        r = new_r
-        del q, k
-    return TokenRows(
-        rows=r, queries=query_ids, prefix=info.prefix, grid=run.grid, patch_size=info.patch_size,
-        image_size=run.image_size,
-        meta={"model": info.name, "method": "rollout", "residual": a, "head_fusion": head_fusion,
-              "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize},
-    )
-
-
-# ------------------------------------------------------------------------------------------------ distance
-def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int], device: torch.device | None = None,
-                  ) -> torch.Tensor:
-    """Pixel coordinates ``(y, x)`` of every patch centre in row-major order: ``(rows * cols, 2)`` float32."""
-    (gh, gw), (ph, pw) = grid, patch_size
-    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * ph
-    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * pw
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (gh, gw) each
-    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
-
-
-def streaming_distance(
-    model: Any,
-    images: Any,
-    *,
-    layers: int | Sequence[int] | None = None,
-    chunk_rows: int | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-    policy: SizePolicy | None = None,
-    size: int | tuple[int, int] | None = None,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Mean attention distance of every head in pixels, ``(layer, batch, head)``, without ``N x N`` tensors.
-
-    For query patch ``i`` the distance is ``sum_j A[i, j] * ||p_i - p_j||`` over patch keys ``j`` (patch
-    centres in input pixels), with the patch part of the row renormalised to sum to 1; the result is the mean
-    over query patches (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Fig. 7). Prefix tokens
-    are neither queries nor keys.
-    """
-    run = _prepare(model, images, device, policy, size)
-    info = run.vit.info
-    cdt = _check_compute_dtype(compute_dtype, run.pixels.device)
-    layer_ids = resolve_layers(layers, info.num_layers)
-    B, N, P0 = run.batch, run.num_tokens, info.num_prefix_tokens
-    P = N - P0
-    dev = run.pixels.device
-    centres = patch_centres(run.grid, info.patch_size, dev)  # (P, 2)
-    out = torch.zeros(len(layer_ids), B, info.num_heads, dtype=torch.float32, device=dev)
-    pos = {layer: i for i, layer in enumerate(layer_ids)}
-    chunk = _chunk_rows(chunk_rows, B, info.num_heads, N)
-    scratch = Scratch()
-
-    def on_layer(layer: int, call: AttentionCall) -> None:
-        acc = out[pos[layer]]  # (B, H)
-        assert call.q is not None and call.k is not None
-        rows = call.q[:, :, P0:]
-        for s, e, probs in prob_chunks(rows, call.k, call.scale, chunk, cdt, scratch, call.bias_rows(slice(P0, N))):
-            patch = probs[..., P0:]  # (B, H, c, P)
-            dist = (centres[s:e, None, :] - centres[None]).norm(dim=-1)  # (c, P)
-            weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)
-            acc += weighted.sum(dim=-1)
-        acc /= P
-
-    _forward_qk(run, layer_ids, on_layer)
+    forward_qk(run, layer_ids, on_layer)
     return out

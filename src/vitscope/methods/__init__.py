@@ -5,6 +5,7 @@ each method is a pure function in its own module, whose docstring gives the form
 """
 
 from vitscope.methods import registry
+from vitscope.methods.api import compute, get_method, maps, method_names
 from vitscope.methods.artifacts import ArtifactReport, token_norms
 from vitscope.methods.attn_gradcam import attn_gradcam
 from vitscope.methods.cls_attention import cls_map
@@ -14,6 +15,7 @@ from vitscope.methods.grad_rollout import grad_rollout
 from vitscope.methods.legrad import legrad
 from vitscope.methods.masks import dino_mask
 from vitscope.methods.metrics import mask_jaccard, perturbation_auc, pointing_game
+from vitscope.methods.probe import probe_attention
 from vitscope.methods.relevance import chefer_relevance
 from vitscope.methods.rollout import rollout, rollout_matrix
 from vitscope.methods.smooth import smooth
@@ -26,13 +28,18 @@ __all__ = [
     "attn_gradcam",
     "chefer_relevance",
     "cls_map",
+    "compute",
     "dino_mask",
+    "get_method",
     "grad_rollout",
     "legrad",
+    "maps",
     "mask_jaccard",
     "mean_attention_distance",
+    "method_names",
     "perturbation_auc",
     "pointing_game",
+    "probe_attention",
     "registry",
     "rollout",
     "rollout_matrix",

@@ -7,8 +7,8 @@ keyword-only arguments of its ``compute`` function), its paper, and what it need
 captures, so a report that runs several methods on the same images captures each selection once.
 
 Adding a method is one module under ``vitscope/methods/`` that ends with ``register(Method(...))`` (imported by
-``vitscope.methods``) plus its test; every surface (CLI choices and help, batch, report, figures) reads this
-registry. Registering a name twice is refused, as timm's model registry does.
+`vitscope.methods.api`, which looks methods up by name) plus its test; every surface (CLI choices and help,
+batch, report, figures) reads this registry. Registering a name twice is refused, as timm's model registry does.
 """
 
 from __future__ import annotations
@@ -132,24 +132,6 @@ def register(method: Method) -> Method:
     return method
 
 
-def names() -> tuple[str, ...]:
-    """Every registered method name, in registration order."""
-    _load()
-    return tuple(REGISTRY)
-
-
-def get(name: str, argument: str = "method") -> Method:
-    """The method called ``name``, or a one-line error listing the names."""
-    _load()
-    if name not in REGISTRY:
-        raise VitscopeError(argument, f"unknown method {name!r}", f"use one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def _load() -> None:
-    import vitscope.methods  # noqa: F401  (each method module registers itself on import)
-
-
 def check_params(method: Method, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` completed with the method's defaults; an unknown name is a one-line error."""
     known = method.params
@@ -160,55 +142,3 @@ def check_params(method: Method, params: dict[str, Any]) -> dict[str, Any]:
             f"its parameters are {', '.join(known) or 'none'}",
         )
     return {**known, **params}
-
-
-def compute(ctx: MapContext, name: str, **params: Any) -> MapResult:
-    """Run method ``name`` on a prepared context."""
-    method = get(name)
-    full = check_params(method, params)
-    result = method.compute(ctx, **full)
-    result.meta = {"method": name, **{k: _jsonable(v) for k, v in full.items() if not callable(v)}, **result.meta}
-    return result
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    return v
-
-
-def maps(
-    model: Any,
-    images: Any,
-    method: str = "cls",
-    *,
-    policy: Any = None,
-    size: int | tuple[int, int] | None = None,
-    device: str | torch.device | None = None,
-    **params: Any,
-) -> MapResult:
-    """One method's map of ``images``: prepare once, capture what the method declares, compute.
-
-    Args:
-        model: a `VitModel`, a spec string or an ``nn.Module``.
-        images: a path, PIL image, array, a list of them, or pixel values ``(B, C, H, W)``.
-        method: a registered name (`names()`: ``cls``, ``dino_mask``, ``rollout``, ``flow``, ``grad_rollout``,
-            ``chefer``, ``legrad``, ``attn_gradcam``).
-        policy, size, device: preparation (`vitscope.capture.prepare`).
-        **params: the method's parameters (see ``registry.get(method).params``); unknown names are an error.
-
-    Returns:
-        `MapResult`: ``map`` ``(batch, rows, cols)`` float32, ``extras`` and ``meta``.
-
-    Example:
-        >>> r = vitscope.maps("vitscope:shapes", "cat.png", "rollout", residual=0.5)  # doctest: +SKIP
-        >>> r.map.shape  # (1, rows, cols)  # doctest: +SKIP
-    """
-    from vitscope.capture.prepare import prepare
-
-    spec = get(method)
-    check_params(spec, params)
-    vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
-    return compute(MapContext(vit, pixels), method, **params)

@@ -171,7 +171,7 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
     s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
                   renormalize=renormalize)
     if ctx.attention_bytes() > STREAM_BYTES and not isinstance(query, int):
-        from vitscope.capture.streaming import streaming_rollout
+        from vitscope.methods.streaming import streaming_rollout
 
         rows = streaming_rollout(
             ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]

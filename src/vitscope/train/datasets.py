@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from vitscope.errors import VitscopeError
+from vitscope.train.labeled import LabeledDataset
 
 DATASETS: tuple[str, ...] = ("shapes", "cifar10", "cifar100", "tiny-imagenet", "mnist", "folder")
 
@@ -66,19 +66,6 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
-
-
-class LabeledDataset(Dataset):  # type: ignore[type-arg]
-    """Base of vitscope's datasets: ``(image (C, H, W) float in [0, 1], label)`` items plus class names."""
-
-    classes: tuple[str, ...] = ()
-    channels: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    labels: np.ndarray | None = None  # (N,) int64 when known without decoding images
-
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 def _resize(image: torch.Tensor, image_size: tuple[int, int] | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vitscope.errors import VitscopeError
-from vitscope.train.datasets import LabeledDataset
+from vitscope.train.labeled import LabeledDataset
 
 #: Object classes, in label order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")

@@ -36,7 +36,7 @@ def json_for_script(payload: dict[str, Any]) -> str:
 def render_page(payload: dict[str, Any], header_html: str = "") -> str:
     """The whole page for ``payload`` (from `vitscope.viewer.pack.pack`). ``header_html`` is trusted markup
     placed above the viewer (the server's upload form)."""
-    from vitscope import __version__
+    from vitscope._version import __version__
 
     parts = {
         "version": __version__,
