@@ -5,7 +5,7 @@ from tests.conftest import make_tiny_vit
 from tests.methods.gradref import assert_unchanged, reference_forward, snapshot
 from vitscope.errors import VitscopeError
 from vitscope.methods import legrad
-from vitscope.methods.legrad import minmax
+from vitscope._ops import minmax
 
 
 def _reference(model, x, classes, start=0, normalize=True):
@@ -91,3 +91,23 @@ def test_timm_model_with_registers_matches_its_unfused_path():
         total = total + g.clamp_min(0).mean(1).mean(1)[:, 3:]
     torch.testing.assert_close(got, minmax(total.reshape(2, 3, 5)).detach(), rtol=2e-3, atol=1e-5)
     assert_unchanged(model, before)
+
+
+def test_official_readout_is_the_mean_token_through_norm_and_head():
+    """readout='official' (the authors' CLIP code) reads each layer out through the mean of all its tokens."""
+    model = make_tiny_vit(num_registers=4, image_size=(24, 40), seed=10, depth=3)
+    x = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([1, 2])
+    got = legrad(model, x, target=classes, readout="official")
+    _, attns, blocks = reference_forward(model, x)
+    total = 0
+    for layer in range(len(attns)):
+        logits = model.head(model.norm(blocks[layer].mean(dim=1)))  # ln(mean of all tokens) -> head
+        s = logits.gather(1, classes[:, None]).sum()
+        (g,) = torch.autograd.grad(s, attns[layer], retain_graph=True)
+        total = total + g.clamp_min(0).mean(1).mean(1)[:, model.num_prefix_tokens:]
+    ref = minmax(total.reshape(2, *model.cfg.grid).detach())
+    torch.testing.assert_close(got, ref.float(), rtol=2e-3, atol=1e-5)
+    assert not torch.allclose(got, legrad(model, x, target=classes), atol=1e-3)  # it is a different read-out
+    with pytest.raises(VitscopeError, match="^readout: unknown read-out 'cls'"):
+        legrad(model, x, readout="cls")

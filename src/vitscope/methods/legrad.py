@@ -12,6 +12,15 @@ This follows the authors' reference implementation (``WalBouss/LeGrad``, ``compu
 the gradient, mean over heads, mean over query rows, prefix columns dropped, sum over layers, min-max).
 The paper aggregates all layers (our default ``start_layer=0``); the authors' OpenCLIP wrapper defaults to
 the last two (``start_layer=-2``). Gradients are exact under fused attention (``dL/dA = dL/dO @ V^T``).
+
+Read-out. vitscope's default (``readout="model"``) reads each layer out exactly as the model reads its last
+layer (the adapter's `VitModel.readout`: final norm and head on [CLS], or DINOv2's [CLS] + patch-mean head),
+so that ``s_l`` for the last layer *is* the model's own score. The authors' CLIP code (``compute_legrad_clip``)
+instead pools the mean of all tokens, ``ln_post(mean_i x_l[i]) @ proj``; ``readout="official"`` does that
+(the mean token put through the same final norm and head). The other difference from the authors' code is the
+order of the last two steps: it upsamples every layer's map bilinearly and min-maxes the upsampled sum,
+vitscope min-maxes on the patch grid (maps are returned on the grid; `upsample` them after), so the peak value
+of an upsampled vitscope map can differ from theirs by the interpolation at the peak.
 """
 
 from __future__ import annotations
@@ -47,13 +56,29 @@ def default_readout(vit: VitModel) -> Readout:
     return vit.readout
 
 
+def resolve_readout(vit: VitModel, readout: Readout | str | None) -> Readout:
+    """The read-out function for ``readout`` (see `legrad`)."""
+    if callable(readout):
+        return readout
+    if readout in (None, "model"):
+        return default_readout(vit)
+    if readout == "official":
+        base = default_readout(vit)
+
+        def mean_token(x: torch.Tensor) -> Any:  # every token replaced by the mean token (B, N, D)
+            return base(x.mean(dim=1, keepdim=True).expand_as(x))
+
+        return mean_token
+    raise VitscopeError("readout", f"unknown read-out {readout!r}", "use 'model', 'official' or a callable")
+
+
 def legrad(
     model: Any,
     images: Any,
     target: Target = None,
     *,
     start_layer: int = 0,
-    readout: Readout | None = None,
+    readout: Readout | str | None = None,
     normalize: bool = True,
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
@@ -66,14 +91,16 @@ def legrad(
         target: class index (default: the predicted class of the full model), one per image, or a callable
             applied to each layer's read-out output, returning one scalar per image.
         start_layer: first layer aggregated (default 0: all layers).
-        readout: maps block-output tokens ``(B, N, D)`` to a model output; known for vitscope and timm ViTs.
+        readout: ``"model"`` (default: the model's own read-out, known for vitscope, timm, transformers and
+            torchvision classifiers), ``"official"`` (the authors' CLIP read-out: the mean of all tokens through
+            the same final norm and head), or a callable mapping block-output tokens ``(B, N, D)`` to an output.
         normalize: min-max normalise each map (the paper's last step); False returns ``sum_l E_l``.
         policy, size: preprocessing (see `vitscope.capture`).
     """
     from vitscope.adapters import as_vit
 
     vit = as_vit(model)
-    read = readout or default_readout(vit)
+    read = resolve_readout(vit, readout)
     t = trace(vit, images, layers_from(vit, start_layer), blocks=True, policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
     n_prefix = len(t.prefix)
@@ -88,9 +115,10 @@ def legrad(
     return (minmax(out) if normalize else out).float()
 
 
-def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, normalize: bool = True) -> MapResult:
+def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, readout: str = "model",
+             normalize: bool = True) -> MapResult:
     classes = ctx.classes(target)
-    grid_map = legrad(ctx.vit, ctx.pixels, classes, start_layer=start_layer, normalize=normalize)
+    grid_map = legrad(ctx.vit, ctx.pixels, classes, start_layer=start_layer, readout=readout, normalize=normalize)
     return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
 
 
