@@ -3,9 +3,9 @@ import torch
 
 from tests.conftest import make_tiny_vit
 from tests.methods.gradref import assert_unchanged, reference_forward, snapshot
+from vitscope._ops import minmax
 from vitscope.errors import VitscopeError
 from vitscope.methods import legrad
-from vitscope._ops import minmax
 
 
 def _reference(model, x, classes, start=0, normalize=True):
@@ -109,5 +109,5 @@ def test_official_readout_is_the_mean_token_through_norm_and_head():
     ref = minmax(total.reshape(2, *model.cfg.grid).detach())
     torch.testing.assert_close(got, ref.float(), rtol=2e-3, atol=1e-5)
     assert not torch.allclose(got, legrad(model, x, target=classes), atol=1e-3)  # it is a different read-out
-    with pytest.raises(VitscopeError, match="^readout: unknown read-out 'cls'"):
+    with pytest.raises(VitscopeError, match=r"^readout: unknown read-out 'cls'"):
         legrad(model, x, readout="cls")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from vitscope.errors import VitscopeError
+from vitscope.methods.rollout import rollout_all_rows
 
 if TYPE_CHECKING:
     from vitscope.attentions import Attentions
@@ -32,33 +32,6 @@ BUDGET_BYTES = 6_000_000
 IMAGE_MAX_SIDE = 640
 
 Dtype = Literal["uint8", "float16"]
-
-
-def rollout_all_rows(attn: Attentions, batch: int = 0, residual: float = 0.5) -> torch.Tensor:
-    """Attention rollout for every query row, cumulative over the captured layers (in depth order).
-
-    With ``Â_l = rownorm(residual * I + (1 - residual) * mean_h A_l)`` (one factor of
-    `vitscope.methods.rollout`, mean head fusion, no discard), returns ``R`` ``(layers, N, N)`` float32 with
-    ``R_0 = Â_0`` and ``R_l = Â_l @ R_{l-1}``: row ``q`` of ``R_l`` is how much token ``q`` after layer ``l``
-    draws from each input token (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers";
-    residual 0.5 as in the paper). Needs every query row.
-    """
-    from vitscope.methods.rollout import RolloutSettings, rollout_step
-
-    if not 0.0 <= residual <= 1.0:
-        raise VitscopeError("residual", f"{residual} is outside [0, 1]", "use 0.5 (Abnar & Zuidema)")
-    if attn.queries is not None:
-        raise VitscopeError("attn", "rollout needs every query row", "capture with queries=None")
-    settings = RolloutSettings(head_fusion="mean", residual=residual, discard_ratio=0.0, renormalize=True)
-    L, N = attn.weights.shape[0], attn.num_tokens
-    out = torch.empty(L, N, N, dtype=torch.float32)
-    acc: torch.Tensor | None = None
-    for pos in sorted(range(L), key=lambda i: attn.layers[i]):
-        a = attn.weights[pos, batch : batch + 1].detach().cpu()  # (1, H, N, N)
-        factor = rollout_step(a, settings, attn.cls_index, attn.heads)[0]  # (N, N) float64
-        acc = factor if acc is None else factor @ acc
-        out[pos] = acc.float()
-    return out
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
