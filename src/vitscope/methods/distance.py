@@ -56,13 +56,15 @@ def offset_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric:
 
 
 def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: DistanceMetric = "centre",
-                    ) -> torch.Tensor:
-    """Distance between every pair of patches ``(P, P)`` (row-major), float64 pixels."""
+                    queries: slice | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance from query patches ``queries`` (default all) to every patch: ``(Q, P)`` (row-major), float64
+    pixels. ``table`` is `offset_distances` when already computed (streaming reuses it per chunk)."""
     rows, cols = grid
-    table = offset_distances(grid, patch_size, metric)
-    r = torch.arange(rows).repeat_interleave(cols)  # (P,)
-    c = torch.arange(cols).repeat(rows)
-    return table[(r[:, None] - r[None, :]) + rows - 1, (c[:, None] - c[None, :]) + cols - 1]
+    table = offset_distances(grid, patch_size, metric) if table is None else table
+    r = torch.arange(rows, device=table.device).repeat_interleave(cols)  # (P,)
+    c = torch.arange(cols, device=table.device).repeat(rows)
+    rq, cq = (r, c) if queries is None else (r[queries], c[queries])
+    return table[(rq[:, None] - r[None, :]) + rows - 1, (cq[:, None] - c[None, :]) + cols - 1]
 
 
 def _patch_query_positions(attn: Attentions) -> tuple[list[int], list[int]]:

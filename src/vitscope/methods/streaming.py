@@ -35,6 +35,7 @@ from vitscope.capture.streaming import (
 )
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import discard_lowest
+from vitscope.methods.distance import offset_distances, patch_distances
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -202,16 +203,6 @@ def streaming_rollout(
 
 
 # ------------------------------------------------------------------------------------------------ distance
-def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int], device: torch.device | None = None,
-                  ) -> torch.Tensor:
-    """Pixel coordinates ``(y, x)`` of every patch centre in row-major order: ``(rows * cols, 2)`` float32."""
-    (gh, gw), (ph, pw) = grid, patch_size
-    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * ph
-    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * pw
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (gh, gw) each
-    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
-
-
 def streaming_distance(
     model: Any,
     images: Any,
@@ -237,7 +228,7 @@ def streaming_distance(
     B, N, P0 = run.batch, run.num_tokens, info.num_prefix_tokens
     P = N - P0
     dev = run.pixels.device
-    centres = patch_centres(run.grid, info.patch_size, dev)  # (P, 2)
+    table = offset_distances(run.grid, info.patch_size, "centre").to(dev)  # (2R-1, 2C-1), as mean_attention_distance
     out = torch.zeros(len(layer_ids), B, info.num_heads, dtype=torch.float32, device=dev)
     pos = {layer: i for i, layer in enumerate(layer_ids)}
     chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
@@ -249,7 +240,7 @@ def streaming_distance(
         rows = call.q[:, :, P0:]
         for s, e, probs in prob_chunks(rows, call.k, call.scale, chunk, cdt, scratch, call.bias_rows(slice(P0, N))):
             patch = probs[..., P0:]  # (B, H, c, P)
-            dist = (centres[s:e, None, :] - centres[None]).norm(dim=-1)  # (c, P)
+            dist = patch_distances(run.grid, info.patch_size, queries=slice(s, e), table=table).float()  # (c, P)
             weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)
             acc += weighted.sum(dim=-1)
         acc /= P
