@@ -120,17 +120,12 @@ class AttentionCall:
             if bias is not None and hsel is not None and bias.shape[1] != 1:
                 bias = bias[:, hsel]
             q = q[:, :, _index(ids)].to(dtype)
-            kt = k.to(dtype).transpose(-2, -1)  # (B, H', d, Nk)
-            n_kept = q.shape[1]
-            chunk = max(1, CHUNK_BYTES // max(1, B * n_kept * Nk * 4))
-            for s in range(0, len(ids), chunk):
-                logits = torch.matmul(q[:, :, s : s + chunk], kt).mul_(self.scale)  # (B, H', c, Nk)
-                if bias is not None:
-                    logits = logits.add_(bias[:, :, s : s + chunk] if bias.shape[2] != 1 else bias)
+            chunk = max(1, CHUNK_BYTES // max(1, B * q.shape[1] * Nk * 4))
+            for s, e, probs in prob_chunks(q, k.to(dtype), self.scale, chunk, dtype, None, bias):  # (B, H', c, Nk)
                 if fuse_heads:
-                    out[:, :, s : s + chunk] = logits.softmax(dim=-1).mean(dim=1, keepdim=True)
+                    torch.mean(probs, dim=1, keepdim=True, out=out[:, :, s:e])
                 else:
-                    torch.softmax(logits, dim=-1, out=out[:, :, s : s + chunk])
+                    out[:, :, s:e] = probs
         check_rows(out, self.layer)
         return out
 
@@ -139,6 +134,59 @@ class AttentionCall:
         t = self.probs if self.probs is not None else self.q
         assert t is not None
         return t.device
+
+
+class Scratch:
+    """Reusable flat float buffers, so chunks do not allocate (and page-fault) fresh memory every time.
+
+    On CPU a fresh 64 MiB tensor is a new ``mmap`` whose pages fault in on first touch, which costs about as
+    much as the softmax over it; reusing one buffer per role pays that once per call instead of per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` backed by the ``role`` buffer (grown when too small)."""
+        n = math.prod(shape)
+        buf = self._bufs.get(role)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[role] = buf
+        return buf[:n].view(shape)
+
+
+def prob_chunks(
+    q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None, bias: torch.Tensor | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale + bias[:, :, start:stop]))`` as float32
+    ``(B, H, c, N)`` (float64 for float64 logits).
+
+    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``, bias (the layer's additive mask / position bias, rows aligned
+    with q's): ``(B or 1, H or 1, Q or 1, N)``. Only one chunk of logits exists at a time: the yielded tensor is
+    a view of a reused buffer (``scratch``, shared across calls when given), so consume it before advancing.
+    """
+    scratch = scratch or Scratch()
+    out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    k = k if k.dtype == compute_dtype else k.to(compute_dtype)
+    kt = k.transpose(-2, -1)  # (B, H, d, N)
+    B, H, Q, _ = q.shape
+    N = k.shape[2]
+    dev = q.device
+    for start in range(0, Q, chunk):
+        stop = min(Q, start + chunk)
+        qc = q[:, :, start:stop].to(compute_dtype) * scale  # scale the (c, d) rows, not the (c, N) logits
+        logits = scratch.get("logits", (B, H, stop - start, N), compute_dtype, dev)
+        torch.matmul(qc, kt, out=logits)  # (B, H, c, N)
+        if bias is not None:
+            logits.add_(bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
+        probs = scratch.get("probs", (B, H, stop - start, N), out_dtype, dev)
+        if compute_dtype == out_dtype:
+            torch.softmax(logits, dim=-1, out=probs)
+        else:  # half-precision logits, float32 probabilities
+            torch.softmax(logits, dim=-1, dtype=out_dtype, out=probs)
+        yield start, stop, probs
 
 
 def _index(ids: list[int]) -> slice | list[int]:

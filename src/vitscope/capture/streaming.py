@@ -18,8 +18,7 @@ default; float16/bfloat16 allowed on CUDA/MPS for speed) and softmax, fusion and
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,7 +33,9 @@ from vitscope.capture.intercept import (
     CHUNK_BYTES,
     AttentionCall,
     CaptureError,
+    Scratch,
     observe_attention,
+    prob_chunks,
     refuse_compiled,
 )
 from vitscope.capture.prepare import prepare
@@ -69,56 +70,6 @@ def chunk_rows_for(chunk_rows: int | None, B: int, H: int, N: int) -> int:
     if int(chunk_rows) < 1:
         raise VitscopeError("chunk_rows", f"must be >= 1, got {chunk_rows}", "pass a positive row count or None")
     return int(chunk_rows)
-
-
-class Scratch:
-    """Reusable flat float buffers, so chunks do not allocate (and page-fault) fresh memory every time.
-
-    On CPU a fresh 64 MiB tensor is a new ``mmap`` whose pages fault in on first touch, which costs about as
-    much as the softmax over it; reusing one buffer per role pays that once per call instead of per chunk.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` backed by the ``role`` buffer (grown when too small)."""
-        n = math.prod(shape)
-        buf = self._bufs.get(role)
-        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-            buf = torch.empty(n, dtype=dtype, device=device)
-            self._bufs[role] = buf
-        return buf[:n].view(shape)
-
-
-def prob_chunks(
-    q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32,
-    scratch: Scratch | None = None, bias: torch.Tensor | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale + bias[:, :, start:stop]))`` as float32
-    ``(B, H, c, N)``.
-
-    q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``, bias (the layer's additive mask / position bias, rows aligned
-    with q's): ``(B or 1, H or 1, Q or 1, N)``. Only one chunk of logits exists at a time: the yielded tensor is
-    a view of a reused buffer (``scratch``, shared across calls when given), so consume it before advancing.
-    """
-    scratch = scratch or Scratch()
-    k = k if k.dtype == compute_dtype else k.to(compute_dtype)
-    kt = k.transpose(-2, -1)  # (B, H, d, N)
-    B, H, Q, _ = q.shape
-    N = k.shape[2]
-    dev = q.device
-    for start in range(0, Q, chunk):
-        stop = min(Q, start + chunk)
-        qc = q[:, :, start:stop].to(compute_dtype) * scale  # scale the (c, d) rows, not the (c, N) logits
-        logits = scratch.get("logits", (B, H, stop - start, N), compute_dtype, dev)
-        torch.matmul(qc, kt, out=logits)  # (B, H, c, N)
-        if bias is not None:
-            logits.add_(bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
-        probs = scratch.get("probs", (B, H, stop - start, N), torch.float32, dev)
-        torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs) if compute_dtype != torch.float32 else \
-            torch.softmax(logits, dim=-1, out=probs)
-        yield start, stop, probs
 
 
 @dataclass
