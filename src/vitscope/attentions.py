@@ -106,15 +106,15 @@ class Attentions:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return len(self.prefix)
+        return self.layout.num_prefix_tokens
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.layout.num_patches
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
+        return self.layout.num_tokens
 
     @property
     def batch_size(self) -> int:
@@ -135,7 +135,7 @@ class Attentions:
 
     @property
     def patch_slice(self) -> slice:
-        return slice(self.num_prefix_tokens, self.num_tokens)
+        return self.layout.patch_slice
 
     def patch_index(self, row: int, col: int) -> int:
         """Token index of the patch at grid position ``(row, col)`` (`TokenLayout.patch_index`)."""

@@ -16,10 +16,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitscope.errors import CaptureError
+from vitscope.errors import CaptureError, VitscopeError
 from vitscope.layout import Preprocess, SizePolicy
 
-__all__ = ["AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "refuse_compiled"]
+__all__ = [
+    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "import_optional", "refuse_compiled",
+]
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -193,3 +195,13 @@ def refuse_compiled(module: nn.Module) -> None:
             "model", "the model is torch.compile'd: its attention runs inside a compiled graph vitscope cannot see",
             "pass the original module (compiled_model._orig_mod)",
         )
+
+
+def import_optional(module: str, install: str) -> Any:
+    """Import an optional dependency, or a one-line error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise VitscopeError("model", f"this model family needs the {module} package", f"pip install {install}") from None

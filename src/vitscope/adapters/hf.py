@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["from_hf_model", "load_hf", "siglip2_inputs"]
@@ -112,14 +112,6 @@ _HUB_FIX = "run once with internet access, or save_pretrained(folder) on a machi
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _require_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise VitscopeError(
-            "model", "Hugging Face models need the transformers package", "pip install 'vitscope[hf]'"
-        ) from None
-    return transformers
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -195,7 +187,7 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
         CheckpointError: the folder is missing/incomplete, or the hub id cannot be downloaded (offline, unknown).
         NotAViTError: the checkpoint is not one of the supported families.
     """
-    transformers = _require_transformers()
+    transformers = import_optional("transformers", "'vitscope[hf]'")
     spec = str(id_or_folder).strip()
     if not spec:
         raise VitscopeError("model", "empty Hugging Face id", "e.g. 'hf:facebook/dinov2-small' or 'hf:/path/to/folder'")

@@ -17,19 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _import() -> Any:
-    try:
-        import open_clip
-    except ImportError:
-        raise VitscopeError("model", "open_clip is not installed", "pip install open_clip_torch") from None
-    return open_clip
 
 
 def _pair(x: Any) -> tuple[int, int]:
@@ -38,7 +32,7 @@ def _pair(x: Any) -> tuple[int, int]:
 
 def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel:
     """Describe an open_clip ``CLIP`` model (its ``visual`` tower runs) or a ``VisionTransformer``."""
-    open_clip = _import()
+    open_clip = import_optional("open_clip", "open_clip_torch")
     from open_clip.transformer import VisionTransformer
 
     visual = getattr(module, "visual", module)
@@ -85,7 +79,7 @@ def load_open_clip(
     name: str, pretrained: str | None = None, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> VitModel:
     """``open_clip.create_model(name, pretrained=...)``; offline, a local ``checkpoint`` state dict instead."""
-    open_clip = _import()
+    open_clip = import_optional("open_clip", "open_clip_torch")
     try:
         model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:

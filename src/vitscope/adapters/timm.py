@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 _RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -31,12 +31,6 @@ _WRAP_HINT = (
 )
 
 
-def _import_timm() -> Any:
-    try:
-        import timm
-    except ImportError:
-        raise VitscopeError("model", "timm is not installed", "pip install 'vitscope[timm]'") from None
-    return timm
 
 
 def _token_owner(model: nn.Module) -> nn.Module:
@@ -139,7 +133,7 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
 
     The module is used as given (its ``fused_attn`` flags, ``training`` flags and weights are not changed).
     """
-    _import_timm()
+    import_optional("timm", "'vitscope[timm]'")
     _refuse_windowed(module)
     blocks = getattr(module, "blocks", None)
     if not isinstance(blocks, nn.Module) or not len(blocks):  # type: ignore[arg-type]
@@ -255,7 +249,7 @@ def load_timm(
     Example:
         >>> vit = vitscope.load("timm:vit_small_patch16_224", checkpoint="vit_s16.safetensors")  # doctest: +SKIP
     """
-    timm = _import_timm()
+    timm = import_optional("timm", "'vitscope[timm]'")
     if pretrained and checkpoint is not None:
         raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
     auto_dynamic = "dynamic_img_size" not in timm_kwargs

@@ -17,24 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _import() -> Any:
-    try:
-        import torchvision
-    except ImportError:
-        raise VitscopeError("model", "torchvision is not installed", "pip install torchvision") from None
-    return torchvision
 
 
 def from_torchvision_model(module: nn.Module, name: str | None = None) -> VitModel:
     """Describe a ``torchvision.models.VisionTransformer`` instance (used as given)."""
-    tv = _import()
+    tv = import_optional("torchvision", "torchvision")
     if not isinstance(module, tv.models.VisionTransformer):
         raise NotAViTError(
             "model", f"torchvision model {type(module).__name__} is not a VisionTransformer",
@@ -76,7 +70,7 @@ def load_torchvision(
 ) -> VitModel:
     """Build ``torchvision.models.<name>`` (``weights="DEFAULT"`` downloads torchvision's; offline, pass a local
     ``checkpoint`` state dict, read with ``weights_only=True``)."""
-    tv = _import()
+    tv = import_optional("torchvision", "torchvision")
     builder = getattr(tv.models, name, None)
     if builder is None or not callable(builder):
         vits = [n for n in tv.models.list_models() if n.startswith("vit_")]
