@@ -21,6 +21,16 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide, so never toggle it while threads write
+#: Mode of files and folders vitscope writes: what ``open()`` / ``mkdir()`` would give under the user's umask.
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike[str] | None = None) -> Path:
+    """``tempfile.mkdtemp`` (mode 0700), then given the mode ``mkdir`` would (the folder is swapped in later)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(path, DIR_MODE)
+    return path
 
 
 @contextmanager
@@ -34,9 +44,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     )
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield tmp_path
+        # mkstemp makes 0600 (and a writer may replace the file): give it the permissions open() would
+        os.chmod(tmp_path, FILE_MODE)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)

@@ -18,8 +18,10 @@ import torch
 
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.attentions import Attentions
+from vitscope.capture.budget import check_capture_budget
 from vitscope.capture.hooks import eval_mode, record_block_outputs, record_sites
 from vitscope.errors import VitscopeError
+from vitscope.limits import limits
 
 QuerySpec = None | str | int | tuple[int, int] | Sequence[int | str | tuple[int, int]]
 HeadSpec = Literal["all", "mean"] | Sequence[int]
@@ -142,6 +144,8 @@ def capture_full(
     size: int | tuple[int, int] | None = None,
     token_norms: bool = False,
     device: str | torch.device | None = None,
+    max_tokens: int | None = None,
+    max_bytes: int | None = None,
 ) -> CaptureResult:
     """Like `capture`, also returning the model output and the pixel values used."""
     from vitscope.adapters import as_vit
@@ -151,7 +155,8 @@ def capture_full(
     layer_ids = resolve_layers(layers, info.num_layers)
     head_sel = resolve_heads(heads, info.num_heads)
     dev = torch.device(device) if device is not None else vit.device
-    pixels = vit.preprocess(images, policy=policy, size=size).to(dev, vit.dtype)
+    with limits(max_tokens=max_tokens):  # preprocessing refuses too many tokens before it resizes
+        pixels = vit.preprocess(images, policy=policy, size=size).to(dev, vit.dtype)
     if pixels.shape[1] != info.preprocess.channels:
         raise VitscopeError(
             "images", f"{pixels.shape[1]} channels but the model expects {info.preprocess.channels}",
@@ -163,6 +168,8 @@ def capture_full(
     N = info.num_prefix_tokens + grid[0] * grid[1]
     n_heads = 1 if head_sel == "mean" else len(head_sel)
     n_q = N if query_ids is None else len(query_ids)
+    check_capture_budget(B, N, len(layer_ids), n_heads, n_q, n_heads=info.num_heads, grid=grid,
+                         limit_bytes=max_bytes, max_tokens=max_tokens)
     weights = torch.empty(len(layer_ids), B, n_heads, n_q, N, dtype=torch.float32, device=dev)
     norms = torch.empty(info.num_layers, B, N, dtype=torch.float32, device=dev) if token_norms else None
     pos = {layer: i for i, layer in enumerate(layer_ids)}
@@ -210,6 +217,8 @@ def capture(
     size: int | tuple[int, int] | None = None,
     token_norms: bool = False,
     device: str | torch.device | None = None,
+    max_tokens: int | None = None,
+    max_bytes: int | None = None,
 ) -> Attentions:
     """Run ``model`` once on ``images`` and return its attention probabilities exactly.
 
@@ -226,6 +235,9 @@ def capture(
             way) or ``"native"``; default the model's own.
         size: target ``(height, width)``, or an int for the shorter side (aspect kept).
         token_norms: also record each block's output token norms (for artifact detection).
+        max_tokens, max_bytes: refuse, before running, inputs with more tokens or captures whose estimated
+            attention memory is larger (defaults in `vitscope.limits`; the error gives the estimate and the
+            options that lower it: ``layers``, ``queries``, ``heads="mean"``, a smaller ``size``).
 
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.
@@ -237,5 +249,5 @@ def capture(
     """
     return capture_full(
         model, images, layers=layers, queries=queries, heads=heads, policy=policy, size=size,
-        token_norms=token_norms, device=device,
+        token_norms=token_norms, device=device, max_tokens=max_tokens, max_bytes=max_bytes,
     ).attentions

@@ -180,6 +180,9 @@ def _prepare(
             "pass pixel values with the model's channel count",
         )
     grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+    from vitscope.capture.budget import check_tokens
+
+    check_tokens(vit.info.num_prefix_tokens + grid[0] * grid[1], grid)  # also for pixel tensors passed as is
     return _Run(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
 
 
