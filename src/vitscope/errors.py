@@ -26,3 +26,8 @@ class CheckpointError(VitscopeError):
 
 class ImageError(VitscopeError):
     """An input image cannot be read or used."""
+
+
+class VitscopeWarning(UserWarning):
+    """Something vitscope did that the caller should know, e.g. a viewer that left layers out to fit its size
+    budget. Shown once per place by Python's default warning filters (scripts and notebooks alike)."""

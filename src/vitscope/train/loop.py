@@ -524,7 +524,8 @@ def train(
         if writer is not None:
             writer.close()
     if stopped == "interrupted":
-        say(f"interrupted at step {state['step']}: checkpoint saved, continue with --resume")
+        say(f"interrupted at step {state['step']}: checkpoint saved in {ckpt_dir / 'last'}, no final model yet "
+            f"(continue with: vitscope train -o {out} --resume)")
         return TrainResult(model, out, state["step"], state["best_step"], state["best_acc"], "interrupted")
 
     # restore the best validation checkpoint and publish it as the run's model

@@ -245,7 +245,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server_version = "vitscope"
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # per-connection socket timeout (idle or stalled clients)
+        self.request.settimeout(self.server.request_timeout)  # per connection: idle or stalled clients time out
         super().setup()
 
     def handle(self) -> None:
