@@ -459,8 +459,6 @@ def view_cmd(
     from vitscope.errors import VitscopeError
     from vitscope.viewer import view
 
-    if dtype not in ("uint8", "float16"):
-        raise VitscopeError("--dtype", f"unknown value {dtype!r}", "use uint8 or float16")
     if not budget_mb > 0:
         raise VitscopeError("--budget-mb", f"must be positive, got {budget_mb}", "pass e.g. 6")
     _check_policy(policy)
@@ -657,8 +655,10 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vitscope`` console script."""
-    sys.exit(run(argv))
+    """Entry point of the ``vitscope`` console script: returns on success, else exits with `run`'s code."""
+    code = run(argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
