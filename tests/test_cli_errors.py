@@ -144,7 +144,7 @@ def test_unreadable_or_broken_input(files: dict[str, Path], tmp_path: Path, caps
     from vitscope.errors import ImageError
     from vitscope.images import load_image
 
-    with pytest.raises(ImageError, match="cannot read .*permission denied"):
+    with pytest.raises(ImageError, match=r"cannot read .*permission denied"):
         load_image(locked)
 
 
