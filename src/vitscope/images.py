@@ -150,7 +150,9 @@ def load_image(image: ImageLike, argument: str = "image", max_pixels: int | None
                 return to_rgb(open_image(im), argument)
         except UnidentifiedImageError:
             raise ImageError(argument, f"{path} is not an image PIL can read", "pass a PNG, JPEG, ... file") from None
-        except Image.DecompressionBombError:
+        except Image.DecompressionBombError:  # PIL's own guard fired at open: say the size and the limit
+            with _header_only(2**62), Image.open(path) as im:
+                check_pixels(im.width, im.height, cap, argument, what=str(path))
             raise ImageError(argument, f"{path} is too large to decode safely", "downscale it first") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             if isinstance(exc, ImageError):
@@ -166,7 +168,7 @@ def _target_size(
     """Output (height, width) for an image of (w, h) under ``policy``/``size``."""
     ph, pw = patch
     if size is not None:
-        sides = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
+        sides = tuple(size) if isinstance(size, (tuple, list)) else (size,)
         if len(sides) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0
                                            for v in sides):
             raise ImageError("size", f"must be a positive int or (height, width), got {size!r}",
