@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -218,10 +219,8 @@ def test_idle_and_slow_connections_are_closed_and_concurrency_bounded(strict_ser
             break
         time.sleep(0.1)
         slow.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             reply += slow.recv(200)
-        except BlockingIOError:
-            pass
         slow.setblocking(True)
         if reply:
             break
