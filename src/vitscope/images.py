@@ -88,11 +88,14 @@ def _header_only(limit: int) -> Iterator[None]:
     """Let ``Image.open`` read the header of an image up to ``limit`` pixels (vitscope checks the size itself).
 
     PIL refuses (or warns about) large images when it opens them, by its process-wide ``MAX_IMAGE_PIXELS``.
-    Below twice that only its warning is silenced here; above it, the guard is lifted for the header read
+    Below twice that only its warnings are silenced here; above it, the guard is lifted for the header read
     alone, under a lock, and restored at once: pixels are decoded only after vitscope's own check.
     """
     with warnings.catch_warnings():
+        # PIL's bomb warning (vitscope checks the size itself) and its notes on odd tags of damaged files: the
+        # file is either read or refused with one line, never a stream of warnings
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         pil_limit = Image.MAX_IMAGE_PIXELS
         if pil_limit is None or limit <= 2 * pil_limit:
             yield

@@ -106,11 +106,11 @@ def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS) -> Any:
     """Bytes -> upright (EXIF orientation) RGB PIL image, refusing non-images (415) and too many pixels (413)."""
     from PIL import Image, UnidentifiedImageError
 
-    from vitscope.images import open_image
+    from vitscope.images import _header_only, open_image
 
     too_many = f"more than {max_pixels:,} pixels: downscale it"
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _header_only(max_pixels), Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
                 raise UploadError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image is {im.width}x{im.height} pixels, {too_many}",
