@@ -260,3 +260,17 @@ def test_sigint_to_train_and_serve(tmp_path: Path, files: dict[str, Path]) -> No
     srv.send_signal(signal.SIGINT)
     _, err = srv.communicate(timeout=30)
     assert srv.returncode == 130 and err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("where", ["vitscope.load", "vitscope.capture"])
+def test_ctrl_c_in_any_command_is_exit_130(where: str, files: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitscope.cli import run
+
+    def interrupt(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    code = run(["capture", str(files["img"]), "-m", str(files["model"]), "-o", str(tmp_path / "a.npz")])
+    assert code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert not (tmp_path / "a.npz").exists()
