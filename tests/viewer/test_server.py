@@ -212,25 +212,26 @@ def test_idle_and_slow_connections_are_closed_and_concurrency_bounded(strict_ser
                 break
     else:
         raise AssertionError("the slot was never freed")
-    # a body that trickles in is cut off after request_timeout in all
+    # a body that trickles in (100 bytes/s of 1000) is cut off after request_timeout in all, not after 10 s
     slow = socket.create_connection((host, port), timeout=TIMEOUT)
     slow.sendall(b"POST /view HTTP/1.0\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
-    started = time.monotonic()
-    reply = b""
-    for _ in range(100):
+    started, sent, reply, ended = time.monotonic(), 0, b"", False
+    while sent < 1000 and not ended:
         try:
             slow.sendall(b"x" * 10)
-        except OSError:
-            break
-        time.sleep(0.1)
-        slow.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            reply += slow.recv(200)
-        slow.setblocking(True)
-        if reply:
-            break
+            sent += 10
+            time.sleep(0.1)
+            slow.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                chunk = slow.recv(200)
+                reply += chunk
+                ended = not chunk or reply.startswith(b"HTTP/1.0 408")
+            slow.setblocking(True)
+        except OSError:  # the server hung up (a reset may swallow its 408)
+            ended = True
     slow.close()
-    assert reply.startswith(b"HTTP/1.0 408") and time.monotonic() - started < 10
+    assert ended and sent < 1000 and time.monotonic() - started < 8, (sent, reply)
+    assert reply in (b"",) or reply.startswith(b"HTTP/1.0 408")
 
 
 def test_clients_that_go_away_are_not_logged(strict_server, capsys):
