@@ -178,9 +178,9 @@ def test_400_megapixel_upload_is_413_not_415(tmp_path):
     assert exc.value.status == 413 and "pixels" in exc.value.message
 
 
-@pytest.fixture
-def strict_server() -> Iterator[ViewerServer]:
-    srv = ViewerServer(make_tiny_vit(), port=0, request_timeout=1.5, max_concurrent=1)
+@pytest.fixture(params=[1])
+def strict_server(request) -> Iterator[ViewerServer]:
+    srv = ViewerServer(make_tiny_vit(), port=0, request_timeout=1.5, max_concurrent=request.param)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -212,6 +212,14 @@ def test_idle_and_slow_connections_are_closed_and_concurrency_bounded(strict_ser
                 break
     else:
         raise AssertionError("the slot was never freed")
+
+
+@pytest.mark.parametrize("strict_server", [8], indirect=True)
+def test_slow_uploads_are_cut_off(strict_server):
+    import socket
+    import time
+
+    host, port = strict_server.server_address[:2]
     # a body that trickles in (100 bytes/s of 1000) is cut off after request_timeout in all, not after 10 s
     slow = socket.create_connection((host, port), timeout=TIMEOUT)
     slow.sendall(b"POST /view HTTP/1.0\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
