@@ -39,7 +39,8 @@ def check_tokens(tokens: int, grid: tuple[int, int] | None = None, limit: int | 
         where = f"a {grid[0]}x{grid[1]} patch grid = " if grid is not None else ""
         raise VitscopeError(
             argument, f"the input gives {where}{tokens:,} tokens, more than the {cap:,}-token limit (the model's own "
-            f"attention grows with tokens^2)", "pass a smaller size, or raise max_tokens (CLI --max-tokens)",
+            f"attention grows with tokens^2: one {tokens:,} x {tokens:,} float32 matrix is {_human(4 * tokens**2)})",
+            "pass a smaller size, or raise max_tokens (CLI --max-tokens)",
         )
 
 
