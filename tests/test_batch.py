@@ -58,6 +58,11 @@ def _manifest(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
+def _out(rel: str, method: str, fmt: str) -> str:
+    """Where batch writes ``rel``'s output: ``a/x.png`` -> ``a/x.<method>.<fmt>``."""
+    return f"{rel.rsplit('.', 1)[0]}.{method}.{fmt}"
+
+
 def _direct_cls(vit, path: Path, policy: str | None) -> tuple[np.ndarray, np.ndarray]:
     attn = capture(vit, str(path), layers=[-1], queries="cls", policy=policy)
     return cls_map(attn, head="mean")[0].numpy(), cls_map(attn, head="all")[0].numpy()
@@ -75,8 +80,8 @@ def test_folder_with_mixed_sizes_and_bad_files(mixed_folder: Path, model_dir: Pa
     for rel in ("a/x.png", "b/x.png", "c.jpg", "d.png", "deep/e/f.png"):
         e = entries[rel]
         assert e["status"] == "ok" and e["error"] is None
-        npz_path, png_path = out / f"{rel}.npz", out / f"{rel}.png"
-        assert e["outputs"]["npz"]["path"] == f"{rel}.npz"  # mirrors the relative path: a/x.png != b/x.png
+        npz_path, png_path = out / _out(rel, "cls", "npz"), out / _out(rel, "cls", "png")
+        assert e["outputs"]["npz"]["path"] == _out(rel, "cls", "npz")  # mirrors the folder: a/x != b/x
         assert e["outputs"]["npz"]["bytes"] == npz_path.stat().st_size
         with np.load(npz_path) as data:
             got_map, got_heads = data["map"], data["heads"]
@@ -89,7 +94,7 @@ def test_folder_with_mixed_sizes_and_bad_files(mixed_folder: Path, model_dir: Pa
             h, w = im.height, im.width
         assert meta["original_size"] == [h, w] and meta["grid"] == list(exp_map.shape)
         with Image.open(png_path) as png:
-            assert png.size == (meta["image_size"][1], meta["image_size"][0]) and png.mode == "P"
+            assert png.size == (w, h) and png.mode == "P"  # at the image's own size
             index, palette = np.asarray(png), np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
         assert index.min() == 0 and index.max() == 255  # min-max scaled
         np.testing.assert_allclose(palette / 255.0, colormaps["inferno"](np.linspace(0, 1, 256))[:, :3], atol=0.003)
@@ -103,7 +108,7 @@ def test_rollout_outputs_equal_library_rollout(mixed_folder: Path, model_dir: Pa
     vit = load(model_dir)
     for rel in ("a/x.png", "c.jpg", "deep/e/f.png"):
         expected = rollout(capture(vit, str(mixed_folder / rel), policy="native"))[0].numpy()
-        with np.load(out / f"{rel}.npz") as data:
+        with np.load(out / _out(rel, "rollout", "npz")) as data:
             np.testing.assert_allclose(data["map"], expected, atol=1e-5)
     assert not list(out.rglob("*.png"))  # only the formats asked for
 
@@ -121,26 +126,26 @@ def test_gradient_methods_equal_direct_calls(method: str, name: str, mixed_folde
     vit = load(model_dir)
     for rel in ("a/x.png", "c.jpg"):
         expected = getattr(methods, name)(vit, str(mixed_folder / rel), policy="native")[0].numpy()
-        with np.load(out / f"{rel}.npz") as data:
+        with np.load(out / _out(rel, method, "npz")) as data:
             np.testing.assert_allclose(data["map"], expected, atol=1e-5)
 
 
 def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
-    first = (out / "c.jpg.npz").read_bytes()
-    (out / "d.png.png").write_bytes(b"\x89PNG truncated")  # damaged output: size differs from the manifest
-    (out / "a" / ".x.png.npz.abc123.part").write_bytes(b"partial")  # leftover of a killed run
+    first = (out / "c.cls.npz").read_bytes()
+    (out / "d.cls.png").write_bytes(b"\x89PNG truncated")  # damaged output: size differs from the manifest
+    (out / "a" / ".x.cls.npz.abc123.part").write_bytes(b"partial")  # leftover of a killed run
     with open(out / "manifest.jsonl", "a") as fh:
         fh.write('{"rel": "c.jpg", "status": "o')  # a line cut short by a kill
     summary = run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
     assert (summary.done, summary.skipped, summary.failed) == (1, 4, 2)  # d.png redone, bad files retried
-    assert (out / "c.jpg.npz").read_bytes() == first
+    assert (out / "c.cls.npz").read_bytes() == first
     assert not list(out.rglob("*.part"))
     entries = _manifest(out)  # every line parses: the cut line was dropped
     ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
     assert ok == {"a/x.png": 1, "b/x.png": 1, "c.jpg": 1, "d.png": 2, "deep/e/f.png": 1}
-    with Image.open(out / "d.png.png") as png:
+    with Image.open(out / "d.cls.png") as png:
         png.load()
     # a different method into the same folder is refused, unless overwriting
     with pytest.raises(VitscopeError, match="another run"):
@@ -221,7 +226,7 @@ def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkey
     _outputs_match_manifest(out)
     vit = load(model_dir)
     for p in paths:
-        with np.load(out / f"{p.relative_to(src).as_posix()}.npz") as data:  # complete, readable files
+        with np.load(out / _out(p.relative_to(src).as_posix(), "slow-cls", "npz")) as data:  # complete, readable files
             np.testing.assert_allclose(data["map"], _direct_cls(vit, p, None)[0], atol=1e-6)
 
 
@@ -256,7 +261,8 @@ def test_cli_batch(mixed_folder: Path, model_dir: Path, tmp_path: Path, capsys: 
           "--workers", "0", "--format", "npz", "--quiet"])
     captured = capsys.readouterr()
     assert "5 done" in captured.out and "2 failed" in captured.out and "broken.png" in captured.err
-    assert len(list(out.rglob("*.npz"))) == 5 and not list(out.rglob("*.png.png"))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz")) == [
+        "a/x.cls.npz", "b/x.cls.npz", "c.cls.npz", "d.cls.npz", "deep/e/f.cls.npz"]  # <stem>.<method>.<ext>
     with pytest.raises(SystemExit) as exc:
         main(["batch", str(mixed_folder), "-o", str(out), "--model", str(model_dir), "--method", "rollout", "-q"])
     assert exc.value.code == 2

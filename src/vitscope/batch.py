@@ -3,12 +3,13 @@
 `run_batch` reads images with a ``torch.utils.data.DataLoader`` (workers load and preprocess), groups equal-sized
 inputs into batches, runs one method per batch and writes, per image, atomically:
 
-- ``<out>/<relative path>.npz``: ``map`` (float32 ``(rows, cols)``, lossless), method extras (``heads`` for
-  ``cls``) and ``meta_json`` (input, method, model, grid, sizes);
-- ``<out>/<relative path>.png``: the map as an ``inferno`` heatmap at the model's input resolution.
+- ``<out>/<folder>/<stem>.<method>.npz``: ``map`` (float32 ``(rows, cols)``, lossless), method extras
+  (``heads`` for ``cls``) and ``meta_json`` (input, method, model, grid, sizes);
+- ``<out>/<folder>/<stem>.<method>.png``: the map as an ``inferno`` heatmap at the image's own size.
 
-``<relative path>`` mirrors the input's path below the input folder (``a/cat.jpg`` -> ``a/cat.jpg.npz``), so
-same-named images in different subfolders never collide. After an image's files are in place, one JSON line is
+``<folder>`` mirrors the input's folder below the input root (``a/cat.jpg`` -> ``a/cat.cls.npz``), so
+same-named images in different subfolders never collide; two inputs of one folder with the same stem
+(``cat.jpg``, ``cat.png``) keep their suffix (``cat.jpg.cls.npz``, ``cat.png.cls.npz``). After an image's files are in place, one JSON line is
 appended to ``<out>/manifest.jsonl`` (flushed and fsynced): input, outputs (bytes, sha256), status, error. A
 re-run skips images whose manifest entry is ``ok`` and whose outputs are still complete; an unreadable image is
 recorded with ``status: "error"`` and the run goes on. Temporary files are ``.<name>.*.part``: an interrupted
@@ -117,6 +118,27 @@ def _relative_items(paths: Iterable[Path], root: Path) -> list[BatchItem]:
         rel = PurePosixPath(os.path.relpath(p.resolve(), root.resolve()).replace(os.sep, "/"))
         items.setdefault(str(rel), BatchItem(p, str(rel)))
     return [items[k] for k in sorted(items)]
+
+
+def output_bases(items: Sequence[BatchItem]) -> dict[str, str]:
+    """Relative path -> output base name (``a/cat.jpg`` -> ``a/cat``); stems shared in one folder keep their
+    suffix (``a/cat.jpg``), so no two inputs ever share an output."""
+    by_stem: dict[str, list[str]] = {}
+    for it in items:
+        by_stem.setdefault(str(PurePosixPath(it.rel).with_suffix("")), []).append(it.rel)
+    out: dict[str, str] = {}
+    for base, rels in by_stem.items():
+        for r in rels:
+            out[r] = base if len(rels) == 1 else r
+    taken: set[str] = set()
+    for rel in sorted(out):  # a stem equal to another input's full name (cat.jpg vs cat.jpg.png): number it
+        name, n = out[rel], 1
+        while name in taken:
+            n += 1
+            name = f"{out[rel]}~{n}"
+        out[rel] = name
+        taken.add(name)
+    return out
 
 
 def _common_root(paths: Sequence[Path]) -> Path:
@@ -243,6 +265,18 @@ def heatmap_png(heat: np.ndarray, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def _png_size(original: Sequence[int]) -> tuple[int, int]:
+    """The image's own ``(height, width)``, scaled down to fit `vitscope.limits.max_figure_pixels`."""
+    from vitscope import limits
+
+    h, w = int(original[0]), int(original[1])
+    cap = limits.max_figure_pixels()
+    if h * w > cap:
+        scale = (cap / (h * w)) ** 0.5
+        h, w = max(1, int(h * scale)), max(1, int(w * scale))
+    return h, w
 
 
 def _sha256(data: bytes) -> str:
@@ -444,12 +478,21 @@ def run_batch(
     if int(workers) < 0:
         raise VitscopeError("workers", f"must be >= 0, got {workers}", "pass 0 to load in this process")
     out_dir = Path(output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitscopeError("output", f"{out_dir} is a file, not a folder", "name a folder for the outputs")
     items = collect_inputs(inputs, exclude=out_dir)
     if not items:
         raise VitscopeError("inputs", f"no files found in {os.fspath(inputs)!r}"  # type: ignore[arg-type]
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
+    if method == "cls":
+        from vitscope.capture.core import resolve_layers
+
+        try:
+            resolve_layers(layer, vit.info.num_layers)
+        except VitscopeError as exc:  # refused up front, not once per image
+            raise VitscopeError("layer", exc.problem, exc.fix) from None
     dev = resolve_device(device, vit.device)
     if dev != vit.device:
         vit.module.to(dev)
@@ -485,6 +528,7 @@ def run_batch(
                    dynamic_ncols=True)
         try:
             _process(vit, todo, out_dir, manifest, summary, bar, method=method, fmts=fmts, config=config,
+                     bases=output_bases(items),
                      batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
                      dev=dev)
         finally:
@@ -495,7 +539,8 @@ def run_batch(
 
 
 def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Manifest, summary: BatchSummary,
-             bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], batch_size: int, workers: int,
+             bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], bases: dict[str, str],
+             batch_size: int, workers: int,
              policy: SizePolicy | None, size: int | tuple[int, int] | None, layer: int, dev: torch.device) -> None:
     if not todo:
         return
@@ -529,8 +574,9 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
                     "patch_size": list(info.patch_size), "layer": config["layer"]}
             outputs: dict[str, dict[str, Any]] = {}
             for fmt in fmts:
-                data = _npz_bytes(arrays, meta) if fmt == "npz" else heatmap_png(arrays["map"], hw)
-                rel_out = f"{item.rel}.{fmt}"
+                data = _npz_bytes(arrays, meta) if fmt == "npz" else heatmap_png(
+                    arrays["map"], _png_size(sample["original_size"]))
+                rel_out = f"{bases[item.rel]}.{method}.{fmt}"
                 atomic_write_bytes(out_dir / rel_out, data)
                 outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}
             entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,

@@ -1,13 +1,17 @@
 """The ``vitscope`` command: thin wrappers that parse options, call the library and print.
 
-Every command turns a `VitscopeError` into one line on stderr and exit code 2 (no traceback).
+Every usage error, bad value and I/O problem is one line on stderr naming the argument and the fix, exit
+code 2 (no traceback); Ctrl-C prints ``interrupted`` (for ``batch``/``train``: what was saved and how to
+resume) and exits 130. One rule for ``-o``: a path with a suffix is a file, one without is a folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +28,108 @@ DEFAULT_MODEL = "vitscope:shapes"
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="vitscope:shapes, hf:<id|folder>, timm:<name>, dino:<file.pth>, a folder")
 ]
-OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file or folder.")]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="A file (with a suffix) or a folder (without one).")]
+FolderOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
+SizeOpt = Annotated[
+    str | None, typer.Option(help="Input size: N for the shorter side (aspect kept) or HxW (default: the policy's).")
+]
+PolicyOpt = Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps (default: cpu).")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option(help="Fine-tuned weights (.safetensors/.pth) for a timm:<name> architecture.")
+]
+RandomOpt = Annotated[bool, typer.Option("--random-weights", help="timm:<name> without its pretrained weights.")]
+MaxPixelsOpt = Annotated[float | None, typer.Option(help="Largest decoded input, megapixels (default 100).")]
+MaxTokensOpt = Annotated[int | None, typer.Option(help="Most tokens per capture (default 20000).")]
+MaxMemoryOpt = Annotated[float | None, typer.Option(help="Largest estimated attention memory, GB (default 4.3).")]
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command, with what was saved and how to resume (printed by `main`, exit 130)."""
+
+
+def _limits(max_pixels: float | None = None, max_tokens: int | None = None, max_memory: float | None = None,
+            max_figure_pixels: float | None = None) -> contextlib.AbstractContextManager[None]:
+    from vitscope.errors import VitscopeError
+    from vitscope.limits import limits
+
+    for name, value in (("--max-pixels", max_pixels), ("--max-tokens", max_tokens), ("--max-memory", max_memory),
+                        ("--max-figure-pixels", max_figure_pixels)):
+        if value is not None and not value > 0:
+            raise VitscopeError(name, f"must be positive, got {value}", "pass a positive number")
+    return limits(
+        max_pixels=int(max_pixels * 1e6) if max_pixels else None, max_tokens=max_tokens,
+        max_bytes=int(max_memory * 1e9) if max_memory else None,
+        max_figure_pixels=int(max_figure_pixels * 1e6) if max_figure_pixels else None,
+    )
+
+
+def _parse_size(text: str | None) -> int | tuple[int, int] | None:
+    """'224' -> 224 (shorter side), '224x320' -> (224, 320) (height x width)."""
+    from vitscope.errors import VitscopeError
+
+    if text is None or text == "":
+        return None
+    fix = "use a positive number like 224 (shorter side) or HxW like 224x320"
+    try:
+        parts = [int(t) for t in text.lower().split("x")]
+    except ValueError:
+        raise VitscopeError("--size", f"cannot parse {text!r}", fix) from None
+    if len(parts) not in (1, 2) or any(p <= 0 for p in parts):
+        raise VitscopeError("--size", f"{text!r} is not a positive size", fix)
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _check_policy(policy: str | None) -> None:
+    from vitscope.errors import VitscopeError
+
+    if policy is not None and policy not in ("resize", "crop", "native"):
+        raise VitscopeError("--policy", f"unknown value {policy!r}", "use resize, crop or native")
+
+
+def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool = False,
+                device: str | None = None) -> Any:
+    """``vitscope.load`` for the CLI: timm names get their pretrained weights unless ``--random-weights``
+    (said on stderr), ``--checkpoint`` loads fine-tuned weights into a timm architecture."""
+    import vitscope
+    from vitscope.errors import VitscopeError
+
+    is_timm = model.startswith("timm:")
+    if checkpoint is not None and not is_timm:
+        raise VitscopeError("--checkpoint", f"only applies to timm:<name> architectures, not {model!r}",
+                            "for transformers pass the fine-tuned folder as -m hf:<folder>; "
+                            "for DINO as -m dino:<file.pth>")
+    if random_weights and not is_timm:
+        raise VitscopeError("--random-weights", f"only applies to timm:<name> models, not {model!r}",
+                            "drop --random-weights")
+    if random_weights and checkpoint is not None:
+        raise VitscopeError("--random-weights", "given together with --checkpoint", "pass one of them")
+    kwargs: dict[str, Any] = {}
+    if is_timm:
+        if checkpoint is not None:
+            kwargs["checkpoint"] = checkpoint
+        else:
+            kwargs["pretrained"] = not random_weights
+    vit = vitscope.load(model, **kwargs)
+    if random_weights:
+        typer.echo(f"note: {model} has random weights (--random-weights): its attention is not learned", err=True)
+    if device is not None:
+        from vitscope.capture.prepare import resolve_device
+
+        dev = resolve_device(device, vit.device)
+        if dev != vit.device:
+            vit.module.to(dev)
+    return vit
+
+
+def _output(out: Path, suffixes: tuple[str, ...] | None, name: str | None = None) -> Path:
+    from vitscope._io import output_target
+
+    return output_target(out, suffixes=suffixes, name=name)
+
+
+def _stem(images: list[Path]) -> str:
+    return images[0].stem if len(images) == 1 else "images"
 
 
 def _version(value: bool) -> None:
@@ -61,13 +166,28 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 # ---------------------------------------------------------------------------------------------- foundation
 @app.command()
-def info(model: ModelOpt = DEFAULT_MODEL) -> None:
+def info(
+    model: ModelOpt = DEFAULT_MODEL,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as one JSON object.")] = False,
+) -> None:
     """Describe a model: layers, heads, patch size, prefix tokens, preprocessing."""
-    import vitscope
+    vit = _load_model(model, checkpoint, random_weights)
+    i, p = vit.info, vit.info.preprocess
+    if as_json:
+        import json
 
-    vit = vitscope.load(model)
-    typer.echo(vit.info.describe())
-    p = vit.info.preprocess
+        typer.echo(json.dumps({
+            "name": i.name, "family": i.family, "num_layers": i.num_layers, "num_heads": i.num_heads,
+            "patch_size": list(i.patch_size), "prefix": list(i.prefix), "num_prefix_tokens": i.num_prefix_tokens,
+            "labels": len(i.labels) if i.labels is not None else None,
+            "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
+                           "std": list(p.std), "resample": p.resample, "dynamic_size": p.dynamic_size,
+                           "channels": p.channels},
+        }))
+        return
+    typer.echo(i.describe())
     typer.echo(f"preprocess: policy={p.policy} mean={p.mean} std={p.std} resample={p.resample}")
 
 
@@ -79,7 +199,14 @@ def capture_cmd(
     layers: Annotated[str | None, typer.Option(help="Layers: -1, 0,3,-1 or 0:4 (default all).")] = None,
     queries: Annotated[str, typer.Option(help="'all' rows or 'cls' only.")] = "all",
     heads: Annotated[str, typer.Option(help="'all' or 'mean'.")] = "all",
-    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = None,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    max_pixels: MaxPixelsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Capture attention of IMAGES and write it to an .npz (weights + JSON header 'meta_json')."""
     import vitscope
@@ -89,12 +216,16 @@ def capture_cmd(
         raise VitscopeError("--queries", f"unknown value {queries!r}", "use 'all' or 'cls'")
     if heads not in ("all", "mean"):
         raise VitscopeError("--heads", f"unknown value {heads!r}", "use 'all' or 'mean'")
-    vit = vitscope.load(model)
-    attn = vitscope.capture(
-        vit, [str(p) for p in images], layers=_parse_layers(layers),
-        queries=None if queries == "all" else "cls", heads=heads, policy=policy,  # type: ignore[arg-type]
-    )
-    path = attn.save(output)
+    _check_policy(policy)
+    target = _output(output, (".npz",), f"{_stem(images)}.capture.npz")
+    layer_ids, the_size = _parse_layers(layers), _parse_size(size)
+    with _limits(max_pixels, max_tokens, max_memory):
+        vit = _load_model(model, checkpoint, random_weights, device)
+        attn = vitscope.capture(
+            vit, [str(p) for p in images], layers=layer_ids, size=the_size,
+            queries=None if queries == "all" else "cls", heads=heads, policy=policy,  # type: ignore[arg-type]
+        )
+    path = attn.save(target)
     typer.echo(f"{attn!r}\nwrote {path}")
 
 
@@ -114,22 +245,39 @@ def maps_cmd(
     target: Annotated[int | None, typer.Option(help="Class for gradient methods (default: predicted).")] = None,
     tau: Annotated[float, typer.Option(help="Mass kept by dino_mask.")] = 0.6,
     upsample: Annotated[str, typer.Option(help="nearest | bilinear | bicubic for map_upsampled.")] = "bilinear",
-    output: OutOpt = Path("maps.npz"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="x.npz or x.png (both are written), or a folder (no suffix).")
+    ] = Path("maps.npz"),
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = None,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    max_pixels: MaxPixelsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay."""
-    import vitscope
+    """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay at
+    the image's size."""
     from vitscope.errors import VitscopeError
-    from vitscope.methods.export import compute_map, parse_head, parse_query, save_map
+    from vitscope.methods.export import METHODS, compute_map, output_paths, parse_head, parse_query, save_map
 
     if upsample not in ("nearest", "bilinear", "bicubic"):
         raise VitscopeError("--upsample", f"unknown mode {upsample!r}", "use nearest, bilinear or bicubic")
-    vit = vitscope.load(model)
-    result = compute_map(
-        vit, str(image), method, layer=layer, head=parse_head(head), query=parse_query(query), target=target,
-        tau=tau, upsample_mode=upsample,  # type: ignore[arg-type]
-    )
-    result.meta["image"] = str(image)
-    npz, png = save_map(result, output, stem=image.stem)
+    if method not in METHODS:
+        raise VitscopeError("--method", f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    _check_policy(policy)
+    the_head, the_query, the_size = parse_head(head), parse_query(query), _parse_size(size)
+    output_paths(output, image.stem, method)  # refuse a wrong -o before computing
+    with _limits(max_pixels, max_tokens, max_memory):
+        vit = _load_model(model, checkpoint, random_weights, device)
+        result = compute_map(
+            vit, str(image), method, layer=layer, head=the_head, query=the_query, target=target,
+            tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
+        )
+        result.meta["image"] = str(image)
+        used = (policy or vit.info.preprocess.policy) if the_size is None else None
+        npz, png = save_map(result, output, stem=image.stem, image=str(image), policy=used)
     rows, cols = result.map.shape[-2:]
     typer.echo(f"{method} map {rows}x{cols} of {image.name} with {vit.info.name}\nwrote {npz}\nwrote {png}")
 
@@ -155,7 +303,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, object]:
 
 @app.command("train")
 def train_cmd(
-    output: OutOpt = Path("runs/shapes"),
+    output: FolderOpt = Path("runs/shapes"),
     preset: Annotated[str, typer.Option("--preset", "-p", help="shapes, mnist, cifar10, cifar100, tiny-imagenet, seed004.")] = "shapes",
     data: Annotated[Path | None, typer.Option(help="Dataset folder or archive (not needed for shapes).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT from its last checkpoint.")] = False,
@@ -182,18 +330,39 @@ def train_cmd(
                        ("seed", seed), ("device", device), ("data", str(data) if data else None)):
         if value is not None:
             overrides[key] = value
-    if resume and not overrides:
-        result = train(None, output, resume=True, progress=progress, log=typer.echo)
-    else:
-        result = train(make_preset(preset, **overrides), output, resume=resume, progress=progress, log=typer.echo)
-    typer.echo(f"{result.stopped}: step {result.step}, best val accuracy {result.best_val_accuracy:.4f} "
-               f"(step {result.best_step}); model in {result.output}")
+    out = _output(output, None)
+    try:
+        if resume and not overrides:
+            result = train(None, out, resume=True, progress=progress, log=typer.echo)
+        else:
+            result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress, log=typer.echo)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step
+        raise Interrupted(_train_saved(out)) from None
+    if result.stopped == "interrupted":  # the loop saved a checkpoint and said so
+        raise Interrupted("")
+    # the loop has printed its one summary line
+
+
+def _train_saved(out: Path) -> str:
+    """What an interrupted run left in ``out`` and how to continue it."""
+    from vitscope.train.loop import _find_checkpoint
+
+    ckpt = _find_checkpoint(out / "checkpoints" / "last")
+    if ckpt is None:
+        return f"interrupted before the first checkpoint: nothing saved in {out} (start again)"
+    step = "?"
+    with contextlib.suppress(Exception):
+        import torch
+
+        step = str(torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)["state"]["step"])
+    return (f"interrupted: checkpoint of step {step} saved in {ckpt}, no final model yet "
+            f"(continue with: vitscope train -o {out} --resume)")
 
 
 @app.command("report")
 def report_cmd(
     model: Annotated[str, typer.Argument(help="vitscope:shapes, a run folder, or any model spec.")] = DEFAULT_MODEL,
-    output: OutOpt = Path("report"),
+    output: FolderOpt = Path("report"),
     images: Annotated[int, typer.Option(help="Fresh shapes images for the accuracy.")] = 1000,
     localisation: Annotated[int, typer.Option(help="Images for the localisation table (0: skip it).")] = 100,
     samples: Annotated[int, typer.Option(help="Images in the rollout figure.")] = 8,
@@ -204,6 +373,7 @@ def report_cmd(
     from vitscope.train.report import model_report
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    output = _output(output, None)
     rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples, seed=seed,
                        methods=chosen, log=typer.echo)
     if rep.accuracy is not None:
@@ -219,7 +389,9 @@ def figure_cmd(
     kind: Annotated[str, typer.Argument(help="heads | panel | grid | batch | distance | norms")],
     images: Annotated[list[Path], typer.Argument(help="Image file(s).")],
     model: ModelOpt = DEFAULT_MODEL,
-    output: OutOpt = Path("figure.png"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="x.png, x.svg or x.pdf, or a folder (no suffix).")
+    ] = Path("figure.png"),
     layer: Annotated[int, typer.Option(help="Layer of the map (heads, panel, batch --method cls, norms).")] = -1,
     layers: Annotated[str | None, typer.Option(help="Layers of the grid: -1, 0,3,-1 or 0:4.")] = None,
     query: Annotated[str | None, typer.Option(help="cls (default), mean, register:K, ROW,COL or an index.")] = None,
@@ -229,37 +401,75 @@ def figure_cmd(
     tau: Annotated[float | None, typer.Option(help="Contour DINO's mask holding this share of the mass.")] = None,
     nearest: Annotated[bool, typer.Option(help="Upsample maps as patch blocks, not bilinear.")] = False,
     method: Annotated[str, typer.Option(help="Map of the batch figure: rollout | cls.")] = "rollout",
-    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
-    dpi: Annotated[int, typer.Option(help="Resolution of .png output.")] = 150,
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = None,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    dpi: Annotated[int, typer.Option(help="Resolution of .png output (1-1200).")] = 150,
+    max_pixels: MaxPixelsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    max_figure_pixels: Annotated[float | None, typer.Option(help="Largest figure, megapixels (default 50).")] = None,
 ) -> None:
     """Draw a publication figure of IMAGES to -o (.png, .svg or .pdf)."""
+    from vitscope.errors import VitscopeError
     from vitscope.viz import save_figure
-    from vitscope.viz.make import make_figure, parse_query
+    from vitscope.viz.figures import check_dpi
+    from vitscope.viz.make import KINDS, make_figure, parse_query
 
-    fig = make_figure(
-        kind, [str(p) for p in images], model, layer=layer, layers=_parse_layers(layers), query=parse_query(query),
-        cmap=cmap, alpha=alpha, shared_scale=not per_head_scale, mask_tau=tau,
-        mode="nearest" if nearest else "bilinear", policy=policy, method=method,
-        titles=[p.name for p in images] if kind == "batch" else None,
-    )
-    typer.echo(f"wrote {save_figure(fig, output, dpi=dpi)}")
+    if kind not in KINDS:
+        raise VitscopeError("kind", f"unknown figure {kind!r}", f"use one of {', '.join(KINDS)}")
+    _check_policy(policy)
+    check_dpi(dpi, "--dpi")
+    target = _output(output, (".png", ".svg", ".pdf"), f"{_stem(images)}.{kind}.png")
+    layer_ids, the_query, the_size = _parse_layers(layers), parse_query(query), _parse_size(size)
+    with _limits(max_pixels, max_tokens, max_memory, max_figure_pixels):
+        vit = _load_model(model, checkpoint, random_weights, device)
+        fig = make_figure(
+            kind, [str(p) for p in images], vit, layer=layer, layers=layer_ids, query=the_query,
+            cmap=cmap, alpha=alpha, shared_scale=not per_head_scale, mask_tau=tau,
+            mode="nearest" if nearest else "bilinear", policy=policy, method=method, size=the_size,
+            titles=[p.name for p in images] if kind == "batch" else None,
+        )
+        typer.echo(f"wrote {save_figure(fig, target, dpi=dpi)}")
 
 
 @app.command("view")
 def view_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.")],
     model: ModelOpt = DEFAULT_MODEL,
-    output: OutOpt = Path("attention.html"),
-    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="x.html, or a folder (no suffix).")] = Path(
+        "attention.html"),
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = None,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
     budget_mb: Annotated[float, typer.Option(help="Cap on the stored attention, MB (fewer layers/heads past it).")] = 6.0,
     cmap: Annotated[str, typer.Option(help="matplotlib colormap.")] = "inferno",
+    max_pixels: MaxPixelsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query)."""
+    import warnings
+
+    from vitscope.errors import VitscopeError
     from vitscope.viewer import view
 
-    v = view(str(image), model, policy=policy, dtype=dtype, budget_bytes=int(budget_mb * 1e6), cmap=cmap)  # type: ignore[arg-type]
-    path = v.save(output)
+    if not budget_mb > 0:
+        raise VitscopeError("--budget-mb", f"must be positive, got {budget_mb}", "pass e.g. 6")
+    _check_policy(policy)
+    target = _output(output, (".html",), f"{image.stem}.view.html")
+    the_size = _parse_size(size)
+    with _limits(max_pixels, max_tokens, max_memory), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the viewer's notes are printed below
+        vit = _load_model(model, checkpoint, random_weights, device)
+        v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
+                 budget_bytes=int(budget_mb * 1e6), cmap=cmap)
+    path = v.save(target)
     for note in v.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -271,27 +481,37 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to bind (loopback unless you mean it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, MB.")] = 10.0,
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Serve the viewer locally; upload your own images in the browser. Ctrl-C stops it."""
-    from vitscope.viewer.server import is_loopback, serve
+    from vitscope.errors import VitscopeError
+    from vitscope.viewer.server import is_loopback, make_server
 
-    if not is_loopback(host):
-        typer.echo(f"warning: binding {host}: anyone who can reach this machine can use the server", err=True)
-    serve(
-        model, host=host, port=port, max_upload=int(max_upload_mb * 2**20),
-        on_ready=lambda s: typer.echo(f"vitscope viewer at {s.url} (Ctrl-C to stop)"),
-    )
+    if not max_upload_mb > 0:
+        raise VitscopeError("--max-upload-mb", f"must be positive, got {max_upload_mb}", "pass e.g. 10")
+    server = make_server(model, host=host, port=port, max_upload=int(max_upload_mb * 2**20))  # port errors first
+    try:
+        if not is_loopback(host):
+            typer.echo(f"warning: binding {host}: anyone who can reach this machine can use the server", err=True)
+        server.model_spec = _load_model(model, checkpoint, random_weights, device)
+        server.vit()
+        typer.echo(f"vitscope viewer at {server.url} (Ctrl-C to stop)")
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 @app.command("demo")
 def demo_cmd(
-    output: OutOpt = Path("vitscope-demo"),
+    output: FolderOpt = Path("vitscope-demo"),
     model: ModelOpt = DEFAULT_MODEL,
 ) -> None:
     """Offline showcase: figures and a viewer page from the bundled model, written to -o."""
     from vitscope.demo import run_demo
 
-    run_demo(output, model, log=typer.echo)
+    run_demo(_output(output, None), model, log=typer.echo)
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
@@ -306,21 +526,37 @@ def batch_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Loader processes (0: load in this process).")] = 2,
     formats: Annotated[str, typer.Option("--format", help="npz, png or npz,png.")] = "npz,png",
-    policy: Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")] = None,
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
     layer: Annotated[int, typer.Option(help="Layer of the cls map.")] = -1,
     device: Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = "auto",
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
     verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over, ignoring an existing manifest.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    max_pixels: MaxPixelsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Maps for many images: one .npz / .png per image, resumable (manifest.jsonl), bad files logged."""
+    """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged."""
     from vitscope.batch import run_batch
 
-    summary = run_batch(
-        inputs, output, method=method, model=model, batch_size=batch_size, workers=workers, formats=formats,
-        policy=policy, layer=layer, device=device, verify=verify, overwrite=overwrite,  # type: ignore[arg-type]
-        progress=not quiet,
-    )
+    _check_policy(policy)
+    out = _output(output, None)
+    the_size = _parse_size(size)
+    spec: Any = model
+    if checkpoint is not None or random_weights or model.startswith("timm:"):
+        spec = _load_model(model, checkpoint, random_weights)
+    try:
+        with _limits(max_pixels, max_tokens, max_memory):
+            summary = run_batch(
+                inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
+                policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
+                overwrite=overwrite, progress=not quiet,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(_batch_saved(out)) from None
     typer.echo(str(summary))
     for rel, error in summary.errors[:10]:
         typer.echo(f"  failed: {rel}: {error}", err=True)
@@ -328,31 +564,101 @@ def batch_cmd(
         typer.echo(f"  ... and {len(summary.errors) - 10} more (see the manifest)", err=True)
 
 
+def _batch_saved(out: Path) -> str:
+    from vitscope.batch import MANIFEST, Manifest
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning vitscope's errors into one line and exit code 2."""
+    manifest = Manifest(out / MANIFEST)
+    with contextlib.suppress(Exception):
+        manifest.load()
+    ok = sum(1 for e in manifest.entries.values() if e.get("status") == "ok")
+    failed = sum(1 for e in manifest.entries.values() if e.get("status") == "error")
+    return (f"interrupted: {ok} image(s) saved in {out} ({failed} failed), recorded in {out / MANIFEST}; "
+            "run the same command again to resume (finished images are skipped)")
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def _framework_error(exc: BaseException) -> bool:
+    """A usage error of the CLI framework (click, or the click typer bundles): duck-typed, wherever it lives."""
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_line(exc: BaseException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "vitscope"
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return f"error: no command given (run '{command} --help' to see the commands)"
+    message = exc.format_message()  # type: ignore[attr-defined]
+    first = next((ln for ln in str(message).splitlines() if ln.strip()), type(exc).__name__)
+    return f"error: {_one_line(first)} (see '{command} --help')"
+
+
+@contextlib.contextmanager
+def _quiet_broken_pipe() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:  # e.g. `vitscope info | head -1`
+        with contextlib.suppress(Exception):
+            sys.stdout = open(__import__("os").devnull, "w")  # noqa: SIM115
+        raise SystemExit(0) from None
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app; return the exit code (0 ok, 2 usage/input/IO error, 130 interrupted). Never raises for
+    those: each is one line on stderr."""
     from vitscope.errors import VitscopeError
 
-    try:
-        app(args=argv, standalone_mode=False)
-    except VitscopeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors etc.
-        import click
+    def err(line: str) -> None:
+        with contextlib.suppress(Exception):
+            typer.echo(line, err=True)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+    try:
+        with _quiet_broken_pipe():
+            result = app(args=argv, standalone_mode=False, prog_name="vitscope")
+        if result == 130:  # the framework turned a Ctrl-C into an exit code
+            err("interrupted")
+            return 130
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    except Interrupted as exc:
+        if str(exc):
+            err(str(exc))
+        return 130
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except VitscopeError as exc:
+        err(f"error: {_one_line(str(exc))}")
+        return 2
+    except MemoryError:
+        err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        err(f"error: {where}{exc.strerror or _one_line(str(exc))} (check the path, its permissions and free space)")
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":
+            err("interrupted")
+            return 130
+        if _framework_error(exc):
+            err(_usage_line(exc))
+            return 2
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
+            return 2
         raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vitscope`` console script: returns on success, else exits with `run`'s code."""
+    code = run(argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

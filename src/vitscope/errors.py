@@ -30,3 +30,8 @@ class ImageError(VitscopeError):
 
 class CaptureError(VitscopeError):
     """Attention could not be captured exactly: the layer and the reason, in one line."""
+
+
+class VitscopeWarning(UserWarning):
+    """Something vitscope did that the caller should know, e.g. a viewer that left layers out to fit its size
+    budget. Shown once per place by Python's default warning filters (scripts and notebooks alike)."""

@@ -7,19 +7,25 @@ Grayscale, RGBA/LA (composited over white), palette, CMYK and 16-bit images are 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vitscope import limits
 from vitscope.errors import ImageError
 from vitscope.layout import Preprocess, SizePolicy
 
-#: Largest image (in pixels) vitscope will decode; PIL's own bomb guard stops at twice its default.
-MAX_PIXELS = 20_000 * 20_000
+#: Default largest image (in pixels) vitscope decodes; per call: ``load_image(..., max_pixels=)`` or
+#: `vitscope.limits.limits`. PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` is left as it is.
+MAX_PIXELS = limits.MAX_PIXELS
+_PIL_GUARD = threading.Lock()
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 _RESAMPLE = {
@@ -77,8 +83,55 @@ def to_rgb(img: Image.Image, argument: str = "image") -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(image: ImageLike, argument: str = "image") -> Image.Image:
-    """Open ``image`` (path, PIL image or array) as 8-bit RGB, with one-line errors for bad inputs."""
+@contextmanager
+def _header_only(limit: int) -> Iterator[None]:
+    """Let ``Image.open`` read the header of an image up to ``limit`` pixels (vitscope checks the size itself).
+
+    PIL refuses (or warns about) large images when it opens them, by its process-wide ``MAX_IMAGE_PIXELS``.
+    Below twice that only its warnings are silenced here; above it, the guard is lifted for the header read
+    alone, under a lock, and restored at once: pixels are decoded only after vitscope's own check.
+    """
+    with warnings.catch_warnings():
+        # PIL's bomb warning (vitscope checks the size itself) and its notes on odd tags of damaged files: the
+        # file is either read or refused with one line, never a stream of warnings
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pil_limit is None or limit <= 2 * pil_limit:
+            yield
+            return
+        with _PIL_GUARD:
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_pixels(width: int, height: int, limit: int | None = None, argument: str = "image", what: str = "") -> None:
+    """Refuse an image of more than ``limit`` pixels (default `vitscope.limits.max_pixels`) before decoding it."""
+    cap = limits.max_pixels(limit)
+    if width * height > cap:
+        raise ImageError(
+            argument, f"{what or 'image'} is {width}x{height} = {width * height:,} pixels, more than the {cap:,} "
+            "pixel limit", "downscale it, or raise max_pixels (CLI --max-pixels, in megapixels)",
+        )
+
+
+def open_image(im: Image.Image) -> Image.Image:
+    """Decode an opened PIL image, turned upright by its EXIF orientation, as 8-bit RGB."""
+    im.load()
+    upright = ImageOps.exif_transpose(im)
+    return to_rgb(upright if upright is not None else im)
+
+
+def load_image(image: ImageLike, argument: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Open ``image`` (path, PIL image or array) as 8-bit RGB, with one-line errors for bad inputs.
+
+    Files are turned upright by their EXIF orientation. A file of more than ``max_pixels`` pixels (default
+    `vitscope.limits.max_pixels`) is refused from its header, before any pixel is decoded.
+    """
     if isinstance(image, Image.Image):
         return to_rgb(image, argument)
     if isinstance(image, np.ndarray):
@@ -89,21 +142,26 @@ def load_image(image: ImageLike, argument: str = "image") -> Image.Image:
             raise ImageError(argument, f"file not found: {path}", "check the path")
         if path.is_dir():
             raise ImageError(argument, f"{path} is a folder", "pass an image file (or use `vitscope batch` for folders)")
+        if not os.access(path, os.R_OK):
+            raise ImageError(argument, f"cannot read {path}: permission denied", "check the file's permissions")
         if path.stat().st_size == 0:
             raise ImageError(argument, f"{path} is empty (0 bytes)", "pass a valid image file")
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        cap = limits.max_pixels(max_pixels)
         try:
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(argument, f"{path} is {im.width}x{im.height} pixels", "downscale it first")
-                im.load()
-                return to_rgb(im, argument)
+            with _header_only(cap), Image.open(path) as im:
+                check_pixels(im.width, im.height, cap, argument, what=str(path))
+                return to_rgb(open_image(im), argument)
         except UnidentifiedImageError:
             raise ImageError(argument, f"{path} is not an image PIL can read", "pass a PNG, JPEG, ... file") from None
-        except Image.DecompressionBombError:
+        except Image.DecompressionBombError:  # PIL's own guard fired at open: say the size and the limit
+            with _header_only(2**62), Image.open(path) as im:
+                check_pixels(im.width, im.height, cap, argument, what=str(path))
             raise ImageError(argument, f"{path} is too large to decode safely", "downscale it first") from None
-        except OSError as exc:
-            raise ImageError(argument, f"cannot read {path}: {exc}", "check the file is a complete image") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            if isinstance(exc, ImageError):
+                raise
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            raise ImageError(argument, f"cannot read {path}: {msg}", "check the file is a complete image") from None
     raise ImageError(argument, f"unsupported type {type(image).__name__}", "pass a path, PIL image or numpy array")
 
 
@@ -113,7 +171,12 @@ def _target_size(
     """Output (height, width) for an image of (w, h) under ``policy``/``size``."""
     ph, pw = patch
     if size is not None:
-        if isinstance(size, int):
+        sides = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+        if len(sides) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0
+                                           for v in sides):
+            raise ImageError("size", f"must be a positive int or (height, width), got {size!r}",
+                             "pass e.g. size=224 or size=(224, 320)")
+        if isinstance(size, (int, np.integer)):
             # shorter side to `size`, aspect kept, sides rounded to a multiple of the patch
             scale = size / min(w, h)
             th, tw = max(ph, round(h * scale / ph) * ph), max(pw, round(w * scale / pw) * pw)
@@ -138,8 +201,12 @@ def image_to_pixels(
     argument: str = "image",
 ) -> torch.Tensor:
     """One RGB PIL image -> normalised pixel values ``(C, H, W)``. Errors name ``argument``."""
+    from vitscope.limits import check_tokens
+
     policy = policy or prep.policy
     th, tw = _target_size(img.width, img.height, prep, patch, policy, size)
+    grid = (th // patch[0], tw // patch[1])
+    check_tokens(grid[0] * grid[1], grid, argument="size")  # before resizing to a huge input
     if th < patch[0] or tw < patch[1]:
         raise ImageError(
             argument,

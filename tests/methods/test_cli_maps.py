@@ -29,8 +29,8 @@ def _run(model_dir: Path, image: Path, out: Path, *extra: str) -> tuple[dict[str
     with np.load(out.with_suffix(".npz"), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(str(arrays.pop("meta_json")))
-    with Image.open(out.with_suffix(".png")) as png:
-        assert png.size == (40, 24) and png.mode == "RGB"
+    with Image.open(image) as src, Image.open(out.with_suffix(".png")) as png:
+        assert png.size == src.size and png.mode == "RGB"  # the overlay is at the image's own size
     return arrays, meta
 
 
@@ -56,11 +56,11 @@ def test_patch_query_head_index_and_folder_output(model_dir: Path, image_path: P
     res = runner.invoke(app, ["maps", str(image_path), "--model", str(model_dir), "-o", str(out_dir),
                               "--query", "2,4", "--head", "3", "--layer", "0"])
     assert res.exit_code == 0, res.output
-    with np.load(out_dir / "img_cls.npz") as data:
+    with np.load(out_dir / "img.cls.npz") as data:  # a folder: <stem>.<method>.npz
         got = data["map"]
     attn = vitscope.capture(vitscope.load(model_dir), image_path, layers=[0], queries=[(2, 4)])
     np.testing.assert_allclose(got, cls_map(attn, layer=0, head=3, query=(2, 4)).numpy(), atol=1e-6)
-    assert (out_dir / "img_cls.png").exists()
+    assert (out_dir / "img.cls.png").exists()
 
 
 def test_rollout_and_dino_mask(model_dir: Path, image_path: Path, tmp_path: Path) -> None:

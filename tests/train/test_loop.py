@@ -197,9 +197,10 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     sets = ["--set", "image_size=[16,16]", "--set", "depth=1", "--set", "dim=16", "--set", "heads=2",
             "--set", "train_size=32", "--set", "val_size=8", "--set", "batch_size=8", "--set", "val_every=2"]
     main(["train", "-p", "shapes", "-o", str(tmp_path / "c"), "--max-steps", "2", "--no-progress", *sets])
-    assert "finished: step 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("finished") == 1 and "finished at step 2" in out  # one summary
     main(["train", "-o", str(tmp_path / "c"), "--resume", "--no-progress"])  # already finished: a no-op
-    assert "step 2" in capsys.readouterr().out
+    assert "already finished at step 2" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["train", "-o", str(tmp_path / "c"), "--set", "nonsense"])
     assert exc.value.code == 2 and "--set" in capsys.readouterr().err

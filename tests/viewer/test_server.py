@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -165,3 +166,107 @@ def test_unknown_paths_and_traversal_get_404(server, path):
 def test_post_elsewhere_is_404(server):
     status, _ = _request(server, "POST", "/sample/chelsea", b"x", {"Content-Type": "image/png"})
     assert status == 404
+
+
+def test_400_megapixel_upload_is_413_not_415(tmp_path):
+    from tests.test_limits import big_png
+    from vitscope.viewer.server import UploadError, decode_upload
+
+    data = big_png(tmp_path / "huge.png").read_bytes()  # ~1 MB file, 20000x20000 pixels
+    with pytest.raises(UploadError) as exc:
+        decode_upload(data)
+    assert exc.value.status == 413 and "pixels" in exc.value.message
+
+
+@pytest.fixture(params=[1])
+def strict_server(request) -> Iterator[ViewerServer]:
+    srv = ViewerServer(make_tiny_vit(), port=0, request_timeout=1.5, max_concurrent=request.param)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(TIMEOUT)
+
+
+def test_idle_and_slow_connections_are_closed_and_concurrency_bounded(strict_server):
+    import socket
+    import time
+
+    host, port = strict_server.server_address[:2]
+    idle = socket.create_connection((host, port), timeout=TIMEOUT)
+    # the idle connection holds the only slot (accepted first: the listen backlog is first in, first out)
+    with socket.create_connection((host, port), timeout=TIMEOUT) as second:
+        second.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert second.recv(100).startswith(b"HTTP/1.0 503")
+    started = time.monotonic()
+    assert idle.recv(100) == b""  # the server gives up on the idle client after request_timeout ...
+    idle.close()
+    assert time.monotonic() - started < 10
+    for _ in range(50):  # ... and frees its slot once its handler thread has finished
+        time.sleep(0.1)
+        with contextlib.suppress(http.client.RemoteDisconnected, ConnectionResetError):
+            if _request(strict_server, "GET", "/healthz") == (200, "ok\n"):
+                break
+    else:
+        raise AssertionError("the slot was never freed")
+
+
+@pytest.mark.parametrize("strict_server", [8], indirect=True)
+def test_slow_uploads_are_cut_off(strict_server):
+    import socket
+    import time
+
+    host, port = strict_server.server_address[:2]
+    # a body that trickles in (100 bytes/s of 1000) is cut off after request_timeout in all, not after 10 s
+    slow = socket.create_connection((host, port), timeout=TIMEOUT)
+    slow.sendall(b"POST /view HTTP/1.0\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+    started, sent, reply, ended = time.monotonic(), 0, b"", False
+    while sent < 1000 and not ended:
+        try:
+            slow.sendall(b"x" * 10)
+            sent += 10
+            time.sleep(0.1)
+            slow.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                chunk = slow.recv(200)
+                reply += chunk
+                ended = not chunk or reply.startswith(b"HTTP/1.0 408")
+            slow.setblocking(True)
+        except OSError:  # the server hung up (a reset may swallow its 408)
+            ended = True
+    slow.close()
+    assert ended and sent < 1000 and time.monotonic() - started < 8, (sent, reply)
+    assert reply in (b"",) or reply.startswith(b"HTTP/1.0 408")
+
+
+def test_clients_that_go_away_are_not_logged(strict_server, capsys):
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        strict_server.quiet = False
+        strict_server.handle_error(None, ("127.0.0.1", 1))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        strict_server.handle_error(None, ("127.0.0.1", 1))
+    err = capsys.readouterr().err
+    assert "Broken" not in err and "Traceback" not in err
+    assert err.strip() == "vitscope serve: 127.0.0.1: RuntimeError: boom"
+
+
+def test_port_problems_are_one_line_errors():
+    import socket
+
+    from vitscope.errors import VitscopeError
+    from vitscope.viewer.server import make_server
+
+    with pytest.raises(VitscopeError, match="--port: 70000 is not a port number"):
+        make_server(make_tiny_vit(), port=70000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        with pytest.raises(VitscopeError, match="already in use"):
+            make_server(make_tiny_vit(), port=s.getsockname()[1])

@@ -86,4 +86,4 @@ def test_cli_figure_writes_the_file_and_reports_errors_in_one_line(tmp_path, ima
         main(["figure", "heads", str(image_path), "-m", str(folder), "-o", str(tmp_path / "x.gif")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: output:") and err.count("\n") == 1
+    assert err.startswith("error: --output:") and err.count("\n") == 1

@@ -48,7 +48,7 @@ def _per_channel(values: float | Sequence[float], channels: int, argument: str) 
     if isinstance(values, (int, float)):
         return (float(values),) * max(channels, 3)
     out = tuple(float(v) for v in values)
-    if len(out) < channels:
+    if len(out) < channels or len(out) not in (channels, 3):  # 3: an RGB default reused for one channel
         raise VitscopeError(argument, f"{len(out)} values for {channels} channels", "give one value per channel")
     return out
 

@@ -193,6 +193,22 @@ def _unknown_model(timm: Any, name: str) -> VitscopeError:
     return VitscopeError("model", f"timm has no model {name!r}", fix)
 
 
+_NOT_VIT_FIX = "vitscope reads vision transformers: pick one of timm.list_models('vit_*') or 'deit_*'"
+
+
+def _check_is_vit(timm: Any, name: str) -> None:
+    """Refuse, before creating or downloading anything, a timm name whose builder lives outside timm's ViT
+    modules (``convnext_atto`` -> ``timm.models.convnext``)."""
+    try:
+        module = str(getattr(timm.models.model_entrypoint(name.split(".", 1)[0]), "__module__", ""))
+    except Exception:  # unknown names are reported by create_model's path
+        return
+    family = module.rsplit(".", 1)[-1]
+    if family and "vision_transformer" not in family and family != "deit":
+        raise NotAViTError("model", f"timm model {name!r} is not a ViT (it is built by timm.models.{family})",
+                           _NOT_VIT_FIX)
+
+
 def _hub_id(timm: Any, name: str) -> str | None:
     try:
         hub = timm.models.get_pretrained_cfg(name).hf_hub_id
@@ -250,6 +266,7 @@ def load_timm(
         >>> vit = vitscope.load("timm:vit_small_patch16_224", checkpoint="vit_s16.safetensors")  # doctest: +SKIP
     """
     timm = import_optional("timm", "'vitscope[timm]'")
+    _check_is_vit(timm, name)
     if pretrained and checkpoint is not None:
         raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
     auto_dynamic = "dynamic_img_size" not in timm_kwargs
@@ -285,6 +302,8 @@ def load_timm(
                                   _pretrained_fix(timm, name)) from None
         raise
     except TypeError as exc:
+        if "dynamic_img_size" in str(exc):  # only timm's ViTs take it: this architecture is something else
+            raise NotAViTError("model", f"timm model {name!r} is not a ViT ({exc})", _NOT_VIT_FIX) from None
         raise VitscopeError("timm_kwargs", f"timm.create_model({name!r}) rejected an argument: {exc}",
                             "pass only keyword arguments the model accepts") from None
     except Exception as exc:

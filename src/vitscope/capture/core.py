@@ -20,6 +20,7 @@ import torch
 
 from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
+from vitscope.capture.budget import check_capture_budget
 from vitscope.capture.hooks import eval_mode, record_block_outputs, record_sites
 from vitscope.capture.intercept import (
     AttentionCall,
@@ -161,11 +162,13 @@ def capture_full(
     size: int | tuple[int, int] | None = None,
     token_norms: bool = False,
     device: str | torch.device | None = None,
+    max_tokens: int | None = None,
+    max_bytes: int | None = None,
 ) -> CaptureResult:
     """Like `capture`, also returning the model output and the pixel values used."""
     from vitscope.capture.prepare import prepare
 
-    vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
+    vit, pixels = prepare(model, images, policy=policy, size=size, device=device, max_tokens=max_tokens)
     info = vit.info
     layer_ids = resolve_layers(layers, info.num_layers)
     head_sel = resolve_heads(heads, info.num_heads)
@@ -176,6 +179,8 @@ def capture_full(
     N = info.num_prefix_tokens + grid[0] * grid[1]
     n_heads = 1 if head_sel == "mean" else len(head_sel)
     n_q = N if query_ids is None else len(query_ids)
+    check_capture_budget(B, N, len(layer_ids), n_heads, n_q, n_heads=info.num_heads, grid=grid,
+                         limit_bytes=max_bytes, max_tokens=max_tokens)
     weights = torch.empty(len(layer_ids), B, n_heads, n_q, N, dtype=torch.float32, device=dev)
     norms = torch.empty(info.num_layers, B, N, dtype=torch.float32, device=dev) if token_norms else None
     pos = {layer: i for i, layer in enumerate(layer_ids)}
@@ -224,6 +229,8 @@ def capture(
     size: int | tuple[int, int] | None = None,
     token_norms: bool = False,
     device: str | torch.device | None = None,
+    max_tokens: int | None = None,
+    max_bytes: int | None = None,
 ) -> Attentions:
     """Run ``model`` once on ``images`` and return its attention probabilities exactly.
 
@@ -242,6 +249,9 @@ def capture(
         token_norms: also record each block's output token norms (for artifact detection).
         device: where a model loaded from a spec runs; a model object stays where it is and the inputs follow
             it (see `vitscope.capture.prepare`).
+        max_tokens, max_bytes: refuse, before running, inputs with more tokens or captures whose estimated
+            attention memory is larger (defaults in `vitscope.limits`; the error gives the estimate and the
+            options that lower it: ``layers``, ``queries``, ``heads="mean"``, a smaller ``size``).
 
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.
@@ -253,5 +263,5 @@ def capture(
     """
     return capture_full(
         model, images, layers=layers, queries=queries, heads=heads, policy=policy, size=size,
-        token_norms=token_norms, device=device,
+        token_norms=token_norms, device=device, max_tokens=max_tokens, max_bytes=max_bytes,
     ).attentions

@@ -51,10 +51,15 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def prepare(
     model: Any, images: Any, *, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, max_tokens: int | None = None,
 ) -> tuple[VitModel, torch.Tensor]:
-    """``(vit, pixels)``: the described model and its pixel values ``(B, C, H, W)`` on the model's device."""
+    """``(vit, pixels)``: the described model and its pixel values ``(B, C, H, W)`` on the model's device.
+
+    ``max_tokens`` (default `vitscope.limits`): images that would give more tokens are refused before they are
+    resized, and so are pixel tensors given as is."""
     from vitscope.adapters import as_vit
+    from vitscope.capture.budget import check_tokens
+    from vitscope.limits import limits
 
     vit = as_vit(model)
     if device is not None:
@@ -66,7 +71,10 @@ def prepare(
                     f"move it yourself (model.to('{dev}')): vitscope never moves a model you pass",
                 )
             vit.module.to(dev)  # loaded here from a spec: nobody else holds it
-    pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
+    with limits(max_tokens=max_tokens):  # preprocessing refuses too many tokens before it resizes
+        pixels = vit.preprocess(images, policy=policy, size=size).to(vit.device, vit.dtype)
+    rows, cols = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+    check_tokens(vit.info.num_prefix_tokens + rows * cols, (rows, cols), max_tokens)  # also for tensors given as is
     channels = vit.info.preprocess.channels
     if pixels.shape[1] != channels:
         raise VitscopeError(

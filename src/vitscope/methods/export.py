@@ -75,8 +75,11 @@ def compute_map(
     target: int | None = None,
     tau: float = 0.6,
     upsample_mode: UpsampleMode = "bilinear",
+    policy: str | None = None,
+    size: int | tuple[int, int] | None = None,
 ) -> MapOutput:
-    """Compute ``method``'s map for ``images`` (see `METHODS`); ``layer``/``head`` apply to cls and dino_mask."""
+    """Compute ``method``'s map for ``images`` (see `METHODS`); ``layer``/``head`` apply to cls and dino_mask;
+    ``policy``/``size`` size the images as in `vitscope.capture`."""
     import vitscope
     from vitscope.adapters import as_vit
     from vitscope.images import pixels_to_rgb
@@ -93,7 +96,7 @@ def compute_map(
     if method not in METHODS:
         raise VitscopeError("--method", f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
     vit = as_vit(model)
-    pixels = vit.preprocess(images)
+    pixels = vit.preprocess(images, policy=policy, size=size)  # type: ignore[arg-type]
     meta: dict[str, Any] = {"method": method, "model": vit.info.name, "query": query, "tau": None, "target": None,
                             "layer": None, "head": None}
     mask = None
@@ -157,25 +160,53 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str
     import matplotlib
     from PIL import Image
 
+    heat = np.asarray(heat, dtype=np.float32)
     lo, hi = float(heat.min()), float(heat.max())
-    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    colour = matplotlib.colormaps[cmap](norm)[..., :3]  # (H, W, 3) in [0, 1]
-    blended = (1 - alpha) * rgb.astype(np.float64) / 255.0 + alpha * colour
+    index = (np.clip((heat - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8) if hi > lo else \
+        np.zeros(heat.shape, dtype=np.uint8)
+    lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)  # (256, 3)
+    blended = (1 - alpha) * rgb.astype(np.float32) + alpha * lut[index]  # (H, W, 3), one float32 copy
     buf = io.BytesIO()
-    Image.fromarray((blended.clip(0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray((blended.clip(0, 255) + 0.5).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
+def image_overlay(result: MapOutput, image: Any, policy: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rgb, heat)`` of the first image at the original image's size (the part the grid covers under
+    ``policy="crop"``), scaled down to fit `vitscope.limits.max_figure_pixels`."""
+    from PIL import Image
+
+    from vitscope import limits
+    from vitscope.images import load_image
+
+    img = load_image(image)
+    if policy == "crop":
+        rows, cols = result.map.shape[-2:]
+        ph, pw = (int(v) for v in result.meta.get("patch_size", (1, 1)))
+        img = img.crop((0, 0, min(img.width, cols * pw), min(img.height, rows * ph)))
+    cap = limits.max_figure_pixels()
+    if img.width * img.height > cap:
+        scale = (cap / (img.width * img.height)) ** 0.5
+        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.BILINEAR)
+    mode: UpsampleMode = "nearest" if result.meta.get("method") == "dino_mask" else \
+        result.meta.get("upsample", "bilinear")
+    heat = upsample(result.map[:1].float(), (img.height, img.width), mode)[0].numpy()
+    return np.asarray(img), heat
+
+
 def output_paths(out: str | os.PathLike[str], stem: str, method: str) -> tuple[Path, Path]:
-    """(npz, png) for ``-o OUT``: ``x.npz`` -> ``x.npz`` + ``x.png``; ``x.png`` likewise; else a folder."""
-    p = Path(out)
-    if p.suffix.lower() in (".npz", ".png"):
-        return p.with_suffix(".npz"), p.with_suffix(".png")
-    return p / f"{stem}_{method}.npz", p / f"{stem}_{method}.png"
+    """(npz, png) for ``-o OUT``: ``x.npz`` -> ``x.npz`` + ``x.png``; ``x.png`` likewise; a path without a
+    suffix is a folder: ``OUT/<stem>.<method>.npz`` + ``.png``. Anything else is refused before computing."""
+    from vitscope._io import output_target
+
+    p = output_target(out, suffixes=(".npz", ".png"), name=f"{stem}.{method}.npz")
+    return p.with_suffix(".npz"), p.with_suffix(".png")
 
 
-def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image") -> tuple[Path, Path]:
-    """Write the ``.npz`` (arrays in the module docstring) and a PNG overlay of the first image."""
+def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image", image: Any = None,
+             policy: str | None = None) -> tuple[Path, Path]:
+    """Write the ``.npz`` (arrays in the module docstring) and a PNG overlay of the first image: at the size of
+    ``image`` (the original) when given, else at the pixels the model saw. ``out``: `output_paths`."""
     from vitscope._io import atomic_savez, atomic_write_bytes
 
     npz, png = output_paths(out, stem, str(result.meta.get("method", "map")))
@@ -187,5 +218,7 @@ def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image"
         arrays["mask"] = result.mask.numpy().astype(np.uint8)
     arrays["meta_json"] = np.array(json.dumps(result.meta))
     atomic_savez(npz, arrays)
-    atomic_write_bytes(png, overlay_png(result.rgb[0], result.map_upsampled[0].numpy()))
+    rgb, heat = image_overlay(result, image, policy) if image is not None else (
+        result.rgb[0], result.map_upsampled[0].numpy())
+    atomic_write_bytes(png, overlay_png(rgb, heat))
     return npz, png

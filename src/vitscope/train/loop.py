@@ -428,6 +428,8 @@ def train(
         torch.set_rng_state(trainer["torch_rng"])
         state.update(trainer["state"])
     if state["stopped"]:  # the run had already ended: nothing to do
+        (log or tqdm.write)(f"already {state['stopped']} at step {state['step']}: best val_acc {state['best_acc']:.4f} at step "
+            f"{state['best_step']}; model in {out}")
         return TrainResult(load_vit(out, map_location=device), out, state["step"], state["best_step"],
                            state["best_acc"], state["stopped"])
 
@@ -524,7 +526,8 @@ def train(
         if writer is not None:
             writer.close()
     if stopped == "interrupted":
-        say(f"interrupted at step {state['step']}: checkpoint saved, continue with --resume")
+        say(f"interrupted at step {state['step']}: checkpoint saved in {ckpt_dir / 'last'}, no final model yet "
+            f"(continue with: vitscope train -o {out} --resume)")
         return TrainResult(model, out, state["step"], state["best_step"], state["best_acc"], "interrupted")
 
     # restore the best validation checkpoint and publish it as the run's model

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +152,9 @@ def model_report(
     is_shapes = tuple(info.labels or ()) == SHAPE_CLASSES and prep.channels == 3
     rep = Report(model=str(name))
     out = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    from vitscope._io import make_temp_dir
+
+    tmp = make_temp_dir(f".{out.name}.", dir=out.parent if out.parent.exists() else None)
     try:
         if is_shapes:
             n_all = max(images, localisation_images, samples)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from vitscope.errors import VitscopeError
+from vitscope.errors import VitscopeError, VitscopeWarning
 from vitscope.methods.rollout import rollout_all_rows
 
 if TYPE_CHECKING:
@@ -227,6 +228,8 @@ def pack(
 
     img = display_image(image, attn, policy)
     src, ih, iw = _image_data_url(img)
+    for note in notes:  # also on the page; a warning so scripts and notebooks hear of it without asking
+        warnings.warn(f"viewer: {note}", VitscopeWarning, stacklevel=3)
     return {
         "format": FORMAT,
         "title": title or str(attn.meta.get("model", "attention")),

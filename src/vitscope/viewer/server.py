@@ -67,8 +67,10 @@ def bundled_samples(shapes_size: tuple[int, int] = (96, 96)) -> dict[str, Callab
 def _open_rgb(path: Path) -> Any:
     from PIL import Image
 
+    from vitscope.images import open_image
+
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return open_image(im)
 
 
 def _render_shape(render: Callable[..., Any], index: int, size: tuple[int, int]) -> Any:
@@ -101,32 +103,41 @@ def parse_upload(content_type: str, body: bytes) -> tuple[bytes, str]:
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS) -> Any:
-    """Bytes -> RGB PIL image, refusing non-images (415) and oversized images (413)."""
+    """Bytes -> upright (EXIF orientation) RGB PIL image, refusing non-images (415) and too many pixels (413)."""
     from PIL import Image, UnidentifiedImageError
 
-    from vitscope.images import to_rgb
+    from vitscope.images import _header_only, open_image
 
+    too_many = f"more than {max_pixels:,} pixels: downscale it"
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _header_only(max_pixels), Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
                 raise UploadError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"image is {im.width}x{im.height} pixels, more than {max_pixels:,}: downscale it",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image is {im.width}x{im.height} pixels, {too_many}",
                 )
-            im.load()
-            return to_rgb(im)
+            return open_image(im)
     except UploadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+    except Image.DecompressionBombError:  # PIL's own guard fired first: still too many pixels, not a bad file
+        raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image has {too_many}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise UploadError(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the upload is not an image PIL can read (PNG, JPEG, WebP, ...)"
         ) from None
+
+
+#: Errors of a client that went away or stalled: closed quietly, never logged as tracebacks.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class ViewerServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that holds the model, the samples and the upload cap."""
 
     daemon_threads = True
+    #: seconds a connection may stay idle or stall between reads, and the most a request may take to arrive
+    request_timeout = 30.0
+    #: requests handled at once; more are answered 503 at once and closed
+    max_concurrent = 8
 
     def __init__(
         self,
@@ -135,7 +146,14 @@ class ViewerServer(ThreadingHTTPServer):
         port: int = 0,
         max_upload: int = MAX_UPLOAD,
         quiet: bool = True,
+        request_timeout: float | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
+        if request_timeout is not None:
+            self.request_timeout = float(request_timeout)
+        if max_concurrent is not None:
+            self.max_concurrent = int(max_concurrent)
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
         super().__init__((host, port), ViewerHandler)
         self.model_spec = model
         self.max_upload = int(max_upload)
@@ -143,6 +161,34 @@ class ViewerServer(ThreadingHTTPServer):
         self.samples = bundled_samples()
         self._vit: Any = None
         self._lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a handler thread only while fewer than `max_concurrent` requests run; else answer 503."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(2.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                                b"Connection: close\r\nContent-Length: 35\r\n\r\n503: the server is busy, try again\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or stalled is closed quietly; anything else is one log line."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, CLIENT_GONE) or self.quiet:
+            return
+        sys.stderr.write(f"vitscope serve: {client_address[0]}: {type(exc).__name__}: {exc}\n")
 
     @property
     def url(self) -> str:
@@ -197,7 +243,33 @@ class ViewerServer(ThreadingHTTPServer):
 class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "vitscope"
-    timeout = 30  # seconds a client may stall mid-request
+
+    def setup(self) -> None:
+        self.request.settimeout(self.server.request_timeout)  # per connection: idle or stalled clients time out
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except CLIENT_GONE:
+            self.close_connection = True
+
+    def _read_body(self, length: int) -> bytes:
+        """Read ``length`` bytes within `ViewerServer.request_timeout` in all (a slow sender is cut off)."""
+        import time
+
+        deadline = time.monotonic() + self.server.request_timeout
+        chunks, got = [], 0
+        while got < length:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise UploadError(HTTPStatus.REQUEST_TIMEOUT, "the upload took too long to arrive")
+            chunk = self.rfile.read1(min(1 << 16, length - got))  # type: ignore[attr-defined]
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -257,7 +329,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"upload is {length:,} bytes, more than the {self.server.max_upload:,} byte limit",
                 )
-            body = self.rfile.read(length)
+            body = self._read_body(length)
             if len(body) != length:
                 raise UploadError(HTTPStatus.BAD_REQUEST, "the upload was cut short")
             data, name = parse_upload(self.headers.get("Content-Type", ""), body)
@@ -285,12 +357,38 @@ def serve(
     model: Any = "vitscope:shapes", host: str = "127.0.0.1", port: int = 0, max_upload: int = MAX_UPLOAD,
     quiet: bool = False, on_ready: Callable[[ViewerServer], None] | None = None,
 ) -> None:
-    """Run the server until interrupted (Ctrl-C). ``on_ready`` gets the bound server (e.g. to print its URL)."""
-    server = ViewerServer(model, host=host, port=port, max_upload=max_upload, quiet=quiet)
-    server.vit()  # load the model before saying we are ready
+    """Run the server until interrupted (Ctrl-C). ``on_ready`` gets the bound server (e.g. to print its URL).
+
+    Raises:
+        VitscopeError: the port is out of range, in use or not allowed, or the host cannot be bound.
+    """
+    server = make_server(model, host=host, port=port, max_upload=max_upload, quiet=quiet)
     try:
+        server.vit()  # load the model before saying we are ready
         if on_ready is not None:
             on_ready(server)
         server.serve_forever()
     finally:
         server.server_close()
+
+
+def make_server(model: Any = "vitscope:shapes", host: str = "127.0.0.1", port: int = 0,
+                max_upload: int = MAX_UPLOAD, quiet: bool = False) -> ViewerServer:
+    """Bind a `ViewerServer`, with one-line errors for port and host problems."""
+    import errno
+
+    if not 0 <= int(port) <= 65535:
+        raise VitscopeError("--port", f"{port} is not a port number", "use 1-65535, or 0 to pick a free one")
+    try:
+        return ViewerServer(model, host=host, port=int(port), max_upload=max_upload, quiet=quiet)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise VitscopeError("--port", f"port {port} on {host} is already in use",
+                                "stop the other server or pick another port (0 picks a free one)") from None
+        if exc.errno == errno.EACCES:
+            raise VitscopeError("--port", f"not allowed to bind port {port} on {host}",
+                                "use a port above 1023, or 0 to pick a free one") from None
+        raise VitscopeError("--host", f"cannot bind {host}:{port} ({exc.strerror or exc})",
+                            "use 127.0.0.1 or an address of this machine") from None
+    except (OverflowError, UnicodeError) as exc:
+        raise VitscopeError("--host", f"cannot bind {host}:{port} ({exc})", "use 127.0.0.1 or a valid address") from None

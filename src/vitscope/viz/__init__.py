@@ -1,6 +1,7 @@
 """Matplotlib figures of attention maps (matplotlib is imported only when a figure is drawn).
 
-Every function returns a ``matplotlib.figure.Figure`` on an Agg canvas; write it with `save_figure`
+Every function returns a ``matplotlib.figure.Figure`` on an Agg canvas (a subclass with ``_repr_png_``,
+so Jupyter shows it inline without ``%matplotlib inline``); write it with `save_figure`
 (``.png``/``.svg``/``.pdf``, atomically). See `vitscope.viz.figures` for the details of each.
 """
 

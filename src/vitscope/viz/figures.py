@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitscope.errors import VitscopeError
+from vitscope.viz._figure import check_figure_size
 from vitscope.viz._render import (
     Upsample,
     absolute_layer,
@@ -47,13 +48,23 @@ MASK_COLOUR = "#00e5ff"
 
 
 def _figure(width: float, height: float) -> Figure:
-    """A Figure on its own Agg canvas (no pyplot: nothing global, nothing to close)."""
+    """A `VitscopeFigure` on its own Agg canvas (no pyplot: nothing global, nothing to close)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    from vitscope.viz._figure import VitscopeFigure
+
+    fig = VitscopeFigure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def check_dpi(dpi: Any, argument: str = "dpi") -> int:
+    """A dpi in ``[1, vitscope.limits.MAX_DPI]``."""
+    from vitscope import limits
+
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 1 <= dpi <= limits.MAX_DPI:
+        raise VitscopeError(argument, f"{dpi!r} is not a dpi in [1, {limits.MAX_DPI}]", "pass e.g. 150 (300 for print)")
+    return int(dpi)
 
 
 def _check_cmap(cmap: str) -> None:
@@ -118,9 +129,14 @@ def _grid_shape(n: int, ncols: int | None) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+#: Panels keep the image's aspect up to this ratio (a 5x5000 strip would give a figure kilometres tall).
+MAX_PANEL_ASPECT = 4.0
+
+
 def _panel_size(img: np.ndarray, panel: float) -> tuple[float, float]:
     H, W = img.shape[:2]
-    return panel, panel * H / W
+    aspect = min(max(H / W, 1 / MAX_PANEL_ASPECT), MAX_PANEL_ASPECT)
+    return panel, panel * aspect
 
 
 def _masks_for(maps: np.ndarray, masks: Any, mask_tau: float | None) -> np.ndarray | None:
@@ -472,14 +488,20 @@ def norm_histogram(
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` (``.png``, ``.svg`` or ``.pdf``, by its suffix) atomically."""
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150, max_pixels: int | None = None) -> Path:
+    """Write ``fig`` to ``path`` (``.png``, ``.svg`` or ``.pdf``, by its suffix) atomically.
+
+    ``dpi`` must be in ``[1, 1200]`` and the figure at most ``max_pixels`` pixels (default
+    `vitscope.limits.MAX_FIGURE_PIXELS`), checked before drawing.
+    """
     from vitscope._io import atomic_write_bytes
 
     target = Path(path)
     fmt = target.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise VitscopeError("output", f"unsupported figure format {target.suffix or '(none)'!r}", "use .png, .svg or .pdf")
+    dpi = check_dpi(dpi)
+    check_figure_size(fig, dpi, max_pixels)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=dpi, metadata=_metadata(fmt))
     return atomic_write_bytes(target, buf.getvalue())
@@ -496,5 +518,6 @@ def _metadata(fmt: str) -> dict[str, Any]:
 
 def render_array(fig: Figure) -> np.ndarray:
     """Draw ``fig`` and return its pixels ``(height, width, 4)`` uint8 RGBA (row 0 is the top)."""
+    check_figure_size(fig, fig.dpi)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba()).copy()  # type: ignore[attr-defined]

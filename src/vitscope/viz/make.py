@@ -66,12 +66,14 @@ def make_figure(
     policy: str | None = None,
     method: str = "rollout",
     titles: Sequence[str] | None = None,
+    size: int | tuple[int, int] | None = None,
 ) -> Figure:
     """Capture ``images`` with ``model`` and draw figure ``kind`` (one of `KINDS`).
 
     ``layer``/``query`` pick the map for ``heads``, ``panel`` (head mean), ``grid`` and ``norms``
     (``layer`` only); ``layers`` restricts ``grid``; ``method`` (``"rollout"`` or ``"cls"``) is the map of
-    ``batch``. Images are captured one at a time, so they may differ in size.
+    ``batch``. Images are captured one at a time, so they may differ in size. ``policy``/``size`` size the
+    images for the model as in `vitscope.capture`.
     """
     from vitscope.adapters import as_vit
     from vitscope.capture import capture
@@ -84,13 +86,13 @@ def make_figure(
     if not images:
         raise VitscopeError("images", "no images given", "pass at least one image")
     vit = as_vit(model)
-    used_policy = policy or vit.info.preprocess.policy
+    used_policy = (policy or vit.info.preprocess.policy) if size is None else None  # a size spans the image
     pils = [load_image(im, f"images[{i}]") for i, im in enumerate(images)]
 
     if kind == "heads":
         img = _one(pils, kind)
         attn = capture(vit, img, layers=[layer], queries=None if query == "mean" else (query or _default_q(vit)),
-                       policy=policy)  # type: ignore[arg-type]
+                       policy=policy, size=size)  # type: ignore[arg-type]
         return figures.head_grid(
             img, attn, layer=layer, query=query, cmap=cmap, alpha=alpha, shared_scale=shared_scale,
             mask_tau=mask_tau, mode=mode, policy=used_policy,
@@ -98,14 +100,14 @@ def make_figure(
     if kind == "grid":
         img = _one(pils, kind)
         attn = capture(vit, img, layers=layers, queries=None if query == "mean" else (query or _default_q(vit)),
-                       policy=policy)  # type: ignore[arg-type]
+                       policy=policy, size=size)  # type: ignore[arg-type]
         return figures.layer_head_grid(
             img, attn, query=query, cmap=cmap, alpha=alpha, mode=mode, shared_scale=shared_scale,
             policy=used_policy,
         )
     if kind == "panel":
         img = _one(pils, kind)
-        attn = capture(vit, img, queries=None, policy=policy)  # type: ignore[arg-type]
+        attn = capture(vit, img, queries=None, policy=policy, size=size)  # type: ignore[arg-type]
         shown = display_image(img, attn, used_policy)
         absolute = attn.layers[attn.layer_position(layer)]
         maps = {
@@ -119,7 +121,7 @@ def make_figure(
         shown_all, maps_all = [], []
         for img in pils:
             attn = capture(vit, img, queries=None if method == "rollout" else (query or _default_q(vit)),
-                           layers=None if method == "rollout" else [layer], policy=policy)  # type: ignore[arg-type]
+                           layers=None if method == "rollout" else [layer], policy=policy, size=size)  # type: ignore[arg-type]
             m = rollout(attn, query=query)[0] if method == "rollout" else cls_map(attn, layer=layer, query=query)[0]
             maps_all.append(m.detach().float().cpu().numpy())
             shown_all.append(display_image(img, attn, used_policy))
@@ -129,14 +131,14 @@ def make_figure(
     if kind == "distance":
         per_image = []
         for img in pils:
-            attn = capture(vit, img, queries=None, policy=policy)  # type: ignore[arg-type]
+            attn = capture(vit, img, queries=None, policy=policy, size=size)  # type: ignore[arg-type]
             per_image.append(mean_attention_distance(attn, per_image=True)[:, 0].numpy())  # (layers, heads)
         d = np.stack(per_image)  # (images, layers, heads)
         title = f"mean attention distance ({len(pils)} image{'s' if len(pils) > 1 else ''})"
         return figures.distance_plot(d, layers=list(range(vit.info.num_layers)), title=title)
     # norms: one batch, so the outlier fit (a 2-Gaussian mixture per layer) sees every image's patches
     attn = capture(vit, pils, layers=[layer], queries="cls" if "cls" in vit.info.prefix else None, heads="mean",
-                   token_norms=True, policy=policy)  # type: ignore[arg-type]
+                   token_norms=True, policy=policy, size=size)  # type: ignore[arg-type]
     report = token_norms(attn)
     absolute = layer + vit.info.num_layers if layer < 0 else layer
     return figures.norm_histogram(

@@ -1,0 +1,60 @@
+"""How much a capture costs before it runs: token count and attention memory, refused with the estimate.
+
+A capture keeps ``layers x batch x heads x queries x keys`` float32 probabilities, recomputes them in row
+chunks (`vitscope.capture.core.CHUNK_BYTES` of scratch) and reads each layer's q and k; the model's own
+forward pass costs ``N^2`` per head and layer whatever is kept, so the token count has a limit of its own.
+Both limits come from `vitscope.limits` (per call, or for a block with `vitscope.limits.limits`).
+"""
+
+from __future__ import annotations
+
+from vitscope import limits
+from vitscope.errors import VitscopeError
+from vitscope.limits import _human, check_tokens
+
+__all__ = ["check_capture_budget", "check_tokens", "estimate_capture_bytes"]
+
+
+def estimate_capture_bytes(
+    batch: int, tokens: int, n_layers: int, n_heads_kept: int, n_queries: int, *, n_heads: int | None = None,
+    head_dim: int = 64, chunk_bytes: int = 64 * 2**20,
+) -> int:
+    """Bytes of float32 attention a capture holds: the kept probabilities, one chunk of logits, one layer's q/k."""
+    kept = 4 * n_layers * batch * n_heads_kept * n_queries * tokens
+    heads = n_heads if n_heads is not None else n_heads_kept
+    qk = 2 * 4 * batch * heads * tokens * head_dim
+    scratch = min(chunk_bytes, 4 * batch * heads * n_queries * tokens) if n_queries else 0
+    return kept + qk + scratch
+
+
+def check_capture_budget(
+    batch: int, tokens: int, n_layers: int, n_heads_kept: int, n_queries: int, *, n_heads: int | None = None,
+    head_dim: int = 64, limit_bytes: int | None = None, max_tokens: int | None = None,
+    grid: tuple[int, int] | None = None,
+) -> int:
+    """Refuse a capture whose token count or estimated attention memory is over the limits; return the estimate.
+
+    ``n_heads_kept`` is 1 for ``heads="mean"``; ``n_queries`` the kept query rows (``tokens`` for all rows).
+    """
+    for name, value in (("batch", batch), ("tokens", tokens)):
+        if value < 1:
+            raise VitscopeError(name, f"must be positive, got {value}", "pass at least one image and one patch")
+    check_tokens(tokens, grid, max_tokens)
+    need = estimate_capture_bytes(batch, tokens, n_layers, n_heads_kept, n_queries, n_heads=n_heads,
+                                  head_dim=head_dim)
+    cap = limits.max_bytes(limit_bytes)
+    if need > cap:
+        fixes = []
+        if n_layers > 1:
+            fixes.append("layers=[-1]")
+        if n_queries > 1:
+            fixes.append("queries='cls'")
+        if n_heads_kept > 1:
+            fixes.append("heads='mean'")
+        fixes.append("a smaller size")
+        raise VitscopeError(
+            "capture", f"needs about {_human(need)} of attention memory ({n_layers} layers x {batch} images x "
+            f"{n_heads_kept} heads x {n_queries:,} queries x {tokens:,} keys, float32), more than the "
+            f"{_human(cap)} limit", f"ask for less: {', '.join(fixes)}; or raise max_bytes (CLI --max-memory)",
+        )
+    return need
