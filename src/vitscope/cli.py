@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -312,14 +312,22 @@ def batch_cmd(
     verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over, ignoring an existing manifest.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    engine: Annotated[str, typer.Option(help="local, or ray: Ray Data, Parquet parts + summary.json.")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: a running cluster (default RAY_ADDRESS, else local).")] = None,
+    concurrency: Annotated[int, typer.Option(help="ray: actors, each with the model loaded once.")] = 1,
+    num_cpus: Annotated[float, typer.Option("--num-cpus", help="ray: CPUs per actor (its torch threads).")] = 1.0,
+    num_gpus: Annotated[float, typer.Option("--num-gpus", help="ray: GPUs per actor.")] = 0.0,
+    masks: Annotated[Path | None, typer.Option(help="ray: folder of object masks: pointing game, mask IoU.")] = None,
 ) -> None:
     """Maps for many images: one .npz / .png per image, resumable (manifest.jsonl), bad files logged."""
     from vitscope.batch import run_batch
 
+    ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus,
+                   "masks": masks} if engine == "ray" else {}
     summary = run_batch(
         inputs, output, method=method, model=model, batch_size=batch_size, workers=workers, formats=formats,
         policy=policy, layer=layer, device=device, verify=verify, overwrite=overwrite,  # type: ignore[arg-type]
-        progress=not quiet,
+        progress=not quiet, engine=engine, **ray_options,
     )
     typer.echo(str(summary))
     for rel, error in summary.errors[:10]:
