@@ -693,17 +693,17 @@ def run_batch_ray(
                 result.total = len(items)
                 todo = [it for it in items if it["id"] not in done]
                 result.skipped = len(items) - len(todo)
-                src = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / part_size))) \
-                    if todo else None
+                blocks = max(1, math.ceil(len(todo) / part_size))
+                src = ray.data.from_items(todo, override_num_blocks=blocks) if todo else None
             else:
                 assert manifest is not None
-                src = _manifest_dataset(ray, manifest, mask_dir)
+                src, blocks = _manifest_dataset(ray, manifest, mask_dir), None
             if src is not None:
                 _stream(ray, src, vit, result, method=method, fn=fn, layer=layer, model=model, model_id=model_id,
                         out_dir=out_dir, batch_size=int(batch_size), part_size=int(part_size), policy=policy,
                         size=size, done=done, concurrency=int(concurrency), num_cpus=float(num_cpus),
                         num_gpus=float(num_gpus), device=device, stats=stats, norm_threshold=norm_threshold,
-                        progress=progress)
+                        progress=progress, blocks=blocks)
             if manifest is not None:
                 result.total = result.done + result.failed + len(done)
                 result.skipped = len(done)
@@ -739,20 +739,26 @@ def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
 def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: str, fn: Any, layer: int,
             model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
             done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
-            stats: bool, norm_threshold: float | None, progress: bool) -> None:
+            stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None) -> None:
     from tqdm.auto import tqdm
 
     info = vit.info
     model_arg = model_id if isinstance(model, (str, os.PathLike)) else vit
+    # preprocessing tasks ask for another CPU share than the actors: Ray Data fuses a task map into the next
+    # actor map when their resources match, and loading would then run inside the actors, serially
+    prep_cpus = 0.25 if num_cpus != 0.25 else 0.2
     prepared = src.map_batches(
-        _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=min(1.0, max(num_cpus, 0.25)),
+        _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=prep_cpus,
         fn_kwargs={"prep": info.preprocess, "patch": info.patch_size, "policy": policy, "size": size,
                    "done": done},
     )
+    # a fixed pool, never larger than the number of input blocks (a pool waiting for inputs it cannot get)
+    pool = ray.data.ActorPoolStrategy(size=min(concurrency, blocks)) if blocks else \
+        ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency)
     mapped = prepared.map_batches(
         # an actor pool of fixed size; Ray Data restarts a dead actor and retries its calls (max_restarts=-1,
         # max_task_retries=-1 by default for actor pools), so no retry logic lives here
-        MapActor, batch_format="pyarrow", batch_size=part_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+        MapActor, batch_format="pyarrow", batch_size=part_size, compute=pool,
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
         fn_constructor_kwargs={"model": model_arg, "method": method, "fn": fn, "layer": layer,
