@@ -613,6 +613,7 @@ def run_batch_ray(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     part_size: int = 64,
+    preprocess_tasks: int | None = None,
     masks: str | os.PathLike[str] | None = None,
     stats: bool = True,
     norm_threshold: float | None = None,
@@ -629,6 +630,7 @@ def run_batch_ray(
             threads = ``num_cpus``).
         batch_size: images per forward pass inside an actor; ``part_size``: rows per actor call and per Parquet
             part (a retried call recomputes at most that many).
+        preprocess_tasks: loading/preprocessing tasks running at once (default ``2 * concurrency``).
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object): pointing game and mask IoU per image and in the summary.
         stats: also the prediction, token norms and mean attention distance per image (two more forward
@@ -703,7 +705,8 @@ def run_batch_ray(
                         out_dir=out_dir, batch_size=int(batch_size), part_size=int(part_size), policy=policy,
                         size=size, done=done, concurrency=int(concurrency), num_cpus=float(num_cpus),
                         num_gpus=float(num_gpus), device=device, stats=stats, norm_threshold=norm_threshold,
-                        progress=progress, blocks=blocks)
+                        progress=progress, blocks=blocks,
+                        preprocess_tasks=int(preprocess_tasks or 2 * concurrency))
             if manifest is not None:
                 result.total = result.done + result.failed + len(done)
                 result.skipped = len(done)
@@ -739,7 +742,8 @@ def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
 def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: str, fn: Any, layer: int,
             model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
             done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
-            stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None) -> None:
+            stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None,
+            preprocess_tasks: int) -> None:
     from tqdm.auto import tqdm
 
     info = vit.info
@@ -749,6 +753,7 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
     prep_cpus = 0.25 if num_cpus != 0.25 else 0.2
     prepared = src.map_batches(
         _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=prep_cpus,
+        compute=ray.data.TaskPoolStrategy(size=preprocess_tasks),
         fn_kwargs={"prep": info.preprocess, "patch": info.patch_size, "policy": policy, "size": size,
                    "done": done},
     )
