@@ -630,7 +630,8 @@ def run_batch_ray(
             threads = ``num_cpus``).
         batch_size: images per forward pass inside an actor; ``part_size``: rows per actor call and per Parquet
             part (a retried call recomputes at most that many).
-        preprocess_tasks: loading/preprocessing tasks running at once (default ``2 * concurrency``).
+        preprocess_tasks: loading/preprocessing tasks running at once (default ``2 * concurrency``; for a
+            manifest, as many as the free CPUs allow).
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object): pointing game and mask IoU per image and in the summary.
         stats: also the prediction, token norms and mean attention distance per image (two more forward
@@ -753,7 +754,7 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
     prep_cpus = 0.25 if num_cpus != 0.25 else 0.2
     prepared = src.map_batches(
         _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=prep_cpus,
-        compute=ray.data.TaskPoolStrategy(size=preprocess_tasks),
+        compute=ray.data.TaskPoolStrategy(size=min(preprocess_tasks, blocks)) if blocks else None,
         fn_kwargs={"prep": info.preprocess, "patch": info.patch_size, "policy": policy, "size": size,
                    "done": done},
     )
