@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/capture_memory.py
 	$(PY) benchmarks/speed.py --quick
 	$(PY) benchmarks/batch_throughput.py
+	$(PY) benchmarks/batch_ray.py
 	$(PY) benchmarks/viewer_page.py
 	$(PY) benchmarks/train_mnist.py
 
