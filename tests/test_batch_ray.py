@@ -322,3 +322,12 @@ def test_cli_engine_ray_and_missing_ray(outputs: dict, dataset: dict[str, Path],
     with pytest.raises(VitscopeError, match="engine"):
         run_batch(small, tmp_path / "o3", engine="spark")
     torch.set_num_threads(1)
+
+
+def test_ray_is_imported_lazily() -> None:
+    import subprocess
+
+    code = ("import sys, vitscope, vitscope.batch, vitscope.batch_ray, vitscope.cli; "
+            "print(','.join(m for m in ('ray', 'pyarrow', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing vitscope's batch modules pulled in {out}"
