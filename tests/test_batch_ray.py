@@ -331,3 +331,39 @@ def test_ray_is_imported_lazily() -> None:
             "print(','.join(m for m in ('ray', 'pyarrow', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing vitscope's batch modules pulled in {out}"
+
+
+def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """A cluster started elsewhere (here: another process's ray.init), joined with --address; the results
+    equal the in-process run's."""
+    import subprocess
+
+    head_code = ("import sys, ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); "
+                 "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    head = subprocess.Popen([sys.executable, "-c", head_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head process did not start"
+        src = tmp_path / "in"
+        rels = ["g0/img00.png", "g1/img01.png"]
+        for rel in rels:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes((dataset["src"] / rel).read_bytes())
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray's token authentication, on by default
+        env.pop("RAY_ADDRESS", None)
+        res = subprocess.run([sys.executable, "-m", "vitscope", "batch", str(src), "-o", str(tmp_path / "out"),
+                              "--model", str(dataset["model"]), "--policy", "native", "--engine", "ray",
+                              "--address", address, "--num-cpus", "0.5", "-q"],
+                             capture_output=True, text=True, env=env, timeout=240)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "2 done" in res.stdout
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+        head.stdout.close()
+    rows = _rows(tmp_path / "out")
+    assert sorted(rows) == rels
+    with np.load(outputs["local"] / "g0/img00.png.npz") as data:  # local batch mode's map
+        np.testing.assert_allclose(batch_ray.row_arrays(rows["g0/img00.png"])["map"], data["map"], atol=1e-6)

@@ -568,7 +568,9 @@ def _connect(ray: Any, address: str | None, cpus_needed: float) -> bool:
             ray.init(address=address or None, log_to_driver=False)
         except ConnectionError as exc:
             raise VitscopeError("address", f"cannot connect to Ray at {address or os.environ['RAY_ADDRESS']}: "
-                                f"{' '.join(str(exc).split())}", "start it with `ray start --head`") from None
+                                f"{' '.join(str(exc).split())}",
+                                "check the address; a cluster with token authentication (Ray's default) also "
+                                "needs RAY_AUTH_MODE=token here") from None
         return False
     # logical CPUs: every actor's share plus one for the preprocessing tasks, whatever the core count
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1), include_dashboard=False,
