@@ -322,8 +322,8 @@ def batch_cmd(
     """Maps for many images: one .npz / .png per image, resumable (manifest.jsonl), bad files logged."""
     from vitscope.batch import run_batch
 
-    ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus,
-                   "masks": masks} if engine == "ray" else {}
+    ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
+                                   "num_gpus": num_gpus, "masks": masks} if engine == "ray" else {}
     summary = run_batch(
         inputs, output, method=method, model=model, batch_size=batch_size, workers=workers, formats=formats,
         policy=policy, layer=layer, device=device, verify=verify, overwrite=overwrite,  # type: ignore[arg-type]
