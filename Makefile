@@ -26,7 +26,7 @@ browser:
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
 
 test: $(VENV)/.installed browser lint
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/capture_memory.py
 	$(PY) benchmarks/speed.py --quick
 	$(PY) benchmarks/batch_throughput.py
+	$(PY) benchmarks/batch_ray.py
 	$(PY) benchmarks/viewer_page.py
 	$(PY) benchmarks/train_mnist.py
 

@@ -206,16 +206,38 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from vitscope.images import image_to_pixels, load_image
-
         item = self.items[i]
         try:
-            img = load_image(item.path, "image")
-            pixels = image_to_pixels(img, self.prep, self.patch, self.policy, self.size)  # (C, H, W)
-            return {"index": i, "pixels": pixels, "original_size": (img.height, img.width), "error": None}
+            pixels, original = preprocess_image(item.path, self.prep, self.patch, self.policy, self.size)
+            return {"index": i, "pixels": pixels, "original_size": original, "error": None}
         except Exception as exc:  # any unreadable file becomes a manifest entry
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            return {"index": i, "pixels": None, "original_size": None, "error": f"{type(exc).__name__}: {msg}"}
+            return {"index": i, "pixels": None, "original_size": None, "error": error_line(exc)}
+
+
+# Shared with the Ray engine (vitscope.batch_ray): one image's preprocessing, the one-line error of a bad
+# image, and the metadata written beside each map.
+def preprocess_image(image: Any, prep: Preprocess, patch: tuple[int, int], policy: SizePolicy | None,
+                     size: int | tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load one image (path, PIL image or array) the way batch mode does: pixels ``(C, H, W)`` and the
+    original ``(height, width)``. Raises on an unreadable image."""
+    from vitscope.images import image_to_pixels, load_image
+
+    img = load_image(image, "image")
+    return image_to_pixels(img, prep, patch, policy, size), (img.height, img.width)
+
+
+def error_line(exc: BaseException) -> str:
+    """``"ErrorType: message"`` on one line: how batch mode records a bad image."""
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {msg}"
+
+
+def image_meta(*, input: str, rel: str, method: str, model: str, grid: Sequence[int], image_size: Sequence[int],
+               original_size: Sequence[int], info: Any, layer: int | None) -> dict[str, Any]:
+    """The ``meta_json`` batch mode stores with each map (``info``: the model's `VitInfo`)."""
+    return {"input": input, "rel": rel, "method": method, "model": model, "grid": list(grid),
+            "image_size": list(image_size), "original_size": list(original_size), "prefix": list(info.prefix),
+            "patch_size": list(info.patch_size), "layer": layer}
 
 
 def _identity(x: Any) -> Any:
@@ -441,6 +463,8 @@ def run_batch(
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    **engine_options: Any,
 ) -> BatchSummary:
     """Compute ``method``'s map for every image in ``inputs`` and write one file per image and format.
 
@@ -461,10 +485,21 @@ def run_batch(
         verify: on resume, also check the sha256 of existing outputs (default: their size).
         overwrite: start over, ignoring (and truncating) an existing manifest.
         progress: show a tqdm bar with images/s.
+        engine: ``"local"`` (this process + DataLoader workers) or ``"ray"``: Ray Data, Parquet output, options
+            ``address``, ``concurrency``, ``num_cpus``, ``num_gpus``, ``masks``, ... (`vitscope.batch_ray.run_batch_ray`).
 
     Returns:
         a `BatchSummary`. Bad images never raise: they are counted in ``failed`` and logged in the manifest.
     """
+    if engine == "ray":
+        from vitscope.batch_ray import run_batch_ray
+
+        return run_batch_ray(inputs, output_dir, method=method, model=model, batch_size=batch_size, policy=policy,
+                             size=size, layer=layer, device=None if device is None else str(device),
+                             overwrite=overwrite, progress=progress, **engine_options)
+    if engine != "local" or engine_options:
+        raise VitscopeError("engine", f"unknown engine {engine!r}" if engine != "local" else
+                            f"options {', '.join(engine_options)} need engine='ray'", "use engine='local' or 'ray'")
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
@@ -568,10 +603,9 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
         for b, sample in enumerate(samples):
             item = todo[sample["index"]]
             arrays = {k: v[b] for k, v in result.items()}
-            meta = {"input": str(item.path), "rel": item.rel, "method": method, "model": config["model"],
-                    "grid": list(arrays["map"].shape[-2:]), "image_size": list(hw),
-                    "original_size": list(sample["original_size"]), "prefix": list(info.prefix),
-                    "patch_size": list(info.patch_size), "layer": config["layer"]}
+            meta = image_meta(input=str(item.path), rel=item.rel, method=method, model=config["model"],
+                              grid=arrays["map"].shape[-2:], image_size=hw, original_size=sample["original_size"],
+                              info=info, layer=config["layer"])
             outputs: dict[str, dict[str, Any]] = {}
             for fmt in fmts:
                 data = _npz_bytes(arrays, meta) if fmt == "npz" else heatmap_png(

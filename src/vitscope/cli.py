@@ -538,6 +538,12 @@ def batch_cmd(
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
+    engine: Annotated[str, typer.Option(help="local, or ray: Ray Data, Parquet parts + summary.json.")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: a running cluster (default RAY_ADDRESS, else local).")] = None,
+    concurrency: Annotated[int, typer.Option(help="ray: actors, each with the model loaded once.")] = 1,
+    num_cpus: Annotated[float, typer.Option("--num-cpus", help="ray: CPUs per actor (its torch threads).")] = 1.0,
+    num_gpus: Annotated[float, typer.Option("--num-gpus", help="ray: GPUs per actor.")] = 0.0,
+    masks: Annotated[Path | None, typer.Option(help="ray: folder of object masks: pointing game, mask IoU.")] = None,
 ) -> None:
     """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged."""
     from vitscope.batch import run_batch
@@ -548,12 +554,14 @@ def batch_cmd(
     spec: Any = model
     if checkpoint is not None or random_weights or model.startswith("timm:"):
         spec = _load_model(model, checkpoint, random_weights)
+    ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
+                                   "num_gpus": num_gpus, "masks": masks} if engine == "ray" else {}
     try:
         with _limits(max_pixels, max_tokens, max_memory):
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
                 policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
-                overwrite=overwrite, progress=not quiet,
+                overwrite=overwrite, progress=not quiet, engine=engine, **ray_options,
             )
     except KeyboardInterrupt:
         raise Interrupted(_batch_saved(out)) from None

@@ -1,0 +1,791 @@
+"""Batch mode on Ray Data: the same maps as `vitscope.batch.run_batch`, for datasets that outgrow one machine.
+
+The pipeline (``run_batch(..., engine="ray")``, ``vitscope batch ... --engine ray``)::
+
+    source rows (paths / URIs / manifest rows with a path or bytes column)
+      -> map_batches(_preprocess_rows)            tasks: load, preprocess, read masks; bad images become rows
+      -> map_batches(MapActor, concurrency=...)   actors: the model loaded once per actor; maps, prediction,
+                                                  per-image statistics; each call writes one Parquet part
+      -> small (id, status, error) rows streamed back to the driver for progress
+
+Every actor call writes ``OUT/parts/part-<hash of its ids>.parquet`` atomically (a dot-prefixed temporary file,
+fsynced, then renamed), one row per image; a call that Ray retries after its actor died writes the same name
+again, so nothing is ever half-written and a retried batch replaces, not duplicates, its part. Reading back
+(`read_results`) keeps one row per ``id`` all the same (an ``ok`` row over an ``error`` one). A re-run reads the
+``id`` and ``status`` columns of the parts and computes only what is not ``ok`` yet.
+
+Dataset-level measures (`summarize`) are combined on the engine from per-part partial sums (count, mean, M2 of
+the mean attention distance per (layer, head); high-norm token counts per layer; pointing game hits and mask
+IoU), never by collecting maps on the driver: ``OUT/summary.json`` and ``OUT/distance.png``.
+
+``ray`` is an optional dependency: ``pip install 'vitscope[ray]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitscope.batch import BatchSummary
+from vitscope.errors import VitscopeError
+
+PARTS = "parts"
+SUMMARY = "summary.json"
+DISTANCE_FIGURE = "distance.png"
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+INSTALL_HINT = "pip install 'vitscope[ray]'"
+
+#: Columns of every output row (see docs/performance.md#ray-engine).
+COLUMNS = (
+    "id", "rel", "input", "status", "error", "method", "model", "grid", "image_size", "original_size",
+    "map", "heads", "prediction", "label", "score", "distance", "norm_mean", "norm_high", "patch_tokens",
+    "pointing", "iou", "meta_json",
+)
+
+
+def import_ray() -> Any:
+    """``import ray`` (and ``ray.data``), or a one-line `VitscopeError` saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise VitscopeError("engine", "the ray engine needs Ray Data, which is not installed",
+                            INSTALL_HINT) from None
+    return ray
+
+
+# ------------------------------------------------------------------------------------------------ schema
+def _schema() -> Any:
+    import pyarrow as pa
+
+    f32, f64, i32 = pa.list_(pa.float32()), pa.list_(pa.float64()), pa.list_(pa.int32())
+    return pa.schema([
+        ("id", pa.string()), ("rel", pa.string()), ("input", pa.string()), ("status", pa.string()),
+        ("error", pa.string()), ("method", pa.string()), ("model", pa.string()), ("grid", i32),
+        ("image_size", i32), ("original_size", i32), ("map", f32), ("heads", f32), ("prediction", pa.int64()),
+        ("label", pa.string()), ("score", pa.float32()), ("distance", f64), ("norm_mean", f64),
+        ("norm_high", pa.list_(pa.int64())), ("patch_tokens", pa.int64()), ("pointing", pa.bool_()),
+        ("iou", pa.float64()), ("meta_json", pa.string()),
+    ])
+
+
+def _prep_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("rel", pa.string()), ("input", pa.string()), ("error", pa.string()),
+        ("pixels", pa.binary()), ("shape", pa.list_(pa.int32())), ("original_size", pa.list_(pa.int32())),
+        ("mask", pa.binary()), ("mask_shape", pa.list_(pa.int32())),
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def _read_bytes(location: str) -> bytes:
+    """A local path or a URI (``s3://``, ``gs://``, ``file://``, ... through pyarrow's filesystems)."""
+    if _is_uri(location):
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(location)
+        with filesystem.open_input_stream(path) as fh:
+            return bytes(fh.read())
+    return Path(location).read_bytes()
+
+
+def _open_image(data: bytes) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    from vitscope.errors import ImageError
+    from vitscope.images import MAX_PIXELS
+
+    if not data:
+        raise ImageError("image", "empty (0 bytes)", "pass a valid image file")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError("image", f"{im.width}x{im.height} pixels", "downscale it first")
+            im.load()
+            return im.copy()
+    except UnidentifiedImageError:
+        raise ImageError("image", "not an image PIL can read", "pass a PNG, JPEG, ... file") from None
+
+
+def _load_mask(location: str, hw: tuple[int, int]) -> np.ndarray:
+    """A mask image (non-zero = object) resized (nearest) to the model input ``(H, W)``: bool ``(H, W)``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(_read_bytes(location))) as im:
+        m = im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+        return np.asarray(m) > 0
+
+
+def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: Any, size: Any,
+                     done: frozenset[str]) -> Any:
+    """Ray task: source rows -> preprocessed rows (float32 pixels as bytes + shape), skipping ``done`` ids.
+
+    A row that cannot be read or preprocessed keeps its one-line error and no pixels (it is written as an
+    ``error`` row by the actors, never fatal).
+    """
+    import pyarrow as pa
+    import torch
+
+    from vitscope.batch import error_line, preprocess_image
+
+    torch.set_num_threads(1)
+    cols = set(table.column_names)
+    n = table.num_rows
+
+    def col(name: str) -> list[Any]:
+        return table.column(name).to_pylist() if name in cols else [None] * n
+
+    ids, rels, inputs, paths, datas, masks = col("id"), col("rel"), col("input"), col("path"), col("bytes"), col("mask")
+    out: dict[str, list[Any]] = {k: [] for k in _prep_schema().names}
+    for i in range(n):
+        data = datas[i]
+        rid = ids[i] or paths[i] or ("sha256:" + hashlib.sha256(data).hexdigest() if data is not None else None)
+        if rid is None or rid in done:
+            continue
+        pixels, mask, error = b"", b"", None
+        shape: list[int] | None = None
+        original: list[int] | None = None
+        mask_shape: list[int] | None = None
+        try:
+            if data is None and not _is_uri(str(paths[i])):  # a local file: exactly local batch mode's path
+                image: Any = Path(str(paths[i]))
+            else:
+                image = _open_image(data if data is not None else _read_bytes(str(paths[i])))
+            px, hw = preprocess_image(image, prep, patch, policy, size)  # (C, H, W)
+            arr = px.numpy().astype(np.float32, copy=False)
+            pixels, shape, original = arr.tobytes(), list(arr.shape), list(hw)
+            if masks[i]:
+                m = _load_mask(str(masks[i]), (arr.shape[1], arr.shape[2]))
+                mask, mask_shape = m.astype(np.uint8).tobytes(), list(m.shape)
+        except Exception as exc:  # one bad image never stops the run
+            error = error_line(exc)
+            pixels, shape, original, mask, mask_shape = b"", None, None, b"", None
+        out["id"].append(str(rid))
+        out["rel"].append(rels[i] or str(rid))
+        out["input"].append(inputs[i] or (str(paths[i]) if paths[i] else ""))
+        out["error"].append(error)
+        out["pixels"].append(pixels)
+        out["shape"].append(shape)
+        out["original_size"].append(original)
+        out["mask"].append(mask)
+        out["mask_shape"].append(mask_shape)
+    return pa.Table.from_pydict(out, schema=_prep_schema())
+
+
+# ------------------------------------------------------------------------------------------------ per image
+def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Per-image measures the summary aggregates, for pixels ``(B, C, H, W)``.
+
+    Returns numpy arrays: ``distance`` ``(B, layers, heads)`` (mean attention distance in pixels, patch centres,
+    rows renormalised over patch keys: `vitscope.methods.streaming.streaming_distance`), ``norm_mean`` and
+    ``norm_high`` ``(B, layers)`` (mean patch-token output norm; patch tokens above ``norm_threshold``, or by
+    default above Tukey's far fence ``q75 + 3 IQR`` of that image's patch norms in that layer,
+    `vitscope.viz.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score`` ``(B,)``
+    (argmax class and its softmax probability; ``-1`` / nan without a classifier).
+    """
+    import torch
+
+    from vitscope.capture.core import capture_full
+    from vitscope.methods.streaming import streaming_distance
+    from vitscope.viz import outlier_threshold
+
+    res = capture_full(vit, pixels, layers=[-1], queries=[0], heads="mean", token_norms=True)
+    assert res.attentions.token_norms is not None
+    patch = res.attentions.to_grid(res.attentions.token_norms).flatten(2).double().cpu().numpy()  # (L, B, P)
+    L, B, P = patch.shape
+    high = np.zeros((B, L), dtype=np.int64)
+    for b in range(B):
+        for layer in range(L):
+            x = patch[layer, b]
+            cut = float(norm_threshold) if norm_threshold is not None else outlier_threshold(x)
+            high[b, layer] = int((x > cut).sum())
+    logits = vit.logits(res.output)
+    if logits is not None:
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        score, pred = probs.max(dim=-1)
+        prediction, scores = pred.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
+    else:
+        prediction, scores = np.full(B, -1, dtype=np.int64), np.full(B, np.nan, dtype=np.float32)
+    distance = streaming_distance(vit, pixels).double().cpu().numpy().transpose(1, 0, 2)  # (B, L, H)
+    return {"distance": distance, "norm_mean": patch.mean(axis=2).T, "norm_high": high,
+            "patch_tokens": np.full(B, P, dtype=np.int64), "prediction": prediction, "score": scores}
+
+
+def localisation(heat: np.ndarray, mask: np.ndarray, tau: float = 0.6) -> tuple[bool, float]:
+    """Pointing game hit (`vitscope.methods.metrics.pointing_game`) and the Jaccard of the map's ``tau``-mass
+    mask with ``mask`` (`mask_jaccard`) for one ``(rows, cols)`` map and a bool ``(H, W)`` mask."""
+    import torch
+
+    from vitscope.methods.metrics import mask_jaccard, pointing_game
+
+    maps = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None]  # (1, rows, cols)
+    gt = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None]  # (1, H, W)
+    hit = bool(pointing_game(maps, gt)[0])
+    iou = float(mask_jaccard(maps.clamp_min(0), gt, tau=tau).best[0, 0])
+    return hit, iou
+
+
+# ------------------------------------------------------------------------------------------------ actors
+def _part_name(ids: Sequence[str]) -> str:
+    digest = hashlib.sha256("\0".join(sorted(ids)).encode("utf-8")).hexdigest()[:24]
+    return f"part-{digest}.parquet"
+
+
+class MapActor:
+    """Ray Data callable class: loads the model once per actor, then for each block of preprocessed rows
+    computes the method's maps (equal-sized images share a forward pass, ``batch_size`` at a time), the
+    prediction and per-image statistics, writes one Parquet part atomically and returns ``(id, status, error)``.
+    """
+
+    def __init__(self, *, model: Any, method: str, fn: Callable[..., dict[str, np.ndarray]], layer: int,
+                 model_id: str, parts_dir: str, batch_size: int, stats: bool, norm_threshold: float | None,
+                 threads: int, device: str | None) -> None:
+        import torch
+
+        from vitscope.adapters import as_vit
+        from vitscope.capture.prepare import resolve_device
+
+        torch.set_num_threads(max(1, threads))
+        self.vit = as_vit(model)
+        dev = resolve_device(device, self.vit.device)
+        if dev != self.vit.device:
+            self.vit.module.to(dev)
+        self.dev = dev
+        self.method, self.fn, self.layer, self.model_id = method, fn, layer, model_id
+        self.parts_dir, self.batch_size = Path(parts_dir), batch_size
+        self.stats, self.norm_threshold = stats, norm_threshold
+        labels = self.vit.info.labels
+        self.labels = list(labels) if labels else None
+
+    def _compute(self, idx: list[int], table_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        import torch
+
+        shape = tuple(table_rows[idx[0]]["shape"])
+        pixels = torch.stack([torch.from_numpy(np.frombuffer(table_rows[i]["pixels"], dtype=np.float32)
+                                               .reshape(shape).copy()) for i in idx])  # (B, C, H, W)
+        pixels = pixels.to(self.dev, self.vit.dtype)
+        try:
+            result = self.fn(self.vit, pixels, layer=self.layer)
+            extra = image_statistics(self.vit, pixels, norm_threshold=self.norm_threshold) if self.stats else {}
+        except Exception as exc:  # e.g. a size the model refuses: every image of the group is an error
+            from vitscope.batch import error_line
+
+            for i in idx:
+                rows[i].update(status="error", error=error_line(exc))
+            return
+        info = self.vit.info
+        hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        for b, i in enumerate(idx):
+            src, row = table_rows[i], rows[i]
+            heat = np.asarray(result["map"][b], dtype=np.float32)
+            grid = list(heat.shape[-2:])
+            from vitscope.batch import image_meta
+
+            meta = image_meta(input=src["input"], rel=src["rel"], method=self.method, model=self.model_id,
+                              grid=grid, image_size=hw, original_size=src["original_size"], info=info,
+                              layer=self.layer if self.method == "cls" else None)
+            row.update(status="ok", grid=grid, image_size=list(hw), original_size=list(src["original_size"]),
+                       map=heat.ravel().tolist(), meta_json=json.dumps(meta))
+            if "heads" in result:
+                row["heads"] = np.asarray(result["heads"][b], dtype=np.float32).ravel().tolist()
+            if extra:
+                pred = int(extra["prediction"][b])
+                row.update(distance=extra["distance"][b].ravel().tolist(), norm_mean=extra["norm_mean"][b].tolist(),
+                           norm_high=extra["norm_high"][b].tolist(), patch_tokens=int(extra["patch_tokens"][b]),
+                           prediction=pred if pred >= 0 else None,
+                           label=self.labels[pred] if self.labels and 0 <= pred < len(self.labels) else None,
+                           score=float(extra["score"][b]) if pred >= 0 else None)
+            if src["mask"]:
+                mask = np.frombuffer(src["mask"], dtype=np.uint8).reshape(src["mask_shape"]).astype(bool)
+                row["pointing"], row["iou"] = localisation(heat, mask)
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from vitscope._io import atomic_path
+
+        table_rows = table.to_pylist()
+        schema = _schema()
+        rows: list[dict[str, Any]] = []
+        for src in table_rows:
+            row = dict.fromkeys(schema.names)
+            row.update(id=src["id"], rel=src["rel"], input=src["input"], method=self.method, model=self.model_id,
+                       status="error" if src["error"] else "pending", error=src["error"])
+            rows.append(row)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, src in enumerate(table_rows):
+            if not src["error"]:
+                groups.setdefault(tuple(src["shape"]), []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                self._compute(idx[start:start + self.batch_size], table_rows, rows)
+        if rows:
+            out = pa.Table.from_pylist(rows, schema=schema)
+            with atomic_path(self.parts_dir / _part_name([r["id"] for r in rows])) as tmp:
+                pq.write_table(out, tmp)
+        return pa.Table.from_pydict({"id": [r["id"] for r in rows], "rel": [r["rel"] for r in rows],
+                                     "status": [r["status"] for r in rows], "error": [r["error"] for r in rows]},
+                                    schema=pa.schema([("id", pa.string()), ("rel", pa.string()),
+                                                      ("status", pa.string()), ("error", pa.string())]))
+
+
+# ------------------------------------------------------------------------------------------------ read back
+def part_files(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The finished parts (never the dot-prefixed temporary files), sorted by name."""
+    parts = Path(output_dir) / PARTS
+    return sorted(p for p in parts.glob("part-*.parquet") if p.is_file()) if parts.is_dir() else []
+
+
+def _index(parts: Sequence[Path]) -> dict[str, tuple[str, str]]:
+    """``id -> (part name, status)`` of the row kept per id: the first ``ok`` row (parts in name order), else
+    the last ``error`` row."""
+    import pyarrow.parquet as pq
+
+    keep: dict[str, tuple[str, str]] = {}
+    for p in parts:
+        t = pq.read_table(p, columns=["id", "status"])
+        for rid, status in zip(t.column("id").to_pylist(), t.column("status").to_pylist(), strict=True):
+            old = keep.get(rid)
+            if old is None or (old[1] != "ok" and (status == "ok" or old[1] == status)):
+                keep[rid] = (p.name, status)
+    return keep
+
+
+def read_results(output_dir: str | os.PathLike[str], columns: Sequence[str] | None = None) -> Any:
+    """All output rows as one ``pyarrow.Table``, one row per ``id`` (duplicates of a retried part dropped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = part_files(output_dir)
+    keep = _index(parts)
+    cols = None if columns is None else list(dict.fromkeys(["id", *columns]))
+    tables = []
+    for p in parts:
+        t = pq.read_table(p, columns=cols)
+        mask = [keep.get(rid, ("", ""))[0] == p.name for rid in t.column("id").to_pylist()]
+        tables.append(t.filter(pa.array(mask, type=pa.bool_())))
+    if not tables:
+        return _schema().empty_table() if cols is None else _schema().empty_table().select(cols)
+    out = pa.concat_tables(tables)
+    seen: set[str] = set()
+    first = []
+    for rid in out.column("id").to_pylist():  # one part may hold an id twice only if a manifest repeats it
+        first.append(rid not in seen)
+        seen.add(rid)
+    return out.filter(pa.array(first, type=pa.bool_())) if not all(first) else out
+
+
+def row_arrays(row: dict[str, Any], num_heads: int | None = None) -> dict[str, np.ndarray]:
+    """``map`` ``(rows, cols)`` (and ``heads`` ``(heads, rows, cols)``, ``distance`` ``(layers, heads)`` when
+    ``num_heads`` is given) of one output row (a dict, e.g. from ``read_results(out).to_pylist()``)."""
+    rows, cols = row["grid"]
+    out: dict[str, np.ndarray] = {"map": np.asarray(row["map"], dtype=np.float32).reshape(rows, cols)}
+    if row.get("heads") is not None:
+        out["heads"] = np.asarray(row["heads"], dtype=np.float32).reshape(-1, rows, cols)
+    if row.get("distance") is not None and num_heads:
+        out["distance"] = np.asarray(row["distance"], dtype=np.float64).reshape(-1, num_heads)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ summary
+_STAT_COLUMNS = ["id", "status", "distance", "norm_mean", "norm_high", "patch_tokens", "pointing", "iou",
+                 "prediction"]
+
+
+def _partial_sums(batch: Any, *, keep: dict[str, str]) -> Any:
+    """Ray task: partial sums over the rows of some part files (those each id keeps), one row out.
+
+    Mean attention distance as (count, mean, M2) per (layer, head) (Chan et al.'s pairwise update combines
+    them); high-norm tokens and patch tokens per layer; pointing hits and IoU sum; predicted class counts.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    acc: dict[str, Any] = {"ok": 0, "failed": 0, "dist_n": 0, "dist_mean": None, "dist_m2": None,
+                           "norm_high": None, "norm_tokens": None, "norm_sum": None, "norm_n": 0,
+                           "masked": 0, "hits": 0, "iou_sum": 0.0, "classes": {}}
+    for path in batch.column("path").to_pylist():
+        name = Path(path).name
+        t = pq.read_table(path, columns=_STAT_COLUMNS)
+        for r in t.to_pylist():
+            if keep.get(r["id"]) != name:
+                continue
+            if r["status"] != "ok":
+                acc["failed"] += 1
+                continue
+            acc["ok"] += 1
+            if r["prediction"] is not None:
+                acc["classes"][str(r["prediction"])] = acc["classes"].get(str(r["prediction"]), 0) + 1
+            if r["distance"] is not None:
+                d = np.asarray(r["distance"], dtype=np.float64)
+                if acc["dist_mean"] is None:
+                    acc["dist_mean"], acc["dist_m2"] = np.zeros_like(d), np.zeros_like(d)
+                acc["dist_n"] += 1  # Welford's update, one image at a time
+                delta = d - acc["dist_mean"]
+                acc["dist_mean"] = acc["dist_mean"] + delta / acc["dist_n"]
+                acc["dist_m2"] = acc["dist_m2"] + delta * (d - acc["dist_mean"])
+            if r["norm_high"] is not None:
+                high = np.asarray(r["norm_high"], dtype=np.int64)
+                if acc["norm_high"] is None:
+                    acc["norm_high"], acc["norm_tokens"] = np.zeros_like(high), np.zeros_like(high)
+                    acc["norm_sum"] = np.zeros(high.shape, dtype=np.float64)
+                acc["norm_high"] += high
+                acc["norm_tokens"] += int(r["patch_tokens"])
+                acc["norm_sum"] += np.asarray(r["norm_mean"], dtype=np.float64)
+                acc["norm_n"] += 1
+            if r["pointing"] is not None:
+                acc["masked"] += 1
+                acc["hits"] += int(bool(r["pointing"]))
+                acc["iou_sum"] += float(r["iou"])
+    as_list = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in acc.items()}
+    return pa.Table.from_pydict({"partial": [json.dumps(as_list)]})
+
+
+def _combine(partials: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"ok": 0, "failed": 0, "dist_n": 0, "dist_mean": None, "dist_m2": None,
+                             "norm_high": None, "norm_tokens": None, "norm_sum": None, "norm_n": 0, "masked": 0,
+                             "hits": 0, "iou_sum": 0.0, "classes": {}}
+    for p in partials:
+        for k in ("ok", "failed", "norm_n", "masked", "hits", "iou_sum"):
+            total[k] += p[k]
+        for cls, n in p["classes"].items():
+            total["classes"][cls] = total["classes"].get(cls, 0) + n
+        if p["norm_high"] is not None:
+            for k in ("norm_high", "norm_tokens", "norm_sum"):
+                v = np.asarray(p[k], dtype=np.float64)
+                total[k] = v if total[k] is None else total[k] + v
+        if p["dist_n"]:
+            n_b, mean_b, m2_b = p["dist_n"], np.asarray(p["dist_mean"]), np.asarray(p["dist_m2"])
+            if total["dist_n"] == 0:
+                total["dist_n"], total["dist_mean"], total["dist_m2"] = n_b, mean_b, m2_b
+            else:  # Chan et al.'s pairwise combination, as DistanceAccumulator
+                n = total["dist_n"] + n_b
+                delta = mean_b - total["dist_mean"]
+                total["dist_mean"] = total["dist_mean"] + delta * (n_b / n)
+                total["dist_m2"] = total["dist_m2"] + m2_b + delta**2 * (total["dist_n"] * n_b / n)
+                total["dist_n"] = n
+    return total
+
+
+def summarize(output_dir: str | os.PathLike[str], *, num_heads: int, config: dict[str, Any] | None = None,
+              figure: bool = True) -> dict[str, Any]:
+    """Aggregate the per-image rows of ``output_dir`` on Ray (one task per group of part files) and write
+    ``summary.json`` (+ ``distance.png``). Needs a connected Ray (`run_batch` calls it).
+
+    The summary: ``images`` / ``failed`` counts; ``distance``: ``mean`` and ``std`` (population, over images)
+    ``(layers, heads)`` in pixels and ``count``; ``high_norm``: per layer ``rate`` (share of patch tokens above
+    the cut), ``mean_norm`` (mean over images of the mean patch-token norm) and ``cut``; ``localisation`` (only
+    with masks): ``pointing_game`` (hit rate) and ``mask_iou`` (mean) of the run's method, and ``images``;
+    ``predictions``: images per predicted class.
+    """
+    from vitscope._io import atomic_write_text
+
+    ray = import_ray()
+    out = Path(output_dir)
+    parts = part_files(out)
+    keep = {rid: name for rid, (name, _status) in _index(parts).items()}
+    partials: list[dict[str, Any]] = []
+    if parts:
+        groups = max(1, min(len(parts), 4 * int(ray.cluster_resources().get("CPU", 1))))
+        ds = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=groups)
+        rows = ds.map_batches(_partial_sums, batch_format="pyarrow", batch_size=None,
+                              fn_kwargs={"keep": keep}).take_all()
+        partials = [json.loads(r["partial"]) for r in rows]
+    total = _combine(partials)
+    summary: dict[str, Any] = {"images": total["ok"], "failed": total["failed"], **(config or {})}
+    if total["dist_n"]:
+        mean = np.asarray(total["dist_mean"]).reshape(-1, num_heads)
+        std = np.sqrt(np.maximum(np.asarray(total["dist_m2"]).reshape(-1, num_heads) / total["dist_n"], 0.0))
+        summary["distance"] = {"count": total["dist_n"], "mean": mean.tolist(), "std": std.tolist(),
+                               "metric": "centre", "unit": "pixels"}
+    if total["norm_n"]:
+        cut = (config or {}).get("norm_threshold")
+        summary["high_norm"] = {
+            "rate": (np.asarray(total["norm_high"]) / np.asarray(total["norm_tokens"])).tolist(),
+            "mean_norm": (np.asarray(total["norm_sum"]) / total["norm_n"]).tolist(),
+            "cut": cut if cut is not None else "per image and layer: q75 + 3 IQR of its patch-token norms",
+            "images": total["norm_n"],
+        }
+    if total["masked"]:
+        summary["localisation"] = {"images": total["masked"], "pointing_game": total["hits"] / total["masked"],
+                                   "mask_iou": total["iou_sum"] / total["masked"]}
+    summary["predictions"] = dict(sorted(total["classes"].items(), key=lambda kv: int(kv[0])))
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
+    if figure and "distance" in summary:
+        from vitscope.viz import distance_plot, save_figure
+
+        fig = distance_plot(np.asarray(summary["distance"]["mean"]), std=np.asarray(summary["distance"]["std"]),
+                            title=f"mean attention distance ({total['dist_n']} images)")
+        save_figure(fig, out / DISTANCE_FIGURE)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ run
+@dataclass
+class RayBatchSummary(BatchSummary):
+    """What a Ray-engine run did; ``summary`` is the dataset-level summary written to ``summary.json``."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.output_dir / PARTS
+
+    def __str__(self) -> str:
+        return (f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed of {self.total} "
+                f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); parts in {self.manifest}, "
+                f"summary {self.output_dir / SUMMARY}")
+
+
+def _connect(ray: Any, address: str | None, cpus_needed: float) -> bool:
+    """Use a running Ray (``address``, ``RAY_ADDRESS`` or an existing ``ray.init``), else start a local one.
+    Returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address or None, log_to_driver=False)
+        except ConnectionError as exc:
+            raise VitscopeError("address", f"cannot connect to Ray at {address or os.environ['RAY_ADDRESS']}: "
+                                f"{' '.join(str(exc).split())}",
+                                "check the address; a cluster with token authentication (Ray's default) also "
+                                "needs RAY_AUTH_MODE=token here") from None
+        return False
+    # logical CPUs: every actor's share plus one for the preprocessing tasks, whatever the core count
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1), include_dashboard=False,
+             log_to_driver=False)
+    return True
+
+
+def _manifest_dataset(ray: Any, path: Path, masks: Path | None) -> Any:
+    """A Parquet/CSV manifest: a ``path`` (local path or URI) or ``bytes`` column, optional ``id`` and ``mask``."""
+    ds = ray.data.read_parquet(str(path)) if path.suffix.lower() == ".parquet" else ray.data.read_csv(str(path))
+    names = set(ds.schema().names)
+    if not names & {"path", "bytes"}:
+        raise VitscopeError("inputs", f"{path} has no 'path' or 'bytes' column (columns: {', '.join(sorted(names))})",
+                            "add a column 'path' (file paths or URIs) or 'bytes' (encoded images)")
+    if masks is not None:
+        raise VitscopeError("masks", "a manifest gives its masks in a 'mask' column", "drop --masks")
+    return ds
+
+
+def _mask_for(masks: Path, rel: str) -> str | None:
+    for cand in (masks / rel, (masks / rel).with_suffix(".png")):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def run_batch_ray(
+    inputs: Any,
+    output_dir: str | os.PathLike[str],
+    *,
+    method: str = "cls",
+    model: Any = "vitscope:shapes",
+    batch_size: int = 8,
+    policy: Any = None,
+    size: int | tuple[int, int] | None = None,
+    layer: int = -1,
+    device: str | None = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    address: str | None = None,
+    concurrency: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    part_size: int = 64,
+    preprocess_tasks: int | None = None,
+    masks: str | os.PathLike[str] | None = None,
+    stats: bool = True,
+    norm_threshold: float | None = None,
+    summary: bool = True,
+) -> RayBatchSummary:
+    """`vitscope.batch.run_batch` on Ray Data: call it as ``run_batch(..., engine="ray", ...)``.
+
+    Args (beyond `run_batch`'s):
+        inputs: also a ``.parquet`` / ``.csv`` manifest with a ``path`` (paths or URIs) or ``bytes`` column
+            (optional ``id`` and ``mask`` columns), or a sequence of paths / URIs.
+        address: a running cluster (``ray://host:10001`` or ``host:6379``); default ``RAY_ADDRESS``, else an
+            already initialised Ray, else a local Ray is started for this run.
+        concurrency: actors, each with the model loaded once; ``num_cpus`` / ``num_gpus`` per actor (torch
+            threads = ``num_cpus``).
+        batch_size: images per forward pass inside an actor; ``part_size``: rows per actor call and per Parquet
+            part (a retried call recomputes at most that many).
+        preprocess_tasks: loading/preprocessing tasks running at once (default ``2 * concurrency``; for a
+            manifest, as many as the free CPUs allow).
+        masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
+            ``a/cat.png``; non-zero = object): pointing game and mask IoU per image and in the summary.
+        stats: also the prediction, token norms and mean attention distance per image (two more forward
+            passes per batch); they feed the summary.
+        norm_threshold: fixed cut for high-norm tokens (default: per image and layer, ``q75 + 3 IQR``).
+        summary: aggregate ``summary.json`` and ``distance.png`` at the end.
+    """
+    from vitscope.adapters import as_vit
+    from vitscope.batch import METHODS, _exclusive, _model_id, _remove_partials, collect_inputs
+
+    ray = import_ray()
+    fn = METHODS.get(method)
+    if fn is None:
+        raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
+    for name, value, low in (("batch_size", batch_size, 1), ("concurrency", concurrency, 1),
+                             ("part_size", part_size, 1)):
+        if int(value) < low:
+            raise VitscopeError(name, f"must be >= {low}, got {value}", "pass a positive number")
+    if num_cpus < 0 or num_gpus < 0:
+        raise VitscopeError("num_cpus" if num_cpus < 0 else "num_gpus", "must be >= 0", "pass e.g. 1")
+    out_dir = Path(output_dir).expanduser()
+    mask_dir = Path(masks).expanduser() if masks is not None else None
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise VitscopeError("masks", f"not a folder: {mask_dir}", "pass the folder of mask images")
+    manifest: Path | None = None
+    items: list[dict[str, Any]] | None = None
+    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_file() and \
+            Path(inputs).suffix.lower() in MANIFEST_SUFFIXES:
+        manifest = Path(inputs)
+    elif not isinstance(inputs, (str, os.PathLike)) and any(_is_uri(str(x)) for x in inputs):
+        items = [{"id": str(x), "rel": str(x), "input": str(x), "path": str(x), "mask": None}
+                 for x in dict.fromkeys(map(str, inputs))]
+    else:
+        items = [{"id": it.rel, "rel": it.rel, "input": str(it.path), "path": str(it.path),
+                  "mask": _mask_for(mask_dir, it.rel) if mask_dir is not None else None}
+                 for it in collect_inputs(inputs, exclude=out_dir)]
+        if not items:
+            raise VitscopeError("inputs", "no files found", "check the path")
+    vit = as_vit(model)
+    if mask_dir is not None and (policy or vit.info.preprocess.policy) == "crop":
+        raise VitscopeError("masks", "masks need the whole image in the model input", "use policy='resize' or 'native'")
+    model_id = _model_id(model, vit)
+    config: dict[str, Any] = {"engine": "ray", "method": method, "model": model_id, "policy": policy,
+              "size": list(size) if isinstance(size, tuple) else size, "layer": layer if method == "cls" else None,
+              "stats": bool(stats), "norm_threshold": norm_threshold,
+              "masks": str(mask_dir.resolve()) if mask_dir is not None else None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PARTS).mkdir(exist_ok=True)
+    result = RayBatchSummary(output_dir=out_dir, total=0)
+    started = False
+    with _exclusive(out_dir):
+        _remove_partials(out_dir)
+        _check_config(out_dir, config, overwrite)
+        index = _index(part_files(out_dir))
+        done = frozenset(rid for rid, (_name, status) in index.items() if status == "ok")
+        start = time.perf_counter()
+        started = _connect(ray, address, concurrency * num_cpus)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = progress
+            if items is not None:
+                result.total = len(items)
+                todo = [it for it in items if it["id"] not in done]
+                result.skipped = len(items) - len(todo)
+                blocks = max(1, math.ceil(len(todo) / part_size))
+                src = ray.data.from_items(todo, override_num_blocks=blocks) if todo else None
+            else:
+                assert manifest is not None
+                src, blocks = _manifest_dataset(ray, manifest, mask_dir), None
+            if src is not None:
+                _stream(ray, src, vit, result, method=method, fn=fn, layer=layer, model=model, model_id=model_id,
+                        out_dir=out_dir, batch_size=int(batch_size), part_size=int(part_size), policy=policy,
+                        size=size, done=done, concurrency=int(concurrency), num_cpus=float(num_cpus),
+                        num_gpus=float(num_gpus), device=device, stats=stats, norm_threshold=norm_threshold,
+                        progress=progress, blocks=blocks,
+                        preprocess_tasks=int(preprocess_tasks or 2 * concurrency))
+            if manifest is not None:
+                result.total = result.done + result.failed + len(done)
+                result.skipped = len(done)
+            if summary:
+                result.summary = summarize(out_dir, num_heads=vit.info.num_heads, config=config)
+        finally:
+            _remove_partials(out_dir)  # temporary files of actors killed mid-write
+            result.seconds = time.perf_counter() - start
+            if started:
+                ray.shutdown()
+    return result
+
+
+def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    import shutil
+
+    from vitscope._io import atomic_write_text
+    from vitscope.batch import CONFIG
+
+    cfg_path = out_dir / CONFIG
+    if overwrite:
+        shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+        (out_dir / PARTS).mkdir()
+    elif cfg_path.exists() and (part_files(out_dir) or (out_dir / "manifest.jsonl").exists()):
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if old != config:
+            diff = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
+            raise VitscopeError("output", f"{out_dir} holds results of another run ({diff})",
+                                "use another output folder, or --overwrite")
+    atomic_write_text(cfg_path, json.dumps(config, indent=2))
+
+
+def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: str, fn: Any, layer: int,
+            model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
+            done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
+            stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None,
+            preprocess_tasks: int) -> None:
+    from tqdm.auto import tqdm
+
+    info = vit.info
+    model_arg = model_id if isinstance(model, (str, os.PathLike)) else vit
+    # preprocessing tasks ask for another CPU share than the actors: Ray Data fuses a task map into the next
+    # actor map when their resources match, and loading would then run inside the actors, serially
+    prep_cpus = 0.25 if num_cpus != 0.25 else 0.2
+    prepared = src.map_batches(
+        _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=prep_cpus,
+        compute=ray.data.TaskPoolStrategy(size=min(preprocess_tasks, blocks)) if blocks else None,
+        fn_kwargs={"prep": info.preprocess, "patch": info.patch_size, "policy": policy, "size": size,
+                   "done": done},
+    )
+    # a fixed pool, never larger than the number of input blocks (a pool waiting for inputs it cannot get)
+    pool = ray.data.ActorPoolStrategy(size=min(concurrency, blocks)) if blocks else \
+        ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency)
+    mapped = prepared.map_batches(
+        # an actor pool of fixed size; Ray Data restarts a dead actor and retries its calls (max_restarts=-1,
+        # max_task_retries=-1 by default for actor pools), so no retry logic lives here
+        MapActor, batch_format="pyarrow", batch_size=part_size, compute=pool,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus or None,
+        fn_constructor_kwargs={"model": model_arg, "method": method, "fn": fn, "layer": layer,
+                               "model_id": model_id, "parts_dir": str((out_dir / PARTS).resolve()),
+                               "batch_size": batch_size, "stats": stats, "norm_threshold": norm_threshold,
+                               "threads": max(1, int(num_cpus)),
+                               "device": "cuda" if num_gpus else ("cpu" if device == "auto" else device)},
+    )
+    bar = tqdm(total=result.total - result.skipped if result.total else None, unit="img",
+               desc=f"vitscope batch {method} (ray)", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            for rel, status, error in zip(batch.column("rel").to_pylist(), batch.column("status").to_pylist(),
+                                          batch.column("error").to_pylist(), strict=True):
+                if status == "ok":
+                    result.done += 1
+                else:
+                    result.failed += 1
+                    result.errors.append((rel, error or "error"))
+            bar.update(batch.num_rows)
+    finally:
+        bar.close()

@@ -1,0 +1,369 @@
+"""The Ray engine: same maps, metadata and errors as local batch mode, summaries equal direct computations,
+re-runs compute nothing, a killed actor is retried with every image written exactly once, Parquet reads back.
+
+All tests share one local Ray cluster (2 CPUs, no dashboard) and run in one xdist group (``--dist loadgroup``),
+so two pytest workers never start two clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vitscope.train.model import save_vit
+
+from tests.conftest import make_tiny_vit
+from vitscope.adapters import load
+from vitscope.batch import METHODS, run_batch
+from vitscope.capture import capture
+from vitscope.capture.core import capture_full
+from vitscope.errors import VitscopeError
+from vitscope.methods.cls_attention import cls_map
+from vitscope.methods.distance import DistanceAccumulator
+from vitscope.methods.metrics import mask_jaccard, pointing_game
+from vitscope.viz import outlier_threshold
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+pd = pytest.importorskip("pandas")
+
+from vitscope import batch_ray  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("ray")
+RAY_OPTS = {"concurrency": 2, "num_cpus": 0.5, "part_size": 8, "preprocess_tasks": 2, "progress": False}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _image(path: Path, height: int, width: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """40 inputs: 37 images of three sizes in subfolders (masks for 12 of them) and 3 bad files; a model."""
+    root = tmp_path_factory.mktemp("ray")
+    src, masks = root / "in", root / "masks"
+    sizes = [(40, 56), (32, 32), (48, 24)]
+    rng = np.random.default_rng(5)
+    for i in range(37):
+        h, w = sizes[i % 3]
+        rel = f"g{i % 4}/img{i:02d}.png"
+        _image(src / rel, h, w, seed=200 + i)
+        if i < 12:  # a random rectangle as the object
+            m = np.zeros((h, w), dtype=np.uint8)
+            y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            m[y:y + h // 2, x:x + w // 2] = 255
+            (masks / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(masks / rel)
+    (src / "broken.png").write_bytes((src / "g0/img00.png").read_bytes()[:80])
+    (src / "notes.txt").write_text("not an image\n")
+    (src / "g1" / "empty.png").write_bytes(b"")
+    model = save_vit(make_tiny_vit(num_registers=2, seed=11), root / "model")
+    return {"root": root, "src": src, "masks": masks, "model": model}
+
+
+@pytest.fixture(scope="module")
+def outputs(dataset: dict[str, Path], ray_cluster: None) -> dict[str, object]:
+    """The same 40 inputs through local batch mode and the Ray engine (2 actors)."""
+    local, remote = dataset["root"] / "local", dataset["root"] / "ray"
+    s_local = run_batch(dataset["src"], local, model=dataset["model"], policy="native", batch_size=4, workers=0,
+                        formats="npz", progress=False)
+    s_ray = run_batch(dataset["src"], remote, model=dataset["model"], policy="native", batch_size=4, engine="ray",
+                      masks=dataset["masks"], **RAY_OPTS)
+    return {"local": local, "ray": remote, "s_local": s_local, "s_ray": s_ray}
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in batch_ray.read_results(out).to_pylist()}
+
+
+def test_maps_metadata_and_errors_equal_local_batch_mode(outputs: dict, dataset: dict[str, Path]) -> None:
+    s_local, s_ray = outputs["s_local"], outputs["s_ray"]
+    assert (s_ray.total, s_ray.done, s_ray.failed, s_ray.skipped) == (40, 37, 3, 0)
+    assert (s_local.done, s_local.failed) == (37, 3)
+    assert sorted(s_ray.errors) == sorted(s_local.errors)  # the same one-line reasons
+    rows = _rows(outputs["ray"])
+    assert len(rows) == 40
+    bad = {rel for rel, _ in s_local.errors}
+    assert bad == {"broken.png", "notes.txt", "g1/empty.png"}
+    vit = load(dataset["model"])
+    for rid, row in rows.items():
+        if rid in bad:
+            assert row["status"] == "error" and row["map"] is None and row["error"] == dict(s_local.errors)[rid]
+            continue
+        assert row["status"] == "ok" and row["error"] is None and row["rel"] == rid
+        with np.load(outputs["local"] / f"{rid}.npz") as data:
+            local_map, local_heads, local_meta = data["map"], data["heads"], json.loads(str(data["meta_json"]))
+        arrays = batch_ray.row_arrays(row, num_heads=vit.info.num_heads)
+        assert arrays["map"].shape == local_map.shape
+        np.testing.assert_allclose(arrays["map"], local_map, atol=1e-6)
+        np.testing.assert_allclose(arrays["heads"], local_heads, atol=1e-6)
+        assert json.loads(row["meta_json"]) == local_meta  # the metadata local batch mode writes
+        assert row["grid"] == local_meta["grid"] and row["original_size"] == local_meta["original_size"]
+        # the prediction: argmax of the model's own logits
+        out = capture_full(vit, str(dataset["src"] / rid), layers=[-1], queries="cls", policy="native").output
+        probs = torch.softmax(vit.logits(out), dim=-1)[0]
+        assert row["prediction"] == int(probs.argmax()) and row["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_summary_equals_direct_computation(outputs: dict, dataset: dict[str, Path]) -> None:
+    summary = json.loads((outputs["ray"] / "summary.json").read_text())
+    assert summary == outputs["s_ray"].summary
+    assert (summary["images"], summary["failed"]) == (37, 3)
+    vit = load(dataset["model"])
+    acc = DistanceAccumulator(metric="centre", renormalize=True)
+    high, tokens, mean_norm = np.zeros(vit.info.num_layers), 0, np.zeros(vit.info.num_layers)
+    hits, ious, classes = [], [], Counter()
+    rows = _rows(outputs["ray"])
+    for rid, row in sorted(rows.items()):
+        if row["status"] != "ok":
+            continue
+        path = dataset["src"] / rid
+        attn = capture(vit, str(path), policy="native", token_norms=True)  # every layer, head and row
+        acc.update(attn)
+        norms = attn.to_grid(attn.token_norms)[:, 0].flatten(1).double().numpy()  # (L, P)
+        high += [(x > outlier_threshold(x)).sum() for x in norms]
+        tokens += norms.shape[1]
+        mean_norm += norms.mean(axis=1)
+        classes[str(row["prediction"])] += 1
+        mask_path = dataset["masks"] / rid
+        if mask_path.exists():  # the mask in the model input's frame, as documented
+            hw = row["image_size"]
+            with Image.open(mask_path) as im:
+                gt = torch.from_numpy(np.asarray(im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)) > 0)
+            heat = cls_map(capture(vit, str(path), layers=[-1], queries="cls", policy="native"), head="mean")
+            hits.append(bool(pointing_game(heat, gt[None])[0]))
+            ious.append(float(mask_jaccard(heat, gt[None], tau=0.6).best[0, 0]))
+            assert row["pointing"] == hits[-1] and row["iou"] == pytest.approx(ious[-1], abs=1e-9)
+        else:
+            assert row["pointing"] is None and row["iou"] is None
+    dist = summary["distance"]
+    assert dist["count"] == 37
+    np.testing.assert_allclose(dist["mean"], acc.mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(dist["std"], acc.std.numpy(), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(summary["high_norm"]["rate"], high / tokens, atol=1e-12)
+    np.testing.assert_allclose(summary["high_norm"]["mean_norm"], mean_norm / 37, rtol=1e-6)
+    assert len(hits) == 12
+    assert summary["localisation"] == pytest.approx({"images": 12, "pointing_game": np.mean(hits),
+                                                     "mask_iou": np.mean(ious)})
+    assert summary["predictions"] == dict(sorted(classes.items(), key=lambda kv: int(kv[0])))
+    assert (outputs["ray"] / "distance.png").stat().st_size > 1000
+
+
+def test_rerun_after_completion_computes_nothing(outputs: dict, dataset: dict[str, Path]) -> None:
+    out = outputs["ray"]
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in batch_ray.part_files(out)
+              if "ok" in pq.read_table(p, columns=["status"]).column("status").to_pylist()}
+    summary = run_batch(dataset["src"], out, model=dataset["model"], policy="native", batch_size=4, engine="ray",
+                        masks=dataset["masks"], **RAY_OPTS)
+    assert (summary.done, summary.skipped, summary.failed) == (0, 37, 3)  # only the bad files are tried again
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in batch_ray.part_files(out)}
+    assert all(after[name] == rec for name, rec in before.items())  # no part with a map was rewritten
+    assert summary.summary == outputs["s_ray"].summary
+    # another method into the same folder is refused
+    with pytest.raises(VitscopeError, match="another run"):
+        run_batch(dataset["src"], out, model=dataset["model"], method="rollout", engine="ray", **RAY_OPTS)
+
+
+def test_parquet_reads_back_with_the_documented_columns(outputs: dict, dataset: dict[str, Path]) -> None:
+    out = outputs["ray"]
+    frame = pd.read_parquet(out / "parts")  # plain pandas/pyarrow: the dot-prefixed temporaries are ignored
+    assert tuple(frame.columns) == batch_ray.COLUMNS
+    assert frame["id"].nunique() == 40  # (+ the 3 error rows again once the re-run has tried them again)
+    assert frame[frame["status"] == "ok"]["id"].is_unique and (frame["status"] == "ok").sum() == 37
+    table = batch_ray.read_results(out)
+    assert table.num_rows == 40 and tuple(table.column_names) == batch_ray.COLUMNS
+    import pyarrow as pa
+
+    value = {f.name: f.type.value_type for f in table.schema if pa.types.is_list(f.type)}
+    assert value["map"] == pa.float32() and value["heads"] == pa.float32() and value["grid"] == pa.int32()
+    assert value["distance"] == pa.float64() and table.schema.field("prediction").type == pa.int64()
+    ok = frame[frame["status"] == "ok"]
+    row = ok.iloc[0]
+    heat = np.asarray(row["map"], dtype=np.float32).reshape(row["grid"])
+    with np.load(outputs["local"] / f"{row['id']}.npz") as data:
+        np.testing.assert_allclose(heat, data["map"], atol=1e-6)
+    assert len(row["distance"]) == 2 * 4 and len(row["norm_high"]) == 2  # layers x heads, layers
+    # a duplicated part (as a retried write could leave) is dropped on read-back and in the summary
+    first = batch_ray.part_files(out)[0]
+    (first.parent / "part-zzzz-duplicate.parquet").write_bytes(first.read_bytes())
+    try:
+        assert batch_ray.read_results(out).num_rows == 40
+        again = batch_ray.summarize(out, num_heads=4, config=json.loads((out / "batch.json").read_text()),
+                                    figure=False)
+        assert again == outputs["s_ray"].summary
+    finally:
+        (first.parent / "part-zzzz-duplicate.parquet").unlink()
+        batch_ray.summarize(out, num_heads=4, config=json.loads((out / "batch.json").read_text()))
+
+
+def test_parquet_manifest_with_bytes_and_csv_with_paths(outputs: dict, dataset: dict[str, Path]) -> None:
+    import pyarrow as pa
+
+    rels = ["g0/img00.png", "g1/img01.png", "g2/img02.png"]
+    data = [(dataset["src"] / r).read_bytes() for r in rels] + [b"garbage"]
+    manifest = dataset["root"] / "images.parquet"
+    pq.write_table(pa.table({"bytes": data}), manifest)
+    out = dataset["root"] / "from-bytes"
+    summary = run_batch(manifest, out, model=dataset["model"], policy="native", engine="ray", summary=False,
+                        stats=False, **RAY_OPTS)
+    assert (summary.done, summary.failed) == (3, 1)
+    rows = _rows(out)
+    local = _rows(outputs["ray"])
+    import hashlib
+
+    for rel, blob in zip(rels, data, strict=False):
+        row = rows["sha256:" + hashlib.sha256(blob).hexdigest()]  # a content hash when there is no id column
+        np.testing.assert_allclose(row["map"], local[rel]["map"], atol=1e-6)
+        assert row["distance"] is None  # stats=False
+    csv = dataset["root"] / "images.csv"
+    csv.write_text("id,path\n" + "".join(f"{r},{dataset['src'] / r}\n" for r in rels))
+    out_csv = dataset["root"] / "from-csv"
+    summary = run_batch(csv, out_csv, model=dataset["model"], policy="native", engine="ray", summary=False,
+                        **RAY_OPTS)
+    assert summary.done == 3 and sorted(_rows(out_csv)) == sorted(rels)
+    assert run_batch(csv, out_csv, model=dataset["model"], policy="native", engine="ray", summary=False,
+                     **RAY_OPTS).done == 0
+
+
+def test_killed_actor_is_retried_and_every_image_written_once(ray_cluster: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    src, out, pids = tmp_path / "in", tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    paths = [_image(src / f"img{i:02d}.png", 32, 32, seed=300 + i) for i in range(24)]
+    (src / "bad.png").write_bytes(b"\x89PNG not really")
+    model = save_vit(make_tiny_vit(seed=3), tmp_path / "model")
+    pid_dir = str(pids)
+
+    def slow_cls(vit, pixels, **kw):  # runs in the actors: report the pid, slow the run down
+        from vitscope.batch import METHODS as registry  # the actor's own registry
+
+        Path(pid_dir, str(os.getpid())).touch()
+        time.sleep(0.4)
+        return registry["cls"](vit, pixels, **kw)
+
+    monkeypatch.setitem(METHODS, "slow-cls", slow_cls)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_batch(src, out, model=model, method="slow-cls", engine="ray", batch_size=2,
+                                          concurrency=2, num_cpus=0.5, part_size=2, preprocess_tasks=2, stats=False,
+                                          progress=False)
+        except BaseException as exc:  # surfaced below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(batch_ray.part_files(out)) < 3:
+        time.sleep(0.05)
+    victims = [int(p.name) for p in pids.iterdir()]
+    assert victims and thread.is_alive(), "the run finished before an actor could be killed"
+    os.kill(victims[0], signal.SIGKILL)
+    before_kill = set(victims)
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert (summary.done, summary.failed) == (24, 1)
+    assert {int(p.name) for p in pids.iterdir()} - before_kill  # Ray restarted the killed actor
+    # every part is a complete Parquet file, no temporary is left, and every image is there exactly once
+    assert not [p for p in (out / "parts").iterdir() if not p.name.startswith("part-")]
+    ids = Counter(rid for p in batch_ray.part_files(out) for rid in pq.read_table(p).column("id").to_pylist())
+    assert set(ids) == {p.name for p in paths} | {"bad.png"} and set(ids.values()) == {1}
+    rows = _rows(out)
+    vit = load(model)
+    for p in paths:
+        attn = capture(vit, str(p), layers=[-1], queries="cls")
+        np.testing.assert_allclose(batch_ray.row_arrays(rows[p.name])["map"], cls_map(attn, head="mean")[0].numpy(),
+                                   atol=1e-6)
+
+
+def test_cli_engine_ray_and_missing_ray(outputs: dict, dataset: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitscope.cli import main
+
+    small = tmp_path / "in"
+    for i in range(3):
+        _image(small / f"{i}.png", 32, 32, seed=i)
+    out = tmp_path / "out"
+    main(["batch", str(small), "-o", str(out), "--model", str(dataset["model"]), "--engine", "ray",
+          "--concurrency", "1", "--num-cpus", "0.5", "-q"])
+    captured = capsys.readouterr()
+    assert "3 done" in captured.out and "summary" in captured.out
+    assert (out / "summary.json").exists() and len(batch_ray.read_results(out)) == 3
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", str(small), "-o", str(tmp_path / "o2"), "--engine", "ray", "-q"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: engine: the ray engine needs Ray Data, which is not installed (pip install 'vitscope[ray]')"
+    with pytest.raises(VitscopeError, match="engine"):
+        run_batch(small, tmp_path / "o3", engine="spark")
+    torch.set_num_threads(1)
+
+
+def test_ray_is_imported_lazily() -> None:
+    import subprocess
+
+    code = ("import sys, vitscope, vitscope.batch, vitscope.batch_ray, vitscope.cli; "
+            "print(','.join(m for m in ('ray', 'pyarrow', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing vitscope's batch modules pulled in {out}"
+
+
+def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """A cluster started elsewhere (here: another process's ray.init), joined with --address; the results
+    equal the in-process run's."""
+    import subprocess
+
+    head_code = ("import sys, ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); "
+                 "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    head = subprocess.Popen([sys.executable, "-c", head_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head process did not start"
+        src = tmp_path / "in"
+        rels = ["g0/img00.png", "g1/img01.png"]
+        for rel in rels:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes((dataset["src"] / rel).read_bytes())
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray's token authentication, on by default
+        env.pop("RAY_ADDRESS", None)
+        res = subprocess.run([sys.executable, "-m", "vitscope", "batch", str(src), "-o", str(tmp_path / "out"),
+                              "--model", str(dataset["model"]), "--policy", "native", "--engine", "ray",
+                              "--address", address, "--num-cpus", "0.5", "-q"],
+                             capture_output=True, text=True, env=env, timeout=240)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "2 done" in res.stdout
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+        head.stdout.close()
+    rows = _rows(tmp_path / "out")
+    assert sorted(rows) == rels
+    with np.load(outputs["local"] / "g0/img00.png.npz") as data:  # local batch mode's map
+        np.testing.assert_allclose(batch_ray.row_arrays(rows["g0/img00.png"])["map"], data["map"], atol=1e-6)
