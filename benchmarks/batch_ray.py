@@ -53,7 +53,8 @@ def make_images(root: Path, n: int) -> None:
 
 def make_model(folder: Path) -> None:
     import torch
-    from vitscope.train.model import ViT, ViTConfig, save_vit
+
+    from vitscope.models.vit import ViT, ViTConfig, save_vit
 
     torch.manual_seed(0)
     save_vit(ViT(ViTConfig(image_size=(224, 224), patch_size=16, dim=384, depth=12, heads=6, num_classes=10,

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vitscope.train.model import save_vit
 
 from tests.conftest import make_tiny_vit
 from vitscope.adapters import load
@@ -31,13 +30,14 @@ from vitscope.errors import VitscopeError
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.distance import DistanceAccumulator
 from vitscope.methods.metrics import mask_jaccard, pointing_game
+from vitscope.models.vit import save_vit
 from vitscope.viz import outlier_threshold
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 pd = pytest.importorskip("pandas")
 
-from vitscope import batch_ray  # noqa: E402
+from vitscope.batch import ray_engine as batch_ray  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")
 RAY_OPTS = {"concurrency": 2, "num_cpus": 0.5, "part_size": 8, "preprocess_tasks": 2, "progress": False}
@@ -93,6 +93,12 @@ def outputs(dataset: dict[str, Path], ray_cluster: None) -> dict[str, object]:
     return {"local": local, "ray": remote, "s_local": s_local, "s_ray": s_ray}
 
 
+def _local_npz(out: Path, rid: str, method: str = "cls") -> Path:
+    """Local batch mode's npz for input ``rid``: ``<stem>.<method>.npz`` (the input name kept on a shared stem)."""
+    plain = out / f"{Path(rid).with_suffix('')}.{method}.npz"
+    return plain if plain.exists() else out / f"{rid}.{method}.npz"
+
+
 def _rows(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in batch_ray.read_results(out).to_pylist()}
 
@@ -112,7 +118,7 @@ def test_maps_metadata_and_errors_equal_local_batch_mode(outputs: dict, dataset:
             assert row["status"] == "error" and row["map"] is None and row["error"] == dict(s_local.errors)[rid]
             continue
         assert row["status"] == "ok" and row["error"] is None and row["rel"] == rid
-        with np.load(outputs["local"] / f"{rid}.npz") as data:
+        with np.load(_local_npz(outputs["local"], rid)) as data:
             local_map, local_heads, local_meta = data["map"], data["heads"], json.loads(str(data["meta_json"]))
         arrays = batch_ray.row_arrays(row, num_heads=vit.info.num_heads)
         assert arrays["map"].shape == local_map.shape
@@ -201,7 +207,7 @@ def test_parquet_reads_back_with_the_documented_columns(outputs: dict, dataset: 
     ok = frame[frame["status"] == "ok"]
     row = ok.iloc[0]
     heat = np.asarray(row["map"], dtype=np.float32).reshape(row["grid"])
-    with np.load(outputs["local"] / f"{row['id']}.npz") as data:
+    with np.load(_local_npz(outputs["local"], row["id"])) as data:
         np.testing.assert_allclose(heat, data["map"], atol=1e-6)
     assert len(row["distance"]) == 2 * 4 and len(row["norm_high"]) == 2  # layers x heads, layers
     # a duplicated part (as a retried write could leave) is dropped on read-back and in the summary
@@ -327,7 +333,7 @@ def test_cli_engine_ray_and_missing_ray(outputs: dict, dataset: dict[str, Path],
 def test_ray_is_imported_lazily() -> None:
     import subprocess
 
-    code = ("import sys, vitscope, vitscope.batch, vitscope.batch_ray, vitscope.cli; "
+    code = ("import sys, vitscope, vitscope.batch, vitscope.batch.ray_engine, vitscope.cli; "
             "print(','.join(m for m in ('ray', 'pyarrow', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing vitscope's batch modules pulled in {out}"
@@ -365,5 +371,5 @@ def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: di
         head.stdout.close()
     rows = _rows(tmp_path / "out")
     assert sorted(rows) == rels
-    with np.load(outputs["local"] / "g0/img00.png.npz") as data:  # local batch mode's map
+    with np.load(_local_npz(outputs["local"], "g0/img00.png")) as data:  # local batch mode's map
         np.testing.assert_allclose(batch_ray.row_arrays(rows["g0/img00.png"])["map"], data["map"], atol=1e-6)

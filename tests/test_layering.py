@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"viz"},
     {"train"},
     {"viewer"},
-    {"batch", "batch_ray", "engines", "demo"},
+    {"batch", "demo"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

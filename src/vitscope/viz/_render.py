@@ -125,3 +125,18 @@ def threshold_mask(values: np.ndarray, tau: float) -> np.ndarray:
     from vitscope.methods.masks import mass_mask
 
     return mass_mask(torch.from_numpy(np.asarray(values, dtype=np.float64)), tau).numpy()
+
+
+def check_figure_size(fig: Any, dpi: float, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` in pixels of ``fig`` at ``dpi``, refused above ``max_pixels`` (default
+    `vitscope.limits.max_figure_pixels`) before anything is drawn."""
+    from vitscope import limits
+
+    w, h = fig.get_figwidth() * dpi, fig.get_figheight() * dpi
+    cap = limits.max_figure_pixels(max_pixels)
+    if w * h > cap or max(w, h) >= 2**16:
+        raise VitscopeError(
+            "dpi", f"the figure would be {w:,.0f}x{h:,.0f} = {w * h:,.0f} pixels, more than the {cap:,} pixel limit",
+            "lower the dpi, or raise max_pixels (CLI --max-figure-pixels, in megapixels)",
+        )
+    return int(w), int(h)

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitscope.errors import VitscopeError
-from vitscope.viz._figure import check_figure_size
 from vitscope.viz._render import (
     Upsample,
     absolute_layer,
     as_map,
+    check_figure_size,
     display_image,
     head_maps,
     image_array,

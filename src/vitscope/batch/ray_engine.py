@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from vitscope.batch import BatchSummary
+from vitscope.batch.local import BatchSummary
 from vitscope.errors import VitscopeError
 
 PARTS = "parts"
@@ -143,7 +143,7 @@ def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: A
     import pyarrow as pa
     import torch
 
-    from vitscope.batch import error_line, preprocess_image
+    from vitscope.batch.local import error_line, preprocess_image
 
     torch.set_num_threads(1)
     cols = set(table.column_names)
@@ -285,7 +285,7 @@ class MapActor:
             result = self.fn(self.vit, pixels, layer=self.layer)
             extra = image_statistics(self.vit, pixels, norm_threshold=self.norm_threshold) if self.stats else {}
         except Exception as exc:  # e.g. a size the model refuses: every image of the group is an error
-            from vitscope.batch import error_line
+            from vitscope.batch.local import error_line
 
             for i in idx:
                 rows[i].update(status="error", error=error_line(exc))
@@ -296,7 +296,7 @@ class MapActor:
             src, row = table_rows[i], rows[i]
             heat = np.asarray(result["map"][b], dtype=np.float32)
             grid = list(heat.shape[-2:])
-            from vitscope.batch import image_meta
+            from vitscope.batch.local import image_meta
 
             meta = image_meta(input=src["input"], rel=src["rel"], method=self.method, model=self.model_id,
                               grid=grid, image_size=hw, original_size=src["original_size"], info=info,
@@ -642,7 +642,7 @@ def run_batch_ray(
         summary: aggregate ``summary.json`` and ``distance.png`` at the end.
     """
     from vitscope.adapters import as_vit
-    from vitscope.batch import METHODS, _exclusive, _model_id, _remove_partials, collect_inputs
+    from vitscope.batch.local import METHODS, _exclusive, _model_id, _remove_partials, collect_inputs
 
     ray = import_ray()
     fn = METHODS.get(method)
@@ -727,7 +727,7 @@ def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
     import shutil
 
     from vitscope._io import atomic_write_text
-    from vitscope.batch import CONFIG
+    from vitscope.batch.local import CONFIG
 
     cfg_path = out_dir / CONFIG
     if overwrite:

@@ -214,7 +214,7 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return {"index": i, "pixels": None, "original_size": None, "error": error_line(exc)}
 
 
-# Shared with the Ray engine (vitscope.batch_ray): one image's preprocessing, the one-line error of a bad
+# Shared with the Ray engine (vitscope.batch.ray_engine): one image's preprocessing, the one-line error of a bad
 # image, and the metadata written beside each map.
 def preprocess_image(image: Any, prep: Preprocess, patch: tuple[int, int], policy: SizePolicy | None,
                      size: int | tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -447,7 +447,7 @@ def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def run_batch(
+def run_local(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     *,
@@ -463,8 +463,6 @@ def run_batch(
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    engine: str = "local",
-    **engine_options: Any,
 ) -> BatchSummary:
     """Compute ``method``'s map for every image in ``inputs`` and write one file per image and format.
 
@@ -485,21 +483,10 @@ def run_batch(
         verify: on resume, also check the sha256 of existing outputs (default: their size).
         overwrite: start over, ignoring (and truncating) an existing manifest.
         progress: show a tqdm bar with images/s.
-        engine: ``"local"`` (this process + DataLoader workers) or ``"ray"``: Ray Data, Parquet output, options
-            ``address``, ``concurrency``, ``num_cpus``, ``num_gpus``, ``masks``, ... (`vitscope.batch_ray.run_batch_ray`).
 
     Returns:
         a `BatchSummary`. Bad images never raise: they are counted in ``failed`` and logged in the manifest.
     """
-    if engine == "ray":
-        from vitscope.batch_ray import run_batch_ray
-
-        return run_batch_ray(inputs, output_dir, method=method, model=model, batch_size=batch_size, policy=policy,
-                             size=size, layer=layer, device=None if device is None else str(device),
-                             overwrite=overwrite, progress=progress, **engine_options)
-    if engine != "local" or engine_options:
-        raise VitscopeError("engine", f"unknown engine {engine!r}" if engine != "local" else
-                            f"options {', '.join(engine_options)} need engine='ray'", "use engine='local' or 'ray'")
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
