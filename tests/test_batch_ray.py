@@ -27,11 +27,11 @@ from vitscope.batch import METHODS, run_batch
 from vitscope.capture import capture
 from vitscope.capture.core import capture_full
 from vitscope.errors import VitscopeError
+from vitscope.methods.artifacts import outlier_threshold
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.distance import DistanceAccumulator
 from vitscope.methods.metrics import mask_jaccard, pointing_game
 from vitscope.models.vit import save_vit
-from vitscope.viz import outlier_threshold
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -230,13 +230,23 @@ def capture_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- maps (#3)
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered maps: name, what each needs, its parameters and paper."""
+    from vitscope.methods.api import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        params = ", ".join(f"{k}={v!r}" for k, v in m.params.items())
+        typer.echo(f"{name:<13} [{m.needs}] {m.summary}")
+        typer.echo(f"{'':<13} params: {params or 'none'}; {m.paper}")
+
+
 @app.command("maps")
 def maps_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[
-        str, typer.Option(help="cls | rollout | flow | grad_rollout | chefer | legrad | dino_mask")
-    ] = "cls",
+    method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     layer: Annotated[int, typer.Option(help="Layer for cls / dino_mask (negative counts from the end).")] = -1,
     head: Annotated[str, typer.Option(help="mean | max | min | a head index (cls, dino_mask).")] = "mean",
     query: Annotated[
@@ -260,12 +270,12 @@ def maps_cmd(
     """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay at
     the image's size."""
     from vitscope.errors import VitscopeError
-    from vitscope.methods.export import METHODS, compute_map, output_paths, parse_head, parse_query, save_map
+    from vitscope.methods.api import get_method
+    from vitscope.methods.export import compute_map, output_paths, parse_head, parse_query, save_map
 
     if upsample not in ("nearest", "bilinear", "bicubic"):
         raise VitscopeError("--upsample", f"unknown mode {upsample!r}", "use nearest, bilinear or bicubic")
-    if method not in METHODS:
-        raise VitscopeError("--method", f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    get_method(method, argument="--method")
     _check_policy(policy)
     the_head, the_query, the_size = parse_head(head), parse_query(query), _parse_size(size)
     output_paths(output, image.stem, method)  # refuse a wrong -o before computing
@@ -519,9 +529,7 @@ def demo_cmd(
 def batch_cmd(
     inputs: Annotated[str, typer.Argument(help="A folder (recursive), a quoted glob, a .txt list of paths, or a file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (mirrors the inputs' paths).")],
-    method: Annotated[
-        str, typer.Option(help="cls (last-layer [CLS] attention), rollout, chefer, grad_rollout or legrad.")
-    ] = "cls",
+    method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Loader processes (0: load in this process).")] = 2,

@@ -78,3 +78,11 @@ def test_with_a_real_capture(tiny_vit_reg):
     rep = token_norms(a, threshold=0.0)
     assert rep.outliers.shape == (2, 2, 4, 4) and bool(rep.outliers.all())
     torch.testing.assert_close(rep.patch_norms, a.token_norms[:, :, 5:].reshape(2, 2, 4, 4))
+
+
+def test_outlier_threshold_is_tukeys_far_fence_by_hand():
+    from vitscope.methods.artifacts import outlier_threshold
+
+    x = np.arange(101, dtype=np.float64)  # q25 = 25, q75 = 75, IQR = 50
+    assert outlier_threshold(x) == 75 + 3 * 50
+    assert outlier_threshold(x, k=1.5) == 75 + 1.5 * 50

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tiny_vit
+from vitscope.methods import method_names
 from vitscope.models.vit import ViT, ViTConfig, save_vit
-from vitscope.train.report import METHODS, model_report, shapes_batch
+from vitscope.train.report import model_report, shapes_batch
 from vitscope.train.shapes import SHAPE_CLASSES, render_shape
 
 
@@ -45,7 +46,7 @@ def test_report_numbers_and_files(shapes_model: Path, tmp_path: Path) -> None:
     assert saved["accuracy"] == pytest.approx(rep.accuracy)
     assert np.array(saved["distance"]).shape == (2, 2)
     md = (out / "report.md").read_text()
-    for name in METHODS:
+    for name in method_names():
         assert f"| {name}" in md
         row = rep.localisation[name]
         assert 0 <= row["pointing_game"] <= 1 and 0 <= row["mask_iou"] <= 1
@@ -55,18 +56,18 @@ def test_report_numbers_and_files(shapes_model: Path, tmp_path: Path) -> None:
 
 
 def test_report_pointing_game_matches_a_hand_count(shapes_model: Path, tmp_path: Path) -> None:
-    """The table's cls_map pointing game equals a direct count over the same images."""
+    """The table's cls pointing game equals a direct count over the same images."""
     import vitscope
 
     rep = model_report(shapes_model, tmp_path / "r", images=0, localisation_images=6, samples=2, seed=1,
-                       methods=["cls_map"])
+                       methods=["cls"])
     vit = vitscope.load(shapes_model)
     data = shapes_batch(6, (16, 16), seed=1)
     attn = vitscope.capture(vit, data.pixels((0.5,) * 3, (0.5,) * 3), layers=[-1], queries="cls")
     maps = attn.weights[0, :, :, 0, 1:].mean(1).reshape(6, 4, 4)
     idx = maps.reshape(6, -1).argmax(-1)
     hits = [data.masks[b, int(i // 4) * 4 + 2, int(i % 4) * 4 + 2] for b, i in enumerate(idx)]
-    assert rep.localisation["cls_map"]["pointing_game"] == pytest.approx(np.mean(hits))
+    assert rep.localisation["cls"]["pointing_game"] == pytest.approx(np.mean(hits))
 
 
 def test_report_on_a_non_shapes_model_uses_sample_photos(tmp_path: Path) -> None:
@@ -86,3 +87,26 @@ def test_report_cli_and_bad_method(shapes_model: Path, tmp_path: Path, capsys: p
     with pytest.raises(SystemExit) as exc:
         main(["report", str(shapes_model), "-o", str(tmp_path / "d"), "--methods", "gradcam"])
     assert exc.value.code == 2 and "methods" in capsys.readouterr().err
+
+
+def test_report_numbers_equal_direct_calls_of_each_method(shapes_model: Path, tmp_path: Path) -> None:
+    """Every row of the localisation table equals the registered method called directly on the same images
+    (a report that computed another method, another layer or another target under a name would fail)."""
+    import vitscope
+    from vitscope import methods as M
+
+    names = ["cls", "rollout", "chefer", "grad_rollout", "attn_gradcam"]
+    rep = model_report(shapes_model, tmp_path / "r", images=0, localisation_images=8, samples=2, seed=3,
+                       methods=names)
+    vit = vitscope.load(shapes_model)
+    data = shapes_batch(8, (16, 16), seed=3)
+    px, masks, labels = data.pixels((0.5,) * 3, (0.5,) * 3), torch.from_numpy(data.masks), data.labels.tolist()
+    for name in names:
+        params = {"target": labels} if "target" in M.get_method(name).params else {}
+        maps = vitscope.maps(vit, px, name, **params).map
+        row = rep.localisation[name]
+        assert row["pointing_game"] == pytest.approx(float(M.pointing_game(maps, masks).float().mean()))
+        assert row["mask_iou"] == pytest.approx(float(M.mask_jaccard(maps.clamp_min(0), masks).best.mean()), abs=1e-6)
+    # the methods really differ on these images, so a swap between any two of them changes a number
+    rows = [(rep.localisation[n]["mask_iou"], rep.localisation[n]["pointing_game"]) for n in names]
+    assert len(set(rows)) == len(rows)

@@ -38,6 +38,8 @@ import torch
 from vitscope._io import atomic_write_bytes
 from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
 from vitscope.errors import VitscopeError
+from vitscope.methods.api import compute, get_method, method_names
+from vitscope.methods.registry import MapContext
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "batch.json"
@@ -50,46 +52,25 @@ MapMethod = Callable[..., dict[str, np.ndarray]]
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def _cls_method(vit: VitModel, pixels: torch.Tensor, layer: int = -1, **_: Any) -> dict[str, np.ndarray]:
-    """[CLS] attention of one layer (`vitscope.methods.cls_attention.cls_map`): head mean + every head."""
-    from vitscope.capture import capture
-    from vitscope.methods.cls_attention import cls_map
+def _registered(name: str) -> MapMethod:
+    """Batch runner of registered method ``name`` (`vitscope.methods.registry`): ``layer`` goes to the methods
+    that take one; gradient methods use each image's predicted class (their default target)."""
 
-    queries = "cls" if "cls" in vit.info.prefix else None  # no [CLS]: the mean over patch rows needs them all
-    attn = capture(vit, pixels, layers=[layer], queries=queries)
-    heads = cls_map(attn, layer=layer, head="all")  # (B, H, rows, cols)
-    fused = cls_map(attn, layer=layer, head="mean")  # (B, rows, cols)
-    return {"map": fused.cpu().numpy(), "heads": heads.cpu().numpy()}
+    def run(vit: VitModel, pixels: torch.Tensor, layer: int = -1, **_: Any) -> dict[str, np.ndarray]:
 
+        params = {"layer": layer} if "layer" in get_method(name).params else {}
+        result = compute(MapContext(vit, pixels), name, **params)
+        out = {"map": result.map.detach().cpu().numpy()}
+        for key, value in result.extras.items():  # cls: "heads" (B, H, rows, cols); dino_mask: "mask"
+            out[key] = value.detach().cpu().numpy().astype(np.uint8 if value.dtype == torch.bool else np.float32)
+        return out
 
-def _rollout_method(vit: VitModel, pixels: torch.Tensor, **_: Any) -> dict[str, np.ndarray]:
-    """Attention rollout (Abnar & Zuidema 2020) of [CLS], streamed (`streaming_rollout`)."""
-    from vitscope.methods.streaming import streaming_rollout
-
-    return {"map": streaming_rollout(vit, pixels).map().cpu().numpy()}
-
-
-def _gradient_method(name: str) -> MapMethod:
-    """A class-specific map for each image's predicted class (the methods' default target)."""
-
-    def run(vit: VitModel, pixels: torch.Tensor, **_: Any) -> dict[str, np.ndarray]:
-        from vitscope import methods
-
-        fn = getattr(methods, name)
-        return {"map": fn(vit, pixels).detach().cpu().numpy()}
-
-    run.__doc__ = f"`vitscope.methods.{name}` for the predicted class."
+    run.__doc__ = f"The registered method {name!r} (`vitscope.maps`)."
     return run
 
 
-#: Methods `run_batch` knows by name; `register_method` adds more.
-METHODS: dict[str, MapMethod] = {
-    "cls": _cls_method,
-    "rollout": _rollout_method,
-    "chefer": _gradient_method("chefer_relevance"),
-    "grad_rollout": _gradient_method("grad_rollout"),
-    "legrad": _gradient_method("legrad"),
-}
+#: Methods `run_batch` knows by name: the method registry's, and any added with `register_method`.
+METHODS: dict[str, MapMethod] = {name: _registered(name) for name in method_names()}
 
 
 def register_method(name: str, fn: MapMethod) -> None:

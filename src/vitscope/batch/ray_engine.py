@@ -197,14 +197,14 @@ def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = No
     rows renormalised over patch keys: `vitscope.methods.streaming.streaming_distance`), ``norm_mean`` and
     ``norm_high`` ``(B, layers)`` (mean patch-token output norm; patch tokens above ``norm_threshold``, or by
     default above Tukey's far fence ``q75 + 3 IQR`` of that image's patch norms in that layer,
-    `vitscope.viz.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score`` ``(B,)``
+    `vitscope.methods.artifacts.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score`` ``(B,)``
     (argmax class and its softmax probability; ``-1`` / nan without a classifier).
     """
     import torch
 
     from vitscope.capture.core import capture_full
+    from vitscope.methods.artifacts import outlier_threshold
     from vitscope.methods.streaming import streaming_distance
-    from vitscope.viz import outlier_threshold
 
     res = capture_full(vit, pixels, layers=[-1], queries=[0], heads="mean", token_norms=True)
     assert res.attentions.token_norms is not None

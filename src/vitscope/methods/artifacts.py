@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vitscope.attentions import Attentions
@@ -173,3 +174,9 @@ def token_norms(
     share = outliers.reshape(L, -1).double().mean(dim=1)
     return ArtifactReport(norms=norms, patch_norms=patches, outliers=outliers, threshold=thresholds,
                           share=share.cpu(), mixtures=mixtures)
+
+
+def outlier_threshold(norms: np.ndarray, k: float = 3.0) -> float:
+    """Robust outlier cut for token norms: ``q75 + k * IQR`` (Tukey's far fence with ``k = 3``; Tukey 1977)."""
+    q25, q75 = np.percentile(norms, [25, 75])
+    return float(q75 + k * (q75 - q25))

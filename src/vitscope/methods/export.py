@@ -25,8 +25,6 @@ import torch
 from vitscope.errors import VitscopeError
 from vitscope.methods.upsample import UpsampleMode, upsample
 
-METHODS: tuple[str, ...] = ("cls", "rollout", "flow", "grad_rollout", "chefer", "legrad", "dino_mask")
-
 
 @dataclass
 class MapOutput:
@@ -78,80 +76,39 @@ def compute_map(
     policy: str | None = None,
     size: int | tuple[int, int] | None = None,
 ) -> MapOutput:
-    """Compute ``method``'s map for ``images`` (see `METHODS`); ``layer``/``head`` apply to cls and dino_mask;
-    ``policy``/``size`` size the images as in `vitscope.capture`."""
-    import vitscope
-    from vitscope.adapters import as_vit
+    """Compute registered ``method``'s map for ``images`` (`vitscope.maps`) and bring it to the pixels.
+
+    The CLI's options go to the methods that take them (``layer``/``head`` to ``cls``, ``dino_mask`` and
+    ``attn_gradcam``; ``tau`` to ``dino_mask``; ``query`` and ``target`` wherever declared); ``policy``/``size``
+    size the images as in `vitscope.capture`.
+    """
+    from vitscope.capture.prepare import prepare
     from vitscope.images import pixels_to_rgb
-    from vitscope.methods import (
-        attention_flow,
-        chefer_relevance,
-        cls_map,
-        dino_mask,
-        grad_rollout,
-        legrad,
-        rollout,
-    )
+    from vitscope.methods.api import compute, get_method
+    from vitscope.methods.registry import MapContext
 
-    if method not in METHODS:
-        raise VitscopeError("--method", f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
-    vit = as_vit(model)
-    pixels = vit.preprocess(images, policy=policy, size=size)  # type: ignore[arg-type]
-    meta: dict[str, Any] = {"method": method, "model": vit.info.name, "query": query, "tau": None, "target": None,
-                            "layer": None, "head": None}
-    mask = None
-    if method in ("cls", "dino_mask"):
-        queries: Any = query
-        if query == "mean" or (query is None and "cls" not in vit.info.prefix):
-            queries = None  # the mean over patch query rows needs every row
-        elif query is None:
-            queries = "cls"
-        attn = vitscope.capture(vit, pixels, layers=[layer], queries=queries)
-        meta.update(layer=attn.layers[0])
-        if method == "cls":
-            grid_map = cls_map(attn, layer=layer, head=head, query=query)  # type: ignore[arg-type]
-            meta["head"] = head
-        else:
-            mask = dino_mask(attn, tau, layer=layer, query=query)  # (B, H, rows, cols)
-            meta.update(tau=tau)
-            if isinstance(head, int):
-                from vitscope.methods._common import head_position
-
-                grid_map = mask[:, head_position(attn, head)].float()
-                meta["head"] = head
-            else:
-                grid_map = mask.float().mean(dim=1)  # share of heads whose mask keeps each patch
-                meta["head"] = "share of heads"
-    elif method in ("rollout", "flow"):
-        attn = vitscope.capture(vit, pixels)
-        grid_map = rollout(attn, query=query) if method == "rollout" else attention_flow(
-            attn, query=query, approximate=True)
-    else:
-        if target is None:
-            with torch.no_grad():
-                logits = vit.logits(vit(pixels.to(vit.device, vit.dtype)))
-            if logits is None:
-                raise VitscopeError("--target", "the model has no classifier", "gradient methods need one")
-            classes = logits.argmax(dim=-1).tolist()
-        else:
-            classes = [int(target)] * pixels.shape[0]
-        meta["target"] = classes
-        if method == "grad_rollout":
-            grid_map = grad_rollout(vit, pixels, classes, query=query)
-        elif method == "chefer":
-            grid_map = chefer_relevance(vit, pixels, classes, query=query)
-        else:
-            grid_map = legrad(vit, pixels, classes)
+    spec = get_method(method, argument="--method")
+    vit, pixels = prepare(model, images, policy=policy, size=size)  # type: ignore[arg-type]
+    given = {"layer": layer, "head": head, "query": query, "target": target, "tau": tau}
+    if spec.name == "flow":
+        given["approximate"] = True  # past the exact flow's token limit, the pooled approximation
+    result = compute(MapContext(vit, pixels), spec.name, **{k: v for k, v in given.items() if k in spec.params})
+    meta: dict[str, Any] = {"model": vit.info.name, "query": query, "tau": None, "target": None, "layer": None,
+                            "head": None, **result.meta}
+    if spec.name == "dino_mask" and not isinstance(head, int):
+        meta["head"] = "share of heads"
+    grid_map = result.map
     H, W = int(pixels.shape[-2]), int(pixels.shape[-1])
-    mode: UpsampleMode = "nearest" if method == "dino_mask" else upsample_mode
+    mode: UpsampleMode = spec.upsample if spec.upsample == "nearest" else upsample_mode
     prep = vit.info.preprocess
     meta.update(
         grid=list(grid_map.shape[-2:]), patch_size=list(vit.info.patch_size), image_size=[H, W],
         prefix=list(vit.info.prefix), upsample=mode, query=query if not isinstance(query, tuple) else list(query),
     )
+    mask = result.extras.get("mask")
     return MapOutput(
         map=grid_map.float().cpu(), map_upsampled=upsample(grid_map.float(), (H, W), mode).cpu(),
-        rgb=pixels_to_rgb(pixels, prep.mean, prep.std), meta=meta, mask=mask,
+        rgb=pixels_to_rgb(pixels, prep.mean, prep.std), meta=meta, mask=None if mask is None else mask.cpu(),
     )
 
 

@@ -30,8 +30,6 @@ import torch
 
 from vitscope.errors import VitscopeError
 
-#: Localisation methods compared in the report: name -> how its maps are computed.
-METHODS: tuple[str, ...] = ("cls_map", "rollout", "attention_flow", "grad_rollout", "chefer_relevance", "legrad")
 #: Width (patches) of the Gaussian of the smoothed pointing game (see `vitscope.methods.smooth`).
 SMOOTH_SIGMA = 1.0
 
@@ -78,23 +76,13 @@ def predict(vit: Any, pixels: torch.Tensor, batch_size: int = 250) -> torch.Tens
     return torch.cat(out)
 
 
-def method_maps(name: str, vit: Any, pixels: torch.Tensor, target: torch.Tensor | None,
-                attn: Any | None = None) -> torch.Tensor:
-    """Maps ``(B, rows, cols)`` of method ``name`` (see `METHODS`); ``attn`` (all rows, all layers) is reused."""
-    import vitscope
-    from vitscope import methods as M
+def method_maps(name: str, ctx: Any, target: torch.Tensor | None) -> torch.Tensor:
+    """Maps ``(B, rows, cols)`` of registered method ``name`` on a prepared `MapContext` (its captures are shared
+    by every method of the report); gradient methods explain ``target`` (default the prediction)."""
+    from vitscope.methods.api import compute, get_method
 
-    if name in ("cls_map", "rollout", "attention_flow"):
-        a = attn if attn is not None else vitscope.capture(vit, pixels)
-        if name == "cls_map":
-            return M.cls_map(a, layer=-1, head="mean")
-        return M.rollout(a) if name == "rollout" else M.attention_flow(a)
-    tgt = None if target is None else target.tolist()
-    gradient_methods: dict[str, Callable[..., torch.Tensor]] = {
-        "grad_rollout": M.grad_rollout, "chefer_relevance": M.chefer_relevance, "legrad": M.legrad}
-    if name not in gradient_methods:
-        raise VitscopeError("methods", f"unknown method {name!r}", f"choose from {', '.join(METHODS)}")
-    return gradient_methods[name](vit, pixels, tgt)
+    params = {"target": target.tolist()} if target is not None and "target" in get_method(name).params else {}
+    return compute(ctx, name, **params).map
 
 
 @dataclass
@@ -130,21 +118,24 @@ def model_report(
         localisation_images: images for the method comparison (each method runs on all of them).
         samples: images shown in the rollout figure.
         seed: seed of the fresh images (the ``test`` split of the shapes generator).
-        methods: subset of `METHODS` to compare (default all).
+        methods: registered methods to compare (`vitscope.methods.method_names()`, the default: all).
     """
-    import vitscope
     from vitscope import methods as M
+    from vitscope.adapters import VitModel, load
+    from vitscope.capture.core import capture
     from vitscope.images import pixels_to_rgb
+    from vitscope.methods.api import method_names
+    from vitscope.methods.registry import MapContext
     from vitscope.train.shapes import SHAPE_CLASSES
 
     say = log or (lambda s: None)
     t0 = time.monotonic()
-    vit = vitscope.load(model) if not isinstance(model, vitscope.VitModel) else model
+    vit = load(model) if not isinstance(model, VitModel) else model
     name = model if isinstance(model, str) else vit.info.name
-    chosen = list(methods) if methods is not None else list(METHODS)
-    unknown = [m for m in chosen if m not in METHODS]
+    chosen = list(methods) if methods is not None else list(method_names())
+    unknown = [m for m in chosen if m not in method_names()]
     if unknown:
-        raise VitscopeError("methods", f"unknown {unknown}", f"choose from {', '.join(METHODS)}")
+        raise VitscopeError("methods", f"unknown {unknown}", f"choose from {', '.join(method_names())}")
     if min(images, localisation_images, samples) < 0 or samples == 0:
         raise VitscopeError("images", "counts must be positive", "pass e.g. --images 1000 --samples 8")
     info = vit.info
@@ -184,13 +175,13 @@ def model_report(
 
         say("mean attention distance")
         n_dist = min(64, pixels.shape[0])
-        attn_d = vitscope.capture(vit, pixels[:n_dist])
+        attn_d = capture(vit, pixels[:n_dist])
         dist = M.mean_attention_distance(attn_d)  # (layers, heads)
         rep.distance = dist.tolist()
         _distance_figure(dist.numpy(), tmp / "attention_distance.png")
 
         say("rollout figure")
-        attn_s = vitscope.capture(vit, pixels[: len(show)])
+        attn_s = capture(vit, pixels[: len(show)])
         roll = M.rollout(attn_s)
         _rollout_figure(show, roll.numpy(), show_masks, tmp / "rollout.png",
                         titles=[_title(info.labels, p) for p in predict(vit, pixels[: len(show)]).tolist()])
@@ -199,12 +190,12 @@ def model_report(
             n = localisation_images
             px, masks = pixels[:n], torch.from_numpy(data.masks[:n])
             target = torch.from_numpy(data.labels[:n])
-            attn_l = vitscope.capture(vit, px)
+            ctx = MapContext(vit, px.to(vit.device, vit.dtype))
             rep.localisation_images = n
             for mname in chosen:
                 say(f"localisation: {mname}")
                 t = time.monotonic()
-                maps = method_maps(mname, vit, px, target, attn_l).float()
+                maps = method_maps(mname, ctx, target).float()
                 maps = torch.nan_to_num(maps, nan=0.0)
                 row = {
                     "pointing_game": float(M.pointing_game(maps, masks).float().mean()),
@@ -251,19 +242,10 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _distance_figure(dist: np.ndarray, path: Path) -> None:
-    """Scatter of mean attention distance: x = layer, one colour per head (as ViT paper Fig. 7)."""
-    L, H = dist.shape
-    fig = _figure(5.0, 3.5)
-    ax = fig.add_subplot(1, 1, 1)
-    for h in range(H):
-        ax.scatter(np.arange(L), dist[:, h], s=18, label=f"head {h}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_xticks(range(L))
-    if H <= 12:
-        ax.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
-    _save(fig, path)
+    """Mean attention distance per head across layers: `vitscope.viz.distance_plot` (ViT paper Fig. 7)."""
+    from vitscope.viz.figures import distance_plot
+
+    _save(distance_plot(dist), path)
 
 
 def _rollout_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, path: Path,

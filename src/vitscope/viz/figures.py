@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitscope.errors import VitscopeError
+from vitscope.methods.artifacts import outlier_threshold
 from vitscope.viz._render import (
     Upsample,
     absolute_layer,
@@ -438,12 +439,6 @@ def distance_plot(
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside right center", fontsize=7, frameon=False)
     return fig
-
-
-def outlier_threshold(norms: np.ndarray, k: float = 3.0) -> float:
-    """Robust outlier cut for token norms: ``q75 + k * IQR`` (Tukey's fence with ``k = 3``)."""
-    q25, q75 = np.percentile(norms, [25, 75])
-    return float(q75 + k * (q75 - q25))
 
 
 def norm_histogram(
