@@ -89,27 +89,33 @@ def _check_policy(policy: str | None) -> None:
 
 def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool = False,
                 device: str | None = None) -> Any:
-    """``vitscope.load`` for the CLI: timm names get their pretrained weights unless ``--random-weights``
-    (said on stderr), ``--checkpoint`` loads fine-tuned weights into a timm architecture."""
+    """``vitscope.load`` for the CLI: architectures named by a library (``timm:``, ``torchvision:``,
+    ``open_clip:``) get their pretrained weights unless ``--random-weights`` (said on stderr);
+    ``--checkpoint`` loads fine-tuned weights into such an architecture."""
     import vitscope
     from vitscope.errors import VitscopeError
 
-    is_timm = model.startswith("timm:")
-    if checkpoint is not None and not is_timm:
-        raise VitscopeError("--checkpoint", f"only applies to timm:<name> architectures, not {model!r}",
-                            "for transformers pass the fine-tuned folder as -m hf:<folder>; "
+    scheme = model.split(":", 1)[0] if ":" in model else ""
+    #: scheme -> (keyword, value) that asks its loader for the library's pretrained weights
+    pretrained = {"timm": ("pretrained", True), "torchvision": ("weights", "DEFAULT"),
+                  "open_clip": ("pretrained", "default"), "openclip": ("pretrained", "default")}
+    named = scheme in pretrained
+    if checkpoint is not None and not named:
+        raise VitscopeError("--checkpoint", f"only applies to timm:, torchvision: or open_clip: architectures, "
+                            f"not {model!r}", "for transformers pass the fine-tuned folder as -m hf:<folder>; "
                             "for DINO as -m dino:<file.pth>")
-    if random_weights and not is_timm:
-        raise VitscopeError("--random-weights", f"only applies to timm:<name> models, not {model!r}",
-                            "drop --random-weights")
+    if random_weights and not named:
+        raise VitscopeError("--random-weights", f"only applies to timm:, torchvision: or open_clip: models, not "
+                            f"{model!r}", "drop --random-weights")
     if random_weights and checkpoint is not None:
         raise VitscopeError("--random-weights", "given together with --checkpoint", "pass one of them")
     kwargs: dict[str, Any] = {}
-    if is_timm:
+    if named:
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint
-        else:
-            kwargs["pretrained"] = not random_weights
+        elif not random_weights:
+            key, value = pretrained[scheme]
+            kwargs[key] = value
     vit = vitscope.load(model, **kwargs)
     if random_weights:
         typer.echo(f"note: {model} has random weights (--random-weights): its attention is not learned", err=True)

@@ -78,8 +78,17 @@ def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel
 def load_open_clip(
     name: str, pretrained: str | None = None, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> VitModel:
-    """``open_clip.create_model(name, pretrained=...)``; offline, a local ``checkpoint`` state dict instead."""
+    """``open_clip.create_model(name, pretrained=...)``; offline, a local ``checkpoint`` state dict instead.
+
+    ``pretrained="default"`` takes the model's first published tag (``open_clip.list_pretrained_tags_by_model``).
+    """
     open_clip = import_optional("open_clip", "open_clip_torch")
+    if pretrained == "default":
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if not tags:
+            raise CheckpointError("pretrained", f"open_clip publishes no weights for {name!r}",
+                                  "pass checkpoint='path/to/weights', or --random-weights on the CLI")
+        pretrained = tags[0]
     try:
         model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:

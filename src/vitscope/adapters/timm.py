@@ -193,7 +193,14 @@ def _unknown_model(timm: Any, name: str) -> VitscopeError:
     return VitscopeError("model", f"timm has no model {name!r}", fix)
 
 
-_NOT_VIT_FIX = "vitscope reads vision transformers: pick one of timm.list_models('vit_*') or 'deit_*'"
+_NOT_VIT_FIX = ("vitscope reads timm's global-attention ViTs: timm.list_models('vit_*'), 'deit_*', 'eva02_*', "
+                "'beit*', 'naflexvit_*'")
+#: timm model modules whose classes vitscope reads (`from_timm_model`)
+_VIT_MODULES = ("vision_transformer", "vision_transformer_relpos", "vision_transformer_hybrid", "deit", "eva",
+                "beit", "naflexvit")
+#: timm model modules with windowed / pooled attention: refused with that reason
+_WINDOWED_MODULES = {"swin_transformer": "Swin", "swin_transformer_v2": "Swin V2", "swin_transformer_v2_cr": "Swin V2",
+                     "hiera": "Hiera", "vision_transformer_sam": "SAM's image encoder", "maxxvit": "MaxViT"}
 
 
 def _check_is_vit(timm: Any, name: str) -> None:
@@ -204,7 +211,12 @@ def _check_is_vit(timm: Any, name: str) -> None:
     except Exception:  # unknown names are reported by create_model's path
         return
     family = module.rsplit(".", 1)[-1]
-    if family and "vision_transformer" not in family and family != "deit":
+    if family in _WINDOWED_MODULES:
+        raise NotAViTError(
+            "model", f"timm model {name!r} ({_WINDOWED_MODULES[family]}) attends within local windows, not over "
+            "every patch: there is no global attention map to capture", _NOT_VIT_FIX,
+        )
+    if family and family not in _VIT_MODULES:
         raise NotAViTError("model", f"timm model {name!r} is not a ViT (it is built by timm.models.{family})",
                            _NOT_VIT_FIX)
 
