@@ -392,3 +392,16 @@ def test_pos_interp_size_is_the_exact_grid_and_differs_from_dino(
     assert max(_compare(exact, sd, (224, 224), exact_grid=False)) < 1e-5
     with pytest.raises(VitscopeError, match=r"^pos_interp: 'nearest' is not"):
         load_dino_checkpoint(path, pos_interp="nearest")  # type: ignore[arg-type]
+
+
+def test_load_state_into_loads_strictly_or_says_what_does_not_fit(tmp_path: Path) -> None:
+    from vitscope.adapters.checkpoint import load_state_into
+
+    src, dst = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    load_state_into(dst, tmp_path / "w.pth", "a linear layer")
+    assert torch.equal(dst.weight, src.weight) and torch.equal(dst.bias, src.bias)
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"^checkpoint: .*bad\.pth does not fit a linear layer: ") as err:
+        load_state_into(dst, tmp_path / "bad.pth", "a linear layer")
+    assert "\n" not in str(err.value)

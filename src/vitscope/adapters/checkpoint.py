@@ -306,3 +306,14 @@ def _first_size_mismatch(exc: RuntimeError) -> str:
         if "size mismatch" in line:
             return line.strip()[:300]
     return _first_line(exc)
+
+
+def load_state_into(model: Any, path: str | os.PathLike[str], what: str) -> None:
+    """Load the state dict in ``path`` (read with `read_checkpoint`) into ``model`` strictly, or a one-line
+    `CheckpointError` naming ``what`` (e.g. ``"torchvision vit_b_16"``) and the first mismatch."""
+    state = read_checkpoint(path, argument="checkpoint")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError("checkpoint", f"{path} does not fit {what}: {first}") from None

@@ -100,12 +100,7 @@ def load_open_clip(
         raise VitscopeError("model", f"open_clip cannot build {name!r}: {str(exc)[:150]}",
                             "list names with open_clip.list_models()") from None
     if checkpoint is not None:
-        from vitscope.adapters.checkpoint import read_checkpoint
+        from vitscope.adapters.checkpoint import load_state_into
 
-        state = read_checkpoint(checkpoint, argument="checkpoint")
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            raise CheckpointError("checkpoint", f"{checkpoint} does not fit open_clip {name}: {first}") from None
+        load_state_into(model, checkpoint, f"open_clip {name}")
     return from_open_clip_model(model.eval(), name=f"open_clip:{name}")

@@ -85,12 +85,7 @@ def load_torchvision(
             "offline? pass checkpoint='path/to/state_dict.pth' instead",
         ) from None
     if checkpoint is not None:
-        from vitscope.adapters.checkpoint import read_checkpoint
+        from vitscope.adapters.checkpoint import load_state_into
 
-        state = read_checkpoint(checkpoint, argument="checkpoint")
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            raise CheckpointError("checkpoint", f"{checkpoint} does not fit torchvision {name}: {first}") from None
+        load_state_into(model, checkpoint, f"torchvision {name}")
     return from_torchvision_model(model.eval(), name=f"torchvision:{name}")

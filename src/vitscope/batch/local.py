@@ -418,6 +418,15 @@ def _model_id(model: Any, vit: VitModel) -> str:
     return vit.info.name
 
 
+def check_same_run(cfg_path: Path, config: dict[str, Any], out_dir: Path) -> None:
+    """A resumed run must have the settings of the run that wrote ``out_dir`` (its ``batch.json``)."""
+    old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if old != config:
+        diff = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
+        raise VitscopeError("output", f"{out_dir} holds results of another run ({diff})",
+                            "use another output folder, or --overwrite")
+
+
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     items = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
     items = [f for f in items if f]
@@ -515,11 +524,7 @@ def run_local(
         else:
             manifest.load()
             if cfg_path.exists() and manifest.entries:
-                old = json.loads(cfg_path.read_text(encoding="utf-8"))
-                if old != config:
-                    diff = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
-                    raise VitscopeError("output", f"{out_dir} holds results of another run ({diff})",
-                                        "use another output folder, or --overwrite")
+                check_same_run(cfg_path, config, out_dir)
         from vitscope._io import atomic_write_text
 
         atomic_write_text(cfg_path, json.dumps(config, indent=2))

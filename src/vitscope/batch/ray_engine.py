@@ -642,7 +642,13 @@ def run_batch_ray(
         summary: aggregate ``summary.json`` and ``distance.png`` at the end.
     """
     from vitscope.adapters import as_vit
-    from vitscope.batch.local import METHODS, _exclusive, _model_id, _remove_partials, collect_inputs
+    from vitscope.batch.local import (
+        METHODS,
+        _exclusive,
+        _model_id,
+        _remove_partials,
+        collect_inputs,
+    )
 
     ray = import_ray()
     fn = METHODS.get(method)
@@ -727,18 +733,14 @@ def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
     import shutil
 
     from vitscope._io import atomic_write_text
-    from vitscope.batch.local import CONFIG
+    from vitscope.batch.local import CONFIG, check_same_run
 
     cfg_path = out_dir / CONFIG
     if overwrite:
         shutil.rmtree(out_dir / PARTS, ignore_errors=True)
         (out_dir / PARTS).mkdir()
     elif cfg_path.exists() and (part_files(out_dir) or (out_dir / "manifest.jsonl").exists()):
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if old != config:
-            diff = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
-            raise VitscopeError("output", f"{out_dir} holds results of another run ({diff})",
-                                "use another output folder, or --overwrite")
+        check_same_run(cfg_path, config, out_dir)
     atomic_write_text(cfg_path, json.dumps(config, indent=2))
 
 
