@@ -276,8 +276,9 @@ def maps_cmd(
     """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay at
     the image's size."""
     from vitscope.errors import VitscopeError
+    from vitscope.layout import parse_query
     from vitscope.methods.api import get_method
-    from vitscope.methods.export import compute_map, output_paths, parse_head, parse_query, save_map
+    from vitscope.viz.export import compute_map, output_paths, parse_head, save_map
 
     if upsample not in ("nearest", "bilinear", "bicubic"):
         raise VitscopeError("--upsample", f"unknown mode {upsample!r}", "use nearest, bilinear or bicubic")
@@ -430,9 +431,10 @@ def figure_cmd(
 ) -> None:
     """Draw a publication figure of IMAGES to -o (.png, .svg or .pdf)."""
     from vitscope.errors import VitscopeError
+    from vitscope.layout import parse_query
     from vitscope.viz import save_figure
     from vitscope.viz.figures import check_dpi
-    from vitscope.viz.make import KINDS, make_figure, parse_query
+    from vitscope.viz.make import KINDS, make_figure
 
     if kind not in KINDS:
         raise VitscopeError("kind", f"unknown figure {kind!r}", f"use one of {', '.join(KINDS)}")

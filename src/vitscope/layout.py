@@ -157,3 +157,20 @@ class TokenLayout:
             return None
         items = [queries] if isinstance(queries, (str, int, tuple)) else list(queries)
         return tuple(dict.fromkeys(self.token_index(q) for q in items))
+
+
+def parse_query(text: str | None, argument: str = "--query") -> str | int | tuple[int, int] | None:
+    """A query typed on the command line: ``"cls"``, ``"mean"``, ``"dist"``, ``"register:K"``, ``"ROW,COL"`` (a
+    patch) or ``"7"`` (a token index); ``None``/``""``/``"default"`` is the default query."""
+    fix = "use cls, mean, dist, register:K, ROW,COL or a token index"
+    if text is None or text in ("", "default"):
+        return None
+    if text in ("cls", "mean", "dist") or text.startswith("register"):
+        return text
+    try:
+        if "," in text:
+            r, c = (int(t) for t in text.split(","))
+            return (r, c)
+        return int(text)
+    except ValueError:
+        raise VitscopeError(argument, f"cannot parse {text!r}", fix) from None

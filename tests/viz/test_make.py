@@ -10,9 +10,10 @@ import vitscope
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
 from vitscope.errors import VitscopeError
+from vitscope.layout import parse_query
 from vitscope.models.vit import save_vit
 from vitscope.viz import render_array
-from vitscope.viz.make import make_figure, parse_query
+from vitscope.viz.make import make_figure
 
 
 @pytest.fixture(scope="module")

@@ -237,18 +237,6 @@ def _npz_bytes(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-_LUT: np.ndarray | None = None
-
-
-def _inferno() -> np.ndarray:
-    global _LUT
-    if _LUT is None:
-        from matplotlib import colormaps
-
-        _LUT = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
-    return _LUT
-
-
 def heatmap_png(heat: np.ndarray, size: tuple[int, int]) -> bytes:
     """A ``(rows, cols)`` map as an ``inferno`` PNG of ``size`` ``(height, width)`` (bilinear, min-max scaled).
 
@@ -264,7 +252,9 @@ def heatmap_png(heat: np.ndarray, size: tuple[int, int]) -> bytes:
     scaled = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
     index = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (H, W) palette indices
     img = Image.frombytes("P", (w, h), index.tobytes())
-    img.putpalette(_inferno().tobytes())
+    from vitscope.viz._render import colormap_table
+
+    img.putpalette(colormap_table("inferno").tobytes())
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -156,12 +156,9 @@ def _image_data_url(img: np.ndarray, max_side: int = IMAGE_MAX_SIDE) -> tuple[st
 
 def colormap_lut(cmap: str) -> str:
     """256 RGB entries of a matplotlib colormap as base64 bytes (768 bytes)."""
-    import matplotlib
+    from vitscope.viz._render import colormap_table
 
-    if cmap not in matplotlib.colormaps:
-        raise VitscopeError("cmap", f"unknown colormap {cmap!r}", "use a matplotlib name, e.g. 'inferno'")
-    rgb = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3]
-    return base64.b64encode((rgb * 255.0 + 0.5).astype(np.uint8).tobytes()).decode("ascii")
+    return base64.b64encode(colormap_table(cmap).tobytes()).decode("ascii")
 
 
 def pack(

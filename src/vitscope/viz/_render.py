@@ -5,6 +5,7 @@ Height always comes before width: images are ``(H, W, 3)``, maps ``(rows, cols)`
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -140,3 +141,16 @@ def check_figure_size(fig: Any, dpi: float, max_pixels: int | None = None) -> tu
             "lower the dpi, or raise max_pixels (CLI --max-figure-pixels, in megapixels)",
         )
     return int(w), int(h)
+
+
+@functools.cache
+def colormap_table(cmap: str = "inferno") -> np.ndarray:
+    """The 256 RGB entries ``(256, 3)`` uint8 of a matplotlib colormap: the one colour table of PNG maps,
+    batch heatmaps and the viewer."""
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise VitscopeError("cmap", f"unknown colormap {cmap!r}", "use a matplotlib name, e.g. 'inferno'")
+    table = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    table.setflags(write=False)
+    return table

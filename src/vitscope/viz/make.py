@@ -28,22 +28,6 @@ KINDS: dict[str, str] = {
 }
 
 
-def parse_query(text: str | None) -> str | int | tuple[int, int] | None:
-    """``"cls"``, ``"mean"``, ``"register:K"``, ``"ROW,COL"`` (a patch) or ``"7"`` (a token index)."""
-    if text is None or text == "":
-        return None
-    if "," in text:
-        try:
-            r, c = (int(t) for t in text.split(","))
-        except ValueError:
-            raise VitscopeError("query", f"cannot parse {text!r}", "use cls, mean, register:K, ROW,COL or an index") from None
-        return (r, c)
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def _one(images: Sequence[Any], kind: str) -> Any:
     if len(images) != 1:
         raise VitscopeError("images", f"figure {kind!r} shows one image, got {len(images)}", "pass one image")

@@ -24,6 +24,7 @@ import torch
 
 from vitscope.errors import VitscopeError
 from vitscope.methods.upsample import UpsampleMode, upsample
+from vitscope.viz._render import colormap_table
 
 
 @dataclass
@@ -47,21 +48,6 @@ def parse_head(text: str) -> str | int:
         raise VitscopeError("--head", f"cannot parse {text!r}", "use mean, max, min or a head index") from None
 
 
-def parse_query(text: str | None) -> str | tuple[int, int] | None:
-    """``"cls"``, ``"mean"``, ``"register:K"``, ``"dist"`` or ``"ROW,COL"`` (a patch)."""
-    if text is None or text in ("", "default"):
-        return None
-    if text in ("cls", "mean", "dist") or text.startswith("register"):
-        return text
-    parts = text.split(",")
-    try:
-        if len(parts) == 2:
-            return (int(parts[0]), int(parts[1]))
-    except ValueError:
-        pass
-    raise VitscopeError("--query", f"cannot parse {text!r}", "use cls, mean, register:K or ROW,COL")
-
-
 def compute_map(
     model: Any,
     images: Any,
@@ -69,7 +55,7 @@ def compute_map(
     *,
     layer: int = -1,
     head: str | int = "mean",
-    query: str | tuple[int, int] | None = None,
+    query: str | int | tuple[int, int] | None = None,
     target: int | None = None,
     tau: float = 0.6,
     upsample_mode: UpsampleMode = "bilinear",
@@ -114,14 +100,13 @@ def compute_map(
 
 def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> bytes:
     """PNG bytes of ``heat`` ``(H, W)`` (min-max scaled, coloured) blended over ``rgb`` ``(H, W, 3)``."""
-    import matplotlib
     from PIL import Image
 
     heat = np.asarray(heat, dtype=np.float32)
     lo, hi = float(heat.min()), float(heat.max())
     index = (np.clip((heat - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8) if hi > lo else \
         np.zeros(heat.shape, dtype=np.uint8)
-    lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)  # (256, 3)
+    lut = colormap_table(cmap).astype(np.float32)  # (256, 3)
     blended = (1 - alpha) * rgb.astype(np.float32) + alpha * lut[index]  # (H, W, 3), one float32 copy
     buf = io.BytesIO()
     Image.fromarray((blended.clip(0, 255) + 0.5).astype(np.uint8)).save(buf, format="PNG")
