@@ -21,13 +21,11 @@ prefix is read from the embedding module's parameters (``cls_token``/``class_emb
 the (vision) config; mean/std/size/resample from the folder's ``preprocessor_config.json`` (or the
 ``image_processor`` entry of ``processor_config.json``), else the family's defaults.
 
-How attention is read: every attention layer has separate ``q_proj``/``k_proj``/``v_proj`` Linears (``query``/
-``key``/``value`` in transformers 4.x) whose outputs are ``(B, N, H*d)``. Capture hooks them and recomputes
-``softmax(q k^T * scale)`` with the layer's own ``scaling``/``scale`` attribute (``head_dim ** -0.5`` in every
-family; CLIP's q is not pre-scaled in transformers 5, and where older versions multiplied q by ``scale`` before
-the product the result is the same). The attention output for gradient methods is the input of ``o_proj`` /
-``out_proj`` (``output.dense`` in 4.x). The model keeps its own attention implementation (SDPA by default), so
-its outputs are bit-identical with and without capture. The forward pass uses ``interpolate_pos_encoding=True``
+How attention is read: each layer's attention module is the one owning separate ``q_proj``/``k_proj``/``v_proj``
+Linears (``query``/``key``/``value`` in transformers 4.x). Capture intercepts the attention call made inside it
+(`vitscope.capture.intercept`: the SDPA kernel's q, k, mask and scale, after DINOv3's RoPE or with BEiT's
+relative position bias, or the eager softmax), so the model keeps its own attention implementation (SDPA by
+default) and its outputs are bit-identical with and without capture. The forward pass uses ``interpolate_pos_encoding=True``
 where the class accepts it (DINOv2 interpolates natively; SigLIP2 gets its patches and ``spatial_shapes`` built
 from the pixel tensor), so any image size and aspect ratio works.
 

@@ -29,6 +29,7 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.errors import VitscopeError
+from vitscope.layout import TokenLayout
 
 QuerySpec = None | str | int | tuple[int, int] | Sequence[int | str | tuple[int, int]]
 HeadSpec = Literal["all", "mean"] | Sequence[int]
@@ -79,24 +80,14 @@ def resolve_queries(
     """Token indices of the query rows to keep (``None`` = all). Accepts ``"cls"``, indices, ``(row, col)``."""
     if queries is None:
         return None
-    probe = Attentions(
-        weights=torch.zeros(0, 0, 1, 0, len(prefix) + grid[0] * grid[1]), prefix=prefix, grid=grid,
-        patch_size=(1, 1), image_size=grid, layers=(), heads="mean", queries=(), num_layers=0, num_heads=0,
-    )
-    if isinstance(queries, (str, int, tuple)):
-        items: list[Any] = [queries]
-    else:
-        items = list(queries)
-    out = []
-    for q in items:
-        try:
-            out.append(probe.token_index(q))
-        except (ValueError, IndexError) as exc:
-            fix = "use queries=None for all rows, or a list of token indices / (row, col) patches"
-            if q == "cls" and "cls" not in prefix:
-                fix = "this model has no [CLS] (e.g. SigLIP pools patches): use queries=None and a mean over queries"
-            raise VitscopeError("queries", str(exc), fix) from None
-    return tuple(dict.fromkeys(out))
+    try:
+        return TokenLayout(prefix, grid).resolve_queries(queries)
+    except VitscopeError as exc:
+        items = [queries] if isinstance(queries, (str, int, tuple)) else list(queries)
+        fix = "use queries=None for all rows, or a list of token indices / (row, col) patches"
+        if "cls" in items and "cls" not in prefix:
+            fix = "this model has no [CLS] (e.g. SigLIP pools patches): use queries=None and a mean over queries"
+        raise VitscopeError("queries", exc.problem, fix) from None
 
 
 @dataclass
@@ -120,7 +111,7 @@ def attention_rows(
     return call.rows(rows, None, fuse_heads, out=out)
 
 
-def check_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int) -> None:
+def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int) -> None:
     """The layer attends over exactly ``prefix + rows * cols`` tokens, queries and keys alike."""
     _, _, Nq, Nk = call.shape
     if Nq != expected or Nk != expected:
@@ -190,7 +181,7 @@ def capture_full(
     to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
     def on_call(call: AttentionCall) -> None:
-        check_tokens(call, N, grid, info.num_prefix_tokens)
+        check_call_tokens(call, N, grid, info.num_prefix_tokens)
         if call.layer in declared:
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])

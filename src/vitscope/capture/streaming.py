@@ -27,7 +27,7 @@ import torch
 
 from vitscope._ops import check_fusion, fuse_heads
 from vitscope.adapters.base import SizePolicy, VitModel
-from vitscope.capture.core import QuerySpec, check_tokens, resolve_layers, resolve_queries
+from vitscope.capture.core import QuerySpec, check_call_tokens, resolve_layers, resolve_queries
 from vitscope.capture.hooks import eval_mode
 from vitscope.capture.intercept import (
     CHUNK_BYTES,
@@ -105,7 +105,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any) -> Any:
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
-        check_tokens(call, N, run.grid, vit.info.num_prefix_tokens)
+        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens)
         if call.q is None or call.k is None:
             raise CaptureError(
                 "model", f"layer {call.layer} computes its attention matrix explicitly (an eager softmax), so the "

@@ -56,11 +56,6 @@ def head_position(attn: Attentions, head: int) -> int:
     return attn.heads.index(h)
 
 
-def default_query(prefix: Sequence[str]) -> str:
-    """``"cls"`` when the model has a [CLS] token, else ``"mean"`` (`TokenLayout.default_query`)."""
-    return TokenLayout(tuple(prefix), (0, 0)).default_query
-
-
 def query_positions(attn: Attentions, query: Query) -> list[int]:
     """Positions along dim 3 whose rows are averaged for ``query`` (one position unless ``"mean"``).
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
-from vitscope.capture.core import check_tokens, resolve_layers
+from vitscope.capture.core import check_call_tokens, resolve_layers
 from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit
 from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
@@ -115,7 +115,7 @@ def trace(
     N = vit.info.num_prefix_tokens + grid[0] * grid[1]
 
     def on_call(call: AttentionCall) -> None:
-        check_tokens(call, N, grid, vit.info.num_prefix_tokens)
+        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens)
         layer = call.layer
         src = call.q if call.q is not None else call.probs
         assert src is not None
