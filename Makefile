@@ -26,7 +26,7 @@ browser:
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
 
 test: $(VENV)/.installed browser lint
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -6,7 +6,8 @@ ViT: 12 layers, 6 heads, dim 384), and measures, with the same batch size and th
 - ``bare forwards``:   images preloaded and preprocessed beforehand, only ``model(pixels)`` is timed
 - ``load + forward``:  a plain sequential loop that loads, preprocesses and runs each batch
 - ``vitscope batch``:  `run_batch` (DataLoader workers, [CLS] maps of the last layer, npz + png written
-  atomically, manifest fsynced per image)
+  atomically, manifest fsynced per image), with ``stats=False`` (maps only: the target) and with the default
+  per-image measures and summary (one more forward pass per batch)
 
 Target: batch throughput within 15% of the bare forwards. Then ``vitscope batch`` runs as a CLI subprocess, is
 SIGKILLed midway and restarted: every output must be present and loadable, equal to a direct computation, and
@@ -125,15 +126,19 @@ def main() -> None:
     t_loop = time.perf_counter() - t0
 
     summary = run_batch(src, tmp / "out", model=vit, policy="native", batch_size=args.batch_size,
-                        workers=args.workers, progress=False)
+                        workers=args.workers, progress=False, stats=False)
     t_batch = summary.seconds
     assert summary.done == len(paths), summary
+    with_stats = run_batch(src, tmp / "out-stats", model=vit, policy="native", batch_size=args.batch_size,
+                           workers=args.workers, progress=False)
+    assert with_stats.summary["images"] == len(paths), with_stats
 
     n = len(paths)
     print("| run | seconds | images/s | throughput vs bare forwards |")
     print("|---|---|---|---|")
     for name, t in [("bare forwards (preloaded)", t_bare), ("load + forward loop", t_loop),
-                    ("vitscope batch", t_batch)]:
+                    ("vitscope batch --no-stats (maps only)", t_batch),
+                    ("vitscope batch (default: + per-image stats, summary.json)", with_stats.seconds)]:
         print(f"| {name} | {t:.1f} | {n / t:.2f} | {t_bare / t:.1%} |")
     ratio = t_bare / t_batch
     print(f"batch throughput = {ratio:.1%} of bare forwards (target >= 85%): {'PASS' if ratio >= 0.85 else 'FAIL'}")
@@ -147,6 +152,7 @@ def main() -> None:
 
 
 def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    from vitscope.batch import collect_inputs, output_bases
     from vitscope.capture import capture
     from vitscope.methods.cls_attention import cls_map
 
@@ -171,15 +177,16 @@ def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Name
     entries = [json.loads(line) for line in manifest.read_text().splitlines()]
     ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
     rels = {p.relative_to(src).as_posix() for p in paths}
+    bases = output_bases(collect_inputs(src))  # where batch writes each input's outputs
     loadable = 0
     for rel in rels:
-        with np.load(out / f"{rel}.npz") as data:
+        with np.load(out / f"{bases[rel]}.cls.npz") as data:
             data["map"]
             loadable += 1
     sample = paths[:: max(1, len(paths) // 25)]
     max_err = 0.0
     for p in sample:
-        with np.load(out / f"{p.relative_to(src).as_posix()}.npz") as data:
+        with np.load(out / f"{bases[p.relative_to(src).as_posix()]}.cls.npz") as data:
             direct = cls_map(capture(vit, str(p), layers=[-1], queries="cls", policy="native"))[0].numpy()
             max_err = max(max_err, float(np.abs(data["map"] - direct).max()))
     checks = {
@@ -189,6 +196,7 @@ def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Name
         "every npz loadable": loadable == len(rels),
         "no .part files left": not list(out.rglob("*.part")),
         f"sampled maps equal direct capture (max err {max_err:.1e})": max_err < 1e-5,
+        "summary.json covers every image": json.loads((out / "summary.json").read_text())["images"] == len(paths),
     }
     print(f"SIGKILL after {before}/{len(paths)} images ({leftovers} temp file(s) left by the kill); "
           f"restart finished the rest in {t_resume:.1f} s: {rc.stdout.strip()}")

@@ -70,3 +70,20 @@ def image_path(tmp_path: Path, rgb_image: Image.Image) -> Path:
     p = tmp_path / "img.png"
     rgb_image.save(p)
     return p
+
+
+def assert_same_summary(a: object, b: object, path: str = "summary") -> None:
+    """Equal keys, equal counts and strings; floats equal up to float32 rounding (the engines batch images
+    differently, and sum them in a different order)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same_summary(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_summary(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), f"{path}: {a} != {b}"
+    else:
+        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"

@@ -18,7 +18,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from tests.conftest import make_tiny_vit
+from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.adapters import load
 from vitscope.batch import METHODS, collect_inputs, run_batch
 from vitscope.capture import capture
@@ -110,7 +110,8 @@ def test_rollout_outputs_equal_library_rollout(mixed_folder: Path, model_dir: Pa
         expected = rollout(capture(vit, str(mixed_folder / rel), policy="native"))[0].numpy()
         with np.load(out / _out(rel, "rollout", "npz")) as data:
             np.testing.assert_allclose(data["map"], expected, atol=1e-5)
-    assert not list(out.rglob("*.png"))  # only the formats asked for
+    # only the formats asked for (distance.png is the run's summary figure, not a per-image output)
+    assert [p.name for p in out.rglob("*.png")] == ["distance.png"]
 
 
 @pytest.mark.parametrize(("method", "name"), [("chefer", "chefer_relevance"), ("grad_rollout", "grad_rollout"),
@@ -228,6 +229,73 @@ def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkey
     for p in paths:
         with np.load(out / _out(p.relative_to(src).as_posix(), "slow-cls", "npz")) as data:  # complete, readable files
             np.testing.assert_allclose(data["map"], _direct_cls(vit, p, None)[0], atol=1e-6)
+    # the summary of the resumed run covers every image, as one uninterrupted run's does
+    whole = run_batch(src, tmp_path / "whole", method="slow-cls", model=model_dir, batch_size=2, workers=0,
+                      progress=False)
+    assert summary.summary["images"] == 30 and summary.summary["distance"]["count"] == 30
+    assert json.loads((out / "summary.json").read_text()) == summary.summary
+    assert_same_summary(summary.summary, whole.summary)
+
+
+def test_summary_masks_and_stats_off(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    """Masks give each map's pointing game hit and mask IoU (equal to `vitscope.methods.metrics` on the direct
+    map); without stats the summary keeps only counts and localisation; a crop with masks is refused."""
+    from vitscope.methods.metrics import mask_jaccard, pointing_game
+
+    masks = tmp_path / "masks"
+    m = np.zeros((40, 56), dtype=np.uint8)
+    m[4:20, 30:50] = 255
+    (masks / "a").mkdir(parents=True)
+    Image.fromarray(m).save(masks / "a" / "x.png")
+    Image.fromarray(255 - m).save(masks / "d.png")
+    out = tmp_path / "out"
+    res = run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, formats="npz", masks=masks,
+                    stats=False, progress=False)
+    entries = {e["rel"]: e for e in _manifest(out)}
+    vit = load(model_dir)
+    hits, ious = [], []
+    for rel in ("a/x.png", "d.png"):
+        heat = torch.from_numpy(_direct_cls(vit, mixed_folder / rel, "native")[0])[None]  # (1, rows, cols)
+        with Image.open(masks / rel) as im:
+            gt = torch.from_numpy(np.asarray(im) > 0)[None]  # the input's own size: policy native keeps it
+        hits.append(bool(pointing_game(heat, gt)[0]))
+        ious.append(float(mask_jaccard(heat, gt, tau=0.6).best[0, 0]))
+        assert entries[rel]["stats"] == {"pointing": hits[-1], "iou": pytest.approx(ious[-1], abs=1e-6)}
+    assert "stats" not in entries["c.jpg"]  # no mask, no stats
+    assert res.summary == json.loads((out / "summary.json").read_text())
+    assert res.summary["localisation"] == pytest.approx({"images": 2, "pointing_game": np.mean(hits),
+                                                         "mask_iou": np.mean(ious)})
+    assert (res.summary["images"], res.summary["failed"], res.summary["predictions"]) == (5, 2, {})
+    assert "distance" not in res.summary and "high_norm" not in res.summary and not (out / "distance.png").exists()
+    with pytest.raises(VitscopeError, match="masks"):
+        run_batch(mixed_folder, tmp_path / "o2", model=model_dir, policy="crop", masks=masks, progress=False)
+    with pytest.raises(VitscopeError, match="masks"):
+        run_batch(mixed_folder, tmp_path / "o3", model=model_dir, masks=tmp_path / "nope", progress=False)
+    # resuming with other stats settings is another run
+    with pytest.raises(VitscopeError, match="another run"):
+        run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, formats="npz", masks=masks,
+                  progress=False)
+    assert "summary.json" in str(res)
+
+
+def test_console_script_batch_with_masks_writes_the_library_summary(mixed_folder: Path, model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((40, 56), dtype=np.uint8)
+    m[10:30, 5:25] = 1
+    Image.fromarray(m).save(masks / "d.png")
+    script = Path(sys.executable).parent / "vitscope"  # the installed console script
+    res = subprocess.run([str(script), "batch", str(mixed_folder), "-o", str(tmp_path / "cli"), "--model",
+                          str(model_dir), "--policy", "native", "--workers", "0", "--masks", str(masks), "-q"],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "summary" in res.stdout and "5 done" in res.stdout
+    lib = run_batch(mixed_folder, tmp_path / "lib", model=model_dir, policy="native", workers=0, masks=masks,
+                    progress=False)
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert cli["localisation"]["images"] == 1 and cli["distance"]["count"] == 5
+    assert_same_summary(cli, lib.summary)
 
 
 def test_collect_inputs_from_glob_list_and_paths(mixed_folder: Path, tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
-"""The Ray engine: same maps, metadata and errors as local batch mode, summaries equal direct computations,
+"""The Ray engine: same maps, metadata, errors, per-image measures and summaries as local batch mode, summaries
+equal direct computations,
 re-runs compute nothing, a killed actor is retried with every image written exactly once, Parquet reads back.
 
-All tests share one local Ray cluster (2 CPUs, no dashboard) and run in one xdist group (``--dist loadgroup``),
-so two pytest workers never start two clusters.
+All tests share one local Ray cluster (2 CPUs, no dashboard): they live in this one file, and ``make test`` runs
+``pytest -n 2 --dist loadfile``, which runs a file's tests on one worker, so two workers never start two clusters.
+(``--dist loadgroup`` with ``xdist_group`` marks does not group with pytest 9.2 and pytest-xdist 3.8.0: the
+group suffix xdist writes into ``item._nodeid`` no longer reaches the scheduler.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_tiny_vit
+from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.adapters import load
 from vitscope.batch import METHODS, run_batch
 from vitscope.capture import capture
@@ -39,7 +42,6 @@ pd = pytest.importorskip("pandas")
 
 from vitscope.batch import ray_engine as batch_ray  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("ray")
 RAY_OPTS = {"concurrency": 2, "num_cpus": 0.5, "part_size": 8, "preprocess_tasks": 2, "progress": False}
 
 
@@ -87,7 +89,7 @@ def outputs(dataset: dict[str, Path], ray_cluster: None) -> dict[str, object]:
     """The same 40 inputs through local batch mode and the Ray engine (2 actors)."""
     local, remote = dataset["root"] / "local", dataset["root"] / "ray"
     s_local = run_batch(dataset["src"], local, model=dataset["model"], policy="native", batch_size=4, workers=0,
-                        formats="npz", progress=False)
+                        formats="npz", masks=dataset["masks"], progress=False)
     s_ray = run_batch(dataset["src"], remote, model=dataset["model"], policy="native", batch_size=4, engine="ray",
                       masks=dataset["masks"], **RAY_OPTS)
     return {"local": local, "ray": remote, "s_local": s_local, "s_ray": s_ray}
@@ -176,6 +178,33 @@ def test_summary_equals_direct_computation(outputs: dict, dataset: dict[str, Pat
     assert (outputs["ray"] / "distance.png").stat().st_size > 1000
 
 
+def test_summaries_and_per_image_measures_equal_local_batch_mode(outputs: dict) -> None:
+    """Local batch mode (one process, DataLoader, manifest.jsonl) and the Ray engine (2 actors, Parquet parts,
+    partial sums merged on the cluster) write the same summary.json over the same 40 inputs, and the same
+    measures per image. The two differ only in the run's ``engine`` setting."""
+    local = json.loads((outputs["local"] / "summary.json").read_text())
+    remote = json.loads((outputs["ray"] / "summary.json").read_text())
+    assert local == outputs["s_local"].summary and remote == outputs["s_ray"].summary
+    assert (local.pop("engine"), remote.pop("engine")) == ("local", "ray")
+    assert local["images"] == 37 and local["failed"] == 3 and local["localisation"]["images"] == 12
+    assert {"distance", "high_norm", "localisation", "predictions"} <= set(local)
+    assert_same_summary(local, remote)
+    assert (outputs["local"] / "distance.png").stat().st_size > 1000
+    # per image: the manifest line's "stats" against the Parquet row's columns
+    lines = [json.loads(ln) for ln in (outputs["local"] / "manifest.jsonl").read_text().splitlines()]
+    rows = _rows(outputs["ray"])
+    ok = [e for e in lines if e["status"] == "ok"]
+    assert len(ok) == 37
+    for entry in ok:
+        row = rows[entry["rel"]]
+        for name in ("norm_high", "patch_tokens", "prediction", "label", "pointing"):
+            assert entry["stats"].get(name) == row[name], (entry["rel"], name)
+        # float32 forwards over differently composed batches: equal up to float32 rounding
+        for name in ("distance", "norm_mean", "score"):
+            assert entry["stats"][name] == pytest.approx(row[name], rel=1e-6), (entry["rel"], name)
+        assert entry["stats"].get("iou") == (None if row["iou"] is None else pytest.approx(row["iou"], abs=1e-6))
+
+
 def test_rerun_after_completion_computes_nothing(outputs: dict, dataset: dict[str, Path]) -> None:
     out = outputs["ray"]
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in batch_ray.part_files(out)
@@ -242,6 +271,16 @@ def test_parquet_manifest_with_bytes_and_csv_with_paths(outputs: dict, dataset: 
         row = rows["sha256:" + hashlib.sha256(blob).hexdigest()]  # a content hash when there is no id column
         np.testing.assert_allclose(row["map"], local[rel]["map"], atol=1e-6)
         assert row["distance"] is None  # stats=False
+    # a list of URIs (file:// here; s3://, gs://, ... go through the same pyarrow filesystem call): ids are the URIs
+    uris = [(dataset["src"] / r).resolve().as_uri() for r in rels]
+    out_uri = dataset["root"] / "from-uris"
+    summary = run_batch(uris, out_uri, model=dataset["model"], policy="native", engine="ray", summary=False,
+                        stats=False, **RAY_OPTS)
+    assert (summary.done, summary.failed) == (3, 0)
+    by_uri = _rows(out_uri)
+    assert sorted(by_uri) == sorted(uris)
+    for rel, uri in zip(rels, uris, strict=True):
+        np.testing.assert_allclose(by_uri[uri]["map"], local[rel]["map"], atol=1e-6)
     csv = dataset["root"] / "images.csv"
     csv.write_text("id,path\n" + "".join(f"{r},{dataset['src'] / r}\n" for r in rels))
     out_csv = dataset["root"] / "from-csv"
@@ -303,6 +342,41 @@ def test_killed_actor_is_retried_and_every_image_written_once(ray_cluster: None,
         attn = capture(vit, str(p), layers=[-1], queries="cls")
         np.testing.assert_allclose(batch_ray.row_arrays(rows[p.name])["map"], cls_map(attn, head="mean")[0].numpy(),
                                    atol=1e-6)
+
+
+def test_an_image_that_kills_its_worker_every_time_fails_alone(ray_cluster: None, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poison image (here: a white one, on which the method SIGKILLs its own actor) is retried max_retries
+    times, then its part is run again one image per part: only the poison image fails, with a one-line reason,
+    and the run ends instead of retrying forever."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    paths = [_image(src / f"img{i}.png", 32, 32, seed=400 + i) for i in range(6)]
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(src / "poison.png")
+    model = save_vit(make_tiny_vit(seed=3), tmp_path / "model")
+
+    def crash_on_white(vit, pixels, **kw):  # runs in the actors
+        from vitscope.batch import METHODS as registry
+
+        if bool((pixels.flatten(1).amin(dim=1) > 0.9).any()):  # a white image in the batch: die like a segfault
+            os.kill(os.getpid(), signal.SIGKILL)
+        return registry["cls"](vit, pixels, **kw)
+
+    monkeypatch.setitem(METHODS, "crash-cls", crash_on_white)
+    opts = {"model": model, "method": "crash-cls", "engine": "ray", "batch_size": 4, "concurrency": 1,
+            "num_cpus": 0.5, "part_size": 4, "max_retries": 1, "stats": False, "progress": False}
+    summary = run_batch(src, out, **opts)
+    assert (summary.done, summary.failed) == (6, 1)
+    assert [rel for rel, _ in summary.errors] == ["poison.png"]
+    assert summary.errors[0][1].startswith("WorkerDied: the worker computing this image died 2 times")
+    rows = _rows(out)
+    assert rows["poison.png"]["status"] == "error" and rows["poison.png"]["map"] is None
+    vit = load(model)
+    for p in paths:  # its neighbours in the lost part were computed again, one per part
+        attn = capture(vit, str(p), layers=[-1], queries="cls")
+        np.testing.assert_allclose(batch_ray.row_arrays(rows[p.name])["map"], cls_map(attn, head="mean")[0].numpy(),
+                                   atol=1e-6)
+    assert not [p for p in (out / "parts").iterdir() if not p.name.startswith("part-")]
+    assert ray.data.DataContext.get_current().max_errored_blocks == 0  # the global setting is restored
 
 
 def test_cli_engine_ray_and_missing_ray(outputs: dict, dataset: dict[str, Path], tmp_path: Path,

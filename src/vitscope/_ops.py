@@ -1,7 +1,9 @@
 """Small tensor operations shared by every layer (capture, `Attentions`, methods, figures, viewer): one head
-fusion and one min-max scaling. Imports nothing of vitscope but its errors."""
+fusion, one min-max scaling and one pairwise update of moments. Imports nothing of vitscope but its errors."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -40,3 +42,16 @@ def minmax(x: torch.Tensor, dims: int = 1) -> torch.Tensor:
     span = hi - lo
     out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
     return out.reshape(x.shape)
+
+
+def combine_moments(n_a: int, mean_a: Any, m2_a: Any, n_b: int, mean_b: Any, m2_b: Any) -> tuple[int, Any, Any]:
+    """Chan et al.'s pairwise update of (count, mean, M2) ("Updating formulae and a pairwise algorithm for
+    computing sample variances", 1979): the moments of two disjoint sets combined, for numpy arrays or tensors.
+
+    ``n_a == 0`` returns set b as it is; one new value ``x`` is ``(1, x, 0)`` (Welford's update).
+    """
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)

@@ -559,9 +559,17 @@ def batch_cmd(
     concurrency: Annotated[int, typer.Option(help="ray: actors, each with the model loaded once.")] = 1,
     num_cpus: Annotated[float, typer.Option("--num-cpus", help="ray: CPUs per actor (its torch threads).")] = 1.0,
     num_gpus: Annotated[float, typer.Option("--num-gpus", help="ray: GPUs per actor.")] = 0.0,
-    masks: Annotated[Path | None, typer.Option(help="ray: folder of object masks: pointing game, mask IoU.")] = None,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="ray: retries of a call whose actor died; "
+                                                                   "then its images fail alone.")] = 3,
+    masks: Annotated[Path | None, typer.Option(help="Folder of object masks mirroring the inputs: pointing game, "
+                                                    "mask IoU.")] = None,
+    stats: Annotated[bool, typer.Option(help="Per-image prediction, token norms and attention distance, and "
+                                             "summary.json + distance.png (two more passes per batch).")] = True,
+    norm_threshold: Annotated[float | None, typer.Option(help="Fixed cut for high-norm tokens (default: per image "
+                                                              "and layer, q75 + 3 IQR).")] = None,
 ) -> None:
-    """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged."""
+    """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged;
+    summary.json over the dataset."""
     from vitscope.batch import run_batch
 
     _check_policy(policy)
@@ -571,13 +579,14 @@ def batch_cmd(
     if checkpoint is not None or random_weights or model.startswith("timm:"):
         spec = _load_model(model, checkpoint, random_weights)
     ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
-                                   "num_gpus": num_gpus, "masks": masks} if engine == "ray" else {}
+                                   "num_gpus": num_gpus, "max_retries": max_retries} if engine == "ray" else {}
     try:
         with _limits(max_pixels, max_tokens, max_memory):
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
                 policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
-                overwrite=overwrite, progress=not quiet, engine=engine, **ray_options,
+                overwrite=overwrite, progress=not quiet, masks=masks, stats=stats, norm_threshold=norm_threshold,
+                engine=engine, **ray_options,
             )
     except KeyboardInterrupt:
         raise Interrupted(_batch_saved(out)) from None

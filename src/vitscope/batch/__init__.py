@@ -61,11 +61,16 @@ def run_batch(
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    masks: str | os.PathLike[str] | None = None,
+    stats: bool = True,
+    norm_threshold: float | None = None,
+    summary: bool = True,
     engine: str = "local",
     **engine_options: Any,
 ) -> BatchSummary | Any:
     """Compute ``method``'s map for every image in ``inputs`` (see `vitscope.batch.local.run_local` for the
-    arguments and outputs of the local engine).
+    arguments and outputs of the local engine). Both engines write the same dataset summary
+    (``summary.json``, ``distance.png``; `vitscope.batch.stats`) from the same per-image measures.
 
     Args:
         engine: ``"local"`` (this process + DataLoader workers) or ``"ray"``: Ray Data, Parquet output, options
@@ -77,10 +82,12 @@ def run_batch(
 
         return run_batch_ray(inputs, output_dir, method=method, model=model, batch_size=batch_size, policy=policy,
                              size=size, layer=layer, device=None if device is None else str(device),
-                             overwrite=overwrite, progress=progress, **engine_options)
+                             overwrite=overwrite, progress=progress, masks=masks, stats=stats,
+                             norm_threshold=norm_threshold, summary=summary, **engine_options)
     if engine != "local" or engine_options:
         raise VitscopeError("engine", f"unknown engine {engine!r}" if engine != "local" else
                             f"options {', '.join(engine_options)} need engine='ray'", "use engine='local' or 'ray'")
     return run_local(inputs, output_dir, method=method, model=model, batch_size=batch_size, workers=workers,
                      formats=formats, policy=policy, size=size, layer=layer, device=device, verify=verify,
-                     overwrite=overwrite, progress=progress)
+                     overwrite=overwrite, progress=progress, masks=masks, stats=stats,
+                     norm_threshold=norm_threshold, summary=summary)

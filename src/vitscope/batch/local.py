@@ -12,7 +12,10 @@ same-named images in different subfolders never collide; two inputs of one folde
 (``cat.jpg``, ``cat.png``) keep their suffix (``cat.jpg.cls.npz``, ``cat.png.cls.npz``). After an image's files are in place, one JSON line is
 appended to ``<out>/manifest.jsonl`` (flushed and fsynced): input, outputs (bytes, sha256), status, error. A
 re-run skips images whose manifest entry is ``ok`` and whose outputs are still complete; an unreadable image is
-recorded with ``status: "error"`` and the run goes on. Temporary files are ``.<name>.*.part``: an interrupted
+recorded with ``status: "error"`` and the run goes on. Each ``ok`` line also keeps the image's measures
+(``"stats"``: prediction, token norms, mean attention distance, pointing game / IoU with ``masks``), from which
+the run ends by writing ``<out>/summary.json`` and ``<out>/distance.png`` over all inputs (`vitscope.batch.stats`,
+the same summary as the Ray engine's). Temporary files are ``.<name>.*.part``: an interrupted
 run (Ctrl-C, SIGKILL) leaves no partial output under a final name, and its leftovers are removed on restart.
 """
 
@@ -37,6 +40,17 @@ import torch
 
 from vitscope._io import atomic_write_bytes
 from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
+from vitscope.batch.stats import (
+    SUMMARY,
+    SummaryAccumulator,
+    check_masks,
+    image_record,
+    image_statistics,
+    localisation,
+    mask_for,
+    mask_image,
+    write_summary,
+)
 from vitscope.errors import VitscopeError
 from vitscope.methods.api import compute, get_method, method_names
 from vitscope.methods.registry import MapContext
@@ -180,8 +194,9 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     the run)."""
 
     def __init__(self, items: Sequence[BatchItem], prep: Preprocess, patch: tuple[int, int],
-                 policy: SizePolicy | None, size: int | tuple[int, int] | None) -> None:
+                 policy: SizePolicy | None, size: int | tuple[int, int] | None, masks: Path | None = None) -> None:
         self.items, self.prep, self.patch, self.policy, self.size = list(items), prep, patch, policy, size
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -190,9 +205,12 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         item = self.items[i]
         try:
             pixels, original = preprocess_image(item.path, self.prep, self.patch, self.policy, self.size)
-            return {"index": i, "pixels": pixels, "original_size": original, "error": None}
+            where = mask_for(self.masks, item.rel) if self.masks is not None else None
+            hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+            mask = mask_image(Path(where).read_bytes(), hw) if where else None  # (H, W) bool
+            return {"index": i, "pixels": pixels, "original_size": original, "mask": mask, "error": None}
         except Exception as exc:  # any unreadable file becomes a manifest entry
-            return {"index": i, "pixels": None, "original_size": None, "error": error_line(exc)}
+            return {"index": i, "pixels": None, "original_size": None, "mask": None, "error": error_line(exc)}
 
 
 # Shared with the Ray engine (vitscope.batch.ray_engine): one image's preprocessing, the one-line error of a bad
@@ -385,6 +403,8 @@ class BatchSummary:
     failed: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    #: the dataset summary written to ``summary.json`` (`vitscope.batch.stats.SummaryAccumulator.summary`)
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self) -> Path:
@@ -395,8 +415,9 @@ class BatchSummary:
         return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed of {self.total} "
+        text = (f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed of {self.total} "
                 f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); manifest {self.manifest}")
+        return text + (f", summary {self.output_dir / SUMMARY}" if self.summary else "")
 
 
 def _model_id(model: Any, vit: VitModel) -> str:
@@ -406,6 +427,15 @@ def _model_id(model: Any, vit: VitModel) -> str:
         path = Path(text).expanduser()
         return str(path.resolve()) if path.exists() else text
     return vit.info.name
+
+
+def run_config(engine: str, *, method: str, model: str, policy: SizePolicy | None, size: int | tuple[int, int] | None,
+               layer: int, stats: bool, norm_threshold: float | None, masks: Path | None) -> dict[str, Any]:
+    """The settings a run records in ``batch.json`` (and its summary); a resumed run must have the same."""
+    return {"engine": engine, "method": method, "model": model, "policy": policy,
+            "size": list(size) if isinstance(size, tuple) else size, "layer": layer if method == "cls" else None,
+            "stats": bool(stats), "norm_threshold": norm_threshold,
+            "masks": str(masks.resolve()) if masks is not None else None}
 
 
 def check_same_run(cfg_path: Path, config: dict[str, Any], out_dir: Path) -> None:
@@ -443,6 +473,10 @@ def run_local(
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    masks: str | os.PathLike[str] | None = None,
+    stats: bool = True,
+    norm_threshold: float | None = None,
+    summary: bool = True,
 ) -> BatchSummary:
     """Compute ``method``'s map for every image in ``inputs`` and write one file per image and format.
 
@@ -463,6 +497,14 @@ def run_local(
         verify: on resume, also check the sha256 of existing outputs (default: their size).
         overwrite: start over, ignoring (and truncating) an existing manifest.
         progress: show a tqdm bar with images/s.
+        masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
+            ``a/cat.png``; non-zero = object, in the image's frame): pointing game and mask IoU of each map.
+        stats: also each image's prediction, patch-token norms and mean attention distance
+            (`vitscope.batch.stats.image_statistics`: one more forward pass per batch), kept in its manifest
+            line (``"stats"``); they feed the summary.
+        norm_threshold: fixed cut for high-norm tokens (default: per image and layer, ``q75 + 3 IQR``).
+        summary: write ``summary.json`` and ``distance.png`` over every image of ``inputs`` at the end
+            (resumed runs included), the same summary as the Ray engine's.
 
     Returns:
         a `BatchSummary`. Bad images never raise: they are counted in ``failed`` and logged in the manifest.
@@ -488,6 +530,7 @@ def run_local(
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
+    mask_dir = check_masks(masks, policy, vit)
     if method == "cls":
         from vitscope.capture.core import resolve_layers
 
@@ -498,12 +541,9 @@ def run_local(
     dev = resolve_device(device, vit.device)
     if dev != vit.device:
         vit.module.to(dev)
-    config = {
-        "method": method, "model": _model_id(model, vit),
-        "policy": policy, "size": list(size) if isinstance(size, tuple) else size,
-        "layer": layer if method == "cls" else None,
-    }
-    summary = BatchSummary(output_dir=out_dir, total=len(items))
+    config = run_config("local", method=method, model=_model_id(model, vit), policy=policy, size=size, layer=layer,
+                        stats=stats, norm_threshold=norm_threshold, masks=mask_dir)
+    result = BatchSummary(output_dir=out_dir, total=len(items))
     with _exclusive(out_dir):
         _remove_partials(out_dir)
         manifest = Manifest(out_dir / MANIFEST)
@@ -519,31 +559,47 @@ def run_local(
 
         atomic_write_text(cfg_path, json.dumps(config, indent=2))
         todo = [it for it in items if not manifest.is_complete(it.rel, out_dir, fmts, verify)]
-        summary.skipped = len(items) - len(todo)
+        result.skipped = len(items) - len(todo)
         start = time.perf_counter()
         manifest.open()
         bar = tqdm(total=len(todo), unit="img", desc=f"vitscope batch {method}", disable=not progress,
                    dynamic_ncols=True)
         try:
-            _process(vit, todo, out_dir, manifest, summary, bar, method=method, fmts=fmts, config=config,
+            _process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
                      bases=output_bases(items),
                      batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
-                     dev=dev)
+                     dev=dev, masks=mask_dir, stats=stats, norm_threshold=norm_threshold)
+            if summary:
+                result.summary = summarize_manifest(manifest, items, num_heads=vit.info.num_heads, config=config)
+                write_summary(out_dir, result.summary)
         finally:
             bar.close()
             manifest.close()
-            summary.seconds = time.perf_counter() - start
-    return summary
+            result.seconds = time.perf_counter() - start
+    return result
+
+
+def summarize_manifest(manifest: Manifest, items: Sequence[BatchItem], *, num_heads: int,
+                       config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dataset summary over ``items`` from their manifest lines (status and ``"stats"``), in path order."""
+    acc = SummaryAccumulator()
+    for it in sorted(items, key=lambda it: it.rel):
+        entry = manifest.entries.get(it.rel)
+        if entry is not None:
+            acc.add(entry.get("status", "error"), entry.get("stats"))
+    return acc.summary(num_heads=num_heads, config=config)
 
 
 def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Manifest, summary: BatchSummary,
              bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], bases: dict[str, str],
              batch_size: int, workers: int,
-             policy: SizePolicy | None, size: int | tuple[int, int] | None, layer: int, dev: torch.device) -> None:
+             policy: SizePolicy | None, size: int | tuple[int, int] | None, layer: int, dev: torch.device,
+             masks: Path | None = None, stats: bool = False, norm_threshold: float | None = None) -> None:
     if not todo:
         return
     info = vit.info
-    dataset = _ImageDataset(todo, info.preprocess, info.patch_size, policy, size)
+    labels = list(info.labels) if info.labels else None
+    dataset = _ImageDataset(todo, info.preprocess, info.patch_size, policy, size, masks)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         worker_init_fn=_worker_init if workers else None, pin_memory=dev.type == "cuda",
@@ -561,11 +617,15 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
         summary.errors.extend((it.rel, err) for it, err in failures)
         bar.update(len(failures))
 
-    def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int]) -> None:
+    def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int],
+                    extra: dict[str, np.ndarray]) -> None:
         entries = []
         for b, sample in enumerate(samples):
             item = todo[sample["index"]]
             arrays = {k: v[b] for k, v in result.items()}
+            record: dict[str, Any] = image_record(extra, b, labels) if extra else {}
+            if sample.get("mask") is not None:
+                record.update(localisation(arrays["map"], sample["mask"]))
             meta = image_meta(input=str(item.path), rel=item.rel, method=method, model=config["model"],
                               grid=arrays["map"].shape[-2:], image_size=hw, original_size=sample["original_size"],
                               info=info, layer=config["layer"])
@@ -577,7 +637,8 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
                 atomic_write_bytes(out_dir / rel_out, data)
                 outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}
             entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,
-                            "outputs": outputs, "method": method, "finished": time.time()})
+                            "outputs": outputs, "method": method, "finished": time.time(),
+                            **({"stats": record} if record else {})})
         manifest.append(*entries)  # only after every file of the batch is in place
         summary.done += len(entries)
         bar.update(len(entries))
@@ -594,11 +655,11 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
         pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype, non_blocking=True)  # (B, C, H, W)
         try:
             result = fn(vit, pixels, layer=layer)
+            extra = image_statistics(vit, pixels, norm_threshold=norm_threshold) if stats else {}
         except Exception as exc:  # e.g. a size the model refuses: every image of the batch is an error
-            msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-            submit(write_errors, [(todo[s["index"]], msg) for s in samples])
+            submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])
             return
-        submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])))
+        submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])), extra)
 
     try:
         for sample in loader:

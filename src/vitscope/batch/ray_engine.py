@@ -14,9 +14,10 @@ again, so nothing is ever half-written and a retried batch replaces, not duplica
 (`read_results`) keeps one row per ``id`` all the same (an ``ok`` row over an ``error`` one). A re-run reads the
 ``id`` and ``status`` columns of the parts and computes only what is not ``ok`` yet.
 
-Dataset-level measures (`summarize`) are combined on the engine from per-part partial sums (count, mean, M2 of
-the mean attention distance per (layer, head); high-norm token counts per layer; pointing game hits and mask
-IoU), never by collecting maps on the driver: ``OUT/summary.json`` and ``OUT/distance.png``.
+Dataset-level measures (`summarize`) are combined on the engine from per-part partial sums
+(`vitscope.batch.stats.SummaryAccumulator`: count, mean, M2 of the mean attention distance per (layer, head);
+high-norm token counts per layer; pointing game hits and mask IoU), never by collecting maps on the driver:
+``OUT/summary.json`` and ``OUT/distance.png``, the same summary local batch mode writes.
 
 ``ray`` is an optional dependency: ``pip install 'vitscope[ray]'``.
 """
@@ -29,19 +30,30 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitscope.batch.local import BatchSummary
+from vitscope.batch.stats import (
+    STAT_FIELDS,
+    SUMMARY,
+    SummaryAccumulator,
+    check_masks,
+    image_record,
+    image_statistics,
+    localisation,
+    mask_for,
+    mask_image,
+    write_summary,
+)
 from vitscope.errors import VitscopeError
 
 PARTS = "parts"
-SUMMARY = "summary.json"
-DISTANCE_FIGURE = "distance.png"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 INSTALL_HINT = "pip install 'vitscope[ray]'"
 
@@ -125,12 +137,8 @@ def _open_image(data: bytes) -> Any:
 
 
 def _load_mask(location: str, hw: tuple[int, int]) -> np.ndarray:
-    """A mask image (non-zero = object) resized (nearest) to the model input ``(H, W)``: bool ``(H, W)``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(_read_bytes(location))) as im:
-        m = im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)
-        return np.asarray(m) > 0
+    """A mask image at a path or URI, in the model input's frame ``(H, W)`` (`vitscope.batch.stats.mask_image`)."""
+    return mask_image(_read_bytes(location), hw)
 
 
 def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: Any, size: Any,
@@ -189,63 +197,30 @@ def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: A
     return pa.Table.from_pydict(out, schema=_prep_schema())
 
 
-# ------------------------------------------------------------------------------------------------ per image
-def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> dict[str, np.ndarray]:
-    """Per-image measures the summary aggregates, for pixels ``(B, C, H, W)``.
-
-    Returns numpy arrays: ``distance`` ``(B, layers, heads)`` (mean attention distance in pixels, patch centres,
-    rows renormalised over patch keys: `vitscope.methods.streaming.streaming_distance`), ``norm_mean`` and
-    ``norm_high`` ``(B, layers)`` (mean patch-token output norm; patch tokens above ``norm_threshold``, or by
-    default above Tukey's far fence ``q75 + 3 IQR`` of that image's patch norms in that layer,
-    `vitscope.methods.artifacts.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score`` ``(B,)``
-    (argmax class and its softmax probability; ``-1`` / nan without a classifier).
-    """
-    import torch
-
-    from vitscope.capture.core import capture_full
-    from vitscope.methods.artifacts import outlier_threshold
-    from vitscope.methods.streaming import streaming_distance
-
-    res = capture_full(vit, pixels, layers=[-1], queries=[0], heads="mean", token_norms=True)
-    assert res.attentions.token_norms is not None
-    patch = res.attentions.to_grid(res.attentions.token_norms).flatten(2).double().cpu().numpy()  # (L, B, P)
-    L, B, P = patch.shape
-    high = np.zeros((B, L), dtype=np.int64)
-    for b in range(B):
-        for layer in range(L):
-            x = patch[layer, b]
-            cut = float(norm_threshold) if norm_threshold is not None else outlier_threshold(x)
-            high[b, layer] = int((x > cut).sum())
-    logits = vit.logits(res.output)
-    if logits is not None:
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        score, pred = probs.max(dim=-1)
-        prediction, scores = pred.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
-    else:
-        prediction, scores = np.full(B, -1, dtype=np.int64), np.full(B, np.nan, dtype=np.float32)
-    distance = streaming_distance(vit, pixels).double().cpu().numpy().transpose(1, 0, 2)  # (B, L, H)
-    return {"distance": distance, "norm_mean": patch.mean(axis=2).T, "norm_high": high,
-            "patch_tokens": np.full(B, P, dtype=np.int64), "prediction": prediction, "score": scores}
-
-
-def localisation(heat: np.ndarray, mask: np.ndarray, tau: float = 0.6) -> tuple[bool, float]:
-    """Pointing game hit (`vitscope.methods.metrics.pointing_game`) and the Jaccard of the map's ``tau``-mass
-    mask with ``mask`` (`mask_jaccard`) for one ``(rows, cols)`` map and a bool ``(H, W)`` mask."""
-    import torch
-
-    from vitscope.methods.metrics import mask_jaccard, pointing_game
-
-    maps = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None]  # (1, rows, cols)
-    gt = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None]  # (1, H, W)
-    hit = bool(pointing_game(maps, gt)[0])
-    iou = float(mask_jaccard(maps.clamp_min(0), gt, tau=tau).best[0, 0])
-    return hit, iou
-
-
 # ------------------------------------------------------------------------------------------------ actors
 def _part_name(ids: Sequence[str]) -> str:
     digest = hashlib.sha256("\0".join(sorted(ids)).encode("utf-8")).hexdigest()[:24]
     return f"part-{digest}.parquet"
+
+
+def empty_row(**values: Any) -> dict[str, Any]:
+    """An output row: every column of `COLUMNS` ``None`` but ``values``."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(values)
+    return row
+
+
+def write_part(parts_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` as the part named by their ids, atomically (fsynced temporary file, then rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitscope._io import atomic_path
+
+    if rows:
+        out = pa.Table.from_pylist(list(rows), schema=_schema())
+        with atomic_path(parts_dir / _part_name([r["id"] for r in rows])) as tmp:
+            pq.write_table(out, tmp)
 
 
 class MapActor:
@@ -306,30 +281,17 @@ class MapActor:
             if "heads" in result:
                 row["heads"] = np.asarray(result["heads"][b], dtype=np.float32).ravel().tolist()
             if extra:
-                pred = int(extra["prediction"][b])
-                row.update(distance=extra["distance"][b].ravel().tolist(), norm_mean=extra["norm_mean"][b].tolist(),
-                           norm_high=extra["norm_high"][b].tolist(), patch_tokens=int(extra["patch_tokens"][b]),
-                           prediction=pred if pred >= 0 else None,
-                           label=self.labels[pred] if self.labels and 0 <= pred < len(self.labels) else None,
-                           score=float(extra["score"][b]) if pred >= 0 else None)
+                row.update(image_record(extra, b, self.labels))
             if src["mask"]:
                 mask = np.frombuffer(src["mask"], dtype=np.uint8).reshape(src["mask_shape"]).astype(bool)
-                row["pointing"], row["iou"] = localisation(heat, mask)
+                row.update(localisation(heat, mask))
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from vitscope._io import atomic_path
 
         table_rows = table.to_pylist()
-        schema = _schema()
-        rows: list[dict[str, Any]] = []
-        for src in table_rows:
-            row = dict.fromkeys(schema.names)
-            row.update(id=src["id"], rel=src["rel"], input=src["input"], method=self.method, model=self.model_id,
-                       status="error" if src["error"] else "pending", error=src["error"])
-            rows.append(row)
+        rows = [empty_row(id=src["id"], rel=src["rel"], input=src["input"], method=self.method, model=self.model_id,
+                          status="error" if src["error"] else "pending", error=src["error"]) for src in table_rows]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, src in enumerate(table_rows):
             if not src["error"]:
@@ -337,10 +299,7 @@ class MapActor:
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):
                 self._compute(idx[start:start + self.batch_size], table_rows, rows)
-        if rows:
-            out = pa.Table.from_pylist(rows, schema=schema)
-            with atomic_path(self.parts_dir / _part_name([r["id"] for r in rows])) as tmp:
-                pq.write_table(out, tmp)
+        write_part(self.parts_dir, rows)
         return pa.Table.from_pydict({"id": [r["id"] for r in rows], "rel": [r["rel"] for r in rows],
                                      "status": [r["status"] for r in rows], "error": [r["error"] for r in rows]},
                                     schema=pa.schema([("id", pa.string()), ("rel", pa.string()),
@@ -406,138 +365,42 @@ def row_arrays(row: dict[str, Any], num_heads: int | None = None) -> dict[str, n
 
 
 # ------------------------------------------------------------------------------------------------ summary
-_STAT_COLUMNS = ["id", "status", "distance", "norm_mean", "norm_high", "patch_tokens", "pointing", "iou",
-                 "prediction"]
+_STAT_COLUMNS = ["id", "status", *STAT_FIELDS]
 
 
 def _partial_sums(batch: Any, *, keep: dict[str, str]) -> Any:
-    """Ray task: partial sums over the rows of some part files (those each id keeps), one row out.
-
-    Mean attention distance as (count, mean, M2) per (layer, head) (Chan et al.'s pairwise update combines
-    them); high-norm tokens and patch tokens per layer; pointing hits and IoU sum; predicted class counts.
-    """
+    """Ray task: a `SummaryAccumulator` over the rows of some part files (the rows each id keeps), one row out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    acc: dict[str, Any] = {"ok": 0, "failed": 0, "dist_n": 0, "dist_mean": None, "dist_m2": None,
-                           "norm_high": None, "norm_tokens": None, "norm_sum": None, "norm_n": 0,
-                           "masked": 0, "hits": 0, "iou_sum": 0.0, "classes": {}}
+    acc = SummaryAccumulator()
     for path in batch.column("path").to_pylist():
         name = Path(path).name
-        t = pq.read_table(path, columns=_STAT_COLUMNS)
-        for r in t.to_pylist():
-            if keep.get(r["id"]) != name:
-                continue
-            if r["status"] != "ok":
-                acc["failed"] += 1
-                continue
-            acc["ok"] += 1
-            if r["prediction"] is not None:
-                acc["classes"][str(r["prediction"])] = acc["classes"].get(str(r["prediction"]), 0) + 1
-            if r["distance"] is not None:
-                d = np.asarray(r["distance"], dtype=np.float64)
-                if acc["dist_mean"] is None:
-                    acc["dist_mean"], acc["dist_m2"] = np.zeros_like(d), np.zeros_like(d)
-                acc["dist_n"] += 1  # Welford's update, one image at a time
-                delta = d - acc["dist_mean"]
-                acc["dist_mean"] = acc["dist_mean"] + delta / acc["dist_n"]
-                acc["dist_m2"] = acc["dist_m2"] + delta * (d - acc["dist_mean"])
-            if r["norm_high"] is not None:
-                high = np.asarray(r["norm_high"], dtype=np.int64)
-                if acc["norm_high"] is None:
-                    acc["norm_high"], acc["norm_tokens"] = np.zeros_like(high), np.zeros_like(high)
-                    acc["norm_sum"] = np.zeros(high.shape, dtype=np.float64)
-                acc["norm_high"] += high
-                acc["norm_tokens"] += int(r["patch_tokens"])
-                acc["norm_sum"] += np.asarray(r["norm_mean"], dtype=np.float64)
-                acc["norm_n"] += 1
-            if r["pointing"] is not None:
-                acc["masked"] += 1
-                acc["hits"] += int(bool(r["pointing"]))
-                acc["iou_sum"] += float(r["iou"])
-    as_list = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in acc.items()}
-    return pa.Table.from_pydict({"partial": [json.dumps(as_list)]})
-
-
-def _combine(partials: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"ok": 0, "failed": 0, "dist_n": 0, "dist_mean": None, "dist_m2": None,
-                             "norm_high": None, "norm_tokens": None, "norm_sum": None, "norm_n": 0, "masked": 0,
-                             "hits": 0, "iou_sum": 0.0, "classes": {}}
-    for p in partials:
-        for k in ("ok", "failed", "norm_n", "masked", "hits", "iou_sum"):
-            total[k] += p[k]
-        for cls, n in p["classes"].items():
-            total["classes"][cls] = total["classes"].get(cls, 0) + n
-        if p["norm_high"] is not None:
-            for k in ("norm_high", "norm_tokens", "norm_sum"):
-                v = np.asarray(p[k], dtype=np.float64)
-                total[k] = v if total[k] is None else total[k] + v
-        if p["dist_n"]:
-            n_b, mean_b, m2_b = p["dist_n"], np.asarray(p["dist_mean"]), np.asarray(p["dist_m2"])
-            if total["dist_n"] == 0:
-                total["dist_n"], total["dist_mean"], total["dist_m2"] = n_b, mean_b, m2_b
-            else:  # Chan et al.'s pairwise combination, as DistanceAccumulator
-                n = total["dist_n"] + n_b
-                delta = mean_b - total["dist_mean"]
-                total["dist_mean"] = total["dist_mean"] + delta * (n_b / n)
-                total["dist_m2"] = total["dist_m2"] + m2_b + delta**2 * (total["dist_n"] * n_b / n)
-                total["dist_n"] = n
-    return total
+        for r in pq.read_table(path, columns=_STAT_COLUMNS).to_pylist():
+            if keep.get(r["id"]) == name:
+                acc.add(r["status"], r)
+    return pa.Table.from_pydict({"partial": [acc.to_json()]})
 
 
 def summarize(output_dir: str | os.PathLike[str], *, num_heads: int, config: dict[str, Any] | None = None,
               figure: bool = True) -> dict[str, Any]:
-    """Aggregate the per-image rows of ``output_dir`` on Ray (one task per group of part files) and write
-    ``summary.json`` (+ ``distance.png``). Needs a connected Ray (`run_batch` calls it).
-
-    The summary: ``images`` / ``failed`` counts; ``distance``: ``mean`` and ``std`` (population, over images)
-    ``(layers, heads)`` in pixels and ``count``; ``high_norm``: per layer ``rate`` (share of patch tokens above
-    the cut), ``mean_norm`` (mean over images of the mean patch-token norm) and ``cut``; ``localisation`` (only
-    with masks): ``pointing_game`` (hit rate) and ``mask_iou`` (mean) of the run's method, and ``images``;
-    ``predictions``: images per predicted class.
-    """
-    from vitscope._io import atomic_write_text
-
+    """Aggregate the per-image rows of ``output_dir`` on Ray (one task per group of part files, merged on the
+    driver) and write ``summary.json`` (+ ``distance.png``): `vitscope.batch.stats.SummaryAccumulator.summary`,
+    the same as local batch mode's. Needs a connected Ray (`run_batch` calls it)."""
     ray = import_ray()
     out = Path(output_dir)
     parts = part_files(out)
     keep = {rid: name for rid, (name, _status) in _index(parts).items()}
-    partials: list[dict[str, Any]] = []
+    total = SummaryAccumulator()
     if parts:
         groups = max(1, min(len(parts), 4 * int(ray.cluster_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=groups)
         rows = ds.map_batches(_partial_sums, batch_format="pyarrow", batch_size=None,
                               fn_kwargs={"keep": keep}).take_all()
-        partials = [json.loads(r["partial"]) for r in rows]
-    total = _combine(partials)
-    summary: dict[str, Any] = {"images": total["ok"], "failed": total["failed"], **(config or {})}
-    if total["dist_n"]:
-        mean = np.asarray(total["dist_mean"]).reshape(-1, num_heads)
-        std = np.sqrt(np.maximum(np.asarray(total["dist_m2"]).reshape(-1, num_heads) / total["dist_n"], 0.0))
-        summary["distance"] = {"count": total["dist_n"], "mean": mean.tolist(), "std": std.tolist(),
-                               "metric": "centre", "unit": "pixels"}
-    if total["norm_n"]:
-        cut = (config or {}).get("norm_threshold")
-        summary["high_norm"] = {
-            "rate": (np.asarray(total["norm_high"]) / np.asarray(total["norm_tokens"])).tolist(),
-            "mean_norm": (np.asarray(total["norm_sum"]) / total["norm_n"]).tolist(),
-            "cut": cut if cut is not None else "per image and layer: q75 + 3 IQR of its patch-token norms",
-            "images": total["norm_n"],
-        }
-    if total["masked"]:
-        summary["localisation"] = {"images": total["masked"], "pointing_game": total["hits"] / total["masked"],
-                                   "mask_iou": total["iou_sum"] / total["masked"]}
-    summary["predictions"] = dict(sorted(total["classes"].items(), key=lambda kv: int(kv[0])))
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
-    if figure and "distance" in summary:
-        from vitscope.viz import distance_plot, save_figure
-
-        fig = distance_plot(np.asarray(summary["distance"]["mean"]), std=np.asarray(summary["distance"]["std"]),
-                            title=f"mean attention distance ({total['dist_n']} images)")
-        save_figure(fig, out / DISTANCE_FIGURE)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        for r in rows:
+            total.merge(SummaryAccumulator.from_json(r["partial"]))
+    summary = total.summary(num_heads=num_heads, config=config)
+    write_summary(out, summary, figure=figure)
     return summary
 
 
@@ -545,8 +408,6 @@ def summarize(output_dir: str | os.PathLike[str], *, num_heads: int, config: dic
 @dataclass
 class RayBatchSummary(BatchSummary):
     """What a Ray-engine run did; ``summary`` is the dataset-level summary written to ``summary.json``."""
-
-    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self) -> Path:
@@ -590,13 +451,6 @@ def _manifest_dataset(ray: Any, path: Path, masks: Path | None) -> Any:
     return ds
 
 
-def _mask_for(masks: Path, rel: str) -> str | None:
-    for cand in (masks / rel, (masks / rel).with_suffix(".png")):
-        if cand.is_file():
-            return str(cand)
-    return None
-
-
 def run_batch_ray(
     inputs: Any,
     output_dir: str | os.PathLike[str],
@@ -620,6 +474,7 @@ def run_batch_ray(
     stats: bool = True,
     norm_threshold: float | None = None,
     summary: bool = True,
+    max_retries: int = 3,
 ) -> RayBatchSummary:
     """`vitscope.batch.run_batch` on Ray Data: call it as ``run_batch(..., engine="ray", ...)``.
 
@@ -636,10 +491,14 @@ def run_batch_ray(
             manifest, as many as the free CPUs allow).
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object): pointing game and mask IoU per image and in the summary.
-        stats: also the prediction, token norms and mean attention distance per image (two more forward
-            passes per batch); they feed the summary.
+        stats: also the prediction, token norms and mean attention distance per image (one more forward
+            pass per batch, `vitscope.batch.stats.image_statistics`); they feed the summary.
         norm_threshold: fixed cut for high-norm tokens (default: per image and layer, ``q75 + 3 IQR``).
         summary: aggregate ``summary.json`` and ``distance.png`` at the end.
+        max_retries: times an actor call is retried after its actor died (Ray restarts the actor). With a
+            folder or a list, a part that still fails is run again one image per part and what fails then is an
+            ``error`` row ("WorkerDied: ..."), so an image that crashes its worker every time fails alone; with a
+            manifest the run stops with a one-line error (the parts written so far are kept).
     """
     from vitscope.adapters import as_vit
     from vitscope.batch.local import (
@@ -648,6 +507,7 @@ def run_batch_ray(
         _model_id,
         _remove_partials,
         collect_inputs,
+        run_config,
     )
 
     ray = import_ray()
@@ -655,15 +515,14 @@ def run_batch_ray(
     if fn is None:
         raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
     for name, value, low in (("batch_size", batch_size, 1), ("concurrency", concurrency, 1),
-                             ("part_size", part_size, 1)):
+                             ("part_size", part_size, 1), ("max_retries", max_retries, 0)):
         if int(value) < low:
-            raise VitscopeError(name, f"must be >= {low}, got {value}", "pass a positive number")
+            raise VitscopeError(name, f"must be >= {low}, got {value}", f"pass a whole number >= {low}")
     if num_cpus < 0 or num_gpus < 0:
         raise VitscopeError("num_cpus" if num_cpus < 0 else "num_gpus", "must be >= 0", "pass e.g. 1")
     out_dir = Path(output_dir).expanduser()
-    mask_dir = Path(masks).expanduser() if masks is not None else None
-    if mask_dir is not None and not mask_dir.is_dir():
-        raise VitscopeError("masks", f"not a folder: {mask_dir}", "pass the folder of mask images")
+    vit = as_vit(model)
+    mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None
     items: list[dict[str, Any]] | None = None
     if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_file() and \
@@ -674,18 +533,13 @@ def run_batch_ray(
                  for x in dict.fromkeys(map(str, inputs))]
     else:
         items = [{"id": it.rel, "rel": it.rel, "input": str(it.path), "path": str(it.path),
-                  "mask": _mask_for(mask_dir, it.rel) if mask_dir is not None else None}
+                  "mask": mask_for(mask_dir, it.rel) if mask_dir is not None else None}
                  for it in collect_inputs(inputs, exclude=out_dir)]
         if not items:
             raise VitscopeError("inputs", "no files found", "check the path")
-    vit = as_vit(model)
-    if mask_dir is not None and (policy or vit.info.preprocess.policy) == "crop":
-        raise VitscopeError("masks", "masks need the whole image in the model input", "use policy='resize' or 'native'")
     model_id = _model_id(model, vit)
-    config: dict[str, Any] = {"engine": "ray", "method": method, "model": model_id, "policy": policy,
-              "size": list(size) if isinstance(size, tuple) else size, "layer": layer if method == "cls" else None,
-              "stats": bool(stats), "norm_threshold": norm_threshold,
-              "masks": str(mask_dir.resolve()) if mask_dir is not None else None}
+    config = run_config("ray", method=method, model=model_id, policy=policy, size=size, layer=layer, stats=stats,
+                        norm_threshold=norm_threshold, masks=mask_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PARTS).mkdir(exist_ok=True)
     result = RayBatchSummary(output_dir=out_dir, total=0)
@@ -697,36 +551,69 @@ def run_batch_ray(
         done = frozenset(rid for rid, (_name, status) in index.items() if status == "ok")
         start = time.perf_counter()
         started = _connect(ray, address, concurrency * num_cpus)
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.enable_progress_bars, ctx.max_errored_blocks)
         try:
-            ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = progress
+            opts: dict[str, Any] = dict(
+                method=method, fn=fn, layer=layer, model=model, model_id=model_id, out_dir=out_dir,
+                batch_size=int(batch_size), policy=policy, size=size, done=done, concurrency=int(concurrency),
+                num_cpus=float(num_cpus), num_gpus=float(num_gpus), device=device, stats=stats,
+                norm_threshold=norm_threshold, progress=progress, max_retries=int(max_retries),
+                preprocess_tasks=int(preprocess_tasks or 2 * concurrency))
             if items is not None:
                 result.total = len(items)
                 todo = [it for it in items if it["id"] not in done]
                 result.skipped = len(items) - len(todo)
-                blocks = max(1, math.ceil(len(todo) / part_size))
-                src = ray.data.from_items(todo, override_num_blocks=blocks) if todo else None
+                if todo:
+                    _run_items(ray, ctx, todo, vit, result, part_size=int(part_size), **opts)
             else:
                 assert manifest is not None
-                src, blocks = _manifest_dataset(ray, manifest, mask_dir), None
-            if src is not None:
-                _stream(ray, src, vit, result, method=method, fn=fn, layer=layer, model=model, model_id=model_id,
-                        out_dir=out_dir, batch_size=int(batch_size), part_size=int(part_size), policy=policy,
-                        size=size, done=done, concurrency=int(concurrency), num_cpus=float(num_cpus),
-                        num_gpus=float(num_gpus), device=device, stats=stats, norm_threshold=norm_threshold,
-                        progress=progress, blocks=blocks,
-                        preprocess_tasks=int(preprocess_tasks or 2 * concurrency))
+                src = _manifest_dataset(ray, manifest, mask_dir)
+                try:  # ids are only known on the cluster: a part that fails after its retries stops the run
+                    _stream(ray, src, vit, result, part_size=int(part_size), blocks=None, total=None, **opts)
+                except ray.exceptions.RayError as exc:
+                    raise VitscopeError("inputs", f"a part failed after {max_retries} retries "
+                                        f"({' '.join(str(exc).split())[:300]})",
+                                        "the parts written so far are kept: fix or drop the image that crashes "
+                                        "the worker and run again to resume") from None
             if manifest is not None:
                 result.total = result.done + result.failed + len(done)
                 result.skipped = len(done)
             if summary:
                 result.summary = summarize(out_dir, num_heads=vit.info.num_heads, config=config)
         finally:
+            ctx.enable_progress_bars, ctx.max_errored_blocks = saved
             _remove_partials(out_dir)  # temporary files of actors killed mid-write
             result.seconds = time.perf_counter() - start
             if started:
                 ray.shutdown()
     return result
+
+
+def _run_items(ray: Any, ctx: Any, todo: list[dict[str, Any]], vit: Any, result: RayBatchSummary, *,
+               part_size: int, **opts: Any) -> None:
+    """Stream known ``todo`` items; a part whose worker died ``max_retries + 1`` times is dropped by Ray Data
+    (``max_errored_blocks=-1``) instead of failing the run. Its images are run again one per part, so one image
+    that crashes its worker fails alone; what is still lost then becomes ``error`` rows with the reason."""
+    ctx.max_errored_blocks = -1
+    blocks = max(1, math.ceil(len(todo) / part_size))
+    seen = _stream(ray, ray.data.from_items(todo, override_num_blocks=blocks), vit, result, part_size=part_size,
+                   blocks=blocks, total=len(todo), **opts)
+    lost = [it for it in todo if it["id"] not in seen]
+    if lost and part_size > 1:
+        seen = _stream(ray, ray.data.from_items(lost, override_num_blocks=len(lost)), vit, result, part_size=1,
+                       blocks=len(lost), total=len(lost), **opts)
+        lost = [it for it in lost if it["id"] not in seen]
+    if not lost:
+        return
+    error = (f"WorkerDied: the worker computing this image died {opts['max_retries'] + 1} times (a native crash "
+             "or out of memory; Ray's logs name the cause)")
+    write_part(opts["out_dir"] / PARTS, [empty_row(id=it["id"], rel=it["rel"], input=it["input"], status="error",
+                                                   error=error, method=opts["method"], model=opts["model_id"])
+                                         for it in lost])
+    result.failed += len(lost)
+    result.errors.extend((it["rel"], error) for it in lost)
 
 
 def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
@@ -748,7 +635,8 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
             model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
             done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
             stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None,
-            preprocess_tasks: int) -> None:
+            preprocess_tasks: int, max_retries: int, total: int | None) -> set[str]:
+    """Run the pipeline over ``src``; count what comes back into ``result``; return the ids that came back."""
     from tqdm.auto import tqdm
 
     info = vit.info
@@ -765,22 +653,29 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
     # a fixed pool, never larger than the number of input blocks (a pool waiting for inputs it cannot get)
     pool = ray.data.ActorPoolStrategy(size=min(concurrency, blocks)) if blocks else \
         ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency)
-    mapped = prepared.map_batches(
-        # an actor pool of fixed size; Ray Data restarts a dead actor and retries its calls (max_restarts=-1,
-        # max_task_retries=-1 by default for actor pools), so no retry logic lives here
-        MapActor, batch_format="pyarrow", batch_size=part_size, compute=pool,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus or None,
-        fn_constructor_kwargs={"model": model_arg, "method": method, "fn": fn, "layer": layer,
-                               "model_id": model_id, "parts_dir": str((out_dir / PARTS).resolve()),
-                               "batch_size": batch_size, "stats": stats, "norm_threshold": norm_threshold,
-                               "threads": max(1, int(num_cpus)),
-                               "device": "cuda" if num_gpus else ("cpu" if device == "auto" else device)},
-    )
-    bar = tqdm(total=result.total - result.skipped if result.total else None, unit="img",
-               desc=f"vitscope batch {method} (ray)", disable=not progress, dynamic_ncols=True)
+    # an actor pool of fixed size; Ray restarts a dead actor (max_restarts=-1) and retries the call it was
+    # running, up to max_retries times: an image that kills its worker every time cannot loop forever. Ray 2.60
+    # has no named parameter for these actor options yet and warns that remote args as keywords go in 2.64
+    # (ray is pinned in constraints.txt).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        mapped = prepared.map_batches(
+            MapActor, batch_format="pyarrow", batch_size=part_size, compute=pool,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+            max_restarts=-1, max_task_retries=max_retries,
+            fn_constructor_kwargs={"model": model_arg, "method": method, "fn": fn, "layer": layer,
+                                   "model_id": model_id, "parts_dir": str((out_dir / PARTS).resolve()),
+                                   "batch_size": batch_size, "stats": stats, "norm_threshold": norm_threshold,
+                                   "threads": max(1, int(num_cpus)),
+                                   "device": "cuda" if num_gpus else ("cpu" if device == "auto" else device)},
+        )
+    bar = tqdm(total=total, unit="img", desc=f"vitscope batch {method} (ray)", disable=not progress,
+               dynamic_ncols=True)
+    seen: set[str] = set()
     try:
         for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            seen.update(batch.column("id").to_pylist())
             for rel, status, error in zip(batch.column("rel").to_pylist(), batch.column("status").to_pylist(),
                                           batch.column("error").to_pylist(), strict=True):
                 if status == "ok":
@@ -791,3 +686,4 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
             bar.update(batch.num_rows)
     finally:
         bar.close()
+    return seen

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from vitscope._ops import combine_moments
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
 
@@ -152,14 +153,7 @@ class DistanceAccumulator:
         n_b = per.shape[1]
         mean_b = per.mean(dim=1)
         m2_b = ((per - mean_b[:, None]) ** 2).sum(dim=1)
-        if self._mean is None or self._m2 is None:
-            self._mean, self._m2, self.count = mean_b, m2_b, n_b
-            return self
-        n = self.count + n_b
-        delta = mean_b - self._mean
-        self._mean = self._mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta**2 * (self.count * n_b / n)
-        self.count = n
+        self.count, self._mean, self._m2 = combine_moments(self.count, self._mean, self._m2, n_b, mean_b, m2_b)
         return self
 
     def _need(self) -> tuple[torch.Tensor, torch.Tensor]:

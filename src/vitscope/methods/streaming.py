@@ -203,6 +203,17 @@ def streaming_rollout(
 
 
 # ------------------------------------------------------------------------------------------------ distance
+@dataclass
+class DistancePass:
+    """What one `distance_pass` forward gives: ``distance`` ``(layer, batch, head)`` in pixels, the model's
+    ``output``, and (with ``token_norms=True``) each block's output token norms ``(num_layers, batch, tokens)``
+    float32 (prefix tokens first, then patches row-major)."""
+
+    distance: torch.Tensor
+    output: Any
+    token_norms: torch.Tensor | None = None
+
+
 def streaming_distance(
     model: Any,
     images: Any,
@@ -221,6 +232,24 @@ def streaming_distance(
     over query patches (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Fig. 7). Prefix tokens
     are neither queries nor keys.
     """
+    return distance_pass(model, images, layers=layers, chunk_rows=chunk_rows, compute_dtype=compute_dtype,
+                         policy=policy, size=size, device=device).distance
+
+
+def distance_pass(
+    model: Any,
+    images: Any,
+    *,
+    layers: int | Sequence[int] | None = None,
+    chunk_rows: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+    token_norms: bool = False,
+) -> DistancePass:
+    """`streaming_distance`, plus the model's output and (``token_norms=True``) every block's output token
+    norms, from the same single forward pass (batch mode's per-image measures need all three)."""
     run = prepare_run(model, images, device, policy, size)
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
@@ -234,16 +263,32 @@ def streaming_distance(
     chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
     scratch = Scratch()
 
+    def patch_rows(call: AttentionCall) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, end, probs (B, H, c, N))`` over the patch query rows, ``start``/``end`` counted from the
+        first patch row."""
+        if call.probs is None:  # the kernel's q and k: rows rebuilt chunk by chunk
+            assert call.q is not None and call.k is not None
+            yield from prob_chunks(call.q[:, :, P0:], call.k, call.scale, chunk, cdt, scratch,
+                                   call.bias_rows(slice(P0, N)))
+            return
+        for s in range(0, P, chunk):  # the model materialised A itself (an explicit softmax): read its rows
+            e = min(P, s + chunk)
+            yield s, e, call.rows(range(P0 + s, P0 + e), None, False)
+
     def on_layer(layer: int, call: AttentionCall) -> None:
         acc = out[pos[layer]]  # (B, H)
-        assert call.q is not None and call.k is not None
-        rows = call.q[:, :, P0:]
-        for s, e, probs in prob_chunks(rows, call.k, call.scale, chunk, cdt, scratch, call.bias_rows(slice(P0, N))):
+        for s, e, probs in patch_rows(call):
             patch = probs[..., P0:]  # (B, H, c, P)
             dist = patch_distances(run.grid, info.patch_size, queries=slice(s, e), table=table).float()  # (c, P)
             weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)
             acc += weighted.sum(dim=-1)
         acc /= P
 
-    forward_qk(run, layer_ids, on_layer)
-    return out
+    norms = torch.empty(info.num_layers, B, N, dtype=torch.float32, device=dev) if token_norms else None
+
+    def on_block(layer: int, x: torch.Tensor) -> None:
+        assert norms is not None
+        norms[layer] = x.float().norm(dim=-1)  # (B, N), as vitscope.capture(token_norms=True)
+
+    output = forward_qk(run, layer_ids, on_layer, on_block if token_norms else None, allow_probs=True)
+    return DistancePass(distance=out, output=output, token_norms=norms)

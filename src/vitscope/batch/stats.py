@@ -1,0 +1,263 @@
+"""Per-image measures and the dataset summary of a batch run: one implementation for both engines.
+
+Each finished image gets a small record (`image_record`, and `localisation` when a mask is given): its mean
+attention distance per (layer, head), patch-token norms per layer, prediction, and pointing game / mask IoU.
+Local batch mode keeps the record in the image's ``manifest.jsonl`` line (``"stats"``), the Ray engine in the
+image's Parquet row. `SummaryAccumulator` adds records one image at a time and merges accumulators of disjoint
+sets of images (the Ray engine builds one per group of parts, on the cluster), so the summary never needs the
+maps on one machine. `write_summary` writes ``summary.json`` and the distance figure ``distance.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitscope._ops import combine_moments
+from vitscope.errors import VitscopeError
+
+SUMMARY = "summary.json"
+DISTANCE_FIGURE = "distance.png"
+#: The per-image fields `SummaryAccumulator.add` reads (the Ray engine's columns of the same names).
+STAT_FIELDS = ("distance", "norm_mean", "norm_high", "patch_tokens", "prediction", "label", "score", "pointing",
+               "iou")
+PER_IMAGE_CUT = "per image and layer: q75 + 3 IQR of its patch-token norms"
+
+
+# ------------------------------------------------------------------------------------------------ per image
+def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Per-image measures the summary aggregates, for pixels ``(B, C, H, W)``.
+
+    Returns numpy arrays: ``distance`` ``(B, layers, heads)`` (mean attention distance in pixels, patch centres,
+    rows renormalised over patch keys: `vitscope.methods.streaming.streaming_distance`), ``norm_mean`` and
+    ``norm_high`` ``(B, layers)`` (mean patch-token output norm; patch tokens above ``norm_threshold``, or by
+    default above Tukey's far fence ``q75 + 3 IQR`` of that image's patch norms in that layer,
+    `vitscope.methods.artifacts.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score``
+    ``(B,)`` (argmax class and its softmax probability; ``-1`` / nan without a classifier). All from one forward
+    pass (`vitscope.methods.streaming.distance_pass`).
+    """
+    import torch
+
+    from vitscope.adapters import as_vit
+    from vitscope.methods.artifacts import outlier_threshold
+    from vitscope.methods.streaming import distance_pass
+
+    vit = as_vit(vit)
+    res = distance_pass(vit, pixels, token_norms=True)
+    assert res.token_norms is not None
+    P0 = vit.info.num_prefix_tokens
+    patch = res.token_norms[:, :, P0:].double().cpu().numpy()  # (L, B, P): patch tokens, row-major
+    L, B, P = patch.shape
+    high = np.zeros((B, L), dtype=np.int64)
+    for b in range(B):
+        for layer in range(L):
+            x = patch[layer, b]
+            cut = float(norm_threshold) if norm_threshold is not None else outlier_threshold(x)
+            high[b, layer] = int((x > cut).sum())
+    logits = vit.logits(res.output)
+    if logits is not None:
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        score, pred = probs.max(dim=-1)
+        prediction, scores = pred.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
+    else:
+        prediction, scores = np.full(B, -1, dtype=np.int64), np.full(B, np.nan, dtype=np.float32)
+    distance = res.distance.double().cpu().numpy().transpose(1, 0, 2)  # (B, L, H)
+    return {"distance": distance, "norm_mean": patch.mean(axis=2).T, "norm_high": high,
+            "patch_tokens": np.full(B, P, dtype=np.int64), "prediction": prediction, "score": scores}
+
+
+def image_record(stats: Mapping[str, np.ndarray], b: int, labels: Any = None) -> dict[str, Any]:
+    """Image ``b`` of `image_statistics`' output as plain values (lists, ints, floats; ``None`` when absent):
+    what both engines store per image. ``distance`` is flattened ``(layers * heads)``, layer-major."""
+    pred = int(stats["prediction"][b])
+    names = list(labels) if labels else None
+    return {"distance": np.asarray(stats["distance"][b], dtype=np.float64).ravel().tolist(),
+            "norm_mean": np.asarray(stats["norm_mean"][b], dtype=np.float64).tolist(),
+            "norm_high": np.asarray(stats["norm_high"][b], dtype=np.int64).tolist(),
+            "patch_tokens": int(stats["patch_tokens"][b]),
+            "prediction": pred if pred >= 0 else None,
+            "label": str(names[pred]) if names and 0 <= pred < len(names) else None,
+            "score": float(np.float32(stats["score"][b])) if pred >= 0 else None}
+
+
+def localisation(heat: np.ndarray, mask: np.ndarray, tau: float = 0.6) -> dict[str, Any]:
+    """``pointing`` (pointing game hit, `vitscope.methods.metrics.pointing_game`) and ``iou`` (Jaccard of the
+    map's ``tau``-mass mask with ``mask``, `mask_jaccard`) for one ``(rows, cols)`` map and a bool ``(H, W)``
+    mask in the model input's frame."""
+    import torch
+
+    from vitscope.methods.metrics import mask_jaccard, pointing_game
+
+    maps = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None]  # (1, rows, cols)
+    gt = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None]  # (1, H, W)
+    hit = bool(pointing_game(maps, gt)[0])
+    iou = float(mask_jaccard(maps.clamp_min(0), gt, tau=tau).best[0, 0])
+    return {"pointing": hit, "iou": iou}
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def check_masks(masks: str | os.PathLike[str] | None, policy: Any, vit: Any) -> Path | None:
+    """The ``masks`` folder, or a one-line error: it must exist, and the model input must show the whole image
+    (a centre crop would cut the mask's frame)."""
+    if masks is None:
+        return None
+    mask_dir = Path(masks).expanduser()
+    if not mask_dir.is_dir():
+        raise VitscopeError("masks", f"not a folder: {mask_dir}", "pass the folder of mask images")
+    if (policy or vit.info.preprocess.policy) == "crop":
+        raise VitscopeError("masks", "masks need the whole image in the model input",
+                            "use policy='resize' or 'native'")
+    return mask_dir
+
+
+def mask_for(masks: Path, rel: str) -> str | None:
+    """The mask of input ``rel`` (``a/cat.jpg`` -> ``masks/a/cat.jpg`` or ``masks/a/cat.png``), if any."""
+    for cand in (masks / rel, (masks / rel).with_suffix(".png")):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def mask_image(data: bytes, hw: tuple[int, int]) -> np.ndarray:
+    """An encoded mask image (non-zero = object) resized (nearest) to the model input ``(H, W)``: bool."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        m = im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+        return np.asarray(m) > 0
+
+
+# ------------------------------------------------------------------------------------------------ summary
+@dataclass
+class SummaryAccumulator:
+    """Sums over images for the dataset summary; `add` one image, `merge` another accumulator.
+
+    Mean attention distance as (count, mean, M2) per (layer, head), combined by Chan et al.'s pairwise update
+    (`vitscope._ops.combine_moments`) in float64; high-norm and patch-token counts per layer; the sum of mean
+    patch-token norms; pointing hits and IoU sum over masked images; images per predicted class. The result
+    depends on the order of images only by rounding.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    dist_n: int = 0
+    dist_mean: list[float] | None = None
+    dist_m2: list[float] | None = None
+    norm_n: int = 0
+    norm_high: list[int] | None = None
+    norm_tokens: int = 0
+    norm_sum: list[float] | None = None
+    masked: int = 0
+    hits: int = 0
+    iou_sum: float = 0.0
+    classes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, status: str, record: Mapping[str, Any] | None) -> SummaryAccumulator:
+        """One image: its status (``"ok"`` or an error) and its record (fields of `STAT_FIELDS`, any may be
+        missing or ``None``)."""
+        if status != "ok":
+            self.failed += 1
+            return self
+        self.ok += 1
+        r = record or {}
+        if r.get("prediction") is not None:
+            key = str(int(r["prediction"]))
+            self.classes[key] = self.classes.get(key, 0) + 1
+        if r.get("distance") is not None:
+            d = np.asarray(r["distance"], dtype=np.float64)
+            self._merge_distance(1, d, np.zeros_like(d))
+        if r.get("norm_high") is not None:
+            high = np.asarray(r["norm_high"], dtype=np.int64)
+            norms = np.asarray(r["norm_mean"], dtype=np.float64)
+            self.norm_n += 1
+            self.norm_high = (high if self.norm_high is None else np.asarray(self.norm_high) + high).tolist()
+            self.norm_sum = (norms if self.norm_sum is None else np.asarray(self.norm_sum) + norms).tolist()
+            self.norm_tokens += int(r["patch_tokens"])
+        if r.get("pointing") is not None:
+            self.masked += 1
+            self.hits += int(bool(r["pointing"]))
+            self.iou_sum += float(r["iou"])
+        return self
+
+    def _merge_distance(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        mean_a = np.asarray(self.dist_mean) if self.dist_mean is not None else None
+        m2_a = np.asarray(self.dist_m2) if self.dist_m2 is not None else None
+        n, mean, m2 = combine_moments(self.dist_n, mean_a, m2_a, n_b, mean_b, m2_b)
+        self.dist_n, self.dist_mean, self.dist_m2 = n, np.asarray(mean).tolist(), np.asarray(m2).tolist()
+
+    def merge(self, other: SummaryAccumulator) -> SummaryAccumulator:
+        """Add the images of ``other`` (a disjoint set)."""
+        self.ok, self.failed = self.ok + other.ok, self.failed + other.failed
+        for cls, n in other.classes.items():
+            self.classes[cls] = self.classes.get(cls, 0) + n
+        if other.dist_n:
+            self._merge_distance(other.dist_n, np.asarray(other.dist_mean), np.asarray(other.dist_m2))
+        if other.norm_n:
+            self.norm_n += other.norm_n
+            self.norm_tokens += other.norm_tokens
+            self.norm_high = (np.asarray(other.norm_high) + (self.norm_high or 0)).tolist()
+            self.norm_sum = (np.asarray(other.norm_sum) + (self.norm_sum or 0.0)).tolist()
+        self.masked, self.hits, self.iou_sum = (self.masked + other.masked, self.hits + other.hits,
+                                                self.iou_sum + other.iou_sum)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SummaryAccumulator:
+        return cls(**json.loads(text))
+
+    def summary(self, *, num_heads: int, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The summary `write_summary` writes.
+
+        ``images`` / ``failed`` counts and the run's settings (``config``); ``distance``: ``mean`` and ``std``
+        (population, over images) ``(layers, heads)`` in pixels and ``count``; ``high_norm``: per layer
+        ``rate`` (share of patch tokens above the cut), ``mean_norm`` (mean over images of the mean patch-token
+        norm) and ``cut``; ``localisation`` (only with masks): ``pointing_game`` (hit rate) and ``mask_iou``
+        (mean) of the run's method over ``images`` masked images; ``predictions``: images per predicted class.
+        """
+        cfg = dict(config or {})
+        out: dict[str, Any] = {"images": self.ok, "failed": self.failed, **cfg}
+        if self.dist_n:
+            mean = np.asarray(self.dist_mean).reshape(-1, num_heads)
+            std = np.sqrt(np.maximum(np.asarray(self.dist_m2).reshape(-1, num_heads) / self.dist_n, 0.0))
+            out["distance"] = {"count": self.dist_n, "mean": mean.tolist(), "std": std.tolist(),
+                               "metric": "centre", "unit": "pixels"}
+        if self.norm_n:
+            cut = cfg.get("norm_threshold")
+            out["high_norm"] = {"rate": (np.asarray(self.norm_high) / self.norm_tokens).tolist(),
+                                "mean_norm": (np.asarray(self.norm_sum) / self.norm_n).tolist(),
+                                "cut": cut if cut is not None else PER_IMAGE_CUT, "images": self.norm_n}
+        if self.masked:
+            out["localisation"] = {"images": self.masked, "pointing_game": self.hits / self.masked,
+                                   "mask_iou": self.iou_sum / self.masked}
+        out["predictions"] = dict(sorted(self.classes.items(), key=lambda kv: int(kv[0])))
+        return out
+
+
+def write_summary(output_dir: str | os.PathLike[str], summary: Mapping[str, Any], *, figure: bool = True) -> None:
+    """``summary.json`` (atomically) and, when it has distances, ``distance.png`` (mean +- std per head)."""
+    from vitscope._io import atomic_write_text
+
+    out = Path(output_dir)
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
+    if figure and "distance" in summary:
+        import matplotlib.pyplot as plt
+
+        from vitscope.viz import distance_plot, save_figure
+
+        dist = summary["distance"]
+        fig = distance_plot(np.asarray(dist["mean"]), std=np.asarray(dist["std"]),
+                            title=f"mean attention distance ({dist['count']} images)")
+        try:
+            save_figure(fig, out / DISTANCE_FIGURE)
+        finally:
+            plt.close(fig)
