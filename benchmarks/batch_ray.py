@@ -20,7 +20,7 @@ Each run is repeated on ``--part-size`` images (one part) to separate its start-
 loads, pipeline) from its steady rate. ``--rounds`` interleaves repeats, keeping the best (the machine is shared).
 Target: the Ray engine within 25% of local batch mode's throughput. Prints a markdown table.
 
-    python benchmarks/batch_ray.py [--images 160] [--rounds 1] [--batch-size 8] [--threads 2] [--part-size 16]
+    python benchmarks/batch_ray.py [--images 640] [--rounds 1] [--batch-size 8] [--threads 2] [--part-size 16]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def compute_in_actor_vs_process(ray, model: Path, batch_size: int, threads: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--images", type=int, default=640)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--part-size", type=int, default=16)
