@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.adapters import load
-from vitscope.batch import METHODS, collect_inputs, run_batch
+from vitscope.batch import METHODS, Manifest, collect_inputs, run_batch
 from vitscope.capture import capture
 from vitscope.errors import VitscopeError
 from vitscope.methods.cls_attention import cls_map
@@ -146,6 +146,15 @@ def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: 
     entries = _manifest(out)  # every line parses: the cut line was dropped
     ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
     assert ok == {"a/x.png": 1, "b/x.png": 1, "c.jpg": 1, "d.png": 2, "deep/e/f.png": 1}
+    # the summary reads each image's last line only (d.png twice, the bad files twice, the cut line dropped)
+    assert (summary.summary["images"], summary.summary["failed"], summary.summary["distance"]["count"]) == (5, 2, 5)
+    first_d, last_d = (e["stats"]["distance"] for e in [e for e in entries if e["rel"] == "d.png"])
+    assert last_d == pytest.approx(first_d)  # the redone image has the same measures
+    manifest = Manifest(out / "manifest.jsonl")
+    manifest.load()  # per-image measures stay in the file, not in memory
+    assert len(manifest.entries) == 7 and not any("stats" in e for e in manifest.entries.values())
+    assert sorted(e["rel"] for e in manifest.iter_final(["c.jpg", "d.png", "nope"])) == ["c.jpg", "d.png"]
+    assert [e["stats"]["distance"] for e in manifest.iter_final(["d.png"])] == [last_d]
     with Image.open(out / "d.cls.png") as png:
         png.load()
     # a different method into the same folder is refused, unless overwriting

@@ -308,23 +308,58 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}  # last entry per relative path
+        #: last entry per relative path, without its ``"stats"`` (read back from the file by `iter_final`, so
+        #: a run over millions of images keeps only the small part of each line in memory)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._final: dict[str, int] = {}  # relative path -> line number of its last entry
+        self._lines = 0
         self._fh: IO[str] | None = None
+
+    def _keep(self, lineno: int, entry: dict[str, Any]) -> None:
+        self.entries[entry["rel"]] = {k: v for k, v in entry.items() if k != "stats"}
+        self._final[entry["rel"]] = lineno
 
     def load(self) -> None:
         if not self.path.exists():
             return
-        raw = self.path.read_bytes()
-        end = raw.rfind(b"\n") + 1
-        if end < len(raw):  # a line cut short by a kill: drop it so the next append starts a clean line
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
-                os.fsync(fh.fileno())
-        for line in raw[:end].decode("utf-8", errors="replace").splitlines():
-            with suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and "rel" in entry:
-                    self.entries[entry["rel"]] = entry
+        with open(self.path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":  # a line cut short by a kill: drop it so the next append is clean
+                    fh.seek(0)
+                    end = 0
+                    for raw in fh:
+                        if raw.endswith(b"\n"):
+                            end += len(raw)
+                    with open(self.path, "r+b") as out:
+                        out.truncate(end)
+                        os.fsync(out.fileno())
+        self._lines = 0
+        for lineno, entry in self._read():
+            self._lines = lineno + 1
+            if entry is not None:
+                self._keep(lineno, entry)
+
+    def _read(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """``(line number, entry or None)`` of every line, streamed from the file (``None``: not an entry)."""
+        with open(self.path, encoding="utf-8", errors="replace", newline="\n") as fh:
+            for lineno, line in enumerate(fh):
+                entry = None
+                with suppress(json.JSONDecodeError):
+                    entry = json.loads(line)
+                yield lineno, entry if isinstance(entry, dict) and "rel" in entry else None
+
+    def iter_final(self, rels: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The last entry of each of ``rels`` (those that have one), ``"stats"`` included, in file order."""
+        if self._fh is not None:
+            self._fh.flush()
+        want = {self._final[r]: r for r in rels if r in self._final}
+        if not want or not self.path.exists():
+            return
+        for lineno, entry in self._read():
+            if entry is not None and want.get(lineno) == entry["rel"]:
+                yield entry
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +372,8 @@ class Manifest:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         for e in entries:
-            self.entries[e["rel"]] = e
+            self._keep(self._lines, e)
+            self._lines += 1
 
     def close(self) -> None:
         if self._fh is not None:
@@ -581,12 +617,11 @@ def run_local(
 
 def summarize_manifest(manifest: Manifest, items: Sequence[BatchItem], *, num_heads: int,
                        config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dataset summary over ``items`` from their manifest lines (status and ``"stats"``), in path order."""
+    """The dataset summary over ``items`` from their last manifest lines (status and ``"stats"``), streamed from
+    the manifest file in its order."""
     acc = SummaryAccumulator()
-    for it in sorted(items, key=lambda it: it.rel):
-        entry = manifest.entries.get(it.rel)
-        if entry is not None:
-            acc.add(entry.get("status", "error"), entry.get("stats"))
+    for entry in manifest.iter_final(it.rel for it in items):
+        acc.add(entry.get("status", "error"), entry.get("stats"))
     return acc.summary(num_heads=num_heads, config=config)
 
 
