@@ -21,7 +21,7 @@ import torch
 from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
-from vitscope.capture.hooks import eval_mode, record_block_outputs, record_sites
+from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
 from vitscope.capture.intercept import (
     AttentionCall,
     CaptureError,
@@ -186,18 +186,14 @@ def capture_full(
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
-    def on_block(layer: int, x: torch.Tensor) -> None:
-        assert norms is not None
-        norms[layer] = x.float().norm(dim=-1)
-
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         if to_check:
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
         check = stack.enter_context(observe_attention(sites, on_call))
-        if token_norms:
-            stack.enter_context(record_block_outputs(vit.sites, on_block))
+        if norms is not None:
+            stack.enter_context(record_token_norms(vit.sites, norms))
         output = vit(pixels)
         check()
 

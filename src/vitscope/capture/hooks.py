@@ -100,3 +100,15 @@ def record_block_outputs(sites: Sequence[AttentionSite], on_block: Callable[[int
             handles.append(site.block.register_forward_hook(hook))
         yield
 
+
+@contextmanager
+def record_token_norms(sites: Sequence[AttentionSite], norms: torch.Tensor) -> Iterator[None]:
+    """Fill ``norms[layer]`` ``(B, N)`` float32 with the L2 norm of every block's output tokens (before the final
+    norm): what ``token_norms=True`` means everywhere (`vitscope.capture`, `distance_pass`)."""
+
+    def on_block(layer: int, x: torch.Tensor) -> None:
+        norms[layer] = x.float().norm(dim=-1)
+
+    with record_block_outputs(sites, on_block):
+        yield
+

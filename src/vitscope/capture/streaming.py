@@ -28,7 +28,7 @@ import torch
 from vitscope._ops import check_fusion, fuse_heads
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.capture.core import QuerySpec, check_call_tokens, resolve_layers, resolve_queries
-from vitscope.capture.hooks import eval_mode, record_block_outputs
+from vitscope.capture.hooks import eval_mode, record_token_norms
 from vitscope.capture.intercept import (
     CHUNK_BYTES,
     AttentionCall,
@@ -99,11 +99,11 @@ def prepare_run(
     return StreamRun(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
 
 
-def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, on_block: Any = None,
+def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: torch.Tensor | None = None,
                allow_probs: bool = False) -> Any:
     """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
-    layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it; ``on_block(layer,
-    x)``, when given, each block's output tokens ``(B, N, D)`` (`vitscope.capture.hooks.record_block_outputs`).
+    layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it; ``norms``, when
+    given, ``(num_layers, B, N)``, gets every block's output token norms (`vitscope.capture.hooks.record_token_norms`).
     A layer that materialises its attention (``call.probs``, an eager softmax) is refused unless ``allow_probs``
     (the caller then reads ``call.probs``). Returns the model's output."""
     vit, N = run.vit, run.num_tokens
@@ -123,8 +123,8 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, on_block
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver))
-        if on_block is not None:
-            stack.enter_context(record_block_outputs(vit.sites, on_block))
+        if norms is not None:
+            stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)
         check()
         return out

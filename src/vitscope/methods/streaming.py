@@ -230,7 +230,7 @@ def streaming_distance(
     For query patch ``i`` the distance is ``sum_j A[i, j] * ||p_i - p_j||`` over patch keys ``j`` (patch
     centres in input pixels), with the patch part of the row renormalised to sum to 1; the result is the mean
     over query patches (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Fig. 7). Prefix tokens
-    are neither queries nor keys.
+    are neither queries nor keys. A layer that materialises its attention (an explicit softmax) is read from it.
     """
     return distance_pass(model, images, layers=layers, chunk_rows=chunk_rows, compute_dtype=compute_dtype,
                          policy=policy, size=size, device=device).distance
@@ -285,10 +285,5 @@ def distance_pass(
         acc /= P
 
     norms = torch.empty(info.num_layers, B, N, dtype=torch.float32, device=dev) if token_norms else None
-
-    def on_block(layer: int, x: torch.Tensor) -> None:
-        assert norms is not None
-        norms[layer] = x.float().norm(dim=-1)  # (B, N), as vitscope.capture(token_norms=True)
-
-    output = forward_qk(run, layer_ids, on_layer, on_block if token_norms else None, allow_probs=True)
+    output = forward_qk(run, layer_ids, on_layer, norms, allow_probs=True)
     return DistancePass(distance=out, output=output, token_norms=norms)
