@@ -135,6 +135,10 @@ def mask_image(data: bytes, hw: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ summary
+#: `SummaryAccumulator`'s array fields and their dtypes (lists in its JSON)
+_ACC_ARRAYS = {"dist_mean": np.float64, "dist_m2": np.float64, "norm_high": np.int64, "norm_sum": np.float64}
+
+
 @dataclass
 class SummaryAccumulator:
     """Sums over images for the dataset summary; `add` one image, `merge` another accumulator.
@@ -148,49 +152,41 @@ class SummaryAccumulator:
     ok: int = 0
     failed: int = 0
     dist_n: int = 0
-    dist_mean: list[float] | None = None
-    dist_m2: list[float] | None = None
+    dist_mean: np.ndarray | None = None  # (layers * heads,) float64
+    dist_m2: np.ndarray | None = None  # (layers * heads,) float64
     norm_n: int = 0
-    norm_high: list[int] | None = None
+    norm_high: np.ndarray | None = None  # (layers,) int64
     norm_tokens: int = 0
-    norm_sum: list[float] | None = None
+    norm_sum: np.ndarray | None = None  # (layers,) float64
     masked: int = 0
     hits: int = 0
     iou_sum: float = 0.0
     classes: dict[str, int] = field(default_factory=dict)
 
-    def add(self, status: str, record: Mapping[str, Any] | None) -> SummaryAccumulator:
+    @classmethod
+    def of_image(cls, status: str, record: Mapping[str, Any] | None) -> SummaryAccumulator:
         """One image: its status (``"ok"`` or an error) and its record (fields of `STAT_FIELDS`, any may be
         missing or ``None``)."""
         if status != "ok":
-            self.failed += 1
-            return self
-        self.ok += 1
+            return cls(failed=1)
         r = record or {}
+        acc = cls(ok=1)
         if r.get("prediction") is not None:
-            key = str(int(r["prediction"]))
-            self.classes[key] = self.classes.get(key, 0) + 1
+            acc.classes[str(int(r["prediction"]))] = 1
         if r.get("distance") is not None:
-            d = np.asarray(r["distance"], dtype=np.float64)
-            self._merge_distance(1, d, np.zeros_like(d))
+            acc.dist_n, acc.dist_mean = 1, np.asarray(r["distance"], dtype=np.float64)
+            acc.dist_m2 = np.zeros_like(acc.dist_mean)
         if r.get("norm_high") is not None:
-            high = np.asarray(r["norm_high"], dtype=np.int64)
-            norms = np.asarray(r["norm_mean"], dtype=np.float64)
-            self.norm_n += 1
-            self.norm_high = (high if self.norm_high is None else np.asarray(self.norm_high) + high).tolist()
-            self.norm_sum = (norms if self.norm_sum is None else np.asarray(self.norm_sum) + norms).tolist()
-            self.norm_tokens += int(r["patch_tokens"])
+            acc.norm_n, acc.norm_tokens = 1, int(r["patch_tokens"])
+            acc.norm_high = np.asarray(r["norm_high"], dtype=np.int64)
+            acc.norm_sum = np.asarray(r["norm_mean"], dtype=np.float64)
         if r.get("pointing") is not None:
-            self.masked += 1
-            self.hits += int(bool(r["pointing"]))
-            self.iou_sum += float(r["iou"])
-        return self
+            acc.masked, acc.hits, acc.iou_sum = 1, int(bool(r["pointing"])), float(r["iou"])
+        return acc
 
-    def _merge_distance(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        mean_a = np.asarray(self.dist_mean) if self.dist_mean is not None else None
-        m2_a = np.asarray(self.dist_m2) if self.dist_m2 is not None else None
-        n, mean, m2 = combine_moments(self.dist_n, mean_a, m2_a, n_b, mean_b, m2_b)
-        self.dist_n, self.dist_mean, self.dist_m2 = n, np.asarray(mean).tolist(), np.asarray(m2).tolist()
+    def add(self, status: str, record: Mapping[str, Any] | None) -> SummaryAccumulator:
+        """Add one image (`of_image`)."""
+        return self.merge(self.of_image(status, record))
 
     def merge(self, other: SummaryAccumulator) -> SummaryAccumulator:
         """Add the images of ``other`` (a disjoint set)."""
@@ -198,22 +194,31 @@ class SummaryAccumulator:
         for cls, n in other.classes.items():
             self.classes[cls] = self.classes.get(cls, 0) + n
         if other.dist_n:
-            self._merge_distance(other.dist_n, np.asarray(other.dist_mean), np.asarray(other.dist_m2))
+            self.dist_n, self.dist_mean, self.dist_m2 = combine_moments(
+                self.dist_n, self.dist_mean, self.dist_m2, other.dist_n, other.dist_mean, other.dist_m2)
         if other.norm_n:
-            self.norm_n += other.norm_n
-            self.norm_tokens += other.norm_tokens
-            self.norm_high = (np.asarray(other.norm_high) + (self.norm_high or 0)).tolist()
-            self.norm_sum = (np.asarray(other.norm_sum) + (self.norm_sum or 0.0)).tolist()
+            assert other.norm_high is not None and other.norm_sum is not None
+            self.norm_n, self.norm_tokens = self.norm_n + other.norm_n, self.norm_tokens + other.norm_tokens
+            self.norm_high = other.norm_high if self.norm_high is None else self.norm_high + other.norm_high
+            self.norm_sum = other.norm_sum if self.norm_sum is None else self.norm_sum + other.norm_sum
         self.masked, self.hits, self.iou_sum = (self.masked + other.masked, self.hits + other.hits,
                                                 self.iou_sum + other.iou_sum)
         return self
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        state = asdict(self)
+        for name in _ACC_ARRAYS:
+            if state[name] is not None:
+                state[name] = state[name].tolist()
+        return json.dumps(state)
 
     @classmethod
     def from_json(cls, text: str) -> SummaryAccumulator:
-        return cls(**json.loads(text))
+        state = json.loads(text)
+        for name, dtype in _ACC_ARRAYS.items():
+            if state[name] is not None:
+                state[name] = np.asarray(state[name], dtype=dtype)
+        return cls(**state)
 
     def summary(self, *, num_heads: int, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The summary `write_summary` writes.
