@@ -629,7 +629,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
              bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], bases: dict[str, str],
              batch_size: int, workers: int,
              policy: SizePolicy | None, size: int | tuple[int, int] | None, layer: int, dev: torch.device,
-             masks: Path | None = None, stats: bool = False, norm_threshold: float | None = None) -> None:
+             masks: Path | None, stats: bool, norm_threshold: float | None) -> None:
     if not todo:
         return
     info = vit.info
