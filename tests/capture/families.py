@@ -187,8 +187,10 @@ def _cfg(name: str, **extra: Any) -> Callable[[], Any]:
 
 
 # --------------------------------------------------------------------------------------------------- timm
-def _timm_reference(model: nn.Module) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], nn.Module]:
-    """timm's explicit branch: ``fused_attn=False`` on a copy; each block's ``attn.attn_drop`` gets the probs."""
+def _explicit_reference(model: nn.Module
+                        ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], nn.Module]:
+    """The explicit branch of timm's attention (and of vitscope's ViT, which has the same two branches):
+    ``fused_attn=False`` on a copy; each block's ``attn.attn_drop`` gets the probs."""
     ref = copy.deepcopy(model).eval()
     for m in ref.modules():
         if hasattr(m, "fused_attn"):
@@ -220,7 +222,7 @@ def _timm(name: str, dynamic: bool = True, **extra: Any) -> Builder:
             with torch.no_grad():
                 return main_tensor(model(pixels))
 
-        reference, explicit = _timm_reference(model)
+        reference, explicit = _explicit_reference(model)
         return Built(model, model, reference, forward, list(model.blocks), explicit=explicit)
 
     return build
@@ -298,23 +300,13 @@ def _vitscope(registers: int = 0) -> Builder:
         cfg = ViTConfig(image_size=(32, 32), patch_size=PATCH, dim=32, depth=2, heads=2, num_classes=5,
                         num_registers=registers)
         model = sharpen(ViT(cfg).eval(), factor)
-        ref = copy.deepcopy(model).eval()
-        ref.set_fused_attn(False)
-        probs: list[torch.Tensor] = []
-        for blk in ref.blocks:
-            blk.attn.attn_drop.register_forward_pre_hook(lambda _m, inp: probs.append(inp[0].detach().clone()))
-
-        def reference(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            probs.clear()
-            with torch.no_grad():
-                out = ref(pixels)
-            return _stack(probs), out
+        reference, explicit = _explicit_reference(model)  # vitscope's ViT has timm's two attention branches
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return model(pixels)
 
-        return Built(model, model, reference, forward, list(model.blocks), explicit=ref)
+        return Built(model, model, reference, forward, list(model.blocks), explicit=explicit)
 
     return build
 
