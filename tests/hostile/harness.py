@@ -27,8 +27,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 #: a CLI option or argument name in an error line: ``--max-pixels``, ``-o``, or ``IMAGES``-style argument names
 OPTION = re.compile(r"(--[a-z][a-z0-9-]*|-[a-zA-Z]\b)")
-#: Python call syntax that a CLI user cannot type (advice must name options instead)
-PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?!\S*\s*(?:\)|$))|\w+\(.*\)|\bpass [a-z_]+=")
 
 
 def tree_state(root: Path) -> dict[str, str]:
