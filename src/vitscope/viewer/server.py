@@ -244,7 +244,11 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         super().__init__()
         self._sock = sock
-        self.deadline = deadline
+        self.restart(deadline)
+
+    def restart(self, deadline: float) -> None:
+        """A new request: a new deadline, nothing received and not expired yet."""
+        self.deadline, self.received, self.expired = deadline, 0, False
 
     def readable(self) -> bool:
         return True
@@ -252,9 +256,16 @@ class _DeadlineReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         left = self.deadline - time.monotonic()
         if left <= 0:
+            self.expired = True
             raise TimeoutError("the request took too long to arrive")
         self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
+        try:
+            got = self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = True
+            raise
+        self.received += got
+        return got
 
 
 def _drain(read: Callable[[int], bytes | None], limit: int) -> int:
@@ -324,6 +335,7 @@ class ViewerServer(ThreadingHTTPServer):
             request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                             b"Connection: close\r\nContent-Length: 35\r\n\r\n503: the server is busy, try again\n")
             if drain:
+                request.shutdown(socket.SHUT_WR)
                 reader = _DeadlineReader(request, time.monotonic() + min(1.0, self.drain_timeout))
                 _drain(reader.read, self.max_drain)
         except OSError:
@@ -401,6 +413,8 @@ class ViewerServer(ThreadingHTTPServer):
 class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "vitscope"
+    #: a malformed request line is answered with a status line (the base class's HTTP/0.9 default omits it)
+    default_request_version = "HTTP/1.0"
 
     def setup(self) -> None:
         super().setup()
@@ -408,6 +422,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection, time.monotonic() + self.server.request_timeout)
         self.rfile = io.BufferedReader(self._reader)
         self._unread = 0
+        self._answered = False
 
     def handle(self) -> None:
         try:
@@ -418,16 +433,37 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         """One request, which must arrive (request line, headers, body) within `ViewerServer.request_timeout`
         in all; a body left unread (the request was refused from its headers) is drained after the answer."""
-        self._reader.deadline = time.monotonic() + self.server.request_timeout
+        self._reader.restart(time.monotonic() + self.server.request_timeout)
         self._unread = 0  # bytes of the body not read yet; -1: unknown (no usable Content-Length)
+        self._answered = False
         super().handle_one_request()
-        if self._unread:
+        if self._reader.expired and self._reader.received and not self._answered:
+            # part of a request arrived, too slowly (the base class only closes): say why, then close
             self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(1.0)
+                self.connection.sendall(
+                    b"HTTP/1.0 408 Request Timeout\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                    b"Content-Length: 39\r\n\r\n408: the request took too long to arrive\n")
+            return
+        if self._unread:  # answered; the client may still be sending: a lingering close
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees it end
             self._reader.deadline = min(self._reader.deadline, time.monotonic() + self.server.drain_timeout)
             limit = self.server.max_drain if self._unread < 0 else min(self._unread, self.server.max_drain)
             _drain(self.rfile.read1, limit)
 
+    def parse_request(self) -> bool:
+        if not getattr(self, "raw_requestline", b"").strip():  # the base class closes without a word
+            self.command, self.requestline, self.request_version = "", "", self.default_request_version
+            self.close_connection = True
+            self.send_error(HTTPStatus.BAD_REQUEST, "Empty request line")
+            return False
+        return super().parse_request()
+
     def send_response(self, code: int, message: str | None = None) -> None:
+        self._answered = True
         self.connection.settimeout(self.server.request_timeout)  # writing the answer: its own time limit
         super().send_response(code, message)
 
