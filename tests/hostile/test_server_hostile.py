@@ -150,6 +150,8 @@ def _cases() -> list[Case]:
         ("traversal-filename", _form(_image_part(text, filename="../../../../tmp/x.png")), 415),
         ("rfc2231-filename", _form(b"Content-Disposition: form-data; name=\"image\"; filename*=utf-8''%2e%2e%2f"
                                    b"%ff.png\r\n\r\n" + text), 415),
+        ("boundary-look-alike", _form(_image_part(text + b"\r\n--bX" + text)), 400),
+        ("boundary-then-junk", _form(_image_part(text)).replace(b"--b--", b"--b junk"), 400),
         ("nested-multipart", _form(_image_part(_form(_image_part(text)), "Content-Type: multipart/mixed; "
                                                                          "boundary=b\r\n")), 400),
     ]:

@@ -143,20 +143,22 @@ def _split_multipart(body: bytes, boundary: bytes, max_parts: int) -> list[tuple
 
     def delimiter(start: int) -> tuple[int, int, bool]:
         """The first delimiter line at or after ``start`` (at the body's start or after CRLF):
-        ``(where it starts, where the next part starts, whether it closes the body)``."""
-        at = start
-        while True:
-            at = body.find(dash, at)
+        ``(where it starts, where the next part starts, whether it closes the body)``. RFC 2046: CRLF "--"
+        boundary never occurs inside a part, so each occurrence is a delimiter or the body is malformed."""
+        if start == 0 and body.startswith(dash):
+            at = 0
+        else:
+            at = body.find(b"\r\n" + dash, max(start - 2, 0))
             if at < 0:
                 raise malformed
-            if at == 0 or body[at - 2 : at] == b"\r\n":
-                after = at + len(dash)
-                if body.startswith(b"--", after):
-                    return at, after + 2, True
-                eol = body.find(b"\r\n", after, after + 1024)
-                if eol >= 0 and not body[after:eol].strip(b" \t"):  # transport padding only
-                    return at, eol + 2, False
-            at += len(dash)
+            at += 2
+        after = at + len(dash)
+        if body.startswith(b"--", after):
+            return at, after + 2, True
+        eol = body.find(b"\r\n", after, after + 1024)
+        if eol < 0 or body[after:eol].strip(b" \t"):  # only transport padding may follow the boundary
+            raise malformed
+        return at, eol + 2, False
 
     parts: list[tuple[dict[str, str], bytes]] = []
     _, pos, closed = delimiter(0)  # the preamble before the first delimiter is ignored
