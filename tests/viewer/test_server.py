@@ -333,6 +333,24 @@ def test_trickling_headers_cannot_hold_the_slots():
             raise AssertionError("/healthz never answered 200 after the trickling clients were dropped")
 
 
+def test_one_request_per_connection(server):
+    """A keep-alive client cannot hold a slot with a stream of small requests, each inside its deadline: the
+    server speaks HTTP/1.0 without keep-alive, so it answers one and closes (a guard on `protocol_version`)."""
+    import socket
+    import time
+
+    host, port = server.server_address[:2]
+    ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        started = time.monotonic()
+        sock.sendall(ask * 3)
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes (a timeout fails the test)
+            reply += chunk
+    assert reply.count(b"HTTP/1.0 200 OK") == 1 and reply.endswith(b"\r\n\r\nok\n")
+    assert time.monotonic() - started < 5  # closed at once, not after the 30 s request deadline
+
+
 def _part_bomb(size: int) -> tuple[bytes, str]:
     """A ``size``-byte multipart body of empty parts (9 bytes each), and its content type."""
     part = b"\r\n--b\r\n\r\n"
