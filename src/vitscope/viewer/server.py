@@ -338,7 +338,7 @@ class ViewerServer(ThreadingHTTPServer):
                             b"Connection: close\r\nContent-Length: 35\r\n\r\n503: the server is busy, try again\n")
             if drain:
                 request.shutdown(socket.SHUT_WR)
-                reader = _DeadlineReader(request, time.monotonic() + min(1.0, self.drain_timeout))
+                reader = _DeadlineReader(request, time.monotonic() + min(2.0, self.drain_timeout))
                 _drain(reader.read, self.max_drain)
         except OSError:
             pass
