@@ -432,3 +432,14 @@ def test_busy_server_answers_503_to_a_client_sending_a_body():
         with socket.create_connection((host, port), timeout=TIMEOUT):  # holds the only slot
             status, text = _request(srv, "POST", "/view", b"\0" * (4 * 2**20), {"Content-Type": "image/png"})
         assert status == 503 and "busy" in text
+
+
+def test_upload_with_a_hostile_file_name(server):
+    """A file name in raw non-UTF-8 bytes with markup: the viewer comes back, its title decoded with U+FFFD
+    and escaped wherever the page shows it."""
+    body, ctype = _multipart("image", "x", _png(20, 30))
+    body = body.replace(b'filename="x"', b'filename="\xff\xfe<b onmouseover=x>.png"')
+    status, page = _request(server, "POST", "/view", body, {"Content-Type": ctype})
+    assert status == 200
+    assert _viewer_data(page)["title"] == "\ufffd\ufffd<b onmouseover=x>.png"
+    assert "<b onmouseover" not in page
