@@ -161,6 +161,9 @@ def _cases() -> list[Case]:
                    "/..\\..\\etc\\passwd", "/healthz%00", "/sample/%00", "http://evil/../etc/passwd",
                    "/sample/chelsea/../../../etc/passwd", "//etc/passwd", "/%ff%fe", "/sample/../healthz"]:
         cases.append(Case(f"path-get-{target}", _req("GET", target), s({404})))
+    cases.append(Case("path-head-traversal", _req("HEAD", "/sample/../../etc/passwd"), s({404})))
+    cases.append(Case("path-post-elsewhere-over-limit", _req("POST", "/upload", {
+        "Content-Type": "image/png", "Content-Length": str(10 * MAX_UPLOAD)}), s({404})))
     for target in ["/view/../view", "/../view", "/sample/chelsea", "/healthz"]:
         cases.append(Case(f"path-post-{target}", _post(b"abc", "image/png", version="HTTP/1.0").replace(
             b"POST /view ", f"POST {target} ".encode()), s({404})))

@@ -436,7 +436,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """One request, which must arrive (request line, headers, body) within `ViewerServer.request_timeout`
         in all; a body left unread (the request was refused from its headers) is drained after the answer."""
         self._reader.restart(time.monotonic() + self.server.request_timeout)
-        self._unread = 0  # bytes of the body not read yet; -1: unknown (no usable Content-Length)
+        self._unread = 0  # bytes of the body not read yet; -1: unknown (no usable Content-Length, a bad request)
         self._answered = False
         super().handle_one_request()
         if self._reader.expired and self._reader.received and not self._answered:
@@ -452,7 +452,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees it end
-            self._reader.deadline = min(self._reader.deadline, time.monotonic() + self.server.drain_timeout)
+            seconds = self.server.drain_timeout if self._unread > 0 else min(1.0, self.server.drain_timeout)
+            self._reader.deadline = min(self._reader.deadline, time.monotonic() + seconds)
             limit = self.server.max_drain if self._unread < 0 else min(self._unread, self.server.max_drain)
             _drain(self.rfile.read1, limit)
 
@@ -463,6 +464,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.BAD_REQUEST, "Empty request line")
             return False
         return super().parse_request()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's errors (bad request line, too long, too many headers, unknown method): the rest of
+        the request is unread, so close lingering (a short drain) rather than with a reset."""
+        self._unread = self._unread or -1
+        super().send_error(code, message, explain)
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._answered = True
