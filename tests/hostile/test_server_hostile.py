@@ -46,8 +46,9 @@ def _req(method: str = "GET", target: str = "/", headers: dict[str, str] | None 
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-def _post(body: bytes, ctype: str = "multipart/form-data; boundary=b", **kw: object) -> bytes:
-    return _req("POST", "/view", {"Content-Type": ctype, **kw.pop("headers", {})}, body, **kw)  # type: ignore[arg-type]
+def _post(body: bytes, ctype: str = "multipart/form-data; boundary=b", headers: dict[str, str] | None = None,
+          version: str = "HTTP/1.0", length: bool = True) -> bytes:
+    return _req("POST", "/view", {"Content-Type": ctype, **(headers or {})}, body, version, length)
 
 
 def _form(*parts: bytes, close: bool = True) -> bytes:
