@@ -507,10 +507,11 @@ def batch_maps(
         from matplotlib.colors import Normalize
 
         mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="gray" if view == "masked" else cmap)
-        label = "brightness kept (map, per image min 0 to max 1)" if view == "masked" else f"{map_name}, per image"
+        label = "map scaled: min 0, max 1" if view == "masked" else "map, per image"
         shrink = min(0.9, 2.5 / max(1.0, sum(ratios)))
-        bar = fig.colorbar(mappable, ax=list(axes.flat), shrink=shrink, label=label, panchor=False, fraction=0.02,
-                           pad=0.01)
+        bar = fig.colorbar(mappable, ax=list(axes.flat), shrink=shrink, panchor=False, fraction=0.02, pad=0.01)
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=8)
         if view != "masked":
             bar.set_ticks([0.0, 1.0], labels=["image min", "image max"])
     return fig
