@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -237,34 +238,60 @@ def _folder_entries(folder: Path) -> Iterator[str]:
 
 @dataclass
 class OutputFolder:
-    """An output folder vitscope may write: what in it is vitscope's (``owned``) and what is not (``foreign``)."""
+    """An output folder vitscope may write, and what in it is vitscope's own: files of its marker whose content
+    is unchanged (``marker``), files a command knows by other means (``known``), and its temporary files."""
 
     path: Path
     command: str
     argument: str = "output"
-    owned: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (the marker's, still matching)
-    foreign: list[str] = field(default_factory=list)  # relative paths vitscope did not write (sorted)
+    marker: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (the marker's)
+    known: Collection[str] = ()
+    valid_marker: bool = False  # the folder's .vitscope.json is vitscope's (else, if present, it is the user's)
+
+    def is_ours(self, rel: str) -> bool:
+        """The entry ``rel`` (relative posix path) is a file vitscope wrote and nobody changed since."""
+        if rel == MARKER:
+            return self.valid_marker
+        if rel in self.known or is_temp_name(rel.rsplit("/", 1)[-1]):
+            return True
+        p = self.path / rel
+        digest = self.marker.get(rel)
+        return digest is not None and p.is_file() and not p.is_symlink() and file_sha256(p) == digest
+
+    def foreign(self, under: str = "") -> Iterator[str]:
+        """Entries under ``under`` (all of the folder by default) that are not vitscope's, lazily."""
+        root = self.path / under if under else self.path
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            if not self.is_ours(under):
+                yield under
+            return
+        prefix = f"{under.rstrip('/')}/" if under else ""
+        for rel in _folder_entries(root):
+            if not self.is_ours(prefix + rel):
+                yield prefix + rel
 
     def check_writes(self, names: Iterable[str], marker: bool = True) -> None:
         """Refuse (one line) when writing ``names`` (relative paths; a folder covers what is under it) would
         replace or delete a file vitscope did not write (``marker``: the command also writes `MARKER`)."""
         from vitscope.errors import VitscopeError
 
-        wanted = {n.rstrip("/") for n in names} | ({MARKER} if marker else set())
-        hit = [f for f in self.foreign if f.rstrip("/") in wanted
-               or any(f.startswith(w + "/") for w in wanted)]
-        if hit:
-            raise VitscopeError(self.argument, f"{self.path / hit[0]} exists and vitscope did not write it, so it "
-                                f"will not replace it", "pick a new or empty folder, or move that file away")
+        for name in [*names, *([MARKER] if marker else [])]:
+            name = name.rstrip("/")
+            if not os.path.lexists(self.path / name):
+                continue
+            hit = next(self.foreign(name), None)
+            if hit is not None:
+                raise VitscopeError(self.argument, f"{self.path / hit} exists and vitscope did not write it, so it "
+                                    "will not replace it", "pick a new or empty folder, or move that file away")
 
     def record(self, names: Iterable[str]) -> None:
         """Add ``names`` (relative paths of files just written) to the marker, with their sha256."""
-        files = dict(self.owned)
+        files = {rel: digest for rel, digest in self.marker.items() if self.is_ours(rel)}
         for name in names:
             p = self.path / name
             if p.is_file() and not p.is_symlink():
                 files[name] = file_sha256(p)
-        self.owned = files
+        self.marker, self.valid_marker = files, True
         atomic_write_text(self.path / MARKER, json.dumps({"vitscope": 1, "command": self.command,
                                                            "files": dict(sorted(files.items()))}, indent=1))
 
@@ -276,30 +303,23 @@ def claim_output(folder: str | os.PathLike[str], command: str, *, overwrite: boo
     vitscope's own files are those of the marker whose content is unchanged, its temporary files, and
     ``known`` (files a command knows as its own by other means, e.g. batch's manifest). Anything else is the
     user's: a folder holding such files is refused with one line unless ``overwrite`` (then vitscope writes
-    beside them; `OutputFolder.check_writes` still refuses to replace one).
+    beside them; `OutputFolder.check_writes` still refuses to replace one). The folder is walked only until
+    a few of the user's files are found (``-o ~`` is refused at once).
     """
     from vitscope.errors import VitscopeError
 
     path = Path(folder)
-    out = OutputFolder(path, command, argument)
+    out = OutputFolder(path, command, argument, known=known)
     if not path.is_dir():
         return out
-    valid = _read_marker(path)
-    marker = valid or {}
-    foreign: list[str] = []
-    for rel in _folder_entries(path):
-        if (rel == MARKER and valid is not None) or rel in known or is_temp_name(rel.rsplit("/", 1)[-1]):
-            continue
-        digest = marker.get(rel)
-        if digest is not None and not (path / rel).is_symlink() and file_sha256(path / rel) == digest:
-            out.owned[rel] = digest
-            continue
-        foreign.append(rel)
-    out.foreign = sorted(foreign)
-    if out.foreign and not overwrite:
-        shown = ", ".join(out.foreign[:3]) + (", ..." if len(out.foreign) > 3 else "")
-        raise VitscopeError(argument, f"{path} holds files vitscope did not write ({shown})",
-                            "pick a new or empty folder, or pass --overwrite to write beside them")
+    marker = _read_marker(path)
+    out.marker, out.valid_marker = marker or {}, marker is not None
+    if not overwrite:
+        found = list(itertools.islice(out.foreign(), 4))
+        if found:
+            shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
+            raise VitscopeError(argument, f"{path} holds files vitscope did not write ({shown})",
+                                "pick a new or empty folder, or pass --overwrite to write beside them")
     return out
 
 

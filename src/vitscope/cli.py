@@ -607,7 +607,7 @@ def batch_cmd(
     ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
                                    "num_gpus": num_gpus, "max_retries": max_retries} if engine == "ray" else {}
     try:
-        with _limits(max_pixels, max_tokens, max_memory):
+        with _limits(max_pixels, max_tokens, max_memory), _as_options(output="--output"):
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
                 policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]

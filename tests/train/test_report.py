@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tiny_vit
+from vitscope.errors import VitscopeError
 from vitscope.methods import method_names
 from vitscope.models.vit import ViT, ViTConfig, save_vit
-from vitscope.errors import VitscopeError
 from vitscope.train.report import REPORT_FILES, model_report, shapes_batch
 from vitscope.train.shapes import SHAPE_CLASSES, render_shape
 

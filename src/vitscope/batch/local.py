@@ -171,9 +171,13 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     comments, relative to the list's folder), one image, or a sequence of paths into `BatchItem` s.
 
     Every regular file found is an input: files that are not images are reported as errors in the manifest,
-    not silently dropped. ``exclude`` (the output folder) is never scanned.
+    not silently dropped. ``exclude`` (the output folder) is never scanned when it lies inside the inputs.
     """
     excl = exclude.resolve() if exclude is not None else None
+    if excl is not None and isinstance(inputs, (str, os.PathLike)):
+        scanned = Path(os.fspath(inputs)).expanduser().resolve()
+        if excl == scanned or excl in scanned.parents:  # -o above the inputs: it holds them, skip nothing
+            excl = None
 
     def keep(p: Path) -> bool:
         return p.is_file() and (excl is None or excl not in p.resolve().parents)

@@ -145,7 +145,7 @@ def model_report(
     for arg, value, least in (("images", images, 0), ("localisation_images", localisation_images, 0),
                               ("samples", samples, 1)):
         if value < least:
-            raise VitscopeError(arg, f"must be >= {least}, got {value}", f"pass {arg} >= {least}")
+            raise VitscopeError(arg, f"must be >= {least}, got {value}", f"pass a number >= {least}")
     out = Path(output)
     dest = claim_output(out, "report", overwrite=overwrite)  # refused before the model is even loaded
     dest.check_writes(REPORT_FILES)
