@@ -575,7 +575,8 @@ def batch_cmd(
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start over, ignoring an existing manifest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over (the previous run's outputs are removed), or write "
+                                                 "beside files vitscope did not write (kept).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,

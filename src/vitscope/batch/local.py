@@ -592,7 +592,9 @@ def run_local(
         layer: the layer of ``method="cls"``.
         device: ``"auto"`` (CUDA, MPS, then CPU), a device, or ``None`` for where the model already is.
         verify: on resume, also check the sha256 of existing outputs (default: their size).
-        overwrite: start over, ignoring (and truncating) an existing manifest.
+        overwrite: start over: the previous run's outputs (those its manifest lists, unchanged) are removed and
+            the manifest truncated; also write into a folder holding files vitscope did not write (they are
+            kept; none may be at an output's path). Without it such a folder is refused.
         progress: show a tqdm bar with images/s.
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object, in the image's frame): pointing game and mask IoU of each map.
