@@ -226,14 +226,24 @@ def _read_marker(folder: Path) -> dict[str, str] | None:
 
 
 def _folder_entries(folder: Path) -> Iterator[str]:
-    """Relative posix paths of every file, symlink and empty folder under ``folder`` (links never followed)."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    """Relative posix paths of every file, symlink and empty folder under ``folder`` (links never followed); a
+    folder that cannot be read is one entry (``"private/"``): what it holds is unknown, so it is not vitscope's."""
+    unreadable: list[OSError] = []
+
+    def failed() -> Iterator[str]:
+        while unreadable:
+            where = Path(unreadable.pop().filename or folder)
+            yield (where.relative_to(folder).as_posix() + "/") if where != folder else "./"
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=unreadable.append):
+        yield from failed()
         base = Path(dirpath)
         links = [d for d in dirnames if (base / d).is_symlink()]
         for name in filenames + links:
             yield (base / name).relative_to(folder).as_posix()
         if not dirnames and not filenames and base != folder:
             yield base.relative_to(folder).as_posix() + "/"
+    yield from failed()
 
 
 @dataclass

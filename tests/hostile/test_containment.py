@@ -99,7 +99,8 @@ def test_train_refuses_a_folder_holding_another_model(tmp_path: Path, model: Pat
     check_contained(before, tree_state(tmp_path), tmp_path, [])
 
 
-def test_batch_rerun_keeps_users_part_files(tmp_path: Path, model: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+def test_batch_rerun_keeps_users_part_files(tmp_path: Path, model: Path, extra: list[str]) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
     _image(inp / "a.png", 1)
     assert _batch(inp, out, model).code == 0
@@ -108,8 +109,9 @@ def test_batch_rerun_keeps_users_part_files(tmp_path: Path, model: Path) -> None
     (out / "sub").mkdir()
     (out / "sub" / ".a.cls.npz.abc123.part").write_text("looks like an old temp file, is the user's")
     before = _users(tree_state(tmp_path), ours, out.name)
-    res = _batch(inp, out, model, "--overwrite")
+    res = _batch(inp, out, model, *extra)  # a batch run's folder is resumed beside the user's files
     assert res.code == 0, res.stderr
+    assert ("1 done" if extra else "1 skipped") in res.stdout
     check_contained(before, tree_state(tmp_path), tmp_path, [out])
     assert (out / ".my-notes.part").read_text() == "notes"
 

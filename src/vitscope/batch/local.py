@@ -23,7 +23,8 @@ its leftovers (only names of exactly that pattern) are removed on restart.
 
 The output folder is vitscope's rule (`vitscope._io.claim_output`): files the manifest does not know (and that are
 not the run's own ``manifest.jsonl``, ``batch.json``, ``summary.json``, ``distance.png``) are the user's; a folder
-holding any is refused unless ``overwrite``, and even then no output may replace one. ``overwrite`` starts over:
+without a batch run (no ``batch.json``) holding any is refused unless ``overwrite``, and no output ever replaces
+one (a batch run's folder is resumed beside them). ``overwrite`` starts over:
 the previous run's outputs (those the manifest lists, with their recorded sha256) are removed, the user's kept.
 ``-o`` equal to the input folder is refused; inside it, it is skipped when scanning.
 """
@@ -483,7 +484,8 @@ def _claim_output_dir(out_dir: Path, writes: Iterable[str], overwrite: bool) -> 
         known.update(RUN_FILES)
     elif (out_dir / ".lock").is_file() and (out_dir / ".lock").stat().st_size == 0:
         known.add(".lock")  # a first run stopped before it wrote batch.json
-    folder = claim_output(out_dir, "batch", overwrite=overwrite, known=known)
+    # a batch run's folder (its manifest says what is vitscope's) is resumed beside the user's files
+    folder = claim_output(out_dir, "batch", overwrite=overwrite or previous is not None, known=known)
     folder.check_writes([*writes, *RUN_FILES], marker=False)
     return previous or {}
 
