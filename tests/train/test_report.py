@@ -1,4 +1,5 @@
-"""`vitscope report`: numbers equal to independent computations, every method in the table, whole-folder writes."""
+"""`vitscope report`: numbers equal to independent computations, every method in the table, written beside (never
+over) the user's files."""
 
 from __future__ import annotations
 
