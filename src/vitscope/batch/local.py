@@ -447,7 +447,8 @@ def _remove_previous(out_dir: Path, previous: dict[str, str]) -> None:
     """Start over: delete the previous run's outputs that still hold what it wrote (their recorded sha256)."""
     for rel, digest in previous.items():
         p = out_dir / rel
-        if ".." not in PurePosixPath(rel).parts and p.is_file() and not p.is_symlink() and file_sha256(p) == digest:
+        below = not PurePosixPath(rel).is_absolute() and ".." not in PurePosixPath(rel).parts  # a hand-edited line
+        if below and p.is_file() and not p.is_symlink() and file_sha256(p) == digest:
             p.unlink()
 
 
