@@ -134,6 +134,24 @@ def _output(out: Path, suffixes: tuple[str, ...] | None, name: str | None = None
     return output_target(out, suffixes=suffixes, name=name)
 
 
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Write into a folder that holds files vitscope did not write (they are kept, never replaced).")]
+
+
+@contextlib.contextmanager
+def _as_options(**names: str) -> Iterator[None]:
+    """Re-raise a library `VitscopeError` that names a Python argument (``output=``) under its CLI option
+    (``"--output"``), so the one error line names what the user typed."""
+    from vitscope.errors import VitscopeError
+
+    try:
+        yield
+    except VitscopeError as exc:
+        if exc.argument not in names:
+            raise
+        raise type(exc)(names[exc.argument], exc.problem, exc.fix) from None
+
+
 def _stem(images: list[Path]) -> str:
     return images[0].stem if len(images) == 1 else "images"
 
@@ -333,6 +351,7 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a vitscope ViT from scratch (e.g. the bundled model: vitscope train --preset shapes -o runs/shapes)."""
     import torch
@@ -349,10 +368,12 @@ def train_cmd(
             overrides[key] = value
     out = _output(output, None)
     try:
-        if resume and not overrides:
-            result = train(None, out, resume=True, progress=progress, log=typer.echo)
-        else:
-            result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress, log=typer.echo)
+        with _as_options(output="--output"):
+            if resume and not overrides:
+                result = train(None, out, resume=True, progress=progress, log=typer.echo)
+            else:
+                result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress,
+                               log=typer.echo, overwrite=overwrite)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step
         raise Interrupted(_train_saved(out)) from None
     if result.stopped == "interrupted":  # the loop saved a checkpoint and said so
@@ -385,14 +406,17 @@ def report_cmd(
     samples: Annotated[int, typer.Option(help="Images in the rollout figure.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the fresh images.")] = 2024,
     methods: Annotated[str | None, typer.Option(help="Comma-separated subset of the compared methods.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Report on a trained model: accuracy, mean attention distance, rollout, localisation (markdown + PNGs)."""
     from vitscope.train.report import model_report
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     output = _output(output, None)
-    rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples, seed=seed,
-                       methods=chosen, log=typer.echo)
+    with _as_options(output="--output", images="--images", localisation_images="--localisation",
+                     samples="--samples", methods="--methods"):
+        rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples,
+                           seed=seed, methods=chosen, log=typer.echo, overwrite=overwrite)
     if rep.accuracy is not None:
         typer.echo(f"accuracy {100 * rep.accuracy:.2f}% on {rep.images} fresh images")
     for name, row in rep.localisation.items():
@@ -525,11 +549,13 @@ def serve_cmd(
 def demo_cmd(
     output: FolderOpt = Path("vitscope-demo"),
     model: ModelOpt = DEFAULT_MODEL,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Offline showcase: figures and a viewer page from the bundled model, written to -o."""
     from vitscope.demo import run_demo
 
-    run_demo(_output(output, None), model, log=typer.echo)
+    with _as_options(output="--output"):
+        run_demo(_output(output, None), model, log=typer.echo, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
@@ -549,7 +575,8 @@ def batch_cmd(
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start over, ignoring an existing manifest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over (the previous run's outputs are removed), or write "
+                                                 "beside files vitscope did not write (kept).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -581,7 +608,7 @@ def batch_cmd(
     ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
                                    "num_gpus": num_gpus, "max_retries": max_retries} if engine == "ray" else {}
     try:
-        with _limits(max_pixels, max_tokens, max_memory):
+        with _limits(max_pixels, max_tokens, max_memory), _as_options(output="--output"):
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
                 policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
