@@ -20,10 +20,11 @@ import torch
 
 from vitscope.adapters.base import SizePolicy
 from vitscope.methods._common import Query, token_ids_for_query
-from vitscope.methods._gradients import Target, attention_grads, resolve_classes, scores, trace
+from vitscope.methods._gradients import Target, attention_grads, grad_enabled, resolve_classes, scores, trace
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 
+@grad_enabled
 def attn_gradcam(
     model: Any,
     images: Any,
