@@ -243,6 +243,11 @@ def capture(
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.
 
+    Threads: one model may be captured from several threads at once, and each capture equals a sequential one.
+    vitscope's hooks sit on the model's modules but act only on the forward pass of the thread that registered
+    them (torch's function-mode stack is per thread), and a training model stays in eval mode until the last
+    overlapping capture is done (`vitscope.capture.hooks`).
+
     Example:
         >>> import vitscope
         >>> attn = vitscope.capture("vitscope:shapes", "cat.png", layers=[-1], queries="cls")  # doctest: +SKIP

@@ -30,7 +30,7 @@ from torch import nn
 
 from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
 from vitscope.capture.core import check_call_tokens, resolve_layers
-from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit
+from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
 
@@ -93,12 +93,12 @@ def _hook_raw(module: nn.Module, where: str, store: Callable[[torch.Tensor], Non
         def out_hook(_m: nn.Module, _inp: Any, out: Any) -> None:
             store(_first_tensor(out))
 
-        return module.register_forward_hook(out_hook)
+        return module.register_forward_hook(this_thread_only(out_hook))
 
     def in_hook(_m: nn.Module, inp: Any) -> None:
         store(_first_tensor(inp))
 
-    return module.register_forward_pre_hook(in_hook)
+    return module.register_forward_pre_hook(this_thread_only(in_hook))
 
 
 def layers_from(model: Any, start_layer: int) -> list[int]:
