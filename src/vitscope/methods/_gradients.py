@@ -33,6 +33,8 @@ from vitscope.capture.core import check_call_tokens, resolve_layers
 from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
+from vitscope.layout import as_index
+from vitscope.methods.registry import check_target
 
 #: A target: ``None`` (the predicted class), a class index, one class per image, or a callable taking the
 #: model output and returning one scalar per image ``(B,)``.
@@ -106,6 +108,7 @@ def layers_from(model: Any, start_layer: int) -> list[int]:
     from vitscope.adapters import as_vit
 
     n = as_vit(model).info.num_layers
+    start_layer = as_index(start_layer, "start_layer", "layer", f"pass an integer in [-{n}, {n - 1}]")
     start = start_layer + n if start_layer < 0 else start_layer
     if not 0 <= start < n:
         raise VitscopeError(
@@ -176,7 +179,7 @@ def resolve_classes(vit: VitModel, output: Any, target: Target) -> torch.Tensor 
     B, C = logits.shape
     if target is None:
         return logits.detach().argmax(dim=-1)
-    cls = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    cls = torch.as_tensor(check_target(target), dtype=torch.long, device=logits.device)
     if cls.numel() == 1:
         cls = cls.expand(B)
     if cls.numel() != B:
