@@ -37,6 +37,9 @@ _RESAMPLE = {
 
 
 def _from_array(arr: np.ndarray, argument: str) -> Image.Image:
+    if arr.dtype.kind not in "biuf":  # object, complex, strings, datetimes: no pixel values
+        raise ImageError(argument, f"array of dtype {arr.dtype} holds no pixel values",
+                         "pass a uint8, uint16, float or bool array")
     if arr.size == 0:
         raise ImageError(argument, f"array has zero size (shape {arr.shape})", "pass a non-empty HxW or HxWxC array")
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
@@ -272,6 +275,9 @@ def preprocess(
             images = images.unsqueeze(0)
         if images.dim() != 4:
             raise ImageError("images", f"tensor of shape {tuple(images.shape)}", "pass pixel values (B, C, H, W)")
+        if images.numel() == 0:
+            raise ImageError("images", f"tensor of shape {tuple(images.shape)} is empty",
+                             "pass at least one image of at least one pixel")
         return images
     items: Sequence[Any]
     if isinstance(images, (list, tuple)):

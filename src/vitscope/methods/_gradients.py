@@ -179,7 +179,10 @@ def resolve_classes(vit: VitModel, output: Any, target: Target) -> torch.Tensor 
     B, C = logits.shape
     if target is None:
         return logits.detach().argmax(dim=-1)
-    cls = torch.as_tensor(check_target(target), dtype=torch.long, device=logits.device)
+    wanted = check_target(target)
+    if any(not 0 <= c < C for c in wanted):
+        raise VitscopeError("target", f"class out of range for {C} classes: {wanted}", f"use 0..{C - 1}")
+    cls = torch.as_tensor(wanted, dtype=torch.long, device=logits.device)
     if cls.numel() == 1:
         cls = cls.expand(B)
     if cls.numel() != B:

@@ -52,7 +52,7 @@ def attn_gradcam(
     from vitscope.capture.core import resolve_layers
 
     vit = as_vit(model)
-    (lid,) = resolve_layers([layer], vit.info.num_layers)
+    (lid,) = resolve_layers([layer], vit.info.num_layers, argument="layer")
     t = trace(vit, images, [lid], policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
     grads = attention_grads(t, scores(vit, t.output, target, classes), [lid])
