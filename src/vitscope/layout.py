@@ -30,6 +30,8 @@ def as_index(value: Any, argument: str, what: str, fix: str) -> int:
     else is a one-line error naming ``argument`` (``1.5`` is no layer, ``True`` is not layer 1)."""
     if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):  # numpy, torch
         raise VitscopeError(argument, f"{what} {value!r} is a bool, not an index", fix)
+    if getattr(value, "ndim", 0):  # a one-element array would pass as its element
+        raise VitscopeError(argument, f"{what} {value!r} is an array, not an index", fix)
     try:
         return operator.index(value)
     except TypeError:
@@ -198,6 +200,8 @@ class TokenLayout:
         if queries is None:
             return None
         listed = isinstance(queries, (list, range)) or getattr(queries, "ndim", 0) >= 1  # or an array/tensor
+        if getattr(queries, "ndim", 1) > 1:
+            raise VitscopeError("query", f"a {queries.ndim}-d array of tokens", "pass a list of token indices")
         items = list(queries) if listed else [queries]  # one token: "cls", an index, a (row, col) tuple
         if not items:
             raise VitscopeError("query", "empty selection", "use None for every row, or name at least one token")

@@ -53,6 +53,7 @@ def bad_indices(n: int) -> dict[str, Any]:
         "set": {0}, "high": [n], "low": [-n - 1], "dup": [0, 0], "dup_neg": [0, -n],
         "array_2d": np.zeros((1, 1), dtype=int), "float_array": np.array([0.5]),
         "bool_tensor": torch.tensor([True]), "float_tensor": torch.tensor([0.0]),
+        "nested_tensor": [torch.tensor([0])], "tensor_2d": torch.zeros(1, 1, dtype=torch.long),
     }
 
 
@@ -65,6 +66,7 @@ QUERIES: dict[str, Any] = {
     "empty": [], "float": [1.5], "float_scalar": 1.5, "nan": NAN, "bool": True, "bool_item": [True],
     "none_item": [None], "dict": {}, "dup": [0, 0], "dup_cls": ["cls", 0], "high": [TOKENS], "low": [-TOKENS - 1],
     "patch_outside": [(9, 9)], "patch_short": (0,), "patch_long": (0, 0, 0), "patch_float": [(1.5, 0)],
+    "tensor_2d": torch.zeros(1, 1, dtype=torch.long), "tensor_high": torch.tensor([0, TOKENS]),
     "bogus": "bogus", "no_dist": "dist", "register_high": "register:1", "register_garbage": "register:x",
 }
 for ident, value in QUERIES.items():

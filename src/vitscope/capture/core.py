@@ -64,7 +64,8 @@ def resolve_queries(
         return TokenLayout(prefix, grid).resolve_queries(queries)
     except VitscopeError as exc:
         fix = "use queries=None for all rows, or a list of token indices / (row, col) patches"
-        if (queries == "cls" or (isinstance(queries, list) and "cls" in queries)) and "cls" not in prefix:
+        named_cls = queries == "cls" if isinstance(queries, str) else isinstance(queries, list) and "cls" in queries
+        if named_cls and "cls" not in prefix:
             fix = "this model has no [CLS] (e.g. SigLIP pools patches): use queries=None and a mean over queries"
         raise VitscopeError("queries", exc.problem, fix) from None
 

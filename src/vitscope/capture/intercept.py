@@ -16,8 +16,8 @@ The mode is active only while one of the selected layers' attention modules runs
 left by the forward hook), so the rest of the network runs at full speed, and each call is attributed to the
 layer whose module made it, never by counting. The hooks act only in the thread that registered them
 (`vitscope.capture.hooks.this_thread_only`; torch's function-mode stack is per thread too), so captures of one
-model from several threads at once each observe their own forward pass. On exit every hook is removed and any mode still on the stack
-(after an exception inside the forward pass) is popped.
+model from several threads at once each observe their own forward pass. On exit every hook is removed and any
+mode still on the stack (after an exception inside the forward pass) is popped.
 
 Guards (a one-line `CaptureError` naming the layer, never a silently wrong map): each selected layer must report
 exactly once per forward pass; a layer whose module ran without any call vitscope can see (a custom kernel, a
