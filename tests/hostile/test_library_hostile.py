@@ -22,10 +22,16 @@ from tests.conftest import make_tiny_vit
 from vitscope.errors import VitscopeError
 from vitscope.methods.api import method_names
 from vitscope.methods.attn_gradcam import attn_gradcam
+from vitscope.methods.cls_attention import cls_map
+from vitscope.methods.distance import mean_attention_distance
+from vitscope.methods.flow import attention_flow
 from vitscope.methods.grad_rollout import grad_rollout
 from vitscope.methods.legrad import legrad
+from vitscope.methods.masks import dino_mask, mass_mask
 from vitscope.methods.registry import REGISTRY
 from vitscope.methods.relevance import chefer_relevance
+from vitscope.methods.rollout import rollout
+from vitscope.methods.upsample import upsample
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -204,6 +210,46 @@ FUNCTIONS: dict[str, tuple[str, Call]] = {
 }
 for ident, (argument, call) in FUNCTIONS.items():
     case(f"fn-{ident}", argument, call)
+
+# the functions on captured `Attentions` (every layer, head and query row of the tiny model)
+ATTN = vitscope.capture(MODEL, X)
+MAPS = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(1))  # (batch, rows, cols)
+ON_ATTENTIONS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "cls_map-layer-float": ("layer", lambda: cls_map(ATTN, layer=1.5)),
+    "cls_map-layer-bool": ("layer", lambda: cls_map(ATTN, layer=True)),
+    "cls_map-layer-high": ("layer", lambda: cls_map(ATTN, layer=LAYERS)),
+    "cls_map-layer-str": ("layer", lambda: cls_map(ATTN, layer="0")),  # type: ignore[arg-type]
+    "cls_map-head-bool": ("head", lambda: cls_map(ATTN, head=True)),  # type: ignore[arg-type]
+    "cls_map-head-bogus": ("head", lambda: cls_map(ATTN, head="bogus")),  # type: ignore[arg-type]
+    "cls_map-head-high": ("head", lambda: cls_map(ATTN, head=HEADS)),  # type: ignore[arg-type]
+    "cls_map-head-float": ("head", lambda: cls_map(ATTN, head=1.5)),  # type: ignore[arg-type]
+    "cls_map-query-dict": ("query", lambda: cls_map(ATTN, query={})),  # type: ignore[arg-type]
+    "cls_map-query-float": ("query", lambda: cls_map(ATTN, query=1.5)),  # type: ignore[arg-type]
+    "cls_map-query-bogus": ("query", lambda: cls_map(ATTN, query="bogus")),
+    "rollout-residual-nan": ("residual", lambda: rollout(ATTN, residual=NAN)),
+    "rollout-residual-str": ("residual", lambda: rollout(ATTN, residual="0.5")),  # type: ignore[arg-type]
+    "rollout-residual-above": ("residual", lambda: rollout(ATTN, residual=2.0)),
+    "rollout-discard_ratio-one": ("discard_ratio", lambda: rollout(ATTN, discard_ratio=1.0)),
+    "rollout-start_layer-float": ("start_layer", lambda: rollout(ATTN, start_layer=1.5)),  # type: ignore[arg-type]
+    "rollout-start_layer-none": ("start_layer", lambda: rollout(ATTN, start_layer=None)),  # type: ignore[arg-type]
+    "rollout-start_layer-high": ("start_layer", lambda: rollout(ATTN, start_layer=LAYERS)),
+    "rollout-preset-bogus": ("preset", lambda: rollout(ATTN, preset="bogus")),
+    "rollout-preset-list": ("preset", lambda: rollout(ATTN, preset=[])),  # type: ignore[arg-type]
+    "rollout-head_fusion-bogus": ("head_fusion", lambda: rollout(ATTN, head_fusion="bogus")),
+    "rollout-query-dict": ("query", lambda: rollout(ATTN, query={})),  # type: ignore[arg-type]
+    "flow-residual-nan": ("residual", lambda: attention_flow(ATTN, residual=NAN)),
+    "flow-start_layer-float": ("start_layer", lambda: attention_flow(ATTN, start_layer=1.5)),  # type: ignore[arg-type]
+    "flow-head_fusion-bogus": ("head_fusion", lambda: attention_flow(ATTN, head_fusion="bogus")),
+    "dino_mask-tau-nan": ("tau", lambda: dino_mask(ATTN, NAN)),
+    "dino_mask-tau-str": ("tau", lambda: dino_mask(ATTN, "0.6")),  # type: ignore[arg-type]
+    "dino_mask-layer-float": ("layer", lambda: dino_mask(ATTN, layer=1.5)),  # type: ignore[arg-type]
+    "mass_mask-tau-above": ("tau", lambda: mass_mask(MAPS, 1.5)),
+    "distance-metric-bogus": ("metric", lambda: mean_attention_distance(ATTN, metric="bogus")),  # type: ignore[arg-type]
+    "upsample-size-zero": ("size", lambda: upsample(MAPS, (0, 32))),
+    "upsample-mode-bogus": ("mode", lambda: upsample(MAPS, (32, 32), "bogus")),  # type: ignore[arg-type]
+}
+for ident, (argument, fn) in ON_ATTENTIONS.items():
+    case(f"attn-{ident}", argument, lambda _t, fn=fn: fn())
 
 
 def check(argument: str, call: Callable[[], Any]) -> None:

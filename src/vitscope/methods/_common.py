@@ -27,8 +27,9 @@ Query = str | int | tuple[int, int] | None
 
 def layer_position(attn: Attentions, layer: int) -> int:
     """Position along dim 0 of absolute/negative layer index ``layer``, as a one-line `VitscopeError`."""
+    layer = as_index(layer, "layer", "layer", "pass a layer index (negatives count from the end)")
     try:
-        return attn.layer_position(int(layer))
+        return attn.layer_position(layer)
     except IndexError as exc:
         raise VitscopeError("layer", str(exc), "capture that layer, or pick one of the captured layers") from None
 
