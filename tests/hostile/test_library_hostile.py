@@ -309,3 +309,20 @@ def test_a_gradient_target_is_a_class_index(value: Any) -> None:
         value = value + 0.5  # stays a non-index
     check("target", lambda: vitscope.maps(MODEL, X, "chefer", target=value))
 
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "bogus", "cuda:99"])
+def test_cli_device_the_library_refuses_is_one_line_naming_the_option(device: str, tmp_path: Path) -> None:
+    """The CLI hands ``--device`` to `resolve_device` under its own name: one line, exit 2, nothing written."""
+    from tests.hostile.harness import assert_one_line, check_contained, run_inprocess, tree_state
+    from vitscope.models.vit import save_vit
+
+    folder = save_vit(make_tiny_vit(), tmp_path / "tiny")
+    IMG.save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    before = tree_state(tmp_path)
+    res = run_inprocess(["capture", str(tmp_path / "a.png"), "--model", str(folder), "--device", device,
+                         "-o", str(out / "a.npz")])
+    assert_one_line(res, 2, needle="--device: ")
+    check_contained(before, tree_state(tmp_path), tmp_path, [out])
+    assert not out.exists()
