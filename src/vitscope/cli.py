@@ -122,7 +122,7 @@ def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool
     if device is not None:
         from vitscope.capture.prepare import resolve_device
 
-        dev = resolve_device(device, vit.device)
+        dev = resolve_device(device, vit.device, argument="--device")
         if dev != vit.device:
             vit.module.to(dev)
     return vit
