@@ -639,56 +639,79 @@ def _quiet_broken_pipe() -> Iterator[None]:
         raise SystemExit(0) from None
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the app; return the exit code (0 ok, 2 usage/input/IO error, 130 interrupted). Never raises for
-    those: each is one line on stderr."""
+_OOM = "error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)"
+
+
+def _dispatch(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run the app: its exit code and the one line to print on stderr (None: nothing more to say)."""
+    import os
+
     from vitscope.errors import VitscopeError
+
+    try:
+        with _quiet_broken_pipe():
+            result = app(args=argv, standalone_mode=False, prog_name="vitscope")
+        if result == 130:  # the framework turned a Ctrl-C into an exit code
+            return 130, "interrupted"
+        return (result if isinstance(result, int) and not isinstance(result, bool) else 0), None
+    except Interrupted as exc:
+        return 130, str(exc) or None  # empty: the command has said what it saved
+    except KeyboardInterrupt:
+        return 130, "interrupted"
+    except SystemExit as exc:
+        return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)), None
+    except VitscopeError as exc:
+        return 2, f"error: {_one_line(str(exc))}"
+    except MemoryError:
+        return 2, _OOM
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 2, f"error: {where}{exc.strerror or _one_line(str(exc))} (check the path, its permissions and free space)"
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":
+            return 130, "interrupted"
+        if _framework_error(exc):
+            return 2, _usage_line(exc)
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            return 2, _OOM
+        if os.environ.get("VITSCOPE_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        return 1, (f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))[:500]} (a bug in vitscope; "
+                   "VITSCOPE_DEBUG=1 shows the traceback; please report it)")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app; return the exit code (0 ok, 2 usage/input/IO error, 130 interrupted, 1 a bug in vitscope).
+    Never raises: each outcome is at most one line on stderr (``VITSCOPE_DEBUG=1`` adds a bug's traceback).
+
+    Ctrl-C is handled here too (`vitscope._interrupt`): one that something swallowed on its way (a bare
+    ``except`` around an import, a per-image error handler) still ends the run with "interrupted", 130.
+    """
+    from vitscope import _interrupt
 
     def err(line: str) -> None:
         with contextlib.suppress(Exception):
             typer.echo(line, err=True)
 
     try:
-        with _quiet_broken_pipe():
-            result = app(args=argv, standalone_mode=False, prog_name="vitscope")
-        if result == 130:  # the framework turned a Ctrl-C into an exit code
-            err("interrupted")
-            return 130
-        return result if isinstance(result, int) and not isinstance(result, bool) else 0
-    except Interrupted as exc:
-        if str(exc):
-            err(str(exc))
-        return 130
-    except KeyboardInterrupt:
+        with _interrupt.handling():
+            code, line = _dispatch(argv)
+            if code != 130 and _interrupt.requested():
+                code, line = 130, "interrupted"
+            if line:
+                err(line)
+    except KeyboardInterrupt:  # a Ctrl-C while the outcome was being said
         err("interrupted")
-        return 130
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except VitscopeError as exc:
-        err(f"error: {_one_line(str(exc))}")
-        return 2
-    except MemoryError:
-        err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
-        return 2
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        err(f"error: {where}{exc.strerror or _one_line(str(exc))} (check the path, its permissions and free space)")
-        return 2
-    except Exception as exc:
-        if type(exc).__name__ == "Abort":
-            err("interrupted")
-            return 130
-        if _framework_error(exc):
-            err(_usage_line(exc))
-            return 2
-        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-            err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
-            return 2
-        raise
+        code = 130
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vitscope`` console script: returns on success, else exits with `run`'s code."""
+    """`run`, then exit with its code (the console script's entry is `vitscope._console.main`, which also
+    handles a Ctrl-C while this module loads)."""
     code = run(argv)
     if code:
         sys.exit(code)
