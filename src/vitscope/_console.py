@@ -12,13 +12,12 @@ import sys
 from vitscope import _interrupt
 
 
-def _interrupted() -> int:
+def _interrupted() -> None:
     try:
         sys.stderr.write("interrupted\n")
         sys.stderr.flush()
     except Exception:  # a closed or broken stderr: the exit code still says it
         pass
-    return 130
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         from vitscope.cli import run
 
         code = run(argv)
-    except KeyboardInterrupt:  # while vitscope.cli loaded
-        code = _interrupted()
-    if _interrupt.installed():  # from here on a late Ctrl-C only records (the work is done or said)
-        _interrupt.defer_rest()
+    except KeyboardInterrupt:  # while vitscope.cli loaded, or just after `run` said how it ended
+        code = 130
+        _interrupted()
+    finally:
+        _interrupt.defer_rest()  # from here on a Ctrl-C is only recorded: the work is done or said
     if code:
         sys.exit(code)
