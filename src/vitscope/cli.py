@@ -1,8 +1,8 @@
 """The ``vitscope`` command: thin wrappers that parse options, call the library and print.
 
-Every usage error, bad value and I/O problem is one line on stderr naming the argument and the fix, exit
-code 2 (no traceback); Ctrl-C prints ``interrupted`` (for ``batch``/``train``: what was saved and how to
-resume) and exits 130. One rule for ``-o``: a path with a suffix is a file, one without is a folder.
+Every usage error, bad value and I/O problem is one line on stderr naming the CLI option and the fix, exit
+code 2 (no traceback); a bug in vitscope is one ``internal error`` line, exit 1; Ctrl-C prints ``interrupted``
+(for ``batch``/``train``: what was saved and how to resume) and exits 130. One rule for ``-o``: a path with a suffix is a file, one without is a folder.
 """
 
 from __future__ import annotations
@@ -57,12 +57,16 @@ def _amount(option: str, value: float, scale: float, unit: str, base: str) -> in
 
     from vitscope.errors import VitscopeError
 
-    if not math.isfinite(value) or value <= 0:
+    if not value > 0:  # also nan
         raise VitscopeError(option, f"must be a positive, finite number of {unit}, got {value}",
                             "pass a positive number")
-    count = value * scale
-    if not math.isfinite(count):
-        raise VitscopeError(option, f"{value} {unit} is too large", "pass a smaller number")
+    try:
+        count = value * scale
+        finite = math.isfinite(count)
+    except OverflowError:  # an int past every float
+        count, finite = 0, False
+    if not finite:
+        raise VitscopeError(option, f"{str(value)[:20]} {unit} is too large", "pass a smaller number")
     if int(count) < 1:
         raise VitscopeError(option, f"{value} {unit} is less than one {base}", "pass a larger number")
     return int(count)
@@ -83,7 +87,8 @@ def _limits(max_pixels: float | None = None, max_tokens: int | None = None, max_
     )
 
 
-_MAX_SIDE = 1 << 16  #: largest --size side (a 65,536-pixel side is far past every token limit already)
+#: largest --size side (a 65,536-pixel side is far past every token limit already)
+_MAX_SIDE = 1 << 16
 
 
 def _parse_size(text: str | None) -> int | tuple[int, int] | None:

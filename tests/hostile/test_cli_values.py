@@ -53,7 +53,8 @@ TABLE: list[tuple[str, str, list[str]]] = [
     ("figure", "--max-figure-pixels", SIZE_VALUES),
     ("view", "--budget-mb", SIZE_VALUES),
     ("serve", "--max-upload-mb", SIZE_VALUES),
-    *[(cmd, "--max-tokens", ["-1", "0", "", ODD, "1.5", "inf"]) for cmd in ("capture", "maps", "view", "batch")],
+    *[(cmd, "--max-tokens", ["-1", "0", "", ODD, "1.5", "inf", "9" * 400]) for cmd in ("capture", "maps", "view",
+                                                                                         "batch")],
     # sizes and layers
     *[(cmd, "--size", ["0", "-5", HUGE, "1x2x3", "12xx", ODD, "nan", "inf"]) for cmd in ("capture", "maps", "view")],
     ("capture", "--layers", ["99", "-99", HUGE, "a:b", ODD, "1.5"]),
