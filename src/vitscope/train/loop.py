@@ -152,7 +152,7 @@ class TrainConfig:
             elif kind.startswith("bool"):
                 ok, what = isinstance(value, bool), "true or false"
             else:
-                ok, what = isinstance(value, str), "a string"
+                ok, what = isinstance(value, (str, os.PathLike)), "a string"
             if not ok:
                 problem = f"{value} is too large" if isinstance(value, int) and not isinstance(value, bool) \
                     and abs(value) >= 2**62 else f"{value!r} is not {what}"
