@@ -277,3 +277,77 @@ def test_ctrl_c_in_any_command_is_exit_130(where: str, files: dict[str, Path], t
     code = run(["capture", str(files["img"]), "-m", str(files["model"]), "-o", str(tmp_path / "a.npz")])
     assert code == 130 and capsys.readouterr().err.strip() == "interrupted"
     assert not (tmp_path / "a.npz").exists()
+
+
+def test_an_unknown_exception_is_one_internal_error_line_exit_1(files: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in vitscope: one line that says so, exit 1 (not 2: the hostile catalogue must still catch it);
+    VITSCOPE_DEBUG=1 adds the traceback."""
+    from vitscope.cli import run
+
+    def bug(*a: object, **k: object) -> None:
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr("vitscope.load", bug)
+    argv = ["capture", str(files["img"]), "-m", str(files["model"]), "-o", str(tmp_path / "a.npz")]
+    monkeypatch.delenv("VITSCOPE_DEBUG", raising=False)
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: internal error: ZeroDivisionError: division by zero second line (a bug in vitscope; "
+                   "VITSCOPE_DEBUG=1 shows the traceback; please report it)\n")
+    monkeypatch.setenv("VITSCOPE_DEBUG", "1")
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in bug" in err and err.rstrip().endswith("please report it)")
+
+
+def test_a_swallowed_ctrl_c_still_ends_the_run_interrupted(files: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reported: a Ctrl-C swallowed during an import left numpy half-imported, and the run went on to fail (or
+    record every image as an error) and exit 0. The handler's flag survives the swallowing: exit 130."""
+    from vitscope.cli import run
+
+    def half_import(*a: object, **k: object) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C inside an import that catches everything
+            time.sleep(0.5)
+        except BaseException:
+            pass
+        raise AttributeError("module 'numpy' has no attribute 'logical_or'")
+
+    monkeypatch.setattr("vitscope.load", half_import)
+    code = run(["capture", str(files["img"]), "-m", str(files["model"]), "-o", str(tmp_path / "a.npz")])
+    assert code == 130 and capsys.readouterr().err == "interrupted\n"
+    assert not (tmp_path / "a.npz").exists()
+
+
+def test_a_ctrl_c_during_batch_is_never_recorded_as_an_image_error(files: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitscope.batch.local as local
+
+    calls: list[int] = []
+    real = local.preprocess_image
+
+    def flaky(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # a Ctrl-C swallowed mid-import, then the image's load fails because of it
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except BaseException:
+                pass
+            raise AttributeError("module 'numpy' has no attribute 'logical_or'")
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "preprocess_image", flaky)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(src / f"im{i}.png")
+    with pytest.raises(KeyboardInterrupt):
+        local.run_local(src, tmp_path / "out", model=files["model"], batch_size=1, workers=0, progress=False,
+                        stats=False)
+    lines = [json.loads(ln) for ln in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines() if ln.strip()]
+    assert [e["status"] for e in lines] == ["ok"] * len(lines) and len(lines) <= 1

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vitscope"
 
 #: Layer of each top-level module or subpackage of vitscope (lowest first).
 LAYERS: list[set[str]] = [
-    {"errors", "_io", "_ops", "layout", "limits", "_hooks", "_version"},
+    {"errors", "_io", "_ops", "layout", "limits", "_hooks", "_version", "_interrupt"},
     {"models"},
     {"images"},
     {"adapters"},
@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"train"},
     {"viewer"},
     {"batch", "demo"},
-    {"cli", "__main__", "__init__"},
+    {"cli", "_console", "__main__", "__init__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

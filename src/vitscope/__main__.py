@@ -1,3 +1,3 @@
-from vitscope.cli import main
+from vitscope._console import main
 
 main()

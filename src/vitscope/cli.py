@@ -1,13 +1,15 @@
 """The ``vitscope`` command: thin wrappers that parse options, call the library and print.
 
-Every usage error, bad value and I/O problem is one line on stderr naming the argument and the fix, exit
-code 2 (no traceback); Ctrl-C prints ``interrupted`` (for ``batch``/``train``: what was saved and how to
-resume) and exits 130. One rule for ``-o``: a path with a suffix is a file, one without is a folder.
+Every usage error, bad value and I/O problem is one line on stderr naming the CLI option and the fix, exit
+code 2 (no traceback); a bug in vitscope is one ``internal error`` line, exit 1; Ctrl-C prints ``interrupted``
+(for ``batch``/``train``: what was saved and how to resume) and exits 130. One rule for ``-o``: a path with a suffix is a file, one without is a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,20 +50,45 @@ class Interrupted(Exception):
     """Ctrl-C inside a command, with what was saved and how to resume (printed by `main`, exit 130)."""
 
 
+def _amount(option: str, value: float, scale: float, unit: str, base: str) -> int:
+    """A size option given in ``unit`` s (MB, megapixels, ...) as a whole count of ``base`` s (bytes, pixels),
+    ``scale`` of them per unit: finite, positive, and at least one."""
+    import math
+
+    from vitscope.errors import VitscopeError
+
+    if not value > 0:  # also nan
+        raise VitscopeError(option, f"must be a positive, finite number of {unit}, got {value}",
+                            "pass a positive number")
+    try:
+        count = value * scale
+        finite = math.isfinite(count)
+    except OverflowError:  # an int past every float
+        count, finite = 0, False
+    if not finite:
+        raise VitscopeError(option, f"{str(value)[:20]} {unit} is too large", "pass a smaller number")
+    if int(count) < 1:
+        raise VitscopeError(option, f"{value} {unit} is less than one {base}", "pass a larger number")
+    return int(count)
+
+
 def _limits(max_pixels: float | None = None, max_tokens: int | None = None, max_memory: float | None = None,
             max_figure_pixels: float | None = None) -> contextlib.AbstractContextManager[None]:
-    from vitscope.errors import VitscopeError
     from vitscope.limits import limits
 
-    for name, value in (("--max-pixels", max_pixels), ("--max-tokens", max_tokens), ("--max-memory", max_memory),
-                        ("--max-figure-pixels", max_figure_pixels)):
-        if value is not None and not value > 0:
-            raise VitscopeError(name, f"must be positive, got {value}", "pass a positive number")
+    def amount(option: str, value: float | None, scale: float, unit: str, base: str) -> int | None:
+        return None if value is None else _amount(option, value, scale, unit, base)  # None: the default
+
     return limits(
-        max_pixels=int(max_pixels * 1e6) if max_pixels else None, max_tokens=max_tokens,
-        max_bytes=int(max_memory * 1e9) if max_memory else None,
-        max_figure_pixels=int(max_figure_pixels * 1e6) if max_figure_pixels else None,
+        max_pixels=amount("--max-pixels", max_pixels, 1e6, "megapixels", "pixel"),
+        max_tokens=amount("--max-tokens", max_tokens, 1, "tokens", "token"),
+        max_bytes=amount("--max-memory", max_memory, 1e9, "GB", "byte"),
+        max_figure_pixels=amount("--max-figure-pixels", max_figure_pixels, 1e6, "megapixels", "pixel"),
     )
+
+
+#: largest --size side (a 65,536-pixel side is far past every token limit already)
+_MAX_SIDE = 1 << 16
 
 
 def _parse_size(text: str | None) -> int | tuple[int, int] | None:
@@ -77,6 +104,8 @@ def _parse_size(text: str | None) -> int | tuple[int, int] | None:
         raise VitscopeError("--size", f"cannot parse {text!r}", fix) from None
     if len(parts) not in (1, 2) or any(p <= 0 for p in parts):
         raise VitscopeError("--size", f"{text!r} is not a positive size", fix)
+    if any(p > _MAX_SIDE for p in parts):
+        raise VitscopeError("--size", f"{text!r} is more than {_MAX_SIDE:,} pixels a side", fix)
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
@@ -136,20 +165,6 @@ def _output(out: Path, suffixes: tuple[str, ...] | None, name: str | None = None
 
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Write into a folder that holds files vitscope did not write (they are kept, never replaced).")]
-
-
-@contextlib.contextmanager
-def _as_options(**names: str) -> Iterator[None]:
-    """Re-raise a library `VitscopeError` that names a Python argument (``output=``) under its CLI option
-    (``"--output"``), so the one error line names what the user typed."""
-    from vitscope.errors import VitscopeError
-
-    try:
-        yield
-    except VitscopeError as exc:
-        if exc.argument not in names:
-            raise
-        raise type(exc)(names[exc.argument], exc.problem, exc.fix) from None
 
 
 def _stem(images: list[Path]) -> str:
@@ -302,6 +317,10 @@ def maps_cmd(
         raise VitscopeError("--upsample", f"unknown mode {upsample!r}", "use nearest, bilinear or bicubic")
     get_method(method, argument="--method")
     _check_policy(policy)
+    if not 0 < tau <= 1:  # also nan
+        raise VitscopeError("--tau", f"{tau} is outside (0, 1]", "pass the mass to keep, e.g. 0.6")
+    if target is not None and not 0 <= target < 2**31:
+        raise VitscopeError("--target", f"{target} is not a class index", "pass a class index >= 0, or leave it out")
     the_head, the_query, the_size = parse_head(head), parse_query(query), _parse_size(size)
     output_paths(output, image.stem, method)  # refuse a wrong -o before computing
     with _limits(max_pixels, max_tokens, max_memory):
@@ -356,24 +375,23 @@ def train_cmd(
     """Train a vitscope ViT from scratch (e.g. the bundled model: vitscope train --preset shapes -o runs/shapes)."""
     import torch
 
+    from vitscope.errors import VitscopeError
     from vitscope.train.loop import preset as make_preset
     from vitscope.train.loop import train
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None and not 1 <= threads <= 4096:
+        raise VitscopeError("--threads", f"must be a positive number of threads, got {threads}", "pass e.g. 4")
     overrides = _parse_overrides(set_)
     for key, value in (("epochs", epochs), ("max_steps", max_steps), ("batch_size", batch_size), ("lr", lr),
                        ("seed", seed), ("device", device), ("data", str(data) if data else None)):
         if value is not None:
             overrides[key] = value
+    config = make_preset(preset, **overrides) if overrides or not resume else None  # every value checked here
+    if threads:
+        torch.set_num_threads(threads)
     out = _output(output, None)
     try:
-        with _as_options(output="--output"):
-            if resume and not overrides:
-                result = train(None, out, resume=True, progress=progress, log=typer.echo)
-            else:
-                result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress,
-                               log=typer.echo, overwrite=overwrite)
+        result = train(config, out, resume=resume, progress=progress, log=typer.echo, overwrite=overwrite)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step
         raise Interrupted(_train_saved(out)) from None
     if result.stopped == "interrupted":  # the loop saved a checkpoint and said so
@@ -409,14 +427,18 @@ def report_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Report on a trained model: accuracy, mean attention distance, rollout, localisation (markdown + PNGs)."""
+    from vitscope.errors import VitscopeError
     from vitscope.train.report import model_report
 
+    for option, value, least, example in (("--images", images, 1, 1000), ("--localisation", localisation, 0, 100),
+                                          ("--samples", samples, 1, 8), ("--seed", seed, 0, 2024)):
+        if not least <= value < 2**62:
+            raise VitscopeError(option, f"must be {'>= 0' if least == 0 else 'positive'}, got {value}",
+                                f"pass e.g. {option} {example}")
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     output = _output(output, None)
-    with _as_options(output="--output", images="--images", localisation_images="--localisation",
-                     samples="--samples", methods="--methods"):
-        rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples,
-                           seed=seed, methods=chosen, log=typer.echo, overwrite=overwrite)
+    rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples,
+                       seed=seed, methods=chosen, log=typer.echo, overwrite=overwrite)
     if rep.accuracy is not None:
         typer.echo(f"accuracy {100 * rep.accuracy:.2f}% on {rep.images} fresh images")
     for name, row in rep.localisation.items():
@@ -462,6 +484,8 @@ def figure_cmd(
 
     if kind not in KINDS:
         raise VitscopeError("kind", f"unknown figure {kind!r}", f"use one of {', '.join(KINDS)}")
+    if method not in ("rollout", "cls"):
+        raise VitscopeError("--method", f"unknown map {method!r}", "use rollout or cls")
     _check_policy(policy)
     check_dpi(dpi, "--dpi")
     target = _output(output, (".png", ".svg", ".pdf"), f"{_stem(images)}.{kind}.png")
@@ -498,11 +522,9 @@ def view_cmd(
     """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query)."""
     import warnings
 
-    from vitscope.errors import VitscopeError
     from vitscope.viewer import view
 
-    if not budget_mb > 0:
-        raise VitscopeError("--budget-mb", f"must be positive, got {budget_mb}", "pass e.g. 6")
+    budget = _amount("--budget-mb", budget_mb, 1e6, "MB", "byte")
     _check_policy(policy)
     target = _output(output, (".html",), f"{image.stem}.view.html")
     the_size = _parse_size(size)
@@ -510,7 +532,7 @@ def view_cmd(
         warnings.simplefilter("ignore")  # the viewer's notes are printed below
         vit = _load_model(model, checkpoint, random_weights, device)
         v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
-                 budget_bytes=int(budget_mb * 1e6), cmap=cmap)
+                 budget_bytes=budget, cmap=cmap)
     path = v.save(target)
     for note in v.notes:
         typer.echo(f"note: {note}")
@@ -528,12 +550,10 @@ def serve_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Serve the viewer locally; upload your own images in the browser. Ctrl-C stops it."""
-    from vitscope.errors import VitscopeError
     from vitscope.viewer.server import is_loopback, make_server
 
-    if not max_upload_mb > 0:
-        raise VitscopeError("--max-upload-mb", f"must be positive, got {max_upload_mb}", "pass e.g. 10")
-    server = make_server(model, host=host, port=port, max_upload=int(max_upload_mb * 2**20))  # port errors first
+    max_upload = _amount("--max-upload-mb", max_upload_mb, 2**20, "MB", "byte")
+    server = make_server(model, host=host, port=port, max_upload=max_upload)  # port errors first
     try:
         if not is_loopback(host):
             typer.echo(f"warning: binding {host}: anyone who can reach this machine can use the server", err=True)
@@ -554,8 +574,7 @@ def demo_cmd(
     """Offline showcase: figures and a viewer page from the bundled model, written to -o."""
     from vitscope.demo import run_demo
 
-    with _as_options(output="--output"):
-        run_demo(_output(output, None), model, log=typer.echo, overwrite=overwrite)
+    run_demo(_output(output, None), model, log=typer.echo, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
@@ -608,7 +627,7 @@ def batch_cmd(
     ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
                                    "num_gpus": num_gpus, "max_retries": max_retries} if engine == "ray" else {}
     try:
-        with _limits(max_pixels, max_tokens, max_memory), _as_options(output="--output"):
+        with _limits(max_pixels, max_tokens, max_memory):
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
                 policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
@@ -666,56 +685,137 @@ def _quiet_broken_pipe() -> Iterator[None]:
         raise SystemExit(0) from None
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the app; return the exit code (0 ok, 2 usage/input/IO error, 130 interrupted). Never raises for
-    those: each is one line on stderr."""
+@functools.cache
+def _command() -> Any:
+    """The click command typer builds from `app` (what ``app()`` builds on every call): built once, as the
+    in-process runs of the tests call `run` many times."""
+    return typer.main.get_command(app)
+
+
+#: library argument -> the CLI parameter that carries it, where the names differ ("*": every command)
+_CARRIED_BY: dict[str, dict[str, str]] = {
+    "*": {"max_bytes": "max_memory", "queries": "query", "layers": "layer", "mask_tau": "tau",
+          "upsample_mode": "upsample", "budget_bytes": "budget_mb", "max_upload": "max_upload_mb",
+          "localisation_images": "localisation", "root": "data", "formats": "formats"},
+    "capture": {"queries": "queries", "layers": "layers"},
+    "train": {"config": "set_", "cfg": "set_"},
+}
+_PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=[A-Za-z0-9'\"\[(]")
+
+
+def _cli_error(exc: Any, argv: list[str]) -> str:
+    """A library `VitscopeError` as the CLI says it: its argument named as the command's option (``max_bytes``
+    -> ``--max-memory``, a training field -> ``--set depth``), and a fix in Python syntax (``queries=None``)
+    replaced by a pointer to the command's help."""
+    words = [a for a in argv if not a.startswith("-")]
+    name = words[0] if words else ""
+    command = _command().commands.get(name) if name else None  # type: ignore[attr-defined]
+    if command is None:
+        return _one_line(str(exc))
+    params = {p.name: p for p in command.params}
+    arg = exc.argument
+    key = _CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg)
+    if name == "figure" and arg == "layers" and "--layers" in argv:
+        key = "layers"
+    option = None
+    if key in params and getattr(params[key], "opts", None):
+        opts = params[key].opts
+        option = next((o for o in opts if o.startswith("--")), opts[0])
+        if getattr(params[key], "param_type_name", "") == "argument":
+            option = key.upper()
+    elif name == "train" and arg in _train_fields():
+        option = f"--set {arg}"
+    if name == "train" and any(a.replace("-", "_").startswith(f"{arg}=") for a in argv):  # given with --set
+        option = f"--set {arg}"
+    if option is None:
+        return _one_line(str(exc))
+    fix = exc.fix
+    if fix and name != "train" and _PYTHON_SYNTAX.search(fix):
+        fix = f"see 'vitscope {name} --help'"
+    return _one_line(f"{option}: {exc.problem}" + (f" ({fix})" if fix else ""))
+
+
+def _train_fields() -> set[str]:
+    from dataclasses import fields
+
+    from vitscope.train.loop import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)}
+
+
+_OOM = "error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)"
+
+
+def _dispatch(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run the app: its exit code and the one line to print on stderr (None: nothing more to say)."""
+    import os
+
     from vitscope.errors import VitscopeError
+
+    try:
+        with _quiet_broken_pipe():
+            result = _command()(args=argv, standalone_mode=False, prog_name="vitscope")
+        if result == 130:  # the framework turned a Ctrl-C into an exit code
+            return 130, "interrupted"
+        return (result if isinstance(result, int) and not isinstance(result, bool) else 0), None
+    except Interrupted as exc:
+        return 130, str(exc) or None  # empty: the command has said what it saved
+    except KeyboardInterrupt:
+        return 130, "interrupted"
+    except SystemExit as exc:
+        return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)), None
+    except VitscopeError as exc:
+        return 2, f"error: {_cli_error(exc, list(sys.argv[1:] if argv is None else argv))}"
+    except MemoryError:
+        return 2, _OOM
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 2, f"error: {where}{exc.strerror or _one_line(str(exc))} (check the path, its permissions and free space)"
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":
+            return 130, "interrupted"
+        if _framework_error(exc):
+            return 2, _usage_line(exc)
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            return 2, _OOM
+        if os.environ.get("VITSCOPE_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        return 1, (f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))[:500]} (a bug in vitscope; "
+                   "VITSCOPE_DEBUG=1 shows the traceback; please report it)")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app; return the exit code (0 ok, 2 usage/input/IO error, 130 interrupted, 1 a bug in vitscope).
+    Never raises: each outcome is at most one line on stderr (``VITSCOPE_DEBUG=1`` adds a bug's traceback).
+
+    Ctrl-C is handled here too (`vitscope._interrupt`): one that something swallowed on its way (a bare
+    ``except`` around an import, a per-image error handler) still ends the run with "interrupted", 130.
+    """
+    from vitscope import _interrupt
 
     def err(line: str) -> None:
         with contextlib.suppress(Exception):
             typer.echo(line, err=True)
 
     try:
-        with _quiet_broken_pipe():
-            result = app(args=argv, standalone_mode=False, prog_name="vitscope")
-        if result == 130:  # the framework turned a Ctrl-C into an exit code
-            err("interrupted")
-            return 130
-        return result if isinstance(result, int) and not isinstance(result, bool) else 0
-    except Interrupted as exc:
-        if str(exc):
-            err(str(exc))
-        return 130
-    except KeyboardInterrupt:
+        with _interrupt.handling():
+            code, line = _dispatch(argv)
+            if code != 130 and _interrupt.requested():
+                code, line = 130, "interrupted"
+            if line:
+                err(line)
+    except KeyboardInterrupt:  # a Ctrl-C while the outcome was being said
         err("interrupted")
-        return 130
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except VitscopeError as exc:
-        err(f"error: {_one_line(str(exc))}")
-        return 2
-    except MemoryError:
-        err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
-        return 2
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        err(f"error: {where}{exc.strerror or _one_line(str(exc))} (check the path, its permissions and free space)")
-        return 2
-    except Exception as exc:
-        if type(exc).__name__ == "Abort":
-            err("interrupted")
-            return 130
-        if _framework_error(exc):
-            err(_usage_line(exc))
-            return 2
-        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-            err("error: out of memory (ask for less: --layers -1, --queries cls, --heads mean or a smaller --size)")
-            return 2
-        raise
+        code = 130
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vitscope`` console script: returns on success, else exits with `run`'s code."""
+    """`run`, then exit with its code (the console script's entry is `vitscope._console.main`, which also
+    handles a Ctrl-C while this module loads)."""
     code = run(argv)
     if code:
         sys.exit(code)

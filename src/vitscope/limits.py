@@ -13,6 +13,8 @@ max_bytes=)``, ``save_figure(..., max_pixels=)``), or set it for a block of code
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -53,20 +55,29 @@ def max_figure_pixels(value: int | None = None) -> int:
     return int(value if value is not None else _figure_pixels.get() or MAX_FIGURE_PIXELS)
 
 
+def check_limit(name: str, value: object) -> int:
+    """``value`` as a limit: a whole number >= 1 (an int, or a finite float, rounded down), else a
+    `VitscopeError` naming ``name``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or int(value) < 1:  # type: ignore[call-overload]
+        raise VitscopeError(name, f"must be a positive whole number, got {value!r}",
+                            "pass a positive number; None keeps the default")
+    return int(value)  # type: ignore[call-overload]
+
+
 @contextmanager
 def limits(
     *, max_pixels: int | None = None, max_tokens: int | None = None, max_bytes: int | None = None,
     max_figure_pixels: int | None = None,
 ) -> Iterator[None]:
-    """Raise or lower vitscope's input limits inside a ``with`` block (this thread/task only)."""
-    from vitscope.errors import VitscopeError
-
+    """Raise or lower vitscope's input limits inside a ``with`` block (this thread/task only). Each must be a
+    positive whole number (a finite float is rounded down)."""
     for name, value in (("max_pixels", max_pixels), ("max_tokens", max_tokens), ("max_bytes", max_bytes),
                         ("max_figure_pixels", max_figure_pixels)):
-        if value is not None and int(value) <= 0:
-            raise VitscopeError(name, f"must be positive, got {value}", "pass a positive number")
+        if value is not None:
+            check_limit(name, value)
     tokens = [
-        var.set(value if value is not None else var.get())
+        var.set(int(value) if value is not None else var.get())
         for var, value in ((_pixels, max_pixels), (_tokens, max_tokens), (_bytes, max_bytes),
                            (_figure_pixels, max_figure_pixels))
     ]

@@ -48,6 +48,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from vitscope import _interrupt
 from vitscope._io import atomic_write_bytes, claim_output, file_sha256, remove_temp_files
 from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
 from vitscope.batch.stats import (
@@ -238,7 +239,8 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
             mask = mask_image(Path(where).read_bytes(), hw) if where else None  # (H, W) bool
             return {"index": i, "pixels": pixels, "original_size": original, "mask": mask, "error": None}
-        except Exception as exc:  # any unreadable file becomes a manifest entry
+        except Exception as exc:  # any unreadable file becomes a manifest entry, never a Ctrl-C's side effect
+            _interrupt.check()
             return {"index": i, "pixels": None, "original_size": None, "mask": None, "error": error_line(exc)}
 
 
@@ -758,6 +760,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
     def submit(job: Callable[..., None], *job_args: Any) -> None:
         while len(pending) >= 2:
             pending.popleft().result()  # re-raises a failed write (e.g. disk full) here
+        _interrupt.check()  # a safe point: no lock held, the jobs in flight match their files
         pending.append(writer.submit(job, *job_args))
 
     def run(samples: list[dict[str, Any]]) -> None:
@@ -766,23 +769,40 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
             result = fn(vit, pixels, layer=layer)
             extra = image_statistics(vit, pixels, norm_threshold=norm_threshold) if stats else {}
         except Exception as exc:  # e.g. a size the model refuses: every image of the batch is an error
+            _interrupt.check()  # ... unless a Ctrl-C caused it (a half-done import, a dead worker)
             submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])
             return
         submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])), extra)
 
-    try:
-        for sample in loader:
-            if sample["error"] is not None:
-                submit(write_errors, [(todo[sample["index"]], sample["error"])])
-                continue
-            key = tuple(sample["pixels"].shape)
-            bucket = buckets.setdefault(key, [])
-            bucket.append(sample)
-            if len(bucket) >= batch_size:
+    _warm_imports()
+    # Ctrl-C: only recorded while the loop runs (`_interrupt.deferred`) and raised at its safe points (`submit`,
+    # each sample): a KeyboardInterrupt never lands inside a lock the writer thread (logging, tqdm, an import)
+    # then waits on forever, and an error a Ctrl-C caused is never recorded as the image's.
+    with _interrupt.deferred():
+        try:
+            for sample in loader:
+                _interrupt.check()
+                if sample["error"] is not None:
+                    submit(write_errors, [(todo[sample["index"]], sample["error"])])
+                    continue
+                key = tuple(sample["pixels"].shape)
+                bucket = buckets.setdefault(key, [])
+                bucket.append(sample)
+                if len(bucket) >= batch_size:
+                    run(buckets.pop(key))
+            for key in list(buckets):
                 run(buckets.pop(key))
-        for key in list(buckets):
-            run(buckets.pop(key))
-        while pending:
-            pending.popleft().result()
-    finally:  # also on Ctrl-C: let the job in flight finish, so its manifest lines match its files
-        writer.shutdown(wait=True, cancel_futures=True)
+            while pending:
+                pending.popleft().result()
+        finally:  # also on Ctrl-C: let the job in flight finish, so its manifest lines match its files
+            writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_imports() -> None:
+    """Import what the per-image path imports lazily (image decoding, PNG writing), before the loop."""
+    from PIL import Image
+
+    import vitscope.images  # load_image, image_to_pixels
+    import vitscope.viz._render  # noqa: F401  (colormap_table)
+
+    Image.init()  # every format plugin, not one per first image of its kind

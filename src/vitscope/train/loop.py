@@ -97,6 +97,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
@@ -114,8 +115,53 @@ class TrainConfig:
                                 "pick an image size divisible by the patch size")
         if self.pos_init not in ("random", "sincos"):
             raise VitscopeError("pos_init", f"unknown value {self.pos_init!r}", "use 'random' or 'sincos'")
-        if self.lr <= 0:
-            raise VitscopeError("lr", f"must be positive, got {self.lr}", "e.g. 5e-4")
+        for name in ("lr", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise VitscopeError(name, f"must be positive, got {getattr(self, name)}", f"e.g. {name}=5e-4"
+                                    if name == "lr" else "e.g. mlp_ratio=4")
+        for name in ("min_lr", "weight_decay", "warmup_steps", "num_registers", "snapshots", "seed", "num_workers"):
+            if getattr(self, name) < 0:
+                raise VitscopeError(name, f"must be >= 0, got {getattr(self, name)}", f"pass {name} >= 0")
+        for name in ("dropout", "attn_dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise VitscopeError(name, f"{getattr(self, name)} is outside [0, 1)", f"e.g. {name}=0.1")
+        for name in ("train_size", "val_size", "val_every", "max_steps", "grad_clip", "max_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise VitscopeError(name, f"must be positive, got {getattr(self, name)}",
+                                    f"pass {name} > 0, or leave it out")
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, ValueError):
+                kind = None
+            if kind not in ("cpu", "cuda", "mps"):
+                raise VitscopeError("device", f"unknown device {self.device!r}", "use cpu, cuda, cuda:N, mps or auto")
+
+    def _check_types(self) -> None:
+        """Every field has its type (an int where an int is meant, a finite number, two numbers for a pair)
+        before anything is computed from it: ``depth="abc"`` or ``lr=nan`` is an error naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("tuple"):  # image_size may also be one int (a square)
+                items = [value, value] if f.name == "image_size" and _is_int(value) else value
+                ok = isinstance(items, (list, tuple)) and len(items) == 2
+                ok = ok and all(_is_int(v) if "int" in kind else _is_number(v) for v in items)
+                what = "two integers, e.g. [32, 32]" if "int" in kind else "two numbers, e.g. [0.35, 1.0]"
+            elif kind.startswith("int"):
+                ok, what = _is_int(value), "an integer"
+            elif kind.startswith("float"):
+                ok, what = _is_number(value), "a finite number"
+            elif kind.startswith("bool"):
+                ok, what = isinstance(value, bool), "true or false"
+            else:
+                ok, what = isinstance(value, (str, os.PathLike)), "a string"
+            if not ok:
+                problem = f"{value} is too large" if isinstance(value, int) and not isinstance(value, bool) \
+                    and abs(value) >= 2**62 else f"{value!r} is not {what}"
+                raise VitscopeError(f.name, problem, f"set {f.name} to {what}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -130,6 +176,15 @@ class TrainConfig:
         d["image_size"] = list(self.image_size)
         d["crop_scale"] = list(self.crop_scale)
         return d
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that fits the 64-bit counters and generators it feeds (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**62
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 #: Named presets: overrides of `TrainConfig`'s defaults.
