@@ -25,11 +25,13 @@ so a DINO backbone loads into it directly. The architecture is read from the ten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,7 +94,7 @@ def read_checkpoint(path: str | os.PathLike[str], argument: str = "path") -> Any
             raise CheckpointError(argument, f"{p} is not a readable safetensors file ({_first_line(exc)})",
                                   "re-download or re-save it") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), quiet_unpickler():
             try:  # tensors stay in the file until used (the zip format only; legacy pickles are read whole)
                 obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -103,7 +105,7 @@ def read_checkpoint(path: str | os.PathLike[str], argument: str = "path") -> Any
         reason = _refused_reason(exc)
         if reason is None:  # not a pickle torch understands (garbage, a text file): unreadable, not unsafe
             raise CheckpointError(
-                argument, f"{p} is not a readable PyTorch checkpoint ({_first_line(exc)[:120]})",
+                argument, f"{p} is not a readable PyTorch checkpoint ({unpickle_detail(exc)})",
                 "pass a .pth/.pt file saved with torch.save, or a .safetensors file",
             ) from None
         raise CheckpointError(
@@ -162,6 +164,23 @@ def check_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
     """The weights a model will be built from claim at most `MAX_MODEL_BYTES` (counted from shapes: a
     zero-stride view claims its full size, as copying it into a model would cost)."""
     _check_bytes(sum(v.numel() * v.element_size() for v in state.values()), Path(path), argument)
+
+
+@contextlib.contextmanager
+def quiet_unpickler() -> Iterator[None]:
+    """Silence torch's weights-only unpickler's "Detected pickle protocol" warning (a hostile or old file's
+    detail, printed on stderr before the one-line error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+def unpickle_detail(exc: BaseException) -> str:
+    """The useful line of torch's weights-only error (after its long preamble), e.g. ``Unsupported operand 149``."""
+    text = str(exc)
+    after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [ln.strip() for ln in after.splitlines() if ln.strip()]
+    return lines[0][:120] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -375,7 +394,7 @@ def load_dino_checkpoint(
     check_shapes(cfg.state_shapes(), shapes, p, "path",
                  "for DINOv2 use hf:facebook/dinov2-*; for timm weights use timm:<name> with checkpoint=",
                  what="is not a DINO (v1) ViT checkpoint")
-    bad = next((k for k, v in state.items() if not (v.is_floating_point() or v.dtype == torch.bool)), None)
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
     if bad is not None:
         raise CheckpointError("path", f"{p}: {bad} holds {state[bad].dtype} values, not weights", _DINO_FIX)
     model = ViT(cfg)
@@ -400,10 +419,31 @@ def _first_size_mismatch(exc: RuntimeError) -> str:
     return _first_line(exc)
 
 
-def load_state_into(model: Any, path: str | os.PathLike[str], what: str) -> None:
-    """Load the state dict in ``path`` (read with `read_checkpoint`) into ``model`` strictly, or a one-line
-    `CheckpointError` naming ``what`` (e.g. ``"torchvision vit_b_16"``) and the first mismatch."""
+def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (`read_checkpoint`), checked to be tensors only and of a plausible size
+    (`check_state`): read before the model it is for is built, so a bad file costs no model."""
     state = read_checkpoint(path, argument="checkpoint")
+    if not _is_state_dict(state):
+        bad = next((f"{k!r} holds a {type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor)),
+                   None) if isinstance(state, Mapping) and state else None
+        raise CheckpointError("checkpoint", f"{path} is not a state dict of tensors"
+                              f" ({bad or type(state).__name__})", "save model.state_dict()")
+    check_state(state, path, "checkpoint")
+    return {str(k): v for k, v in state.items()}
+
+
+def load_state_into(model: Any, path: str | os.PathLike[str], what: str,
+                    state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load the state dict in ``path`` (`read_state`; or ``state``, already read from it) into ``model``
+    strictly, or a one-line `CheckpointError` naming ``what`` (e.g. ``"torchvision vit_b_16"``) and the first
+    mismatch. Shapes are compared before anything is copied."""
+    if state is None:
+        state = read_state(path)
+    own = model.state_dict()
+    wrong = next((k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
+    if wrong is not None:
+        raise CheckpointError("checkpoint", f"{path} does not fit {what}: {wrong} has shape "
+                              f"{tuple(state[wrong].shape)}, the model's is {tuple(own[wrong].shape)}")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
