@@ -380,6 +380,18 @@ def test_malicious_hf_folder_is_quiet(files: Files, capfd: pytest.CaptureFixture
     assert not (files.root / "PWNED").exists()
 
 
+def test_auto_map_code_never_runs(files: Files) -> None:
+    """A Hugging Face folder whose config.json points ``auto_map`` at Python shipped next to it: the model loads
+    as the transformers class it names (a ViT), and the file's code is never imported."""
+    sentinel = files.root / "AUTO_MAP_RAN"
+    code = f"open({str(sentinel)!r}, 'w')\n".encode()
+    d = files.hf(files={"modeling_evil.py": code, "configuration_evil.py": code},
+                 auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"})
+    vit = vitscope.load(d)
+    assert type(vit.module).__name__ == "ViTModel" and vit.info.num_layers == 1
+    assert not sentinel.exists()
+
+
 def test_bombs_stay_small(files: Files) -> None:
     """The issue's memory bombs, each a few KB that claims gigabytes to terabytes: the peak RSS stays small."""
     bombs = [c for c in CASES if "bomb" in c[0]]
