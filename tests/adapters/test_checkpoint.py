@@ -405,3 +405,15 @@ def test_load_state_into_loads_strictly_or_says_what_does_not_fit(tmp_path: Path
     with pytest.raises(CheckpointError, match=r"^checkpoint: .*bad\.pth does not fit a linear layer: ") as err:
         load_state_into(dst, tmp_path / "bad.pth", "a linear layer")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_both_pickle_formats_load_exactly(tmp_path: Path, zipfile: bool) -> None:
+    """torch's zip format is memory-mapped (``mmap=True``); the legacy format cannot be and is read whole: both
+    give the saved tensors exactly."""
+    model = _dino_like()
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zipfile)
+    loaded = load_dino_checkpoint(path).module.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value), key

@@ -184,6 +184,10 @@ def _tv(obj: Callable[[Files], Any]) -> Callable[[Files], tuple[str, dict[str, A
     return lambda f: ("torchvision:vit_b_32", {"checkpoint": f.ckpt(obj(f)), "image_size": 32})
 
 
+def _oc(obj: Callable[[Files], Any]) -> Callable[[Files], tuple[str, dict[str, Any]]]:
+    return lambda f: ("open_clip:ViT-B-32", {"checkpoint": f.ckpt(obj(f))})
+
+
 CASES: list[Case] = [
     # --- vitscope folders: config.json
     ("cfg-list", _body([]), "not an object"),
@@ -291,6 +295,10 @@ CASES: list[Case] = [
     ("tv-stride-bomb", _tv(lambda f: {"class_token": _zero_stride(1, 1, 1000), "x": _zero_stride(200_000, 100_000)}),
      "GB, more than"),
     ("tv-wrong-shape", _tv(lambda f: {"class_token": torch.zeros(1, 1, 7)}), "class_token has shape (1, 1, 7)"),
+    # --- open_clip --checkpoint (refused before the model is built)
+    ("clip-non-tensor", _oc(lambda f: {"visual.class_embedding": "x"}), "'visual.class_embedding' holds a str"),
+    ("clip-stride-bomb", _oc(lambda f: {"visual.proj": _zero_stride(300_000, 100_000)}), "GB, more than"),
+    ("clip-head-bomb", _oc(lambda f: {"visual.proj": torch.zeros(BIG, 0)}), "larger than any ViT"),
 ]
 
 
@@ -325,7 +333,7 @@ def test_library_refuses(files: Files, case: Case) -> None:
 #: a subset through the CLI in-process: the same files, named with --model / --checkpoint
 CLI_CASES = ["cfg-list", "dim-big", "depth-negative", "image-size-1e9", "weights-truncated", "hf-hidden-abc",
              "hf-hidden-bomb", "dino-pos-1d", "dino-patch-0x0", "dino-head-bomb", "dino-malicious-v2",
-             "timm-head-bomb", "timm-pos-1d", "timm-malicious"]
+             "timm-head-bomb", "timm-pos-1d", "timm-malicious", "tv-non-tensor", "tv-stride-bomb", "clip-head-bomb"]
 
 
 @pytest.mark.parametrize("name", CLI_CASES)
