@@ -242,6 +242,7 @@ CASES: list[Case] = [
     ("hf-heads-zero", _hf(num_attention_heads=0), "num_attention_heads"),
     ("hf-image-1e9", _hf(image_size=BIG), "image_size"),
     ("hf-bytes-bomb", _hf(hidden_size=200_000, intermediate_size=800_000, num_hidden_layers=64), "GB of parameters"),
+    ("hf-width-mismatch", _hf(hidden_size=64, intermediate_size=64), "MISMATCH"),  # one line, not the report
     ("hf-truncated", lambda f: (str(f.hf(weights=f.hf_weights[:100])), {}), "model.safetensors"),
     ("hf-preprocessor-garbage", lambda f: (str(f.hf(files={"preprocessor_config.json": b"\xff{"})), {}),
      "preprocessor"),
@@ -332,7 +333,7 @@ def test_library_refuses(files: Files, case: Case) -> None:
 
 #: a subset through the CLI in-process: the same files, named with --model / --checkpoint
 CLI_CASES = ["cfg-list", "dim-big", "depth-negative", "image-size-1e9", "weights-truncated", "hf-hidden-abc",
-             "hf-hidden-bomb", "dino-pos-1d", "dino-patch-0x0", "dino-head-bomb", "dino-malicious-v2",
+             "hf-hidden-bomb", "hf-width-mismatch", "dino-pos-1d", "dino-patch-0x0", "dino-head-bomb", "dino-malicious-v2",
              "timm-head-bomb", "timm-pos-1d", "timm-malicious", "tv-non-tensor", "tv-stride-bomb", "clip-head-bomb"]
 
 

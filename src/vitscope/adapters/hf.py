@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -235,6 +236,9 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
 
     from vitscope.adapters.checkpoint import _REFUSED_FIX, _refused_reason, quiet_unpickler, unpickle_detail
 
+    held = _HeldReport()
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(held)
     try:
         with _quiet_local_load(transformers, folder is not None), quiet_unpickler():
             model = cls.from_pretrained(source, **kwargs)
@@ -249,7 +253,7 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, corrupt or mismatched weights
         if folder is not None:
             raise CheckpointError(
-                "model", f"cannot load weights from {folder}: {' '.join(str(exc).split())[:200]}",
+                "model", f"cannot load weights from {folder}: {held.mismatch() or _first_line(exc)}",
                 "save the model with save_pretrained (model.safetensors)",
             ) from None
         raise _hub_error(spec, exc) from None
@@ -260,8 +264,34 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
             "model", f"cannot load weights from {folder} ({type(exc).__name__}: {_first_line(exc)})",
             "save the model with save_pretrained (model.safetensors)",
         ) from None
+    finally:
+        report_logger.removeFilter(held)
+    for record in held.records:  # loaded: transformers' report (missing or unused weights) is worth seeing
+        report_logger.handle(record)
     model.eval()
     return from_hf_model(model, name=spec, folder=folder)
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' multi-line "LOAD REPORT" warning while a model loads: shown after a successful
+    load, summarised in the one-line error (its first size mismatch) when the load fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def mismatch(self) -> str | None:
+        for record in self.records:
+            for line in record.getMessage().splitlines():
+                if "MISMATCH" in line and "|" in line:
+                    return " ".join(line.replace("|", " ").split())[:200]
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
