@@ -356,14 +356,14 @@ def load_dino_checkpoint(
         size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
         if (size[0] // patch) * (size[1] // patch) != num_patches:
             raise VitscopeError(
-                "image_size", f"{size[0]}x{size[1]} gives {(size[0] // patch) * (size[1] // patch)} patches of "
+                "image_size", f"{p}: {size[0]}x{size[1]} gives {(size[0] // patch) * (size[1] // patch)} patches of "
                 f"{patch} px but pos_embed has {num_patches}", "pass the size the model was trained at",
             )
     else:
         side = round(num_patches**0.5)
         if side * side != num_patches:
             raise VitscopeError(
-                "image_size", f"pos_embed has {num_patches} patch positions, not a square grid",
+                "image_size", f"{p}: pos_embed has {num_patches} patch positions, not a square grid",
                 "pass image_size=(height, width) the model was trained at",
             )
         size = (side * patch, side * patch)
@@ -385,8 +385,10 @@ def load_dino_checkpoint(
             norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_interp=pos_interp,
         )
     except VitscopeError as exc:
-        if exc.argument in ("arch", "num_heads", "image_size", "pos_interp"):  # the caller's own arguments
+        if exc.argument in ("arch", "pos_interp"):  # the caller's own arguments
             raise
+        if exc.argument in ("num_heads", "image_size"):  # the file's sizes need the caller's help
+            raise type(exc)(exc.argument, f"{p}: {exc.problem}", exc.fix) from None
         raise CheckpointError("path", f"{p}: the architecture its shapes imply is refused: {exc.argument} "
                               f"{exc.problem}", _DINO_FIX) from None
     # Every shape against the architecture before the model exists (a (10**9, D) head would cost gigabytes).
