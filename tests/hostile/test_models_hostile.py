@@ -281,6 +281,8 @@ CASES: list[Case] = [
     ("timm-head-bomb", _t(lambda f: {"head.weight": torch.zeros(BIG, 0)}), "larger than any ViT"),
     ("timm-head-empty", _t(lambda f: {"head.weight": torch.zeros(10, 0)}), "head.weight has shape (10, 0)"),
     ("timm-stride-bomb", _t(lambda f: {"pos_embed": _zero_stride(1, 200_000, 100_000)}), "GB, more than"),
+    ("timm-pos-giant", _t(lambda f: {**_timm_state(), "pos_embed": _zero_stride(1, 100_000, 10_000)}),
+     "far larger than"),  # 4 GB claimed: under the 20 GB bound, but no resampling of it is ever right
     ("timm-pos-1d", _t(lambda f: {**_timm_state(), "pos_embed": torch.zeros(197)}), "pos_embed has shape (197,)"),
     ("timm-patch-0x0", _t(lambda f: {**_timm_state(), "patch_embed.proj.weight": torch.zeros(192, 3, 0, 0)}),
      "patch_embed.proj.weight has shape (192, 3, 0, 0)"),

@@ -356,6 +356,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str, path
         ):
             raise CheckpointError("checkpoint", f"{path}: {key} has shape {tuple(value.shape)}, {name} has "
                                   f"{tuple(target.shape)}", fix)
+        if value.numel() > 64 * target.numel() + 2**20:  # resampling a giant (e.g. a zero-stride view) would allocate it
+            raise CheckpointError("checkpoint", f"{path}: {key} has shape {tuple(value.shape)}, far larger than "
+                                  f"{name}'s {tuple(target.shape)}", fix)
         if target.is_floating_point() and not value.is_floating_point():
             raise CheckpointError("checkpoint", f"{path}: {key} holds {value.dtype} values, not weights", fix)
     if isinstance(model, VisionTransformer):
