@@ -145,7 +145,12 @@ def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool
         elif not random_weights:
             key, value = pretrained[scheme]
             kwargs[key] = value
-    vit = vitscope.load(model, **kwargs)
+    try:
+        vit = vitscope.load(model, **kwargs)
+    except VitscopeError as exc:  # the library names its arguments (model, path, checkpoint): say the CLI option
+        if exc.argument.startswith("-"):
+            raise
+        raise type(exc)("--checkpoint" if exc.argument == "checkpoint" else "--model", exc.problem, exc.fix) from None
     if random_weights:
         typer.echo(f"note: {model} has random weights (--random-weights): its attention is not learned", err=True)
     if device is not None:

@@ -187,7 +187,7 @@ def test_heads_from_table_arch_or_argument(tmp_path: Path) -> None:
     model = make_tiny_vit(dim=32, heads=4)
     path = tmp_path / "odd.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(VitscopeError, match=r"^num_heads: embedding dim 32 .*pass num_heads="):
+    with pytest.raises(VitscopeError, match=r"^num_heads: .*odd\.pth: embedding dim 32 .*pass num_heads="):
         load_dino_checkpoint(path)
     vit = load_dino_checkpoint(path, num_heads=4)
     pixels = torch.randn(1, 3, 32, 32)
@@ -208,7 +208,7 @@ def test_non_square_training_grid_needs_image_size(tmp_path: Path) -> None:
     sd["pos_embed"] = torch.randn(1, 1 + 4 * 6, 192)  # trained at 32x48
     path = tmp_path / "wide.pth"
     torch.save(sd, path)
-    with pytest.raises(VitscopeError, match=r"^image_size: pos_embed has 24 patch positions, not a square"):
+    with pytest.raises(VitscopeError, match=r"^image_size: .*wide\.pth: pos_embed has 24 patch positions, not a square"):
         load_dino_checkpoint(path)
     assert load_dino_checkpoint(path, image_size=(32, 48)).info.preprocess.image_size == (32, 48)
 
@@ -405,3 +405,15 @@ def test_load_state_into_loads_strictly_or_says_what_does_not_fit(tmp_path: Path
     with pytest.raises(CheckpointError, match=r"^checkpoint: .*bad\.pth does not fit a linear layer: ") as err:
         load_state_into(dst, tmp_path / "bad.pth", "a linear layer")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_both_pickle_formats_load_exactly(tmp_path: Path, zipfile: bool) -> None:
+    """torch's zip format is memory-mapped (``mmap=True``); the legacy format cannot be and is read whole: both
+    give the saved tensors exactly."""
+    model = _dino_like()
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zipfile)
+    loaded = load_dino_checkpoint(path).module.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value), key

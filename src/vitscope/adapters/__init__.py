@@ -13,7 +13,6 @@ Specs:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -89,13 +88,12 @@ def as_vit(model: Any) -> VitModel:
 
 def _load_path(path: Path, **kwargs: Any) -> VitModel:
     if path.is_dir():
+        from vitscope.models.vit import read_config
+
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise CheckpointError("model", f"folder {path} has no config.json", "pass a saved model folder")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError("model", f"{cfg_file} is not valid JSON ({exc.msg})") from None
+        cfg = read_config(cfg_file)
         if cfg.get("architecture") == "vitscope.ViT":
             from vitscope.adapters.vitscope_vit import load_folder
 

@@ -5,6 +5,12 @@ with ``torch.load(..., weights_only=True)``, which refuses any pickle that would
 than tensors and plain containers. (Training checkpoints that carry an ``argparse.Namespace``, as DINO's
 ``args`` entry, are allowed: building a Namespace sets attributes and runs nothing.)
 
+Reading never allocates what the file only claims either: a safetensors header is checked before a tensor is
+loaded, a pickle is memory-mapped (``mmap=True``) where its format allows, and every tensor's shape is checked
+against `vitscope.models.vit.MAX_MODEL_DIM` and the weights' total size against ``MAX_MODEL_BYTES`` before any
+model is built from them (a 1 KB pickle can hold an empty ``(10**9, 0)`` tensor, or a ``(10**5, 10**5)`` view of
+one number with zero strides).
+
 DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers") saves its ViTs with the
 parameter names of its ``vision_transformer.py``, which vitscope's own ViT (`vitscope.models.vit.ViT`) shares,
 so a DINO backbone loads into it directly. The architecture is read from the tensor shapes:
@@ -19,10 +25,13 @@ so a DINO backbone loads into it directly. The architecture is read from the ten
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +40,7 @@ import torch
 
 from vitscope.adapters.base import VitModel
 from vitscope.errors import CheckpointError, VitscopeError
+from vitscope.models.vit import MAX_MODEL_BYTES, MAX_MODEL_DIM, safetensors_header
 
 if TYPE_CHECKING:
     from vitscope.models.vit import PosInterp
@@ -72,17 +82,30 @@ def read_checkpoint(path: str | os.PathLike[str], argument: str = "path") -> Any
         from safetensors.torch import load_file
 
         try:
+            claimed = 0
+            for key, (shape, dtype) in safetensors_header(p).items():  # names, dtypes, shapes: no tensor yet
+                _check_shape(key, shape, p, argument)
+                claimed += math.prod(shape) * _SAFETENSORS_BYTES.get(dtype, 8)
+            _check_bytes(claimed, p, argument)
             return load_file(str(p), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(argument, f"{p} is not a readable safetensors file ({_first_line(exc)})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            if isinstance(exc, VitscopeError):
+                raise
+            raise CheckpointError(argument, f"{p} is not a readable safetensors file ({_first_line(exc)})",
+                                  "re-download or re-save it") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]), quiet_unpickler():
+            try:  # tensors stay in the file until used (the zip format only; legacy pickles are read whole)
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _refused_reason(exc)
         if reason is None:  # not a pickle torch understands (garbage, a text file): unreadable, not unsafe
             raise CheckpointError(
-                argument, f"{p} is not a readable PyTorch checkpoint ({_first_line(exc)[:120]})",
+                argument, f"{p} is not a readable PyTorch checkpoint ({unpickle_detail(exc)})",
                 "pass a .pth/.pt file saved with torch.save, or a .safetensors file",
             ) from None
         raise CheckpointError(
@@ -93,6 +116,71 @@ def read_checkpoint(path: str | os.PathLike[str], argument: str = "path") -> Any
             argument, f"{p} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})",
             "pass a .pth/.pt file saved with torch.save, or a .safetensors file",
         ) from None
+    _check_nested(obj, p, argument)
+    return obj
+
+
+#: bytes per element of each safetensors dtype (unknown ones count 8)
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_SHAPE_FIX = "the file is damaged or not a ViT's weights: re-download or re-save it"
+
+
+def _check_shape(key: object, shape: tuple[int, ...], path: Path, argument: str) -> None:
+    """A tensor's shape as stored: at most 8 dimensions, each at most `MAX_MODEL_DIM` (even an empty one)."""
+    if len(shape) > 8 or any(int(n) > MAX_MODEL_DIM for n in shape):
+        raise CheckpointError(
+            argument, f"{path}: tensor {str(key)[:80]!r} has shape {tuple(shape)}, larger than any ViT's "
+            f"(at most 8 dimensions of at most {MAX_MODEL_DIM})", _SHAPE_FIX,
+        )
+
+
+def _check_bytes(nbytes: int, path: Path, argument: str) -> None:
+    if nbytes > MAX_MODEL_BYTES:
+        raise CheckpointError(
+            argument, f"{path}: its tensors claim {nbytes / 1e9:.3g} GB, more than vitscope loads "
+            f"({MAX_MODEL_BYTES / 1e9:g} GB)", _SHAPE_FIX,
+        )
+
+
+def _check_nested(obj: object, path: Path, argument: str, depth: int = 0) -> None:
+    """Every tensor in a loaded checkpoint (dicts and lists, any depth) has a plausible shape."""
+    if depth > 32:
+        raise CheckpointError(argument, f"{path}: nested more than 32 levels deep", _SHAPE_FIX)
+    if isinstance(obj, torch.Tensor):
+        _check_shape("?", tuple(obj.shape), path, argument)
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if isinstance(value, torch.Tensor):
+                _check_shape(key, tuple(value.shape), path, argument)
+            else:
+                _check_nested(value, path, argument, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _check_nested(value, path, argument, depth + 1)
+
+
+def check_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], argument: str = "path") -> None:
+    """The weights a model will be built from claim at most `MAX_MODEL_BYTES` (counted from shapes: a
+    zero-stride view claims its full size, as copying it into a model would cost)."""
+    _check_bytes(sum(v.numel() * v.element_size() for v in state.values()), Path(path), argument)
+
+
+@contextlib.contextmanager
+def quiet_unpickler() -> Iterator[None]:
+    """Silence torch's weights-only unpickler's "Detected pickle protocol" warning (a hostile or old file's
+    detail, printed on stderr before the one-line error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+def unpickle_detail(exc: BaseException) -> str:
+    """The useful line of torch's weights-only error (after its long preamble), e.g. ``Unsupported operand 149``."""
+    text = str(exc)
+    after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [ln.strip() for ln in after.splitlines() if ln.strip()]
+    return lines[0][:120] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -115,21 +203,23 @@ def _is_state_dict(obj: object) -> bool:
 
 
 def extract_state_dict(
-    obj: Any, checkpoint_key: str | None = None, argument: str = "path"
+    obj: Any, checkpoint_key: str | None = None, argument: str = "path", path: str | os.PathLike[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Find the weights in a loaded checkpoint and remove wrapper prefixes.
 
     ``obj`` may be a state dict or a dict nesting one under ``checkpoint_key`` (default: the first of
     `NESTED_KEYS` present). Keys lose their ``module.`` / ``backbone.`` prefixes; when some keys carry
-    ``backbone.`` (DINO's MultiCropWrapper), the others (the projection head) are dropped.
+    ``backbone.`` (DINO's MultiCropWrapper), the others (the projection head) are dropped. Errors name ``path``.
     """
+    where = f"{path}: " if path is not None else ""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(argument, f"checkpoint holds a {type(obj).__name__}, not a dict of tensors",
+        raise CheckpointError(argument, f"{where}checkpoint holds a {type(obj).__name__}, not a dict of tensors",
                               "save model.state_dict(), not the model")
     if checkpoint_key is not None:
         if checkpoint_key not in obj:
             keys = sorted(str(k) for k in obj)[:10]
-            raise CheckpointError("checkpoint_key", f"{checkpoint_key!r} not in the checkpoint (keys: {keys})",
+            raise CheckpointError("checkpoint_key", f"{checkpoint_key!r} not in {path or 'the checkpoint'} "
+                                  f"(keys: {keys})",
                                   "pass one of those keys, or leave checkpoint_key unset")
         obj = obj[checkpoint_key]
     elif not _is_state_dict(obj):
@@ -137,10 +227,13 @@ def extract_state_dict(
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(argument, f"{where}the checkpoint's {checkpoint_key!r} entry holds a {type(obj).__name__}, "
+                              "not a dict of tensors", "pass checkpoint_key= naming the entry that holds the weights")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         keys = sorted(str(k) for k in obj)[:10]
-        raise CheckpointError(argument, f"no tensors found in the checkpoint (top-level keys: {keys})",
+        raise CheckpointError(argument, f"{where}no tensors found in the checkpoint (top-level keys: {keys})",
                               "pass checkpoint_key= naming the entry that holds the weights")
     stripped: dict[str, torch.Tensor] = {}
     has_backbone = any(_strip(k, ("module.",)).startswith("backbone.") for k in tensors)
@@ -186,14 +279,24 @@ def _num_heads(dim: int, arch: str | None, num_heads: int | None) -> int:
     return num_heads
 
 
-def _require(state: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+_DINO_FIX = "pass a facebookresearch/dino ViT checkpoint, or load other models with hf:/timm:"
+
+
+def _require(state: Mapping[str, torch.Tensor], key: str, path: Path, shape: str | None = None,
+             rank: int | None = None) -> torch.Tensor:
+    """``state[key]``: present, floating point and of ``rank`` dimensions, each at least 1 (``shape`` names
+    them in the message), else a `CheckpointError` naming the file."""
     if key not in state:
         sample = sorted(state)[:6]
         raise CheckpointError(
-            "path", f"{path.name} has no {key!r}, so it is not a DINO ViT checkpoint (keys start {sample})",
-            "pass a facebookresearch/dino ViT checkpoint, or load other models with hf:/timm:",
+            "path", f"{path} has no {key!r}, so it is not a DINO ViT checkpoint (keys start {sample})", _DINO_FIX,
         )
-    return state[key]
+    t = state[key]
+    if not t.is_floating_point():
+        raise CheckpointError("path", f"{path}: {key} holds {t.dtype} values, not floating-point weights", _DINO_FIX)
+    if rank is not None and (t.dim() != rank or 0 in t.shape):
+        raise CheckpointError("path", f"{path}: {key} has shape {tuple(t.shape)}, expected {shape}", _DINO_FIX)
+    return t
 
 
 def load_dino_checkpoint(
@@ -229,7 +332,7 @@ def load_dino_checkpoint(
         >>> vit = vitscope.load("dino:dino_deitsmall16_pretrain.pth")  # doctest: +SKIP
     """
     from vitscope.adapters.vitscope_vit import from_vit
-    from vitscope.models.vit import POS_INTERPS, ViT, ViTConfig
+    from vitscope.models.vit import POS_INTERPS, ViT, ViTConfig, check_shapes
 
     if pos_interp not in POS_INTERPS:
         raise VitscopeError(
@@ -237,60 +340,70 @@ def load_dino_checkpoint(
             "use 'dino' (DINO's own forward) or 'size' (the exact grid, as transformers' ViT)",
         )
     p = Path(path).expanduser()
-    state = extract_state_dict(read_checkpoint(p), checkpoint_key)
-    w = _require(state, "patch_embed.proj.weight", p)
-    if w.dim() != 4 or w.shape[-1] != w.shape[-2]:
-        raise CheckpointError("path", f"patch_embed.proj.weight has shape {tuple(w.shape)}, expected (D, C, p, p)")
+    state = extract_state_dict(read_checkpoint(p), checkpoint_key, path=p)
+    check_state(state, p)
+    w = _require(state, "patch_embed.proj.weight", p, "(D, C, p, p)", 4)
+    if w.shape[-1] != w.shape[-2]:
+        raise CheckpointError("path", f"{p}: patch_embed.proj.weight has shape {tuple(w.shape)}, expected "
+                              "(D, C, p, p) with a square patch", _DINO_FIX)
     dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
-    _require(state, "cls_token", p)
-    pos = _require(state, "pos_embed", p)  # (1, 1 + gh * gw, D)
+    _require(state, "cls_token", p, "(1, 1, D)", 3)
+    pos = _require(state, "pos_embed", p, "(1, 1 + patches, D)", 3)  # (1, 1 + gh * gw, D)
     num_patches = int(pos.shape[1]) - 1
+    if num_patches < 1:
+        raise CheckpointError("path", f"{p}: pos_embed has shape {tuple(pos.shape)}, no patch positions", _DINO_FIX)
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
         if (size[0] // patch) * (size[1] // patch) != num_patches:
             raise VitscopeError(
-                "image_size", f"{size[0]}x{size[1]} gives {(size[0] // patch) * (size[1] // patch)} patches of "
+                "image_size", f"{p}: {size[0]}x{size[1]} gives {(size[0] // patch) * (size[1] // patch)} patches of "
                 f"{patch} px but pos_embed has {num_patches}", "pass the size the model was trained at",
             )
     else:
         side = round(num_patches**0.5)
         if side * side != num_patches:
             raise VitscopeError(
-                "image_size", f"pos_embed has {num_patches} patch positions, not a square grid",
+                "image_size", f"{p}: pos_embed has {num_patches} patch positions, not a square grid",
                 "pass image_size=(height, width) the model was trained at",
             )
         size = (side * patch, side * patch)
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError("path", f"{p.name} has no blocks.{{i}}.* weights", "pass a DINO ViT checkpoint")
-    hidden = int(_require(state, "blocks.0.mlp.fc1.weight", p).shape[0])
-    reg = state.get("reg_token")
+    hidden = int(_require(state, "blocks.0.mlp.fc1.weight", p, "(hidden, D)", 2).shape[0])
+    reg = _require(state, "reg_token", p, "(1, registers, D)", 3) if "reg_token" in state else None
     head_w = state.get("head.weight")
     num_classes = int(head_w.shape[0]) if head_w is not None and head_w.dim() == 2 else 0
     # Anything else under head.* (a DINOHead saved without the backbone prefix) is not part of the backbone.
     state = {k: v for k, v in state.items() if not k.startswith("head.") or (num_classes and k in
              ("head.weight", "head.bias"))}
-    cfg = ViTConfig(
-        image_size=size, patch_size=patch, in_chans=in_chans, num_classes=num_classes, dim=dim, depth=depth,
-        heads=_num_heads(dim, arch, num_heads), mlp_ratio=hidden / dim, qkv_bias="blocks.0.attn.qkv.bias" in state,
-        num_registers=int(reg.shape[1]) if reg is not None else 0, norm_eps=1e-6,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_interp=pos_interp,
-    )
+    try:
+        cfg = ViTConfig(
+            image_size=size, patch_size=patch, in_chans=in_chans, num_classes=num_classes, dim=dim, depth=depth,
+            heads=_num_heads(dim, arch, num_heads), mlp_ratio=hidden / dim,
+            qkv_bias="blocks.0.attn.qkv.bias" in state, num_registers=int(reg.shape[1]) if reg is not None else 0,
+            norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_interp=pos_interp,
+        )
+    except VitscopeError as exc:
+        if exc.argument in ("arch", "pos_interp"):  # the caller's own arguments
+            raise
+        if exc.argument in ("num_heads", "image_size"):  # the file's sizes need the caller's help
+            raise type(exc)(exc.argument, f"{p}: {exc.problem}", exc.fix) from None
+        raise CheckpointError("path", f"{p}: the architecture its shapes imply is refused: {exc.argument} "
+                              f"{exc.problem}", _DINO_FIX) from None
+    # Every shape against the architecture before the model exists (a (10**9, D) head would cost gigabytes).
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    check_shapes(cfg.state_shapes(), shapes, p, "path",
+                 "for DINOv2 use hf:facebook/dinov2-*; for timm weights use timm:<name> with checkpoint=",
+                 what="is not a DINO (v1) ViT checkpoint")
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise CheckpointError("path", f"{p}: {bad} holds {state[bad].dtype} values, not weights", _DINO_FIX)
     model = ViT(cfg)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError("path", f"{p.name} does not fit a DINO ViT: {_first_size_mismatch(exc)}") from None
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {sorted(missing)[:4]}")
-        if unexpected:
-            parts.append(f"unexpected {sorted(unexpected)[:4]}")
-        raise CheckpointError(
-            "path", f"{p.name} is not a DINO (v1) ViT checkpoint: {'; '.join(parts)}",
-            "for DINOv2 use hf:facebook/dinov2-*; for timm weights use timm:<name> with checkpoint=",
-        )
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # (shapes and names were checked above: a dtype torch cannot copy)
+        raise CheckpointError("path", f"{p} does not fit a DINO ViT: {_first_size_mismatch(exc)}") from None
     model.eval()
     vit = from_vit(model, name=name or p.name)
     vit.info = replace(
@@ -308,10 +421,31 @@ def _first_size_mismatch(exc: RuntimeError) -> str:
     return _first_line(exc)
 
 
-def load_state_into(model: Any, path: str | os.PathLike[str], what: str) -> None:
-    """Load the state dict in ``path`` (read with `read_checkpoint`) into ``model`` strictly, or a one-line
-    `CheckpointError` naming ``what`` (e.g. ``"torchvision vit_b_16"``) and the first mismatch."""
+def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (`read_checkpoint`), checked to be tensors only and of a plausible size
+    (`check_state`): read before the model it is for is built, so a bad file costs no model."""
     state = read_checkpoint(path, argument="checkpoint")
+    if not _is_state_dict(state):
+        bad = next((f"{k!r} holds a {type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor)),
+                   None) if isinstance(state, Mapping) and state else None
+        raise CheckpointError("checkpoint", f"{path} is not a state dict of tensors"
+                              f" ({bad or type(state).__name__})", "save model.state_dict()")
+    check_state(state, path, "checkpoint")
+    return {str(k): v for k, v in state.items()}
+
+
+def load_state_into(model: Any, path: str | os.PathLike[str], what: str,
+                    state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load the state dict in ``path`` (`read_state`; or ``state``, already read from it) into ``model``
+    strictly, or a one-line `CheckpointError` naming ``what`` (e.g. ``"torchvision vit_b_16"``) and the first
+    mismatch. Shapes are compared before anything is copied."""
+    if state is None:
+        state = read_state(path)
+    own = model.state_dict()
+    wrong = next((k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
+    if wrong is not None:
+        raise CheckpointError("checkpoint", f"{path} does not fit {what}: {wrong} has shape "
+                              f"{tuple(state[wrong].shape)}, the model's is {tuple(own[wrong].shape)}")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:

@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,27 +217,126 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
     config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
     try:
         config = transformers.AutoConfig.from_pretrained(source, **config_kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a local file's fault whatever transformers raises (its field validation: TypeError)
+        if folder is None and not isinstance(exc, (OSError, ValueError)):
+            raise
         if folder is not None:
-            raise CheckpointError("model", f"cannot read {folder / 'config.json'}: {' '.join(str(exc).split())[:200]}") from None
+            raise CheckpointError(
+                "model", f"cannot read {folder / 'config.json'}: {' '.join(str(exc).split())[:200]}",
+                "pass a folder written by save_pretrained",
+            ) from None
         raise _hub_error(spec, exc) from None
     cls = _model_class(transformers, config, spec)
+    _check_config(config, folder / "config.json" if folder is not None else spec)
     if folder is not None and "use_safetensors" not in kwargs and any(folder.glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never unpickle a .bin when safetensors weights are there
+    import pickle
+
     from safetensors import SafetensorError
 
+    from vitscope.adapters.checkpoint import _REFUSED_FIX, _refused_reason, quiet_unpickler, unpickle_detail
+
+    held = _HeldReport()
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(held)
     try:
-        with _quiet_local_load(transformers, folder is not None):
+        with _quiet_local_load(transformers, folder is not None), quiet_unpickler():
             model = cls.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as exc:  # transformers reads .bin with weights_only=True: refused, never run
+        where = next((str(f) for f in sorted((folder or Path(".")).glob("*.bin"))), source) if folder else source
+        reason = _refused_reason(exc)
+        if reason is None:
+            raise CheckpointError("model", f"{where} is not a readable PyTorch checkpoint ({unpickle_detail(exc)})",
+                                  "save the model with save_pretrained (model.safetensors)") from None
+        raise CheckpointError("model", f"refused to load {where}: unpickling it could run code ({reason})",
+                              _REFUSED_FIX) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, corrupt or mismatched weights
         if folder is not None:
             raise CheckpointError(
-                "model", f"cannot load weights from {folder}: {' '.join(str(exc).split())[:200]}",
+                "model", f"cannot load weights from {folder}: {held.mismatch() or _first_line(exc)}",
                 "save the model with save_pretrained (model.safetensors)",
             ) from None
         raise _hub_error(spec, exc) from None
+    except Exception as exc:  # any other failure on a local folder's files: the files' fault, said in one line
+        if folder is None:
+            raise
+        raise CheckpointError(
+            "model", f"cannot load weights from {folder} ({type(exc).__name__}: {_first_line(exc)})",
+            "save the model with save_pretrained (model.safetensors)",
+        ) from None
+    finally:
+        report_logger.removeFilter(held)
+    for record in held.records:  # loaded: transformers' report (missing or unused weights) is worth seeing
+        report_logger.handle(record)
     model.eval()
     return from_hf_model(model, name=spec, folder=folder)
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' multi-line "LOAD REPORT" warning while a model loads: shown after a successful
+    load, summarised in the one-line error (its first size mismatch) when the load fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def mismatch(self) -> str | None:
+        for record in self.records:
+            for line in record.getMessage().splitlines():
+                if "MISMATCH" in line and "|" in line:
+                    return " ".join(line.replace("|", " ").split())[:200]
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+#: config sizes checked before a model is built from them (vision config names of the supported families)
+_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                "patch_size", "num_channels", "num_register_tokens", "num_labels")
+
+
+def _check_config(config: Any, where: object) -> None:
+    """The (vision) config's sizes are integers in range and the model they describe has at most
+    `MAX_MODEL_BYTES` of parameters, before transformers allocates it (``hidden_size: 10**9`` in a 1 KB
+    config.json would otherwise be a terabyte model)."""
+    from vitscope.models.vit import MAX_DEPTH, MAX_MODEL_BYTES, MAX_MODEL_DIM, check_int
+
+    vcfg = getattr(config, "vision_config", None) or config
+    sizes: dict[str, int] = {}
+    try:
+        for name in _SIZE_FIELDS:
+            value = getattr(vcfg, name, None)
+            if name == "num_labels":
+                value = getattr(config, name, None)
+            if value is None:
+                continue
+            if name in ("image_size", "patch_size") and isinstance(value, (list, tuple)):
+                sides = [check_int(name, v, 1) for v in value]
+                sizes[name] = max(sides) if name == "patch_size" else sides[0] * sides[-1]
+                continue
+            low = 0 if name in ("num_register_tokens", "num_labels") else 1
+            n = check_int(name, value, low, MAX_DEPTH if name == "num_hidden_layers" else MAX_MODEL_DIM)
+            sizes[name] = n * n if name == "image_size" else n
+        d, heads = sizes.get("hidden_size", 1), sizes.get("num_attention_heads", 1)
+        if heads > d:
+            raise VitscopeError("num_attention_heads", f"{heads} heads for hidden_size {d}")
+        layers, mlp = sizes.get("num_hidden_layers", 1), sizes.get("intermediate_size", 4 * d)
+        tokens = sizes.get("image_size", 1) // max(1, sizes.get("patch_size", 1) ** 2) + 1
+        params = layers * (4 * d * d + 2 * d * mlp) + tokens * d + sizes.get("num_labels", 0) * d
+        if 4 * params > MAX_MODEL_BYTES:
+            raise VitscopeError("hidden_size", f"the model it describes has {4 * params / 1e9:.3g} GB of parameters, "
+                                f"more than vitscope builds ({MAX_MODEL_BYTES / 1e9:g} GB)")
+    except VitscopeError as exc:
+        raise CheckpointError("model", f"{where}: {exc.argument} {exc.problem}",
+                              "pass a folder written by save_pretrained") from None
 
 
 # ------------------------------------------------------------------------------------------- description
@@ -346,8 +446,9 @@ def _read_processor_config(folder: Path | None) -> dict[str, Any] | None:
             data = json.loads(proc.read_text())
             sub = data.get("image_processor") if isinstance(data, dict) else None
             return sub if isinstance(sub, dict) else None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError("model", f"cannot read the preprocessor config in {folder}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise CheckpointError("model", f"cannot read the preprocessor config in {folder}: {_first_line(exc)}",
+                              "fix or delete preprocessor_config.json") from None
     return None
 
 
@@ -382,12 +483,23 @@ def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path
     mean, std, resample = family.mean, family.std, family.resample
     proc = _read_processor_config(folder)
     if proc is not None:
-        if proc.get("do_normalize", True):
-            mean, std = _triple(proc.get("image_mean"), mean), _triple(proc.get("image_std"), std)
-        else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        crop = _size_from(proc.get("crop_size")) if proc.get("do_center_crop") else None
-        size = crop or _size_from(proc.get("size")) or size
+        import math
+
+        from vitscope.models.vit import check_int
+
+        try:
+            if proc.get("do_normalize", True):
+                mean, std = _triple(proc.get("image_mean"), mean), _triple(proc.get("image_std"), std)
+            else:
+                mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+            if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+                raise ValueError(f"image_mean {mean} / image_std {std} must be finite, the std positive")
+            crop = _size_from(proc.get("crop_size")) if proc.get("do_center_crop") else None
+            size = crop or _size_from(proc.get("size")) or size
+            size = (check_int("size", size[0], 1), check_int("size", size[1], 1))
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            raise CheckpointError("model", f"{folder}: preprocessor config: {_first_line(exc)}",
+                                  "fix or delete preprocessor_config.json") from None
         r = proc.get("resample")
         if isinstance(r, int):
             resample = _PIL_RESAMPLE.get(r, resample)

@@ -89,6 +89,11 @@ def load_open_clip(
             raise CheckpointError("pretrained", f"open_clip publishes no weights for {name!r}",
                                   "pass checkpoint='path/to/weights', or --random-weights on the CLI")
         pretrained = tags[0]
+    state = None
+    if checkpoint is not None:  # read and checked before the model is built
+        from vitscope.adapters.checkpoint import read_state
+
+        state = read_state(checkpoint)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
@@ -102,5 +107,5 @@ def load_open_clip(
     if checkpoint is not None:
         from vitscope.adapters.checkpoint import load_state_into
 
-        load_state_into(model, checkpoint, f"open_clip {name}")
+        load_state_into(model, checkpoint, f"open_clip {name}", state)
     return from_open_clip_model(model.eval(), name=f"open_clip:{name}")

@@ -239,7 +239,9 @@ def _pretrained_fix(timm: Any, name: str) -> str:
 
 
 def _read_timm_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from vitscope.adapters.checkpoint import read_checkpoint
+    """The state dict in ``path`` (unwrapped from timm's and other trainers' checkpoints), its shapes and size
+    checked (`check_state`) before any model is created from it."""
+    from vitscope.adapters.checkpoint import check_state, read_checkpoint
 
     obj = read_checkpoint(path, argument="checkpoint")
     if not isinstance(obj, Mapping):
@@ -252,9 +254,15 @@ def _read_timm_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
     state = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
+            k = str(k)
             state[k[len("module."):] if k.startswith("module.") else k] = v
     if not state:
         raise CheckpointError("checkpoint", f"no tensors in {path}", "pass a state dict saved from a timm model")
+    check_state(state, path, "checkpoint")
+    head = state.get("head.weight")  # (classes, D): decides num_classes, so checked before the model is built
+    if head is not None and (head.dim() != 2 or 0 in head.shape):
+        raise CheckpointError("checkpoint", f"{path}: head.weight has shape {tuple(head.shape)}, expected "
+                              "(classes, embed_dim)", "pass a state dict saved from a timm model")
     return state
 
 
@@ -334,10 +342,31 @@ def load_timm(
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Any) -> None:
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    if isinstance(model, VisionTransformer):
-        state = checkpoint_filter_fn(state, model)  # resamples pos_embed, converts original JAX/DeiT layouts
     fix = "create the model with the arguments the checkpoint was made with (img_size, patch_size, embed_dim, depth, " \
           "num_heads, reg_tokens, class_token, ...)"
+    own = model.state_dict()
+    for key, value in state.items():  # ranks and dtypes against the model before timm converts anything
+        target = own.get(key)
+        if target is None:
+            continue
+        # timm converts a flattened (JAX) patch kernel and resamples pos_embed; every other rank must match
+        flexible = key in ("patch_embed.proj.weight", "pos_embed")
+        if (value.dim() != target.dim() and not flexible) or (flexible and not 1 < value.dim() <= 4) or (
+            value.numel() == 0 and target.numel() != 0
+        ):
+            raise CheckpointError("checkpoint", f"{path}: {key} has shape {tuple(value.shape)}, {name} has "
+                                  f"{tuple(target.shape)}", fix)
+        if value.numel() > 64 * target.numel() + 2**20:  # resampling a giant (e.g. a zero-stride view) would allocate it
+            raise CheckpointError("checkpoint", f"{path}: {key} has shape {tuple(value.shape)}, far larger than "
+                                  f"{name}'s {tuple(target.shape)}", fix)
+        if target.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError("checkpoint", f"{path}: {key} holds {value.dtype} values, not weights", fix)
+    if isinstance(model, VisionTransformer):
+        try:  # resamples pos_embed, converts original JAX/DeiT layouts
+            state = checkpoint_filter_fn(state, model)
+        except Exception as exc:  # any failure converting the file's tensors is the file's fault
+            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise CheckpointError("checkpoint", f"{path} does not fit {name}: {first}", fix) from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

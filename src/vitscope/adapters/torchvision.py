@@ -75,6 +75,11 @@ def load_torchvision(
     if builder is None or not callable(builder):
         vits = [n for n in tv.models.list_models() if n.startswith("vit_")]
         raise VitscopeError("model", f"torchvision has no model {name!r}", f"use one of {', '.join(vits)}")
+    state = None
+    if checkpoint is not None:  # read and checked before the model is built
+        from vitscope.adapters.checkpoint import read_state
+
+        state = read_state(checkpoint)
     try:
         model = builder(weights=weights, **kwargs)
     except Exception as exc:
@@ -87,5 +92,5 @@ def load_torchvision(
     if checkpoint is not None:
         from vitscope.adapters.checkpoint import load_state_into
 
-        load_state_into(model, checkpoint, f"torchvision {name}")
+        load_state_into(model, checkpoint, f"torchvision {name}", state)
     return from_torchvision_model(model.eval(), name=f"torchvision:{name}")

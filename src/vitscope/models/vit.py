@@ -12,6 +12,8 @@ explicit ``softmax(q k^T * scale)``; they agree to float precision (tested).
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,9 +22,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitscope.errors import CheckpointError, VitscopeError
+
 #: How `ViT.interpolate_pos_embed` resamples the patch position embeddings for another grid (see there).
 PosInterp = Literal["size", "dino"]
 POS_INTERPS: tuple[str, ...] = get_args(PosInterp)
+
+#: Largest model vitscope builds from a config or checkpoint: its parameters' bytes (float32). A file that
+#: implies more is refused before any tensor is created (a 1 KB file can describe a terabyte model).
+MAX_MODEL_BYTES = 20 * 10**9
+#: Largest single size a model file may state: a tensor dimension, the embedding or MLP width, an image side in
+#: pixels, the number of classes, registers or patch tokens.
+MAX_MODEL_DIM = 1_000_000
+#: Most transformer blocks.
+MAX_DEPTH = 10_000
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(name: str, value: object, low: int, high: int = MAX_MODEL_DIM) -> int:
+    """``value`` as an int in ``[low, high]`` (an integral float such as JSON's ``1e3`` counts), else a
+    `VitscopeError` naming ``name``. Booleans, strings, NaN and infinities are refused."""
+    ok = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not ok:
+        raise VitscopeError(name, f"must be an integer, got {_short(value)}", f"pass an integer from {low} to {high}")
+    number = int(value)  # type: ignore[call-overload]
+    if not low <= number <= high:
+        raise VitscopeError(name, f"must be from {low} to {high}, got {number}", "pass a size a real ViT has")
+    return number
+
+
+def _check_float(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise VitscopeError(name, f"must be a finite number, got {_short(value)}")
+    if value < low or value > high or (low_open and value == low):
+        bound = f"{'above' if low_open else 'at least'} {low}" + ("" if high == math.inf else f" and at most {high}")
+        raise VitscopeError(name, f"must be {bound}, got {value}")
+    return float(value)
+
+
+def _check_numbers(name: str, value: object, lengths: Sequence[int], positive: bool) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) or len(value) not in lengths:
+        raise VitscopeError(name, f"must be a list of {' or '.join(map(str, sorted(set(lengths))))} numbers, "
+                            f"got {_short(value)}")
+    return tuple(_check_float(name, v, 0.0, low_open=True) if positive else _check_float(name, v, -math.inf)
+                 for v in value)
 
 
 @dataclass
@@ -48,15 +95,67 @@ class ViTConfig:
     pos_interp: PosInterp = "size"  # "dino": facebookresearch/dino's scale-factor resampling (DINO checkpoints)
 
     def __post_init__(self) -> None:
-        self.image_size = tuple(self.image_size)  # type: ignore[assignment]
-        self.mean = tuple(self.mean)
-        self.std = tuple(self.std)
-        if self.labels is not None:
-            self.labels = tuple(self.labels)
+        """Check every field's type and range, and the model's size, before anything is allocated: a bad or
+        hostile config is a `VitscopeError` naming the field (never a TypeError from deep inside torch)."""
+        size = self.image_size
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            size = (size, size)
+        if isinstance(size, (str, bytes, Mapping)) or not isinstance(size, Sequence) or len(size) != 2:
+            raise VitscopeError("image_size", f"must be (height, width), got {_short(size)}", "e.g. [224, 224]")
+        self.image_size = (check_int("image_size", size[0], 1), check_int("image_size", size[1], 1))
+        self.patch_size = check_int("patch_size", self.patch_size, 1, min(self.image_size))
+        self.in_chans = check_int("in_chans", self.in_chans, 1)
+        self.num_classes = check_int("num_classes", self.num_classes, 0)
+        self.dim = check_int("dim", self.dim, 1)
+        self.depth = check_int("depth", self.depth, 1, MAX_DEPTH)
+        self.heads = check_int("heads", self.heads, 1, self.dim)
         if self.dim % self.heads:
-            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+            raise VitscopeError("heads", f"dim={self.dim} must be divisible by heads={self.heads}",
+                                "pass a number of heads that divides dim")
+        self.mlp_ratio = _check_float("mlp_ratio", self.mlp_ratio, 0.0, low_open=True)
+        check_int("mlp_ratio", int(self.dim * self.mlp_ratio), 1)  # the MLP's hidden width
+        if not isinstance(self.qkv_bias, bool):
+            raise VitscopeError("qkv_bias", f"must be true or false, got {_short(self.qkv_bias)}")
+        self.num_registers = check_int("num_registers", self.num_registers, 0)
+        self.dropout = _check_float("dropout", self.dropout, 0.0, 1.0)
+        self.attn_dropout = _check_float("attn_dropout", self.attn_dropout, 0.0, 1.0)
+        self.norm_eps = _check_float("norm_eps", self.norm_eps, 0.0, low_open=True)
+        self.mean = _check_numbers("mean", self.mean, (1, 3, self.in_chans), positive=False)
+        self.std = _check_numbers("std", self.std, (1, 3, self.in_chans), positive=True)
+        if self.labels is not None:
+            if isinstance(self.labels, (str, bytes, Mapping)) or not isinstance(self.labels, Sequence) or not all(
+                isinstance(x, str) for x in self.labels
+            ):
+                raise VitscopeError("labels", f"must be a list of class names, got {_short(self.labels)}")
+            self.labels = tuple(self.labels)
         if self.pos_interp not in POS_INTERPS:
-            raise ValueError(f"pos_interp={self.pos_interp!r} is not one of {', '.join(map(repr, POS_INTERPS))}")
+            raise VitscopeError("pos_interp", f"pos_interp={_short(self.pos_interp)} is not one of "
+                                f"{', '.join(map(repr, POS_INTERPS))}")
+        gh, gw = self.grid
+        check_int("image_size", gh * gw + 1 + self.num_registers, 1)  # tokens: [CLS] + registers + patches
+        nbytes = 4 * self.num_parameters()
+        if nbytes > MAX_MODEL_BYTES:
+            raise VitscopeError(
+                "dim", f"this architecture has {nbytes / 1e9:.3g} GB of parameters, more than vitscope builds "
+                f"({MAX_MODEL_BYTES / 1e9:g} GB)", "check dim, depth, mlp_ratio, image_size and num_classes",
+            )
+
+    def num_parameters(self) -> int:
+        """Parameters of `ViT` (this config), counted from the sizes alone: nothing is allocated."""
+        d, hidden = self.dim, int(self.dim * self.mlp_ratio)
+        gh, gw = self.grid
+        embed = d * self.in_chans * self.patch_size**2 + d + d + (1 + gh * gw) * d + self.num_registers * d
+        attn = 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d
+        block = 4 * d + attn + (d * hidden + hidden) + (hidden * d + d)
+        head = (d * self.num_classes + self.num_classes) if self.num_classes > 0 else 0
+        return embed + self.depth * block + 2 * d + head
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor in `ViT`'s state dict, from a model built on the meta device (no
+        memory): the architecture a checkpoint is checked against before the real model is created."""
+        with torch.device("meta"):
+            model = ViT(self)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -66,7 +165,9 @@ class ViTConfig:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> ViTConfig:
+        if not isinstance(d, Mapping):
+            raise VitscopeError("config", f"must be a JSON object, got {type(d).__name__}", "see save_vit")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -245,20 +346,87 @@ def save_vit(model: ViT, folder: str | Path, extra: dict[str, Any] | None = None
     return folder
 
 
-def load_vit(folder: str | Path, map_location: str | torch.device = "cpu") -> ViT:
-    """Load a ViT saved by `save_vit` (safetensors only: no code runs)."""
-    from safetensors.torch import load_file
+_FOLDER_FIX = "pass a folder written by vitscope train / save_vit"
 
-    from vitscope.errors import CheckpointError
+
+def read_config(path: Path, argument: str = "model") -> dict[str, Any]:
+    """The JSON object in ``path``: a `CheckpointError` naming the file for a missing, unreadable, non-UTF-8,
+    non-JSON or non-object file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(argument, f"{path} not found", _FOLDER_FIX) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(argument, f"cannot read {path} ({type(exc).__name__})", _FOLDER_FIX) from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(argument, f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})",
+                              _FOLDER_FIX) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(argument, f"{path} holds a JSON {type(data).__name__}, not an object", _FOLDER_FIX)
+    return data
+
+
+def config_error(path: Path, exc: VitscopeError, argument: str = "model") -> CheckpointError:
+    """``exc`` (a bad config field) restated as a `CheckpointError` naming the file it came from."""
+    return CheckpointError(argument, f"{path}: {exc.argument} {exc.problem}", exc.fix or _FOLDER_FIX)
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], path: Path,
+                 argument: str = "model", fix: str = _FOLDER_FIX, what: str = "does not fit its architecture") -> None:
+    """``found`` (a checkpoint's tensor shapes) equals ``expected`` (the architecture's), else a
+    `CheckpointError` naming the file and the first differences. Called before the model is created."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in sorted(expected.keys() & found.keys())
+             if tuple(found[k]) != tuple(expected[k])]
+    parts = ([f"missing {missing[:4]}"] if missing else []) + ([f"unexpected {unexpected[:4]}"] if unexpected else [])
+    parts += [f"shape {', '.join(wrong[:2])}"] if wrong else []
+    if parts:
+        raise CheckpointError(argument, f"{path} {what}: {'; '.join(parts)}", fix)
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor in a ``.safetensors`` file, read from its header alone (no tensor
+    is loaded). Raises safetensors' own error for a damaged file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
+        return {k: (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype())) for k, sl in slices.items()}
+
+
+def load_vit(folder: str | Path, map_location: str | torch.device = "cpu") -> ViT:
+    """Load a ViT saved by `save_vit` (safetensors only: no code runs).
+
+    The config is checked field by field, and the weights' shapes (read from the safetensors header, without
+    loading a tensor) against the architecture it describes, before the model is created; any problem is one
+    `CheckpointError` naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg_path, weights = folder / "config.json", folder / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.exists():
-            raise CheckpointError("model", f"{p} not found", "pass a folder written by vitscope train / save_vit")
-    cfg = ViTConfig.from_dict(json.loads(cfg_path.read_text()))
-    model = ViT(cfg)
-    model.load_state_dict(load_file(str(weights), device=str(map_location)))
+            raise CheckpointError("model", f"{p} not found", _FOLDER_FIX)
+    try:
+        cfg = ViTConfig.from_dict(read_config(cfg_path))
+    except CheckpointError:
+        raise
+    except VitscopeError as exc:
+        raise config_error(cfg_path, exc) from None
+    try:
+        found = {k: shape for k, (shape, _) in safetensors_header(weights).items()}
+        check_shapes(cfg.state_shapes(), found, weights)
+        model = ViT(cfg)
+        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, VitscopeError):
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError("model", f"{weights} is not a readable safetensors file for this model ({first})",
+                              "re-save it with save_vit, or re-download it") from None
     return model.eval()
 
 
