@@ -260,6 +260,18 @@ def test_corrupt_batch_json_is_one_line(world: dict[str, Any], tmp_path: Path, b
     assert "batch.json" in line and "--overwrite" in line
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=40) | _JSONISH.map(lambda v: json.dumps(v).encode()))
+def test_generated_batch_json_bodies_never_trace(world: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                                                 body: bytes) -> None:
+    """Any bytes or JSON value as batch.json beside a manifest: one line naming --output (garbage, or the
+    settings of another run), never a traceback, nothing lost or changed."""
+    out = _resume_copy(world, tmp_path_factory.mktemp("cfg"))
+    (out / "batch.json").write_bytes(body)
+    line = _expect_refused(world, out, _argv(world, out), "--output")
+    assert line.startswith("error: --output: ") and ("batch.json" in line or "another run" in line)
+
+
 # ------------------------------------------------------------------------------------------------ ray state
 def _ray_part(out: Path) -> Path:
     pytest.importorskip("pyarrow")
