@@ -325,12 +325,14 @@ def _check_stats(stats: Any, shape: tuple[int, int] | None) -> str | None:
     if not isinstance(stats, dict):
         return '"stats" must be an object'
     lengths = {"distance": shape[0] * shape[1], "norm_mean": shape[0], "norm_high": shape[0]} if shape else {}
-    for key, is_item in (("distance", _is_number), ("norm_mean", _is_number), ("norm_high", _is_int)):
+    for key, types in (("distance", {int, float}), ("norm_mean", {int, float}), ("norm_high", {int})):
         value = stats.get(key)
         if value is None:
             continue
-        if not isinstance(value, list) or not all(is_item(v) for v in value):
-            return f'"stats"."{key}" must be a list of {"whole " if is_item is _is_int else ""}numbers'
+        # set/map of builtins: a 100,000-line manifest is checked in about a second
+        if not isinstance(value, list) or not set(map(type, value)) <= types or \
+                (float in types and not all(map(math.isfinite, value))):
+            return f'"stats"."{key}" must be a list of {"whole " if float not in types else "finite "}numbers'
         if key in lengths and len(value) != lengths[key]:
             return f'"stats"."{key}" has {len(value)} values, the model needs {lengths[key]}'
     if stats.get("norm_high") is not None and (stats.get("norm_mean") is None or
