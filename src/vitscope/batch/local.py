@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import time
 from collections import deque
@@ -611,10 +612,12 @@ def check_options(**values: Any) -> None:
         if value is None:
             continue
         kind, low, example = _RANGES[name]
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))  # numpy ints too
         if kind == "int":
-            if not _is_int(value) or value < low:
+            if not whole or value < low:
                 raise VitscopeError(name, f"must be a whole number >= {low}, got {value!r}", f"pass e.g. {example}")
-        elif not _is_number(value) or value < 0 or (kind == "pos" and value == 0):
+        elif not (whole or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and
+                            math.isfinite(value))) or value < 0 or (kind == "pos" and value == 0):
             what = "> 0" if kind == "pos" else ">= 0"
             raise VitscopeError(name, f"must be a finite number {what}, got {value!r}", f"pass e.g. {example}")
 
