@@ -98,7 +98,7 @@ def test_folder_with_mixed_sizes_and_bad_files(mixed_folder: Path, model_dir: Pa
             index, palette = np.asarray(png), np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
         assert index.min() == 0 and index.max() == 255  # min-max scaled
         np.testing.assert_allclose(palette / 255.0, colormaps["inferno"](np.linspace(0, 1, 256))[:, :3], atol=0.003)
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.vitscope-tmp*"))
 
 
 def test_rollout_outputs_equal_library_rollout(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -136,13 +136,13 @@ def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: 
     run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
     first = (out / "c.cls.npz").read_bytes()
     (out / "d.cls.png").write_bytes(b"\x89PNG truncated")  # damaged output: size differs from the manifest
-    (out / "a" / ".x.cls.npz.abc123.part").write_bytes(b"partial")  # leftover of a killed run
+    (out / "a" / ".x.cls.npz.abc_1234.vitscope-tmp.npz").write_bytes(b"partial")  # leftover of a killed run
     with open(out / "manifest.jsonl", "a") as fh:
         fh.write('{"rel": "c.jpg", "status": "o')  # a line cut short by a kill
     summary = run_batch(mixed_folder, out, model=model_dir, policy="native", workers=0, progress=False)
     assert (summary.done, summary.skipped, summary.failed) == (1, 4, 2)  # d.png redone, bad files retried
     assert (out / "c.cls.npz").read_bytes() == first
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.vitscope-tmp*"))
     entries = _manifest(out)  # every line parses: the cut line was dropped
     ok = Counter(e["rel"] for e in entries if e["status"] == "ok")
     assert ok == {"a/x.png": 1, "b/x.png": 1, "c.jpg": 1, "d.png": 2, "deep/e/f.png": 1}
@@ -163,6 +163,8 @@ def test_rerun_skips_finished_and_redoes_damaged(mixed_folder: Path, model_dir: 
     summary = run_batch(mixed_folder, out, method="rollout", model=model_dir, policy="native", workers=0,
                         overwrite=True, progress=False)
     assert summary.done == 5 and len(_manifest(out)) == 7
+    # starting over removed the previous run's outputs (the manifest's), nothing else
+    assert not list(out.rglob("*.cls.*")) and len(list(out.rglob("*.rollout.npz"))) == 5
 
 
 _KILL_SCRIPT = textwrap.dedent(
@@ -217,7 +219,7 @@ def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkey
     script.write_text(_KILL_SCRIPT)
 
     _stop_after(_start(script, src, out, model_dir), out, 4, signal.SIGINT)  # Ctrl-C
-    assert not list(out.rglob("*.part"))  # cleaned up on the way out
+    assert not list(out.rglob("*.vitscope-tmp*"))  # cleaned up on the way out
     _outputs_match_manifest(out)
     after_int = sum(e["status"] == "ok" for e in _manifest(out))
 
@@ -232,7 +234,7 @@ def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkey
     ok = Counter(e["rel"] for e in _manifest(out) if e["status"] == "ok")
     assert set(ok) == {p.relative_to(src).as_posix() for p in paths}
     assert set(ok.values()) == {1}  # none computed twice
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.vitscope-tmp*"))
     _outputs_match_manifest(out)
     vit = load(model_dir)
     for p in paths:

@@ -469,19 +469,6 @@ def test_overwrite_removes_only_vitscopes_own_parts(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "batch.json").read_text()) == {"engine": "ray"}
 
 
-def test_relative_id_is_the_path_below_the_root_as_given(tmp_path: Path) -> None:
-    """Ids are relative to the input folder as given: a symlink keeps its own name, never its target's path."""
-    (tmp_path / "in" / "sub").mkdir(parents=True)
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "victim.jpg").write_bytes(b"x")
-    link = tmp_path / "in" / "link.jpg"
-    link.symlink_to("../outside/victim.jpg")
-    assert batch_ray.relative_id(link, tmp_path / "in") == "link.jpg"
-    assert batch_ray.relative_id(tmp_path / "in" / "sub" / ".." / "sub" / "c.png", tmp_path / "in") == "sub/c.png"
-    assert batch_ray.relative_id(tmp_path / "outside" / "victim.jpg", tmp_path / "in") is None
-    assert batch_ray.relative_id(tmp_path / "in", tmp_path / "in") is None
-
-
 def _encoded(arr: np.ndarray, fmt: str = "PNG", **params: object) -> bytes:
     import io
 

@@ -27,7 +27,8 @@ def test_cli_demo_writes_figures_and_a_viewer(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "-o", str(out), "-m", str(folder)])
     printed = capsys.readouterr().out
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.name != ".vitscope.json")
+    assert sorted(json.loads((out / ".vitscope.json").read_text())["files"]) == files  # vitscope's own files
     assert "viewer.html" in files and "attention_distance.png" in files and "token_norms.png" in files
     assert any(f.startswith("heads_shapes0-") for f in files) and "batch_rollout.png" in files
     for name in files:

@@ -187,7 +187,7 @@ def test_fuzz_cli_arguments(cli_files: dict[str, Path]) -> None:
             text = err.getvalue()
             assert code in (0, 2, 130), (filled, code, text)
             assert "Traceback" not in text and "Traceback" not in std.getvalue()
-            assert not list(out.rglob("*.part")) and not list(out.rglob(".*.part"))  # nothing half-written
+            assert not list(out.rglob("*.vitscope-tmp*"))  # nothing half-written
             if code == 2:
                 lines = [ln for ln in text.splitlines() if ln.strip()]
                 assert len(lines) == 1 and lines[0].startswith("error: "), (filled, text)

@@ -1,4 +1,5 @@
-"""Files and folders vitscope writes get the user's umask (not mkstemp's 0600 / mkdtemp's 0700)."""
+"""Files and folders vitscope writes get the user's umask (not mkstemp's 0600 / mkdtemp's 0700); an output
+folder's unreadable subfolder counts as the user's."""
 
 from __future__ import annotations
 
@@ -41,3 +42,26 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: str) -> None:
     assert "report/report.md" in files and "model/model.safetensors" in files and "report" in dirs
     assert set(files.values()) == {0o666 & ~mask}, files
     assert set(dirs.values()) == {0o777 & ~mask}, dirs
+
+
+def test_an_unreadable_subfolder_is_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder os.walk cannot list may hold anything: it makes -o a folder vitscope did not write (root reads
+    everything, so the permission error is simulated)."""
+    import os
+
+    from vitscope._io import claim_output
+    from vitscope.errors import VitscopeError
+
+    (tmp_path / "out" / "private").mkdir(parents=True)
+    (tmp_path / "out" / "private" / "x").mkdir()
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)).name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(VitscopeError, match=r"did not write \(private/\)"):
+        claim_output(tmp_path / "out", "report")
+    claim_output(tmp_path / "out", "report", overwrite=True).check_writes(["report.md"])  # beside it: fine

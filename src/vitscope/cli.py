@@ -122,7 +122,7 @@ def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool
     if device is not None:
         from vitscope.capture.prepare import resolve_device
 
-        dev = resolve_device(device, vit.device)
+        dev = resolve_device(device, vit.device, argument="--device")
         if dev != vit.device:
             vit.module.to(dev)
     return vit
@@ -132,6 +132,24 @@ def _output(out: Path, suffixes: tuple[str, ...] | None, name: str | None = None
     from vitscope._io import output_target
 
     return output_target(out, suffixes=suffixes, name=name)
+
+
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Write into a folder that holds files vitscope did not write (they are kept, never replaced).")]
+
+
+@contextlib.contextmanager
+def _as_options(**names: str) -> Iterator[None]:
+    """Re-raise a library `VitscopeError` that names a Python argument (``output=``) under its CLI option
+    (``"--output"``), so the one error line names what the user typed."""
+    from vitscope.errors import VitscopeError
+
+    try:
+        yield
+    except VitscopeError as exc:
+        if exc.argument not in names:
+            raise
+        raise type(exc)(names[exc.argument], exc.problem, exc.fix) from None
 
 
 def _stem(images: list[Path]) -> str:
@@ -333,6 +351,7 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a vitscope ViT from scratch (e.g. the bundled model: vitscope train --preset shapes -o runs/shapes)."""
     import torch
@@ -349,10 +368,12 @@ def train_cmd(
             overrides[key] = value
     out = _output(output, None)
     try:
-        if resume and not overrides:
-            result = train(None, out, resume=True, progress=progress, log=typer.echo)
-        else:
-            result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress, log=typer.echo)
+        with _as_options(output="--output"):
+            if resume and not overrides:
+                result = train(None, out, resume=True, progress=progress, log=typer.echo)
+            else:
+                result = train(make_preset(preset, **overrides), out, resume=resume, progress=progress,
+                               log=typer.echo, overwrite=overwrite)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step
         raise Interrupted(_train_saved(out)) from None
     if result.stopped == "interrupted":  # the loop saved a checkpoint and said so
@@ -385,14 +406,17 @@ def report_cmd(
     samples: Annotated[int, typer.Option(help="Images in the rollout figure.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the fresh images.")] = 2024,
     methods: Annotated[str | None, typer.Option(help="Comma-separated subset of the compared methods.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Report on a trained model: accuracy, mean attention distance, rollout, localisation (markdown + PNGs)."""
     from vitscope.train.report import model_report
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     output = _output(output, None)
-    rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples, seed=seed,
-                       methods=chosen, log=typer.echo)
+    with _as_options(output="--output", images="--images", localisation_images="--localisation",
+                     samples="--samples", methods="--methods"):
+        rep = model_report(model, output, images=images, localisation_images=localisation, samples=samples,
+                           seed=seed, methods=chosen, log=typer.echo, overwrite=overwrite)
     if rep.accuracy is not None:
         typer.echo(f"accuracy {100 * rep.accuracy:.2f}% on {rep.images} fresh images")
     for name, row in rep.localisation.items():
@@ -525,11 +549,13 @@ def serve_cmd(
 def demo_cmd(
     output: FolderOpt = Path("vitscope-demo"),
     model: ModelOpt = DEFAULT_MODEL,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Offline showcase: figures and a viewer page from the bundled model, written to -o."""
     from vitscope.demo import run_demo
 
-    run_demo(_output(output, None), model, log=typer.echo)
+    with _as_options(output="--output"):
+        run_demo(_output(output, None), model, log=typer.echo, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
@@ -561,7 +587,8 @@ def batch_cmd(
     random_weights: RandomOpt = False,
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="local: on resume, check outputs' "
                                                 "sha256 (default: their size).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over, ignoring an existing manifest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over (the previous run's outputs are removed), or write "
+                                                 "beside files vitscope did not write (kept).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -585,7 +612,6 @@ def batch_cmd(
     """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged;
     summary.json over the dataset. An option the chosen --engine does not use is refused."""
     from vitscope.batch import run_batch
-    from vitscope.errors import VitscopeError
 
     _check_policy(policy)
     out = _output(output, None)
@@ -596,7 +622,8 @@ def batch_cmd(
                               "max_retries": max_retries}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     try:
-        with _limits(max_pixels, max_tokens, max_memory):
+        # the library names its arguments (batch_size=); the one error line says the CLI's option
+        with _limits(max_pixels, max_tokens, max_memory), _as_options(**_BATCH_OPTIONS):
             spec: Any = model
             if checkpoint is not None or random_weights or model.startswith("timm:"):
                 spec = _load_model(model, checkpoint, random_weights)
@@ -607,10 +634,6 @@ def batch_cmd(
             )
     except KeyboardInterrupt:
         raise Interrupted(_batch_saved(out, engine)) from None
-    except VitscopeError as exc:  # the library names its arguments; say the CLI's option
-        if exc.argument not in _BATCH_OPTIONS:
-            raise
-        raise VitscopeError(_BATCH_OPTIONS[exc.argument], exc.problem, exc.fix) from None
     typer.echo(str(summary))
     for rel, error in summary.errors[:10]:
         typer.echo(f"  failed: {rel}: {error}", err=True)

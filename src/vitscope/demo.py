@@ -3,6 +3,9 @@
 The bundled ``vitscope:shapes`` model was trained on procedural shapes images (`vitscope.train.shapes`), so
 the demo renders a few of those (what the model understands: its attention finds the object) next to the
 bundled natural photos (which it has never seen: useful to show what an untrained-for input looks like).
+
+The output folder follows vitscope's rule (`vitscope._io.claim_output`): one holding files vitscope did not
+write is refused unless ``overwrite``, and even then none of them is replaced.
 """
 
 from __future__ import annotations
@@ -45,52 +48,57 @@ def run_demo(
     out_dir: str | os.PathLike[str] = DEFAULT_DIR,
     model: Any = "vitscope:shapes",
     log: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the showcase figures (PNG) and one viewer page (``viewer.html``) into ``out_dir``.
 
-    Returns the written paths. Takes a few seconds on a laptop CPU with the bundled model.
+    Returns the written paths. Takes a few seconds on a laptop CPU with the bundled model. ``overwrite``:
+    write into a folder that holds files vitscope did not write (they are kept, never replaced).
     """
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is as fast, and immune to oversubscribed machines
     try:
-        return _run(Path(out_dir), model, log)
+        return _run(Path(out_dir), model, log, overwrite)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, model: Any, log: Callable[[str], None] | None) -> list[Path]:
+def _run(out: Path, model: Any, log: Callable[[str], None] | None, overwrite: bool) -> list[Path]:
+    from vitscope._io import claim_output
     from vitscope.adapters import as_vit
     from vitscope.viewer import view
     from vitscope.viz import save_figure
     from vitscope.viz.make import make_figure
 
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    folder = claim_output(out, "demo", overwrite=overwrite)  # before the model is loaded
     vit = as_vit(model)
     images = demo_images(vit.info.preprocess.image_size)
     names = list(images)
     shapes = [n for n in names if n.startswith("shapes")]
     photos = [n for n in names if not n.startswith("shapes")]
     first = shapes[0] if shapes else names[0]
+    #: file name -> (figure kind, images, keyword arguments); the viewer page last
+    figures: dict[str, tuple[str, list[str], dict[str, Any]]] = {
+        f"heads_{first}.png": ("heads", [first], {"mask_tau": 0.6})}
+    if photos:
+        figures[f"heads_{photos[0]}.png"] = ("heads", [photos[0]], {"mask_tau": 0.6})
+    for n in (shapes[:2] + photos[:1]) or names[:1]:
+        figures[f"panel_{n}.png"] = ("panel", [n], {})
+    figures[f"layers_heads_{first}.png"] = ("grid", [first], {})
+    figures["batch_rollout.png"] = ("batch", names, {"titles": names})
+    figures["attention_distance.png"] = ("distance", names, {})
+    figures["token_norms.png"] = ("norms", names, {})
+    folder.check_writes([*figures, "viewer.html"])
     written: list[Path] = []
-
-    def fig(kind: str, filename: str, chosen: list[str], **kw: Any) -> None:
+    for filename, (kind, chosen, kw) in figures.items():
         figure = make_figure(kind, [images[n] for n in chosen], vit, **kw)
         written.append(save_figure(figure, out / filename))
-
-    fig("heads", f"heads_{first}.png", [first], mask_tau=0.6)
-    if photos:
-        fig("heads", f"heads_{photos[0]}.png", [photos[0]], mask_tau=0.6)
-    for n in (shapes[:2] + photos[:1]) or names[:1]:
-        fig("panel", f"panel_{n}.png", [n])
-    fig("grid", f"layers_heads_{first}.png", [first])
-    fig("batch", "batch_rollout.png", names, titles=names)
-    fig("distance", "attention_distance.png", names)
-    fig("norms", "token_norms.png", names)
     viewer = view(images[first], vit, title=f"{first} ({vit.info.name})")
     written.append(viewer.save(out / "viewer.html"))
+    folder.record(p.name for p in written)
     if log is not None:
         log(f"vitscope demo: {vit.info.describe()}")
         for p in written:

@@ -37,6 +37,9 @@ _RESAMPLE = {
 
 
 def _from_array(arr: np.ndarray, argument: str) -> Image.Image:
+    if arr.dtype.kind not in "biuf":  # object, complex, strings, datetimes: no pixel values
+        raise ImageError(argument, f"array of dtype {arr.dtype} holds no pixel values",
+                         "pass a uint8, uint16, float or bool array")
     if arr.size == 0:
         raise ImageError(argument, f"array has zero size (shape {arr.shape})", "pass a non-empty HxW or HxWxC array")
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
@@ -165,17 +168,31 @@ def load_image(image: ImageLike, argument: str = "image", max_pixels: int | None
     raise ImageError(argument, f"unsupported type {type(image).__name__}", "pass a path, PIL image or numpy array")
 
 
+_POLICIES = ("resize", "crop", "native")
+
+
+def check_size_policy(policy: Any, size: Any) -> None:
+    """``policy`` one of ``resize``/``crop``/``native`` (or ``None``: the model's), ``size`` ``None``, a positive
+    int or a ``(height, width)`` pair of them; else a one-line error naming the argument."""
+    if policy is not None and (not isinstance(policy, str) or policy not in _POLICIES):
+        raise ImageError("policy", f"unknown size policy {policy!r}", "use 'resize', 'crop' or 'native'")
+    if size is None:
+        return
+    pair = isinstance(size, (tuple, list))
+    sides = tuple(size) if pair else (size,)
+    shaped = len(sides) == 2 if pair else isinstance(size, (int, np.integer))
+    if not shaped or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 for v in sides):
+        raise ImageError("size", f"must be a positive int or (height, width), got {size!r}",
+                         "pass e.g. size=224 or size=(224, 320)")
+
+
 def _target_size(
     w: int, h: int, prep: Preprocess, patch: tuple[int, int], policy: SizePolicy, size: int | tuple[int, int] | None
 ) -> tuple[int, int]:
     """Output (height, width) for an image of (w, h) under ``policy``/``size``."""
     ph, pw = patch
+    check_size_policy(policy, size)
     if size is not None:
-        sides = tuple(size) if isinstance(size, (tuple, list)) else (size,)
-        if len(sides) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0
-                                           for v in sides):
-            raise ImageError("size", f"must be a positive int or (height, width), got {size!r}",
-                             "pass e.g. size=224 or size=(224, 320)")
         if isinstance(size, (int, np.integer)):
             # shorter side to `size`, aspect kept, sides rounded to a multiple of the patch
             scale = size / min(w, h)
@@ -252,11 +269,15 @@ def preprocess(
     size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Images (one or a list) -> ``(B, C, H, W)``. A tensor is returned as is (already pixel values)."""
+    check_size_policy(policy, size)
     if isinstance(images, torch.Tensor):
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4:
             raise ImageError("images", f"tensor of shape {tuple(images.shape)}", "pass pixel values (B, C, H, W)")
+        if images.numel() == 0:
+            raise ImageError("images", f"tensor of shape {tuple(images.shape)} is empty",
+                             "pass at least one image of at least one pixel")
         return images
     items: Sequence[Any]
     if isinstance(images, (list, tuple)):

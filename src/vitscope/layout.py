@@ -8,6 +8,7 @@ default query (``"cls"`` when the model has one, else ``"mean"``, the mean over 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +23,46 @@ _QUERY_FIX = "use 'cls', 'mean', 'register:K', a token index or a patch (row, co
 
 class TokenError(VitscopeError, IndexError):
     """A token, patch or layer selection outside what exists (also an ``IndexError``)."""
+
+
+def as_index(value: Any, argument: str, what: str, fix: str) -> int:
+    """``value`` as an integer index (Python, numpy or 0-d integer tensor); a bool, float, string or anything
+    else is a one-line error naming ``argument`` (``1.5`` is no layer, ``True`` is not layer 1)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):  # numpy, torch
+        raise VitscopeError(argument, f"{what} {value!r} is a bool, not an index", fix)
+    if getattr(value, "ndim", 0):  # a one-element array would pass as its element
+        raise VitscopeError(argument, f"{what} {value!r} is an array, not an index", fix)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise VitscopeError(argument, f"{what} {value!r} is not an integer index", fix) from None
+
+
+def resolve_indices(value: Any, n: int, argument: str, what: str) -> tuple[int, ...]:
+    """One index or a list (tuple, range, 1-d array) of them, into ``n`` items: absolute (negatives count from
+    the end), in range, each given once, at least one. Anything else is a one-line error naming ``argument``."""
+    fix = f"pass one {what} index or a list of them, in [-{n}, {n - 1}]"
+    if isinstance(value, (list, tuple, range)):
+        items = list(value)
+    elif getattr(value, "ndim", 0) >= 1:  # numpy array or tensor
+        if value.ndim != 1:
+            raise VitscopeError(argument, f"a {value.ndim}-d array of {what} indices", fix)
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise VitscopeError(argument, "empty selection", fix)
+    out: dict[int, Any] = {}
+    for item in items:
+        i = as_index(item, argument, what, fix)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise TokenError(argument, f"{what} {i} out of range for a model with {n} {what}s", fix)
+        if j in out:
+            same = f" ({out[j]} and {i} are the same {what} here)" if out[j] != i else ""
+            raise VitscopeError(argument, f"{what} {j} given twice{same}", "name each one once")
+        out[j] = i
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -116,7 +157,10 @@ class TokenLayout:
     def token_index(self, token: int | str | tuple[int, int]) -> int:
         """A token given as an index, ``"cls"``/``"dist"``/``"register:K"``, or ``(row, col)``."""
         if isinstance(token, tuple):
-            return self.patch_index(*token)
+            if len(token) != 2:
+                raise VitscopeError("query", f"a patch is (row, col), got {token!r}", _QUERY_FIX)
+            row, col = (as_index(v, "query", "patch coordinate", _QUERY_FIX) for v in token)
+            return self.patch_index(row, col)
         if isinstance(token, str):
             if token in ("cls", "dist"):
                 idx = self.cls_index if token == "cls" else self.dist_index
@@ -135,7 +179,7 @@ class TokenLayout:
                     raise TokenError("query", f"{token!r}: the model has {len(regs)} register tokens", _QUERY_FIX)
                 return regs[k]
             raise VitscopeError("query", f"unknown token {token!r}", _QUERY_FIX)
-        idx = int(token)
+        idx = as_index(token, "query", "token", _QUERY_FIX)
         if idx < 0:
             idx += self.num_tokens
         if not 0 <= idx < self.num_tokens:
@@ -155,8 +199,19 @@ class TokenLayout:
         """The capture selection: ``None`` (every row), or distinct token indices of ``"cls"``, indices, patches."""
         if queries is None:
             return None
-        items = [queries] if isinstance(queries, (str, int, tuple)) else list(queries)
-        return tuple(dict.fromkeys(self.token_index(q) for q in items))
+        listed = isinstance(queries, (list, range)) or getattr(queries, "ndim", 0) >= 1  # or an array/tensor
+        if getattr(queries, "ndim", 1) > 1:
+            raise VitscopeError("query", f"a {queries.ndim}-d array of tokens", "pass a list of token indices")
+        items = list(queries) if listed else [queries]  # one token: "cls", an index, a (row, col) tuple
+        if not items:
+            raise VitscopeError("query", "empty selection", "use None for every row, or name at least one token")
+        out: dict[int, Any] = {}
+        for q in items:
+            i = self.token_index(q)
+            if i in out:
+                raise VitscopeError("query", f"token {i} given twice ({out[i]!r} and {q!r})", "name each one once")
+            out[i] = q
+        return tuple(out)
 
 
 def parse_query(text: str | None, argument: str = "--query") -> str | int | tuple[int, int] | None:

@@ -56,10 +56,13 @@ def _argv(world: dict[str, Any], out: Path, *extra: str, engine: str = "local") 
 
 def _expect_refused(world: dict[str, Any], out: Path, argv: list[str], needle: str, *,
                     option: bool = True) -> str:
-    """Run ``argv``; exit 2, one line with ``needle``; nothing outside ``out`` changed, nothing inside lost."""
-    before = tree_state(world["root"])
+    """Run ``argv``; exit 2, one line with ``needle``; nothing outside ``out`` changed (the inputs and model, the
+    folder around ``out``), nothing inside it lost or changed."""
+    roots = (world["root"], out.parent)
+    before = [tree_state(r) for r in roots]
     line = assert_one_line(run_inprocess(argv), needle=needle, option=option)
-    check_contained(before, tree_state(world["root"]), world["root"], [out])
+    for root, state in zip(roots, before, strict=True):
+        check_contained(state, tree_state(root), root, [out])
     return line
 
 
@@ -231,19 +234,24 @@ def test_generated_manifest_edits_never_trace(world: dict[str, Any], tmp_path_fa
                                               field: tuple[str, ...], value: Any) -> None:
     """Any JSON value in any field: the run resumes (the value is valid) or stops with one line naming the
     manifest's line; never a traceback, never a lost or changed file."""
-    from vitscope.batch.local import check_entry
+    from vitscope.batch.local import RUN_FILES, check_entry
 
     entry = _mutated(world["lines"][0], field, value)
     out = _resume_copy(world, tmp_path_factory.mktemp("gen"))
     _with_line(world, out, 0, json.dumps(entry))
-    before = tree_state(world["root"])
+    inputs, before = tree_state(world["root"]), tree_state(out.parent)
     res = run_inprocess(_argv(world, out))
-    if check_entry(entry, (2, 4)) is None:  # the tiny model: 2 layers, 4 heads
-        assert res.code == 0, res.stderr
-        return
-    line = assert_one_line(res, needle="manifest.jsonl line 1")
-    assert line.startswith("error: --output: ")
-    check_contained(before, tree_state(world["root"]), world["root"], [out])
+    after = tree_state(out.parent)
+    if res.code == 0:  # a valid edit resumes; the run's own files (summary, manifest, ...) may be rewritten
+        assert check_entry(entry, (2, 4)) is None  # the tiny model: 2 layers, 4 heads
+        before, after = ({k: v for k, v in d.items() if Path(k).name not in RUN_FILES} for d in (before, after))
+    else:  # a bad line is named; a valid one that disowns an output is refused by the ownership rule
+        line = assert_one_line(res)
+        assert line.startswith("error: --output: ")
+        if check_entry(entry, (2, 4)) is not None:
+            assert "manifest.jsonl line 1" in line
+    check_contained(before, after, out.parent, [out])
+    assert tree_state(world["root"]) == inputs
 
 
 @pytest.mark.parametrize("body", [b"", b"garbage", b"\xff\xfe", b"[]", b'"cls"', b"42", b"null", b"{",

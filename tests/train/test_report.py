@@ -1,7 +1,9 @@
-"""`vitscope report`: numbers equal to independent computations, every method in the table, whole-folder writes."""
+"""`vitscope report`: numbers equal to independent computations, every method in the table, written beside (never
+over) the user's files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tiny_vit
+from vitscope.errors import VitscopeError
 from vitscope.methods import method_names
 from vitscope.models.vit import ViT, ViTConfig, save_vit
-from vitscope.train.report import model_report, shapes_batch
+from vitscope.train.report import REPORT_FILES, model_report, shapes_batch
 from vitscope.train.shapes import SHAPE_CLASSES, render_shape
 
 
@@ -28,11 +31,18 @@ def shapes_model(tmp_path: Path) -> Path:
 def test_report_numbers_and_files(shapes_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "rep"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
-    rep = model_report(shapes_model, out, images=24, localisation_images=4, samples=3, seed=5)
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(VitscopeError, match=r"output: .*rep holds files vitscope did not write \(notes.txt\)"):
+        model_report(shapes_model, out, images=24, localisation_images=4, samples=3, seed=5)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    rep = model_report(shapes_model, out, images=24, localisation_images=4, samples=3, seed=5, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "attention_distance.png", "metrics.json", "report.md", "rollout.png"]  # replaced as a whole
-    assert not list(tmp_path.glob(".rep.*"))
+        ".vitscope.json", "attention_distance.png", "metrics.json", "notes.txt", "report.md", "rollout.png"]
+    assert (out / "notes.txt").read_text() == "the user's"  # written beside, never replaced
+    assert not list(tmp_path.glob(".rep*")) and not list(out.glob(".*vitscope-tmp*"))
+    marker = json.loads((out / ".vitscope.json").read_text())
+    assert marker["command"] == "report" and sorted(marker["files"]) == sorted(REPORT_FILES)
+    assert marker["files"]["report.md"] == hashlib.sha256((out / "report.md").read_bytes()).hexdigest()
     # accuracy recomputed independently from the generator and the saved model
     from vitscope.models.vit import load_vit
 

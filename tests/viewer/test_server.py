@@ -270,3 +270,176 @@ def test_port_problems_are_one_line_errors():
         s.listen(1)
         with pytest.raises(VitscopeError, match="already in use"):
             make_server(make_tiny_vit(), port=s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _running(srv: ViewerServer) -> Iterator[ViewerServer]:
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(TIMEOUT)
+
+
+def _dropped(sock) -> bool:
+    """Whether the server closed ``sock`` (end of stream or a reset), without waiting."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_trickling_headers_cannot_hold_the_slots():
+    """Slowloris: 8 clients that send one header byte every 0.2 s (well inside a per-read timeout) hold all 8
+    slots; the deadline covers the whole request, so they are dropped after it and /healthz answers again."""
+    import socket
+    import time
+
+    from vitscope.viewer.server import make_server
+
+    deadline = 1.0
+    with _running(make_server(make_tiny_vit(), request_timeout=deadline, max_concurrent=8, quiet=True)) as srv:
+        host, port = srv.server_address[:2]
+        socks = [socket.create_connection((host, port), timeout=TIMEOUT) for _ in range(8)]
+        head = b"GET /healthz HTTP/1.0\r\nX-Trickle: " + b"a" * 100
+        started, sent, alive = time.monotonic(), 0, set(range(8))
+        while alive and time.monotonic() - started < 6 * deadline and sent < len(head):  # bounded: 6 s, 100 B
+            for i in sorted(alive):
+                if _dropped(socks[i]):
+                    alive.discard(i)
+                else:
+                    with contextlib.suppress(OSError):
+                        socks[i].sendall(head[sent : sent + 1])
+            sent += 1
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        for s in socks:
+            s.close()
+        assert not alive and took < 4.5 * deadline, (sorted(alive), took)
+        for _ in range(20):  # the handler threads end and give their slots back
+            with contextlib.suppress(http.client.RemoteDisconnected, ConnectionResetError):
+                if _request(srv, "GET", "/healthz") == (200, "ok\n"):
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("/healthz never answered 200 after the trickling clients were dropped")
+
+
+def test_one_request_per_connection(server):
+    """A keep-alive client cannot hold a slot with a stream of small requests, each inside its deadline: the
+    server speaks HTTP/1.0 without keep-alive, so it answers one and closes (a guard on `protocol_version`)."""
+    import socket
+    import time
+
+    host, port = server.server_address[:2]
+    ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        started = time.monotonic()
+        sock.sendall(ask * 3)
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes (a timeout fails the test)
+            reply += chunk
+    assert reply.count(b"HTTP/1.0 200 OK") == 1 and reply.endswith(b"\r\n\r\nok\n")
+    assert time.monotonic() - started < 5  # closed at once, not after the 30 s request deadline
+
+
+def _part_bomb(size: int) -> tuple[bytes, str]:
+    """A ``size``-byte multipart body of empty parts (9 bytes each), and its content type."""
+    part = b"\r\n--b\r\n\r\n"
+    body = b"--b\r\n\r\n" + part * ((size - 16) // len(part)) + b"\r\n--b--\r\n"
+    return body, "multipart/form-data; boundary=b"
+
+
+def test_multipart_bomb_is_refused_in_bounded_time():
+    """A 10 MiB form of 1.16 M empty parts cost the email parser 87 s of CPU: at most 16 parts, linear scans."""
+    import time
+
+    from vitscope.viewer.server import MAX_PARTS, UploadError, parse_upload
+
+    body, ctype = _part_bomb(10 * 2**20)
+    assert body.count(b"--b\r\n") > 1_000_000
+    size = 10 * 2**20
+    bombs = [  # (body, status, message): empty parts, and boundary look-alikes (a Python loop per match took 1.4 s)
+        (body, 413, f"more than {MAX_PARTS} parts"),
+        (b"--b\r\n\r\n" + b"x--b" * (size // 4), 400, "malformed"),
+        (b"--b\r\n\r\n" + b"\r\n--bX" * (size // 6), 400, "malformed"),
+    ]
+    for bomb, status, message in bombs:
+        cpu = time.process_time()
+        with pytest.raises(UploadError) as exc:
+            parse_upload(ctype, bomb)
+        cpu = time.process_time() - cpu
+        assert exc.value.status == status and message in exc.value.message
+        assert cpu < 1.0, cpu
+    # one part under the cap is still fine, and the image is found among the others
+    form = b"".join(f"--b\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n".encode()
+                    for i in range(MAX_PARTS - 1))
+    png = _png(8, 8)
+    form += b'--b\r\nContent-Disposition: form-data; name="image"; filename="../a.png"\r\n\r\n' + png + b"\r\n--b--\r\n"
+    assert parse_upload(ctype, form) == (png, "a.png")
+    with pytest.raises(UploadError, match="more than"):
+        parse_upload(ctype, b"--b\r\n\r\nx\r\n" + form)
+
+
+def test_multipart_bomb_over_http_is_a_quick_4xx():
+    import time
+
+    from vitscope.viewer.server import make_server
+
+    body, ctype = _part_bomb(10 * 2**20)
+    with _running(make_server(make_tiny_vit(), max_upload=11 * 2**20, quiet=True)) as srv:
+        started = time.monotonic()
+        host, port = srv.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=5)  # old code: a timeout, 87 s of server CPU
+        try:
+            conn.request("POST", "/view", body=body, headers={"Content-Type": ctype})
+            resp = conn.getresponse()
+            assert resp.status == 413 and "parts" in resp.read().decode()
+        finally:
+            conn.close()
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("client", ["urllib", "http.client"])
+def test_over_limit_upload_gets_its_413_not_a_reset(server, client):
+    """A client that sends its whole 16 MiB body before reading (urllib, http.client) reads the 413: the server
+    answers from the headers, then drains a bounded amount of the body before closing."""
+    body, ctype = b"\0" * (16 * 2**20), "image/png"
+    if client == "urllib":
+        req = urllib.request.Request(server.url + "view", data=body, headers={"Content-Type": ctype}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=TIMEOUT)
+        status, text = exc.value.code, exc.value.read().decode()
+    else:
+        status, text = _request(server, "POST", "/view", body, {"Content-Type": ctype})
+    assert status == 413 and "byte limit" in text
+    assert _request(server, "GET", "/healthz") == (200, "ok\n")
+
+
+def test_busy_server_answers_503_to_a_client_sending_a_body():
+    import socket
+
+    with _running(ViewerServer(make_tiny_vit(), request_timeout=3.0, max_concurrent=1)) as srv:
+        host, port = srv.server_address[:2]
+        with socket.create_connection((host, port), timeout=TIMEOUT):  # holds the only slot
+            status, text = _request(srv, "POST", "/view", b"\0" * (4 * 2**20), {"Content-Type": "image/png"})
+        assert status == 503 and "busy" in text
+
+
+def test_upload_with_a_hostile_file_name(server):
+    """A file name in raw non-UTF-8 bytes with markup: the viewer comes back, its title decoded with U+FFFD
+    and escaped wherever the page shows it."""
+    body, ctype = _multipart("image", "x", _png(20, 30))
+    body = body.replace(b'filename="x"', b'filename="\xff\xfe<b onmouseover=x>.png"')
+    status, page = _request(server, "POST", "/view", body, {"Content-Type": ctype})
+    assert status == 200
+    assert _viewer_data(page)["title"] == "\ufffd\ufffd<b onmouseover=x>.png"
+    assert "<b onmouseover" not in page

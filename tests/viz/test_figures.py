@@ -62,7 +62,7 @@ def gray():
 
 def test_head_grid_hot_patch_colour_and_location(gray):
     alpha = 0.6
-    fig = head_grid(gray, _hot_maps(), layer=3, mode="nearest", alpha=alpha, cmap="inferno")
+    fig = head_grid(gray, _hot_maps(), layer=3, mode="nearest", alpha=alpha, cmap="inferno", fade=False)
     arr = render_array(fig)
     axes = _image_axes(fig)
     assert [ax.get_title() for ax in axes] == [f"layer 3, head {h}" for h in range(3)]
@@ -87,7 +87,7 @@ def test_head_grid_hot_patch_colour_and_location(gray):
 def test_head_grid_shared_versus_per_head_scale(gray):
     maps = _hot_maps()
     for shared, expected in ((True, 0.25), (False, 1.0)):
-        fig = head_grid(gray, maps, mode="nearest", alpha=1.0, shared_scale=shared, colorbar=False)
+        fig = head_grid(gray, maps, mode="nearest", alpha=1.0, shared_scale=shared, colorbar=False, fade=False)
         arr, ax = render_array(fig), _image_axes(fig)[2]
         px = _pixel(fig, arr, ax, 4.5 * W_IMG / COLS, 0.5 * H_IMG / ROWS)
         np.testing.assert_allclose(px, _blend("inferno", expected, 1.0), atol=3)
@@ -135,7 +135,7 @@ def test_head_grid_reads_attentions_rows_by_layer_query_and_head():
     attn = Attentions(weights=w, prefix=prefix, grid=grid, patch_size=(8, 8), image_size=(16, 24),
                       layers=(4, 5), heads=(0, 1), queries=None, num_layers=6, num_heads=2)
     img = np.full((16, 24, 3), GRAY, np.float32)
-    fig = head_grid(img, attn, layer=-1, mode="nearest", alpha=1.0)
+    fig = head_grid(img, attn, layer=-1, mode="nearest", alpha=1.0, fade=False)
     arr, axes = render_array(fig), _image_axes(fig)
     assert [ax.get_title() for ax in axes] == ["layer 5, head 0", "layer 5, head 1"]
     np.testing.assert_allclose(_pixel(fig, arr, axes[1], 20, 12), _blend("inferno", 1.0, 1.0), atol=3)

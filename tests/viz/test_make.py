@@ -51,7 +51,8 @@ def test_panel_grid_batch_distance_norms(vit, rgb_image):
     assert len(_image_axes(make_figure("grid", [rgb_image], vit))) == 2 * 4
     tall = Image.fromarray(np.asarray(rgb_image).transpose(1, 0, 2).copy())  # a 56 x 40 image
     batch = make_figure("batch", [rgb_image, tall], vit, method="cls", titles=["wide", "tall"])
-    assert [ax.get_title() for ax in _image_axes(batch)] == ["wide", "image x map", "tall", "image x map"]
+    assert [ax.get_title() for ax in _image_axes(batch)] == ["wide", "", "tall", ""]  # the map: one figure title
+    assert "layer-1 attention (head mean)" in batch.get_suptitle()  # the tiny ViT's last layer
     dist = make_figure("distance", [rgb_image, tall], vit)
     assert len(dist.axes[0].collections) >= 4  # one scatter per head (+ error bars)
     norms = make_figure("norms", [rgb_image, tall], vit)

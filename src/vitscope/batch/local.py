@@ -8,15 +8,25 @@ inputs into batches, runs one method per batch and writes, per image, atomically
 - ``<out>/<folder>/<stem>.<method>.png``: the map as an ``inferno`` heatmap at the image's own size.
 
 ``<folder>`` mirrors the input's folder below the input root (``a/cat.jpg`` -> ``a/cat.cls.npz``), so
-same-named images in different subfolders never collide; two inputs of one folder with the same stem
+same-named images in different subfolders never collide. The relative path is the input's path as found below the
+root (`relative_name`), never its symlink's target: ``IN/link.jpg -> ../outside/x.jpg`` is read through the link
+and written as ``OUT/link.cls.npz``, so no output lands outside ``OUT``; two inputs of one folder with the same stem
 (``cat.jpg``, ``cat.png``) keep their suffix (``cat.jpg.cls.npz``, ``cat.png.cls.npz``). After an image's files are in place, one JSON line is
 appended to ``<out>/manifest.jsonl`` (flushed and fsynced): input, outputs (bytes, sha256), status, error. A
 re-run skips images whose manifest entry is ``ok`` and whose outputs are still complete; an unreadable image is
 recorded with ``status: "error"`` and the run goes on. Each ``ok`` line also keeps the image's measures
 (``"stats"``: prediction, token norms, mean attention distance, pointing game / IoU with ``masks``), from which
 the run ends by writing ``<out>/summary.json`` and ``<out>/distance.png`` over all inputs (`vitscope.batch.stats`,
-the same summary as the Ray engine's). Temporary files are ``.<name>.*.part``: an interrupted
-run (Ctrl-C, SIGKILL) leaves no partial output under a final name, and its leftovers are removed on restart.
+the same summary as the Ray engine's). Temporary files are ``.<name>.<random>.vitscope-tmp.<ext>``
+(`vitscope._io.atomic_path`): an interrupted run (Ctrl-C, SIGKILL) leaves no partial output under a final name, and
+its leftovers (only names of exactly that pattern) are removed on restart.
+
+The output folder is vitscope's rule (`vitscope._io.claim_output`): files the manifest does not know (and that are
+not the run's own ``manifest.jsonl``, ``batch.json``, ``summary.json``, ``distance.png``) are the user's; a folder
+without a batch run (no ``batch.json``) holding any is refused unless ``overwrite``, and no output ever replaces
+one (a batch run's folder is resumed beside them). ``overwrite`` starts over:
+the previous run's outputs (those the manifest lists, with their recorded sha256) are removed, the user's kept.
+``-o`` equal to the input folder is refused; inside it, it is skipped when scanning.
 """
 
 from __future__ import annotations
@@ -40,9 +50,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from vitscope._io import atomic_write_bytes
+from vitscope._io import atomic_write_bytes, claim_output, file_sha256, remove_temp_files
 from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
 from vitscope.batch.stats import (
+    DISTANCE_FIGURE,
     SUMMARY,
     SummaryAccumulator,
     check_masks,
@@ -109,11 +120,25 @@ def _is_hidden(rel: PurePosixPath) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _relative_items(paths: Iterable[Path], root: Path) -> list[BatchItem]:
+def relative_name(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """The one naming rule of batch outputs (both engines): ``path``'s posix path below ``root``, taken from the
+    paths as given (made absolute and normalised, symlinks never resolved), so a link's target never decides
+    where an output is written. Raises `VitscopeError` when ``path`` is not below ``root`` (the result never
+    holds ``..``)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+    parts = PurePosixPath(rel).parts
+    if not parts or rel == "." or ".." in parts or PurePosixPath(rel).is_absolute():
+        raise VitscopeError("inputs", f"{os.fspath(path)} is not below the input root {os.fspath(root)}",
+                            "pass inputs inside one folder")
+    return "/".join(parts)
+
+
+def relative_items(paths: Iterable[Path], root: Path) -> list[BatchItem]:
+    """`BatchItem` s of ``paths`` named by `relative_name` below ``root``, sorted, duplicates dropped."""
     items: dict[str, BatchItem] = {}
     for p in paths:
-        rel = PurePosixPath(os.path.relpath(p.resolve(), root.resolve()).replace(os.sep, "/"))
-        items.setdefault(str(rel), BatchItem(p, str(rel)))
+        rel = relative_name(p, root)
+        items.setdefault(rel, BatchItem(p, rel))
     return [items[k] for k in sorted(items)]
 
 
@@ -139,7 +164,7 @@ def output_bases(items: Sequence[BatchItem]) -> dict[str, str]:
 
 
 def _common_root(paths: Sequence[Path]) -> Path:
-    parents = [str(p.resolve().parent) for p in paths]
+    parents = [os.path.dirname(os.path.abspath(p)) for p in paths]  # as given: symlinks are not resolved
     return Path(os.path.commonpath(parents)) if parents else Path.cwd()
 
 
@@ -149,9 +174,13 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     comments, relative to the list's folder), one image, or a sequence of paths into `BatchItem` s.
 
     Every regular file found is an input: files that are not images are reported as errors in the manifest,
-    not silently dropped. ``exclude`` (the output folder) is never scanned.
+    not silently dropped. ``exclude`` (the output folder) is never scanned when it lies inside the inputs.
     """
     excl = exclude.resolve() if exclude is not None else None
+    if excl is not None and isinstance(inputs, (str, os.PathLike)):
+        scanned = Path(os.fspath(inputs)).expanduser().resolve()
+        if excl == scanned or excl in scanned.parents:  # -o above the inputs: it holds them, skip nothing
+            excl = None
 
     def keep(p: Path) -> bool:
         return p.is_file() and (excl is None or excl not in p.resolve().parents)
@@ -161,12 +190,12 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise VitscopeError("inputs", f"not a file: {missing[0]}", "check the paths")
-        return _relative_items(paths, _common_root(paths))
+        return relative_items(paths, _common_root(paths))
     text = os.fspath(inputs)
     path = Path(text).expanduser()
     if path.is_dir():
         found = [p for p in path.rglob("*") if not _is_hidden(PurePosixPath(p.relative_to(path).as_posix()))]
-        return _relative_items([p for p in found if keep(p)], path)
+        return relative_items([p for p in found if keep(p)], path)
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         try:
             lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
@@ -179,9 +208,9 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         if missing:
             raise VitscopeError("inputs", f"{path} lists {len(missing)} missing file(s), e.g. {missing[0]}",
                                 "fix the list")
-        return _relative_items(listed, _common_root(listed))
+        return relative_items(listed, _common_root(listed))
     if path.is_file():
-        return _relative_items([path], path.parent)
+        return relative_items([path], path.parent)
     if any(c in text for c in _GLOB_CHARS):
         matches = [Path(m) for m in globlib.glob(os.path.expanduser(text), recursive=True)]
         matches = [m for m in matches if keep(m)]
@@ -189,7 +218,7 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
             raise VitscopeError("inputs", f"the pattern {text!r} matches no file", "check the pattern (quote it)")
         parts = Path(os.path.expanduser(text)).parts
         static = [p for p in parts[: next(i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS))]]
-        return _relative_items(matches, Path(*static) if static else Path.cwd())
+        return relative_items(matches, Path(*static) if static else Path.cwd())
     raise VitscopeError("inputs", f"{text!r} is not a folder, file, list file or matching pattern",
                         "pass a folder, a glob like 'imgs/**/*.jpg', a .txt list of paths, or image files")
 
@@ -298,14 +327,6 @@ def _png_size(original: Sequence[int]) -> tuple[int, int]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -433,7 +454,7 @@ class Manifest:
         ``check``: each line must be a valid entry (`check_entry`), else a `VitscopeError`."""
         with open(self.path, encoding="utf-8", errors="replace", newline="\n") as fh:
             for lineno, line in enumerate(fh):
-                if not line.strip():
+                if not line.strip() or (check and not line.endswith("\n")):  # blank, or cut short by a kill
                     yield lineno, None
                     continue
                 entry: Any = None
@@ -490,7 +511,7 @@ class Manifest:
             p = out_dir / rec["path"]
             if not p.is_file() or p.stat().st_size != rec["bytes"]:
                 return False
-            if verify and _file_sha256(p) != rec["sha256"]:
+            if verify and file_sha256(p) != rec["sha256"]:
                 return False
         return True
 
@@ -515,13 +536,70 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 
 
 def _remove_partials(out_dir: Path) -> int:
-    """Delete temporary ``.<name>.*.part`` files left by an interrupted run."""
-    n = 0
-    for p in out_dir.rglob(".*.part"):
-        with suppress(FileNotFoundError):
+    """Delete the temporary files an interrupted run left (`vitscope._io.remove_temp_files`)."""
+    return remove_temp_files(out_dir)
+
+
+def _remove_previous(out_dir: Path, previous: dict[str, str]) -> None:
+    """Start over: delete the previous run's outputs that still hold what it wrote (their recorded sha256)."""
+    for rel, digest in previous.items():
+        p = out_dir / rel
+        below = not PurePosixPath(rel).is_absolute() and ".." not in PurePosixPath(rel).parts  # a hand-edited line
+        if below and p.is_file() and not p.is_symlink() and file_sha256(p) == digest:
             p.unlink()
-            n += 1
-    return n
+
+
+#: Files a local batch run writes beside its outputs (``.lock``: empty, for `_exclusive`).
+RUN_FILES = (MANIFEST, CONFIG, SUMMARY, DISTANCE_FIGURE, ".lock")
+
+
+def _previous_outputs(out_dir: Path) -> dict[str, str] | None:
+    """Output path -> recorded sha256 of every output the manifest of a batch run in ``out_dir`` lists (read
+    only); ``None`` when ``out_dir`` holds no batch run (no ``batch.json`` object)."""
+    try:
+        cfg = json.loads((out_dir / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict) or (out_dir / CONFIG).is_symlink():
+        return None
+    outputs: dict[str, str] = {}
+    manifest = Manifest(out_dir / MANIFEST)
+    if manifest.path.is_file() and not manifest.path.is_symlink():
+        for _lineno, entry in manifest._read():
+            recs = entry.get("outputs") if entry is not None else None
+            for rec in recs.values() if isinstance(recs, dict) else ():
+                if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+                    outputs[rec["path"]] = str(rec.get("sha256"))
+    return outputs
+
+
+def check_state(out_dir: Path) -> None:
+    """A batch run's folder to resume: its ``batch.json`` and ``manifest.jsonl`` lines must be vitscope's (`check_entry`,
+    `read_config`), checked before anything reads them (the ownership check, the resume): a hand-edited or corrupt
+    one is a one-line `VitscopeError` naming the file (and line) and the fix. The lengths of the measures are
+    checked once the model is known (`Manifest.load`). A folder without both files holds no batch run: a lone
+    ``batch.json`` or ``manifest.jsonl`` is the user's (`_claim_output_dir` says so)."""
+    cfg_path, manifest = out_dir / CONFIG, Manifest(out_dir / MANIFEST)
+    if not all(p.is_file() and not p.is_symlink() for p in (cfg_path, manifest.path)):
+        return
+    read_config(cfg_path)
+    for _lineno, _entry in manifest._read(check=True):
+        pass
+
+
+def _claim_output_dir(out_dir: Path, writes: Iterable[str], overwrite: bool) -> dict[str, str]:
+    """Refuse ``out_dir`` if it holds files vitscope did not write (unless ``overwrite``) or if an output would
+    replace one; returns the previous run's outputs (path -> sha256)."""
+    previous = _previous_outputs(out_dir)
+    known = set(previous or ())
+    if previous is not None:
+        known.update(RUN_FILES)
+    elif (out_dir / ".lock").is_file() and (out_dir / ".lock").stat().st_size == 0:
+        known.add(".lock")  # a first run stopped before it wrote batch.json
+    # a batch run's folder (its manifest says what is vitscope's) is resumed beside the user's files
+    folder = claim_output(out_dir, "batch", overwrite=overwrite or previous is not None, known=known)
+    folder.check_writes([*writes, *RUN_FILES], marker=False)
+    return previous or {}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -670,7 +748,9 @@ def run_local(
         layer: the layer of ``method="cls"``.
         device: ``"auto"`` (CUDA, MPS, then CPU), a device, or ``None`` for where the model already is.
         verify: on resume, also check the sha256 of existing outputs (default: their size).
-        overwrite: start over, ignoring (and truncating) an existing manifest.
+        overwrite: start over: the previous run's outputs (those its manifest lists, unchanged) are removed and
+            the manifest truncated; also write into a folder holding files vitscope did not write (they are
+            kept; none may be at an output's path). Without it such a folder is refused.
         progress: show a tqdm bar with images/s.
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object, in the image's frame): pointing game and mask IoU of each map.
@@ -696,10 +776,19 @@ def run_local(
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise VitscopeError("output", f"{out_dir} is a file, not a folder", "name a folder for the outputs")
+    in_dir = Path(inputs).expanduser() if isinstance(inputs, (str, os.PathLike)) else None
+    if in_dir is not None and in_dir.is_dir() and out_dir.is_dir() and os.path.samefile(in_dir, out_dir):
+        raise VitscopeError("output", f"{out_dir} is the input folder: the maps would be mixed with the images",
+                            "pick an output folder outside the inputs, e.g. -o maps")
     items = collect_inputs(inputs, exclude=out_dir)
     if not items:
         raise VitscopeError("inputs", f"no files found in {os.fspath(inputs)!r}"  # type: ignore[arg-type]
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
+    bases = output_bases(items)
+    if not overwrite:
+        check_state(out_dir)
+    previous = _claim_output_dir(out_dir, (f"{bases[it.rel]}.{method}.{fmt}" for it in items for fmt in fmts),
+                                 overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
     mask_dir = check_masks(masks, policy, vit)
@@ -721,6 +810,7 @@ def run_local(
         manifest = Manifest(out_dir / MANIFEST)
         cfg_path = out_dir / CONFIG
         if overwrite:
+            _remove_previous(out_dir, previous)
             if manifest.path.exists():
                 atomic_write_bytes(manifest.path, b"")
         else:
@@ -738,7 +828,7 @@ def run_local(
                    dynamic_ncols=True)
         try:
             _process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
-                     bases=output_bases(items),
+                     bases=bases,
                      batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
                      dev=dev, masks=mask_dir, stats=stats, norm_threshold=norm_threshold)
             if summary:

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,13 +148,6 @@ def current_limits() -> dict[str, int]:
 
     return {"max_pixels": limits.max_pixels(), "max_tokens": limits.max_tokens(), "max_bytes": limits.max_bytes(),
             "max_figure_pixels": limits.max_figure_pixels()}
-
-
-def relative_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str | None:
-    """The id of input ``path`` below the input folder ``root``: its posix path relative to ``root`` as given
-    (``.``/``..`` resolved lexically, a symlink never followed), or ``None`` when it is not below ``root``."""
-    rel = PurePosixPath(os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/"))
-    return None if not rel.parts or rel.parts[0] in (".", "..") else str(rel)
 
 
 def _load_mask(location: str, hw: tuple[int, int]) -> np.ndarray:
@@ -609,17 +602,10 @@ def run_batch_ray(
     elif not isinstance(inputs, (str, os.PathLike)) and any(_is_uri(str(x)) for x in inputs):
         items = [{"id": str(x), "rel": str(x), "input": str(x), "path": str(x), "mask": None}
                  for x in dict.fromkeys(map(str, inputs))]
-    else:
-        root = Path(inputs).expanduser() if isinstance(inputs, (str, os.PathLike)) and \
-            Path(inputs).expanduser().is_dir() else None
-        items = []
-        for it in collect_inputs(inputs, exclude=out_dir):
-            rid = relative_id(it.path, root) if root is not None else it.rel
-            if rid is None or ".." in PurePosixPath(rid).parts:
-                raise VitscopeError("inputs", f"{it.path} lies outside the inputs' folder (a symlink?)",
-                                    "copy the file in, or list it by its own path")
-            items.append({"id": rid, "rel": rid, "input": str(it.path), "path": str(it.path),
-                          "mask": mask_for(mask_dir, rid) if mask_dir is not None else None})
+    else:  # ids: local mode's names (`vitscope.batch.local.relative_name`: below the input root as given)
+        items = [{"id": it.rel, "rel": it.rel, "input": str(it.path), "path": str(it.path),
+                  "mask": mask_for(mask_dir, it.rel) if mask_dir is not None else None}
+                 for it in collect_inputs(inputs, exclude=out_dir)]
         if not items:
             raise VitscopeError("inputs", "no files found", "check the path")
     model_id = _model_id(model, vit)

@@ -29,49 +29,29 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.errors import VitscopeError
-from vitscope.layout import TokenLayout
+from vitscope.layout import TokenLayout, resolve_indices
 
 QuerySpec = None | str | int | tuple[int, int] | Sequence[int | str | tuple[int, int]]
 HeadSpec = Literal["all", "mean"] | Sequence[int]
 
 
-def resolve_layers(layers: int | Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
-    """Absolute, range-checked layer indices (negatives count from the end; default all)."""
+def resolve_layers(layers: int | Sequence[int] | None, num_layers: int, argument: str = "layers",
+                   ) -> tuple[int, ...]:
+    """Absolute, range-checked layer indices (negatives count from the end; default all), each once."""
     if layers is None:
         return tuple(range(num_layers))
-    items = [layers] if isinstance(layers, int) else list(layers)
-    if not items:
-        raise VitscopeError("layers", "empty selection", f"pass indices in [-{num_layers}, {num_layers - 1}]")
-    out = []
-    for i in items:
-        j = int(i) + num_layers if int(i) < 0 else int(i)
-        if not 0 <= j < num_layers:
-            raise VitscopeError(
-                "layers", f"layer {i} out of range for a model with {num_layers} layers",
-                f"use an index in [-{num_layers}, {num_layers - 1}]",
-            )
-        out.append(j)
-    return tuple(dict.fromkeys(out))
+    return resolve_indices(layers, num_layers, argument, "layer")
 
 
 def resolve_heads(heads: HeadSpec, num_heads: int) -> tuple[int, ...] | Literal["mean"]:
-    if heads == "mean":
-        return "mean"
-    if heads == "all":
-        return tuple(range(num_heads))
+    """``"mean"``, or absolute, range-checked head indices (``"all"``: every head), each once."""
     if isinstance(heads, str):
+        if heads == "mean":
+            return "mean"
+        if heads == "all":
+            return tuple(range(num_heads))
         raise VitscopeError("heads", f"unknown value {heads!r}", "use 'all', 'mean' or a list of head indices")
-    items = [heads] if isinstance(heads, int) else list(heads)
-    out = []
-    for h in items:
-        j = int(h) + num_heads if int(h) < 0 else int(h)
-        if not 0 <= j < num_heads:
-            raise VitscopeError(
-                "heads", f"head {h} out of range for a model with {num_heads} heads",
-                f"use an index in [-{num_heads}, {num_heads - 1}]",
-            )
-        out.append(j)
-    return tuple(dict.fromkeys(out))
+    return resolve_indices(heads, num_heads, "heads", "head")
 
 
 def resolve_queries(
@@ -83,9 +63,9 @@ def resolve_queries(
     try:
         return TokenLayout(prefix, grid).resolve_queries(queries)
     except VitscopeError as exc:
-        items = [queries] if isinstance(queries, (str, int, tuple)) else list(queries)
         fix = "use queries=None for all rows, or a list of token indices / (row, col) patches"
-        if "cls" in items and "cls" not in prefix:
+        named_cls = queries == "cls" if isinstance(queries, str) else isinstance(queries, list) and "cls" in queries
+        if named_cls and "cls" not in prefix:
             fix = "this model has no [CLS] (e.g. SigLIP pools patches): use queries=None and a mean over queries"
         raise VitscopeError("queries", exc.problem, fix) from None
 
@@ -159,6 +139,8 @@ def capture_full(
     """Like `capture`, also returning the model output and the pixel values used."""
     from vitscope.capture.prepare import prepare
 
+    if not isinstance(token_norms, bool):
+        raise VitscopeError("token_norms", f"expected True or False, got {token_norms!r}", "pass token_norms=True")
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device, max_tokens=max_tokens)
     info = vit.info
     layer_ids = resolve_layers(layers, info.num_layers)
@@ -242,6 +224,11 @@ def capture(
 
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.
+
+    Threads: one model may be captured from several threads at once, and each capture equals a sequential one.
+    vitscope's hooks sit on the model's modules but act only on the forward pass of the thread that registered
+    them (torch's function-mode stack is per thread), and a training model stays in eval mode until the last
+    overlapping capture is done (`vitscope.capture.hooks`).
 
     Example:
         >>> import vitscope

@@ -3,13 +3,19 @@
 `record_sites` hooks the q/k/v/out taps of chosen layers and hands each layer's tensors to a callback as soon
 as they are all seen, so at most one layer's q and k are alive at a time. Hooks never return a value, so the
 model's outputs are untouched (bit-identical to an uncaptured run).
+
+Hooks live on the modules, so a hook registered by one capture also fires for a forward pass of the same
+model in another thread. Every vitscope hook is wrapped in `this_thread_only`: it acts only on forward passes
+run by the thread that registered it, so concurrent captures of one model each see their own pass only.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -17,7 +23,22 @@ from torch import nn
 from vitscope._hooks import eval_mode, hooks_removed_on_exit
 from vitscope.adapters.base import AttentionSite, Tap
 
-__all__ = ["eval_mode", "hooks_removed_on_exit", "record_block_outputs", "record_sites"]
+__all__ = ["eval_mode", "hooks_removed_on_exit", "record_block_outputs", "record_sites", "this_thread_only"]
+
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
+
+
+def this_thread_only(hook: _Hook) -> _Hook:
+    """``hook`` made to run only for forward passes of the thread that calls this (where the hook is
+    registered); in any other thread it does nothing (returns ``None``: the module's input/output unchanged)."""
+    owner = threading.get_ident()
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        if threading.get_ident() == owner:
+            hook(*args, **kwargs)
+
+    return cast(_Hook, guarded)
 
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
 
@@ -75,13 +96,13 @@ def record_sites(
                 def out_hook(_m: nn.Module, _inp: Any, out: Any, entries: Any = entries) -> None:
                     deliver(entries, out)
 
-                handles.append(module.register_forward_hook(out_hook))
+                handles.append(module.register_forward_hook(this_thread_only(out_hook)))
             else:
 
                 def in_hook(_m: nn.Module, inp: Any, entries: Any = entries) -> None:
                     deliver(entries, inp)
 
-                handles.append(module.register_forward_pre_hook(in_hook))
+                handles.append(module.register_forward_pre_hook(this_thread_only(in_hook)))
         try:
             yield
         finally:
@@ -97,7 +118,7 @@ def record_block_outputs(sites: Sequence[AttentionSite], on_block: Callable[[int
             def hook(_m: nn.Module, _inp: Any, out: Any, layer: int = site.layer) -> None:
                 on_block(layer, _first_tensor(out).detach())
 
-            handles.append(site.block.register_forward_hook(hook))
+            handles.append(site.block.register_forward_hook(this_thread_only(hook)))
         yield
 
 

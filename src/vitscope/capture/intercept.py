@@ -14,8 +14,10 @@ applied after them). It watches the attention computation itself, inside each la
 
 The mode is active only while one of the selected layers' attention modules runs (entered by a forward pre-hook,
 left by the forward hook), so the rest of the network runs at full speed, and each call is attributed to the
-layer whose module made it, never by counting. On exit every hook is removed and any mode still on the stack
-(after an exception inside the forward pass) is popped.
+layer whose module made it, never by counting. The hooks act only in the thread that registered them
+(`vitscope.capture.hooks.this_thread_only`; torch's function-mode stack is per thread too), so captures of one
+model from several threads at once each observe their own forward pass. On exit every hook is removed and any
+mode still on the stack (after an exception inside the forward pass) is popped.
 
 Guards (a one-line `CaptureError` naming the layer, never a silently wrong map): each selected layer must report
 exactly once per forward pass; a layer whose module ran without any call vitscope can see (a custom kernel, a
@@ -36,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vitscope.adapters.base import AttentionSite, refuse_compiled
+from vitscope.capture.hooks import this_thread_only
 from vitscope.errors import CaptureError
 
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
@@ -458,7 +461,7 @@ def observe_attention(
                     assert isinstance(mod, nn.MultiheadAttention)
                     engine.mha_call(layer, mod, args, kwargs, output)
 
-                handles.append(m.register_forward_hook(mha_hook, with_kwargs=True))
+                handles.append(m.register_forward_hook(this_thread_only(mha_hook), with_kwargs=True))
             else:
 
                 def pre(_m: nn.Module, _args: Any, layer: int = layer) -> None:
@@ -467,8 +470,8 @@ def observe_attention(
                 def post(_m: nn.Module, _args: Any, _out: Any, layer: int = layer) -> None:
                     engine.leave(layer)
 
-                handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post))
+                handles.append(m.register_forward_pre_hook(this_thread_only(pre)))
+                handles.append(m.register_forward_hook(this_thread_only(post)))
         yield engine.check_complete
     finally:
         engine.close()

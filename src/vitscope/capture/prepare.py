@@ -28,21 +28,51 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    """``None`` -> ``fallback``; ``"auto"`` -> `default_device`; else the named device (checked to exist)."""
+_DEVICE_FIX = "use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'"
+
+
+def resolve_device(
+    device: str | torch.device | None, fallback: torch.device, *, argument: str = "device",
+) -> torch.device:
+    """``None`` -> ``fallback``; ``"auto"`` -> `default_device`; else the named device, checked to be one vitscope
+    runs on (CPU, CUDA, Apple MPS) and to exist here. ``argument`` names the option in errors (the CLI passes
+    ``"--device"``)."""
     if device is None:
         return fallback
     if isinstance(device, str) and device == "auto":
         return default_device()
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise VitscopeError(argument, f"expected a device name, got {type(device).__name__}", _DEVICE_FIX)
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise VitscopeError("device", f"unknown device {device!r}", "use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitscopeError("device", "CUDA is not available here", "use device='cpu' or 'auto'")
+    except (RuntimeError, TypeError, ValueError):
+        raise VitscopeError(argument, f"unknown device {device!r}", _DEVICE_FIX) from None
+    if dev.type == "meta":
+        raise VitscopeError(
+            argument, "the meta device holds no weights and no data: nothing can run on it", _DEVICE_FIX,
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise VitscopeError(argument, f"vitscope does not run on {dev.type!r} devices", _DEVICE_FIX)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitscopeError(argument, "CUDA is not available here", "use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise VitscopeError(argument, f"{dev} does not exist: this machine has {n} CUDA device(s)",
+                                f"use an index in 0..{n - 1}, or 'auto'")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VitscopeError("device", "Apple MPS is not available here", "use device='cpu' or 'auto'")
+        raise VitscopeError(argument, "Apple MPS is not available here", "use 'cpu' or 'auto'")
     return dev
+
+
+def check_loaded(vit: VitModel, argument: str = "model") -> None:
+    """Refuse a model whose weights are on the meta device (built without data: nothing can run)."""
+    module = vit.module
+    if any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers()):
+        raise VitscopeError(
+            argument, "the model's weights are on the meta device (not loaded)",
+            "materialise them first: model.to_empty(device='cpu') and load_state_dict(...), or vitscope.load(spec)",
+        )
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -62,6 +92,7 @@ def prepare(
     from vitscope.limits import limits
 
     vit = as_vit(model)
+    check_loaded(vit)
     if device is not None:
         dev = resolve_device(device, vit.device)
         if not _same_device(dev, vit.device):

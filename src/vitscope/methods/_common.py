@@ -6,6 +6,7 @@ Everything here reads `Attentions` through its public description (``prefix``, `
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -14,7 +15,7 @@ import torch
 from vitscope._ops import HEAD_FUSIONS, check_fusion, fuse_heads
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
-from vitscope.layout import TokenLayout
+from vitscope.layout import TokenLayout, as_index
 
 HeadFusion = Literal["mean", "max", "min"]
 __all__ = ["HEAD_FUSIONS", "HeadFusion", "Query", "check_fusion", "fuse_heads"]
@@ -26,8 +27,9 @@ Query = str | int | tuple[int, int] | None
 
 def layer_position(attn: Attentions, layer: int) -> int:
     """Position along dim 0 of absolute/negative layer index ``layer``, as a one-line `VitscopeError`."""
+    layer = as_index(layer, "layer", "layer", "pass a layer index (negatives count from the end)")
     try:
-        return attn.layer_position(int(layer))
+        return attn.layer_position(layer)
     except IndexError as exc:
         raise VitscopeError("layer", str(exc), "capture that layer, or pick one of the captured layers") from None
 
@@ -47,7 +49,8 @@ def head_position(attn: Attentions, head: int) -> int:
             "head", f"head {head} requested but heads were averaged at capture time",
             "capture with heads='all', or use head='mean'",
         )
-    h = int(head) + attn.num_heads if int(head) < 0 else int(head)
+    head = as_index(head, "head", "head", "pass a head index, or 'mean'/'max'/'min'")
+    h = head + attn.num_heads if head < 0 else head
     if h not in attn.heads:
         raise VitscopeError(
             "head", f"head {head} was not captured (captured heads {list(attn.heads)})",
@@ -82,6 +85,8 @@ def token_ids_for_query(prefix: Sequence[str], grid: tuple[int, int], query: Que
 
 def contiguous_layers(attn: Attentions, start_layer: int = 0, method: str = "rollout") -> list[int]:
     """Positions (dim 0) of the captured layers from ``start_layer`` on, checked to be consecutive."""
+    start_layer = as_index(start_layer, "start_layer", "layer", f"pass an integer in [-{attn.num_layers}, "
+                           f"{attn.num_layers - 1}]")
     start = start_layer + attn.num_layers if start_layer < 0 else start_layer
     if not 0 <= start < attn.num_layers:
         raise VitscopeError(
@@ -104,9 +109,12 @@ def contiguous_layers(attn: Attentions, start_layer: int = 0, method: str = "rol
 
 
 def check_unit(name: str, value: float, closed_top: bool = True) -> None:
+    """``value`` a real number in [0, 1] (or [0, 1) with ``closed_top=False``); NaN, bools, strings refused."""
+    top = "]" if closed_top else ")"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise VitscopeError(name, f"expected a number, got {value!r}", f"pass a value in [0, 1{top}")
     ok = 0.0 <= value <= 1.0 if closed_top else 0.0 <= value < 1.0
     if not ok:
-        top = "]" if closed_top else ")"
         raise VitscopeError(name, f"{value} is outside [0, 1{top}", f"pass a value in [0, 1{top}")
 
 

@@ -11,27 +11,49 @@ itself (an explicit softmax). Then
 with ``dL/dO`` from ``torch.autograd.grad`` w.r.t. the graph tensors. ``torch.autograd.grad`` writes no
 ``.grad`` on any parameter, and the pixels get their own ``requires_grad`` copy so the graph exists even for
 frozen models.
+
+Gradient methods turn autograd on locally (`grad_enabled`), so they work the same inside a caller's
+``torch.no_grad()`` or ``torch.inference_mode()`` block: inference mode is left for the method's duration and
+the pixels are cloned out of it (an inference tensor cannot join an autograd graph).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
 from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
 from vitscope.capture.core import check_call_tokens, resolve_layers
-from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit
+from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
 from vitscope.errors import VitscopeError
+from vitscope.layout import as_index
+from vitscope.methods.registry import check_target
 
 #: A target: ``None`` (the predicted class), a class index, one class per image, or a callable taking the
 #: model output and returning one scalar per image ``(B,)``.
 Target = None | int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def grad_enabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with autograd on and inference mode off, whatever the caller's grad mode: a gradient method
+    called inside ``torch.no_grad()`` or ``torch.inference_mode()`` gives the same map as outside."""
+
+    @functools.wraps(fn)
+    def with_grad(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return with_grad
 
 
 @dataclass
@@ -73,12 +95,12 @@ def _hook_raw(module: nn.Module, where: str, store: Callable[[torch.Tensor], Non
         def out_hook(_m: nn.Module, _inp: Any, out: Any) -> None:
             store(_first_tensor(out))
 
-        return module.register_forward_hook(out_hook)
+        return module.register_forward_hook(this_thread_only(out_hook))
 
     def in_hook(_m: nn.Module, inp: Any) -> None:
         store(_first_tensor(inp))
 
-    return module.register_forward_pre_hook(in_hook)
+    return module.register_forward_pre_hook(this_thread_only(in_hook))
 
 
 def layers_from(model: Any, start_layer: int) -> list[int]:
@@ -86,6 +108,7 @@ def layers_from(model: Any, start_layer: int) -> list[int]:
     from vitscope.adapters import as_vit
 
     n = as_vit(model).info.num_layers
+    start_layer = as_index(start_layer, "start_layer", "layer", f"pass an integer in [-{n}, {n - 1}]")
     start = start_layer + n if start_layer < 0 else start_layer
     if not 0 <= start < n:
         raise VitscopeError(
@@ -103,13 +126,15 @@ def trace(
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
 ) -> Trace:
-    """Run ``model`` once on ``images`` with autograd on; see the module docstring."""
+    """Run ``model`` once on ``images`` with autograd on; see the module docstring. The caller keeps grad mode
+    on while it uses the trace (`grad_enabled`)."""
     from vitscope.capture.prepare import prepare
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
     layer_ids = resolve_layers(layers, vit.info.num_layers)
     sites = [vit.sites[i] for i in layer_ids]
-    pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
+    with torch.inference_mode(False):  # a clone made here is a normal tensor, even from an inference tensor
+        pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
     t = Trace(vit=vit, pixels=pixels, output=None, layers=layer_ids)
     grid = t.grid
     N = vit.info.num_prefix_tokens + grid[0] * grid[1]
@@ -129,7 +154,7 @@ def trace(
         t.calls[layer] = call
 
     refuse_compiled(vit.module)
-    with ExitStack() as stack, torch.enable_grad():
+    with ExitStack() as stack, torch.inference_mode(False), torch.enable_grad():
         stack.enter_context(eval_mode(vit.module))
         check = stack.enter_context(observe_attention(sites, on_call, graph=True))
         handles = stack.enter_context(hooks_removed_on_exit())
@@ -154,7 +179,10 @@ def resolve_classes(vit: VitModel, output: Any, target: Target) -> torch.Tensor 
     B, C = logits.shape
     if target is None:
         return logits.detach().argmax(dim=-1)
-    cls = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    wanted = check_target(target)
+    if any(not 0 <= c < C for c in wanted):
+        raise VitscopeError("target", f"class out of range for {C} classes: {wanted}", f"use 0..{C - 1}")
+    cls = torch.as_tensor(wanted, dtype=torch.long, device=logits.device)
     if cls.numel() == 1:
         cls = cls.expand(B)
     if cls.numel() != B:

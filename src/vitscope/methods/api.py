@@ -41,9 +41,24 @@ def compute(ctx: MapContext, name: str, **params: Any) -> MapResult:
     """Run method ``name`` on a prepared context."""
     method = get_method(name)
     full = check_params(method, params)
+    _check_selection(ctx, full)
     result = method.compute(ctx, **full)
     result.meta = {"method": name, **{k: _jsonable(v) for k, v in full.items() if not callable(v)}, **result.meta}
     return result
+
+
+def _check_selection(ctx: MapContext, params: dict[str, Any]) -> None:
+    """The layer and query parameters a method takes, checked against this model and grid before anything runs,
+    so an error names the method's parameter (``layer``, ``start_layer``, ``query``)."""
+    from vitscope.capture.core import resolve_layers
+    from vitscope.layout import TokenLayout
+
+    n = ctx.vit.info.num_layers
+    for name in ("layer", "start_layer"):
+        if name in params:
+            resolve_layers(params[name], n, argument=name)
+    if "query" in params:
+        TokenLayout(ctx.vit.info.prefix, ctx.grid).query_ids(params["query"])
 
 
 def _jsonable(v: Any) -> Any:

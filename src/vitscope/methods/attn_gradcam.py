@@ -20,10 +20,11 @@ import torch
 
 from vitscope.adapters.base import SizePolicy
 from vitscope.methods._common import Query, token_ids_for_query
-from vitscope.methods._gradients import Target, attention_grads, resolve_classes, scores, trace
+from vitscope.methods._gradients import Target, attention_grads, grad_enabled, resolve_classes, scores, trace
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 
+@grad_enabled
 def attn_gradcam(
     model: Any,
     images: Any,
@@ -51,7 +52,7 @@ def attn_gradcam(
     from vitscope.capture.core import resolve_layers
 
     vit = as_vit(model)
-    (lid,) = resolve_layers([layer], vit.info.num_layers)
+    (lid,) = resolve_layers([layer], vit.info.num_layers, argument="layer")
     t = trace(vit, images, [lid], policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
     grads = attention_grads(t, scores(vit, t.output, target, classes), [lid])

@@ -18,6 +18,7 @@ import torch
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import (
+    HEAD_FUSIONS,
     Query,
     fuse_heads,
     head_position,
@@ -73,6 +74,8 @@ def cls_map(
     if head == "all":
         fused = w  # (B, H, q, N)
     elif isinstance(head, str):
+        if head not in HEAD_FUSIONS:
+            raise VitscopeError("head", f"unknown value {head!r}", "use 'mean', 'max', 'min', 'all' or a head index")
         fused = fuse_heads(w, head, attn.heads, dim=1).unsqueeze(1)  # (B, 1, q, N)
     elif isinstance(head, int):
         fused = w[:, head_position(attn, head)].unsqueeze(1)  # (B, 1, q, N)

@@ -24,7 +24,15 @@ import torch
 from vitscope.adapters.base import SizePolicy
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import Query, check_unit, discard_lowest, mix_residual
-from vitscope.methods._gradients import Target, attention_grads, layers_from, resolve_classes, scores, trace
+from vitscope.methods._gradients import (
+    Target,
+    attention_grads,
+    grad_enabled,
+    layers_from,
+    resolve_classes,
+    scores,
+    trace,
+)
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix, rollout_product
 
@@ -38,6 +46,7 @@ def weighted_attention(a: torch.Tensor, g: torch.Tensor, relu: str) -> torch.Ten
     raise VitscopeError("relu", f"unknown value {relu!r}", "use 'fused' (vit-explain) or 'grad'")
 
 
+@grad_enabled
 def grad_rollout(
     model: Any,
     images: Any,

@@ -36,6 +36,7 @@ from vitscope.errors import VitscopeError
 from vitscope.methods._gradients import (
     Target,
     attention_grads,
+    grad_enabled,
     layers_from,
     resolve_classes,
     scores,
@@ -72,6 +73,7 @@ def resolve_readout(vit: VitModel, readout: Readout | str | None) -> Readout:
     raise VitscopeError("readout", f"unknown read-out {readout!r}", "use 'model', 'official' or a callable")
 
 
+@grad_enabled
 def legrad(
     model: Any,
     images: Any,

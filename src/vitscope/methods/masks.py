@@ -83,10 +83,12 @@ def _compute(ctx: MapContext, *, tau: float = 0.6, layer: int = -1, head: str | 
              query: Query = None) -> MapResult:
     attn = ctx.capture(layers=[layer], queries=rows_needed(ctx.vit.info.prefix, query))
     mask = dino_mask(attn, tau, layer=layer, query=query)  # (B, H, rows, cols) bool
-    if isinstance(head, int):
+    if not isinstance(head, str):  # a head index (checked: an int in range)
         from vitscope.methods._common import head_position
 
         grid_map = mask[:, head_position(attn, head)].float()
+    elif head != "mean":
+        raise VitscopeError("head", f"unknown value {head!r}", "use 'mean' (the share of heads) or a head index")
     else:
         grid_map = mask.float().mean(dim=1)  # share of heads whose mask keeps each patch
     return MapResult(map=grid_map, extras={"mask": mask}, meta={"layer": attn.layers[-1]})

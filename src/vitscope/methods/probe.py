@@ -32,6 +32,7 @@ def probe_attention(
     """
     from vitscope._hooks import eval_mode, hooks_removed_on_exit
     from vitscope.adapters.hf import _tower
+    from vitscope.capture.hooks import this_thread_only
     from vitscope.capture.prepare import prepare
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
@@ -51,7 +52,7 @@ def probe_attention(
         seen.append(inp[0].detach())
 
     with hooks_removed_on_exit() as handles, eval_mode(vit.module), torch.no_grad():
-        handles.append(head.register_forward_pre_hook(grab))  # type: ignore[union-attr]
+        handles.append(head.register_forward_pre_hook(this_thread_only(grab)))  # type: ignore[union-attr]
         vit(pixels)
     if not seen:
         raise VitscopeError("model", "the pooling head did not run", "check vision_use_head in the config")

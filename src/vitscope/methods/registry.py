@@ -14,6 +14,8 @@ batch, report, figures) reads this registry. Registering a name twice is refused
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,8 +70,8 @@ class MapContext:
         if callable(target) and not isinstance(target, torch.Tensor):
             return target
         if target is not None:
-            t = torch.as_tensor(target).reshape(-1).tolist()
-            return [int(t[0])] * int(self.pixels.shape[0]) if len(t) == 1 else [int(x) for x in t]
+            t = check_target(target)
+            return [t[0]] * int(self.pixels.shape[0]) if len(t) == 1 else t
         if "predicted" not in self._captures:
             with torch.no_grad():
                 logits = self.vit.logits(self.vit(self.pixels.to(self.vit.device, self.vit.dtype)))
@@ -83,6 +85,24 @@ class MapContext:
         """Bytes of every layer's full ``H x N x N`` float32 attention for these pixels."""
         info = self.vit.info
         return int(4 * self.pixels.shape[0] * info.num_layers * info.num_heads * self.num_tokens**2)
+
+
+_TARGET_FIX = "pass a class index, one per image, or a callable target(output) -> (batch,) scores"
+
+
+def check_target(target: Any) -> list[int]:
+    """A gradient method's class target (not ``None``, not a callable) as a list of class indices: an int, a
+    list/tuple/1-d array of ints or an integer tensor; bools, floats, strings and empty lists are refused."""
+    from vitscope.layout import as_index
+
+    if isinstance(target, (list, tuple, range)) or getattr(target, "ndim", 0) >= 1:
+        if getattr(target, "ndim", 1) != 1:
+            raise VitscopeError("target", f"a {target.ndim}-d array of classes", _TARGET_FIX)
+        items = list(target)
+        if not items:
+            raise VitscopeError("target", "no class given", _TARGET_FIX)
+        return [as_index(t, "target", "class", _TARGET_FIX) for t in items]
+    return [as_index(target, "target", "class", _TARGET_FIX)]
 
 
 def _key(x: Any) -> Any:
@@ -141,4 +161,22 @@ def check_params(method: Method, params: dict[str, Any]) -> dict[str, Any]:
             bad[0], f"method {method.name!r} has no parameter {bad[0]!r}",
             f"its parameters are {', '.join(known) or 'none'}",
         )
+    for name, value in params.items():
+        _check_type(name, known[name], value)
     return {**known, **params}
+
+
+def _check_type(name: str, default: Any, value: Any) -> None:
+    """A parameter whose default is a bool, an int or a float takes a value of that kind (a finite number for
+    floats); the method itself checks its range."""
+    from vitscope.layout import as_index
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise VitscopeError(name, f"expected True or False, got {value!r}", f"pass {name}=True or {name}=False")
+    elif isinstance(default, int):
+        as_index(value, name, name.replace("_", " "), f"pass an integer, e.g. {name}={default}")
+    elif isinstance(default, float) and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+    ):
+        raise VitscopeError(name, f"expected a finite number, got {value!r}", f"pass a number, e.g. {name}={default}")

@@ -18,7 +18,15 @@ import torch
 
 from vitscope.adapters.base import SizePolicy
 from vitscope.methods._common import Query
-from vitscope.methods._gradients import Target, attention_grads, layers_from, resolve_classes, scores, trace
+from vitscope.methods._gradients import (
+    Target,
+    attention_grads,
+    grad_enabled,
+    layers_from,
+    resolve_classes,
+    scores,
+    trace,
+)
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix
 
@@ -29,6 +37,7 @@ def relevance_update(r: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch
     return r + a_bar @ r
 
 
+@grad_enabled
 def chefer_relevance(
     model: Any,
     images: Any,

@@ -67,11 +67,14 @@ PRESETS: dict[str, RolloutSettings] = {
 def _settings(preset: str | None, **overrides: Any) -> RolloutSettings:
     if preset is None:
         base = RolloutSettings()
-    elif preset in PRESETS:
+    elif isinstance(preset, str) and preset in PRESETS:
         base = PRESETS[preset]
     else:
         raise VitscopeError("preset", f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(given.get("renormalize", True), bool):
+        raise VitscopeError("renormalize", f"expected True or False, got {given['renormalize']!r}",
+                            "pass renormalize=True or False")
     return RolloutSettings(**{**base.__dict__, **given})
 
 

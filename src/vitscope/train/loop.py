@@ -19,6 +19,11 @@ Output folder::
     checkpoints/last/                weights + trainer_state.pt (optimizer, scheduler, RNG, counters)
     checkpoints/best/                weights of the best validation so far
     attention/step_XXXXXXX.npz       [CLS] attention snapshots (when ``snapshots > 0``)
+    tensorboard/                     TensorBoard events (when installed)
+    .vitscope.json                   the marker of a folder vitscope wrote (`vitscope._io.MARKER`)
+
+A new run goes into a new or empty folder only: a folder holding files vitscope did not write (another model's
+``config.json`` and weights, say) is refused unless ``overwrite``, and even then none of them is replaced.
 """
 
 from __future__ import annotations
@@ -160,6 +165,11 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     if name not in PRESETS:
         raise VitscopeError("preset", f"unknown preset {name!r}", f"choose one of {', '.join(PRESETS)}")
     return TrainConfig.from_dict({**PRESETS[name], **overrides})
+
+
+#: What a run writes into its folder (a folder covers what is under it).
+RUN_FILES = ("model.safetensors", "config.json", "metrics.csv", "train_config.json", "checkpoints", "attention",
+             "tensorboard")
 
 
 @dataclass
@@ -341,6 +351,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     datasets: tuple[Any, Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a vitscope `ViT` as ``cfg`` says and write it (and its run) into ``output``.
 
@@ -356,13 +367,15 @@ def train(
         datasets: ``(train, val)`` datasets to use instead of the ones ``cfg`` names (items
             ``(image in [0, 1], label)``, with ``classes``, ``channels``, ``mean``, ``std`` attributes);
             pass the same ones again when resuming.
+        overwrite: start a new run in a folder that holds files vitscope did not write (they are kept; none may
+            have the name of a file the run writes, `RUN_FILES`). Without it such a folder is refused.
 
     Returns:
         `TrainResult` whose ``model`` is the best validation checkpoint, also saved as ``output``.
     """
     from tqdm.auto import tqdm
 
-    from vitscope._io import atomic_write_text
+    from vitscope._io import atomic_write_text, claim_output
 
     out = Path(output)
     ckpt_dir = out / "checkpoints"
@@ -384,9 +397,12 @@ def train(
     else:
         if cfg is None:
             raise VitscopeError("cfg", "no training configuration given", "pass a TrainConfig or preset(...)")
-        if last is not None or (out / "model.safetensors").exists():
+        if last is not None or saved_cfg_file.is_file():
             raise VitscopeError("output", f"{out} already holds a training run",
                                 "pass --resume to continue it, or choose a new folder")
+        folder = claim_output(out, "train", overwrite=overwrite)
+        folder.check_writes(RUN_FILES)
+        folder.record([])  # the marker: this folder is a vitscope training run
     assert cfg is not None
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_cfg_file, json.dumps(cfg.to_dict(), indent=2))

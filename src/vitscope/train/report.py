@@ -11,14 +11,16 @@ Sections:
    insertion AUC (Petsiuk et al. 2018: lower deletion and higher insertion are better).
 
 Models that are not shapes classifiers get sections 2-3 on the packaged sample photos only.
-The folder is written whole: into a temporary sibling, then renamed onto ``output``.
+Everything is computed first, then each file is written atomically into ``output``. A folder holding files
+vitscope did not write is refused unless ``overwrite`` (then the report is written beside them; none of them is
+ever replaced: `vitscope._io.claim_output`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ import torch
 
 from vitscope.errors import VitscopeError
 
+#: The files a report writes into its folder.
+REPORT_FILES = ("attention_distance.png", "rollout.png", "metrics.json", "report.md")
 #: Width (patches) of the Gaussian of the smoothed pointing game (see `vitscope.methods.smooth`).
 SMOOTH_SIGMA = 1.0
 
@@ -109,8 +113,9 @@ def model_report(
     seed: int = 2024,
     methods: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> Report:
-    """Write the report of ``model`` into the folder ``output`` (replaced as a whole) and return its numbers.
+    """Write the report of ``model`` into the folder ``output`` and return its numbers.
 
     Args:
         model: a spec (``"vitscope:shapes"``, a run folder) or a `VitModel`.
@@ -119,8 +124,11 @@ def model_report(
         samples: images shown in the rollout figure.
         seed: seed of the fresh images (the ``test`` split of the shapes generator).
         methods: registered methods to compare (`vitscope.methods.method_names()`, the default: all).
+        overwrite: write into a folder that holds files vitscope did not write (they are kept; the report's own
+            files, ``REPORT_FILES``, must not be among them). Without it such a folder is refused.
     """
     from vitscope import methods as M
+    from vitscope._io import atomic_write_bytes, claim_output
     from vitscope.adapters import VitModel, load
     from vitscope.capture.core import capture
     from vitscope.images import pixels_to_rgb
@@ -130,90 +138,91 @@ def model_report(
 
     say = log or (lambda s: None)
     t0 = time.monotonic()
-    vit = load(model) if not isinstance(model, VitModel) else model
-    name = model if isinstance(model, str) else vit.info.name
     chosen = list(methods) if methods is not None else list(method_names())
     unknown = [m for m in chosen if m not in method_names()]
     if unknown:
         raise VitscopeError("methods", f"unknown {unknown}", f"choose from {', '.join(method_names())}")
-    if min(images, localisation_images, samples) < 0 or samples == 0:
-        raise VitscopeError("images", "counts must be positive", "pass e.g. --images 1000 --samples 8")
+    for arg, value, least in (("images", images, 0), ("localisation_images", localisation_images, 0),
+                              ("samples", samples, 1)):
+        if value < least:
+            raise VitscopeError(arg, f"must be >= {least}, got {value}", f"pass a number >= {least}")
+    out = Path(output)
+    dest = claim_output(out, "report", overwrite=overwrite)  # refused before the model is even loaded
+    dest.check_writes(REPORT_FILES)
+    vit = load(model) if not isinstance(model, VitModel) else model
+    name = model if isinstance(model, str) else vit.info.name
     info = vit.info
     prep = info.preprocess
     is_shapes = tuple(info.labels or ()) == SHAPE_CLASSES and prep.channels == 3
     rep = Report(model=str(name))
-    out = Path(output)
-    from vitscope._io import make_temp_dir
+    files: dict[str, bytes] = {}  # written at the end, once everything is computed
+    if is_shapes:
+        n_all = max(images, localisation_images, samples)
+        say(f"generating {n_all} shapes images (seed {seed})")
+        data = shapes_batch(n_all, tuple(prep.image_size), seed)  # type: ignore[arg-type]
+        pixels = data.pixels(prep.mean, prep.std)
+        if images > 0:
+            pred = predict(vit, pixels[:images])
+            labels = torch.from_numpy(data.labels[:images])
+            rep.images = images
+            rep.accuracy = float((pred == labels).float().mean())
+            for k, cls in enumerate(SHAPE_CLASSES):
+                sel = labels == k
+                if sel.any():
+                    rep.per_class[cls] = float((pred[sel] == k).float().mean())
+        show = data.images[:samples]
+        show_masks: np.ndarray | None = data.masks[:samples]
+    else:
+        from importlib import resources
 
-    tmp = make_temp_dir(f".{out.name}.", dir=out.parent if out.parent.exists() else None)
-    try:
-        if is_shapes:
-            n_all = max(images, localisation_images, samples)
-            say(f"generating {n_all} shapes images (seed {seed})")
-            data = shapes_batch(n_all, tuple(prep.image_size), seed)  # type: ignore[arg-type]
-            pixels = data.pixels(prep.mean, prep.std)
-            if images > 0:
-                pred = predict(vit, pixels[:images])
-                labels = torch.from_numpy(data.labels[:images])
-                rep.images = images
-                rep.accuracy = float((pred == labels).float().mean())
-                for k, cls in enumerate(SHAPE_CLASSES):
-                    sel = labels == k
-                    if sel.any():
-                        rep.per_class[cls] = float((pred[sel] == k).float().mean())
-            show = data.images[:samples]
-            show_masks: np.ndarray | None = data.masks[:samples]
-        else:
-            from importlib import resources
+        sample_dir = resources.files("vitscope") / "data" / "samples"
+        photos = sorted(str(p) for p in sample_dir.iterdir() if str(p).endswith((".jpg", ".png")))[:samples]
+        pixels = vit.preprocess(photos, policy="resize")
+        show = pixels_to_rgb(pixels, prep.mean, prep.std)
+        show_masks = None
+        data = None
 
-            folder = resources.files("vitscope") / "data" / "samples"
-            files = sorted(str(p) for p in folder.iterdir() if str(p).endswith((".jpg", ".png")))[:samples]
-            pixels = vit.preprocess(files, policy="resize")
-            show = pixels_to_rgb(pixels, prep.mean, prep.std)
-            show_masks = None
-            data = None
+    say("mean attention distance")
+    n_dist = min(64, pixels.shape[0])
+    attn_d = capture(vit, pixels[:n_dist])
+    dist = M.mean_attention_distance(attn_d)  # (layers, heads)
+    rep.distance = dist.tolist()
+    files["attention_distance.png"] = _distance_figure(dist.numpy())
 
-        say("mean attention distance")
-        n_dist = min(64, pixels.shape[0])
-        attn_d = capture(vit, pixels[:n_dist])
-        dist = M.mean_attention_distance(attn_d)  # (layers, heads)
-        rep.distance = dist.tolist()
-        _distance_figure(dist.numpy(), tmp / "attention_distance.png")
+    say("rollout figure")
+    attn_s = capture(vit, pixels[: len(show)])
+    roll = M.rollout(attn_s)
+    titles = [_title(info.labels, p) for p in predict(vit, pixels[: len(show)]).tolist()]
+    files["rollout.png"] = _rollout_figure(show, roll.numpy(), show_masks, titles=titles)
 
-        say("rollout figure")
-        attn_s = capture(vit, pixels[: len(show)])
-        roll = M.rollout(attn_s)
-        _rollout_figure(show, roll.numpy(), show_masks, tmp / "rollout.png",
-                        titles=[_title(info.labels, p) for p in predict(vit, pixels[: len(show)]).tolist()])
-
-        if data is not None and localisation_images > 0:
-            n = localisation_images
-            px, masks = pixels[:n], torch.from_numpy(data.masks[:n])
-            target = torch.from_numpy(data.labels[:n])
-            ctx = MapContext(vit, px.to(vit.device, vit.dtype))
-            rep.localisation_images = n
-            for mname in chosen:
-                say(f"localisation: {mname}")
-                t = time.monotonic()
-                maps = method_maps(mname, ctx, target).float()
-                maps = torch.nan_to_num(maps, nan=0.0)
-                row = {
-                    "pointing_game": float(M.pointing_game(maps, masks).float().mean()),
-                    "pointing_game_smoothed": float(
-                        M.pointing_game(M.smooth(maps, SMOOTH_SIGMA), masks).float().mean()),
-                    "mask_iou": float(M.mask_jaccard(maps.clamp_min(0), masks).best.mean()),
-                    "deletion_auc": float(M.perturbation_auc(vit, px, maps, target.tolist(), mode="deletion").auc.mean()),
-                    "insertion_auc": float(
-                        M.perturbation_auc(vit, px, maps, target.tolist(), mode="insertion").auc.mean()),
-                    "seconds": round(time.monotonic() - t, 2),
-                }
-                rep.localisation[mname] = row
-        rep.seconds = round(time.monotonic() - t0, 2)
-        (tmp / "metrics.json").write_text(json.dumps(rep.__dict__, indent=2))
-        (tmp / "report.md").write_text(_markdown(rep, info, seed))
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if data is not None and localisation_images > 0:
+        n = localisation_images
+        px, masks = pixels[:n], torch.from_numpy(data.masks[:n])
+        target = torch.from_numpy(data.labels[:n])
+        ctx = MapContext(vit, px.to(vit.device, vit.dtype))
+        rep.localisation_images = n
+        for mname in chosen:
+            say(f"localisation: {mname}")
+            t = time.monotonic()
+            maps = method_maps(mname, ctx, target).float()
+            maps = torch.nan_to_num(maps, nan=0.0)
+            row = {
+                "pointing_game": float(M.pointing_game(maps, masks).float().mean()),
+                "pointing_game_smoothed": float(
+                    M.pointing_game(M.smooth(maps, SMOOTH_SIGMA), masks).float().mean()),
+                "mask_iou": float(M.mask_jaccard(maps.clamp_min(0), masks).best.mean()),
+                "deletion_auc": float(M.perturbation_auc(vit, px, maps, target.tolist(), mode="deletion").auc.mean()),
+                "insertion_auc": float(
+                    M.perturbation_auc(vit, px, maps, target.tolist(), mode="insertion").auc.mean()),
+                "seconds": round(time.monotonic() - t, 2),
+            }
+            rep.localisation[mname] = row
+    rep.seconds = round(time.monotonic() - t0, 2)
+    files["metrics.json"] = json.dumps(rep.__dict__, indent=2).encode("utf-8")
+    files["report.md"] = _markdown(rep, info, seed).encode("utf-8")
+    for fname, blob in files.items():
+        atomic_write_bytes(out / fname, blob)
+    dest.record(files)
     say(f"report written to {out}")
     return rep
 
@@ -222,34 +231,27 @@ def _title(labels: Sequence[str] | None, k: int) -> str:
     return labels[k] if labels and 0 <= k < len(labels) else str(k)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` onto ``dst`` (the old one, if any, is removed after the swap)."""
-    from vitscope._io import replace_dir
-
-    if dst.exists() and not dst.is_dir():
-        raise VitscopeError("output", f"{dst} exists and is not a folder", "choose a folder name")
-    replace_dir(src, dst)
-
-
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100)
 
 
-def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+def _save(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
 
 
-def _distance_figure(dist: np.ndarray, path: Path) -> None:
+def _distance_figure(dist: np.ndarray) -> bytes:
     """Mean attention distance per head across layers: `vitscope.viz.distance_plot` (ViT paper Fig. 7)."""
     from vitscope.viz.figures import distance_plot
 
-    _save(distance_plot(dist), path)
+    return _save(distance_plot(dist))
 
 
-def _rollout_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, path: Path,
-                    titles: Sequence[str]) -> None:
+def _rollout_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
+                    titles: Sequence[str]) -> bytes:
     """Two rows: the images (mask outline when known) and their rollout maps overlaid."""
     import torch.nn.functional as F
 
@@ -271,7 +273,7 @@ def _rollout_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray | No
         ax.imshow(m, cmap="inferno", alpha=0.6, interpolation="nearest")
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig)
 
 
 def _markdown(rep: Report, info: Any, seed: int) -> str:

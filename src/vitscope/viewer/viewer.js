@@ -454,6 +454,25 @@
     return v;
   }
 
+  /* Nothing focused: the page itself (body) or no element at all. */
+  function nothingFocused() {
+    var a = document.activeElement;
+    return !a || a === document.body || a === document.documentElement;
+  }
+
+  /* Keyboard shortcuts work on load, without a click: the first viewer takes the focus when nothing else
+     has it (never stealing it from a field, e.g. a notebook cell), and keys typed while nothing is focused
+     (after a click on the page's background) go to the first viewer as well. */
+  function focusFirst() {
+    var vs = window.vitscopeViewers || [];
+    if (!vs.length || !nothingFocused()) return;
+    try {
+      vs[0].root.focus({ preventScroll: true });
+    } catch (err) {
+      vs[0].root.focus();
+    }
+  }
+
   function mountAll() {
     var roots = document.querySelectorAll(".vitscope-viewer");
     for (var i = 0; i < roots.length; i++) {
@@ -466,6 +485,16 @@
         roots[i].appendChild(box);
         throw err;
       }
+    }
+    focusFirst();
+    if (!document.vitscopeKeys) {
+      document.vitscopeKeys = true;
+      document.addEventListener("keydown", function (e) {
+        var vs = window.vitscopeViewers || [];
+        if (vs.length && !e.defaultPrevented && (e.target === document.body || e.target === document.documentElement)) {
+          vs[0].onKey(e);
+        }
+      });
     }
   }
 

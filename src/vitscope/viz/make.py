@@ -6,6 +6,7 @@ figure functions in `vitscope.viz.figures`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ def make_figure(
     from vitscope.capture import capture
     from vitscope.images import load_image
     from vitscope.methods import cls_map, mean_attention_distance, rollout, token_norms
+    from vitscope.methods.artifacts import outlier_threshold
     from vitscope.viz import figures
 
     if kind not in KINDS:
@@ -94,11 +96,10 @@ def make_figure(
         attn = capture(vit, img, queries=None, policy=policy, size=size)  # type: ignore[arg-type]
         shown = display_image(img, attn, used_policy)
         absolute = attn.layers[attn.layer_position(layer)]
-        maps = {
-            f"head mean, layer {absolute}": cls_map(attn, layer=layer, head="mean", query=query)[0],
-            "rollout": rollout(attn, query=query)[0],
-        }
-        return figures.map_panel(shown, maps, cmap=cmap, alpha=alpha, mode=mode)
+        mean_name = f"head mean, layer {absolute}"
+        maps = {mean_name: cls_map(attn, layer=layer, head="mean", query=query)[0], "rollout": rollout(attn, query=query)[0]}
+        labels = {mean_name: "attention weight (mean over heads)", "rollout": "rollout weight (attention flow)"}
+        return figures.map_panel(shown, maps, cmap=cmap, alpha=alpha, mode=mode, labels=labels)
     if kind == "batch":
         if method not in ("rollout", "cls"):
             raise VitscopeError("method", f"unknown map {method!r} for the batch figure", "use 'rollout' or 'cls'")
@@ -111,24 +112,39 @@ def make_figure(
             shown_all.append(display_image(img, attn, used_policy))
         if len({m.shape for m in maps_all}) > 1:
             raise VitscopeError("images", "images give different patch grids", "use policy='resize'")
-        return figures.batch_maps(shown_all, np.stack(maps_all), titles=titles, mode=mode, cmap=cmap, alpha=alpha)
+        absolute = layer + vit.info.num_layers if layer < 0 else layer
+        name = "rollout" if method == "rollout" else f"layer-{absolute} attention (head mean)"
+        return figures.batch_maps(shown_all, np.stack(maps_all), titles=titles, mode=mode, cmap=cmap, alpha=alpha,
+                                  map_name=name)
     if kind == "distance":
-        per_image = []
+        per_image, inputs = [], set()
         for img in pils:
             attn = capture(vit, img, queries=None, policy=policy, size=size)  # type: ignore[arg-type]
             per_image.append(mean_attention_distance(attn, per_image=True)[:, 0].numpy())  # (layers, heads)
+            inputs.add(tuple(attn.image_size))
         d = np.stack(per_image)  # (images, layers, heads)
         title = f"mean attention distance ({len(pils)} image{'s' if len(pils) > 1 else ''})"
-        return figures.distance_plot(d, layers=list(range(vit.info.num_layers)), title=title)
+        (h, w), = inputs if len(inputs) == 1 else ((None, None),)
+        unit = f"pixels of the {h}x{w} model input" if h is not None else "pixels of the model input"
+        return figures.distance_plot(d, layers=list(range(vit.info.num_layers)), title=title, unit=unit)
     # norms: one batch, so the outlier fit (a 2-Gaussian mixture per layer) sees every image's patches
     attn = capture(vit, pils, layers=[layer], queries="cls" if "cls" in vit.info.prefix else None, heads="mean",
                    token_norms=True, policy=policy, size=size)  # type: ignore[arg-type]
     report = token_norms(attn)
     absolute = layer + vit.info.num_layers if layer < 0 else layer
+    title = f"patch token norms after block {absolute} ({len(pils)} image{'s' if len(pils) > 1 else ''})"
+    norms = report.patch_norms[absolute].numpy()
+    cut = float(report.threshold[absolute])
+    if math.isfinite(cut):  # token_norms split the layer into two populations: its cut and its outliers
+        return figures.norm_histogram(
+            norms, outliers=report.outliers[absolute].numpy(), threshold=cut, title=title,
+            threshold_label=f"token_norms threshold {cut:.3g} (2-Gaussian fit)",
+        )
+    # no separate high-norm population: mark the tail past Tukey's far fence (methods.artifacts.outlier_threshold)
+    fence = outlier_threshold(norms)
     return figures.norm_histogram(
-        report.patch_norms[absolute].numpy(), outliers=report.outliers[absolute].numpy(),
-        threshold=float(report.threshold[absolute]),
-        title=f"patch token norms after block {absolute} ({len(pils)} image{'s' if len(pils) > 1 else ''})",
+        norms, threshold=fence, title=title, threshold_label=f"Tukey's far fence q75 + 3 IQR = {fence:.3g}",
+        note="token_norms: no separate high-norm mode here; red: the tail past the fence",
     )
 
 
