@@ -332,6 +332,53 @@ def test_bad_arguments(mixed_folder: Path, model_dir: Path, tmp_path: Path) -> N
             run_batch(mixed_folder, tmp_path / "o", model=model_dir, progress=False, **kwargs)
 
 
+def test_engine_options_are_refused_not_ignored(mixed_folder: Path, tmp_path: Path) -> None:
+    """An option the chosen engine cannot honour is an error naming it (the engines used to ignore them), and
+    numeric ranges are one rule for both engines (checked before any folder, model or cluster)."""
+    from vitscope.batch.local import check_options
+
+    out = tmp_path / "o"
+    for engine, kwargs in [("ray", {"workers": 2}), ("ray", {"formats": "npz"}), ("ray", {"verify": False}),
+                           ("local", {"concurrency": 2}), ("local", {"num_cpus": 1.0}),
+                           ("local", {"address": "127.0.0.1:1"}), ("local", {"max_retries": 0})]:
+        name = next(iter(kwargs))
+        with pytest.raises(VitscopeError, match=f"^{name}: the {engine} engine does not use it"):
+            run_batch(mixed_folder, out, engine=engine, progress=False, **kwargs)
+    assert not out.exists()
+    for name, value in [("batch_size", 0), ("batch_size", 2.0), ("batch_size", True), ("workers", -1),
+                        ("concurrency", 0), ("max_retries", -1), ("num_cpus", 0), ("num_cpus", float("nan")),
+                        ("num_cpus", float("inf")), ("num_gpus", -0.5), ("norm_threshold", float("nan")),
+                        ("norm_threshold", -1.0), ("norm_threshold", 0.0), ("part_size", 0)]:
+        with pytest.raises(VitscopeError, match=f"^{name}: must be "):
+            check_options(**{name: value})
+    check_options(batch_size=1, workers=0, concurrency=1, max_retries=0, num_cpus=0.25, num_gpus=0,
+                  norm_threshold=1e-3, part_size=1, preprocess_tasks=None)  # the smallest valid values
+
+
+def test_manifest_lines_are_checked_on_load(tmp_path: Path) -> None:
+    """A manifest line of the wrong shape is a one-line error naming the file, the line and the fix; a blank
+    line and a last line cut short by a kill are not errors."""
+    from vitscope.batch.local import check_entry
+
+    good = {"rel": "a.png", "status": "ok", "error": None, "method": "cls",
+            "outputs": {"npz": {"path": "a.cls.npz", "bytes": 10, "sha256": "00"}},
+            "stats": {"distance": [1.0] * 8, "norm_mean": [1.0, 2.0], "norm_high": [0, 1], "patch_tokens": 16,
+                      "prediction": 3, "label": None, "score": 0.5, "pointing": True, "iou": 0.25}}
+    assert check_entry(good, (2, 4)) is None
+    assert check_entry({**good, "stats": {**good["stats"], "distance": [1.0] * 6}}, (2, 4)) == \
+        '"stats"."distance" has 6 values, the model needs 8'
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "rel": 5}) + "\n")
+    with pytest.raises(VitscopeError) as exc:
+        Manifest(path).load(shape=(2, 4))
+    assert str(exc.value) == (f'output: {path} line 3: "rel" must be a non-empty string (fix or delete that line, '
+                              "or pass --overwrite)")
+    path.write_text(json.dumps(good) + "\n\n" + '{"rel": "b.png", "sta')  # killed mid-line
+    manifest = Manifest(path)
+    manifest.load(shape=(2, 4))
+    assert list(manifest.entries) == ["a.png"] and path.read_text().endswith("\n\n")
+
+
 def test_cli_batch(mixed_folder: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from vitscope.cli import main
 

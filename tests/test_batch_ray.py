@@ -398,7 +398,7 @@ def test_cli_engine_ray_and_missing_ray(outputs: dict, dataset: dict[str, Path],
         main(["batch", str(small), "-o", str(tmp_path / "o2"), "--engine", "ray", "-q"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: engine: the ray engine needs Ray Data, which is not installed (pip install 'vitscope[ray]')"
+    assert err == "error: --engine: the ray engine needs Ray Data, which is not installed (pip install 'vitscope[ray]')"
     with pytest.raises(VitscopeError, match="engine"):
         run_batch(small, tmp_path / "o3", engine="spark")
     torch.set_num_threads(1)
@@ -447,3 +447,124 @@ def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: di
     assert sorted(rows) == rels
     with np.load(_local_npz(outputs["local"], "g0/img00.png")) as data:  # local batch mode's map
         np.testing.assert_allclose(batch_ray.row_arrays(rows["g0/img00.png"])["map"], data["map"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+def test_overwrite_removes_only_vitscopes_own_parts(tmp_path: Path) -> None:
+    """``overwrite`` removes the parts vitscope wrote (their exact names) and nothing else in OUT/parts (it
+    used to delete the whole folder)."""
+    parts = tmp_path / batch_ray.PARTS
+    parts.mkdir()
+    batch_ray.write_part(parts, [batch_ray.empty_row(id="a.png", rel="a.png", status="error", error="x")])
+    own = batch_ray.part_files(tmp_path)
+    user = {"notes.txt": b"my notes", "part-mine.parquet": b"user data", "part-0.parquet": b"x",
+            "sub/part-aaaaaaaaaaaaaaaaaaaaaaaa.parquet": b"mine too"}
+    for name, data in user.items():
+        (parts / name).parent.mkdir(parents=True, exist_ok=True)
+        (parts / name).write_bytes(data)
+    assert [p.name for p in own] == [batch_ray._part_name(["a.png"])]
+    batch_ray._check_config(tmp_path, {"engine": "ray"}, overwrite=True)
+    assert not own[0].exists() and batch_ray.part_files(tmp_path) == []
+    assert {name: (parts / name).read_bytes() for name in user} == user
+    assert json.loads((tmp_path / "batch.json").read_text()) == {"engine": "ray"}
+
+
+def _encoded(arr: np.ndarray, fmt: str = "PNG", **params: object) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def _prep_args(model: Path) -> dict[str, object]:
+    vit = load(str(model))
+    return {"prep": vit.info.preprocess, "patch": vit.info.patch_size, "policy": "native", "size": None}
+
+
+def test_integer_manifest_ids_are_strings_and_id_0_is_kept(dataset: dict[str, Path]) -> None:
+    """A CSV/Parquet manifest with integer ids: id 0 is an id (not 'missing'), ids are compared as strings, so
+    a resumed run skips what is done (it used to recompute everything, 23 rows for 12 images)."""
+    import pyarrow as pa
+
+    rels = ["g0/img00.png", "g1/img01.png", "g2/img02.png"]
+    table = pa.table({"id": [0, 1, 2], "path": [str(dataset["src"] / r) for r in rels]})
+    rows = batch_ray._preprocess_rows(table, done=frozenset(), **_prep_args(dataset["model"])).to_pylist()
+    assert [r["id"] for r in rows] == ["0", "1", "2"] and [r["rel"] for r in rows] == ["0", "1", "2"]
+    assert all(r["error"] is None for r in rows)
+    left = batch_ray._preprocess_rows(table, done=frozenset({"0", "2"}), **_prep_args(dataset["model"]))
+    assert left.column("id").to_pylist() == ["1"]
+
+
+def test_bytes_rows_get_the_limits_and_exif_orientation_of_local_mode(dataset: dict[str, Path]) -> None:
+    """Rows given as bytes: the driver's max_pixels holds in the task (it used to be the default there), and
+    EXIF orientation turns the image upright as local mode does (it used to be ignored)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, size=(24, 40, 3), dtype=np.uint8)  # (H, W, C)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: upright it is 40 high, 24 wide
+    table = pa.table({"id": ["plain", "rotated"], "bytes": [_encoded(arr), _encoded(arr, "JPEG", exif=exif)]})
+    rows = {r["id"]: r for r in batch_ray._preprocess_rows(table, done=frozenset(),
+                                                           **_prep_args(dataset["model"])).to_pylist()}
+    assert rows["plain"]["original_size"] == [24, 40]
+    assert rows["rotated"]["original_size"] == [40, 24]
+    limited = batch_ray._preprocess_rows(table, done=frozenset(), limits={"max_pixels": 500},
+                                         **_prep_args(dataset["model"])).to_pylist()
+    assert all("pixel limit" in (r["error"] or "") and r["pixels"] == b"" for r in limited)
+    bad = pa.table({"id": ["g"], "bytes": [b"garbage"]})
+    err = batch_ray._preprocess_rows(bad, done=frozenset(), **_prep_args(dataset["model"])).to_pylist()[0]["error"]
+    assert "bytes of row g" in err and "BytesIO" not in err
+
+
+def test_actors_run_under_the_drivers_limits(dataset: dict[str, Path], tmp_path: Path) -> None:
+    """MapActor applies the limits it is given (the driver's): a token cap below the image's tokens makes every
+    row an error row naming the limit; without it the same rows are ok."""
+    import pyarrow as pa
+
+    table = pa.table({"id": ["a"], "path": [str(dataset["src"] / "g0/img00.png")]})
+    prepared = batch_ray._preprocess_rows(table, done=frozenset(), **_prep_args(dataset["model"]))
+    kwargs = {"model": str(dataset["model"]), "method": "cls", "fn": METHODS["cls"], "layer": -1, "model_id": "m",
+              "batch_size": 4, "stats": False, "norm_threshold": None, "threads": 1, "device": "cpu"}
+    ok = batch_ray.MapActor(parts_dir=str(tmp_path / "ok"), **kwargs)(prepared).to_pylist()
+    capped = batch_ray.MapActor(parts_dir=str(tmp_path / "capped"), limits={"max_tokens": 4}, **kwargs)(
+        prepared).to_pylist()
+    torch.set_num_threads(1)
+    assert [r["status"] for r in ok] == ["ok"]
+    assert [r["status"] for r in capped] == ["error"] and "token" in capped[0]["error"]
+
+
+def test_ray_ctrl_c_counts_the_parts_it_saved(tmp_path: Path) -> None:
+    """The 'interrupted' line of a Ray run counts its parts (it used to read the local manifest: 0 saved)."""
+    from vitscope.cli import _batch_saved
+
+    parts = tmp_path / batch_ray.PARTS
+    parts.mkdir()
+    batch_ray.write_part(parts, [batch_ray.empty_row(id=i, rel=i, status="ok") for i in ("a", "b")])
+    batch_ray.write_part(parts, [batch_ray.empty_row(id="c", rel="c", status="error", error="x")])
+    line = _batch_saved(tmp_path, "ray")
+    assert line.startswith(f"interrupted: 2 image(s) saved in {tmp_path} (1 failed), recorded in {parts};")
+
+
+def test_limits_and_csv_resume_through_the_cluster(dataset: dict[str, Path], ray_cluster: None,
+                                                   tmp_path: Path) -> None:
+    """Through Ray: ``limits`` set around run_batch reach the workers; a CSV with integer ids (0 included)
+    resumes without recomputing (rows == images)."""
+    from vitscope.limits import limits
+
+    rels = [f"g{i % 4}/img{i:02d}.png" for i in range(6)]
+    csv = tmp_path / "ints.csv"
+    csv.write_text("id,path\n" + "".join(f"{i},{dataset['src'] / r}\n" for i, r in enumerate(rels)))
+    out = tmp_path / "out"
+    first = run_batch(csv, out, model=dataset["model"], policy="native", engine="ray", summary=False, stats=False,
+                      **RAY_OPTS)
+    again = run_batch(csv, out, model=dataset["model"], policy="native", engine="ray", summary=False, stats=False,
+                      **RAY_OPTS)
+    assert (first.done, again.done, again.skipped) == (6, 0, 6)
+    assert len(pq.read_table(out / batch_ray.PARTS, columns=["id"])) == 6
+    with limits(max_pixels=500):  # every image is 1024 pixels or more
+        capped = run_batch(dataset["src"] / "g0", tmp_path / "capped", model=dataset["model"], policy="native",
+                           engine="ray", summary=False, stats=False, **{**RAY_OPTS, "concurrency": 1})
+    assert capped.done == 0 and capped.failed == capped.total > 0
+    assert all("pixel limit" in err for _rel, err in capped.errors)

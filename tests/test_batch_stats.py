@@ -123,3 +123,14 @@ def test_accumulator_equals_numpy_and_merges_in_any_split() -> None:
     # an empty accumulator merges as nothing; a run with no images has counts only
     assert SummaryAccumulator().summary(num_heads=3) == {"images": 0, "failed": 0, "predictions": {}}
     assert merged.merge(SummaryAccumulator()).summary(num_heads=3, config={"method": "cls"}) == m
+
+
+def test_unreadable_mask_is_named_by_its_path() -> None:
+    """A garbage mask file's error names the file, not the buffer it was read into ("<_io.BytesIO ...>")."""
+    from vitscope.batch.stats import mask_image
+    from vitscope.errors import ImageError
+
+    with pytest.raises(ImageError) as exc:
+        mask_image(b"not a png", (8, 8), name="masks/a/cat.png")
+    assert str(exc.value).startswith("masks: masks/a/cat.png is not an image PIL can read")
+    assert "BytesIO" not in str(exc.value)

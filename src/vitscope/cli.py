@@ -583,6 +583,7 @@ def demo_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
+
 @app.command("batch")
 def batch_cmd(
     inputs: Annotated[str, typer.Argument(help="A folder (recursive), a quoted glob, a .txt list of paths, or a file.")],
@@ -590,15 +591,17 @@ def batch_cmd(
     method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
-    workers: Annotated[int, typer.Option(help="Loader processes (0: load in this process).")] = 2,
-    formats: Annotated[str, typer.Option("--format", help="npz, png or npz,png.")] = "npz,png",
+    workers: Annotated[int | None, typer.Option(help="local: loader processes (0: load in this process; "
+                                                     "default 2).")] = None,
+    formats: Annotated[str | None, typer.Option("--format", help="local: npz, png or npz,png (default both).")] = None,
     policy: PolicyOpt = None,
     size: SizeOpt = None,
     layer: Annotated[int, typer.Option(help="Layer of the cls map.")] = -1,
     device: Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = "auto",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    verify: Annotated[bool, typer.Option(help="On resume, check outputs' sha256 (default: their size).")] = False,
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="local: on resume, check outputs' "
+                                                "sha256 (default: their size).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over (the previous run's outputs are removed), or write "
                                                  "beside files vitscope did not write (kept).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -607,11 +610,13 @@ def batch_cmd(
     max_memory: MaxMemoryOpt = None,
     engine: Annotated[str, typer.Option(help="local, or ray: Ray Data, Parquet parts + summary.json.")] = "local",
     address: Annotated[str | None, typer.Option(help="ray: a running cluster (default RAY_ADDRESS, else local).")] = None,
-    concurrency: Annotated[int, typer.Option(help="ray: actors, each with the model loaded once.")] = 1,
-    num_cpus: Annotated[float, typer.Option("--num-cpus", help="ray: CPUs per actor (its torch threads).")] = 1.0,
-    num_gpus: Annotated[float, typer.Option("--num-gpus", help="ray: GPUs per actor.")] = 0.0,
-    max_retries: Annotated[int, typer.Option("--max-retries", help="ray: retries of a call whose actor died; "
-                                                                   "then its images fail alone.")] = 3,
+    concurrency: Annotated[int | None, typer.Option(help="ray: actors, each with the model loaded once (default "
+                                                         "1).")] = None,
+    num_cpus: Annotated[float | None, typer.Option("--num-cpus", help="ray: CPUs per actor (its torch threads; "
+                                                                      "default 1).")] = None,
+    num_gpus: Annotated[float | None, typer.Option("--num-gpus", help="ray: GPUs per actor (default 0).")] = None,
+    max_retries: Annotated[int | None, typer.Option("--max-retries", help="ray: retries of a call whose actor "
+                                                    "died; then its images fail alone (default 3).")] = None,
     masks: Annotated[Path | None, typer.Option(help="Folder of object masks mirroring the inputs: pointing game, "
                                                     "mask IoU.")] = None,
     stats: Annotated[bool, typer.Option(help="Per-image prediction, token norms and attention distance, and "
@@ -620,27 +625,29 @@ def batch_cmd(
                                                               "and layer, q75 + 3 IQR).")] = None,
 ) -> None:
     """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged;
-    summary.json over the dataset."""
+    summary.json over the dataset. An option the chosen --engine does not use is refused."""
     from vitscope.batch import run_batch
 
     _check_policy(policy)
     out = _output(output, None)
     the_size = _parse_size(size)
-    spec: Any = model
-    if checkpoint is not None or random_weights or model.startswith("timm:"):
-        spec = _load_model(model, checkpoint, random_weights)
-    ray_options: dict[str, Any] = {"address": address, "concurrency": concurrency, "num_cpus": num_cpus,
-                                   "num_gpus": num_gpus, "max_retries": max_retries} if engine == "ray" else {}
+    # only what the user set: run_batch refuses an option the engine cannot honour, and checks every range
+    chosen: dict[str, Any] = {"workers": workers, "formats": formats, "verify": verify, "address": address,
+                              "concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus,
+                              "max_retries": max_retries}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
     try:
         with _limits(max_pixels, max_tokens, max_memory):
+            spec: Any = model
+            if checkpoint is not None or random_weights or model.startswith("timm:"):
+                spec = _load_model(model, checkpoint, random_weights)
             summary = run_batch(
-                inputs, out, method=method, model=spec, batch_size=batch_size, workers=workers, formats=formats,
-                policy=policy, size=the_size, layer=layer, device=device, verify=verify,  # type: ignore[arg-type]
-                overwrite=overwrite, progress=not quiet, masks=masks, stats=stats, norm_threshold=norm_threshold,
-                engine=engine, **ray_options,
+                inputs, out, method=method, model=spec, batch_size=batch_size, policy=policy,  # type: ignore[arg-type]
+                size=the_size, layer=layer, device=device, overwrite=overwrite, progress=not quiet, masks=masks,
+                stats=stats, norm_threshold=norm_threshold, engine=engine, **chosen,
             )
     except KeyboardInterrupt:
-        raise Interrupted(_batch_saved(out)) from None
+        raise Interrupted(_batch_saved(out, engine)) from None
     typer.echo(str(summary))
     for rel, error in summary.errors[:10]:
         typer.echo(f"  failed: {rel}: {error}", err=True)
@@ -648,15 +655,15 @@ def batch_cmd(
         typer.echo(f"  ... and {len(summary.errors) - 10} more (see the manifest)", err=True)
 
 
-def _batch_saved(out: Path) -> str:
-    from vitscope.batch import MANIFEST, Manifest
+def _batch_saved(out: Path, engine: str = "local") -> str:
+    """The 'interrupted' line of a batch run: what ``engine`` saved in ``out`` (it counts its own records)."""
+    from vitscope.batch import saved_counts
 
-    manifest = Manifest(out / MANIFEST)
-    with contextlib.suppress(Exception):
-        manifest.load()
-    ok = sum(1 for e in manifest.entries.values() if e.get("status") == "ok")
-    failed = sum(1 for e in manifest.entries.values() if e.get("status") == "error")
-    return (f"interrupted: {ok} image(s) saved in {out} ({failed} failed), recorded in {out / MANIFEST}; "
+    try:
+        ok, failed, where = saved_counts(out, engine)
+    except Exception:  # never a second error while reporting Ctrl-C
+        return f"interrupted: run the same command again to resume ({out})"
+    return (f"interrupted: {ok} image(s) saved in {out} ({failed} failed), recorded in {where}; "
             "run the same command again to resume (finished images are skipped)")
 
 

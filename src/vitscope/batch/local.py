@@ -35,6 +35,8 @@ import glob as globlib
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import time
 from collections import deque
@@ -196,7 +198,11 @@ def collect_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         found = [p for p in path.rglob("*") if not _is_hidden(PurePosixPath(p.relative_to(path).as_posix()))]
         return relative_items([p for p in found if keep(p)], path)
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise VitscopeError("inputs", f"{path} is not UTF-8 text", "save the list as UTF-8, one path a line"
+                                ) from None
         listed = [Path(ln).expanduser() for ln in lines if ln and not ln.startswith("#")]
         listed = [p if p.is_absolute() else path.parent / p for p in listed]
         missing = [str(p) for p in listed if not p.is_file()]
@@ -237,7 +243,7 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             pixels, original = preprocess_image(item.path, self.prep, self.patch, self.policy, self.size)
             where = mask_for(self.masks, item.rel) if self.masks is not None else None
             hw = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-            mask = mask_image(Path(where).read_bytes(), hw) if where else None  # (H, W) bool
+            mask = mask_image(Path(where).read_bytes(), hw, name=where) if where else None  # (H, W) bool
             return {"index": i, "pixels": pixels, "original_size": original, "mask": mask, "error": None}
         except Exception as exc:  # any unreadable file becomes a manifest entry, never a Ctrl-C's side effect
             _interrupt.check()
@@ -326,6 +332,82 @@ def _sha256(data: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
+STATUSES = ("ok", "error")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check_stats(stats: Any, shape: tuple[int, int] | None) -> str | None:
+    """What is wrong with a manifest line's ``"stats"`` (`vitscope.batch.stats.image_record`), or ``None``;
+    ``shape``: the model's ``(layers, heads)``, which the list lengths must match."""
+    if not isinstance(stats, dict):
+        return '"stats" must be an object'
+    lengths = {"distance": shape[0] * shape[1], "norm_mean": shape[0], "norm_high": shape[0]} if shape else {}
+    for key, types in (("distance", {int, float}), ("norm_mean", {int, float}), ("norm_high", {int})):
+        value = stats.get(key)
+        if value is None:
+            continue
+        # set/map of builtins: a 100,000-line manifest is checked in about a second
+        if not isinstance(value, list) or not set(map(type, value)) <= types or \
+                (float in types and not all(map(math.isfinite, value))):
+            return f'"stats"."{key}" must be a list of {"whole " if float not in types else "finite "}numbers'
+        if key in lengths and len(value) != lengths[key]:
+            return f'"stats"."{key}" has {len(value)} values, the model needs {lengths[key]}'
+    if stats.get("norm_high") is not None and (stats.get("norm_mean") is None or
+                                               len(stats["norm_mean"]) != len(stats["norm_high"])):
+        return '"stats"."norm_mean" must have as many values as "norm_high"'
+    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+        ("patch_tokens", lambda v: _is_int(v) and v > 0, "a whole number > 0"),
+        ("prediction", lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+        ("label", lambda v: isinstance(v, str), "a string"),
+        ("score", _is_number, "a number"),
+        ("pointing", lambda v: isinstance(v, bool), "true or false"),
+        ("iou", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    )
+    for key, ok, what in checks:
+        if stats.get(key) is not None and not ok(stats[key]):
+            return f'"stats"."{key}" must be {what} or null'
+    if stats.get("norm_high") is not None and stats.get("patch_tokens") is None:
+        return '"stats"."patch_tokens" is missing'
+    if stats.get("pointing") is not None and stats.get("iou") is None:
+        return '"stats"."iou" is missing'
+    return None
+
+
+def check_entry(entry: dict[str, Any], shape: tuple[int, int] | None = None) -> str | None:
+    """What is wrong with one ``manifest.jsonl`` entry (types, status, output records, stats), or ``None``."""
+    rel = entry.get("rel")
+    if not isinstance(rel, str) or not rel:
+        return '"rel" must be a non-empty string'
+    if entry.get("status") not in STATUSES:
+        return f'"status" must be "ok" or "error", not {json.dumps(entry.get("status"))[:40]}'
+    if entry.get("error") is not None and not isinstance(entry["error"], str):
+        return '"error" must be a string or null'
+    outputs = entry.get("outputs")
+    if not isinstance(outputs, dict):
+        return '"outputs" must be an object'
+    for fmt, rec in outputs.items():
+        if not isinstance(rec, dict):
+            return f'"outputs"."{fmt}" must be an object'
+        path = rec.get("path")
+        if not isinstance(path, str) or not path or PurePosixPath(path).is_absolute() or \
+                ".." in PurePosixPath(path).parts or "\\" in path:
+            return f'"outputs"."{fmt}"."path" must be a relative path inside the output folder'
+        if not _is_int(rec.get("bytes")) or rec["bytes"] < 0:
+            return f'"outputs"."{fmt}"."bytes" must be a whole number >= 0'
+        if not isinstance(rec.get("sha256"), str):
+            return f'"outputs"."{fmt}"."sha256" must be a string'
+    if "stats" in entry and entry["stats"] is not None:
+        return _check_stats(entry["stats"], shape)
+    return None
+
+
 class Manifest:
     """Append-only JSON-lines record of finished images; each line is fsynced once its outputs are in place."""
 
@@ -342,7 +424,11 @@ class Manifest:
         self.entries[entry["rel"]] = {k: v for k, v in entry.items() if k != "stats"}
         self._final[entry["rel"]] = lineno
 
-    def load(self) -> None:
+    def load(self, shape: tuple[int, int] | None = None) -> None:
+        """Read the entries back, each line checked (`check_entry`; ``shape``: the model's ``(layers, heads)``,
+        the lengths of each line's ``"stats"``): a hand-edited or corrupt line is a one-line `VitscopeError`
+        naming the file, the line and the fix, never silently trusted. A last line cut short by a kill is
+        dropped."""
         if not self.path.exists():
             return
         with open(self.path, "rb") as fh:
@@ -359,19 +445,30 @@ class Manifest:
                         out.truncate(end)
                         os.fsync(out.fileno())
         self._lines = 0
-        for lineno, entry in self._read():
+        for lineno, entry in self._read(check=True, shape=shape):
             self._lines = lineno + 1
             if entry is not None:
                 self._keep(lineno, entry)
 
-    def _read(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        """``(line number, entry or None)`` of every line, streamed from the file (``None``: not an entry)."""
+    def _read(self, check: bool = False, shape: tuple[int, int] | None = None,
+              ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """``(line number, entry or None)`` of every line, streamed from the file (``None``: a blank line);
+        ``check``: each line must be a valid entry (`check_entry`), else a `VitscopeError`."""
         with open(self.path, encoding="utf-8", errors="replace", newline="\n") as fh:
             for lineno, line in enumerate(fh):
-                entry = None
-                with suppress(json.JSONDecodeError):
+                if not line.strip() or (check and not line.endswith("\n")):  # blank, or cut short by a kill
+                    yield lineno, None
+                    continue
+                entry: Any = None
+                problem: str | None = "not a JSON object"
+                with suppress(json.JSONDecodeError, RecursionError):
                     entry = json.loads(line)
-                yield lineno, entry if isinstance(entry, dict) and "rel" in entry else None
+                if isinstance(entry, dict):
+                    problem = check_entry(entry, shape) if check else None
+                if check and problem is not None:
+                    raise VitscopeError("output", f"{self.path} line {lineno + 1}: {problem}",
+                                        "fix or delete that line, or pass --overwrite")
+                yield lineno, entry if isinstance(entry, dict) and isinstance(entry.get("rel"), str) else None
 
     def iter_final(self, rels: Iterable[str]) -> Iterator[dict[str, Any]]:
         """The last entry of each of ``rels`` (those that have one), ``"stats"`` included, in file order."""
@@ -478,6 +575,20 @@ def _previous_outputs(out_dir: Path) -> dict[str, str] | None:
     return outputs
 
 
+def check_state(out_dir: Path) -> None:
+    """A batch run's folder to resume: its ``batch.json`` and ``manifest.jsonl`` lines must be vitscope's (`check_entry`,
+    `read_config`), checked before anything reads them (the ownership check, the resume): a hand-edited or corrupt
+    one is a one-line `VitscopeError` naming the file (and line) and the fix. The lengths of the measures are
+    checked once the model is known (`Manifest.load`). A folder without both files holds no batch run: a lone
+    ``batch.json`` or ``manifest.jsonl`` is the user's (`_claim_output_dir` says so)."""
+    cfg_path, manifest = out_dir / CONFIG, Manifest(out_dir / MANIFEST)
+    if not all(p.is_file() and not p.is_symlink() for p in (cfg_path, manifest.path)):
+        return
+    read_config(cfg_path)
+    for _lineno, _entry in manifest._read(check=True):
+        pass
+
+
 def _claim_output_dir(out_dir: Path, writes: Iterable[str], overwrite: bool) -> dict[str, str]:
     """Refuse ``out_dir`` if it holds files vitscope did not write (unless ``overwrite``) or if an output would
     replace one; returns the previous run's outputs (path -> sha256)."""
@@ -540,13 +651,55 @@ def run_config(engine: str, *, method: str, model: str, policy: SizePolicy | Non
             "masks": str(masks.resolve()) if masks is not None else None}
 
 
+def read_config(cfg_path: Path) -> dict[str, Any]:
+    """The settings in a run's ``batch.json``, or a one-line `VitscopeError` naming the file (garbage, not
+    UTF-8, not a JSON object, or settings of the wrong type)."""
+    fix = "delete it to resume with this run's settings, or pass --overwrite"
+    try:
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise VitscopeError("output", f"{cfg_path} is not valid JSON", fix) from None
+    if not isinstance(old, dict):
+        raise VitscopeError("output", f"{cfg_path} must hold a JSON object, not {type(old).__name__}", fix)
+    for key, types in (("engine", str), ("method", str), ("model", str)):
+        if key in old and not isinstance(old[key], types):
+            raise VitscopeError("output", f'{cfg_path}: "{key}" must be a string', fix)
+    return old
+
+
 def check_same_run(cfg_path: Path, config: dict[str, Any], out_dir: Path) -> None:
     """A resumed run must have the settings of the run that wrote ``out_dir`` (its ``batch.json``)."""
-    old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    old = read_config(cfg_path)
     if old != config:
         diff = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
         raise VitscopeError("output", f"{out_dir} holds results of another run ({diff})",
                             "use another output folder, or --overwrite")
+
+
+#: Numeric options of both engines: (kind, lower bound, example). ``int``: a whole number >= the bound;
+#: ``pos``: a finite number > 0; ``nonneg``: a finite number >= 0. One table, so both engines check alike.
+_RANGES: dict[str, tuple[str, int, str]] = {
+    "batch_size": ("int", 1, "8"), "workers": ("int", 0, "2"), "concurrency": ("int", 1, "2"),
+    "part_size": ("int", 1, "64"), "max_retries": ("int", 0, "3"), "preprocess_tasks": ("int", 1, "4"),
+    "num_cpus": ("pos", 0, "1"), "num_gpus": ("nonneg", 0, "1"), "norm_threshold": ("pos", 0, "5.0"),
+}
+
+
+def check_options(**values: Any) -> None:
+    """Refuse an out-of-range numeric option of either engine (``None``: not given) with a one-line
+    `VitscopeError` naming it: whole numbers where counts are meant, finite and positive where it must be."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind, low, example = _RANGES[name]
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))  # numpy ints too
+        if kind == "int":
+            if not whole or value < low:
+                raise VitscopeError(name, f"must be a whole number >= {low}, got {value!r}", f"pass e.g. {example}")
+        elif not (whole or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and
+                            math.isfinite(value))) or value < 0 or (kind == "pos" and value == 0):
+            what = "> 0" if kind == "pos" else ">= 0"
+            raise VitscopeError(name, f"must be a finite number {what}, got {value!r}", f"pass e.g. {example}")
 
 
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -621,10 +774,7 @@ def run_local(
     fmts = _parse_formats(formats)
     if method not in METHODS:
         raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
-    if int(batch_size) < 1:
-        raise VitscopeError("batch_size", f"must be >= 1, got {batch_size}", "pass e.g. 8")
-    if int(workers) < 0:
-        raise VitscopeError("workers", f"must be >= 0, got {workers}", "pass 0 to load in this process")
+    check_options(batch_size=batch_size, workers=workers, norm_threshold=norm_threshold)
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise VitscopeError("output", f"{out_dir} is a file, not a folder", "name a folder for the outputs")
@@ -637,6 +787,8 @@ def run_local(
         raise VitscopeError("inputs", f"no files found in {os.fspath(inputs)!r}"  # type: ignore[arg-type]
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
     bases = output_bases(items)
+    if not overwrite:
+        check_state(out_dir)
     previous = _claim_output_dir(out_dir, (f"{bases[it.rel]}.{method}.{fmt}" for it in items for fmt in fmts),
                                  overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -664,7 +816,7 @@ def run_local(
             if manifest.path.exists():
                 atomic_write_bytes(manifest.path, b"")
         else:
-            manifest.load()
+            manifest.load(shape=(vit.info.num_layers, vit.info.num_heads))
             if cfg_path.exists() and manifest.entries:
                 check_same_run(cfg_path, config, out_dir)
         from vitscope._io import atomic_write_text

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,6 +55,9 @@ from vitscope.batch.stats import (
 from vitscope.errors import VitscopeError
 
 PARTS = "parts"
+#: The exact name of a part vitscope writes (`_part_name`): only files of this name are read, or removed by
+#: ``overwrite``; anything else in ``OUT/parts`` is left alone.
+PART_NAME = re.compile(r"part-[0-9a-f]{24}\.parquet")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 INSTALL_HINT = "pip install 'vitscope[ray]'"
 
@@ -117,37 +121,65 @@ def _read_bytes(location: str) -> bytes:
     return Path(location).read_bytes()
 
 
-def _open_image(data: bytes) -> Any:
+def _open_image(data: bytes, location: str) -> Any:
+    """Encoded image bytes as an upright RGB PIL image, exactly as local batch mode opens a file: refused
+    from its header above `vitscope.limits.max_pixels`, turned by its EXIF orientation."""
     from PIL import Image, UnidentifiedImageError
 
+    from vitscope import limits
     from vitscope.errors import ImageError
-    from vitscope.images import MAX_PIXELS
+    from vitscope.images import _header_only, check_pixels, open_image
 
     if not data:
-        raise ImageError("image", "empty (0 bytes)", "pass a valid image file")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        raise ImageError("image", f"{location} is empty (0 bytes)", "pass a valid image file")
+    cap = limits.max_pixels()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError("image", f"{im.width}x{im.height} pixels", "downscale it first")
-            im.load()
-            return im.copy()
+        with _header_only(cap), Image.open(io.BytesIO(data)) as im:
+            check_pixels(im.width, im.height, cap, "image", what=location)
+            return open_image(im)
     except UnidentifiedImageError:
-        raise ImageError("image", "not an image PIL can read", "pass a PNG, JPEG, ... file") from None
+        raise ImageError("image", f"{location} is not an image PIL can read", "pass a PNG, JPEG, ... file") from None
+
+
+def current_limits() -> dict[str, int]:
+    """The `vitscope.limits` in force here, to hand to Ray tasks and actors (context variables stay in the
+    driver's thread): ``with limits(**current_limits())`` there."""
+    from vitscope import limits
+
+    return {"max_pixels": limits.max_pixels(), "max_tokens": limits.max_tokens(), "max_bytes": limits.max_bytes(),
+            "max_figure_pixels": limits.max_figure_pixels()}
 
 
 def _load_mask(location: str, hw: tuple[int, int]) -> np.ndarray:
     """A mask image at a path or URI, in the model input's frame ``(H, W)`` (`vitscope.batch.stats.mask_image`)."""
-    return mask_image(_read_bytes(location), hw)
+    return mask_image(_read_bytes(location), hw, name=location)
+
+
+def _row_id(rid: Any, path: Any, data: bytes | None) -> str | None:
+    """A source row's id as a string: its ``id`` (``0`` and other integer ids included), else its ``path``,
+    else the sha256 of its ``bytes``; ``None`` when it has none of them."""
+    for value in (rid, path):
+        if value is not None and str(value) != "":
+            return str(value)
+    return "sha256:" + hashlib.sha256(data).hexdigest() if data is not None else None
 
 
 def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: Any, size: Any,
-                     done: frozenset[str]) -> Any:
-    """Ray task: source rows -> preprocessed rows (float32 pixels as bytes + shape), skipping ``done`` ids.
+                     done: frozenset[str], limits: dict[str, int] | None = None) -> Any:
+    """Ray task: source rows -> preprocessed rows (float32 pixels as bytes + shape), skipping ``done`` ids,
+    under the driver's `vitscope.limits` (``limits``, `current_limits`).
 
     A row that cannot be read or preprocessed keeps its one-line error and no pixels (it is written as an
     ``error`` row by the actors, never fatal).
     """
+    from vitscope.limits import limits as limits_in_force
+
+    with limits_in_force(**(limits or {})):
+        return _preprocess_table(table, prep=prep, patch=patch, policy=policy, size=size, done=done)
+
+
+def _preprocess_table(table: Any, *, prep: Any, patch: tuple[int, int], policy: Any, size: Any,
+                      done: frozenset[str]) -> Any:
     import pyarrow as pa
     import torch
 
@@ -164,7 +196,7 @@ def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: A
     out: dict[str, list[Any]] = {k: [] for k in _prep_schema().names}
     for i in range(n):
         data = datas[i]
-        rid = ids[i] or paths[i] or ("sha256:" + hashlib.sha256(data).hexdigest() if data is not None else None)
+        rid = _row_id(ids[i], paths[i], data)
         if rid is None or rid in done:
             continue
         pixels, mask, error = b"", b"", None
@@ -175,7 +207,8 @@ def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: A
             if data is None and not _is_uri(str(paths[i])):  # a local file: exactly local batch mode's path
                 image: Any = Path(str(paths[i]))
             else:
-                image = _open_image(data if data is not None else _read_bytes(str(paths[i])))
+                where = str(paths[i]) if paths[i] is not None else f"bytes of row {rid}"
+                image = _open_image(data if data is not None else _read_bytes(str(paths[i])), where)
             px, hw = preprocess_image(image, prep, patch, policy, size)  # (C, H, W)
             arr = px.numpy().astype(np.float32, copy=False)
             pixels, shape, original = arr.tobytes(), list(arr.shape), list(hw)
@@ -185,9 +218,10 @@ def _preprocess_rows(table: Any, *, prep: Any, patch: tuple[int, int], policy: A
         except Exception as exc:  # one bad image never stops the run
             error = error_line(exc)
             pixels, shape, original, mask, mask_shape = b"", None, None, b"", None
-        out["id"].append(str(rid))
-        out["rel"].append(rels[i] or str(rid))
-        out["input"].append(inputs[i] or (str(paths[i]) if paths[i] else ""))
+        out["id"].append(rid)
+        out["rel"].append(str(rels[i]) if rels[i] is not None else rid)
+        out["input"].append(str(inputs[i]) if inputs[i] is not None else (str(paths[i]) if paths[i] is not None
+                                                                          else ""))
         out["error"].append(error)
         out["pixels"].append(pixels)
         out["shape"].append(shape)
@@ -231,7 +265,7 @@ class MapActor:
 
     def __init__(self, *, model: Any, method: str, fn: Callable[..., dict[str, np.ndarray]], layer: int,
                  model_id: str, parts_dir: str, batch_size: int, stats: bool, norm_threshold: float | None,
-                 threads: int, device: str | None) -> None:
+                 threads: int, device: str | None, limits: dict[str, int] | None = None) -> None:
         import torch
 
         from vitscope.adapters import as_vit
@@ -246,6 +280,7 @@ class MapActor:
         self.method, self.fn, self.layer, self.model_id = method, fn, layer, model_id
         self.parts_dir, self.batch_size = Path(parts_dir), batch_size
         self.stats, self.norm_threshold = stats, norm_threshold
+        self.limits = dict(limits or {})  # the driver's vitscope.limits (current_limits), for every call
         labels = self.vit.info.labels
         self.labels = list(labels) if labels else None
 
@@ -287,6 +322,12 @@ class MapActor:
                 row.update(localisation(heat, mask))
 
     def __call__(self, table: Any) -> Any:
+        from vitscope.limits import limits
+
+        with limits(**self.limits):
+            return self._call(table)
+
+    def _call(self, table: Any) -> Any:
         import pyarrow as pa
 
         table_rows = table.to_pylist()
@@ -310,18 +351,37 @@ class MapActor:
 def part_files(output_dir: str | os.PathLike[str]) -> list[Path]:
     """The finished parts (never the dot-prefixed temporary files), sorted by name."""
     parts = Path(output_dir) / PARTS
-    return sorted(p for p in parts.glob("part-*.parquet") if p.is_file()) if parts.is_dir() else []
+    return sorted(p for p in parts.glob("part-*.parquet") if PART_NAME.fullmatch(p.name) and p.is_file()
+                  and not p.is_symlink()) if parts.is_dir() and not parts.is_symlink() else []
+
+
+def _part_ids(p: Path) -> tuple[list[str], list[str]]:
+    """The ``id`` and ``status`` columns of part ``p``, checked: a part that is not Parquet, lacks them, or
+    holds other values is a one-line `VitscopeError` naming the file, never a traceback or trusted."""
+    import pyarrow.parquet as pq
+
+    fix = "delete that file, or pass --overwrite"
+    try:
+        t = pq.read_table(p, columns=["id", "status"])
+        ids, statuses = t.column("id").to_pylist(), t.column("status").to_pylist()
+    except Exception as exc:  # ArrowInvalid, OSError, KeyError: anything unreadable
+        from vitscope.batch.local import error_line
+
+        raise VitscopeError("output", f"{p} is not a readable vitscope part ({error_line(exc)[:200]})",
+                            fix) from None
+    if not all(isinstance(rid, str) and rid for rid in ids):
+        raise VitscopeError("output", f"{p}: every \"id\" must be a non-empty string", fix)
+    if not all(status in ("ok", "error") for status in statuses):
+        raise VitscopeError("output", f'{p}: "status" must be "ok" or "error"', fix)
+    return ids, statuses
 
 
 def _index(parts: Sequence[Path]) -> dict[str, tuple[str, str]]:
     """``id -> (part name, status)`` of the row kept per id: the first ``ok`` row (parts in name order), else
     the last ``error`` row."""
-    import pyarrow.parquet as pq
-
     keep: dict[str, tuple[str, str]] = {}
     for p in parts:
-        t = pq.read_table(p, columns=["id", "status"])
-        for rid, status in zip(t.column("id").to_pylist(), t.column("status").to_pylist(), strict=True):
+        for rid, status in zip(*_part_ids(p), strict=True):
             old = keep.get(rid)
             if old is None or (old[1] != "ok" and (status == "ok" or old[1] == status)):
                 keep[rid] = (p.name, status)
@@ -362,6 +422,14 @@ def row_arrays(row: dict[str, Any], num_heads: int | None = None) -> dict[str, n
     if row.get("distance") is not None and num_heads:
         out["distance"] = np.asarray(row["distance"], dtype=np.float64).reshape(-1, num_heads)
     return out
+
+
+def saved_statuses(output_dir: str | os.PathLike[str]) -> list[str]:
+    """The status kept per image in ``output_dir``'s parts (``[]`` when they cannot be read): what a run saved."""
+    try:
+        return [status for _name, status in _index(part_files(output_dir)).values()]
+    except VitscopeError:
+        return []
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -506,21 +574,24 @@ def run_batch_ray(
         _exclusive,
         _model_id,
         _remove_partials,
+        check_options,
         collect_inputs,
         run_config,
     )
 
-    ray = import_ray()
+    # every check that needs no cluster comes first: a bad value never starts (or waits for) Ray
+    check_options(batch_size=batch_size, concurrency=concurrency, part_size=part_size, max_retries=max_retries,
+                  preprocess_tasks=preprocess_tasks, num_cpus=num_cpus, num_gpus=num_gpus,
+                  norm_threshold=norm_threshold)
     fn = METHODS.get(method)
     if fn is None:
         raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
-    for name, value, low in (("batch_size", batch_size, 1), ("concurrency", concurrency, 1),
-                             ("part_size", part_size, 1), ("max_retries", max_retries, 0)):
-        if int(value) < low:
-            raise VitscopeError(name, f"must be >= {low}, got {value}", f"pass a whole number >= {low}")
-    if num_cpus < 0 or num_gpus < 0:
-        raise VitscopeError("num_cpus" if num_cpus < 0 else "num_gpus", "must be >= 0", "pass e.g. 1")
     out_dir = Path(output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitscopeError("output", f"{out_dir} is a file, not a folder", "name a folder for the outputs")
+    ray = import_ray()
+    if num_gpus and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        _check_local_gpus(num_gpus)
     vit = as_vit(model)
     mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None
@@ -531,7 +602,7 @@ def run_batch_ray(
     elif not isinstance(inputs, (str, os.PathLike)) and any(_is_uri(str(x)) for x in inputs):
         items = [{"id": str(x), "rel": str(x), "input": str(x), "path": str(x), "mask": None}
                  for x in dict.fromkeys(map(str, inputs))]
-    else:
+    else:  # ids: local mode's names (`vitscope.batch.local.relative_name`: below the input root as given)
         items = [{"id": it.rel, "rel": it.rel, "input": str(it.path), "path": str(it.path),
                   "mask": mask_for(mask_dir, it.rel) if mask_dir is not None else None}
                  for it in collect_inputs(inputs, exclude=out_dir)]
@@ -541,6 +612,8 @@ def run_batch_ray(
     config = run_config("ray", method=method, model=model_id, policy=policy, size=size, layer=layer, stats=stats,
                         norm_threshold=norm_threshold, masks=mask_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / PARTS).is_symlink():  # parts are written where the link points: never outside -o
+        raise VitscopeError("output", f"{out_dir / PARTS} is a symlink", "remove it, or use another output folder")
     (out_dir / PARTS).mkdir(exist_ok=True)
     result = RayBatchSummary(output_dir=out_dir, total=0)
     started = False
@@ -554,13 +627,17 @@ def run_batch_ray(
         ctx = ray.data.DataContext.get_current()
         saved = (ctx.enable_progress_bars, ctx.max_errored_blocks)
         try:
+            gpus = float(ray.cluster_resources().get("GPU", 0)) if num_gpus else 0.0
+            if gpus < num_gpus:  # a pool that waits for GPUs the cluster does not have would hang
+                raise VitscopeError("num_gpus", f"the Ray cluster has {gpus:g} GPU(s), each actor asks for "
+                                    f"{num_gpus:g}", "drop it, or use a cluster with GPUs")
             ctx.enable_progress_bars = progress
             opts: dict[str, Any] = dict(
                 method=method, fn=fn, layer=layer, model=model, model_id=model_id, out_dir=out_dir,
                 batch_size=int(batch_size), policy=policy, size=size, done=done, concurrency=int(concurrency),
                 num_cpus=float(num_cpus), num_gpus=float(num_gpus), device=device, stats=stats,
                 norm_threshold=norm_threshold, progress=progress, max_retries=int(max_retries),
-                preprocess_tasks=int(preprocess_tasks or 2 * concurrency))
+                preprocess_tasks=int(preprocess_tasks or 2 * concurrency), limits=current_limits())
             if items is not None:
                 result.total = len(items)
                 todo = [it for it in items if it["id"] not in done]
@@ -616,16 +693,25 @@ def _run_items(ray: Any, ctx: Any, todo: list[dict[str, Any]], vit: Any, result:
     result.errors.extend((it["rel"], error) for it in lost)
 
 
-def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
-    import shutil
+def _check_local_gpus(num_gpus: float) -> None:
+    """A Ray started here sees this machine's GPUs only: refuse ``num_gpus`` it cannot have (an actor pool
+    waiting for a GPU that never comes hangs forever)."""
+    import torch
 
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < num_gpus:
+        raise VitscopeError("num_gpus", f"no GPU visible to Ray here ({have} found, each actor asks for "
+                            f"{num_gpus:g})", "drop it, or connect to a cluster with GPUs (address)")
+
+
+def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     from vitscope._io import atomic_write_text
     from vitscope.batch.local import CONFIG, check_same_run
 
     cfg_path = out_dir / CONFIG
-    if overwrite:
-        shutil.rmtree(out_dir / PARTS, ignore_errors=True)
-        (out_dir / PARTS).mkdir()
+    if overwrite:  # only vitscope's own parts (their exact names); a user's file in parts/ stays
+        for part in part_files(out_dir):
+            part.unlink()
     elif cfg_path.exists() and (part_files(out_dir) or (out_dir / "manifest.jsonl").exists()):
         check_same_run(cfg_path, config, out_dir)
     atomic_write_text(cfg_path, json.dumps(config, indent=2))
@@ -635,7 +721,7 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
             model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
             done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
             stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None,
-            preprocess_tasks: int, max_retries: int, total: int | None) -> set[str]:
+            preprocess_tasks: int, max_retries: int, total: int | None, limits: dict[str, int]) -> set[str]:
     """Run the pipeline over ``src``; count what comes back into ``result``; return the ids that came back."""
     from tqdm.auto import tqdm
 
@@ -648,7 +734,7 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
         _preprocess_rows, batch_format="pyarrow", batch_size=part_size, num_cpus=prep_cpus,
         compute=ray.data.TaskPoolStrategy(size=min(preprocess_tasks, blocks)) if blocks else None,
         fn_kwargs={"prep": info.preprocess, "patch": info.patch_size, "policy": policy, "size": size,
-                   "done": done},
+                   "done": done, "limits": limits},
     )
     # a fixed pool, never larger than the number of input blocks (a pool waiting for inputs it cannot get)
     pool = ray.data.ActorPoolStrategy(size=min(concurrency, blocks)) if blocks else \
@@ -668,7 +754,8 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
                                    "model_id": model_id, "parts_dir": str((out_dir / PARTS).resolve()),
                                    "batch_size": batch_size, "stats": stats, "norm_threshold": norm_threshold,
                                    "threads": max(1, int(num_cpus)),
-                                   "device": "cuda" if num_gpus else ("cpu" if device == "auto" else device)},
+                                   "device": "cuda" if num_gpus else ("cpu" if device == "auto" else device),
+                                   "limits": limits},
         )
     bar = tqdm(total=total, unit="img", desc=f"vitscope batch {method} (ray)", disable=not progress,
                dynamic_ncols=True)

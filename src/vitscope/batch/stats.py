@@ -125,13 +125,28 @@ def mask_for(masks: Path, rel: str) -> str | None:
     return None
 
 
-def mask_image(data: bytes, hw: tuple[int, int]) -> np.ndarray:
-    """An encoded mask image (non-zero = object) resized (nearest) to the model input ``(H, W)``: bool."""
-    from PIL import Image
+def mask_image(data: bytes, hw: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """An encoded mask image (non-zero = object) resized (nearest) to the model input ``(H, W)``: bool.
+    An unreadable one is an `ImageError` naming it by ``name`` (its path), not by the buffer it was read into."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as im:
-        m = im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)
-        return np.asarray(m) > 0
+    from vitscope import limits
+    from vitscope.errors import ImageError
+    from vitscope.images import _header_only, check_pixels
+
+    cap = limits.max_pixels()
+    try:
+        with _header_only(cap), Image.open(io.BytesIO(data)) as im:
+            check_pixels(im.width, im.height, cap, "masks", what=name)
+            m = im.convert("L").resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+            return np.asarray(m) > 0
+    except UnidentifiedImageError:
+        raise ImageError("masks", f"{name} is not an image PIL can read", "pass a PNG mask") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageError("masks", f"cannot read {name}: {msg}", "check the mask is a complete image") from None
 
 
 # ------------------------------------------------------------------------------------------------ summary
