@@ -583,7 +583,6 @@ def demo_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- batch (#6)
-
 @app.command("batch")
 def batch_cmd(
     inputs: Annotated[str, typer.Argument(help="A folder (recursive), a quoted glob, a .txt list of paths, or a file.")],
