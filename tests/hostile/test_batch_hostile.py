@@ -348,3 +348,32 @@ def test_ray_overwrite_and_symlinked_input_stay_inside(world: dict[str, Any], tm
     assert all(".." not in i for i in ids)
     assert (out / "parts" / "notes.txt").read_text() == "my notes\n"
     assert math.isfinite(json.loads((out / "summary.json").read_text())["images"])
+
+
+# ------------------------------------------------------------------------------------------------ found on merge
+def test_a_huge_batch_size_runs_and_does_not_hang(world: dict[str, Any], tmp_path: Path) -> None:
+    """``--batch-size 10**20`` with loader workers: torch's loader primes ``prefetch_factor x workers`` indices
+    in a loop, so an unbounded prefetch factor hung forever; it is bounded by the images to do."""
+    import subprocess
+
+    from tests.hostile.harness import run_script
+
+    out = tmp_path / "out"
+    argv = ["batch", str(world["src"]), "-o", str(out), "-m", str(world["model"]), "-q", "--device", "cpu",
+            "--workers", "1", "--format", "npz", "--no-stats", "--batch-size", str(10**20)]
+    try:
+        res = run_script(argv, timeout=90)
+    except subprocess.TimeoutExpired:  # pragma: no cover - the bug
+        pytest.fail("batch --batch-size 10**20 hung")
+    assert res.code == 0, res.stderr
+    assert sorted(p.name for p in out.glob("*.cls.npz")) == ["a.cls.npz", "b.cls.npz"]
+
+
+def test_a_model_file_the_batch_cannot_read_names_model(world: dict[str, Any], tmp_path: Path) -> None:
+    """batch loads its model inside the library: a model file's error (a DINO-style reading of a vitscope
+    safetensors file, whose argument is ``num_heads``) still names ``--model`` and gives no Python advice."""
+    out = tmp_path / "out"
+    argv = ["batch", str(world["src"]), "-o", str(out), "-m", str(world["model"] / "model.safetensors"), "-q",
+            "--workers", "0", "--device", "cpu"]
+    line = _expect_refused(world, out, argv, "--model")
+    assert "num_heads=" not in line, line

@@ -99,6 +99,15 @@ def test_train_refuses_a_folder_holding_another_model(tmp_path: Path, model: Pat
     check_contained(before, tree_state(tmp_path), tmp_path, [])
 
 
+def test_train_with_missing_data_writes_nothing(tmp_path: Path) -> None:
+    """The dataset is read before the run's folder, marker or train_config.json is written."""
+    before = tree_state(tmp_path)
+    res = run_inprocess(["train", "-o", str(tmp_path / "run"), "--preset", "mnist", "--data",
+                         str(tmp_path / "missing")])
+    assert_one_line(res, needle="--data")
+    assert tree_state(tmp_path) == before
+
+
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["resume", "overwrite"])
 def test_batch_rerun_keeps_users_part_files(tmp_path: Path, model: Path, extra: list[str]) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"

@@ -71,4 +71,4 @@ def test_cli_view_writes_the_page(tmp_path, image_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["view", str(image_path), "-m", str(folder), "-o", str(out), "--dtype", "int4"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("error: dtype:")
+    assert capsys.readouterr().err.startswith("error: --dtype:")

@@ -866,7 +866,8 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         worker_init_fn=_worker_init if workers else None, pin_memory=dev.type == "cuda",
-        prefetch_factor=max(2, batch_size) if workers else None,
+        # a batch's worth of images in flight per worker, bounded: torch loops prefetch_factor x workers times
+        prefetch_factor=max(2, min(batch_size, len(todo), 256)) if workers else None,
     )
     fn = METHODS[method]
     buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}

@@ -457,14 +457,16 @@ def train(
                                 "pass --resume to continue it, or choose a new folder")
         folder = claim_output(out, "train", overwrite=overwrite)
         folder.check_writes(RUN_FILES)
-        folder.record([])  # the marker: this folder is a vitscope training run
     assert cfg is not None
+    # the data first: a missing or broken dataset is refused before anything is written
+    train_ds, val_ds = datasets if datasets is not None else build_datasets(cfg)
+    if not resume:
+        folder.record([])  # the marker: this folder is a vitscope training run
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_cfg_file, json.dumps(cfg.to_dict(), indent=2))
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    train_ds, val_ds = datasets if datasets is not None else build_datasets(cfg)
     classes, channels = tuple(train_ds.classes), int(train_ds.channels)
     mean, std = tuple(train_ds.mean), tuple(train_ds.std)
     steps_per_epoch = len(train_ds) // cfg.batch_size
