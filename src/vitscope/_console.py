@@ -6,6 +6,9 @@ a Ctrl-C while the command's modules load is "interrupted", exit 130, never a tr
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import signal
 import sys
 
@@ -33,6 +36,24 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
         _interrupted()
     finally:
-        _interrupt.defer_rest()  # from here on a Ctrl-C is only recorded: the work is done or said
+        # the outcome is said: a Ctrl-C from here on (even a second one, even while the interpreter shuts down,
+        # when Python would restore the default action and die of SIGINT) is ignored, so the exit code stays
+        if _interrupt.installed():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == 130:
+        _exit_interrupted()
     if code:
         sys.exit(code)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 after the usual clean-up. Not through ``sys.exit``: when a Ctrl-C landed inside code that a C
+    extension ran while a module imported (torch's import does this), CPython remembers the KeyboardInterrupt as
+    unhandled even though vitscope caught it, and at exit kills the process with SIGINT (status -2, no message)
+    whatever the program returned. ``os._exit`` after the atexit handlers (Ray's shutdown, loader workers'
+    joins) keeps the code the user was told."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: the exit code still says it
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(130)

@@ -51,12 +51,6 @@ def reset() -> None:
     _requested = False
 
 
-def defer_rest() -> None:
-    """From now on a (first) Ctrl-C is only recorded: for the end of a command, whose work is done or said."""
-    global _deferred
-    _deferred += 1
-
-
 def installed() -> bool:
     return signal.getsignal(signal.SIGINT) is handler
 

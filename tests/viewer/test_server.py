@@ -22,9 +22,8 @@ from vitscope.viewer.server import ViewerServer, is_loopback
 TIMEOUT = 20
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[ViewerServer]:
-    srv = ViewerServer(make_tiny_vit(num_registers=1), port=0, max_upload=64 * 1024)
+@contextlib.contextmanager
+def _running(srv: ViewerServer) -> Iterator[ViewerServer]:
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -33,6 +32,12 @@ def server() -> Iterator[ViewerServer]:
         srv.shutdown()
         srv.server_close()
         thread.join(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ViewerServer]:
+    with _running(ViewerServer(make_tiny_vit(num_registers=1), port=0, max_upload=64 * 1024)) as srv:
+        yield srv
 
 
 def _png(h: int = 20, w: int = 30) -> bytes:
@@ -270,18 +275,6 @@ def test_port_problems_are_one_line_errors():
         s.listen(1)
         with pytest.raises(VitscopeError, match="already in use"):
             make_server(make_tiny_vit(), port=s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _running(srv: ViewerServer) -> Iterator[ViewerServer]:
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(TIMEOUT)
 
 
 def _dropped(sock) -> bool:
