@@ -707,10 +707,7 @@ def _command() -> Any:
 _CARRIED_BY: dict[str, dict[str, str]] = {
     "*": {"max_bytes": "max_memory", "queries": "query", "layers": "layer", "mask_tau": "tau",
           "upsample_mode": "upsample", "budget_bytes": "budget_mb", "max_upload": "max_upload_mb",
-          "localisation_images": "localisation", "root": "data", "formats": "formats",
-          # what a model file or folder decides (batch loads its model inside the library)
-          **dict.fromkeys(("path", "num_heads", "pretrained", "checkpoint_key", "arch", "pos_interp", "hidden_size",
-                           "num_attention_heads", "qkv", "qkv_bias", "prefix", "labels", "timm_kwargs"), "model")},
+          "localisation_images": "localisation", "root": "data", "formats": "formats"},
     "capture": {"queries": "queries", "layers": "layers"},
     "train": {"config": "set_", "cfg": "set_"},
 }

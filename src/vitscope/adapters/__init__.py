@@ -80,7 +80,12 @@ def as_vit(model: Any) -> VitModel:
     if isinstance(model, VitModel):
         return model
     if isinstance(model, (str, os.PathLike)):
-        return load(model)
+        try:
+            return load(model)
+        except VitscopeError as exc:  # what the spec's file decides (num_heads, path, ...): the caller gave `model`
+            if exc.argument == "model":
+                raise
+            raise type(exc)("model", exc.problem, exc.fix) from None
     if isinstance(model, nn.Module):
         return wrap(model)
     raise NotAViTError("model", f"cannot use a {type(model).__name__} as a model", "pass vitscope.load(...) or a spec")
