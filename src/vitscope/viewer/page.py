@@ -13,9 +13,9 @@ import html
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
