@@ -449,6 +449,39 @@ def test_ray_is_quiet_by_default(tmp_path: Path) -> None:
         log.unlink(missing_ok=True)
 
 
+def test_ray_output_sends_descriptor_2_to_the_log_and_restores_it_on_error() -> None:
+    """`ray_output` without a cluster: what reaches file descriptor 2 (as Ray's C++ and its log handlers write)
+    lands in the log, ``sys.stderr`` (vitscope's lines) stays on the real stderr, and both are restored when the
+    block raises; ``verbose`` redirects nothing."""
+    import subprocess
+
+    code = (
+        "import os, sys, logging\n"
+        "from vitscope.batch.ray_engine import ray_output\n"
+        "handler = logging.StreamHandler(sys.stderr)  # as Ray's: made before the run, holding the old stderr\n"
+        "log = logging.getLogger('fake-ray'); log.addHandler(handler); log.propagate = False\n"
+        "try:\n"
+        "    with ray_output(False) as path:\n"
+        "        os.write(2, b'from-cxx\\n'); log.warning('from-ray-logger'); print('ours', file=sys.stderr)\n"
+        "        raise RuntimeError('boom')\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "os.write(2, b'after\\n'); print('after-py', file=sys.stderr)\n"
+        "with ray_output(True) as none:\n"
+        "    os.write(2, b'verbose\\n')\n"
+        "print(path, none)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    path, none = res.stdout.split()
+    try:
+        assert none == "None"
+        assert res.stderr.splitlines() == ["ours", "after", "after-py", "verbose"]
+        assert Path(path).read_text().splitlines() == ["from-cxx", "from-ray-logger"]
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
 def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: dict[str, Path],
                                                       tmp_path: Path) -> None:
     """A cluster started elsewhere (here: another process's ray.init), joined with --address; the results
