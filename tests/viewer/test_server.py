@@ -457,5 +457,8 @@ def test_every_page_shares_the_viewers_style(server):
     status, error = _request(server, "POST", "/view", body, {"Content-Type": ctype, "Accept": "text/html"})
     assert status == 415 and '<p class="vs-message">415 Unsupported Media Type: the upload is not an image' in error
     assert css in error
+    status, error = _request(server, "POST", "/view", b"x", {"Content-Type": "text/<b>x</b>", "Accept": "text/html"})
+    assert status == 415 and "(got text/&lt;b&gt;x&lt;/b&gt;)" in error and "<b>x" not in error  # escaped
+    assert "script-src" not in error and "default-src 'none'" in error  # the error page runs no script
     status, plain = _request(server, "GET", "/nowhere")  # no Accept: text/html
     assert (status, plain) == (404, "404 Not Found: no such page (try /)\n")
