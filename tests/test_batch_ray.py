@@ -46,6 +46,15 @@ from vitscope.batch import ray_engine as batch_ray  # noqa: E402
 RAY_OPTS = {"concurrency": 2, "num_cpus": 0.5, "part_size": 8, "preprocess_tasks": 2, "progress": False}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_logs_here(tmp_path_factory: pytest.TempPathFactory):
+    """The in-process runs' Ray log files (`ray_output`) go to a test folder, not the system's temporary one."""
+    saved = batch_ray.LOG_DIR
+    batch_ray.LOG_DIR = str(tmp_path_factory.mktemp("ray-logs"))
+    yield
+    batch_ray.LOG_DIR = saved
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     if not ray.is_initialized():

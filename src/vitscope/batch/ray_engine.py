@@ -66,6 +66,8 @@ PARTS = "parts"
 PART_NAME = re.compile(r"part-[0-9a-f]{24}\.parquet")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 INSTALL_HINT = "pip install 'vitscope[ray]'"
+#: Folder of the log files that receive Ray's messages (`ray_output`); ``None``: the system's temporary folder.
+LOG_DIR: str | None = None
 
 #: Columns of every output row (see docs/performance.md#ray-engine).
 COLUMNS = (
@@ -500,7 +502,7 @@ class RayBatchSummary(BatchSummary):
 def ray_output(verbose: bool) -> Iterator[Path | None]:
     """While Ray runs in this process: unless ``verbose``, whatever is written to file descriptor 2 (Ray's log
     handlers, which hold the original ``sys.stderr``, and the C++ core worker, which writes to the descriptor)
-    goes to a new log file ``<tmp>/vitscope-ray-*.log``, yielded; vitscope's own lines (``sys.stderr``, which
+    goes to a new log file ``<tmp>/vitscope-ray-*.log`` (in `LOG_DIR` when set), yielded; vitscope's own lines (``sys.stderr``, which
     is pointed at the terminal meanwhile: warnings, the progress bar) still reach the terminal. Everything is
     restored on exit, however the block ends. Yields ``None`` when ``verbose`` or when standard error is not a
     file descriptor (then nothing is redirected)."""
@@ -515,7 +517,7 @@ def ray_output(verbose: bool) -> Iterator[Path | None]:
     except OSError:  # no descriptor 2 (a closed stderr): nothing to quieten
         yield None
         return
-    fd, name = tempfile.mkstemp(prefix="vitscope-ray-", suffix=".log")
+    fd, name = tempfile.mkstemp(prefix="vitscope-ray-", suffix=".log", dir=LOG_DIR)
     old = sys.stderr
     ours: Any = None
     try:
