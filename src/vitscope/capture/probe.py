@@ -70,6 +70,10 @@ class MeasuredLayout:
         return f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches + {self.num_suffix} suffix tokens"
 
 
+class UnmeasurableError(CaptureError):
+    """No token of the first block's input depends on the pixels: there is no layout to measure."""
+
+
 class _Stop(Exception):
     """Raised by the probe's hook to end the forward pass at the first attention module (caught here)."""
 
@@ -160,14 +164,50 @@ def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, d
     return torch.stack(out).to(device=device, dtype=dtype), rows, cols, dr, dc
 
 
-def _decode(moves: torch.Tensor, n_digits: int) -> torch.Tensor:
-    """Band index per token from its movement ``(n_digits * BASE, T)`` under the digit images."""
+def _position(moves: torch.Tensor, levels: int) -> torch.Tensor:
+    """Continuous band position per token (in bands, ``(T,)``) from its movement ``(levels * BASE, T)``.
+
+    Level ``p``'s four images perturb the bands whose ``p``-th base-4 digit is ``j``; the movement-weighted
+    circular mean of ``j`` (the phase) is the token's digit, smoothed where its receptive field spills into a
+    neighbouring band (a symmetric spill leaves it exact). Coarse levels fix the integer part, the finest the
+    rest (phase unwrapping, coarse to fine), so an overlapping stem still gives each token its own band.
+    """
     T = moves.shape[1]
-    band = torch.zeros(T, dtype=torch.long)
-    for p in range(n_digits):
-        block = moves[p * _BASE:(p + 1) * _BASE]  # (BASE, T)
-        band += block.argmax(dim=0) * _BASE**p
-    return band
+    if levels == 0:
+        return torch.zeros(T, dtype=torch.float64)
+    angle = torch.arange(_BASE, dtype=torch.float64) * (2 * math.pi / _BASE)
+    est: torch.Tensor | None = None
+    for p in range(levels - 1, -1, -1):
+        m = moves[p * _BASE:(p + 1) * _BASE].double()  # (BASE, T)
+        phase = torch.atan2((m * angle.sin()[:, None]).sum(0), (m * angle.cos()[:, None]).sum(0))
+        digit = torch.remainder(phase / (2 * math.pi / _BASE), _BASE)  # in [0, BASE)
+        width = _BASE**p
+        if est is None:
+            u = digit
+        else:  # the unwrapped value nearest to the coarser estimate
+            coarse = (est - (width - 1) / 2) / width
+            u = digit + _BASE * torch.round((coarse - digit) / _BASE)
+        est = u * width + (width - 1) / 2  # the centre of the token's block, in bands
+    assert est is not None
+    return est
+
+
+def _separated(pos: torch.Tensor) -> bool:
+    """Rows of ``pos`` ``(rows, cols)`` strictly ordered: every value of row ``i`` below every value of ``i+1``."""
+    return bool((pos[:-1].amax(dim=1) < pos[1:].amin(dim=1)).all())
+
+
+def _grid(row_est: torch.Tensor, col_est: torch.Tensor, prefer: int) -> tuple[int, int] | None:
+    """``(rows, cols)`` such that the tokens, read row-major, lie on separated rows and separated columns;
+    ``prefer`` (the declared column count) first, else the first that fits; ``None`` when none does."""
+    M = row_est.numel()
+    cands = [c for c in range(1, M + 1) if M % c == 0]
+    cands.sort(key=lambda c: c != prefer)
+    for c in cands:
+        r = M // c
+        if _separated(row_est.view(r, c)) and _separated(col_est.view(r, c).T):
+            return (r, c)
+    return None
 
 
 def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Sequence[int],
@@ -194,8 +234,8 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
     scale = float(move[2].max())
     N = int(tok.shape[1])
     if not math.isfinite(scale) or scale <= 0:
-        raise CaptureError("model", "no token of the first block's input depends on the pixels",
-                           "vitscope reads ViTs whose tokens are computed from the image")
+        raise UnmeasurableError("model", "no token of the first block's input depends on the pixels",
+                                "vitscope reads ViTs whose tokens are computed from the image")
     if float(move[1].max()) > _MOVED * scale:  # the same image twice, different tokens
         raise CaptureError(
             "model", f"{vit.info.name}: two identical images give different tokens (moved by {float(move[1].max()):.3g}):"
@@ -215,27 +255,29 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
             "pass one image at a time at its own size, or a batch without padding",
         )
     ids = torch.tensor(moved)
-    rows_band = _decode(move[3:3 + dr * _BASE][:, ids], dr)
-    cols_band = _decode(move[3 + dr * _BASE:3 + (dr + dc) * _BASE][:, ids], dc)
-    row_vals, row_of = torch.unique(rows_band, return_inverse=True)
-    col_vals, col_of = torch.unique(cols_band, return_inverse=True)
-    rows, cols = int(row_vals.numel()), int(col_vals.numel())
-    pos = row_of * cols + col_of  # grid position of each moved token
-    if rows * cols != len(moved) or torch.unique(pos).numel() != len(moved):
+    row_est = _position(move[3:3 + dr * _BASE][:, ids], dr)
+    col_est = _position(move[3 + dr * _BASE:3 + (dr + dc) * _BASE][:, ids], dc)
+    found = _grid(row_est, col_est, n_cols)
+    if found is None:
+        # diagnose: each token rounded to its nearest band; a full grid in another order is a permutation
+        rb, cb = torch.round(row_est).long(), torch.round(col_est).long()
+        _, row_of = torch.unique(rb, return_inverse=True)
+        col_vals, col_of = torch.unique(cb, return_inverse=True)
+        pos = row_of * col_vals.numel() + col_of
+        if torch.unique(pos).numel() == len(moved) and int(pos.max()) + 1 == len(moved):
+            at = int((pos != torch.arange(len(moved))).nonzero()[0])
+            raise CaptureError(
+                "model", f"{vit.info.name}: tokens are permuted: token {first + at} holds patch "
+                f"(row={int(row_of[at])}, col={int(col_of[at])}), not patch {at} in row-major order (random "
+                "masking or a shuffle before the blocks, e.g. ViTMAE)",
+                "run the model without the permutation (ViTMAE: vitscope.load(model) runs it unmasked)",
+            )
         raise CaptureError(
-            "model", f"{vit.info.name}: the {len(moved)} pixel-dependent tokens do not form a patch grid at "
-            f"{H}x{W} (they fall on {rows} rows x {cols} columns of {n_rows}x{n_cols} patches of "
-            f"{vit.info.patch_size[0]}x{vit.info.patch_size[1]} px)",
+            "model", f"{vit.info.name}: the {len(moved)} pixel-dependent tokens do not form a row-major patch grid "
+            f"at {H}x{W} px (declared patch {vit.info.patch_size[0]}x{vit.info.patch_size[1]}: {n_rows}x{n_cols})",
             "check the declared patch_size, or pass one image at a time",
         )
-    if not torch.equal(pos, torch.arange(len(moved))):
-        at = int((pos != torch.arange(len(moved))).nonzero()[0])
-        raise CaptureError(
-            "model", f"{vit.info.name}: tokens are permuted: token {first + at} holds patch "
-            f"(row={int(row_of[at])}, col={int(col_of[at])}), not patch {at} in row-major order (random masking "
-            "or a shuffle before the blocks, e.g. ViTMAE)",
-            "run the model without the permutation (ViTMAE: vitscope.load(model) runs it unmasked)",
-        )
+    rows, cols = found
     layout = MeasuredLayout(num_prefix=first, grid=(rows, cols), num_suffix=N - 1 - last, image_size=(H, W))
     cache[key] = layout
     return layout
@@ -323,7 +365,7 @@ def measured_prefix_kinds(num_prefix: int) -> tuple[str, ...]:
 
 
 
-def check_layout(vit: VitModel, pixels: torch.Tensor) -> MeasuredLayout:
+def check_layout(vit: VitModel, pixels: torch.Tensor) -> MeasuredLayout | None:
     """Measure ``vit``'s layout for ``pixels`` ``(B, C, H, W)`` and compare it with the description.
 
     A model described without a layout (`vitscope.wrap` with no ``prefix``/``suffix``: ``info.measured``) takes
@@ -333,8 +375,13 @@ def check_layout(vit: VitModel, pixels: torch.Tensor) -> MeasuredLayout:
     what was declared.
     """
     H, W = int(pixels.shape[-2]), int(pixels.shape[-1])
-    m = probe_layout(vit, tuple(pixels.shape[1:]), pixels.dtype, pixels.device)
     info = vit.info
+    try:
+        m = probe_layout(vit, tuple(pixels.shape[1:]), pixels.dtype, pixels.device)
+    except UnmeasurableError:
+        if info.measured:
+            raise
+        return None  # a model that ignores its pixels (a hand-made test module): the declaration stands
     if info.measured:
         kinds, suffix = measured_prefix_kinds(m.num_prefix), ("suffix",) * m.num_suffix
         if (info.prefix, info.suffix) != (kinds, suffix):
@@ -348,6 +395,7 @@ def check_layout(vit: VitModel, pixels: torch.Tensor) -> MeasuredLayout:
             "model", f"{info.name}: measured {m.describe()} at {H}x{W} px, but it is described with {described} "
             f"(prefix {list(info.prefix)}, patch {info.patch_size[0]}x{info.patch_size[1]})",
             "fix prefix=/suffix=/patch_size= in vitscope.wrap(...), or leave prefix and suffix out to use the "
-            "measured layout" if info.family == "custom" else "report it: the adapter's description is wrong",
+            "measured layout" if info.family == "custom" else "the adapter does not describe this model: describe it with "
+            "vitscope.wrap(model, blocks=..., num_heads=..., patch_size=...), which measures the layout itself",
         )
     return m
