@@ -174,7 +174,7 @@ def capture_full(
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
     refuse_compiled(vit.module)
-    check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev)  # once per model
+    check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         if to_check:

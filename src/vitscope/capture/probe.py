@@ -42,7 +42,7 @@ from torch import nn
 from vitscope.adapters.base import AttentionSite, VitModel
 from vitscope.capture.hooks import eval_mode, this_thread_only
 from vitscope.capture.intercept import AttentionCall, attention_module, observe_attention
-from vitscope.errors import CaptureError, VitscopeError
+from vitscope.errors import CaptureError
 
 __all__ = ["MeasuredLayout", "check_layout", "check_token_axis", "probe_layout"]
 
@@ -284,32 +284,40 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
 
 
 def check_token_axis(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[int, int, int],
-                     dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+                     dtype: torch.dtype | None = None, device: torch.device | None = None,
+                     num_tokens: int | None = None) -> None:
     """Prove, once per model and layer set, that each of ``sites`` attends over tokens: at a second input
-    geometry (one patch row fewer, or more) its softmax's query and key axes have that geometry's token count.
+    geometry its softmax's query and key axes have *that* geometry's token count.
 
     A shape check at one size cannot tell tokens from channels when they happen to be equally many (XCiT's
-    ``head_dim x head_dim`` softmax at a size with ``head_dim`` tokens); at two sizes the token axis must follow
-    the image, channels do not. A model that runs at one input size only cannot be checked this way (its
-    shape checks at that size stand). Raises `CaptureError` naming the layer.
+    ``head_dim x head_dim`` softmax at a size with ``head_dim`` tokens). Capture checks ``Nq == Nk == N`` at the
+    real size; here one image at a second size with a different token count ``N2`` (a 2x3-patch image, the
+    cheapest; else one patch row fewer or more than ``geometry``) must give ``Nq == Nk == N2``: a token axis
+    follows the image, a channel axis does not. The forward pass stops after the deepest selected layer. A model
+    that runs at one input size only cannot be checked this way (its shape checks at that size stand).
+    ``num_tokens``: the token count at ``geometry``, so the second size is known to differ. Raises
+    `CaptureError` naming the layer.
     """
     layers = tuple(s.layer for s in sites)
     done = _axis_checked.setdefault(vit.module, set())
     if layers in done:
         return
     C, H, W = geometry
-    ph = vit.info.patch_size[0]
+    ph, pw = vit.info.patch_size
     dtype = dtype or vit.dtype
     device = device or vit.device
-    for H2 in ([H - ph] if 2 * ph <= H else []) + [H + ph]:
-        shapes = _call_shapes(vit, sites, (C, H2, W), dtype, device)
-        if shapes is None:
-            continue  # the model refuses this size: try the other
+    candidates = [(2 * ph, 3 * pw)] + ([(H - ph, W)] if 2 * ph <= H else []) + [(H + ph, W)]
+    for H2, W2 in candidates:
+        if (H2, W2) == (H, W):
+            continue
+        shapes = _call_shapes(vit, sites, (C, H2, W2), dtype, device)
+        if shapes is None or shapes[0] == num_tokens:
+            continue  # the model refuses this size (or has as many tokens there): try the next
         n_tokens, calls = shapes
         for layer, (Nq, Nk) in calls.items():
             if Nq != n_tokens or Nk != n_tokens:
                 raise CaptureError(
-                    "model", f"layer {layer}: its softmax is not over the tokens: at {H2}x{W} px the model has "
+                    "model", f"layer {layer}: its softmax is not over the tokens: at {H2}x{W2} px the model has "
                     f"{n_tokens} tokens but the softmax is {Nq}x{Nk} (channel or cross-covariance attention, "
                     "e.g. XCiT)", "vitscope reads token softmax attention only (softmax over the tokens)",
                 )
@@ -347,9 +355,9 @@ def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[
             handles.append(last.register_forward_hook(this_thread_only(stop)))
             with suppress(_Stop):
                 vit(image)
-    except VitscopeError:
+    except CaptureError:  # what the attention interception refuses, it refuses at every size
         raise
-    except Exception:
+    except Exception:  # the model's (or its adapter's) refusal of this size: a fixed position table
         return None
     finally:
         for h in handles:
