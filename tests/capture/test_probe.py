@@ -305,3 +305,33 @@ def test_attentions_suffix_round_trip_and_grid(tmp_path: Any) -> None:
     r = w[0, :, 0].double()  # (B=1, N, N) token matrix
     torch.testing.assert_close(map_from_matrix(r, ("cls",), (2, 3), "cls", ("det", "det")),
                                r[:, 0, 1:7].reshape(1, 2, 3))
+
+
+def test_yolos_maps_read_the_patch_columns() -> None:
+    """[CLS] and rollout maps of a model with suffix tokens: the patch columns (1..P), never the det tokens."""
+    b = _yolos("YolosModel")
+    px = _pixels((32, 48), batch=1)
+    attn = vitscope.capture(b.model, px)
+    P = attn.num_patches
+    cls = vitscope.maps(b.model, px, "cls", renormalize=False).map
+    torch.testing.assert_close(cls[0], attn.weights[-1, 0, :, 0, 1:1 + P].mean(0).reshape(4, 6), atol=1e-6, rtol=0)
+    from vitscope.methods.rollout import rollout_matrix
+
+    rollout = vitscope.maps(b.model, px, "rollout").map
+    torch.testing.assert_close(rollout[0], rollout_matrix(attn)[0, 0, 1:1 + P].float().reshape(4, 6))
+    flow = vitscope.maps(b.model, px, "flow").map
+    assert flow.shape == (1, 4, 6) and bool(torch.isfinite(flow).all())
+
+
+@pytest.mark.parametrize("method", ["grad_rollout", "streaming"])
+def test_paths_without_suffix_support_refuse_in_one_line(method: str) -> None:
+    b = _yolos("YolosModel")
+    px = _pixels((32, 32), batch=1)
+    with pytest.raises(vitscope.VitscopeError, match="do not handle suffix tokens") as err:
+        if method == "streaming":
+            from vitscope.methods.streaming import streaming_rollout
+
+            streaming_rollout(b.model, px)
+        else:
+            vitscope.maps(b.model, px, method, target=lambda out: out.last_hidden_state.sum((1, 2)))
+    assert "\n" not in str(err.value)
