@@ -27,6 +27,7 @@ from tests.capture.families import (
     PATCH,
     SIZES,
     CustomBlock,
+    _explicit_reference,
     _hf,
     _hf_common,
     built,
@@ -144,6 +145,23 @@ def test_zero_declaration_wrap_is_measured_and_exact(prefix: int, suffix: int, s
         torch.testing.assert_close(cls.weights[0, :, 0, 0], ref[-1, :, :, 0].mean(1), atol=1e-5, rtol=0)
 
 
+def test_hybrid_resnet_stem_zero_declaration_exact() -> None:
+    """timm's hybrid ViT (a ResNet stem: every token sees far beyond its own 32x32 px): grid and prefix measured."""
+    import timm
+
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, dynamic_img_size=True,
+                                      depth=2).eval(), 16.0)
+    vit = vitscope.wrap(model, blocks="blocks.*", attn="attn", num_heads=3, patch_size=32, image_size=224,
+                        dynamic_size=True)
+    px = _pixels((128, 96), batch=2)
+    attn = vitscope.capture(vit, px)
+    assert (attn.prefix, attn.grid) == (("cls",), (4, 3))
+    ref, _ = _explicit_reference(model)[0](px)
+    assert float(ref.amax(-1).mean()) > 0.2  # peaked (sharpened q/k)
+    torch.testing.assert_close(attn.weights, ref, atol=1e-5, rtol=0)
+
+
 def test_probe_runs_once_per_model_and_geometry() -> None:
     model = _tok()
     vit = _wrap(model)
@@ -201,6 +219,13 @@ def _xcit(size: tuple[int, int]) -> nn.Module:
                              cls_attn_layers=1, img_size=size).eval()
 
 
+def timm_hybrid() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, dynamic_img_size=True, depth=2).eval()
+
+
 def _mae_wrapped() -> vitscope.VitModel:
     import transformers
 
@@ -255,6 +280,10 @@ GUARDS: list[tuple[str, Callable[[], Any], tuple[int, int], str]] = [
     ("padding-in-the-middle", lambda: _wrap(_tok(pad=8, pad_mid=True, crop=32), (32, 48), prefix=("cls",)),
      (32, 48), r"between the patches depend on no pixel"),
     # XCiT: softmax over (head_dim x head_dim) channels; at 128x128 px, 8x8 = 64 patch tokens = head_dim
+    # a hybrid ResNet stem's tokens are 32 px apart: patch_size=16 is wrong, though its grid has as many rows
+    ("hybrid-wrong-patch-size",
+     lambda: vitscope.wrap(timm_hybrid(), blocks="blocks.*", attn="attn", num_heads=3, patch_size=16,
+                           image_size=224, dynamic_size=True), (128, 96), r"measured 1 prefix \+ 4x3 patches"),
     ("xcit-head-dim-equals-tokens",
      lambda: vitscope.wrap(_xcit((128, 128)), blocks="blocks.*", attn="attn", num_heads=2, patch_size=16,
                            image_size=128, prefix=()), (128, 128), r"softmax is not over the tokens"),

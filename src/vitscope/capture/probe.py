@@ -164,13 +164,15 @@ def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, d
     return torch.stack(out).to(device=device, dtype=dtype), rows, cols, dr, dc
 
 
-def _position(moves: torch.Tensor, levels: int) -> torch.Tensor:
+def _position(moves: torch.Tensor, levels: int, argmax: bool = False) -> torch.Tensor:
     """Continuous band position per token (in bands, ``(T,)``) from its movement ``(levels * BASE, T)``.
 
     Level ``p``'s four images perturb the bands whose ``p``-th base-4 digit is ``j``; the movement-weighted
     circular mean of ``j`` (the phase) is the token's digit, smoothed where its receptive field spills into a
     neighbouring band (a symmetric spill leaves it exact). Coarse levels fix the integer part, the finest the
     rest (phase unwrapping, coarse to fine), so an overlapping stem still gives each token its own band.
+    ``argmax``: each digit is the image that moves the token most instead (for stems whose receptive field is
+    so wide, e.g. a ResNet's, that the far side's spill biases the phase of tokens near the border).
     """
     T = moves.shape[1]
     if levels == 0:
@@ -181,6 +183,8 @@ def _position(moves: torch.Tensor, levels: int) -> torch.Tensor:
         m = moves[p * _BASE:(p + 1) * _BASE].double()  # (BASE, T)
         phase = torch.atan2((m * angle.sin()[:, None]).sum(0), (m * angle.cos()[:, None]).sum(0))
         digit = torch.remainder(phase / (2 * math.pi / _BASE), _BASE)  # in [0, BASE)
+        if argmax:
+            digit = m.argmax(dim=0).double()
         width = _BASE**p
         if est is None:
             u = digit
@@ -255,9 +259,12 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
             "pass one image at a time at its own size, or a batch without padding",
         )
     ids = torch.tensor(moved)
-    row_est = _position(move[3:3 + dr * _BASE][:, ids], dr)
-    col_est = _position(move[3 + dr * _BASE:3 + (dr + dc) * _BASE][:, ids], dc)
-    found = _grid(row_est, col_est, n_cols)
+    for argmax in (False, True):  # the phase first; the strongest image per digit when that gives no grid
+        row_est = _position(move[3:3 + dr * _BASE][:, ids], dr, argmax)
+        col_est = _position(move[3 + dr * _BASE:3 + (dr + dc) * _BASE][:, ids], dc, argmax)
+        found = _grid(row_est, col_est, n_cols)
+        if found is not None:
+            break
     if found is None:
         # diagnose: each token rounded to its nearest band; a full grid in another order is a permutation
         rb, cb = torch.round(row_est).long(), torch.round(col_est).long()
