@@ -364,3 +364,24 @@ def test_paths_without_suffix_support_refuse_in_one_line(method: str) -> None:
         else:
             vitscope.maps(b.model, px, method, target=lambda out: out.last_hidden_state.sum((1, 2)))
     assert "\n" not in str(err.value)
+
+
+def test_vitmae_wrapped_with_the_suggested_fix_is_exact() -> None:
+    """The fix the shuffle error gives (mask_ratio 0 and increasing noise) makes ViTMAE through `wrap` exact."""
+    import transformers
+
+    b = _hf("ViTMAEModel", lambda: transformers.ViTMAEConfig(**_hf_common()), mae=True)(16.0, (32, 32))
+    module = b.module
+    module.config.mask_ratio = 0.0
+    P = 16
+
+    def forward(m: nn.Module, x: torch.Tensor) -> Any:
+        return m(pixel_values=x, noise=torch.arange(P, dtype=torch.float32).expand(len(x), P))
+
+    vit = vitscope.wrap(module, blocks="layers.*", attn="attention", num_heads=2, patch_size=PATCH, image_size=32,
+                        forward=forward)
+    px = _pixels((32, 32), batch=2)
+    attn = vitscope.capture(vit, px)
+    ref, _ = b.reference(px)
+    assert float(ref.amax(-1).mean()) > 0.2 and attn.prefix == ("cls",)
+    torch.testing.assert_close(attn.weights, ref, atol=1e-5, rtol=0)

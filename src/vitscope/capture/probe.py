@@ -245,8 +245,9 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
             "model", f"{vit.info.name}: two identical images give different tokens (moved by {float(move[1].max()):.3g}):"
             " the model shuffles or masks its tokens at random in eval mode (ViTMAE's random masking: "
             "config.mask_ratio=0 still shuffles)",
-            "load it with vitscope.load(model) (transformers' ViTMAE runs unmasked there), or pass "
-            "forward=lambda m, x: m(x, noise=torch.arange(N).expand(B, N)) with config.mask_ratio=0",
+            "load it with vitscope.load(model) (transformers' ViTMAE runs unmasked there), or set "
+            "config.mask_ratio=0.0 and pass forward=lambda m, x: m(pixel_values=x, noise=torch.arange(P, "
+            "dtype=torch.float32).expand(len(x), P)) to wrap (P patches: argsort keeps their order)",
         )
     moved = (move[2] > _MOVED * scale).nonzero().flatten().tolist()
     first, last = moved[0], moved[-1]
