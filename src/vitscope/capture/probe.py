@@ -11,9 +11,12 @@ then), so the probe costs the stem (patch embedding, position table, first norm)
 - the base with every pixel replaced (``other``): tokens that it does not move depend on no pixel;
 - for the rows: the base with the pixel rows of some patch rows replaced, the patch rows chosen by the digits
   of their index in base 4 (image ``(p, j)`` replaces the patch rows whose ``p``-th digit is ``j``), and the
-  same for the columns. A token's row is read digit by digit: the image that moves it most names the digit
-  (its own patch moves it most, so this also holds for overlapping, hybrid or convolutional stems), which needs
-  ``4 * ceil(log4(rows))`` images instead of one per row.
+  same for the columns: ``4 * ceil(log4(rows))`` images instead of one per row. A token's row is read digit by
+  digit, as the movement-weighted circular mean of ``j`` (its own patch moves it most, and the spill into
+  its neighbours is symmetric, so this holds for overlapping convolutional stems such as XCiT's), or, when that
+  gives no grid, as the image that moves it most (ResNet hybrid stems, whose receptive field spans the image).
+  The grid is the column count for which the tokens, read row-major, lie on strictly separated rows and
+  strictly separated columns.
 
 Tokens that no pixel moves are prefix tokens (before the patches) or suffix tokens (after them, e.g. YOLOS's
 detection tokens); such tokens between patches are padding, refused. The moved tokens must be the patches in
@@ -22,9 +25,10 @@ is a one-line `CaptureError`, and so is a model whose two identical base images 
 masking, dropout left on in eval).
 
 `check_token_axis` proves that every selected layer's softmax runs over tokens: the key axis has the token
-count at the real geometry *and* follows the image size at a second geometry (one patch row fewer, or more),
-so channel attention (XCiT's cross-covariance softmax over ``head_dim x head_dim``) is refused even at sizes
-where ``head_dim`` equals the token count. Both results are cached per model (weakly) and input geometry.
+count at the real geometry *and* follows the image size at a second geometry (2x3 patches, else one patch row
+fewer or more, with another token count), so channel attention (XCiT's cross-covariance softmax over ``head_dim x head_dim``) is refused even at sizes
+where ``head_dim`` equals the token count. Both results are cached per model (weakly): the layout per input geometry, the axis check
+once per set of layers.
 """
 
 from __future__ import annotations
@@ -132,7 +136,11 @@ def _tokens(vit: VitModel, images: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(n: int) -> int:
-    return 0 if n <= 1 else math.ceil(math.log(n) / math.log(_BASE) - 1e-9)
+    """Base-4 digits needed for indices ``0 .. n-1``."""
+    d = 0
+    while _BASE**d < n:
+        d += 1
+    return d
 
 
 def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
