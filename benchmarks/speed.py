@@ -14,6 +14,12 @@ attention at 1024 px. Times: median of ``--repeats`` interleaved runs in one pro
 one fresh process per (model, size, path). Ratios within one run are what count (shared, noisy machine).
 
     python benchmarks/speed.py [--quick] [--models vit-s16,vit-b16] [--sizes 224,512] [--repeats 5]
+
+``--probe``: issue 17's layout probe instead: ``vitscope.load`` + first capture ([CLS] rows, every layer) of a
+fresh timm ``vit_base_patch16_224`` (random weights) at 224 px, with and without the probe (layout measurement
+and the token-axis check at a second geometry); target <= 1.5x.
+
+    python benchmarks/speed.py --probe [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true", help="time only")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--probe", action="store_true", help="only the layout probe's cost (issue 17)")
     args = ap.parse_args()
+    if args.probe:
+        probe_cost(args.repeats, args.threads)
+        return
     models = args.models.split(",")
     sizes = [224, 512] if args.quick else [int(s) for s in args.sizes.split(",")]
     paths = args.paths.split(",")
@@ -77,6 +87,61 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+
+
+_VIT_B = "vit_base_patch16_224"
+_DYNAMIC = {"pretrained": False, "dynamic_img_size": True}  # as load_timm builds it: the axis check runs
+
+
+def probe_cost(repeats: int, threads: int) -> None:
+    """Median time of ``vitscope.load`` + first capture of a fresh ViT-B/16 at 224 px, with and without the probe."""
+    import statistics
+    import time
+
+    import timm
+    import torch
+
+    import vitscope
+    import vitscope.capture.core as core
+    import vitscope.capture.probe as probe
+
+    torch.set_num_threads(threads)
+    x = torch.randn(1, 3, 224, 224)
+    real = (probe.check_layout, core.check_token_axis)
+    times: dict[str, list[float]] = {"without probe": [], "with probe": [], "capture only, without probe": [],
+                                     "capture only, with probe": [], "probe alone": []}
+    for _ in range(repeats):
+        for mode in ("without probe", "with probe"):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            vit = vitscope.load(timm.create_model(_VIT_B, **_DYNAMIC).eval())
+            if mode == "without probe":
+                probe.check_layout, core.check_token_axis = (lambda *a, **k: None), (lambda *a, **k: None)
+            try:
+                t1 = time.perf_counter()
+                vitscope.capture(vit, x, queries="cls")
+                t2 = time.perf_counter()
+            finally:
+                probe.check_layout, core.check_token_axis = real
+            times[mode].append(t2 - t0)
+            times[f"capture only, {mode}"].append(t2 - t1)
+            if mode == "with probe":  # the probe's own share, on a fresh model of the same kind
+                t3 = time.perf_counter()
+                fresh = vitscope.load(timm.create_model(_VIT_B, **_DYNAMIC).eval())
+                t4 = time.perf_counter()
+                probe.check_layout(fresh, x)
+                probe.check_token_axis(fresh, fresh.sites, (3, 224, 224))
+                times["probe alone"].append(time.perf_counter() - t4)
+                del fresh, t3
+            del vit
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# layout probe cost, {datetime.date.today()}; machine: {C.machine()}; threads {threads}; "
+          f"median of {repeats}; timm vit_base_patch16_224, random weights, 224 px, capture(queries='cls')")
+    print("| path (load + first capture unless said) | time s | x without probe |")
+    print("|---|---|---|")
+    for k, v in med.items():
+        base = med["capture only, without probe"] if k.startswith("capture only") else med["without probe"]
+        print(f"| {k} | {v:.3f} | {v / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`Attentions`: the one container every vitscope method reads.
 
-Token layout is always ``[prefix tokens..., patch tokens (row-major)]``; the prefix tokens are described by
-their kinds in order (``"cls"``, ``"dist"`` for DeiT's distillation token, ``"register"``), so no code ever
-assumes one prefix token or a square grid.
+Token layout is always ``[prefix tokens..., patch tokens (row-major), suffix tokens...]``; the prefix tokens are
+described by their kinds in order (``"cls"``, ``"dist"`` for DeiT's distillation token, ``"register"``), the
+suffix tokens likewise (``"det"`` for YOLOS's detection tokens; most models have none), so no code ever assumes
+one prefix token, patches running to the end, or a square grid.
 
 ``weights`` has named dims ``(layer, batch, head, query, key)``:
 
@@ -27,7 +28,7 @@ import torch
 
 from vitscope._ops import fuse_heads
 from vitscope.errors import VitscopeError
-from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout
+from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout, check_kinds
 from vitscope.layout import as_pair as _as_pair
 
 __all__ = ["TOKEN_KINDS", "Attentions", "TokenKind"]
@@ -41,7 +42,7 @@ class Attentions:
         weights: float tensor ``(layer, batch, head, query, key)``; each row sums to 1 over ``key``.
         prefix: kinds of the prefix tokens in token order, e.g. ``("cls",)``, ``("cls", "dist")``,
             ``("cls", "register", "register", "register", "register")`` or ``()`` (SigLIP).
-        grid: patch grid ``(rows, cols)``; ``N = len(prefix) + rows * cols``.
+        grid: patch grid ``(rows, cols)``; ``N = len(prefix) + rows * cols + len(suffix)``.
         patch_size: ``(height, width)`` of one patch in input pixels.
         image_size: ``(height, width)`` of the pixel tensor the model actually saw.
         layers: absolute layer index of each entry along dim 0.
@@ -52,6 +53,7 @@ class Attentions:
         token_norms: optional ``(num_layers, batch, N)`` L2 norms of each block's output tokens (before the
             final norm), filled by ``capture(..., token_norms=True)``.
         meta: free-form provenance (model name, preprocessing, ...), kept JSON-serialisable.
+        suffix: kinds of the tokens after the patches (``("det",) * 100`` for YOLOS), usually ``()``.
     """
 
     weights: torch.Tensor
@@ -66,12 +68,12 @@ class Attentions:
     num_heads: int
     token_norms: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    suffix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.prefix = tuple(self.prefix)
-        for kind in self.prefix:
-            if kind not in TOKEN_KINDS:
-                raise VitscopeError("prefix", f"unknown token kind {kind!r}", f"expected one of {TOKEN_KINDS}")
+        self.suffix = tuple(self.suffix)
+        check_kinds(self.prefix, self.suffix)
         self.grid = _as_pair(self.grid)
         self.patch_size = _as_pair(self.patch_size)
         self.image_size = _as_pair(self.image_size)
@@ -87,7 +89,8 @@ class Attentions:
         L, _B, H, Q, N = self.weights.shape
         if self.num_tokens != N:
             raise VitscopeError(
-                "weights", f"key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} gives {self.num_tokens}"
+                "weights", f"key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} + suffix "
+                f"({len(self.suffix)}) gives {self.num_tokens}"
             )
         if len(self.layers) != L:
             raise VitscopeError("weights", f"{L} layers along dim 0 but layers={self.layers}")
@@ -102,7 +105,7 @@ class Attentions:
     @property
     def layout(self) -> TokenLayout:
         """The token layout (prefix kinds, grid, patch and image size) that owns token indexing."""
-        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size)
+        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size, self.suffix)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -111,6 +114,10 @@ class Attentions:
     @property
     def num_patches(self) -> int:
         return self.layout.num_patches
+
+    @property
+    def num_suffix_tokens(self) -> int:
+        return len(self.suffix)
 
     @property
     def num_tokens(self) -> int:
@@ -179,7 +186,7 @@ class Attentions:
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Reshape a trailing dim of ``N`` tokens (or ``rows*cols`` patches) to ``(..., rows, cols)``.
 
-        Prefix tokens are dropped when the trailing dim is ``N``.
+        Prefix and suffix tokens are dropped when the trailing dim is ``N``.
         """
         rows, cols = self.grid
         if x.shape[-1] == self.num_tokens:
@@ -213,6 +220,7 @@ class Attentions:
     def _header(self) -> dict[str, Any]:
         return {
             "prefix": list(self.prefix),
+            "suffix": list(self.suffix),
             "grid": list(self.grid),
             "patch_size": list(self.patch_size),
             "image_size": list(self.image_size),
@@ -244,11 +252,13 @@ class Attentions:
             num_heads=header["num_heads"],
             token_norms=norms,
             meta=header.get("meta", {}),
+            suffix=tuple(header.get("suffix", ())),
         )
 
     def __repr__(self) -> str:
         L, B, H, Q, N = self.weights.shape
         return (
             f"Attentions(layers={L}/{self.num_layers}, batch={B}, heads={H if self.heads != 'mean' else 'mean'}, "
-            f"queries={Q}, keys={N}, prefix={self.prefix}, grid={self.grid}, image_size={self.image_size})"
+            f"queries={Q}, keys={N}, prefix={self.prefix}, grid={self.grid}, image_size={self.image_size}"
+            + (f", suffix={len(self.suffix)} tokens)" if self.suffix else ")")
         )

@@ -1,8 +1,9 @@
 """What a ViT's input and tokens look like: `Preprocess`, `SizePolicy` and `TokenLayout`.
 
 This module imports nothing else of vitscope but its errors, so every layer (adapters, images, capture,
-`Attentions`, methods) can share one definition of the token layout ``[prefix tokens..., patches (row-major)]``
-and of token indexing: ``"cls"``, ``"dist"``, ``"register:K"``, a token index, a patch ``(row, col)``, and the
+`Attentions`, methods) can share one definition of the token layout
+``[prefix tokens..., patches (row-major), suffix tokens...]`` (suffix: e.g. YOLOS's detection tokens) and of token
+indexing: ``"cls"``, ``"dist"``, ``"register:K"``, ``"det:K"``, a token index, a patch ``(row, col)``, and the
 default query (``"cls"`` when the model has one, else ``"mean"``, the mean over patch query rows).
 """
 
@@ -18,7 +19,9 @@ from vitscope.errors import VitscopeError
 SizePolicy = Literal["resize", "crop", "native"]
 TokenKind = Literal["cls", "dist", "register"]
 TOKEN_KINDS: tuple[str, ...] = ("cls", "dist", "register")
-_QUERY_FIX = "use 'cls', 'mean', 'register:K', a token index or a patch (row, col)"
+#: kinds of tokens after the patches: YOLOS's detection tokens, or ``"suffix"`` when nothing more is known
+SUFFIX_KINDS: tuple[str, ...] = ("det", "suffix")
+_QUERY_FIX = "use 'cls', 'mean', 'register:K', 'det:K', a token index or a patch (row, col)"
 
 
 class TokenError(VitscopeError, IndexError):
@@ -97,21 +100,21 @@ def as_pair(x: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """``[prefix..., patches]``: the prefix token kinds in order, the patch grid ``(rows, cols)``, the patch size
-    and the input size in pixels (height first)."""
+    """``[prefix..., patches, suffix...]``: the prefix token kinds in order, the patch grid ``(rows, cols)``, the
+    patch size, the input size in pixels (height first) and the kinds of the tokens after the patches."""
 
     prefix: tuple[str, ...]
     grid: tuple[int, int]
     patch_size: tuple[int, int] = (1, 1)
     image_size: tuple[int, int] | None = None
+    suffix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", tuple(self.prefix))
+        object.__setattr__(self, "suffix", tuple(self.suffix))
         object.__setattr__(self, "grid", as_pair(self.grid))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size))
-        for kind in self.prefix:
-            if kind not in TOKEN_KINDS:
-                raise VitscopeError("prefix", f"unknown token kind {kind!r}", f"use kinds from {TOKEN_KINDS}")
+        check_kinds(self.prefix, self.suffix)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -122,12 +125,17 @@ class TokenLayout:
         return self.grid[0] * self.grid[1]
 
     @property
+    def num_suffix_tokens(self) -> int:
+        return len(self.suffix)
+
+    @property
     def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
+        return self.num_prefix_tokens + self.num_patches + self.num_suffix_tokens
 
     @property
     def patch_slice(self) -> slice:
-        return slice(self.num_prefix_tokens, self.num_tokens)
+        """The patch tokens: after the prefix, before the suffix."""
+        return slice(self.num_prefix_tokens, self.num_prefix_tokens + self.num_patches)
 
     @property
     def cls_index(self) -> int | None:
@@ -178,6 +186,16 @@ class TokenLayout:
                 if not 0 <= k < len(regs):
                     raise TokenError("query", f"{token!r}: the model has {len(regs)} register tokens", _QUERY_FIX)
                 return regs[k]
+            kind, _, num = token.partition(":")
+            if kind in SUFFIX_KINDS:
+                ids = [self.num_prefix_tokens + self.num_patches + i for i, s in enumerate(self.suffix) if s == kind]
+                try:
+                    k = int(num) if num else 0
+                except ValueError:
+                    raise VitscopeError("query", f"cannot parse {token!r}", f"use {kind}:K") from None
+                if not 0 <= k < len(ids):
+                    raise TokenError("query", f"{token!r}: the model has {len(ids)} {kind} tokens", _QUERY_FIX)
+                return ids[k]
             raise VitscopeError("query", f"unknown token {token!r}", _QUERY_FIX)
         idx = as_index(token, "query", "token", _QUERY_FIX)
         if idx < 0:
@@ -192,7 +210,7 @@ class TokenLayout:
         if query is None:
             query = self.default_query
         if query == "mean":
-            return list(range(self.num_prefix_tokens, self.num_tokens))
+            return list(range(self.num_prefix_tokens, self.num_prefix_tokens + self.num_patches))
         return [self.token_index(query)]
 
     def resolve_queries(self, queries: Any) -> tuple[int, ...] | None:
@@ -214,13 +232,21 @@ class TokenLayout:
         return tuple(out)
 
 
+def check_kinds(prefix: Sequence[str], suffix: Sequence[str] = ()) -> None:
+    """Prefix kinds from `TOKEN_KINDS`, suffix kinds from `SUFFIX_KINDS`, else a one-line error."""
+    for argument, kinds, known in (("prefix", prefix, TOKEN_KINDS), ("suffix", suffix, SUFFIX_KINDS)):
+        for kind in kinds:
+            if kind not in known:
+                raise VitscopeError(argument, f"unknown token kind {kind!r}", f"use kinds from {known}, in token order")
+
+
 def parse_query(text: str | None, argument: str = "--query") -> str | int | tuple[int, int] | None:
     """A query typed on the command line: ``"cls"``, ``"mean"``, ``"dist"``, ``"register:K"``, ``"ROW,COL"`` (a
     patch) or ``"7"`` (a token index); ``None``/``""``/``"default"`` is the default query."""
-    fix = "use cls, mean, dist, register:K, ROW,COL or a token index"
+    fix = "use cls, mean, dist, register:K, det:K, ROW,COL or a token index"
     if text is None or text in ("", "default"):
         return None
-    if text in ("cls", "mean", "dist") or text.startswith("register"):
+    if text in ("cls", "mean", "dist") or text.startswith(("register", "det", "suffix")):
         return text
     try:
         if "," in text:

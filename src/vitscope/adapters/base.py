@@ -25,7 +25,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What vitscope knows about a ViT, whatever it came from."""
+    """What vitscope knows about a ViT, whatever it came from.
+
+    ``prefix``/``suffix`` are the kinds of the tokens before and after the patches, as declared; capture measures
+    the layout (`vitscope.capture.probe`) and refuses a declaration that disagrees. ``measured``: nothing was
+    declared (`vitscope.wrap` without ``prefix``/``suffix``); the counts are taken from the first measurement.
+    """
 
     name: str
     family: str
@@ -37,18 +42,27 @@ class ModelInfo:
     preprocess: Preprocess = field(default_factory=Preprocess)
     num_classes: int | None = None
     labels: tuple[str, ...] | None = None
+    suffix: tuple[str, ...] = ()
+    measured: bool = False
 
     @property
     def num_prefix_tokens(self) -> int:
         return len(self.prefix)
 
+    @property
+    def num_suffix_tokens(self) -> int:
+        return len(self.suffix)
+
     def describe(self) -> str:
         ph, pw = self.patch_size
         kinds = ", ".join(self.prefix) or "none"
+        if self.measured and not self.prefix:
+            kinds = "measured on first use"
         h, w = self.preprocess.image_size
+        after = f", suffix tokens [{len(self.suffix)} {self.suffix[0]}]" if self.suffix else ""
         return (
             f"{self.name} ({self.family}): {self.num_layers} layers x {self.num_heads} heads, dim {self.embed_dim}, "
-            f"patch {ph}x{pw}, prefix tokens [{kinds}], input {h}x{w}"
+            f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}"
         )
 
 

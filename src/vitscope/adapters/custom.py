@@ -4,13 +4,17 @@ Example (a model whose blocks are ``model.layers[i]`` with a fused ``attn.qkv`` 
 
     vit = vitscope.wrap(
         model, blocks="layers.*", qkv="attn.qkv", out="attn.proj", num_heads=8,
-        patch_size=16, prefix=("cls",), image_size=(224, 224),
+        patch_size=16, image_size=(224, 224),
     )
 
 ``blocks`` is a dotted pattern where ``*`` matches one name component (``"blocks.*"``,
 ``"encoder.layer.*"``) or an explicit list of modules; ``qkv``/``q``/``k``/``v``/``out`` are paths relative
 to each block. ``out`` names the output projection: its input is the heads-concatenated attention output
 (needed only for gradient methods).
+
+The token layout needs no declaration: vitscope measures which tokens are patches (and where each sits), and
+which come before (``prefix``) or after (``suffix``) them, by probing the model (`vitscope.capture.probe`). Declared
+``prefix``/``suffix`` kinds are kept (a measurement cannot tell [CLS] from a register) and cross-checked.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel
 from vitscope.errors import NotAViTError, VitscopeError
-from vitscope.layout import TOKEN_KINDS
+from vitscope.layout import check_kinds
 
 
 def find_blocks(module: nn.Module, pattern: str) -> list[nn.Module]:
@@ -66,7 +70,8 @@ def wrap_custom(
     v: str | None = None,
     out: str | None = None,
     scale: float | None = None,
-    prefix: Sequence[str] = ("cls",),
+    prefix: Sequence[str] | None = None,
+    suffix: Sequence[str] | None = None,
     image_size: int | tuple[int, int] = 224,
     mean: float | Sequence[float] = (0.485, 0.456, 0.406),
     std: float | Sequence[float] = (0.229, 0.224, 0.225),
@@ -86,11 +91,15 @@ def wrap_custom(
     optional) with ``scale`` (default ``head_dim ** -0.5``): capture then checks that they give the attention
     the model computes, and refuses a declaration that does not (RoPE or qk-norm after the projections, a wrong
     scale). ``mean``/``std`` take one value per channel (a single number is used for all).
+
+    ``prefix``/``suffix``: the kinds of the tokens before the patches (``"cls"``, ``"dist"``, ``"register"``) and
+    after them (``"det"``, ``"suffix"``), in token order. Leave both out and the layout is measured on first use:
+    the first prefix token is named ``"cls"``, the others ``"register"``, suffix tokens ``"suffix"``. Declared,
+    they are checked against the measurement (a wrong count is a one-line error).
     """
-    prefix = tuple(prefix)
-    bad = [kind for kind in prefix if kind not in TOKEN_KINDS]
-    if bad:
-        raise VitscopeError("prefix", f"unknown token kind {bad[0]!r}", f"use kinds from {TOKEN_KINDS}, in token order")
+    measured = prefix is None and suffix is None
+    prefix, suffix = tuple(prefix or ()), tuple(suffix or ())
+    check_kinds(prefix, suffix)
     if policy not in ("resize", "crop", "native"):
         raise VitscopeError("policy", f"unknown size policy {policy!r}", "use 'resize', 'crop' or 'native'")
     norm = {"mean": _per_channel(mean, channels, "mean"), "std": _per_channel(std, channels, "std")}
@@ -136,7 +145,7 @@ def wrap_custom(
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     info = ModelInfo(
         name=name or type(module).__name__, family="custom", num_layers=len(sites), num_heads=num_heads,
-        embed_dim=embed_dim, patch_size=ps, prefix=prefix,  # type: ignore[arg-type]
+        embed_dim=embed_dim, patch_size=ps, prefix=prefix, suffix=suffix, measured=measured,  # type: ignore[arg-type]
         preprocess=Preprocess(
             image_size=size, mean=norm["mean"], std=norm["std"], policy=policy,  # type: ignore[arg-type]
             dynamic_size=dynamic_size, channels=channels,

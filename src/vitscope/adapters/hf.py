@@ -96,6 +96,7 @@ FAMILIES: dict[str, _Family] = {
     "ijepa": _Family("ijepa", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "IJepaModel"),
     "aimv2_vision_model": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2VisionModel"),
     "aimv2": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2Model"),
+    "yolos": _Family("yolos", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "YolosModel"),
 }
 #: Families whose attention is windowed (no global attention over every patch): refused with this reason.
 WINDOWED = {
@@ -433,6 +434,15 @@ def _prefix(tower: nn.Module, vcfg: Any) -> tuple[str, ...]:
     raise NotAViTError("model", f"{type(tower).__name__} has no patch embedding module vitscope recognises")
 
 
+def _suffix(tower: nn.Module) -> tuple[str, ...]:
+    """Kinds of the tokens after the patches: YOLOS's detection tokens ``(1, K, D)``, else none."""
+    for m in tower.modules():
+        det = getattr(m, "detection_tokens", None)
+        if isinstance(det, torch.Tensor):
+            return ("det",) * int(det.shape[1])
+    return ()
+
+
 def _read_processor_config(folder: Path | None) -> dict[str, Any] | None:
     if folder is None:
         return None
@@ -650,7 +660,7 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         raise NotAViTError(
             "model", f"{type(module).__name__} ({model_type!r}) is not a transformers family vitscope reads",
             "supported: ViT, DINO, DeiT, DINOv2 (+registers), DINOv3, BEiT, Data2Vec-vision, ViTMAE, ViT-MSN, I-JEPA, "
-            "AIMv2, CLIP, SigLIP, SigLIP2; else use vitscope.wrap(...)",
+            "AIMv2, CLIP, SigLIP, SigLIP2, YOLOS; else use vitscope.wrap(...)",
         )
     source = str(getattr(cfg, "_name_or_path", "") or "")
     if family.name == "vit" and "dino" in (name or source).lower():
@@ -679,7 +689,7 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     info = ModelInfo(
         name=name or source or type(module).__name__, family=family.name, num_layers=num_layers,
         num_heads=sites[0].num_heads, embed_dim=int(vcfg.hidden_size), patch_size=patch,
-        prefix=_prefix(tower, vcfg),
+        prefix=_prefix(tower, vcfg), suffix=_suffix(tower),
         preprocess=_preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic),
         num_classes=num_classes, labels=labels,
     )

@@ -28,6 +28,7 @@ from vitscope.capture.intercept import (
     observe_attention,
     refuse_compiled,
 )
+from vitscope.capture.probe import check_token_axis
 from vitscope.errors import VitscopeError
 from vitscope.layout import TokenLayout, resolve_indices
 
@@ -55,13 +56,13 @@ def resolve_heads(heads: HeadSpec, num_heads: int) -> tuple[int, ...] | Literal[
 
 
 def resolve_queries(
-    queries: QuerySpec, prefix: tuple[str, ...], grid: tuple[int, int]
+    queries: QuerySpec, prefix: tuple[str, ...], grid: tuple[int, int], suffix: tuple[str, ...] = (),
 ) -> tuple[int, ...] | None:
     """Token indices of the query rows to keep (``None`` = all). Accepts ``"cls"``, indices, ``(row, col)``."""
     if queries is None:
         return None
     try:
-        return TokenLayout(prefix, grid).resolve_queries(queries)
+        return TokenLayout(prefix, grid, suffix=suffix).resolve_queries(queries)
     except VitscopeError as exc:
         fix = "use queries=None for all rows, or a list of token indices / (row, col) patches"
         named_cls = queries == "cls" if isinstance(queries, str) else isinstance(queries, list) and "cls" in queries
@@ -91,14 +92,18 @@ def attention_rows(
     return call.rows(rows, None, fuse_heads, out=out)
 
 
-def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int) -> None:
-    """The layer attends over exactly ``prefix + rows * cols`` tokens, queries and keys alike."""
+def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int,
+                      num_suffix: int = 0) -> None:
+    """The layer's softmax runs over exactly ``prefix + rows * cols + suffix`` tokens, queries and keys alike
+    (global token attention; `vitscope.capture.probe.check_token_axis` proves the axis follows the image)."""
     _, _, Nq, Nk = call.shape
     if Nq != expected or Nk != expected:
+        after = f" and {num_suffix} suffix" if num_suffix else ""
         raise CaptureError(
             "images", f"layer {call.layer} attends {Nq} queries over {Nk} keys, expected {expected} for a "
-            f"{grid[0]}x{grid[1]} grid plus {num_prefix} prefix tokens",
-            "the model drops, adds or reorders tokens vitscope does not know of; check its patch size and prefix",
+            f"{grid[0]}x{grid[1]} grid plus {num_prefix} prefix{after} tokens",
+            "vitscope reads global token softmax attention (every token attends to every token); the model drops, "
+            "adds or reorders tokens, or its softmax is not over the tokens",
         )
 
 
@@ -142,14 +147,14 @@ def capture_full(
     if not isinstance(token_norms, bool):
         raise VitscopeError("token_norms", f"expected True or False, got {token_norms!r}", "pass token_norms=True")
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device, max_tokens=max_tokens)
-    info = vit.info
+    info = vit.info  # (after prepare: a model wrapped without a layout now has the measured one)
     layer_ids = resolve_layers(layers, info.num_layers)
     head_sel = resolve_heads(heads, info.num_heads)
     dev = pixels.device
     B, _, Hpx, Wpx = pixels.shape
     grid = vit.grid_for((Hpx, Wpx))
-    query_ids = resolve_queries(queries, info.prefix, grid)
-    N = info.num_prefix_tokens + grid[0] * grid[1]
+    query_ids = resolve_queries(queries, info.prefix, grid, info.suffix)
+    N = info.num_prefix_tokens + grid[0] * grid[1] + info.num_suffix_tokens
     n_heads = 1 if head_sel == "mean" else len(head_sel)
     n_q = N if query_ids is None else len(query_ids)
     check_capture_budget(B, N, len(layer_ids), n_heads, n_q, n_heads=info.num_heads, grid=grid,
@@ -163,12 +168,13 @@ def capture_full(
     to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, info.num_prefix_tokens)
+        check_call_tokens(call, N, grid, info.num_prefix_tokens, info.num_suffix_tokens)
         if call.layer in declared:
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
     refuse_compiled(vit.module)
+    check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         if to_check:
@@ -183,6 +189,7 @@ def capture_full(
         weights=weights, prefix=info.prefix, grid=grid, patch_size=info.patch_size, image_size=(Hpx, Wpx),
         layers=layer_ids, heads=head_sel, queries=query_ids, num_layers=info.num_layers,
         num_heads=info.num_heads, token_norms=norms, meta={"model": info.name, "family": info.family},
+        suffix=info.suffix,
     )
     return CaptureResult(attentions=attn, output=output, pixel_values=pixels)
 

@@ -410,8 +410,8 @@ class _Engine:
             raise CaptureError(
                 "model", f"layer {layer}: its attention module ran but made no attention call vitscope can see "
                 "(no scaled_dot_product_attention, no softmax over (B, H, N, N))",
-                "custom kernels, flash/flex attention and torch.compile'd modules cannot be captured; use "
-                "attn_implementation='sdpa' or 'eager'",
+                "vitscope reads token softmax attention only: linear or sigmoid attention, custom kernels, flash/flex "
+                "attention and torch.compile'd modules cannot be captured; use attn_implementation='sdpa' or 'eager'",
             )
 
     def close(self) -> None:

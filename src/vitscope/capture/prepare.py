@@ -75,15 +75,27 @@ def check_loaded(vit: VitModel, argument: str = "model") -> None:
         )
 
 
+def refuse_suffix(vit: VitModel, what: str) -> None:
+    """A one-line error for paths that assume the patches run to the last token (no suffix tokens yet)."""
+    if vit.info.suffix:
+        raise VitscopeError(
+            "model", f"{vit.info.name} has {len(vit.info.suffix)} tokens after its patches ({vit.info.suffix[0]}): "
+            f"{what} do not handle suffix tokens", "use vitscope.capture and the cls, rollout, flow or dino_mask maps",
+        )
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def prepare(
     model: Any, images: Any, *, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
-    device: str | torch.device | None = None, max_tokens: int | None = None,
+    device: str | torch.device | None = None, max_tokens: int | None = None, layout: bool = True,
 ) -> tuple[VitModel, torch.Tensor]:
     """``(vit, pixels)``: the described model and its pixel values ``(B, C, H, W)`` on the model's device.
+
+    ``layout``: measure the token layout (`vitscope.capture.probe.check_layout`, once per model and input
+    geometry) and refuse a description that disagrees; a model wrapped without a layout takes the measured one.
 
     ``max_tokens`` (default `vitscope.limits`): images that would give more tokens are refused before they are
     resized, and so are pixel tensors given as is."""
@@ -112,4 +124,8 @@ def prepare(
             "images", f"{pixels.shape[1]} channels but the model expects {channels}",
             "pass pixel values with the model's channel count",
         )
+    if layout:
+        from vitscope.capture.probe import check_layout
+
+        check_layout(vit, pixels)  # measured (cached per model and geometry) against the description
     return vit, pixels

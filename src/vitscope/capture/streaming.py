@@ -38,7 +38,7 @@ from vitscope.capture.intercept import (
     prob_chunks,
     refuse_compiled,
 )
-from vitscope.capture.prepare import prepare
+from vitscope.capture.prepare import prepare, refuse_suffix
 from vitscope.errors import VitscopeError
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -95,6 +95,7 @@ def prepare_run(
     size: int | tuple[int, int] | None,
 ) -> StreamRun:
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
+    refuse_suffix(vit, "the low-memory streaming paths")
     grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
     return StreamRun(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
 

@@ -68,7 +68,8 @@ def query_positions(attn: Attentions, query: Query) -> list[int]:
     if attn.queries is None:
         return ids
     if query == "mean" or (query is None and attn.layout.default_query == "mean"):
-        pos = [i for i, q in enumerate(attn.queries) if q >= attn.num_prefix_tokens]
+        patches = attn.patch_slice
+        pos = [i for i, q in enumerate(attn.queries) if patches.start <= q < patches.stop]
         if not pos:
             raise VitscopeError(
                 "query", "'mean' averages the patch query rows, but none were captured",
@@ -78,9 +79,10 @@ def query_positions(attn: Attentions, query: Query) -> list[int]:
     return [attn.query_position(ids[0])]
 
 
-def token_ids_for_query(prefix: Sequence[str], grid: tuple[int, int], query: Query) -> list[int]:
+def token_ids_for_query(prefix: Sequence[str], grid: tuple[int, int], query: Query,
+                        suffix: Sequence[str] = ()) -> list[int]:
     """Token indices averaged for ``query`` when every row is available (rollout, gradient methods)."""
-    return TokenLayout(tuple(prefix), grid).query_ids(query)
+    return TokenLayout(tuple(prefix), grid, suffix=tuple(suffix)).query_ids(query)
 
 
 def contiguous_layers(attn: Attentions, start_layer: int = 0, method: str = "rollout") -> list[int]:

@@ -128,9 +128,10 @@ def trace(
 ) -> Trace:
     """Run ``model`` once on ``images`` with autograd on; see the module docstring. The caller keeps grad mode
     on while it uses the trace (`grad_enabled`)."""
-    from vitscope.capture.prepare import prepare
+    from vitscope.capture.prepare import prepare, refuse_suffix
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
+    refuse_suffix(vit, "the gradient methods")
     layer_ids = resolve_layers(layers, vit.info.num_layers)
     sites = [vit.sites[i] for i in layer_ids]
     with torch.inference_mode(False):  # a clone made here is a normal tensor, even from an inference tensor

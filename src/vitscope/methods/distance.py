@@ -70,9 +70,9 @@ def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: 
 
 def _patch_query_positions(attn: Attentions) -> tuple[list[int], list[int]]:
     """(positions along dim 3, patch indices 0..P-1) of the captured patch query rows."""
-    n_prefix = attn.num_prefix_tokens
+    n_prefix, n_patches = attn.num_prefix_tokens, attn.num_patches
     tokens = range(attn.num_tokens) if attn.queries is None else attn.queries
-    pairs = [(pos, tok - n_prefix) for pos, tok in enumerate(tokens) if tok >= n_prefix]
+    pairs = [(pos, tok - n_prefix) for pos, tok in enumerate(tokens) if 0 <= tok - n_prefix < n_patches]
     if not pairs:
         raise VitscopeError("attn", "no patch query rows were captured", "capture with queries=None")
     return [p for p, _ in pairs], [t for _, t in pairs]

@@ -134,6 +134,11 @@ def attention_flow(
     pool: np.ndarray | None = None
     grid = attn.grid
     if max_tokens < N:
+        if attn.num_suffix_tokens:
+            raise VitscopeError(
+                "attn", f"exact attention flow is limited to {max_tokens} tokens, these attentions have {N}, and the "
+                "pooled approximation does not handle suffix tokens", "raise max_tokens, or use rollout",
+            )
         if not approximate:
             raise VitscopeError(
                 "attn", f"exact attention flow is limited to {max_tokens} tokens, these attentions have {N} "
@@ -147,7 +152,7 @@ def attention_flow(
                 raise VitscopeError("max_tokens", f"{max_tokens} cannot hold even one pooled cell",
                                     f"use max_tokens > {n_prefix + 1}")
         pool, grid = _pooling(n_prefix, attn.grid, k)
-    sink_ids = token_ids_for_query(attn.prefix, grid, query)
+    sink_ids = token_ids_for_query(attn.prefix, grid, query, attn.suffix if pool is None else ())
     B = attn.batch_size
     maps = np.zeros((B, grid[0] * grid[1]))
     for b in range(B):
@@ -159,7 +164,7 @@ def attention_flow(
                 f = (pool @ f @ pool.T) / pool.sum(axis=1, keepdims=True)  # mean over rows, sum over columns
             factors.append(f)
         sink_row = factors[-1][sink_ids].mean(axis=0)
-        sources = list(range(n_prefix, factors[0].shape[0]))
+        sources = list(range(n_prefix, n_prefix + grid[0] * grid[1]))  # the patches (not the suffix tokens)
         maps[b] = max_flows(factors[:-1], sink_row, sources)
     out = torch.from_numpy(maps).reshape(B, *grid)
     if pool is not None:

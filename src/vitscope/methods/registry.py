@@ -49,7 +49,7 @@ class MapContext:
     @property
     def num_tokens(self) -> int:
         rows, cols = self.grid
-        return int(self.vit.info.num_prefix_tokens + rows * cols)
+        return int(self.vit.info.num_prefix_tokens + rows * cols + self.vit.info.num_suffix_tokens)
 
     def capture(self, layers: int | Sequence[int] | None = None, queries: Any = None, heads: Any = "all") -> Any:
         """`vitscope.capture` of these pixels, computed once per selection (also reused by wider selections:

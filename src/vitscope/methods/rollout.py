@@ -95,10 +95,13 @@ def rollout_product(factors: list[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def map_from_matrix(r: torch.Tensor, prefix: tuple[str, ...], grid: tuple[int, int], query: Query) -> torch.Tensor:
-    """Row(s) of a token-to-token matrix ``(B, N, N)`` for ``query``, over the patch columns: ``(B, rows, cols)``."""
-    ids = token_ids_for_query(prefix, grid, query)
-    rows = r[:, ids].mean(dim=1)[:, len(prefix) :]  # (B, P)
+def map_from_matrix(r: torch.Tensor, prefix: tuple[str, ...], grid: tuple[int, int], query: Query,
+                    suffix: tuple[str, ...] = ()) -> torch.Tensor:
+    """Row(s) of a token-to-token matrix ``(B, N, N)`` for ``query``, over the patch columns: ``(B, rows, cols)``
+    (the columns after the prefix tokens and before the suffix tokens)."""
+    ids = token_ids_for_query(prefix, grid, query, suffix)
+    P0 = len(prefix)
+    rows = r[:, ids].mean(dim=1)[:, P0:P0 + grid[0] * grid[1]]  # (B, P)
     return rows.reshape(r.shape[0], *grid)
 
 
@@ -186,7 +189,7 @@ def rollout(
         attn, preset=preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
         start_layer=start_layer, renormalize=renormalize,
     )
-    return map_from_matrix(r, attn.prefix, attn.grid, query).float()
+    return map_from_matrix(r, attn.prefix, attn.grid, query, attn.suffix).float()
 
 
 #: Above this many bytes of full ``L x H x N x N`` attention, the registry's rollout streams (`streaming_rollout`).

@@ -1,0 +1,426 @@
+"""The token layout, measured: which tokens are patches, where each sits on the grid, and what is around them.
+
+Adapters and `vitscope.wrap` *declare* a layout (prefix kinds, patch size, hence the grid); `probe_layout`
+*measures* it, and capture compares the two before it reads a single attention row.
+
+How: one batched forward pass of a few images at the real input geometry, stopped at the input of the first
+block's attention module (a private exception, caught here; the hook is removed in a context manager even
+then), so the probe costs the stem (patch embedding, position table, first norm) and nothing more. The images:
+
+- a base image (seeded uniform pixels, normalised the model's way) and the same base again;
+- the base with every pixel replaced (``other``): tokens that it does not move depend on no pixel;
+- for the rows: the base with the pixel rows of some patch rows replaced, the patch rows chosen by the digits
+  of their index in base 4 (image ``(p, j)`` replaces the patch rows whose ``p``-th digit is ``j``), and the
+  same for the columns: ``4 * ceil(log4(rows))`` images instead of one per row. A token's row is read digit by
+  digit, as the movement-weighted circular mean of ``j`` (its own patch moves it most, and the spill into
+  its neighbours is symmetric, so this holds for overlapping convolutional stems such as XCiT's), or, when that
+  gives no grid, as the image that moves it most (ResNet hybrid stems, whose receptive field spans the image).
+  The grid is the column count for which the tokens, read row-major, lie on strictly separated rows and
+  strictly separated columns.
+
+Tokens that no pixel moves are prefix tokens (before the patches) or suffix tokens (after them, e.g. YOLOS's
+detection tokens); such tokens between patches are padding, refused. The moved tokens must be the patches in
+row-major order; any other order (a permutation: ViTMAE's random shuffle, a model that reverses its patches)
+is a one-line `CaptureError`, and so is a model whose two identical base images give different tokens (random
+masking, dropout left on in eval).
+
+`check_token_axis` proves that every selected layer's softmax runs over tokens: the key axis has the token
+count at the real geometry *and* follows the image size at a second geometry (2x3 patches, else one patch row
+fewer or more, with another token count), so channel attention (XCiT's cross-covariance softmax over ``head_dim x head_dim``) is refused even at sizes
+where ``head_dim`` equals the token count. Both results are cached per model (weakly): the layout per input geometry, the axis check
+once per set of layers.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope.adapters.base import AttentionSite, VitModel
+from vitscope.capture.hooks import eval_mode, this_thread_only
+from vitscope.capture.intercept import AttentionCall, attention_module, observe_attention
+from vitscope.errors import CaptureError
+
+__all__ = ["MeasuredLayout", "check_layout", "check_token_axis", "probe_layout"]
+
+_BASE = 4  # digits of the patch-row / patch-column index, in this base
+_CHUNK = 8  # images per stopped forward pass (bounds the probe's memory at large sizes)
+_MOVED = 1e-4  # a token moved by less than this fraction of the largest movement did not move
+_SAME = 1e-2  # two identical images: tokens within this fraction of the largest movement (half-precision kernels)
+_SEED = 1234
+
+
+@dataclass(frozen=True)
+class MeasuredLayout:
+    """What the probe measured at one input geometry: ``[prefix, patches (rows x cols, row-major), suffix]``."""
+
+    num_prefix: int
+    grid: tuple[int, int]
+    num_suffix: int
+    image_size: tuple[int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.grid[0] * self.grid[1] + self.num_suffix
+
+    def describe(self) -> str:
+        """``"1 prefix + 14x14 patches + 0 suffix tokens"``."""
+        return f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches + {self.num_suffix} suffix tokens"
+
+
+class UnmeasurableError(CaptureError):
+    """No token of the first block's input depends on the pixels: there is no layout to measure."""
+
+
+class _Stop(Exception):
+    """Raised by the probe's hook to end the forward pass at the first attention module (caught here)."""
+
+
+_layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], MeasuredLayout]] = weakref.WeakKeyDictionary()
+_axis_checked: weakref.WeakKeyDictionary[nn.Module, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _token_tensor(args: Sequence[Any], kwargs: dict[str, Any], batch: int, seq_first: bool) -> torch.Tensor:
+    """The token tensor an attention module gets, as ``(B, N, C)``: its first 3-d tensor argument."""
+    found = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3]
+    if not found:
+        raise CaptureError(
+            "model", "the first attention module got no (batch, tokens, channels) tensor: vitscope cannot find "
+            "its tokens", "vitscope reads ViTs whose blocks take a (B, N, C) token tensor",
+        )
+    x = found[0]
+    if seq_first or (x.shape[0] != batch and x.shape[1] == batch):  # (N, B, C): nn.MultiheadAttention's default
+        x = x.transpose(0, 1)
+    if x.shape[0] != batch:
+        raise CaptureError(
+            "model", f"the first attention module's input {tuple(x.shape)} has no batch axis of {batch}",
+            "vitscope reads ViTs whose blocks take a (B, N, C) token tensor",
+        )
+    return x
+
+
+@contextmanager
+def _stop_at(module: nn.Module, batch: int, sink: list[torch.Tensor]) -> Iterator[None]:
+    """While active, ``module``'s forward pass records its token input ``(B, N, C)`` into ``sink`` and stops."""
+    seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+
+    def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        sink.append(_token_tensor(args, kwargs, batch, seq_first).detach().float())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(this_thread_only(pre), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _tokens(vit: VitModel, images: torch.Tensor) -> torch.Tensor:
+    """The first attention module's input tokens ``(B, N, C)`` for ``images``, running only the stem."""
+    module = attention_module(vit.sites[0])
+    sink: list[torch.Tensor] = []
+    with _stop_at(module, int(images.shape[0]), sink), suppress(_Stop):
+        vit(images)
+    if not sink:
+        raise CaptureError(
+            "model", "layer 0's attention module did not run during the forward pass",
+            "the adapter's attention sites are not the modules the model runs",
+        )
+    return sink[0]
+
+
+def _digits(n: int) -> int:
+    """Base-4 digits needed for indices ``0 .. n-1``."""
+    d = 0
+    while _BASE**d < n:
+        d += 1
+    return d
+
+
+def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+            ) -> tuple[torch.Tensor, int, int, int, int]:
+    """The probe images ``(M, C, H, W)``: base, base again, all replaced, then the row and column codes."""
+    C, H, W = geometry
+    ph, pw = vit.info.patch_size
+    rows, cols = max(1, H // ph), max(1, W // pw)
+    g = torch.Generator().manual_seed(_SEED)
+    pre = vit.info.preprocess
+    mean = torch.tensor(pre.mean[:C] if len(pre.mean) >= C else pre.mean[:1] * C).view(C, 1, 1)
+    std = torch.tensor(pre.std[:C] if len(pre.std) >= C else pre.std[:1] * C).view(C, 1, 1)
+    base = (torch.rand(C, H, W, generator=g) - mean) / std  # in the model's normalised range
+    other = (torch.rand(C, H, W, generator=g) - mean) / std
+    out = [base, base, other]
+    dr, dc = _digits(rows), _digits(cols)
+    for n, size, axis in ((rows, ph, 1), (cols, pw, 2)):
+        for p in range(_digits(n)):
+            for j in range(_BASE):
+                img = base.clone()
+                for band in range(n):
+                    if band // _BASE**p % _BASE == j:
+                        sl = slice(band * size, (band + 1) * size if band < n - 1 else None)  # last: up to the edge
+                        if axis == 1:
+                            img[:, sl] = other[:, sl]
+                        else:
+                            img[:, :, sl] = other[:, :, sl]
+                out.append(img)
+    return torch.stack(out).to(device=device, dtype=dtype), rows, cols, dr, dc
+
+
+def _position(moves: torch.Tensor, levels: int, argmax: bool = False) -> torch.Tensor:
+    """Continuous band position per token (in bands, ``(T,)``) from its movement ``(levels * BASE, T)``.
+
+    Level ``p``'s four images perturb the bands whose ``p``-th base-4 digit is ``j``; the movement-weighted
+    circular mean of ``j`` (the phase) is the token's digit, smoothed where its receptive field spills into a
+    neighbouring band (a symmetric spill leaves it exact). Coarse levels fix the integer part, the finest the
+    rest (phase unwrapping, coarse to fine), so an overlapping stem still gives each token its own band.
+    ``argmax``: each digit is the image that moves the token most instead (for stems whose receptive field is
+    so wide, e.g. a ResNet's, that the far side's spill biases the phase of tokens near the border).
+    """
+    T = moves.shape[1]
+    if levels == 0:
+        return torch.zeros(T, dtype=torch.float64)
+    angle = torch.arange(_BASE, dtype=torch.float64) * (2 * math.pi / _BASE)
+    est: torch.Tensor | None = None
+    for p in range(levels - 1, -1, -1):
+        m = moves[p * _BASE:(p + 1) * _BASE].double()  # (BASE, T)
+        phase = torch.atan2((m * angle.sin()[:, None]).sum(0), (m * angle.cos()[:, None]).sum(0))
+        digit = torch.remainder(phase / (2 * math.pi / _BASE), _BASE)  # in [0, BASE)
+        if argmax:
+            digit = m.argmax(dim=0).double()
+        width = _BASE**p
+        if est is None:
+            u = digit
+        else:  # the unwrapped value nearest to the coarser estimate
+            coarse = (est - (width - 1) / 2) / width
+            u = digit + _BASE * torch.round((coarse - digit) / _BASE)
+        est = u * width + (width - 1) / 2  # the centre of the token's block, in bands
+    assert est is not None
+    return est
+
+
+def _separated(pos: torch.Tensor) -> bool:
+    """Rows of ``pos`` ``(rows, cols)`` strictly ordered: every value of row ``i`` below every value of ``i+1``."""
+    return bool((pos[:-1].amax(dim=1) < pos[1:].amin(dim=1)).all())
+
+
+def _grid(row_est: torch.Tensor, col_est: torch.Tensor, prefer: int) -> tuple[int, int] | None:
+    """``(rows, cols)`` such that the tokens, read row-major, lie on separated rows and separated columns;
+    ``prefer`` (the declared column count) first, else the first that fits; ``None`` when none does."""
+    M = row_est.numel()
+    cands = [c for c in range(1, M + 1) if M % c == 0]
+    cands.sort(key=lambda c: c != prefer)
+    for c in cands:
+        r = M // c
+        if _separated(row_est.view(r, c)) and _separated(col_est.view(r, c).T):
+            return (r, c)
+    return None
+
+
+def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Sequence[int],
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> MeasuredLayout:
+    """Measure ``vit``'s token layout at input ``geometry`` ``(C, H, W)`` (or a pixel tensor's shape).
+
+    Cached per model object, geometry, dtype and device. Raises `CaptureError` (one line, naming ``model``)
+    when the tokens are not ``[prefix, patches row-major, suffix]``: padding tokens between patches, patches
+    in another order, tokens that change between two identical images, or tokens that are not a patch grid.
+    """
+    shape = tuple(int(s) for s in geometry)[-3:]
+    C, H, W = shape
+    dtype = dtype or vit.dtype
+    device = device or vit.device
+    key = (shape, dtype, str(device), id(vit.sites[0].attn), vit.info.patch_size)
+    cache = _layouts.setdefault(vit.module, {})
+    if key in cache:
+        return cache[key]
+    images, n_rows, n_cols, dr, dc = _images(vit, (C, H, W), dtype, device)
+    with torch.no_grad(), eval_mode(vit.module):
+        tok = torch.cat([_tokens(vit, images[i:i + _CHUNK]) for i in range(0, images.shape[0], _CHUNK)])
+    # tok: (M, N, D); movement of each token under each image, relative to the base
+    move = (tok - tok[0]).norm(dim=-1).cpu()  # (M, N)
+    scale = float(move[2].max())
+    N = int(tok.shape[1])
+    if not math.isfinite(scale) or scale <= 0:
+        raise UnmeasurableError("model", "no token of the first block's input depends on the pixels",
+                                "vitscope reads ViTs whose tokens are computed from the image")
+    if float(move[1].max()) > _SAME * scale:  # the same image twice, different tokens (a shuffle moves ~scale)
+        raise CaptureError(
+            "model", f"{vit.info.name}: two identical images give different tokens (moved by {float(move[1].max()):.3g}):"
+            " the model shuffles or masks its tokens at random in eval mode (ViTMAE's random masking: "
+            "config.mask_ratio=0 still shuffles)",
+            "load it with vitscope.load(model) (transformers' ViTMAE runs unmasked there), or set "
+            "config.mask_ratio=0.0 and pass forward=lambda m, x: m(pixel_values=x, noise=torch.arange(P, "
+            "dtype=torch.float32).expand(len(x), P)) to wrap (P patches: argsort keeps their order)",
+        )
+    moved = (move[2] > _MOVED * scale).nonzero().flatten().tolist()
+    first, last = moved[0], moved[-1]
+    inside = last - first + 1
+    if inside != len(moved):
+        gaps = [i for i in range(first, last + 1) if i not in set(moved)]
+        raise CaptureError(
+            "model", f"{vit.info.name}: tokens {gaps[:4]}{'...' if len(gaps) > 4 else ''} between the patches depend "
+            "on no pixel (padding of a variable-resolution batch?): reading them on one grid would be wrong",
+            "pass one image at a time at its own size, or a batch without padding",
+        )
+    ids = torch.tensor(moved)
+    for argmax in (False, True):  # the phase first; the strongest image per digit when that gives no grid
+        row_est = _position(move[3:3 + dr * _BASE][:, ids], dr, argmax)
+        col_est = _position(move[3 + dr * _BASE:3 + (dr + dc) * _BASE][:, ids], dc, argmax)
+        found = _grid(row_est, col_est, n_cols)
+        if found is not None:
+            break
+    if found is None:
+        # diagnose: each token rounded to its nearest band; a full grid in another order is a permutation
+        rb, cb = torch.round(row_est).long(), torch.round(col_est).long()
+        _, row_of = torch.unique(rb, return_inverse=True)
+        col_vals, col_of = torch.unique(cb, return_inverse=True)
+        pos = row_of * col_vals.numel() + col_of
+        if torch.unique(pos).numel() == len(moved) and int(pos.max()) + 1 == len(moved):
+            at = int((pos != torch.arange(len(moved))).nonzero()[0])
+            raise CaptureError(
+                "model", f"{vit.info.name}: tokens are permuted: token {first + at} holds patch "
+                f"(row={int(row_of[at])}, col={int(col_of[at])}), not patch {at} in row-major order (random "
+                "masking or a shuffle before the blocks, e.g. ViTMAE)",
+                "run the model without the permutation (ViTMAE: vitscope.load(model) runs it unmasked)",
+            )
+        raise CaptureError(
+            "model", f"{vit.info.name}: the {len(moved)} pixel-dependent tokens do not form a row-major patch grid "
+            f"at {H}x{W} px (declared patch {vit.info.patch_size[0]}x{vit.info.patch_size[1]}: {n_rows}x{n_cols})",
+            "check the declared patch_size, or pass one image at a time",
+        )
+    rows, cols = found
+    layout = MeasuredLayout(num_prefix=first, grid=(rows, cols), num_suffix=N - 1 - last, image_size=(H, W))
+    cache[key] = layout
+    return layout
+
+
+def check_token_axis(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[int, int, int],
+                     dtype: torch.dtype | None = None, device: torch.device | None = None,
+                     num_tokens: int | None = None) -> None:
+    """Prove, once per model and layer set, that each of ``sites`` attends over tokens: at a second input
+    geometry its softmax's query and key axes have *that* geometry's token count.
+
+    A shape check at one size cannot tell tokens from channels when they happen to be equally many (XCiT's
+    ``head_dim x head_dim`` softmax at a size with ``head_dim`` tokens). Capture checks ``Nq == Nk == N`` at the
+    real size; here one image at a second size with a different token count ``N2`` (a 2x3-patch image, the
+    cheapest; else one patch row fewer or more than ``geometry``) must give ``Nq == Nk == N2``: a token axis
+    follows the image, a channel axis does not. The forward pass stops after the deepest selected layer. A model
+    that runs at one input size only cannot be checked this way (its shape checks at that size stand).
+    ``num_tokens``: the token count at ``geometry``, so the second size is known to differ. Raises
+    `CaptureError` naming the layer.
+    """
+    layers = tuple(s.layer for s in sites)
+    done = _axis_checked.setdefault(vit.module, set())
+    if layers in done:
+        return
+    C, H, W = geometry
+    ph, pw = vit.info.patch_size
+    dtype = dtype or vit.dtype
+    device = device or vit.device
+    candidates = [(2 * ph, 3 * pw)] + ([(H - ph, W)] if 2 * ph <= H else []) + [(H + ph, W)]
+    for H2, W2 in candidates:
+        if (H2, W2) == (H, W):
+            continue
+        shapes = _call_shapes(vit, sites, (C, H2, W2), dtype, device)
+        if shapes is None or shapes[0] == num_tokens:
+            continue  # the model refuses this size (or has as many tokens there): try the next
+        n_tokens, calls = shapes
+        for layer, (Nq, Nk) in calls.items():
+            if Nq != n_tokens or Nk != n_tokens:
+                raise CaptureError(
+                    "model", f"layer {layer}: its softmax is not over the tokens: at {H2}x{W2} px the model has "
+                    f"{n_tokens} tokens but the softmax is {Nq}x{Nk} (channel or cross-covariance attention, "
+                    "e.g. XCiT)", "vitscope reads token softmax attention only (softmax over the tokens)",
+                )
+        break
+    done.add(layers)
+
+
+def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[int, int, int],
+                 dtype: torch.dtype, device: torch.device) -> tuple[int, dict[int, tuple[int, int]]] | None:
+    """Token count and each site's softmax ``(Nq, Nk)`` for one image of ``geometry``; ``None`` when the model
+    does not run at that size. The forward pass stops after the deepest selected attention module."""
+    C, H, W = geometry
+    image = torch.zeros(1, C, H, W, dtype=dtype, device=device)
+    calls: dict[int, tuple[int, int]] = {}
+    first: list[torch.Tensor] = []
+    m0 = attention_module(vit.sites[0])
+    seq_first = isinstance(m0, nn.MultiheadAttention) and not m0.batch_first
+
+    def on_call(call: AttentionCall) -> None:
+        _, _, Nq, Nk = call.shape
+        calls[call.layer] = (Nq, Nk)
+
+    def record(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        if not first:
+            first.append(_token_tensor(args, kwargs, 1, seq_first))
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    last = attention_module(max(sites, key=lambda s: s.layer))
+    handles: list[Any] = []
+    try:
+        with torch.no_grad(), eval_mode(vit.module), observe_attention(sites, on_call):
+            handles.append(m0.register_forward_pre_hook(this_thread_only(record), with_kwargs=True))
+            handles.append(last.register_forward_hook(this_thread_only(stop)))
+            with suppress(_Stop):
+                vit(image)
+    except CaptureError:  # what the attention interception refuses, it refuses at every size
+        raise
+    except Exception:  # the model's (or its adapter's) refusal of this size: a fixed position table
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if not first:
+        return None
+    return int(first[0].shape[1]), calls
+
+
+def measured_prefix_kinds(num_prefix: int) -> tuple[str, ...]:
+    """Kinds for a measured prefix nobody declared: ``"cls"`` first, ``"register"`` for the rest."""
+    return ("cls",) + ("register",) * (num_prefix - 1) if num_prefix else ()
+
+
+
+def check_layout(vit: VitModel, pixels: torch.Tensor) -> MeasuredLayout | None:
+    """Measure ``vit``'s layout for ``pixels`` ``(B, C, H, W)`` and compare it with the description.
+
+    A model described without a layout (`vitscope.wrap` with no ``prefix``/``suffix``: ``info.measured``) takes
+    the measured counts, its prefix named ``"cls"`` then ``"register"`` and its suffix ``"suffix"`` (token
+    kinds cannot be measured from pixels); any other description must agree with the measurement in prefix
+    count, grid (``vit.grid_for``) and suffix count, else a one-line `CaptureError` says what was measured and
+    what was declared.
+    """
+    H, W = int(pixels.shape[-2]), int(pixels.shape[-1])
+    info = vit.info
+    try:
+        m = probe_layout(vit, tuple(pixels.shape[1:]), pixels.dtype, pixels.device)
+    except UnmeasurableError:
+        if info.measured:
+            raise
+        return None  # a model that ignores its pixels (a hand-made test module): the declaration stands
+    if info.measured:
+        kinds, suffix = measured_prefix_kinds(m.num_prefix), ("suffix",) * m.num_suffix
+        if (info.prefix, info.suffix) != (kinds, suffix):
+            vit.info = replace(info, prefix=kinds, suffix=suffix)
+            info = vit.info
+    grid = vit.grid_for((H, W))
+    declared = (len(info.prefix), grid, len(info.suffix))
+    if (m.num_prefix, m.grid, m.num_suffix) != declared:
+        described = f"{declared[0]} prefix + {grid[0]}x{grid[1]} patches + {declared[2]} suffix tokens"
+        raise CaptureError(
+            "model", f"{info.name}: measured {m.describe()} at {H}x{W} px, but it is described with {described} "
+            f"(prefix {list(info.prefix)}, patch {info.patch_size[0]}x{info.patch_size[1]})",
+            "fix prefix=/suffix=/patch_size= in vitscope.wrap(...), or leave prefix and suffix out to use the "
+            "measured layout" if info.family == "custom" else "the adapter does not describe this model: describe it with "
+            "vitscope.wrap(model, blocks=..., num_heads=..., patch_size=...), which measures the layout itself",
+        )
+    return m
