@@ -69,7 +69,7 @@ def main_tensor(output: Any) -> torch.Tensor:
     """The tensor a family's forward is judged by: itself, ``last_hidden_state``, ``logits`` or the first item."""
     if isinstance(output, torch.Tensor):
         return output
-    for key in ("last_hidden_state", "logits"):
+    for key in ("last_hidden_state", "logits", "heatmaps"):
         value = getattr(output, key, None)
         if isinstance(value, torch.Tensor):
             return value
@@ -125,14 +125,15 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
         return False
 
 
-def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
-    def build(factor: float, _size: tuple[int, int]) -> Built:
+def _hf(cls_name: str, config: Callable[[tuple[int, int]], Any], mae: bool = False) -> Builder:
+    def build(factor: float, size: tuple[int, int]) -> Built:
         import transformers
 
         cls = getattr(transformers, cls_name)
         torch.manual_seed(0)
-        module = sharpen(cls(config()).eval(), factor)
-        assert module.config._attn_implementation == "sdpa"  # capture runs transformers' default kernel
+        module = sharpen(cls(config(size)).eval(), factor)
+        # capture runs transformers' default kernel: SDPA where the class has it (BLIP, ChineseCLIP: eager only)
+        assert module.config._attn_implementation == ("sdpa" if cls._supports_sdpa else "eager")
         folder = Path(tempfile.mkdtemp(dir=_TMP.name))
         module.save_pretrained(folder)
         eager = cls.from_pretrained(folder, attn_implementation="eager").eval()
@@ -177,13 +178,28 @@ def _hf_common(**extra: Any) -> dict[str, Any]:
                 patch_size=PATCH, **extra)
 
 
-def _cfg(name: str, **extra: Any) -> Callable[[], Any]:
-    def make() -> Any:
+def _cfg(name: str, sized: bool = False, **extra: Any) -> Callable[[tuple[int, int]], Any]:
+    """A tiny config; ``sized``: built for the input size (a learned position table of that grid, per_size)."""
+
+    def make(size: tuple[int, int]) -> Any:
         import transformers
 
-        return getattr(transformers, name)(**_hf_common(**extra))
+        common = _hf_common(**extra)
+        if sized:
+            common["image_size"] = list(size)
+        return getattr(transformers, name)(**common)
 
     return make
+
+
+def _vitpose_cfg(size: tuple[int, int]) -> Any:
+    """VitPose: a ViT backbone (its learned position table fixes the input size: built per size) and a heatmap
+    head; vitscope runs the whole model (it needs only pixels)."""
+    import transformers
+
+    backbone = transformers.VitPoseBackboneConfig(**{**_hf_common(), "image_size": list(size), "patch_size": [PATCH] * 2},
+                                                  out_indices=[2])
+    return transformers.VitPoseConfig(backbone_config=backbone)
 
 
 # --------------------------------------------------------------------------------------------------- timm
@@ -415,6 +431,21 @@ FAMILIES: list[Family] = [
     Family("hf-aimv2-learned", "hf", "Aimv2VisionModel",
            _hf("Aimv2VisionModel", _cfg("Aimv2VisionConfig", is_native=False)), (), 16.0, has_cls=False,
            square_only=True),  # a learned 4x4 position table: one input size
+    # found by structure (vitscope.adapters.hf._find_tower): vision towers of composites, VLMs, depth and pose
+    Family("hf-blip", "hf", "BlipVisionModel", _hf("BlipVisionModel", _cfg("BlipVisionConfig", initializer_range=0.02)), CLS, 16.0),
+    Family("hf-blip2", "hf", "Blip2VisionModel", _hf("Blip2VisionModel", _cfg("Blip2VisionConfig", initializer_range=0.02)), CLS, 16.0),
+    Family("hf-owlvit", "hf", "OwlViTVisionModel", _hf("OwlViTVisionModel", _cfg("OwlViTVisionConfig")), CLS, 4.0),
+    Family("hf-owlv2", "hf", "Owlv2VisionModel", _hf("Owlv2VisionModel", _cfg("Owlv2VisionConfig")), CLS, 4.0),
+    Family("hf-chinese-clip", "hf", "ChineseCLIPVisionModel",
+           _hf("ChineseCLIPVisionModel", _cfg("ChineseCLIPVisionConfig")), CLS, 4.0),
+    Family("hf-dpt", "hf", "DPTModel", _hf("DPTModel", _cfg("DPTConfig")), CLS, 16.0),
+    Family("hf-vitpose", "hf", "VitPoseForPoseEstimation",
+           _hf("VitPoseForPoseEstimation", _vitpose_cfg), (), 16.0, has_cls=False, per_size=True),
+    Family("hf-idefics3", "hf", "Idefics3VisionTransformer",
+           _hf("Idefics3VisionTransformer", _cfg("Idefics3VisionConfig")), (), 16.0, has_cls=False),
+    Family("hf-smolvlm", "hf", "SmolVLMVisionTransformer",
+           _hf("SmolVLMVisionTransformer", _cfg("SmolVLMVisionConfig")), (), 16.0, has_cls=False),
+    Family("hf-mlcd", "hf", "MLCDVisionModel", _hf("MLCDVisionModel", _cfg("MLCDVisionConfig")), CLS, 16.0),
     # timm 1.x: the module itself
     Family("timm-vit", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224"), CLS, 16.0),
     Family("timm-vit-reg4", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224", reg_tokens=4), REG4, 16.0),

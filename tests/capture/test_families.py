@@ -54,8 +54,14 @@ def _family(fid: str, sname: str) -> tuple[Family, Built]:
     return fam, built(fid, SIZES[sname])
 
 
+def _not_the_models_own(hooks: Any) -> bool:
+    """Hooks other than the ones transformers installs at construction (VitPose's output recorders)."""
+    return any(not str(getattr(h, "__module__", "")).startswith("transformers") for h in hooks.values())
+
+
 def _hooked(module: nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    return [name for name, m in module.named_modules()
+            if _not_the_models_own(m._forward_hooks) or _not_the_models_own(m._forward_pre_hooks)]
 
 
 def _modes_active() -> int:
