@@ -696,7 +696,18 @@ def _checked_forward(forward: Callable[[nn.Module, torch.Tensor], Any], family: 
                 "images", f"Pixtral packs a batch of {B} images into one sequence, so per-image attention cannot be "
                 "captured in one pass", "capture one image at a time",
             )
-        return forward(m, pixels)
+        if prep.image_size == (H, W):
+            return forward(m, pixels)
+        try:
+            return forward(m, pixels)
+        except (RuntimeError, ValueError) as exc:  # vitscope's own errors are VitscopeErrors, not these
+            if isinstance(exc, VitscopeError):
+                raise
+            h, w = prep.image_size  # e.g. DPT's depth neck folds the tokens back into a square grid
+            raise VitscopeError(
+                "size", f"{name} fails on {H}x{W} inputs ({type(exc).__name__}: {_first_line(exc)[:120]})",
+                f"resize the images to its own size {h}x{w} (size=({h}, {w}), --size {h} {w})",
+            ) from None
 
     return checked
 

@@ -1,0 +1,172 @@
+"""The generic transformers route: composite models (text + vision, detection, depth, VLMs) are read through the
+vision transformer `vitscope.adapters.hf._find_tower` finds in them, and what a model cannot take is refused in
+one line.
+
+Each composite is a tiny random model saved with ``save_pretrained``; the reference is the same folder loaded
+with ``attn_implementation="eager"``, its vision tower run alone with ``output_attentions=True``. q/k are
+sharpened (`tests.capture.families.sharpen`, factor 16) so the reference's mean row maximum is above 0.2 (asserted):
+near-uniform attention would hide a wrong capture.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vitscope
+from tests.capture.families import sharpen
+from vitscope.adapters.hf import _find_tower
+from vitscope.errors import VitscopeError
+
+transformers = pytest.importorskip("transformers")
+
+V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+T = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+
+
+def _clip() -> Any:
+    return transformers.CLIPConfig(text_config=T, vision_config=V, projection_dim=8)
+
+
+def _blip() -> Any:
+    return transformers.BlipConfig(text_config=T, vision_config={**V, "initializer_range": 0.02})
+
+
+def _owlvit() -> Any:
+    return transformers.OwlViTConfig(text_config=T, vision_config=V, projection_dim=8)
+
+
+def _owlv2() -> Any:
+    return transformers.Owlv2Config(text_config=T, vision_config=V, projection_dim=8)
+
+
+def _chinese_clip() -> Any:
+    return transformers.ChineseCLIPConfig(text_config=T, vision_config=V, projection_dim=8)
+
+
+def _idefics3() -> Any:
+    text = dict(T, num_key_value_heads=2)
+    return transformers.Idefics3Config(vision_config=V, text_config=text, scale_factor=2)
+
+
+def _dpt() -> Any:
+    return transformers.DPTConfig(**V, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 8], fusion_hidden_size=8,
+                                  reassemble_factors=[1, 1], head_hidden_size=8)
+
+
+#: (id, class, config, where the vision transformer sits, whether it takes any input size)
+COMPOSITES: list[tuple[str, str, Callable[[], Any], str, bool]] = [
+    ("clip", "CLIPModel", _clip, "vision_model", True),
+    ("blip-captioning", "BlipForConditionalGeneration", _blip, "vision_model", True),
+    ("owlvit-detection", "OwlViTForObjectDetection", _owlvit, "owlvit.vision_model", True),
+    ("owlv2-detection", "Owlv2ForObjectDetection", _owlv2, "owlv2.vision_model", True),
+    ("chinese-clip", "ChineseCLIPModel", _chinese_clip, "vision_model", True),
+    ("idefics3", "Idefics3Model", _idefics3, "vision_model", True),
+    ("dpt-depth", "DPTForDepthEstimation", _dpt, "dpt", False),  # its neck folds tokens into a square grid
+]
+IDS = [c[0] for c in COMPOSITES]
+BY_ID = {c[0]: c for c in COMPOSITES}
+
+
+@cache
+def _built(cid: str, root: str) -> tuple[Any, Any, Path]:
+    _, cls_name, config, _, _ = BY_ID[cid]
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(0)
+    model = sharpen(cls(config()).eval(), 16.0)
+    folder = Path(root) / cid
+    model.save_pretrained(folder)
+    eager = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, eager, folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("composites"))
+
+
+def _reference(eager: Any, path: str, pixels: torch.Tensor) -> torch.Tensor:
+    tower = eager.get_submodule(path)
+    kw: dict[str, Any] = {"output_attentions": True}
+    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
+        kw["interpolate_pos_encoding"] = True
+    with torch.no_grad():
+        out = tower(pixel_values=pixels, **kw)
+    return torch.stack([a.float() for a in out.attentions])  # (L, B, H, N, N)
+
+
+@pytest.mark.parametrize(("size", "batch"), [((32, 32), 3), ((32, 48), 1)], ids=["square-b3", "wide-b1"])
+@pytest.mark.parametrize("cid", IDS)
+def test_composite_reads_its_vision_tower(cid: str, size: tuple[int, int], batch: int, root: str) -> None:
+    """The model object and its saved folder, zero declarations: exact against the eager tower's attention."""
+    _, _, _, path, any_size = BY_ID[cid]
+    model, eager, folder = _built(cid, root)
+    assert _find_tower(model) == path
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+    if size != (32, 32) and not any_size:
+        with pytest.raises(VitscopeError, match=r"^size: .*fails on 32x48 inputs") as err:
+            vitscope.capture(model, pixels)
+        assert "\n" not in str(err.value)
+        return
+    ref = _reference(eager, path, pixels)
+    assert ref.amax(-1).mean() > 0.2  # peaked rows: a wrong capture cannot pass as near-uniform
+    for source in (model, f"hf:{folder}"):
+        vit = vitscope.load(source)
+        attn = vitscope.capture(vit, pixels)
+        assert attn.grid == (size[0] // 8, size[1] // 8)
+        assert attn.weights.shape == ref.shape
+        diff = (attn.weights - ref).abs().max().item()
+        assert torch.allclose(attn.weights, ref, atol=1e-5), f"{cid} via {source!r}: max |diff| {diff:.2e}"
+
+
+def test_a_model_without_a_vision_transformer_is_refused_before_loading(tmp_path: Path) -> None:
+    """A text model's folder holds no weights here: the refusal comes from the structure, before any load."""
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(VitscopeError, match="no vision transformer") as err:
+        vitscope.load(f"hf:{tmp_path}")
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ what a model cannot take: one line
+def _clip_classifier() -> Any:
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(text_config=T, vision_config=V, num_labels=3)
+    return transformers.CLIPForImageClassification(cfg).eval()
+
+
+def _aimv2_learned() -> Any:
+    torch.manual_seed(0)
+    return transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**V, is_native=False)).eval()
+
+
+def _vitpose() -> Any:
+    from tests.capture.families import _vitpose_cfg
+
+    torch.manual_seed(0)
+    return transformers.VitPoseForPoseEstimation(_vitpose_cfg((32, 32))).eval()
+
+
+#: models whose learned position table fixes their input size (and that cannot interpolate it): another size is a
+#: one-line error naming ``size`` (today transformers' own ValueError / RuntimeError escaped)
+FIXED_SIZE: list[tuple[str, Callable[[], Any]]] = [
+    ("clip-for-image-classification", _clip_classifier), ("aimv2-learned", _aimv2_learned), ("vitpose", _vitpose),
+]
+
+
+@pytest.mark.parametrize("build", [f[1] for f in FIXED_SIZE], ids=[f[0] for f in FIXED_SIZE])
+def test_fixed_size_model_refuses_another_size_in_one_line(build: Callable[[], Any]) -> None:
+    model = build()
+    vit = vitscope.load(model)
+    assert not vit.info.preprocess.dynamic_size
+    vitscope.capture(vit, torch.randn(1, 3, 32, 32))  # its own size works
+    with pytest.raises(VitscopeError, match=r"^size: .*32x32 inputs only.*got 32x48") as err:
+        vitscope.capture(vit, torch.randn(1, 3, 32, 48))
+    assert "\n" not in str(err.value)
+    assert [n for n, m in model.named_modules() if any(
+        not str(getattr(h, "__module__", "")).startswith("transformers") for h in m._forward_hooks.values())] == []
