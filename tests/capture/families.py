@@ -212,7 +212,8 @@ def _explicit_reference(model: nn.Module
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     probs: list[torch.Tensor] = []
-    for blk in ref.blocks:
+    holder = ref if hasattr(ref, "blocks") else ref.encoder  # timm's VLM towers keep their blocks on .encoder
+    for blk in holder.blocks:
         blk.attn.attn_drop.register_forward_pre_hook(lambda _m, inp: probs.append(inp[0].detach().clone()))
 
     def reference(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +233,41 @@ def _timm(name: str, dynamic: bool = True, **extra: Any) -> Builder:
         if dynamic:
             kw["dynamic_img_size"] = True
         torch.manual_seed(0)
-        model = sharpen(timm.create_model(name, pretrained=False, **kw, **extra).eval(), factor)
+        model = sharpen(timm.create_model(name, pretrained=False, **{**kw, **extra}).eval(), factor)
+
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return main_tensor(model(pixels))
+
+        reference, explicit = _explicit_reference(model)
+        blocks = model.blocks if hasattr(model, "blocks") else model.encoder.blocks
+        return Built(model, model, reference, forward, list(blocks), explicit=explicit)
+
+    return build
+
+
+def _tiny_stem() -> nn.Module:
+    """A ResNet-like stem (two 3x3 stride-2 convolutions: 4 pixels per feature), as in timm's hybrid ViTs."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, stride=2, padding=1))
+
+
+def _timm_hybrid() -> Builder:
+    """timm's hybrid ViT (``vit_*_r26_*``, ``vit_*_r50_*``: a CNN stem, then a 1x1 ``HybridEmbed`` projection...)
+    with a tiny stem and a 2x2 projection: 8 pixels per token that only the stem's output shows (its declared
+    ``patch_size`` is the projection's 2)."""
+
+    def build(factor: float, size: tuple[int, int]) -> Built:
+        from functools import partial
+
+        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_hybrid import HybridEmbed
+
+        torch.manual_seed(0)
+        embed = partial(HybridEmbed, backbone=_tiny_stem(), patch_size=2)
+        model = VisionTransformer(img_size=size, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                  embed_layer=embed, dynamic_img_size=True).eval()
+        sharpen(model, factor)
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -465,6 +500,14 @@ FAMILIES: list[Family] = [
            per_size=True),
     Family("timm-naflexvit", "timm", "NaFlexVit",
            _timm("naflexvit_base_patch16_gap", dynamic=False, class_token=True, reg_tokens=4), REG4, 16.0),
+    # hybrid stem (grid measured from the stem's output) and the VLM towers (their blocks on .encoder)
+    Family("timm-vit-hybrid", "timm", "VisionTransformer (HybridEmbed)", _timm_hybrid(), CLS, 16.0),
+    Family("timm-qwen3-vit", "timm", "Qwen3VitClassifier", _timm("qwen3_vit_88m", dynamic=False), (), 16.0,
+           has_cls=False),
+    Family("timm-gemma4-vit", "timm", "Gemma4VitClassifier", _timm("gemma4_vit_167m", dynamic=False), (), 16.0,
+           has_cls=False),
+    Family("timm-deepseek-vit", "timm", "DeepseekVitClassifier", _timm("deepseek_vit_412m", dynamic=False), (), 16.0,
+           has_cls=False),
     # torchvision / open_clip: nn.MultiheadAttention
     Family("torchvision-vit", "torchvision", "VisionTransformer", _torchvision(), CLS, 2.0, square_only=True),
     Family("open-clip-vit", "open_clip", "VisionTransformer", _open_clip(), CLS, 2.0, per_size=True),

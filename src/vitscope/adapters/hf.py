@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional, window_of
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["from_hf_model", "load_hf", "siglip2_inputs"]
@@ -117,11 +117,16 @@ FAMILIES: dict[str, _Family] = {
     "dpt": _Family("dpt", HALF, HALF, "bicubic", "DPTModel", dynamic=True),
     "vitpose": _Family("vitpose", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitPoseForPoseEstimation"),
     "vitpose_backbone": _Family("vitpose", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitPoseBackbone"),
+    "sam": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamModel"),
+    "sam_vision_model": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamVisionModel"),
+    "vitdet": _Family("vitdet", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitDetModel"),
 }
 #: Families whose attention is windowed (no global attention over every patch): refused with this reason.
+#: SAM's image encoder and ViTDet are read: their global layers are capturable, their windowed ones refused per
+#: layer (`ModelInfo.layer_kinds`).
 WINDOWED = {
-    "swin": "Swin", "swinv2": "Swin V2", "donut-swin": "Donut Swin", "hiera": "Hiera", "sam": "SAM's image encoder",
-    "sam_vision_model": "SAM's image encoder", "maskformer-swin": "MaskFormer Swin", "dinat": "DiNAT", "nat": "NAT",
+    "swin": "Swin", "swinv2": "Swin V2", "donut-swin": "Donut Swin", "hiera": "Hiera",
+    "maskformer-swin": "MaskFormer Swin", "dinat": "DiNAT", "nat": "NAT",
 }
 _DINO = _Family("dino", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTModel")
 
@@ -832,7 +837,12 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
             labels = tuple(by_id[i] for i in range(num_classes))
     prep = _preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic)
     display = name or source or type(module).__name__
+    kinds = tuple("windowed" if window_of(site.block) > 0 else "global" for site in sites)
+    if "global" not in kinds:
+        raise NotAViTError("model", f"every layer of {display} attends within local windows: no layer has a global "
+                           "attention map", "use a global-attention ViT")
     info = ModelInfo(
+        layer_kinds=kinds if "windowed" in kinds else (),
         name=display, family=family.name, num_layers=len(sites),
         num_heads=sites[0].num_heads, embed_dim=int(getattr(vcfg, "hidden_size", 0) or 0), patch_size=patch,
         prefix=_prefix(tower, vcfg), preprocess=prep, num_classes=num_classes, labels=labels,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from vitscope.adapters.base import AttentionSite, SizePolicy
+from vitscope.adapters.base import AttentionSite, ModelInfo, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
 from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
@@ -28,6 +28,7 @@ from vitscope.capture.intercept import (
     observe_attention,
     refuse_compiled,
 )
+from vitscope.capture.windows import check_windowed_layers, windowed_call_error
 from vitscope.errors import VitscopeError
 from vitscope.layout import TokenLayout, resolve_indices
 
@@ -91,9 +92,13 @@ def attention_rows(
     return call.rows(rows, None, fuse_heads, out=out)
 
 
-def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int) -> None:
+def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int,
+                      batch: int = 0, info: ModelInfo | None = None) -> None:
     """The layer attends over exactly ``prefix + rows * cols`` tokens, queries and keys alike."""
     _, _, Nq, Nk = call.shape
+    windowed = windowed_call_error(call, expected, batch, info)
+    if windowed is not None:
+        raise windowed
     if Nq != expected or Nk != expected:
         raise CaptureError(
             "images", f"layer {call.layer} attends {Nq} queries over {Nk} keys, expected {expected} for a "
@@ -144,6 +149,7 @@ def capture_full(
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device, max_tokens=max_tokens)
     info = vit.info
     layer_ids = resolve_layers(layers, info.num_layers)
+    check_windowed_layers(info, layer_ids, default=layers is None)
     head_sel = resolve_heads(heads, info.num_heads)
     dev = pixels.device
     B, _, Hpx, Wpx = pixels.shape
@@ -163,7 +169,7 @@ def capture_full(
     to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, info.num_prefix_tokens)
+        check_call_tokens(call, N, grid, info.num_prefix_tokens, B, info)
         if call.layer in declared:
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
