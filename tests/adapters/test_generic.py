@@ -170,3 +170,95 @@ def test_fixed_size_model_refuses_another_size_in_one_line(build: Callable[[], A
     assert "\n" not in str(err.value)
     assert [n for n, m in model.named_modules() if any(
         not str(getattr(h, "__module__", "")).startswith("transformers") for h in m._forward_hooks.values())] == []
+
+
+# ----------------------------------------------------------------------------- windowed layers, refused per layer
+def _hf_sam() -> Any:
+    cfg = transformers.SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                       patch_size=8, mlp_dim=64, window_size=2, global_attn_indexes=[1],
+                                       output_channels=16, initializer_range=0.02)  # (its default 1e-10: uniform)
+    torch.manual_seed(0)
+    return sharpen(transformers.SamVisionModel(cfg).eval(), 16.0)
+
+
+def _hf_vitdet() -> Any:
+    cfg = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                    pretrain_image_size=32, patch_size=8, mlp_ratio=2, window_size=2,
+                                    window_block_indices=[0], use_relative_position_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.VitDetModel(cfg).eval()
+
+
+def _timm_samvit() -> Any:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("samvit_base_patch16", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, window_size=2, global_attn_indexes=(1,), neck_chans=16,
+                             num_classes=5).eval()
+
+
+#: SAM's image encoder (transformers, timm) and ViTDet: layer 0 windowed (2x2 windows), layer 1 global
+WINDOWED: list[tuple[str, Callable[[], Any]]] = [("hf-sam", _hf_sam), ("hf-vitdet", _hf_vitdet),
+                                                 ("timm-samvit", _timm_samvit)]
+
+
+def _user_hooks(model: Any) -> list[str]:
+    return [n for n, m in model.named_modules() if any(
+        not str(getattr(h, "__module__", "")).startswith("transformers")
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
+
+
+@pytest.mark.parametrize("build", [w[1] for w in WINDOWED], ids=[w[0] for w in WINDOWED])
+def test_windowed_layers_are_listed_and_refused_by_default(build: Callable[[], Any]) -> None:
+    """Loaded (today: refused whole, or unsupported), its layers listed; all layers (the default) is refused in one
+    line naming the windowed layer and the ``layers=[1]`` to select instead; layer 0 alone too."""
+    model = build()
+    vit = vitscope.load(model)
+    assert vit.info.layer_kinds == ("windowed", "global")
+    assert vit.info.global_layers == (1,) and vit.info.windowed_layers == (0,)
+    assert "global layers [1], windowed layers [0]" in vit.info.describe()
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.raises(VitscopeError, match=r"^layers: every layer is selected by default, and layers \[0\] .* local "
+                       r"windows.*layers=\[1\] \(CLI: --layers 1\)") as err:
+        vitscope.capture(vit, pixels)
+    assert "\n" not in str(err.value)
+    with pytest.raises(VitscopeError, match=r"^layers: layers \[0\] .* local windows"):
+        vitscope.capture(vit, pixels, layers=[0])
+    assert _user_hooks(model) == []
+
+
+def test_sam_global_layer_is_exact_and_a_windowed_call_is_measured(tmp_path: Path) -> None:
+    """SAM's global layer against its own eager attention; with the declaration removed, the windowed layer is
+    still refused, from what its attention call measures (4 windows of 4 keys per image, not 16 tokens)."""
+    import dataclasses
+
+    model = _hf_sam()
+    model.save_pretrained(tmp_path)
+    eager = transformers.SamVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = eager(pixel_values=pixels, output_attentions=True).attentions[1].float()  # (B*H, N, N), batch-major
+    ref = ref.reshape(3, 2, 16, 16)
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    for source in (model, f"hf:{tmp_path}"):
+        attn = vitscope.capture(vitscope.load(source), pixels, layers=[1])
+        assert attn.weights.shape == (1, 3, 2, 16, 16)
+        diff = (attn.weights[0] - ref).abs().max().item()
+        assert torch.allclose(attn.weights[0], ref, atol=1e-5), f"SAM global layer via {source!r}: {diff:.2e}"
+    vit = vitscope.load(model)
+    undeclared = vitscope.adapters.VitModel(model, dataclasses.replace(vit.info, layer_kinds=()), vit.sites,
+                                            forward=vit._forward)
+    with pytest.raises(VitscopeError, match=r"^layers: layer 0 attends within 4 local windows of 4 tokens") as err:
+        vitscope.capture(undeclared, pixels[:2])
+    assert "\n" not in str(err.value)
+    assert _user_hooks(model) == []
+
+
+def test_sam2_hiera_is_refused_in_one_line() -> None:
+    """``vitscope.load(timm.create_model("sam2_hiera_tiny"))`` raised a TypeError inside the adapter."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("sam2_hiera_tiny", pretrained=False, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
+                              global_att_blocks=(1,))
+    with pytest.raises(VitscopeError, match=r"^model: HieraDet \(SAM2's Hiera\) attends within local windows") as err:
+        vitscope.load(model)
+    assert "\n" not in str(err.value)
