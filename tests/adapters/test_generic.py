@@ -262,3 +262,44 @@ def test_sam2_hiera_is_refused_in_one_line() -> None:
     with pytest.raises(VitscopeError, match=r"^model: HieraDet \(SAM2's Hiera\) attends within local windows") as err:
         vitscope.load(model)
     assert "\n" not in str(err.value)
+
+
+def test_cli_info_lists_global_and_windowed_layers(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitscope.cli import app
+
+    _hf_sam().save_pretrained(tmp_path)
+    res = CliRunner().invoke(app, ["info", "--model", f"hf:{tmp_path}", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert data["global_layers"] == [1] and data["windowed_layers"] == [0]
+    res = CliRunner().invoke(app, ["info", "--model", f"hf:{tmp_path}"])
+    assert res.exit_code == 0 and "global layers [1], windowed layers [0]" in res.output, res.output
+
+
+# --------------------------------------------------------------------- Pixtral: one image per pass (packed batch)
+def test_pixtral_one_image_exact_at_its_own_aspect_and_a_batch_refused(tmp_path: Path) -> None:
+    """Pixtral packs a batch into one sequence (a block-diagonal mask): one image is exact against its eager
+    attention, square and non-square (RoPE: any size); several images are refused in one line."""
+    cfg = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, image_size=32, patch_size=8, head_dim=16)
+    torch.manual_seed(0)
+    model = sharpen(transformers.PixtralVisionModel(cfg).eval(), 16.0)
+    model.save_pretrained(tmp_path)
+    eager = transformers.PixtralVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    vit = vitscope.load(f"hf:{tmp_path}")
+    assert vit.info.prefix == () and vit.info.preprocess.dynamic_size
+    for size in ((32, 32), (32, 48)):
+        pixels = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = torch.stack([a.float() for a in eager(pixel_values=pixels, output_attentions=True).attentions])
+        assert ref.amax(-1).mean() > 0.2  # peaked rows
+        attn = vitscope.capture(vit, pixels)
+        assert attn.grid == (size[0] // 8, size[1] // 8) and attn.weights.shape == ref.shape
+        assert torch.allclose(attn.weights, ref, atol=1e-5), (attn.weights - ref).abs().max()
+    with pytest.raises(VitscopeError, match=r"^images: Pixtral packs a batch of 3 images") as err:
+        vitscope.capture(vit, torch.randn(3, 3, 32, 32))
+    assert "\n" not in str(err.value)
