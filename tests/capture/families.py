@@ -480,7 +480,7 @@ FAMILIES: list[Family] = [
            _hf("Idefics3VisionTransformer", _cfg("Idefics3VisionConfig")), (), 16.0, has_cls=False),
     Family("hf-smolvlm", "hf", "SmolVLMVisionTransformer",
            _hf("SmolVLMVisionTransformer", _cfg("SmolVLMVisionConfig")), (), 16.0, has_cls=False),
-    Family("hf-mlcd", "hf", "MLCDVisionModel", _hf("MLCDVisionModel", _cfg("MLCDVisionConfig")), CLS, 16.0),
+    Family("hf-mlcd", "hf", "MLCDVisionModel", _hf("MLCDVisionModel", _cfg("MLCDVisionConfig")), CLS, 4.0),
     # timm 1.x: the module itself
     Family("timm-vit", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224"), CLS, 16.0),
     Family("timm-vit-reg4", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224", reg_tokens=4), REG4, 16.0),
@@ -504,7 +504,7 @@ FAMILIES: list[Family] = [
     Family("timm-vit-hybrid", "timm", "VisionTransformer (HybridEmbed)", _timm_hybrid(), CLS, 16.0),
     Family("timm-qwen3-vit", "timm", "Qwen3VitClassifier", _timm("qwen3_vit_88m", dynamic=False), (), 16.0,
            has_cls=False),
-    Family("timm-gemma4-vit", "timm", "Gemma4VitClassifier", _timm("gemma4_vit_167m", dynamic=False), (), 16.0,
+    Family("timm-gemma4-vit", "timm", "Gemma4VitClassifier", _timm("gemma4_vit_167m", dynamic=False), (), 1.0,
            has_cls=False),
     Family("timm-deepseek-vit", "timm", "DeepseekVitClassifier", _timm("deepseek_vit_412m", dynamic=False), (), 16.0,
            has_cls=False),

@@ -1,4 +1,12 @@
-"""Hugging Face ``transformers`` ViTs: ViT, DINO, DeiT, DINOv2 (+ registers), CLIP and SigLIP/SigLIP2 towers.
+"""Hugging Face ``transformers`` ViTs: any model whose vision transformer can be found (`_find_tower`).
+
+The vision transformer is found by structure, not by class: a patch embedding and the layers after it whose
+attention modules own q/k/v projections (separate or a fused ``qkv``). Composites (CLIP, SigLIP, BLIP/BLIP-2,
+OWL-ViT/OWLv2, ChineseCLIP), VLM towers (Idefics3/SmolVLM, Pixtral), MLCD, DPT, VitPose, SAM's image encoder
+and ViTDet are read that way; ``FAMILIES`` only gives preprocessing defaults and names. Layers that attend within
+windows (SAM, ViTDet) are listed in ``ModelInfo.layer_kinds`` and refused per layer at capture.
+
+The families below were read before the generic route and keep their details:
 
 Supported classes (any head: base model, ``...ForImageClassification``, DeiT's ``...WithTeacher``):
 
