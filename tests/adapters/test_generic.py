@@ -303,3 +303,36 @@ def test_pixtral_one_image_exact_at_its_own_aspect_and_a_batch_refused(tmp_path:
     with pytest.raises(VitscopeError, match=r"^images: Pixtral packs a batch of 3 images") as err:
         vitscope.capture(vit, torch.randn(3, 3, 32, 32))
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ timm's real hybrid and VLM-tower builders
+#: (timm name, kwargs at a small size, pixels per token the stem gives); built by timm's own entrypoints (seconds
+#: each: slow). The fast family table has a tiny hybrid stem (`tests.capture.families._timm_hybrid`).
+TIMM_NAMED = [
+    ("vit_small_r26_s32_224", dict(img_size=64, embed_dim=32, depth=2, num_heads=2), 32),
+    ("vit_base_r50_s16_224", dict(img_size=64, embed_dim=32, depth=2, num_heads=2), 16),
+    ("vit_base_mci_224", dict(img_size=64, depth=2, num_heads=2), 16),
+    ("vitamin_small_224", dict(img_size=64, depth=2), 16),
+    ("qwen3_vit_88m", dict(img_size=64, embed_dim=32, depth=2, num_heads=2), 16),
+    ("gemma4_vit_167m", dict(embed_dim=32, depth=2, num_heads=2), 16),
+    ("deepseek_vit_412m", dict(img_size=64, embed_dim=32, depth=2, num_heads=2), 14),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kwargs", "patch"), TIMM_NAMED, ids=[t[0] for t in TIMM_NAMED])
+def test_timm_named_hybrids_and_towers_load_by_name(name: str, kwargs: dict[str, Any], patch: int) -> None:
+    """``timm:<name>``: the measured pixels per token, and a capture at another size than the built one (where
+    the model takes it) exact against timm's explicit attention."""
+    from tests.capture.families import _explicit_reference
+
+    vit = vitscope.load(f"timm:{name}", num_classes=5, **kwargs)
+    assert vit.info.patch_size == (patch, patch)
+    size = (2 * patch, 3 * patch) if vit.info.preprocess.dynamic_size else vit.info.preprocess.image_size
+    sharpen(vit.module, 4.0)
+    reference, _ = _explicit_reference(vit.module)
+    pixels = torch.randn(2, vit.info.preprocess.channels, *size, generator=torch.Generator().manual_seed(1))
+    ref, _ = reference(pixels)
+    attn = vitscope.capture(vit, pixels)
+    assert attn.grid == (size[0] // patch, size[1] // patch) and attn.weights.shape == ref.shape
+    assert torch.allclose(attn.weights, ref, atol=1e-5), (attn.weights - ref).abs().max()
