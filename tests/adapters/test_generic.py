@@ -336,3 +336,33 @@ def test_timm_named_hybrids_and_towers_load_by_name(name: str, kwargs: dict[str,
     attn = vitscope.capture(vit, pixels)
     assert attn.grid == (size[0] // patch, size[1] // patch) and attn.weights.shape == ref.shape
     assert torch.allclose(attn.weights, ref, atol=1e-5), (attn.weights - ref).abs().max()
+
+
+def test_dpt_hybrid_reads_its_vit_after_the_bit_stem(tmp_path: Path) -> None:
+    """DPT-hybrid: a BiT stem (16 pixels per feature) then a 1x1 projection: the tower is found from that
+    projection, the patch measured from its output grid; exact against the eager attention; another size refused
+    in one line (its position table is fixed)."""
+    bit = transformers.BitConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 1],
+                                 num_groups=4, layer_type="bottleneck", global_padding="same",
+                                 out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True)
+    cfg = transformers.DPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=64, patch_size=16, is_hybrid=True, backbone_config=bit,
+                                 backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+                                 reassemble_factors=[1, 1, 1, 1], backbone_featmap_shape=[1, 32, 4, 4])
+    torch.manual_seed(0)
+    model = sharpen(transformers.DPTModel(cfg).eval(), 16.0)
+    model.save_pretrained(tmp_path)
+    eager = transformers.DPTModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = torch.stack([a.float() for a in eager(pixel_values=pixels, output_attentions=True).attentions])
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    for source in (model, f"hf:{tmp_path}"):
+        vit = vitscope.load(source)
+        assert vit.info.patch_size == (16, 16) and vit.info.prefix == ("cls",)
+        attn = vitscope.capture(vit, pixels)
+        assert attn.grid == (4, 4) and attn.weights.shape == ref.shape
+        assert torch.allclose(attn.weights, ref, atol=1e-5), (attn.weights - ref).abs().max()
+    with pytest.raises(VitscopeError, match=r"^size: .*fails on 64x96 inputs") as err:
+        vitscope.capture(vit, torch.randn(1, 3, 64, 96))
+    assert "\n" not in str(err.value)

@@ -383,11 +383,15 @@ def _check_config(config: Any, where: object) -> None:
 
 
 # ------------------------------------------------------------------------------------------- description
-def _is_patch_embedding(name: str, m: nn.Module) -> bool:
-    """A patch embedding: a strided convolution whose kernel is its stride (``Conv2d(3, D, p, stride=p)``), or a
-    Linear named as one (SigLIP2's NaFlex patches arrive flattened)."""
+def _is_patch_embedding(name: str, m: nn.Module, root: nn.Module | None = None) -> bool:
+    """A patch embedding: a strided convolution whose kernel is its stride (``Conv2d(3, D, p, stride=p)``), a
+    Linear named as one (SigLIP2's NaFlex patches arrive flattened), or a hybrid's projection (a convolution
+    beside a CNN ``backbone`` in the same embeddings module: DPT-hybrid's 1x1 ``projection`` after BiT)."""
     if isinstance(m, nn.Conv2d):
-        return tuple(m.kernel_size) == tuple(m.stride) and max(m.kernel_size) > 1
+        if tuple(m.kernel_size) == tuple(m.stride) and max(m.kernel_size) > 1:
+            return True
+        parent = root.get_submodule(name.rsplit(".", 1)[0]) if root is not None and "." in name else None
+        return tuple(m.kernel_size) == tuple(m.stride) and isinstance(getattr(parent, "backbone", None), nn.Module)
     return isinstance(m, nn.Linear) and "patch" in name.rsplit(".", 1)[-1]
 
 
@@ -404,7 +408,7 @@ def _find_tower(module: nn.Module) -> str:
     names = [n for n, m in module.named_modules() if _is_attention(m)]
     found: dict[str, int] = {}
     for pname, m in module.named_modules():
-        if not pname or not _is_patch_embedding(pname, m):
+        if not pname or not _is_patch_embedding(pname, m, module):
             continue
         parts = pname.split(".")
         for i in range(len(parts) - 1, -1, -1):
@@ -510,13 +514,41 @@ def _sites(tower: nn.Module, vcfg: Any) -> list[AttentionSite]:
 
 
 def _patch_size(tower: nn.Module, vcfg: Any) -> tuple[int, int]:
-    """The patch size: the patch embedding's own kernel (a strided conv), else the config's ``patch_size``."""
-    conv = next((m for n, m in tower.named_modules() if n and isinstance(m, nn.Conv2d) and _is_patch_embedding(n, m)),
-                None)
-    if conv is not None:
+    """The patch size: the patch embedding's own kernel (a strided conv), else the config's ``patch_size``; a
+    hybrid's (a CNN backbone, then a projection) is measured: its embeddings run on a blank image of the model's
+    size, the projection's output grid read, cross-checked against the config."""
+    found = [(n, m) for n, m in tower.named_modules()
+             if n and isinstance(m, nn.Conv2d) and _is_patch_embedding(n, m, tower)]
+    if not found:
+        return _pair(vcfg.patch_size)
+    name, conv = found[0]
+    owner = tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tower
+    if not isinstance(getattr(owner, "backbone", None), nn.Module):
         kh, kw = conv.kernel_size
         return (int(kh), int(kw))
-    return _pair(vcfg.patch_size)
+    return _measured_hybrid_patch(owner, conv, vcfg)
+
+
+def _measured_hybrid_patch(embeddings: nn.Module, conv: nn.Conv2d, vcfg: Any) -> tuple[int, int]:
+    from vitscope._hooks import eval_mode
+
+    H, W = _pair(getattr(vcfg, "image_size", 224))
+    grids: list[tuple[int, int]] = []
+    handle = conv.register_forward_hook(lambda _m, _i, out: grids.append((int(out.shape[-2]), int(out.shape[-1]))))
+    param = next(embeddings.parameters(), None)
+    try:
+        with torch.no_grad(), eval_mode(embeddings):
+            blank = torch.zeros(1, int(getattr(vcfg, "num_channels", 3)), H, W,
+                                device=param.device if param is not None else None,
+                                dtype=param.dtype if param is not None else None)
+            embeddings(blank)
+    except Exception:  # embeddings that need more than pixels: the config's patch size
+        return _pair(vcfg.patch_size)
+    finally:
+        handle.remove()
+    if not grids or H % grids[0][0] or W % grids[0][1]:
+        return _pair(vcfg.patch_size)
+    return (H // grids[0][0], W // grids[0][1])
 
 
 def _prefix(tower: nn.Module, vcfg: Any) -> tuple[str, ...]:
