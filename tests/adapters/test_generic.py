@@ -366,3 +366,21 @@ def test_dpt_hybrid_reads_its_vit_after_the_bit_stem(tmp_path: Path) -> None:
     with pytest.raises(VitscopeError, match=r"^size: .*fails on 64x96 inputs") as err:
         vitscope.capture(vit, torch.randn(1, 3, 64, 96))
     assert "\n" not in str(err.value)
+
+
+def test_windowed_layers_refused_on_the_streaming_and_gradient_paths_too() -> None:
+    """`fused_attention` (streaming) and the gradient methods select layers as capture does: the same one line;
+    their global layer still works."""
+    from vitscope.capture.streaming import fused_attention
+    from vitscope.methods import grad_rollout
+
+    model = _hf_sam()
+    vit = vitscope.load(model)
+    pixels = torch.randn(1, 3, 32, 32)
+    for run in (lambda: fused_attention(vit, pixels), lambda: grad_rollout(vit, pixels)):
+        with pytest.raises(VitscopeError, match=r"^layers: (every layer .*, and )?layers \[0\] of .* local windows"):
+            run()
+    fused = fused_attention(vit, pixels, layers=[1])
+    ref = vitscope.capture(vit, pixels, layers=[1]).weights.mean(dim=2)  # (1, B, N, N), heads averaged
+    assert torch.allclose(fused, ref, atol=1e-5)
+    assert _user_hooks(model) == []
