@@ -216,7 +216,8 @@ def info(
     random_weights: RandomOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as one JSON object.")] = False,
 ) -> None:
-    """Describe a model: layers, heads, patch size, prefix tokens, preprocessing."""
+    """Describe a model: layers (which attend globally, which within windows), heads, patch size, prefix tokens,
+    preprocessing."""
     vit = _load_model(model, checkpoint, random_weights)
     i, p = vit.info, vit.info.preprocess
     if as_json:
@@ -226,6 +227,7 @@ def info(
             "name": i.name, "family": i.family, "num_layers": i.num_layers, "num_heads": i.num_heads,
             "patch_size": list(i.patch_size), "prefix": list(i.prefix), "num_prefix_tokens": i.num_prefix_tokens,
             "labels": len(i.labels) if i.labels is not None else None,
+            "global_layers": list(i.global_layers), "windowed_layers": list(i.windowed_layers),
             "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
                            "std": list(p.std), "resample": p.resample, "dynamic_size": p.dynamic_size,
                            "channels": p.channels},

@@ -69,7 +69,7 @@ def main_tensor(output: Any) -> torch.Tensor:
     """The tensor a family's forward is judged by: itself, ``last_hidden_state``, ``logits`` or the first item."""
     if isinstance(output, torch.Tensor):
         return output
-    for key in ("last_hidden_state", "logits"):
+    for key in ("last_hidden_state", "logits", "heatmaps"):
         value = getattr(output, key, None)
         if isinstance(value, torch.Tensor):
             return value
@@ -125,14 +125,15 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
         return False
 
 
-def _hf(cls_name: str, config: Callable[[], Any], mae: bool = False) -> Builder:
-    def build(factor: float, _size: tuple[int, int]) -> Built:
+def _hf(cls_name: str, config: Callable[[tuple[int, int]], Any], mae: bool = False) -> Builder:
+    def build(factor: float, size: tuple[int, int]) -> Built:
         import transformers
 
         cls = getattr(transformers, cls_name)
         torch.manual_seed(0)
-        module = sharpen(cls(config()).eval(), factor)
-        assert module.config._attn_implementation == "sdpa"  # capture runs transformers' default kernel
+        module = sharpen(cls(config(size)).eval(), factor)
+        # capture runs transformers' default kernel: SDPA where the class has it (BLIP, ChineseCLIP: eager only)
+        assert module.config._attn_implementation == ("sdpa" if cls._supports_sdpa else "eager")
         folder = Path(tempfile.mkdtemp(dir=_TMP.name))
         module.save_pretrained(folder)
         eager = cls.from_pretrained(folder, attn_implementation="eager").eval()
@@ -177,13 +178,28 @@ def _hf_common(**extra: Any) -> dict[str, Any]:
                 patch_size=PATCH, **extra)
 
 
-def _cfg(name: str, **extra: Any) -> Callable[[], Any]:
-    def make() -> Any:
+def _cfg(name: str, sized: bool = False, **extra: Any) -> Callable[[tuple[int, int]], Any]:
+    """A tiny config; ``sized``: built for the input size (a learned position table of that grid, per_size)."""
+
+    def make(size: tuple[int, int]) -> Any:
         import transformers
 
-        return getattr(transformers, name)(**_hf_common(**extra))
+        common = _hf_common(**extra)
+        if sized:
+            common["image_size"] = list(size)
+        return getattr(transformers, name)(**common)
 
     return make
+
+
+def _vitpose_cfg(size: tuple[int, int]) -> Any:
+    """VitPose: a ViT backbone (its learned position table fixes the input size: built per size) and a heatmap
+    head; vitscope runs the whole model (it needs only pixels)."""
+    import transformers
+
+    backbone = transformers.VitPoseBackboneConfig(**{**_hf_common(), "image_size": list(size), "patch_size": [PATCH] * 2},
+                                                  out_indices=[2])
+    return transformers.VitPoseConfig(backbone_config=backbone)
 
 
 # --------------------------------------------------------------------------------------------------- timm
@@ -196,7 +212,8 @@ def _explicit_reference(model: nn.Module
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     probs: list[torch.Tensor] = []
-    for blk in ref.blocks:
+    holder = ref if hasattr(ref, "blocks") else ref.encoder  # timm's VLM towers keep their blocks on .encoder
+    for blk in holder.blocks:
         blk.attn.attn_drop.register_forward_pre_hook(lambda _m, inp: probs.append(inp[0].detach().clone()))
 
     def reference(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +233,41 @@ def _timm(name: str, dynamic: bool = True, **extra: Any) -> Builder:
         if dynamic:
             kw["dynamic_img_size"] = True
         torch.manual_seed(0)
-        model = sharpen(timm.create_model(name, pretrained=False, **kw, **extra).eval(), factor)
+        model = sharpen(timm.create_model(name, pretrained=False, **{**kw, **extra}).eval(), factor)
+
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return main_tensor(model(pixels))
+
+        reference, explicit = _explicit_reference(model)
+        blocks = model.blocks if hasattr(model, "blocks") else model.encoder.blocks
+        return Built(model, model, reference, forward, list(blocks), explicit=explicit)
+
+    return build
+
+
+def _tiny_stem() -> nn.Module:
+    """A ResNet-like stem (two 3x3 stride-2 convolutions: 4 pixels per feature), as in timm's hybrid ViTs."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, stride=2, padding=1))
+
+
+def _timm_hybrid() -> Builder:
+    """timm's hybrid ViT (``vit_*_r26_*``, ``vit_*_r50_*``: a CNN stem, then a 1x1 ``HybridEmbed`` projection...)
+    with a tiny stem and a 2x2 projection: 8 pixels per token that only the stem's output shows (its declared
+    ``patch_size`` is the projection's 2)."""
+
+    def build(factor: float, size: tuple[int, int]) -> Built:
+        from functools import partial
+
+        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_hybrid import HybridEmbed
+
+        torch.manual_seed(0)
+        embed = partial(HybridEmbed, backbone=_tiny_stem(), patch_size=2)
+        model = VisionTransformer(img_size=size, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                  embed_layer=embed, dynamic_img_size=True).eval()
+        sharpen(model, factor)
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -415,6 +466,21 @@ FAMILIES: list[Family] = [
     Family("hf-aimv2-learned", "hf", "Aimv2VisionModel",
            _hf("Aimv2VisionModel", _cfg("Aimv2VisionConfig", is_native=False)), (), 16.0, has_cls=False,
            square_only=True),  # a learned 4x4 position table: one input size
+    # found by structure (vitscope.adapters.hf._find_tower): vision towers of composites, VLMs, depth and pose
+    Family("hf-blip", "hf", "BlipVisionModel", _hf("BlipVisionModel", _cfg("BlipVisionConfig", initializer_range=0.02)), CLS, 16.0),
+    Family("hf-blip2", "hf", "Blip2VisionModel", _hf("Blip2VisionModel", _cfg("Blip2VisionConfig", initializer_range=0.02)), CLS, 16.0),
+    Family("hf-owlvit", "hf", "OwlViTVisionModel", _hf("OwlViTVisionModel", _cfg("OwlViTVisionConfig")), CLS, 4.0),
+    Family("hf-owlv2", "hf", "Owlv2VisionModel", _hf("Owlv2VisionModel", _cfg("Owlv2VisionConfig")), CLS, 4.0),
+    Family("hf-chinese-clip", "hf", "ChineseCLIPVisionModel",
+           _hf("ChineseCLIPVisionModel", _cfg("ChineseCLIPVisionConfig")), CLS, 4.0),
+    Family("hf-dpt", "hf", "DPTModel", _hf("DPTModel", _cfg("DPTConfig")), CLS, 16.0),
+    Family("hf-vitpose", "hf", "VitPoseForPoseEstimation",
+           _hf("VitPoseForPoseEstimation", _vitpose_cfg), (), 16.0, has_cls=False, per_size=True),
+    Family("hf-idefics3", "hf", "Idefics3VisionTransformer",
+           _hf("Idefics3VisionTransformer", _cfg("Idefics3VisionConfig")), (), 16.0, has_cls=False),
+    Family("hf-smolvlm", "hf", "SmolVLMVisionTransformer",
+           _hf("SmolVLMVisionTransformer", _cfg("SmolVLMVisionConfig")), (), 16.0, has_cls=False),
+    Family("hf-mlcd", "hf", "MLCDVisionModel", _hf("MLCDVisionModel", _cfg("MLCDVisionConfig")), CLS, 4.0),
     # timm 1.x: the module itself
     Family("timm-vit", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224"), CLS, 16.0),
     Family("timm-vit-reg4", "timm", "VisionTransformer", _timm("vit_tiny_patch16_224", reg_tokens=4), REG4, 16.0),
@@ -434,6 +500,14 @@ FAMILIES: list[Family] = [
            per_size=True),
     Family("timm-naflexvit", "timm", "NaFlexVit",
            _timm("naflexvit_base_patch16_gap", dynamic=False, class_token=True, reg_tokens=4), REG4, 16.0),
+    # hybrid stem (grid measured from the stem's output) and the VLM towers (their blocks on .encoder)
+    Family("timm-vit-hybrid", "timm", "VisionTransformer (HybridEmbed)", _timm_hybrid(), CLS, 16.0),
+    Family("timm-qwen3-vit", "timm", "Qwen3VitClassifier", _timm("qwen3_vit_88m", dynamic=False), (), 16.0,
+           has_cls=False),
+    Family("timm-gemma4-vit", "timm", "Gemma4VitClassifier", _timm("gemma4_vit_167m", dynamic=False), (), 1.0,
+           has_cls=False),
+    Family("timm-deepseek-vit", "timm", "DeepseekVitClassifier", _timm("deepseek_vit_412m", dynamic=False), (), 16.0,
+           has_cls=False),
     # torchvision / open_clip: nn.MultiheadAttention
     Family("torchvision-vit", "torchvision", "VisionTransformer", _torchvision(), CLS, 2.0, square_only=True),
     Family("open-clip-vit", "open_clip", "VisionTransformer", _open_clip(), CLS, 2.0, per_size=True),

@@ -17,6 +17,11 @@ family's q/k factor from the table (id factor: square wide):
     timm-beit 16: .67 .57          timm-relpos 4: .74 .71           timm-naflexvit 16: .57 .53
     torchvision-vit 2: .43 (square only)  open-clip-vit 2: .41 .37
     vitscope-vit 16: .59 .55       vitscope-vit-reg4 16: .55 .51    custom-wrap 4: .70 .68
+    hf-blip 16: .60 .56            hf-blip2 16: .62 .55             hf-owlvit 4: .69 .68
+    hf-owlv2 4: .69 .68            hf-chinese-clip 4: .69 .68       hf-dpt 16: .58 .53
+    hf-vitpose 16: .52 .49         hf-idefics3 16: .62 .55          hf-smolvlm 16: .62 .55
+    hf-mlcd 4: .64 .64             timm-vit-hybrid 16: .57 .51      timm-qwen3-vit 16: .62 .58
+    timm-gemma4-vit 1: .83 .79 (q/k-normed: peaked unsharpened)     timm-deepseek-vit 16: .61 .59
 With factor 8 most stayed at .13-.20, with 1 (the init) at .06-.13: near uniform over 17-29 tokens.
 """
 
@@ -54,8 +59,14 @@ def _family(fid: str, sname: str) -> tuple[Family, Built]:
     return fam, built(fid, SIZES[sname])
 
 
+def _not_the_models_own(hooks: Any) -> bool:
+    """Hooks other than the ones transformers installs at construction (VitPose's output recorders)."""
+    return any(not str(getattr(h, "__module__", "")).startswith("transformers") for h in hooks.values())
+
+
 def _hooked(module: nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    return [name for name, m in module.named_modules()
+            if _not_the_models_own(m._forward_hooks) or _not_the_models_own(m._forward_pre_hooks)]
 
 
 def _modes_active() -> int:

@@ -21,6 +21,7 @@ from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
     "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "import_optional", "refuse_compiled",
+    "window_of",
 ]
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class ModelInfo:
     labels: tuple[str, ...] | None = None
     suffix: tuple[str, ...] = ()
     measured: bool = False
+    #: per layer ``"global"`` or ``"windowed"`` (SAM, ViTDet: windowed blocks between global ones); empty when
+    #: every layer attends globally. Windowed layers have no global map: capturing one is refused.
+    layer_kinds: tuple[str, ...] = ()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -53,6 +57,17 @@ class ModelInfo:
     def num_suffix_tokens(self) -> int:
         return len(self.suffix)
 
+    @property
+    def windowed_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that attend within local windows (no global attention map)."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds) if kind == "windowed")
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with a global attention map (every layer unless some are windowed)."""
+        windowed = set(self.windowed_layers)
+        return tuple(i for i in range(self.num_layers) if i not in windowed)
+
     def describe(self) -> str:
         ph, pw = self.patch_size
         kinds = ", ".join(self.prefix) or "none"
@@ -60,10 +75,14 @@ class ModelInfo:
             kinds = "measured on first use"
         h, w = self.preprocess.image_size
         after = f", suffix tokens [{len(self.suffix)} {self.suffix[0]}]" if self.suffix else ""
-        return (
+        text = (
             f"{self.name} ({self.family}): {self.num_layers} layers x {self.num_heads} heads, dim {self.embed_dim}, "
             f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}"
         )
+        if self.windowed_layers:
+            text += (f"; global layers {list(self.global_layers)}, windowed layers {list(self.windowed_layers)} "
+                     "(no global map)")
+        return text
 
 
 TapLayout = Literal["flat", "heads", "qkv"]
@@ -200,6 +219,16 @@ class VitModel:
 
     def __repr__(self) -> str:
         return f"VitModel({self.info.describe()})"
+
+
+def window_of(block: nn.Module) -> int:
+    """A block's attention window side as it declares it (0: global): SAM's image encoder (transformers and
+    timm) and ViTDet set ``window_size`` on their windowed blocks and 0 on their global ones; a tuple is read as
+    its largest side. A declaration only: capture measures each layer's attention call (its key count and batch)."""
+    w = getattr(block, "window_size", 0) or 0
+    if isinstance(w, (tuple, list)):
+        return max((int(v) for v in w), default=0)
+    return int(w) if isinstance(w, (int, float)) else 0
 
 
 def refuse_compiled(module: nn.Module) -> None:

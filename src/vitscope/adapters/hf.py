@@ -1,4 +1,12 @@
-"""Hugging Face ``transformers`` ViTs: ViT, DINO, DeiT, DINOv2 (+ registers), CLIP and SigLIP/SigLIP2 towers.
+"""Hugging Face ``transformers`` ViTs: any model whose vision transformer can be found (`_find_tower`).
+
+The vision transformer is found by structure, not by class: a patch embedding and the layers after it whose
+attention modules own q/k/v projections (separate or a fused ``qkv``). Composites (CLIP, SigLIP, BLIP/BLIP-2,
+OWL-ViT/OWLv2, ChineseCLIP), VLM towers (Idefics3/SmolVLM, Pixtral), MLCD, DPT, VitPose, SAM's image encoder
+and ViTDet are read that way; ``FAMILIES`` only gives preprocessing defaults and names. Layers that attend within
+windows (SAM, ViTDet) are listed in ``ModelInfo.layer_kinds`` and refused per layer at capture.
+
+The families below were read before the generic route and keep their details:
 
 Supported classes (any head: base model, ``...ForImageClassification``, DeiT's ``...WithTeacher``):
 
@@ -53,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional, window_of
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["from_hf_model", "load_hf", "siglip2_inputs"]
@@ -72,6 +80,7 @@ class _Family:
     std: tuple[float, float, float]
     resample: str
     default_class: str
+    dynamic: bool = False  # any input size without interpolate_pos_encoding (RoPE, bucketed or resampled positions)
 
 
 #: ``config.model_type`` -> family defaults (used when a folder has no preprocessor config).
@@ -97,11 +106,36 @@ FAMILIES: dict[str, _Family] = {
     "aimv2_vision_model": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2VisionModel"),
     "aimv2": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2Model"),
     "yolos": _Family("yolos", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "YolosModel"),
+    # found by structure (`_find_tower`): only their naming and preprocessing are family-specific
+    "blip": _Family("blip", CLIP_MEAN, CLIP_STD, "bicubic", "BlipModel"),
+    "blip_vision_model": _Family("blip", CLIP_MEAN, CLIP_STD, "bicubic", "BlipVisionModel"),
+    "blip-2": _Family("blip-2", CLIP_MEAN, CLIP_STD, "bicubic", "Blip2Model"),
+    "blip_2_vision_model": _Family("blip-2", CLIP_MEAN, CLIP_STD, "bicubic", "Blip2VisionModel"),
+    "owlvit": _Family("owlvit", CLIP_MEAN, CLIP_STD, "bicubic", "OwlViTModel"),
+    "owlvit_vision_model": _Family("owlvit", CLIP_MEAN, CLIP_STD, "bicubic", "OwlViTVisionModel"),
+    "owlv2": _Family("owlv2", CLIP_MEAN, CLIP_STD, "bilinear", "Owlv2Model"),
+    "owlv2_vision_model": _Family("owlv2", CLIP_MEAN, CLIP_STD, "bilinear", "Owlv2VisionModel"),
+    "chinese_clip": _Family("chinese_clip", CLIP_MEAN, CLIP_STD, "bicubic", "ChineseCLIPModel"),
+    "chinese_clip_vision_model": _Family("chinese_clip", CLIP_MEAN, CLIP_STD, "bicubic", "ChineseCLIPVisionModel"),
+    "mlcd_vision_model": _Family("mlcd", CLIP_MEAN, CLIP_STD, "bicubic", "MLCDVisionModel", dynamic=True),
+    "idefics3": _Family("idefics3", HALF, HALF, "lanczos", "Idefics3Model", dynamic=True),
+    "idefics3_vision": _Family("idefics3", HALF, HALF, "lanczos", "Idefics3VisionTransformer", dynamic=True),
+    "smolvlm": _Family("smolvlm", HALF, HALF, "lanczos", "SmolVLMModel", dynamic=True),
+    "smolvlm_vision": _Family("smolvlm", HALF, HALF, "lanczos", "SmolVLMVisionTransformer", dynamic=True),
+    "pixtral": _Family("pixtral", CLIP_MEAN, CLIP_STD, "bicubic", "PixtralVisionModel", dynamic=True),
+    "dpt": _Family("dpt", HALF, HALF, "bicubic", "DPTModel", dynamic=True),
+    "vitpose": _Family("vitpose", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitPoseForPoseEstimation"),
+    "vitpose_backbone": _Family("vitpose", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitPoseBackbone"),
+    "sam": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamModel"),
+    "sam_vision_model": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamVisionModel"),
+    "vitdet": _Family("vitdet", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitDetModel"),
 }
 #: Families whose attention is windowed (no global attention over every patch): refused with this reason.
+#: SAM's image encoder and ViTDet are read: their global layers are capturable, their windowed ones refused per
+#: layer (`ModelInfo.layer_kinds`).
 WINDOWED = {
-    "swin": "Swin", "swinv2": "Swin V2", "donut-swin": "Donut Swin", "hiera": "Hiera", "sam": "SAM's image encoder",
-    "sam_vision_model": "SAM's image encoder", "maskformer-swin": "MaskFormer Swin", "dinat": "DiNAT", "nat": "NAT",
+    "swin": "Swin", "swinv2": "Swin V2", "donut-swin": "Donut Swin", "hiera": "Hiera",
+    "maskformer-swin": "MaskFormer Swin", "dinat": "DiNAT", "nat": "NAT",
 }
 _DINO = _Family("dino", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "ViTModel")
 
@@ -134,22 +168,19 @@ def _hub_error(spec: str, exc: BaseException) -> CheckpointError:
 
 
 def _model_class(transformers: Any, config: Any, source: str) -> Any:
-    """The class to instantiate: the checkpoint's own architecture if it is a supported family, else a default."""
+    """The class to instantiate: the checkpoint's own architecture (any transformers class: its vision
+    transformer is found by structure afterwards), else the family's default, else ``AutoModel``."""
     model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(str(model_type))
     _refuse_windowed(str(model_type), source)
-    if family is None:
-        supported = ", ".join(sorted({f.name for f in FAMILIES.values()} | {"dino"}))
-        raise NotAViTError(
-            "model", f"{source!r} is a {model_type!r} model; vitscope's HF adapter reads {supported}",
-            "load it yourself and describe it with vitscope.wrap(model, blocks=..., qkv=..., num_heads=..., patch_size=...)",
-        )
     for arch in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, str(arch), None)
         cfg_cls = getattr(cls, "config_class", None)
         if cls is not None and getattr(cfg_cls, "model_type", None) == model_type:
             return cls
-    return getattr(transformers, family.default_class)
+    family = FAMILIES.get(str(model_type))
+    if family is not None:
+        return getattr(transformers, family.default_class)
+    return transformers.AutoModel
 
 
 def _refuse_windowed(model_type: str, source: str) -> None:
@@ -159,6 +190,17 @@ def _refuse_windowed(model_type: str, source: str) -> None:
             "window, not to every patch), so there is no global attention map to capture",
             "use a global-attention ViT (ViT, DeiT, DINOv2/v3, BEiT, CLIP, SigLIP, ...)",
         )
+
+
+def _check_has_tower(cls: Any, config: Any) -> None:
+    """Refuse, before any weight is read or downloaded, a model without a vision transformer (`_find_tower` on
+    the class built on the meta device: no memory, no weights)."""
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # AutoModel: from_config
+    except Exception:  # a class that cannot be built empty: from_pretrained's own errors decide
+        return
+    _find_tower(skeleton)
 
 
 @contextmanager
@@ -229,6 +271,7 @@ def load_hf(id_or_folder: str, **kwargs: Any) -> VitModel:
         raise _hub_error(spec, exc) from None
     cls = _model_class(transformers, config, spec)
     _check_config(config, folder / "config.json" if folder is not None else spec)
+    _check_has_tower(cls, config)
     if folder is not None and "use_safetensors" not in kwargs and any(folder.glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never unpickle a .bin when safetensors weights are there
     import pickle
@@ -341,30 +384,87 @@ def _check_config(config: Any, where: object) -> None:
 
 
 # ------------------------------------------------------------------------------------------- description
-def _is_composite(module: nn.Module) -> bool:
-    """CLIPModel/SiglipModel/Siglip2Model: image + text; only ``module.vision_model`` runs."""
+def _is_patch_embedding(name: str, m: nn.Module, root: nn.Module | None = None) -> bool:
+    """A patch embedding: a strided convolution whose kernel is its stride (``Conv2d(3, D, p, stride=p)``), a
+    Linear named as one (SigLIP2's NaFlex patches arrive flattened), or a hybrid's projection (a convolution
+    beside a CNN ``backbone`` in the same embeddings module: DPT-hybrid's 1x1 ``projection`` after BiT)."""
+    if isinstance(m, nn.Conv2d):
+        if tuple(m.kernel_size) == tuple(m.stride) and max(m.kernel_size) > 1:
+            return True
+        parent = root.get_submodule(name.rsplit(".", 1)[0]) if root is not None and "." in name else None
+        return tuple(m.kernel_size) == tuple(m.stride) and isinstance(getattr(parent, "backbone", None), nn.Module)
+    return isinstance(m, nn.Linear) and "patch" in name.rsplit(".", 1)[-1]
+
+
+def _find_tower(module: nn.Module) -> str:
+    """Where the vision transformer sits in ``module``: the path of the smallest sub-module (``""`` for the
+    module itself) holding a patch embedding and the attention modules after it.
+
+    Found by structure, not by class: for each patch embedding, the nearest enclosing module that also holds
+    attention modules (`_is_attention`) is a candidate; a candidate enclosing another is dropped (SAM's prompt
+    encoder sits beside its image encoder; DPT's neck beside its ViT), and of the rest the one with the most
+    attention layers wins. CLIP/SigLIP/BLIP/OWL-ViT/ChineseCLIP composites give ``vision_model``, VLMs
+    ``model.vision_model`` / ``vision_tower``, DPT ``dpt``, VitPose ``backbone``.
+    """
+    names = [n for n, m in module.named_modules() if _is_attention(m)]
+    found: dict[str, int] = {}
+    for pname, m in module.named_modules():
+        if not pname or not _is_patch_embedding(pname, m, module):
+            continue
+        parts = pname.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            anc = ".".join(parts[:i])
+            inside = sum(1 for n in names if not anc or n.startswith(anc + "."))
+            if inside:
+                found[anc] = inside
+                break
+    minimal = [c for c in found if not any(o != c and (not c or o.startswith(c + ".")) for o in found)]
+    if not minimal:
+        raise NotAViTError(
+            "model", f"{type(module).__name__} ({str(getattr(getattr(module, 'config', None), 'model_type', ''))!r}) has "
+            "no vision transformer vitscope can find (a patch embedding followed by layers whose attention owns q/k/v "
+            "projections)",
+            "describe it with vitscope.wrap(model, blocks=..., num_heads=..., patch_size=...)",
+        )
+    return max(minimal, key=lambda c: (found[c], c.count(".")))
+
+
+def _tower(module: nn.Module) -> nn.Module:
+    """The module holding the vision embeddings and encoder (`_find_tower`)."""
+    path = _find_tower(module)
+    return module.get_submodule(path) if path else module
+
+
+def _runs_tower(module: nn.Module, path: str) -> bool:
+    """Whether the forward pass runs the tower alone: the model needs more than pixels (text, prompts, sizes)."""
     import inspect
 
-    if not hasattr(module, "vision_model"):
+    if not path:
         return False
     try:
         params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return True
-    return "input_ids" in params
+    if "pixel_values" not in params or "input_ids" in params:
+        return True
+    required = [p for p in params.values() if p.name != "pixel_values" and p.default is p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return bool(required)
 
 
-def _tower(module: nn.Module) -> nn.Module:
-    """The module holding the vision embeddings and encoder."""
-    tower = getattr(module, "vision_model", None)
-    return tower if isinstance(tower, nn.Module) else module
-
-
-def _vision_config(module: nn.Module) -> Any:
+def _vision_config(module: nn.Module, tower: nn.Module | None = None) -> Any:
+    """The config describing the vision transformer: the tower's own, else the model's vision/backbone config."""
     cfg = getattr(module, "config", None)
     if cfg is None:
         raise NotAViTError("model", f"{type(module).__name__} has no config", "pass a transformers PreTrainedModel")
-    return getattr(cfg, "vision_config", None) or cfg
+    own = getattr(tower, "config", None) if tower is not None else None
+    if own is not None and hasattr(own, "hidden_size"):
+        return own
+    for key in ("vision_config", "backbone_config"):
+        sub = getattr(cfg, key, None)
+        if sub is not None and hasattr(sub, "hidden_size"):
+            return sub
+    return cfg
 
 
 def _pair(x: Any) -> tuple[int, int]:
@@ -379,9 +479,12 @@ def _linear(m: nn.Module, name: str) -> nn.Linear | None:
 
 
 def _is_attention(m: nn.Module) -> bool:
-    """An attention module: it owns separate q/k/v Linears (``q_proj``... or ``query``... in older layouts)."""
-    return any(all(_linear(m, n) is not None for n in names)
-               for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")))
+    """An attention module: it owns separate q/k/v Linears (``q_proj``... or ``query``... in older layouts), or
+    one fused ``qkv`` Linear (BLIP, BLIP-2)."""
+    return _linear(m, "qkv") is not None or any(
+        all(_linear(m, n) is not None for n in names) for names in (("q_proj", "k_proj", "v_proj"),
+                                                                    ("query", "key", "value"))
+    )
 
 
 def _block_of(name: str, root: nn.Module) -> nn.Module:
@@ -393,23 +496,66 @@ def _block_of(name: str, root: nn.Module) -> nn.Module:
     return root.get_submodule(name)
 
 
+def _heads_of(m: nn.Module, vcfg: Any) -> int:
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(m, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(vcfg.num_attention_heads)
+
+
 def _sites(tower: nn.Module, vcfg: Any) -> list[AttentionSite]:
     """One site per encoder attention module, in depth order (pooling heads after the encoder are not layers)."""
     sites: list[AttentionSite] = []
     for name, m in tower.named_modules():
         if not _is_attention(m) or name.split(".", 1)[0] == "head":
             continue
-        heads = int(
-            getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None) or vcfg.num_attention_heads
-        )
-        sites.append(AttentionSite(layer=len(sites), block=_block_of(name, tower), attn=m, num_heads=heads))
+        sites.append(AttentionSite(layer=len(sites), block=_block_of(name, tower), attn=m, num_heads=_heads_of(m, vcfg)))
     return sites
+
+
+def _patch_size(tower: nn.Module, vcfg: Any) -> tuple[int, int]:
+    """The patch size: the patch embedding's own kernel (a strided conv), else the config's ``patch_size``; a
+    hybrid's (a CNN backbone, then a projection) is measured: its embeddings run on a blank image of the model's
+    size, the projection's output grid read, cross-checked against the config."""
+    found = [(n, m) for n, m in tower.named_modules()
+             if n and isinstance(m, nn.Conv2d) and _is_patch_embedding(n, m, tower)]
+    if not found:
+        return _pair(vcfg.patch_size)
+    name, conv = found[0]
+    owner = tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tower
+    if not isinstance(getattr(owner, "backbone", None), nn.Module):
+        kh, kw = conv.kernel_size
+        return (int(kh), int(kw))
+    return _measured_hybrid_patch(owner, conv, vcfg)
+
+
+def _measured_hybrid_patch(embeddings: nn.Module, conv: nn.Conv2d, vcfg: Any) -> tuple[int, int]:
+    from vitscope._hooks import eval_mode
+
+    H, W = _pair(getattr(vcfg, "image_size", 224))
+    grids: list[tuple[int, int]] = []
+    handle = conv.register_forward_hook(lambda _m, _i, out: grids.append((int(out.shape[-2]), int(out.shape[-1]))))
+    param = next(embeddings.parameters(), None)
+    try:
+        with torch.no_grad(), eval_mode(embeddings):
+            blank = torch.zeros(1, int(getattr(vcfg, "num_channels", 3)), H, W,
+                                device=param.device if param is not None else None,
+                                dtype=param.dtype if param is not None else None)
+            embeddings(blank)
+    except Exception:  # embeddings that need more than pixels: the config's patch size
+        return _pair(vcfg.patch_size)
+    finally:
+        handle.remove()
+    if not grids or H % grids[0][0] or W % grids[0][1]:
+        return _pair(vcfg.patch_size)
+    return (H // grids[0][0], W // grids[0][1])
 
 
 def _prefix(tower: nn.Module, vcfg: Any) -> tuple[str, ...]:
     """Prefix token kinds in token order, from the embedding module's own parameters."""
     embed_attrs = ("cls_token", "class_embedding", "position_embedding", "position_embeddings", "patch_embed",
-                   "patch_embeddings", "patch_embedding")
+                   "patch_embeddings", "patch_embedding", "patch_conv")
     for name, m in tower.named_modules():
         if name.split(".", 1)[0] == "head":  # a pooling head's own query (AIMv2's cls_token) is not a token
             continue
@@ -544,42 +690,81 @@ def siglip2_inputs(pixel_values: torch.Tensor, patch: int) -> dict[str, torch.Te
     return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
 
 
-def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int]) -> tuple[
+def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int], path: str, vcfg: Any) -> tuple[
     Callable[[nn.Module, torch.Tensor], Any], bool
 ]:
-    """The forward callable and whether it accepts any input size."""
-    composite = _is_composite(module)
-    target = _tower(module) if composite else module
+    """The forward callable (built from the pixels alone) and whether it accepts any input size.
+
+    ``path`` is where the vision transformer sits (`_find_tower`); it runs alone when the whole model needs
+    more than pixels (`_runs_tower`: CLIP/SigLIP/BLIP text, OWL-ViT queries, a VLM's prompt).
+    """
+    runs_tower = _runs_tower(module, path)
+    target = module.get_submodule(path) if runs_tower else module
+
+    def run(m: nn.Module) -> nn.Module:
+        return m.get_submodule(path) if runs_tower else m
+
     if family.name == "siglip2":
 
         def forward_siglip2(m: nn.Module, pixels: torch.Tensor) -> Any:
-            t = _tower(m) if composite else m
-            return t(**siglip2_inputs(pixels, patch[0]))
+            return run(m)(**siglip2_inputs(pixels, patch[0]))
 
         return forward_siglip2, True
     if family.name == "vit_mae":
 
         def forward_mae(m: nn.Module, pixels: torch.Tensor) -> Any:
-            t = _tower(m) if composite else m
-            return _mae_unmasked(t, pixels, patch)
+            return _mae_unmasked(run(m), pixels, patch)
 
         return forward_mae, True
     if _accepts(target.forward, "interpolate_pos_encoding"):
 
         def forward_interp(m: nn.Module, pixels: torch.Tensor) -> Any:
-            t = _tower(m) if composite else m
-            return t(pixel_values=pixels, interpolate_pos_encoding=True)
+            return run(m)(pixel_values=pixels, interpolate_pos_encoding=True)
 
         return forward_interp, True
 
     def forward_plain(m: nn.Module, pixels: torch.Tensor) -> Any:
-        t = _tower(m) if composite else m
-        return t(pixel_values=pixels)
+        return run(m)(pixel_values=pixels)
 
     # DINOv2 interpolates its position embeddings itself, DINOv3 uses RoPE, AIMv2 "native" sin-cos embeddings
-    vcfg = _vision_config(module)
-    dynamic = family.name in ("dinov2", "dinov3") or (family.name == "aimv2" and bool(getattr(vcfg, "is_native", False)))
+    dynamic = family.dynamic or family.name in ("dinov2", "dinov3") or (
+        family.name == "aimv2" and bool(getattr(vcfg, "is_native", False)))
     return forward_plain, dynamic
+
+
+def _checked_forward(forward: Callable[[nn.Module, torch.Tensor], Any], family: _Family, prep: Preprocess, name: str,
+                     ) -> Callable[[nn.Module, torch.Tensor], Any]:
+    """``forward`` refusing, in one line, the inputs the model cannot take: another size than the one its learned
+    position table was built for (CLIPForImageClassification, AIMv2 with learned positions), a batch of several
+    images for Pixtral (it packs a batch into one sequence)."""
+
+    def checked(m: nn.Module, pixels: torch.Tensor) -> Any:
+        B, _, H, W = pixels.shape
+        if not prep.dynamic_size and prep.image_size != (H, W):
+            h, w = prep.image_size
+            raise VitscopeError(
+                "size", f"{name} takes {h}x{w} inputs only (its learned position table is fixed and it cannot "
+                f"interpolate it), got {H}x{W}", f"resize the images to {h}x{w} (size=({h}, {w}), --size {h} {w})",
+            )
+        if family.name == "pixtral" and B > 1:
+            raise VitscopeError(
+                "images", f"Pixtral packs a batch of {B} images into one sequence, so per-image attention cannot be "
+                "captured in one pass", "capture one image at a time",
+            )
+        if prep.image_size == (H, W):
+            return forward(m, pixels)
+        try:
+            return forward(m, pixels)
+        except (RuntimeError, ValueError) as exc:  # vitscope's own errors are VitscopeErrors, not these
+            if isinstance(exc, VitscopeError):
+                raise
+            h, w = prep.image_size  # e.g. DPT's depth neck folds the tokens back into a square grid
+            raise VitscopeError(
+                "size", f"{name} fails on {H}x{W} inputs ({type(exc).__name__}: {_first_line(exc)[:120]})",
+                f"resize the images to its own size {h}x{w} (size=({h}, {w}), --size {h} {w})",
+            ) from None
+
+    return checked
 
 
 def _mae_unmasked(model: nn.Module, pixels: torch.Tensor, patch: tuple[int, int]) -> Any:
@@ -643,8 +828,25 @@ def _readout(module: nn.Module, num_prefix: int) -> Callable[[torch.Tensor], tor
     return lambda x: head(norm(x)[:, 0])
 
 
+def _family_of(module: nn.Module, vcfg: Any) -> _Family:
+    """The family (preprocessing defaults and naming) from the vision config's ``model_type``, else the model's;
+    a model type vitscope has no table entry for gets neutral defaults (its preprocessor config wins anyway)."""
+    cfg = getattr(module, "config", None)
+    for model_type in (getattr(vcfg, "model_type", None), getattr(cfg, "model_type", None)):
+        family = FAMILIES.get(str(model_type))
+        if family is not None:
+            return family
+    name = str(getattr(vcfg, "model_type", None) or getattr(cfg, "model_type", None) or type(module).__name__)
+    return _Family(name.removesuffix("_vision_model"), HALF, HALF, "bicubic", type(module).__name__)
+
+
 def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.PathLike[str] | None = None) -> VitModel:
-    """Describe a transformers ViT instance (see the module docstring for the supported classes).
+    """Describe a transformers model by its vision transformer, wherever it sits.
+
+    Any transformers model (or sub-module) whose vision transformer can be found (`_find_tower`: a patch
+    embedding and the layers after it whose attention owns q/k/v projections) is read: the families in the
+    module docstring, composites (CLIP, SigLIP, BLIP/BLIP-2, OWL-ViT/OWLv2, ChineseCLIP), VLM towers
+    (Idefics3/SmolVLM, Pixtral), MLCD, DPT and VitPose. Only preprocessing defaults and names are per family.
 
     Args:
         module: a loaded transformers model; it is used as is (attention implementation, dtype, device).
@@ -652,31 +854,28 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         folder: where to read ``preprocessor_config.json``; default ``config._name_or_path`` when it is a folder.
     """
     cfg = getattr(module, "config", None)
-    vcfg = _vision_config(module)
-    model_type = str(getattr(vcfg, "model_type", getattr(cfg, "model_type", "")))
-    _refuse_windowed(model_type, type(module).__name__)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise NotAViTError(
-            "model", f"{type(module).__name__} ({model_type!r}) is not a transformers family vitscope reads",
-            "supported: ViT, DINO, DeiT, DINOv2 (+registers), DINOv3, BEiT, Data2Vec-vision, ViTMAE, ViT-MSN, I-JEPA, "
-            "AIMv2, CLIP, SigLIP, SigLIP2, YOLOS; else use vitscope.wrap(...)",
-        )
+    if cfg is None:
+        raise NotAViTError("model", f"{type(module).__name__} has no config", "pass a transformers PreTrainedModel")
+    for model_type in (getattr(getattr(cfg, "vision_config", None), "model_type", None), cfg.model_type):
+        _refuse_windowed(str(model_type), type(module).__name__)
+    path = _find_tower(module)
+    tower = module.get_submodule(path) if path else module
+    vcfg = _vision_config(module, tower)
+    family = _family_of(module, vcfg)
     source = str(getattr(cfg, "_name_or_path", "") or "")
     if family.name == "vit" and "dino" in (name or source).lower():
         family = _DINO
     if folder is None and source and Path(source).is_dir():
         folder = source
-    tower = _tower(module)
     sites = _sites(tower, vcfg)
-    num_layers = int(vcfg.num_hidden_layers)
-    if len(sites) != num_layers:
+    num_layers = getattr(vcfg, "num_hidden_layers", None)
+    if num_layers is not None and len(sites) != int(num_layers):
         raise NotAViTError(
             "model", f"found {len(sites)} attention layers in {type(module).__name__}, config says {num_layers}",
             "describe it with vitscope.wrap(model, blocks=..., q=..., k=..., num_heads=..., patch_size=...)",
         )
-    patch = _pair(vcfg.patch_size)
-    forward, dynamic = _make_forward(module, family, patch)
+    patch = _patch_size(tower, vcfg)
+    forward, dynamic = _make_forward(module, family, patch, path, vcfg)
     classifier = _has_classifier(module)
     labels = None
     num_classes = None
@@ -686,14 +885,20 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         by_id = {int(k): str(v) for k, v in id2label.items()}
         if num_classes and all(i in by_id for i in range(num_classes)):
             labels = tuple(by_id[i] for i in range(num_classes))
+    prep = _preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic)
+    display = name or source or type(module).__name__
+    kinds = tuple("windowed" if window_of(site.block) > 0 else "global" for site in sites)
+    if "global" not in kinds:
+        raise NotAViTError("model", f"every layer of {display} attends within local windows: no layer has a global "
+                           "attention map", "use a global-attention ViT")
     info = ModelInfo(
-        name=name or source or type(module).__name__, family=family.name, num_layers=num_layers,
-        num_heads=sites[0].num_heads, embed_dim=int(vcfg.hidden_size), patch_size=patch,
-        prefix=_prefix(tower, vcfg), suffix=_suffix(tower),
-        preprocess=_preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic),
-        num_classes=num_classes, labels=labels,
+        layer_kinds=kinds if "windowed" in kinds else (),
+        name=display, family=family.name, num_layers=len(sites),
+        num_heads=sites[0].num_heads, embed_dim=int(getattr(vcfg, "hidden_size", 0) or 0), patch_size=patch,
+        prefix=_prefix(tower, vcfg), suffix=_suffix(tower), preprocess=prep, num_classes=num_classes, labels=labels,
     )
     return VitModel(
-        module, info, sites, forward=forward, logits=_logits if classifier else _no_logits,
+        module, info, sites, forward=_checked_forward(forward, family, prep, display),
+        logits=_logits if classifier else _no_logits,
         readout=_readout(module, info.num_prefix_tokens) if classifier else None,
     )

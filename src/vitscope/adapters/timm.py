@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
+from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional, window_of
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 _RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -64,11 +64,72 @@ def _patch_embed(model: nn.Module) -> Any:
     return pe
 
 
+def _vit_holder(model: nn.Module) -> nn.Module:
+    """The module holding the patch embedding and the blocks: the model itself, or the one child that does
+    (the VLM towers ``qwen3_vit_*``, ``gemma4_vit_*``, ``deepseek_vit_*`` keep them on ``model.encoder``)."""
+    def holds(m: nn.Module) -> bool:
+        blocks = getattr(m, "blocks", None)
+        return isinstance(blocks, nn.Module) and len(list(blocks.children())) > 0 and (
+            isinstance(getattr(m, "patch_embed", None), nn.Module) or isinstance(getattr(m, "embeds", None), nn.Module))
+
+    if holds(model):
+        return model
+    inner = [child for child in model.children() if holds(child)]
+    if len(inner) == 1:
+        return inner[0]
+    if not isinstance(getattr(model, "blocks", None), nn.Module):
+        raise NotAViTError("model", f"timm model {type(model).__name__} has no transformer blocks", _WRAP_HINT)
+    return model
+
+
+def _in_channels(patch_embed: nn.Module) -> int | None:
+    """The image channels: the first convolution's input (a hybrid's ResNet stem, not its 1x1 projection)."""
+    conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(conv.in_channels) if conv is not None else None
+
+
+def _measured_patch(patch_embed: nn.Module, channels: int, size: tuple[int, int], declared: tuple[int, int]
+                    ) -> tuple[int, int]:
+    """Pixels per token, measured: the patch embedding run on a blank image of the model's size, its token
+    grid read from the output (``(B, rows, cols, D)``, or ``(B, rows*cols, D)`` with ``grid_size`` or a square
+    probe). A hybrid ViT's ResNet stem (``vit_*_r26_*``, ``vit_*_r50_*``, ViTamin, MCi) declares patch 1 (its
+    1x1 projection) but each token covers 16 or 32 pixels."""
+    from vitscope._hooks import eval_mode
+
+    device = next((p.device for p in patch_embed.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in patch_embed.parameters() if p.is_floating_point()), torch.float32)
+
+    def run(h: int, w: int) -> torch.Tensor:
+        with torch.no_grad(), eval_mode(patch_embed):
+            out = patch_embed(torch.zeros(1, channels, h, w, device=device, dtype=dtype))
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    H, W = size
+    try:
+        out = run(H, W)
+        if out.dim() == 4:  # (B, rows, cols, D)
+            rows, cols = int(out.shape[1]), int(out.shape[2])
+        else:
+            n = int(out.shape[1])
+            grid = getattr(patch_embed, "grid_size", None)
+            if grid is not None and int(grid[0]) * int(grid[1]) == n:
+                rows, cols = int(grid[0]), int(grid[1])
+            elif H == W and round(n ** 0.5) ** 2 == n:
+                rows = cols = round(n ** 0.5)
+            else:
+                return declared
+    except Exception:  # a stem that refuses a blank probe: keep the declared patch size
+        return declared
+    if rows <= 0 or cols <= 0 or H % rows or W % cols:
+        raise NotAViTError("model", f"the patch embedding turns a {H}x{W} image into a {rows}x{cols} grid: not a "
+                           "whole number of pixels per token", _WRAP_HINT)
+    return (H // rows, W // cols)
+
+
 def _preprocess(model: nn.Module, dynamic: bool) -> Preprocess:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     patch_embed: Any = _patch_embed(model)
-    proj = getattr(patch_embed, "proj", None)
-    channels = int(getattr(proj, "in_channels", 0) or getattr(patch_embed, "in_chans", 3))
+    channels = _in_channels(patch_embed) or int(getattr(patch_embed, "in_chans", 3) or 3)
     img_size = getattr(patch_embed, "img_size", None) or getattr(patch_embed, "default_img_size", None)
     if img_size is None:
         img_size = tuple(cfg.get("input_size", (channels, 224, 224)))[1:]
@@ -102,11 +163,12 @@ def _labels(model: nn.Module, num_classes: int) -> tuple[str, ...] | None:
         return None
 
 
-#: timm classes whose attention is windowed or pooled per stage: refused with this reason (no global map).
+#: timm classes whose attention is windowed or pooled per stage in every layer: refused with this reason
 _WINDOWED = {
     "SwinTransformer": "Swin", "SwinTransformerV2": "Swin V2", "SwinTransformerV2Cr": "Swin V2", "Hiera": "Hiera",
-    "MaxxVit": "MaxViT", "MaxxVitV2": "MaxViT", "DaVit": "DaViT", "EfficientVit": "EfficientViT",
-    "NextViT": "Next-ViT", "GcVit": "GC ViT", "Twins": "Twins", "PoolFormer": "PoolFormer", "MViT": "MViT",
+    "HieraDet": "SAM2's Hiera", "MaxxVit": "MaxViT", "MaxxVitV2": "MaxViT", "DaVit": "DaViT",
+    "EfficientVit": "EfficientViT", "NextViT": "Next-ViT", "GcVit": "GC ViT", "Twins": "Twins",
+    "PoolFormer": "PoolFormer", "MViT": "MViT",
 }
 
 
@@ -114,15 +176,10 @@ def _refuse_windowed(module: nn.Module) -> None:
     name = type(module).__name__
     if name in _WINDOWED:
         raise NotAViTError(
-            "model", f"{name} ({_WINDOWED[name]}) attends within local windows, not over every patch: there is no "
-            "global attention map to capture", "use a global-attention ViT (ViT, DeiT, EVA, DINOv2/v3, BEiT, ...)",
+            "model", f"{name} ({_WINDOWED[name]}) attends within local windows or pooled stages, not over every "
+            "patch: there is no global attention map to capture",
+            "use a global-attention ViT (ViT, DeiT, EVA, DINOv2/v3, BEiT, ...)",
         )
-    for i, blk in enumerate(getattr(module, "blocks", None) or ()):
-        if int(getattr(blk, "window_size", 0) or 0) > 0:  # SAM's image encoder: windowed blocks between global ones
-            raise NotAViTError(
-                "model", f"block {i} of {name} uses windowed attention (window_size={blk.window_size}): its tokens "
-                "attend within local windows, so no global attention map exists", "use a global-attention ViT",
-            )
 
 
 def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
@@ -135,12 +192,15 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
     """
     import_optional("timm", "'vitscope[timm]'")
     _refuse_windowed(module)
-    blocks = getattr(module, "blocks", None)
+    holder = _vit_holder(module)
+    _refuse_windowed(holder)
+    blocks = getattr(holder, "blocks", None)
     if not isinstance(blocks, nn.Module) or not len(blocks):  # type: ignore[arg-type]
         raise NotAViTError("model", f"timm model {type(module).__name__} has no transformer blocks", _WRAP_HINT)
-    _patch_embed(module)
-    prefix = _prefix_kinds(module)
+    _patch_embed(holder)
+    prefix = _prefix_kinds(holder)
     sites = []
+    kinds = []
     for i, blk in enumerate(list(blocks.children())):
         attn = getattr(blk, "attn", None)
         heads = getattr(attn, "num_heads", None)
@@ -149,19 +209,31 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
                 "model", f"block {i} of {type(module).__name__} has no attention module with num_heads", _WRAP_HINT,
             )
         sites.append(AttentionSite(layer=i, block=blk, attn=attn, num_heads=heads))
-    pe = _patch_embed(module)
+        kinds.append("windowed" if window_of(blk) > 0 else "global")
+    if "global" not in kinds:
+        raise NotAViTError(
+            "model", f"every block of {type(module).__name__} attends within local windows (window_size="
+            f"{window_of(sites[0].block)}): no layer has a global attention map", "use a global-attention ViT",
+        )
+    pe = _patch_embed(holder)
     ps = pe.patch_size
-    patch = (int(ps), int(ps)) if isinstance(ps, int) else tuple(int(p) for p in ps)
-    dynamic = bool(getattr(module, "dynamic_img_size", False)) or type(module).__name__ == "NaFlexVit"
-    prep = _preprocess(module, dynamic)
+    declared = (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+    # any size: timm's dynamic_img_size, NaFlexViT, a patch embedding that does not insist on its size (the VLM
+    # towers resample their position table per input) or that has none (Gemma4's positions come from coordinates)
+    dynamic = (bool(getattr(holder, "dynamic_img_size", False)) or type(holder).__name__ == "NaFlexVit"
+               or getattr(pe, "strict_img_size", True) is False or not hasattr(pe, "img_size"))
+    prep = _preprocess(holder, dynamic)
+    patch = declared if type(holder).__name__ == "NaFlexVit" else _measured_patch(
+        pe, prep.channels, prep.image_size, declared)
     num_classes = int(getattr(module, "num_classes", 0) or 0)
     cfg = getattr(module, "pretrained_cfg", None) or {}
     info = ModelInfo(
         name=name or str(cfg.get("architecture") or type(module).__name__), family="timm",
         num_layers=len(sites), num_heads=sites[0].num_heads,
-        embed_dim=int(getattr(module, "embed_dim", 0) or getattr(module, "num_features", 0)),
+        embed_dim=int(getattr(holder, "embed_dim", 0) or getattr(holder, "num_features", 0)),
         patch_size=(patch[0], patch[1]), prefix=prefix, preprocess=prep,
         num_classes=num_classes or None, labels=_labels(module, num_classes),
+        layer_kinds=tuple(kinds) if "windowed" in kinds else (),
     )
 
     def forward(m: nn.Module, pixels: torch.Tensor) -> Any:
@@ -181,7 +253,7 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
 
     norm, forward_head = getattr(module, "norm", None), getattr(module, "forward_head", None)
     readout = None
-    if isinstance(norm, nn.Module) and callable(forward_head):
+    if holder is module and isinstance(norm, nn.Module) and callable(forward_head):
         readout = lambda x: forward_head(norm(x))  # noqa: E731  (timm's own forward after the blocks)
     return VitModel(module, info, sites, forward=forward, logits=logits, readout=readout)
 
@@ -197,10 +269,11 @@ _NOT_VIT_FIX = ("vitscope reads timm's global-attention ViTs: timm.list_models('
                 "'beit*', 'naflexvit_*'")
 #: timm model modules whose classes vitscope reads (`from_timm_model`)
 _VIT_MODULES = ("vision_transformer", "vision_transformer_relpos", "vision_transformer_hybrid", "deit", "eva",
-                "beit", "naflexvit")
-#: timm model modules with windowed / pooled attention: refused with that reason
+                "beit", "naflexvit", "vitamin", "qwen3_vit", "gemma4_vit", "deepseek_vit", "vision_transformer_sam")
+#: timm model modules with windowed / pooled attention in every layer: refused with that reason (SAM's image
+#: encoder is read: its global blocks are capturable, its windowed ones refused per layer)
 _WINDOWED_MODULES = {"swin_transformer": "Swin", "swin_transformer_v2": "Swin V2", "swin_transformer_v2_cr": "Swin V2",
-                     "hiera": "Hiera", "vision_transformer_sam": "SAM's image encoder", "maxxvit": "MaxViT"}
+                     "hiera": "Hiera", "hieradet_sam2": "SAM2's Hiera", "maxxvit": "MaxViT"}
 
 
 def _check_is_vit(timm: Any, name: str) -> None:

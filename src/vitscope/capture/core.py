@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from vitscope.adapters.base import AttentionSite, SizePolicy
+from vitscope.adapters.base import AttentionSite, ModelInfo, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
 from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
@@ -29,6 +29,7 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.capture.probe import check_token_axis
+from vitscope.capture.windows import check_windowed_layers, windowed_call_error
 from vitscope.errors import VitscopeError
 from vitscope.layout import TokenLayout, resolve_indices
 
@@ -93,10 +94,14 @@ def attention_rows(
 
 
 def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int,
-                      num_suffix: int = 0) -> None:
+                      num_suffix: int = 0, *, batch: int = 0, info: ModelInfo | None = None) -> None:
     """The layer's softmax runs over exactly ``prefix + rows * cols + suffix`` tokens, queries and keys alike
-    (global token attention; `vitscope.capture.probe.check_token_axis` proves the axis follows the image)."""
+    (global token attention; `vitscope.capture.probe.check_token_axis` proves the axis follows the image;
+    a windowed layer's call is refused by `vitscope.capture.windows`)."""
     _, _, Nq, Nk = call.shape
+    windowed = windowed_call_error(call, expected, batch, info)
+    if windowed is not None:
+        raise windowed
     if Nq != expected or Nk != expected:
         after = f" and {num_suffix} suffix" if num_suffix else ""
         raise CaptureError(
@@ -149,6 +154,7 @@ def capture_full(
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device, max_tokens=max_tokens)
     info = vit.info  # (after prepare: a model wrapped without a layout now has the measured one)
     layer_ids = resolve_layers(layers, info.num_layers)
+    check_windowed_layers(info, layer_ids, default=layers is None)
     head_sel = resolve_heads(heads, info.num_heads)
     dev = pixels.device
     B, _, Hpx, Wpx = pixels.shape
@@ -168,7 +174,7 @@ def capture_full(
     to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, info.num_prefix_tokens, info.num_suffix_tokens)
+        check_call_tokens(call, N, grid, info.num_prefix_tokens, info.num_suffix_tokens, batch=B, info=info)
         if call.layer in declared:
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])

@@ -39,6 +39,7 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.capture.prepare import prepare, refuse_suffix
+from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -110,7 +111,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
-        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens)
+        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens, batch=run.batch, info=vit.info)
         if (call.q is None or call.k is None) and not (allow_probs and call.probs is not None):
             raise CaptureError(
                 "model", f"layer {call.layer} computes its attention matrix explicitly (an eager softmax), so the "
@@ -168,6 +169,7 @@ def fused_attention(
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     layer_ids = resolve_layers(layers, info.num_layers)
+    check_windowed_layers(info, layer_ids, default=layers is None)
     query_ids = resolve_queries(queries, info.prefix, run.grid)
     B, N = run.batch, run.num_tokens
     Q = N if query_ids is None else len(query_ids)

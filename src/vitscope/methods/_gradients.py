@@ -32,6 +32,7 @@ from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
 from vitscope.capture.core import check_call_tokens, resolve_layers
 from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
+from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 from vitscope.layout import as_index
 from vitscope.methods.registry import check_target
@@ -133,6 +134,7 @@ def trace(
     vit, pixels = prepare(model, images, policy=policy, size=size)
     refuse_suffix(vit, "the gradient methods")
     layer_ids = resolve_layers(layers, vit.info.num_layers)
+    check_windowed_layers(vit.info, layer_ids, default=layers is None)
     sites = [vit.sites[i] for i in layer_ids]
     with torch.inference_mode(False):  # a clone made here is a normal tensor, even from an inference tensor
         pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
@@ -141,7 +143,7 @@ def trace(
     N = vit.info.num_prefix_tokens + grid[0] * grid[1]
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens)
+        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens, batch=int(pixels.shape[0]), info=vit.info)
         layer = call.layer
         src = call.q if call.q is not None else call.probs
         assert src is not None
