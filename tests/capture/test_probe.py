@@ -180,7 +180,7 @@ def test_probe_runs_once_per_model_and_geometry() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- YOLOS
-def _yolos_config() -> Any:
+def _yolos_config(_size: tuple[int, int] = (32, 32)) -> Any:
     import transformers
 
     kw = _hf_common(num_detection_tokens=3)
@@ -370,7 +370,7 @@ def test_vitmae_wrapped_with_the_suggested_fix_is_exact() -> None:
     """The fix the shuffle error gives (mask_ratio 0 and increasing noise) makes ViTMAE through `wrap` exact."""
     import transformers
 
-    b = _hf("ViTMAEModel", lambda: transformers.ViTMAEConfig(**_hf_common()), mae=True)(16.0, (32, 32))
+    b = _hf("ViTMAEModel", lambda _size: transformers.ViTMAEConfig(**_hf_common()), mae=True)(16.0, (32, 32))
     module = b.module
     module.config.mask_ratio = 0.0
     P = 16

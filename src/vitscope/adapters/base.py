@@ -158,6 +158,7 @@ class VitModel:
         forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
         logits: Callable[[Any], torch.Tensor | None] | None = None,
         readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_batch: int | None = None,
     ) -> None:
         if len(sites) != info.num_layers:
             raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
@@ -167,6 +168,8 @@ class VitModel:
         self._forward = forward
         self._logits = logits
         self.readout = readout
+        #: the most images one forward pass takes (Pixtral packs a batch into one sequence: 1); None = any
+        self.max_batch = max_batch
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""

@@ -105,7 +105,7 @@ FAMILIES: dict[str, _Family] = {
     "ijepa": _Family("ijepa", IMAGENET_MEAN, IMAGENET_STD, "bicubic", "IJepaModel"),
     "aimv2_vision_model": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2VisionModel"),
     "aimv2": _Family("aimv2", CLIP_MEAN, CLIP_STD, "bicubic", "Aimv2Model"),
-    "yolos": _Family("yolos", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "YolosModel"),
+    "yolos": _Family("yolos", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "YolosModel", dynamic=True),
     # found by structure (`_find_tower`): only their naming and preprocessing are family-specific
     "blip": _Family("blip", CLIP_MEAN, CLIP_STD, "bicubic", "BlipModel"),
     "blip_vision_model": _Family("blip", CLIP_MEAN, CLIP_STD, "bicubic", "BlipVisionModel"),
@@ -901,4 +901,5 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         module, info, sites, forward=_checked_forward(forward, family, prep, display),
         logits=_logits if classifier else _no_logits,
         readout=_readout(module, info.num_prefix_tokens) if classifier else None,
+        max_batch=1 if family.name == "pixtral" else None,
     )

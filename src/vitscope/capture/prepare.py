@@ -124,7 +124,7 @@ def prepare(
             "images", f"{pixels.shape[1]} channels but the model expects {channels}",
             "pass pixel values with the model's channel count",
         )
-    if layout:
+    if layout and not vit.info.windowed_layers:  # windowed blocks take (B, h, w, C) windows: refused per layer
         from vitscope.capture.probe import check_layout
 
         check_layout(vit, pixels)  # measured (cached per model and geometry) against the description

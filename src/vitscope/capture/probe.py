@@ -241,7 +241,8 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
         return cache[key]
     images, n_rows, n_cols, dr, dc = _images(vit, (C, H, W), dtype, device)
     with torch.no_grad(), eval_mode(vit.module):
-        tok = torch.cat([_tokens(vit, images[i:i + _CHUNK]) for i in range(0, images.shape[0], _CHUNK)])
+        step = min(_CHUNK, vit.max_batch or _CHUNK)
+        tok = torch.cat([_tokens(vit, images[i:i + step]) for i in range(0, images.shape[0], step)])
     # tok: (M, N, D); movement of each token under each image, relative to the base
     move = (tok - tok[0]).norm(dim=-1).cpu()  # (M, N)
     scale = float(move[2].max())
