@@ -118,41 +118,32 @@ def _check_policy(policy: str | None) -> None:
 
 def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool = False,
                 device: str | None = None) -> Any:
-    """``vitscope.load`` for the CLI: architectures named by a library (``timm:``, ``torchvision:``,
-    ``open_clip:``) get their pretrained weights unless ``--random-weights`` (said on stderr);
-    ``--checkpoint`` loads fine-tuned weights into such an architecture."""
-    import vitscope
-    from vitscope.errors import VitscopeError
+    """``vitscope.load`` for the CLI, under the library's one rule for weights (``timm:``, ``torchvision:`` and
+    ``open_clip:`` names are pretrained unless ``--checkpoint`` or ``--random-weights``); the library's
+    announcements (random weights) are printed as ``note:`` lines on stderr."""
+    import warnings
 
-    scheme = model.split(":", 1)[0] if ":" in model else ""
-    #: scheme -> (keyword, value) that asks its loader for the library's pretrained weights
-    pretrained = {"timm": ("pretrained", True), "torchvision": ("weights", "DEFAULT"),
-                  "open_clip": ("pretrained", "default"), "openclip": ("pretrained", "default")}
-    named = scheme in pretrained
-    if checkpoint is not None and not named:
-        raise VitscopeError("--checkpoint", f"only applies to timm:, torchvision: or open_clip: architectures, "
-                            f"not {model!r}", "for transformers pass the fine-tuned folder as -m hf:<folder>; "
-                            "for DINO as -m dino:<file.pth>")
-    if random_weights and not named:
-        raise VitscopeError("--random-weights", f"only applies to timm:, torchvision: or open_clip: models, not "
-                            f"{model!r}", "drop --random-weights")
-    if random_weights and checkpoint is not None:
-        raise VitscopeError("--random-weights", "given together with --checkpoint", "pass one of them")
+    import vitscope
+    from vitscope.errors import VitscopeError, VitscopeWarning
+
     kwargs: dict[str, Any] = {}
-    if named:
-        if checkpoint is not None:
-            kwargs["checkpoint"] = checkpoint
-        elif not random_weights:
-            key, value = pretrained[scheme]
-            kwargs[key] = value
-    try:
-        vit = vitscope.load(model, **kwargs)
-    except VitscopeError as exc:  # the library names its arguments (model, path, checkpoint): say the CLI option
-        if exc.argument.startswith("-"):
-            raise
-        raise type(exc)("--checkpoint" if exc.argument == "checkpoint" else "--model", exc.problem, exc.fix) from None
+    if checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint
     if random_weights:
-        typer.echo(f"note: {model} has random weights (--random-weights): its attention is not learned", err=True)
+        kwargs["random_weights"] = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", VitscopeWarning)
+            vit = vitscope.load(model, **kwargs)
+    except VitscopeError as exc:  # the library names its arguments: a model file's (path, num_heads...) is --model
+        if exc.argument.startswith("-") or exc.argument in ("checkpoint", "random_weights", "model"):
+            raise
+        raise type(exc)("model", exc.problem, exc.fix) from None
+    for w in caught:
+        if issubclass(w.category, VitscopeWarning):
+            typer.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if device is not None:
         from vitscope.capture.prepare import resolve_device
 
@@ -225,6 +216,7 @@ def info(
         typer.echo(json.dumps({
             "name": i.name, "family": i.family, "num_layers": i.num_layers, "num_heads": i.num_heads,
             "patch_size": list(i.patch_size), "prefix": list(i.prefix), "num_prefix_tokens": i.num_prefix_tokens,
+            "weights": i.weights,
             "labels": len(i.labels) if i.labels is not None else None,
             "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
                            "std": list(p.std), "resample": p.resample, "dynamic_size": p.dynamic_size,
@@ -638,7 +630,7 @@ def batch_cmd(
     try:
         with _limits(max_pixels, max_tokens, max_memory):
             spec: Any = model
-            if checkpoint is not None or random_weights or model.startswith("timm:"):
+            if checkpoint is not None or random_weights:  # else the library's rule: pretrained for timm: & co
                 spec = _load_model(model, checkpoint, random_weights)
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, policy=policy,  # type: ignore[arg-type]
@@ -716,34 +708,60 @@ _PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?:\s|[A-Za-z0-9'\"\[(])")
 
 def _cli_error(exc: Any, argv: list[str]) -> str:
     """A library `VitscopeError` as the CLI says it: its argument named as the command's option (``max_bytes``
-    -> ``--max-memory``, a training field -> ``--set depth``), and a fix in Python syntax (``queries=None``)
-    replaced by a pointer to the command's help."""
+    -> ``--max-memory``, a training field -> ``--set depth``), and each argument its fix names (```name=value```,
+    `vitscope.errors.ARGUMENT_IN_FIX`) rendered as that option too (``--checkpoint FILE``, ``--random-weights``).
+    A fix left in Python syntax (``queries=None``) is replaced by a pointer to the command's help."""
     words = [a for a in argv if not a.startswith("-")]
     name = words[0] if words else ""
     command = _command().commands.get(name) if name else None  # type: ignore[attr-defined]
     if command is None:
         return _one_line(str(exc))
     params = {p.name: p for p in command.params}
-    arg = exc.argument
-    key = _CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg)
-    if name == "figure" and arg == "layers" and "--layers" in argv:
-        key = "layers"
-    option = None
-    if key in params and getattr(params[key], "opts", None):
-        opts = params[key].opts
-        option = next((o for o in opts if o.startswith("--")), opts[0])
-        if getattr(params[key], "param_type_name", "") == "argument":
-            option = key.upper()
-    elif name == "train" and arg in _train_fields():
-        option = f"--set {arg}"
-    if name == "train" and any(a.replace("-", "_").startswith(f"{arg}=") for a in argv):  # given with --set
-        option = f"--set {arg}"
-    if option is None:
-        return _one_line(str(exc))
-    fix = exc.fix
-    if fix and name != "train" and _PYTHON_SYNTAX.search(fix):
+
+    def option_of(arg: str) -> str | None:
+        """The command's option (or ARGUMENT) that carries the library's ``arg``, or None."""
+        if arg.startswith("-"):
+            return arg
+        key = _CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg)
+        if name == "figure" and arg == "layers" and "--layers" in argv:
+            key = "layers"
+        option = None
+        if key in params and getattr(params[key], "opts", None):
+            opts = params[key].opts
+            option = next((o for o in opts if o.startswith("--")), opts[0])
+            if getattr(params[key], "param_type_name", "") == "argument":
+                option = key.upper()
+        elif name == "train" and arg in _train_fields():
+            option = f"--set {arg}"
+        if name == "train" and any(a.replace("-", "_").startswith(f"{arg}=") for a in argv):  # given with --set
+            option = f"--set {arg}"
+        return option
+
+    def as_option(match: re.Match[str]) -> str:
+        """```checkpoint='a/b'``` -> ``--checkpoint a/b``; ```random_weights=True``` -> ``--random-weights``."""
+        arg, value = match.group(1), match.group(2).strip()
+        option = option_of(arg)
+        if option is None:
+            return match.group(0)  # not an option of this command: left in Python syntax (replaced below)
+        if option.startswith("--set "):
+            return f"{option}={value.strip(chr(39) + chr(34))}"
+        param = params.get(_CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg))
+        if getattr(param, "is_flag", False) and value in ("True", "False"):
+            if value == "True":
+                return option
+            off = getattr(param, "secondary_opts", None)
+            return off[0] if off else match.group(0)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{option} {value}"
+
+    from vitscope.errors import ARGUMENT_IN_FIX
+
+    option = option_of(exc.argument)
+    fix = ARGUMENT_IN_FIX.sub(as_option, exc.fix) if exc.fix else exc.fix
+    if fix and name != "train" and (_PYTHON_SYNTAX.search(fix) or ARGUMENT_IN_FIX.search(fix)):
         fix = f"see 'vitscope {name} --help'"
-    return _one_line(f"{option}: {exc.problem}" + (f" ({fix})" if fix else ""))
+    return _one_line(f"{option or exc.argument}: {exc.problem}" + (f" ({fix})" if fix else ""))
 
 
 def _train_fields() -> set[str]:
