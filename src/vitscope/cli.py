@@ -28,19 +28,26 @@ app = typer.Typer(
 DEFAULT_MODEL = "vitscope:shapes"
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="vitscope:shapes, hf:<id|folder>, timm:<name>, dino:<file.pth>, a folder")
+    str, typer.Option("--model", "-m", metavar="SPEC", help="vitscope:shapes, hf:<id|folder>, timm:<name>, "
+                      "torchvision:<name>, open_clip:<name> (pretrained), dino:<file.pth>, a folder")
 ]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="A file (with a suffix) or a folder (without one).")]
 FolderOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 SizeOpt = Annotated[
-    str | None, typer.Option(help="Input size: N for the shorter side (aspect kept) or HxW (default: the policy's).")
+    str | None, typer.Option(metavar="N|HxW", help="Input size: N for the shorter side (aspect kept) or HxW "
+                             "(default: the policy's).")
 ]
-PolicyOpt = Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps (default: cpu).")]
-CheckpointOpt = Annotated[
-    Path | None, typer.Option(help="Fine-tuned weights (.safetensors/.pth) for a timm:<name> architecture.")
-]
-RandomOpt = Annotated[bool, typer.Option("--random-weights", help="timm:<name> without its pretrained weights.")]
+PolicyOpt = Annotated[str | None, typer.Option(metavar="resize|crop|native", help="How images meet the model's "
+                                                                                   "input (default: the model's).")]
+#: where to run; "auto": CUDA, then MPS, then the CPU
+DEVICES = "auto|cpu|cuda|mps"
+DeviceOpt = Annotated[str, typer.Option(metavar=DEVICES, help="Where to run (auto: CUDA, then MPS, then the CPU).")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    metavar="FILE", help="Fine-tuned weights (.safetensors/.pth) for a timm:, torchvision: or open_clip: "
+    "architecture, instead of its pretrained ones.")]
+RandomOpt = Annotated[bool, typer.Option(
+    "--random-weights", help="A timm:, torchvision: or open_clip: architecture untrained (said on stderr), "
+    "instead of its pretrained weights.")]
 MaxPixelsOpt = Annotated[float | None, typer.Option(help="Largest decoded input, megapixels (default 100).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Most tokens per capture (default 20000).")]
 MaxMemoryOpt = Annotated[float | None, typer.Option(help="Largest estimated attention memory, GB (default 4.3).")]
@@ -237,7 +244,7 @@ def capture_cmd(
     heads: Annotated[str, typer.Option(help="'all' or 'mean'.")] = "all",
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -296,7 +303,7 @@ def maps_cmd(
     ] = Path("maps.npz"),
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -363,9 +370,11 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override the preset's peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed (default 0).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, auto.")] = None,
+    device: Annotated[str | None, typer.Option(metavar=DEVICES, help="Where to train (default: the preset's, cpu; "
+                                               "auto: CUDA, then MPS, then the CPU).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="Any TrainConfig field (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -463,7 +472,7 @@ def figure_cmd(
     method: Annotated[str, typer.Option(help="Map of the batch figure: rollout | cls.")] = "rollout",
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     dpi: Annotated[int, typer.Option(help="Resolution of .png output (1-1200).")] = 150,
@@ -506,7 +515,7 @@ def view_cmd(
         "attention.html"),
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
@@ -544,7 +553,7 @@ def serve_cmd(
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, MB.")] = 10.0,
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Serve the viewer locally; upload your own images in the browser. Ctrl-C stops it."""
     from vitscope.viewer.server import is_loopback, make_server
@@ -588,7 +597,8 @@ def batch_cmd(
     policy: PolicyOpt = None,
     size: SizeOpt = None,
     layer: Annotated[int, typer.Option(help="Layer of the cls map.")] = -1,
-    device: Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICES, help="Where to run (auto: CUDA, then MPS, then the CPU)."
+                                        )] = "auto",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="local: on resume, check outputs' "
@@ -690,9 +700,37 @@ def _quiet_broken_pipe() -> Iterator[None]:
 
 @functools.cache
 def _command() -> Any:
-    """The click command typer builds from `app` (what ``app()`` builds on every call): built once, as the
-    in-process runs of the tests call `run` many times."""
-    return typer.main.get_command(app)
+    """The click command typer builds from `app` (what ``app()`` builds on every call), its help in the
+    command line's words (`_plain_help`): built once, as the in-process runs of the tests call `run` many times."""
+    command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():
+        for param in sub.params:
+            _plain_help(param)
+    return command
+
+
+#: typer's Python type names -> what a command line user reads (click's words)
+_KINDS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "Path": "PATH", "bool": ""}
+
+
+def _plain_help(param: Any) -> None:
+    """``--help`` without Python types: a flag shows no value (not ``<bool>``), a value its kind as click names
+    it (``INTEGER``, ``PATH``; a list ``PATH...``), an argument in the usage line as ``IMAGE`` (required) or
+    ``[MODEL]`` (optional), not ``{image}``. Options with a ``metavar`` keep it."""
+    shown_type = str(param.display_type(None)).strip("<>")  # typer's Python type: "int", "list[Path]", "path"
+    many = "..." if param.nargs != 1 or getattr(param, "multiple", False) else ""
+    if shown_type.startswith("list[") and shown_type.endswith("]"):
+        shown_type, many = shown_type[len("list["):-1], "..."
+    kind = _KINDS.get(shown_type, shown_type.upper())
+    if param.param_type_name == "argument":
+        shown = f"{param.name.upper()}{many}"
+        usage = shown if param.required else f"[{shown}]"
+        param.display_type_rich = lambda ctx=None: f"{kind}{many}"  # the type column of the Arguments panel
+        param._usage_display_name = lambda: usage
+    elif getattr(param, "is_flag", False):
+        param.metavar = ""
+    elif param.metavar is None:
+        param.metavar = f"{kind}{many}"
 
 
 #: library argument -> the CLI parameter that carries it, where the names differ ("*": every command)

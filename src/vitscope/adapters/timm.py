@@ -298,6 +298,8 @@ def load_timm(
     """
     timm = import_optional("timm", "'vitscope[timm]'")
     _check_is_vit(timm, name)
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name.split(".", 1)[0]):
+        raise _unknown_model(timm, name)  # before any download is tried
     weights = choose_weights(checkpoint, random_weights, pretrained)
     pretrained = weights == "pretrained"
     auto_dynamic = "dynamic_img_size" not in timm_kwargs
