@@ -351,7 +351,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, object]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise VitscopeError("--set", f"cannot parse {item!r}", "use KEY=VALUE, e.g. --set depth=6")
+            raise VitscopeError("--set", f"cannot parse {item!r}", "use --set KEY=VALUE, e.g. --set depth=6")
         try:
             out[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
