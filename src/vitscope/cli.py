@@ -703,9 +703,18 @@ def _command() -> Any:
     """The click command typer builds from `app` (what ``app()`` builds on every call), its help in the
     command line's words (`_plain_help`): built once, as the in-process runs of the tests call `run` many times."""
     command = typer.main.get_command(app)
-    for sub in getattr(command, "commands", {}).values():
-        for param in sub.params:
+    for cmd in (command, *getattr(command, "commands", {}).values()):
+        for param in cmd.params:
             _plain_help(param)
+        help_option = cmd.get_help_option  # made per context: --help itself is a flag too
+
+        def plain_help_option(ctx: Any, made: Any = help_option) -> Any:
+            option = made(ctx)
+            if option is not None:
+                _plain_help(option)
+            return option
+
+        cmd.get_help_option = plain_help_option
     return command
 
 
