@@ -54,6 +54,7 @@ WEIGHT_CASES: list[tuple[list[str], list[str]]] = [
     (["capture", "{img}", "-m", "{model}", "--size", "64", "--max-memory", "0.0001"],
      ["--layers -1", "--queries cls", "--heads mean", "--max-memory"]),
     (["figure", "bogus", "{img}", "-m", "{model}"], ["KIND"]),
+    (["maps", "{img}", "-m", "torchvision:vit_b_32", "--random-weights", "--policy", "native"], ["--policy resize"]),
 ]
 
 #: one or two hostile values per (command, option) of the catalogue, and its --set fields
@@ -128,8 +129,10 @@ def library_name_as_head(argv: list[str], line: str) -> str | None:
 
 def check(res: Result, argv: list[str], needles: list[str]) -> None:
     assert "Traceback" not in res.stderr, res.stderr
-    lines = res.lines()
+    notes = [ln for ln in res.lines() if ln.startswith("note: ")]  # said before the failure (random weights)
+    lines = [ln for ln in res.lines() if ln not in notes]
     assert res.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (res.code, res.stderr)
+    assert not any(python_syntax(note) for note in notes), notes
     line = lines[0]
     assert not python_syntax(line), f"Python advice on the command line: {python_syntax(line)} in {line}"
     assert library_name_as_head(argv, line) is None, f"names the library's argument, not the option: {line}"
