@@ -44,6 +44,8 @@ WEIGHT_CASES: list[tuple[list[str], list[str]]] = [
     (["info", "-m", "timm:vit_tiny_patch16_224", "--random-weights", "--checkpoint", "{root}/w.safetensors"],
      ["--random-weights", "--checkpoint"]),
     (["info", "-m", "vitscope:shapes", "--random-weights"], ["--random-weights: only applies"]),
+    (["info", "-m", "timm:vit_tiny_patch16_224", "--checkpoint", "{root}/missing.safetensors"], ["--checkpoint"]),
+    (["info", "-m", "torchvision:vit_b_32", "--checkpoint", "{root}/afile"], ["--checkpoint"]),
     (["info", "-m", "{model}", "--checkpoint", "{root}/w.safetensors"], ["--checkpoint: only applies", "--model"]),
     (["info", "-m", "open_clip:ViT-B-3", "--random-weights"], ["--model", "did you mean"]),
     (["info", "-m", "timm:vit_tiny_patch16_22"], ["--model", "did you mean"]),

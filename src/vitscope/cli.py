@@ -370,8 +370,8 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override the preset's peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed (default 0).")] = None,
-    device: Annotated[str | None, typer.Option(metavar=DEVICES, help="Where to train (default: the preset's, cpu; "
-                                               "auto: CUDA, then MPS, then the CPU).")] = None,
+    device: Annotated[str | None, typer.Option(metavar=DEVICES, help="Where to train (default: cpu; auto: CUDA, "
+                                               "then MPS, then the CPU).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
                                                    help="Any TrainConfig field (repeatable).")] = None,
