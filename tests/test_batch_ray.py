@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,6 +44,15 @@ pd = pytest.importorskip("pandas")
 from vitscope.batch import ray_engine as batch_ray  # noqa: E402
 
 RAY_OPTS = {"concurrency": 2, "num_cpus": 0.5, "part_size": 8, "preprocess_tasks": 2, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_logs_here(tmp_path_factory: pytest.TempPathFactory):
+    """The in-process runs' Ray log files (`ray_output`) go to a test folder, not the system's temporary one."""
+    saved = batch_ray.LOG_DIR
+    batch_ray.LOG_DIR = str(tmp_path_factory.mktemp("ray-logs"))
+    yield
+    batch_ray.LOG_DIR = saved
 
 
 @pytest.fixture(scope="session")
@@ -413,6 +423,74 @@ def test_ray_is_imported_lazily() -> None:
     assert out == "", f"importing vitscope's batch modules pulled in {out}"
 
 
+#: A line of Ray's: its Python loggers ("2026-01-02 03:04:05,678\tINFO worker.py:...") or its C++ core worker
+#: ("[2026-01-02 03:04:05,678 E 123 123] core_worker.cc:...").
+RAY_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR)\b|\[\d{4}-\d\d-\d\d [^]]*\] )")
+
+
+def test_ray_is_quiet_by_default(tmp_path: Path) -> None:
+    """A 5-image ``vitscope batch --engine ray`` that starts its own Ray prints vitscope's lines only (it used to
+    print 42 of Ray's INFO lines and its token-authentication notice); Ray's lines are in the log file that
+    the summary line names, not lost."""
+    import subprocess
+
+    src = tmp_path / "in"
+    for i in range(5):
+        _image(src / f"{i}.png", 32, 32, seed=i)
+    model = save_vit(make_tiny_vit(seed=3), tmp_path / "model")
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own: the start-up lines are the loudest
+    res = subprocess.run([sys.executable, "-m", "vitscope", "batch", str(src), "-o", str(tmp_path / "out"),
+                          "--model", str(model), "--engine", "ray", "--num-cpus", "0.5", "-q"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "5 done" in res.stdout
+    ray_lines = [line for line in res.stderr.splitlines() if RAY_LOG_LINE.match(line) or "INFO" in line]
+    assert ray_lines == [], res.stderr[-2000:]
+    assert len(res.stderr.splitlines()) <= 2, res.stderr[-2000:]  # -q: no progress bar; nothing else of ours
+    logged = re.search(r"Ray's log (\S+\.log)", res.stdout)
+    assert logged is not None, res.stdout
+    log = Path(logged.group(1))
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+        assert "Started a local Ray instance" in text and any(RAY_LOG_LINE.match(x) for x in text.splitlines())
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def test_ray_output_sends_descriptor_2_to_the_log_and_restores_it_on_error() -> None:
+    """`ray_output` without a cluster: what reaches file descriptor 2 (as Ray's C++ and its log handlers write)
+    lands in the log, ``sys.stderr`` (vitscope's lines) stays on the real stderr, and both are restored when the
+    block raises; ``verbose`` redirects nothing."""
+    import subprocess
+
+    code = (
+        "import os, sys, logging\n"
+        "from vitscope.batch.ray_engine import ray_output\n"
+        "handler = logging.StreamHandler(sys.stderr)  # as Ray's: made before the run, holding the old stderr\n"
+        "log = logging.getLogger('fake-ray'); log.addHandler(handler); log.propagate = False\n"
+        "try:\n"
+        "    with ray_output(False) as path:\n"
+        "        os.write(2, b'from-cxx\\n'); log.warning('from-ray-logger'); print('ours', file=sys.stderr)\n"
+        "        raise RuntimeError('boom')\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "os.write(2, b'after\\n'); print('after-py', file=sys.stderr)\n"
+        "with ray_output(True) as none:\n"
+        "    os.write(2, b'verbose\\n')\n"
+        "print(path, none)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    path, none = res.stdout.split()
+    try:
+        assert none == "None"
+        assert res.stderr.splitlines() == ["ours", "after", "after-py", "verbose"]
+        assert Path(path).read_text().splitlines() == ["from-cxx", "from-ray-logger"]
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
 def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: dict[str, Path],
                                                       tmp_path: Path) -> None:
     """A cluster started elsewhere (here: another process's ray.init), joined with --address; the results
@@ -435,10 +513,13 @@ def test_cli_connects_to_a_running_cluster_by_address(outputs: dict, dataset: di
         env.pop("RAY_ADDRESS", None)
         res = subprocess.run([sys.executable, "-m", "vitscope", "batch", str(src), "-o", str(tmp_path / "out"),
                               "--model", str(dataset["model"]), "--policy", "native", "--engine", "ray",
-                              "--address", address, "--num-cpus", "0.5", "-q"],
+                              "--address", address, "--num-cpus", "0.5", "-q", "--verbose"],
                              capture_output=True, text=True, env=env, timeout=240)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "2 done" in res.stdout
+        # --verbose: Ray's own lines stay on the terminal (the quiet default: test_ray_is_quiet_by_default)
+        assert any(RAY_LOG_LINE.match(line) for line in res.stderr.splitlines()), res.stderr[-2000:]
+        assert "Ray's log" not in res.stdout
     finally:
         head.stdin.close()
         head.wait(timeout=60)

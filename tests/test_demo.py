@@ -1,16 +1,18 @@
-"""``vitscope demo``: a folder of figures and one viewer page, offline, from a saved model."""
+"""``vitscope demo``: a folder of figures and one viewer page (every demo image), offline, from a saved model."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import numpy as np
 from PIL import Image
 
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
 from vitscope.demo import demo_images
 from vitscope.models.vit import save_vit
+from vitscope.viewer import BUDGET_BYTES
 
 
 def test_demo_images_are_shapes_then_photos():
@@ -36,6 +38,14 @@ def test_cli_demo_writes_figures_and_a_viewer(tmp_path, capsys):
         if name.endswith(".png"):
             with Image.open(out / name) as im:
                 assert im.width > 200 and im.height > 100
-    page = (out / "viewer.html").read_text(encoding="utf-8")
-    data = json.loads(re.search(r'class="vitscope-data">(.*?)</script>', page, re.S).group(1))
-    assert data["prefix"] == ["cls", "register"] and data["title"].startswith("shapes0-")
+    # the viewer page holds every demo image (an image picker), one offline file within the viewer's budget
+    page_bytes = (out / "viewer.html").read_bytes()
+    page = page_bytes.decode("utf-8")
+    blocks = [json.loads(m) for m in re.findall(r'class="vitscope-data">(\{.*?)</script>', page, re.S)]
+    names = list(demo_images((32, 32)))
+    assert [b["title"] for b in blocks] == names and len(names) >= 7  # 4 shapes images + the bundled photos
+    assert all(b["prefix"] == ["cls", "register"] for b in blocks)
+    assert len({b["image"]["src"] for b in blocks}) == len(names)  # each its own image
+    stored = sum(int(np.prod(a["shape"])) for b in blocks for a in (b["attention"], b["rollout"]) if a)
+    assert stored <= BUDGET_BYTES and len(page_bytes) <= BUDGET_BYTES  # arrays, and the whole file
+    assert "https://" not in page and "http://" not in page

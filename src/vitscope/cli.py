@@ -618,6 +618,8 @@ def batch_cmd(
     num_gpus: Annotated[float | None, typer.Option("--num-gpus", help="ray: GPUs per actor (default 0).")] = None,
     max_retries: Annotated[int | None, typer.Option("--max-retries", help="ray: retries of a call whose actor "
                                                     "died; then its images fail alone (default 3).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="ray: show Ray's own log lines (default: they go to "
+                                                          "a file named in the summary line).")] = False,
     masks: Annotated[Path | None, typer.Option(help="Folder of object masks mirroring the inputs: pointing game, "
                                                     "mask IoU.")] = None,
     stats: Annotated[bool, typer.Option(help="Per-image prediction, token norms and attention distance, and "
@@ -635,7 +637,7 @@ def batch_cmd(
     # only what the user set: run_batch refuses an option the engine cannot honour, and checks every range
     chosen: dict[str, Any] = {"workers": workers, "formats": formats, "verify": verify, "address": address,
                               "concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus,
-                              "max_retries": max_retries}
+                              "max_retries": max_retries, "verbose": verbose or None}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     try:
         with _limits(max_pixels, max_tokens, max_memory):

@@ -1,5 +1,8 @@
 """``vitscope demo``: the offline showcase. Figures and a viewer page from the bundled model, no download.
 
+The viewer page (``viewer.html``) holds every demo image, with an image picker, in one self-contained file
+whose attention arrays stay within the viewer's size budget (`vitscope.viewer.BUDGET_BYTES`, shared).
+
 The bundled ``vitscope:shapes`` model was trained on procedural shapes images (`vitscope.train.shapes`), so
 the demo renders a few of those (what the model understands: its attention finds the object) next to the
 bundled natural photos (which it has never seen: useful to show what an untrained-for input looks like).
@@ -50,7 +53,7 @@ def run_demo(
     log: Callable[[str], None] | None = print,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write the showcase figures (PNG) and one viewer page (``viewer.html``) into ``out_dir``.
+    """Write the showcase figures (PNG) and one viewer page (``viewer.html``, every demo image) into ``out_dir``.
 
     Returns the written paths. Takes a few seconds on a laptop CPU with the bundled model. ``overwrite``:
     write into a folder that holds files vitscope did not write (they are kept, never replaced).
@@ -68,7 +71,7 @@ def run_demo(
 def _run(out: Path, model: Any, log: Callable[[str], None] | None, overwrite: bool) -> list[Path]:
     from vitscope._io import claim_output
     from vitscope.adapters import as_vit
-    from vitscope.viewer import view
+    from vitscope.viewer import view_many
     from vitscope.viz import save_figure
     from vitscope.viz.make import make_figure
 
@@ -96,7 +99,7 @@ def _run(out: Path, model: Any, log: Callable[[str], None] | None, overwrite: bo
     for filename, (kind, chosen, kw) in figures.items():
         figure = make_figure(kind, [images[n] for n in chosen], vit, **kw)
         written.append(save_figure(figure, out / filename))
-    viewer = view(images[first], vit, title=f"{first} ({vit.info.name})")
+    viewer = view_many(images, vit)  # every demo image, one page with an image picker
     written.append(viewer.save(out / "viewer.html"))
     folder.record(p.name for p in written)
     if log is not None:

@@ -12,8 +12,9 @@ from PIL import Image
 
 from tests.conftest import make_tiny_vit
 from vitscope.cli import main
+from vitscope.errors import VitscopeError
 from vitscope.models.vit import save_vit
-from vitscope.viewer import view
+from vitscope.viewer import Viewer, view, view_many
 from vitscope.viewer.page import asset, json_for_script
 
 
@@ -72,3 +73,41 @@ def test_cli_view_writes_the_page(tmp_path, image_path, capsys):
         main(["view", str(image_path), "-m", str(folder), "-o", str(out), "--dtype", "int4"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: --dtype:")
+
+
+def _stored_weights(payload: dict) -> int:
+    """Attention weights a payload stores (raw + rollout): what the size budget counts, one byte each in uint8."""
+    return sum(int(np.prod(a["shape"])) for a in (payload["attention"], payload["rollout"]) if a is not None)
+
+
+def _data_blocks(page: str) -> list[dict]:
+    return [json.loads(m) for m in
+            re.findall(r'<script type="application/json" class="vitscope-data">(\{.*?)</script>', page, re.S)]
+
+
+def test_view_many_holds_every_image_within_one_shared_budget():
+    """Three images on one page: three data blocks in order, each its own image's attention; the budget is
+    shared (three full-size images would store 3 x 2890 weights, over the 6000-byte budget given)."""
+    vit = make_tiny_vit()  # 2 layers x 4 heads, 17 tokens: 2 * (4 + 1) * 17 * 17 = 2890 weights per image
+    rng = np.random.default_rng(3)
+    images = {f"im{i}": Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(3)}
+    full = _stored_weights(view(images["im0"], vit).payload)
+    budget = 2 * full + 100
+    with pytest.warns(UserWarning, match="size budget"):
+        v = view_many(images, vit, budget_bytes=budget)
+    page = v.to_html()
+    blocks = _data_blocks(page)
+    assert blocks == v.payloads and [b["title"] for b in blocks] == ["im0", "im1", "im2"]
+    assert sum(_stored_weights(b) for b in blocks) <= budget < 3 * full  # shared, or it would not fit
+    assert all(b["layers"] == [1] for b in blocks)  # each kept the last layer of two
+    assert blocks[0]["image"]["src"] != blocks[1]["image"]["src"]
+    assert "<title>im0 and 2 more</title>" in page and page.count("</script>") == 4  # 3 data blocks + renderer
+    one = view(images["im1"], vit, budget_bytes=budget // 3).payload
+    assert one["attention"] == blocks[1]["attention"]  # the same packing as a page of its own
+    assert "images=3" in repr(v)
+    assert Viewer.combine([view(images["im0"], vit), v]).payloads[1:] == v.payloads
+
+
+def test_view_many_needs_an_image():
+    with pytest.raises(VitscopeError, match=r"^images: no image given"):
+        view_many({}, make_tiny_vit())

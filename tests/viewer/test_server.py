@@ -436,3 +436,29 @@ def test_upload_with_a_hostile_file_name(server):
     assert status == 200
     assert _viewer_data(page)["title"] == "\ufffd\ufffd<b onmouseover=x>.png"
     assert "<b onmouseover" not in page
+
+
+def test_every_page_shares_the_viewers_style(server):
+    """One style sheet (viewer.css) in the upload page, a viewer page and a browser's error page; the body
+    gets the viewer's font, not the browser's default serif. A client that does not ask for HTML (curl,
+    scripts) still gets the one plain-text line."""
+    from vitscope.viewer.page import asset, style
+
+    css = style()
+    assert css == asset("viewer.css") and re.search(r"\.vitscope-page \{[^}]*font: [^;]*sans-serif", css)
+    _, index = _request(server, "GET", "/")
+    _, viewer = _request(server, "GET", "/sample/coffee")
+    status, error = _request(server, "GET", "/nowhere", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert status == 404
+    for page in (index, viewer, error):
+        assert f"<style>\n{css}\n</style>" in page and '<body class="vitscope-page">' in page
+    assert "404 Not Found: no such page (try /)" in error and 'action="/view"' in error  # the form, to retry
+    body, ctype = _multipart("image", "notes.txt", b"not an image at all", "text/plain")
+    status, error = _request(server, "POST", "/view", body, {"Content-Type": ctype, "Accept": "text/html"})
+    assert status == 415 and '<p class="vs-message">415 Unsupported Media Type: the upload is not an image' in error
+    assert css in error
+    status, error = _request(server, "POST", "/view", b"x", {"Content-Type": "text/<b>x</b>", "Accept": "text/html"})
+    assert status == 415 and "(got text/&lt;b&gt;x&lt;/b&gt;)" in error and "<b>x" not in error  # escaped
+    assert "script-src" not in error and "default-src 'none'" in error  # the error page runs no script
+    status, plain = _request(server, "GET", "/nowhere")  # no Accept: text/html
+    assert (status, plain) == (404, "404 Not Found: no such page (try /)\n")

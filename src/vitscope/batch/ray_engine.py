@@ -19,11 +19,17 @@ Dataset-level measures (`summarize`) are combined on the engine from per-part pa
 high-norm token counts per layer; pointing game hits and mask IoU), never by collecting maps on the driver:
 ``OUT/summary.json`` and ``OUT/distance.png``, the same summary local batch mode writes.
 
+Ray is quiet by default: everything Ray writes to this process's standard error while a run starts, uses and
+stops it (its Python loggers, Ray Data's progress log, the C++ core worker's lines, the token-authentication
+notice) goes to a log file in the temporary folder, named in the run's summary line (`ray_output`);
+``verbose=True`` (``vitscope batch --verbose``) leaves it on the terminal.
+
 ``ray`` is an optional dependency: ``pip install 'vitscope[ray]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,7 +38,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,8 @@ PARTS = "parts"
 PART_NAME = re.compile(r"part-[0-9a-f]{24}\.parquet")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 INSTALL_HINT = "pip install 'vitscope[ray]'"
+#: Folder of the log files that receive Ray's messages (`ray_output`); ``None``: the system's temporary folder.
+LOG_DIR: str | None = None
 
 #: Columns of every output row (see docs/performance.md#ray-engine).
 COLUMNS = (
@@ -475,7 +483,10 @@ def summarize(output_dir: str | os.PathLike[str], *, num_heads: int, config: dic
 # ------------------------------------------------------------------------------------------------ run
 @dataclass
 class RayBatchSummary(BatchSummary):
-    """What a Ray-engine run did; ``summary`` is the dataset-level summary written to ``summary.json``."""
+    """What a Ray-engine run did; ``summary`` is the dataset-level summary written to ``summary.json``;
+    ``ray_log`` the file that received Ray's own messages (`ray_output`; ``None`` with ``verbose``)."""
+
+    ray_log: Path | None = None
 
     @property
     def manifest(self) -> Path:
@@ -484,7 +495,57 @@ class RayBatchSummary(BatchSummary):
     def __str__(self) -> str:
         return (f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed of {self.total} "
                 f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); parts in {self.manifest}, "
-                f"summary {self.output_dir / SUMMARY}")
+                f"summary {self.output_dir / SUMMARY}" + (f"; Ray's log {self.ray_log}" if self.ray_log else ""))
+
+
+@contextlib.contextmanager
+def ray_output(verbose: bool) -> Iterator[Path | None]:
+    """While Ray runs in this process: unless ``verbose``, whatever is written to file descriptor 2 (Ray's log
+    handlers, which hold the original ``sys.stderr``, and the C++ core worker, which writes to the descriptor)
+    goes to a new log file ``<tmp>/vitscope-ray-*.log`` (in `LOG_DIR` when set), yielded; vitscope's own lines (``sys.stderr``, which
+    is pointed at the terminal meanwhile: warnings, the progress bar) still reach the terminal. Everything is
+    restored on exit, however the block ends. Yields ``None`` when ``verbose`` or when standard error is not a
+    file descriptor (then nothing is redirected)."""
+    import sys
+    import tempfile
+
+    if verbose:
+        yield None
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (a closed stderr): nothing to quieten
+        yield None
+        return
+    fd, name = tempfile.mkstemp(prefix="vitscope-ray-", suffix=".log", dir=LOG_DIR)
+    old = sys.stderr
+    ours: Any = None
+    try:
+        for stream in (old, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+        os.dup2(fd, 2)
+        try:
+            to_fd2 = old is not None and old.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # pytest's capture, notebooks: not the descriptor
+            to_fd2 = False
+        if to_fd2:
+            ours = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                             errors="backslashreplace")
+            sys.stderr = ours
+        yield Path(name)
+    finally:
+        with contextlib.suppress(Exception):
+            if sys.__stderr__ is not None:
+                sys.__stderr__.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+        if ours is not None:
+            sys.stderr = old
+            with contextlib.suppress(Exception):
+                ours.close()
 
 
 def _connect(ray: Any, address: str | None, cpus_needed: float) -> bool:
@@ -543,6 +604,7 @@ def run_batch_ray(
     norm_threshold: float | None = None,
     summary: bool = True,
     max_retries: int = 3,
+    verbose: bool = False,
 ) -> RayBatchSummary:
     """`vitscope.batch.run_batch` on Ray Data: call it as ``run_batch(..., engine="ray", ...)``.
 
@@ -567,6 +629,8 @@ def run_batch_ray(
             folder or a list, a part that still fails is run again one image per part and what fails then is an
             ``error`` row ("WorkerDied: ..."), so an image that crashes its worker every time fails alone; with a
             manifest the run stops with a one-line error (the parts written so far are kept).
+        verbose: leave Ray's own messages on the terminal (default: they go to a log file, `ray_output`,
+            named in the summary's line).
     """
     from vitscope.adapters import as_vit
     from vitscope.batch.local import (
@@ -617,7 +681,8 @@ def run_batch_ray(
     (out_dir / PARTS).mkdir(exist_ok=True)
     result = RayBatchSummary(output_dir=out_dir, total=0)
     started = False
-    with _exclusive(out_dir):
+    with _exclusive(out_dir), ray_output(verbose) as ray_log:
+        result.ray_log = ray_log
         _remove_partials(out_dir)
         _check_config(out_dir, config, overwrite)
         index = _index(part_files(out_dir))

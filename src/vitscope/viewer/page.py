@@ -1,7 +1,10 @@
-"""`Viewer`: one self-contained HTML page (inline JS, CSS, data and image; no network) for notebooks and files.
+"""`Viewer`: one self-contained HTML page (inline JS, CSS, data and images; no network) for notebooks and files.
 
 One renderer (``viewer.js``, shipped as package data) serves both: `Viewer.save` writes the page, and
-`Viewer._repr_html_` shows the same page in Jupyter inside a sandboxed ``<iframe srcdoc>``.
+`Viewer._repr_html_` shows the same page in Jupyter inside a sandboxed ``<iframe srcdoc>``. A page may hold
+several images (`view_many`, ``vitscope demo``): one data block per image and an image picker on the page.
+One style sheet (``viewer.css``, `STYLE`) styles every vitscope page: the viewer and the pages of
+``vitscope serve`` (`render_plain_page`).
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import html
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vitscope.attentions import Attentions
+from vitscope.errors import VitscopeError
 from vitscope.viewer.pack import BUDGET_BYTES, Dtype, pack
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -33,24 +38,53 @@ def json_for_script(payload: dict[str, Any]) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_page(payload: dict[str, Any], header_html: str = "") -> str:
-    """The whole page for ``payload`` (from `vitscope.viewer.pack.pack`). ``header_html`` is trusted markup
-    placed above the viewer (the server's upload form)."""
+def style() -> str:
+    """The style sheet of every vitscope page (``viewer.css``): the viewer's and the server's pages share it."""
+    return asset("viewer.css")
+
+
+def render_page(payload: dict[str, Any] | Sequence[dict[str, Any]], header_html: str = "") -> str:
+    """The whole page for ``payload`` (from `vitscope.viewer.pack.pack`), or for several payloads (one per
+    image: the page shows an image picker). ``header_html`` is trusted markup placed above the viewer (the
+    server's upload form)."""
     from vitscope._version import __version__
 
+    payloads = [payload] if isinstance(payload, Mapping) else list(payload)
+    if not payloads:
+        raise VitscopeError("payload", "no image to show", "pass at least one packed image")
+    title = str(payloads[0].get("title", "vitscope"))
+    if len(payloads) > 1:
+        title = f"{title} and {len(payloads) - 1} more"
     parts = {
         "version": __version__,
-        "title": html.escape(str(payload.get("title", "vitscope"))),
-        "css": asset("viewer.css"),
+        "title": html.escape(title),
+        "css": style(),
         "js": asset("viewer.js"),
         "header": header_html,
-        "data": json_for_script(payload),
+        "data": "\n".join(
+            f'<script type="application/json" class="vitscope-data">{json_for_script(p)}</script>' for p in payloads
+        ),
     }
     return _PLACEHOLDER.sub(lambda m: parts[m.group(1)], asset("viewer.html"))
 
 
+def render_plain_page(title: str, body_html: str) -> str:
+    """A page without the viewer (the server's upload form and error pages) in the viewer's style.
+    ``title`` is escaped here; ``body_html`` is trusted markup."""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        "form-action 'self'\">"
+        f"<style>\n{style()}\n</style></head>"
+        f'<body class="vitscope-page">{body_html}</body></html>'
+    )
+
+
 class Viewer:
-    """An interactive attention viewer for one image.
+    """An interactive attention viewer for one image, or several (`Viewer.combine`, `view_many`: the page has
+    an image picker).
 
     Build it with `Viewer.from_attentions` or `vitscope.viewer.view`; display it in Jupyter (it has a
     ``_repr_html_``) or write it with `save`. The page works offline from a ``file://`` URL.
@@ -61,8 +95,22 @@ class Viewer:
         >>> v.save("cat.html")                                 # doctest: +SKIP
     """
 
-    def __init__(self, payload: dict[str, Any]) -> None:
-        self.payload = payload
+    def __init__(self, payload: dict[str, Any], *more: dict[str, Any]) -> None:
+        #: one packed payload per image; `payload` is the first
+        self.payloads: list[dict[str, Any]] = [payload, *more]
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The (first) image's packed data."""
+        return self.payloads[0]
+
+    @classmethod
+    def combine(cls, viewers: Sequence[Viewer]) -> Viewer:
+        """One page holding every image of ``viewers``, in order, with an image picker."""
+        payloads = [p for v in viewers for p in v.payloads]
+        if not payloads:
+            raise VitscopeError("viewers", "no viewer to combine", "pass at least one Viewer")
+        return cls(*payloads)
 
     @classmethod
     def from_attentions(
@@ -90,10 +138,11 @@ class Viewer:
     @property
     def notes(self) -> list[str]:
         """What the page says about what was left out."""
-        return list(self.payload.get("notes", []))
+        return [n for p in self.payloads for n in p.get("notes", [])]
 
     def to_html(self, header_html: str = "") -> str:
-        return render_page(self.payload, header_html)
+        """The page's HTML; ``header_html`` is trusted markup placed above the viewer."""
+        return render_page(self.payloads, header_html)
 
     def _repr_html_(self) -> str:
         page = html.escape(self.to_html(), quote=True)
@@ -111,9 +160,10 @@ class Viewer:
     def __repr__(self) -> str:
         p = self.payload
         rows, cols = p["grid"]
+        more = f", images={len(self.payloads)}" if len(self.payloads) > 1 else ""
         return (
             f"Viewer({p['title']!r}, grid={rows}x{cols}, layers={len(p['layers'])}/{p['num_layers']}, "
-            f"heads={p['heads']}, rollout={p['rollout'] is not None})"
+            f"heads={p['heads']}, rollout={p['rollout'] is not None}{more})"
         )
 
 
@@ -168,3 +218,30 @@ def view(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
         policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output),
     )
+
+
+def view_many(
+    images: Mapping[str, Any],
+    model: Any = "vitscope:shapes",
+    *,
+    policy: str | None = None,
+    size: int | tuple[int, int] | None = None,
+    dtype: Dtype = "uint8",
+    budget_bytes: int = BUDGET_BYTES,
+    residual: float = 0.5,
+    cmap: str = "inferno",
+) -> Viewer:
+    """One page for several images (title -> image), with an image picker: `view` for each, the size budget
+    shared between them (each image gets ``budget_bytes // len(images)``, so the page's attention arrays stay
+    within ``budget_bytes`` in all)."""
+    from vitscope.adapters import as_vit
+
+    if not images:
+        raise VitscopeError("images", "no image given", "pass at least one image")
+    vit = as_vit(model)
+    share = int(budget_bytes) // len(images)
+    return Viewer.combine([
+        view(img, vit, policy=policy, size=size, dtype=dtype, budget_bytes=share, residual=residual, cmap=cmap,
+             title=str(name))
+        for name, img in images.items()
+    ])

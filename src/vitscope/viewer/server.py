@@ -5,6 +5,10 @@ serves a fixed set of routes and no files from disk (so no path can escape anyth
 (``max_upload`` bytes, refused from the ``Content-Length`` before reading), answers bad uploads with a 4xx
 and a one-line message, and runs one capture at a time (capture hooks the shared model).
 
+Every HTML page it serves has the viewer's style (`vitscope.viewer.page.style`, the one ``viewer.css``). Errors
+go to a browser (a request that accepts ``text/html``) as the upload page with the message above the form, and
+to other clients (curl, scripts) as one plain-text line.
+
 Hostile clients are bounded: a request (request line, headers and body together) must arrive within
 ``request_timeout`` seconds in all, however slowly it trickles; at most ``max_concurrent`` requests are handled
 at once; a multipart form may hold at most `MAX_PARTS` parts and is split with linear-time searches only; a
@@ -399,16 +403,19 @@ class ViewerServer(ThreadingHTTPServer):
         )
 
     def model_label(self) -> str:
-        return self._vit.info.name if self._vit is not None else str(self.model_spec)
+        if self._vit is not None:
+            return str(self._vit.info.name)
+        return self.model_spec if isinstance(self.model_spec, str) else type(self.model_spec).__name__
 
-    def index_page(self) -> str:
-        return (
-            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>vitscope</title>'
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-            "form-action 'self'\"></head><body>"
-            f"{self.upload_form()}"
-            "<p style=\"font:14px system-ui,sans-serif;padding:0 16px\">Upload an image (or pick a sample) to see "
-            "the model's attention: every layer, head and query.</p></body></html>"
+    def index_page(self, message: str = "", title: str = "vitscope") -> str:
+        """The upload page (in the viewer's style); ``message`` (an error) is shown in the form."""
+        from vitscope.viewer.page import render_plain_page
+
+        return render_plain_page(
+            title,
+            f"{self.upload_form(message)}"
+            '<div class="vs-intro"><p>Upload an image (or pick a sample) to see the model\'s '
+            "attention: every layer, head and query.</p></div>",
         )
 
 
@@ -524,7 +531,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, status: HTTPStatus, message: str) -> None:
-        self._send(status, f"{status.value} {status.phrase}: {message}\n", "text/plain; charset=utf-8")
+        """``status`` and a one-line ``message``: the upload page showing it for a browser, plain text else."""
+        line = f"{status.value} {status.phrase}: {message}"
+        if "text/html" in self.headers.get("Accept", ""):
+            self._send(status, self.server.index_page(line, title=f"{status.value} {status.phrase} - vitscope"))
+        else:
+            self._send(status, line + "\n", "text/plain; charset=utf-8")
 
     def do_GET(self) -> None:
         path = unquote(urlsplit(self.path).path)

@@ -1,12 +1,14 @@
 /* vitscope viewer: draws packed ViT attention over an image. Self-contained: no network, no libraries.
  *
- * Data (JSON in <script type="application/json" class="vitscope-data">, written by vitscope/viewer/pack.py):
+ * Data (JSON in <script type="application/json" class="vitscope-data">, written by vitscope/viewer/pack.py; a
+ * page for several images holds one such block per image in the same viewer, which then shows an image picker):
  *   attention: [layers, heads, queries, tokens], uint8 (value = byte / 255 * scale[row]) or float16
  *   rollout:   [layers, queries, tokens], cumulative attention rollout through each stored layer (or null)
  * Token layout: [prefix tokens..., patches (row-major)]; grid = [rows, cols] (height before width).
  *
  * Each mounted viewer is exposed as window.vitscopeViewers[i]; viewer.current holds what is drawn
- * (values of the patches, query token, layer, head, method), viewer.timings the last redraw times (ms).
+ * (image index, values of the patches, query token, layer, head, method), viewer.timings the last redraw
+ * times (ms); viewer.show(i) switches to image i of a several-image page.
  */
 (function () {
   "use strict";
@@ -97,9 +99,38 @@
     return keep;
   }
 
-  function Viewer(root, data) {
-    if (data.format !== FORMAT) throw new Error("unsupported data format " + data.format);
+  /* root: the .vitscope-viewer element; datas: one packed payload per image (several: an image picker). */
+  function Viewer(root, datas) {
+    var self = this;
     this.root = root;
+    this.datas = datas;
+    this.timings = [];
+    this.picker = null;
+    this.index = -1;
+    this.state = {
+      layer: null, head: "mean", method: "raw", query: null, follow: true,
+      mask: false, tau: 0.6, opacity: 0.6, smooth: false
+    };
+    root.setAttribute("tabindex", "0");
+    if (datas.length > 1) this.buildPicker();
+    this.body = el("div", { className: "vs-body" }, root);
+    root.addEventListener("keydown", function (e) { self.onKey(e); });
+    if (typeof ResizeObserver !== "undefined") {
+      this.resizer = new ResizeObserver(function () { self.draw(); });
+    } else {
+      this.resizer = null;
+      window.addEventListener("resize", function () { self.draw(); });
+    }
+    this.load(0);
+  }
+
+  /* Show image i: decode its payload and rebuild the controls, keeping the user's settings (layer position,
+     head, method, mask, tau, opacity, smoothing) where the new image has them; the query starts over. */
+  Viewer.prototype.load = function (i) {
+    var data = this.datas[i];
+    if (data.format !== FORMAT) throw new Error("unsupported data format " + data.format);
+    var hadFocus = this.body.contains(document.activeElement);
+    this.index = i;
     this.data = data;
     this.rows = data.grid[0];
     this.cols = data.grid[1];
@@ -111,22 +142,53 @@
     this.H = data.heads.length;
     this.Q = data.queries.length;
     this.qpos = {};
-    for (var i = 0; i < this.Q; i++) this.qpos[data.queries[i]] = i;
+    for (var q = 0; q < this.Q; q++) this.qpos[data.queries[q]] = q;
     this.lut = b64bytes(data.cmap.lut);
     this.buf = new Float32Array(this.N);
     this.acc = new Float32Array(this.N);
-    this.timings = [];
     this.hoverKey = null;   // token index of the patch under the cursor
     this.hoverQuery = null; // token used as query while following the cursor
     var cls = data.prefix.indexOf("cls");
-    var q0 = (cls >= 0 && this.qpos[cls] !== undefined) ? cls : data.queries[0];
-    this.state = {
-      layer: this.L - 1, head: "mean", method: "raw", query: q0, follow: true,
-      mask: false, tau: 0.6, opacity: 0.6, smooth: false
-    };
+    var st = this.state;
+    st.query = (cls >= 0 && this.qpos[cls] !== undefined) ? cls : data.queries[0];
+    st.follow = true;
+    if (st.layer === null) st.layer = this.L - 1;
+    this.validate();
+    this.body.textContent = "";
     this.build();
-    this.draw();
-  }
+    if (this.picker) {
+      this.picker.value = String(i);
+      this.pickerLab.textContent = (i + 1) + " of " + this.datas.length;
+    }
+    if (hadFocus) this.focus();
+    return this.draw();
+  };
+
+  /* Switch to image i (wrapping around) of a several-image page; returns viewer.current. */
+  Viewer.prototype.show = function (i) {
+    var n = this.datas.length;
+    i = ((i % n) + n) % n;
+    return i === this.index ? this.current : this.load(i);
+  };
+
+  Viewer.prototype.focus = function () {
+    try {
+      this.root.focus({ preventScroll: true });
+    } catch (err) {
+      this.root.focus();
+    }
+  };
+
+  Viewer.prototype.buildPicker = function () {
+    var self = this;
+    var bar = el("div", { className: "vs-picker" }, this.root);
+    var f = el("label", { className: "vs-field" }, bar);
+    el("span", { text: "image" }, f);
+    this.picker = el("select", { className: "vs-image-select" }, f);
+    this.datas.forEach(function (d, i) { el("option", { value: String(i), text: d.title }, self.picker); });
+    this.pickerLab = el("output", { className: "vs-image-count" }, bar);
+    this.picker.addEventListener("change", function () { self.show(+self.picker.value); });
+  };
 
   Viewer.prototype.tokenLabel = function (t) {
     if (t < this.P) {
@@ -142,8 +204,7 @@
   };
 
   Viewer.prototype.build = function () {
-    var self = this, d = this.data, root = this.root;
-    root.setAttribute("tabindex", "0");
+    var self = this, d = this.data, root = this.body;
     var head = el("div", { className: "vs-header" }, root);
     el("h1", { text: d.title }, head);
     var sub = "grid " + this.rows + " x " + this.cols + " patches, " + this.P + " prefix token" +
@@ -218,7 +279,7 @@
       className: "vs-help",
       text: "Hover a patch to see where it looks (follow cursor); click to pin it as the query. " +
         "Untick 'follow cursor' to read the values under the cursor. Keys: \u2190 \u2192 layer, \u2191 \u2193 head, " +
-        "r rollout, m mask, Esc follow."
+        "r rollout, m mask, Esc follow" + (this.picker ? ", [ ] image." : ".")
     }, side);
     var notes = el("ul", { className: "vs-notes" }, side);
     (d.notes || []).forEach(function (n) { el("li", { text: n }, notes); });
@@ -249,11 +310,9 @@
       self.draw();
     });
     this.canvas.addEventListener("click", function (e) { self.onClick(e); });
-    root.addEventListener("keydown", function (e) { self.onKey(e); });
-    if (typeof ResizeObserver !== "undefined") {
-      new ResizeObserver(function () { self.draw(); }).observe(this.stage);
-    } else {
-      window.addEventListener("resize", function () { self.draw(); });
+    if (this.resizer) {
+      this.resizer.disconnect();
+      this.resizer.observe(this.stage);
     }
   };
 
@@ -286,8 +345,15 @@
 
   /* Update state (validated), refresh the controls and redraw. */
   Viewer.prototype.set = function (patch) {
+    for (var k in patch) this.state[k] = patch[k];
+    this.validate();
+    this.syncControls();
+    return this.draw();
+  };
+
+  /* Bring the state within what the current image's data holds. */
+  Viewer.prototype.validate = function () {
     var st = this.state;
-    for (var k in patch) st[k] = patch[k];
     st.layer = Math.max(0, Math.min(this.L - 1, st.layer | 0));
     if (st.method === "rollout" && !this.roll) st.method = "raw";
     if (typeof st.head === "number" && (st.head < 0 || st.head >= this.H || this.data.heads[0] === "mean")) st.head = "mean";
@@ -296,8 +362,6 @@
     if (!this.hasPatchQueries()) st.follow = false;
     st.tau = Math.max(0.01, Math.min(1, +st.tau));
     st.opacity = Math.max(0, Math.min(1, +st.opacity));
-    this.syncControls();
-    return this.draw();
   };
 
   /* The full row (all N keys) of the current method/layer/head for query token t, or null. */
@@ -349,7 +413,9 @@
     if (this.H > 1) heads.push("max");
     if (this.data.heads[0] !== "mean") for (var h = 0; h < this.H; h++) heads.push(h);
     var i = heads.indexOf(st.head);
-    if (e.key === "ArrowRight") this.set({ layer: st.layer + 1 });
+    if (this.picker && e.target === this.picker && e.key.indexOf("Arrow") === 0) return;  // the picker's own
+    if (this.picker && (e.key === "]" || e.key === "[")) this.show(this.index + (e.key === "]" ? 1 : -1));
+    else if (e.key === "ArrowRight") this.set({ layer: st.layer + 1 });
     else if (e.key === "ArrowLeft") this.set({ layer: st.layer - 1 });
     else if (e.key === "ArrowDown") this.set({ head: heads[(i + 1) % heads.length] });
     else if (e.key === "ArrowUp") this.set({ head: heads[(i - 1 + heads.length) % heads.length] });
@@ -434,7 +500,7 @@
     this.prefixOut.textContent = parts.length ? "to prefix tokens: " + parts.join(", ") : "";
 
     this.current = {
-      method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
+      image: this.index, title: this.data.title, method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
       hoverKey: this.hoverKey, values: Array.prototype.slice.call(values), min: lo, max: hi,
       mask: mask ? Array.prototype.slice.call(mask) : null
     };
@@ -445,10 +511,11 @@
   };
 
   function mount(root) {
-    var script = root.querySelector("script.vitscope-data");
-    if (!script || root.vitscope) return root.vitscope || null;
-    var data = JSON.parse(script.textContent);
-    var v = new Viewer(root, data);
+    var scripts = root.querySelectorAll("script.vitscope-data");
+    if (!scripts.length || root.vitscope) return root.vitscope || null;
+    var datas = [];
+    for (var i = 0; i < scripts.length; i++) datas.push(JSON.parse(scripts[i].textContent));
+    var v = new Viewer(root, datas);
     root.vitscope = v;
     (window.vitscopeViewers = window.vitscopeViewers || []).push(v);
     return v;
@@ -465,12 +532,7 @@
      (after a click on the page's background) go to the first viewer as well. */
   function focusFirst() {
     var vs = window.vitscopeViewers || [];
-    if (!vs.length || !nothingFocused()) return;
-    try {
-      vs[0].root.focus({ preventScroll: true });
-    } catch (err) {
-      vs[0].root.focus();
-    }
+    if (vs.length && nothingFocused()) vs[0].focus();
   }
 
   function mountAll() {
