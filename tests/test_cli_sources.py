@@ -68,10 +68,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _spec_model(spec: str, extra: list[str]) -> vitscope.VitModel:
     """The model the CLI builds for ``spec`` (random weights seeded as the CLI's run was)."""
-    kwargs: dict = {}
-    if spec.startswith("timm:"):
-        kwargs["pretrained"] = False
-    return vitscope.load(spec, **kwargs)
+    return vitscope.load(spec, random_weights="--random-weights" in extra)  # the same rule for weights as the CLI
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))

@@ -173,7 +173,7 @@ def test_capture_memory_estimate_names_the_options(tiny_vit: object, image_path:
     import vitscope
     from vitscope.capture.budget import check_capture_budget, estimate_capture_bytes
 
-    with pytest.raises(VitscopeError, match=r"capture: needs about .* layers=\[-1\], queries='cls', heads='mean'"):
+    with pytest.raises(VitscopeError, match=r"capture: needs about .* `layers=-1`, `queries='cls'`, `heads='mean'`"):
         vitscope.capture(tiny_vit, image_path, size=64, max_bytes=10_000)
     attn = vitscope.capture(tiny_vit, image_path, size=64, layers=[-1], queries="cls", heads="mean",
                             max_bytes=200_000)

@@ -28,19 +28,26 @@ app = typer.Typer(
 DEFAULT_MODEL = "vitscope:shapes"
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="vitscope:shapes, hf:<id|folder>, timm:<name>, dino:<file.pth>, a folder")
+    str, typer.Option("--model", "-m", metavar="SPEC", help="vitscope:shapes, hf:<id|folder>, timm:<name>, "
+                      "torchvision:<name>, open_clip:<name> (pretrained), dino:<file.pth>, a folder")
 ]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="A file (with a suffix) or a folder (without one).")]
 FolderOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
 SizeOpt = Annotated[
-    str | None, typer.Option(help="Input size: N for the shorter side (aspect kept) or HxW (default: the policy's).")
+    str | None, typer.Option(metavar="N|HxW", help="Input size: N for the shorter side (aspect kept) or HxW "
+                             "(default: the policy's).")
 ]
-PolicyOpt = Annotated[str | None, typer.Option(help="resize | crop | native (default: the model's).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps (default: cpu).")]
-CheckpointOpt = Annotated[
-    Path | None, typer.Option(help="Fine-tuned weights (.safetensors/.pth) for a timm:<name> architecture.")
-]
-RandomOpt = Annotated[bool, typer.Option("--random-weights", help="timm:<name> without its pretrained weights.")]
+PolicyOpt = Annotated[str | None, typer.Option(metavar="resize|crop|native", help="How images meet the model's "
+                                                                                   "input (default: the model's).")]
+#: where to run; "auto": CUDA, then MPS, then the CPU
+DEVICES = "auto|cpu|cuda|mps"
+DeviceOpt = Annotated[str, typer.Option(metavar=DEVICES, help="Where to run (auto: CUDA, then MPS, then the CPU).")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    metavar="FILE", help="Fine-tuned weights (.safetensors/.pth) for a timm:, torchvision: or open_clip: "
+    "architecture, instead of its pretrained ones.")]
+RandomOpt = Annotated[bool, typer.Option(
+    "--random-weights", help="A timm:, torchvision: or open_clip: architecture untrained (said on stderr), "
+    "instead of its pretrained weights.")]
 MaxPixelsOpt = Annotated[float | None, typer.Option(help="Largest decoded input, megapixels (default 100).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Most tokens per capture (default 20000).")]
 MaxMemoryOpt = Annotated[float | None, typer.Option(help="Largest estimated attention memory, GB (default 4.3).")]
@@ -118,41 +125,32 @@ def _check_policy(policy: str | None) -> None:
 
 def _load_model(model: str, checkpoint: Path | None = None, random_weights: bool = False,
                 device: str | None = None) -> Any:
-    """``vitscope.load`` for the CLI: architectures named by a library (``timm:``, ``torchvision:``,
-    ``open_clip:``) get their pretrained weights unless ``--random-weights`` (said on stderr);
-    ``--checkpoint`` loads fine-tuned weights into such an architecture."""
-    import vitscope
-    from vitscope.errors import VitscopeError
+    """``vitscope.load`` for the CLI, under the library's one rule for weights (``timm:``, ``torchvision:`` and
+    ``open_clip:`` names are pretrained unless ``--checkpoint`` or ``--random-weights``); the library's
+    announcements (random weights) are printed as ``note:`` lines on stderr."""
+    import warnings
 
-    scheme = model.split(":", 1)[0] if ":" in model else ""
-    #: scheme -> (keyword, value) that asks its loader for the library's pretrained weights
-    pretrained = {"timm": ("pretrained", True), "torchvision": ("weights", "DEFAULT"),
-                  "open_clip": ("pretrained", "default"), "openclip": ("pretrained", "default")}
-    named = scheme in pretrained
-    if checkpoint is not None and not named:
-        raise VitscopeError("--checkpoint", f"only applies to timm:, torchvision: or open_clip: architectures, "
-                            f"not {model!r}", "for transformers pass the fine-tuned folder as -m hf:<folder>; "
-                            "for DINO as -m dino:<file.pth>")
-    if random_weights and not named:
-        raise VitscopeError("--random-weights", f"only applies to timm:, torchvision: or open_clip: models, not "
-                            f"{model!r}", "drop --random-weights")
-    if random_weights and checkpoint is not None:
-        raise VitscopeError("--random-weights", "given together with --checkpoint", "pass one of them")
+    import vitscope
+    from vitscope.errors import VitscopeError, VitscopeWarning
+
     kwargs: dict[str, Any] = {}
-    if named:
-        if checkpoint is not None:
-            kwargs["checkpoint"] = checkpoint
-        elif not random_weights:
-            key, value = pretrained[scheme]
-            kwargs[key] = value
-    try:
-        vit = vitscope.load(model, **kwargs)
-    except VitscopeError as exc:  # the library names its arguments (model, path, checkpoint): say the CLI option
-        if exc.argument.startswith("-"):
-            raise
-        raise type(exc)("--checkpoint" if exc.argument == "checkpoint" else "--model", exc.problem, exc.fix) from None
+    if checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint
     if random_weights:
-        typer.echo(f"note: {model} has random weights (--random-weights): its attention is not learned", err=True)
+        kwargs["random_weights"] = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", VitscopeWarning)
+            vit = vitscope.load(model, **kwargs)
+    except VitscopeError as exc:  # the library names its arguments: a model file's (path, num_heads...) is --model
+        if exc.argument.startswith("-") or exc.argument in ("checkpoint", "random_weights", "model"):
+            raise
+        raise type(exc)("model", exc.problem, exc.fix) from None
+    for w in caught:
+        if issubclass(w.category, VitscopeWarning):
+            typer.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if device is not None:
         from vitscope.capture.prepare import resolve_device
 
@@ -226,6 +224,7 @@ def info(
         typer.echo(json.dumps({
             "name": i.name, "family": i.family, "num_layers": i.num_layers, "num_heads": i.num_heads,
             "patch_size": list(i.patch_size), "prefix": list(i.prefix), "num_prefix_tokens": i.num_prefix_tokens,
+            "weights": i.weights,
             "labels": len(i.labels) if i.labels is not None else None,
             "global_layers": list(i.global_layers), "windowed_layers": list(i.windowed_layers),
             "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
@@ -247,7 +246,7 @@ def capture_cmd(
     heads: Annotated[str, typer.Option(help="'all' or 'mean'.")] = "all",
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -306,7 +305,7 @@ def maps_cmd(
     ] = Path("maps.npz"),
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     max_pixels: MaxPixelsOpt = None,
@@ -354,7 +353,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, object]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise VitscopeError("--set", f"cannot parse {item!r}", "use KEY=VALUE, e.g. --set depth=6")
+            raise VitscopeError("--set", f"cannot parse {item!r}", "use --set KEY=VALUE, e.g. --set depth=6")
         try:
             out[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -373,9 +372,11 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override the preset's peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed (default 0).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, auto.")] = None,
+    device: Annotated[str | None, typer.Option(metavar=DEVICES, help="Where to train (default: cpu; auto: CUDA, "
+                                               "then MPS, then the CPU).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any TrainConfig field: KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="Any TrainConfig field (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -473,7 +474,7 @@ def figure_cmd(
     method: Annotated[str, typer.Option(help="Map of the batch figure: rollout | cls.")] = "rollout",
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     dpi: Annotated[int, typer.Option(help="Resolution of .png output (1-1200).")] = 150,
@@ -516,7 +517,7 @@ def view_cmd(
         "attention.html"),
     policy: PolicyOpt = None,
     size: SizeOpt = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
@@ -554,7 +555,7 @@ def serve_cmd(
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, MB.")] = 10.0,
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    device: DeviceOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Serve the viewer locally; upload your own images in the browser. Ctrl-C stops it."""
     from vitscope.viewer.server import is_loopback, make_server
@@ -598,7 +599,8 @@ def batch_cmd(
     policy: PolicyOpt = None,
     size: SizeOpt = None,
     layer: Annotated[int, typer.Option(help="Layer of the cls map.")] = -1,
-    device: Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICES, help="Where to run (auto: CUDA, then MPS, then the CPU)."
+                                        )] = "auto",
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="local: on resume, check outputs' "
@@ -642,7 +644,7 @@ def batch_cmd(
     try:
         with _limits(max_pixels, max_tokens, max_memory):
             spec: Any = model
-            if checkpoint is not None or random_weights or model.startswith("timm:"):
+            if checkpoint is not None or random_weights:  # else the library's rule: pretrained for timm: & co
                 spec = _load_model(model, checkpoint, random_weights)
             summary = run_batch(
                 inputs, out, method=method, model=spec, batch_size=batch_size, policy=policy,  # type: ignore[arg-type]
@@ -702,9 +704,46 @@ def _quiet_broken_pipe() -> Iterator[None]:
 
 @functools.cache
 def _command() -> Any:
-    """The click command typer builds from `app` (what ``app()`` builds on every call): built once, as the
-    in-process runs of the tests call `run` many times."""
-    return typer.main.get_command(app)
+    """The click command typer builds from `app` (what ``app()`` builds on every call), its help in the
+    command line's words (`_plain_help`): built once, as the in-process runs of the tests call `run` many times."""
+    command = typer.main.get_command(app)
+    for cmd in (command, *getattr(command, "commands", {}).values()):
+        for param in cmd.params:
+            _plain_help(param)
+        help_option = cmd.get_help_option  # made per context: --help itself is a flag too
+
+        def plain_help_option(ctx: Any, made: Any = help_option) -> Any:
+            option = made(ctx)
+            if option is not None:
+                _plain_help(option)
+            return option
+
+        cmd.get_help_option = plain_help_option
+    return command
+
+
+#: typer's Python type names -> what a command line user reads (click's words)
+_KINDS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "Path": "PATH", "bool": ""}
+
+
+def _plain_help(param: Any) -> None:
+    """``--help`` without Python types: a flag shows no value (not ``<bool>``), a value its kind as click names
+    it (``INTEGER``, ``PATH``; a list ``PATH...``), an argument in the usage line as ``IMAGE`` (required) or
+    ``[MODEL]`` (optional), not ``{image}``. Options with a ``metavar`` keep it."""
+    shown_type = str(param.display_type(None)).strip("<>")  # typer's Python type: "int", "list[Path]", "path"
+    many = "..." if param.nargs != 1 or getattr(param, "multiple", False) else ""
+    if shown_type.startswith("list[") and shown_type.endswith("]"):
+        shown_type, many = shown_type[len("list["):-1], "..."
+    kind = _KINDS.get(shown_type, shown_type.upper())
+    if param.param_type_name == "argument":
+        shown = f"{param.name.upper()}{many}"
+        usage = shown if param.required else f"[{shown}]"
+        param.display_type_rich = lambda ctx=None: f"{kind}{many}"  # the type column of the Arguments panel
+        param._usage_display_name = lambda: usage
+    elif getattr(param, "is_flag", False):
+        param.metavar = ""
+    elif param.metavar is None:
+        param.metavar = f"{kind}{many}"
 
 
 #: library argument -> the CLI parameter that carries it, where the names differ ("*": every command)
@@ -720,34 +759,60 @@ _PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?:\s|[A-Za-z0-9'\"\[(])")
 
 def _cli_error(exc: Any, argv: list[str]) -> str:
     """A library `VitscopeError` as the CLI says it: its argument named as the command's option (``max_bytes``
-    -> ``--max-memory``, a training field -> ``--set depth``), and a fix in Python syntax (``queries=None``)
-    replaced by a pointer to the command's help."""
+    -> ``--max-memory``, a training field -> ``--set depth``), and each argument its fix names (```name=value```,
+    `vitscope.errors.ARGUMENT_IN_FIX`) rendered as that option too (``--checkpoint FILE``, ``--random-weights``).
+    A fix left in Python syntax (``queries=None``) is replaced by a pointer to the command's help."""
     words = [a for a in argv if not a.startswith("-")]
     name = words[0] if words else ""
     command = _command().commands.get(name) if name else None  # type: ignore[attr-defined]
     if command is None:
         return _one_line(str(exc))
     params = {p.name: p for p in command.params}
-    arg = exc.argument
-    key = _CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg)
-    if name == "figure" and arg == "layers" and "--layers" in argv:
-        key = "layers"
-    option = None
-    if key in params and getattr(params[key], "opts", None):
-        opts = params[key].opts
-        option = next((o for o in opts if o.startswith("--")), opts[0])
-        if getattr(params[key], "param_type_name", "") == "argument":
-            option = key.upper()
-    elif name == "train" and arg in _train_fields():
-        option = f"--set {arg}"
-    if name == "train" and any(a.replace("-", "_").startswith(f"{arg}=") for a in argv):  # given with --set
-        option = f"--set {arg}"
-    if option is None:
-        return _one_line(str(exc))
-    fix = exc.fix
-    if fix and name != "train" and _PYTHON_SYNTAX.search(fix):
+
+    def option_of(arg: str) -> str | None:
+        """The command's option (or ARGUMENT) that carries the library's ``arg``, or None."""
+        if arg.startswith("-"):
+            return arg
+        key = _CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg)
+        if name == "figure" and arg == "layers" and "--layers" in argv:
+            key = "layers"
+        option = None
+        if key in params and getattr(params[key], "opts", None):
+            opts = params[key].opts
+            option = next((o for o in opts if o.startswith("--")), opts[0])
+            if getattr(params[key], "param_type_name", "") == "argument":
+                option = key.upper()
+        elif name == "train" and arg in _train_fields():
+            option = f"--set {arg}"
+        if name == "train" and any(a.replace("-", "_").startswith(f"{arg}=") for a in argv):  # given with --set
+            option = f"--set {arg}"
+        return option
+
+    def as_option(match: re.Match[str]) -> str:
+        """```checkpoint='a/b'``` -> ``--checkpoint a/b``; ```random_weights=True``` -> ``--random-weights``."""
+        arg, value = match.group(1), match.group(2).strip()
+        option = option_of(arg)
+        if option is None:
+            return match.group(0)  # not an option of this command: left in Python syntax (replaced below)
+        if option.startswith("--set "):
+            return f"{option}={value.strip(chr(39) + chr(34))}"
+        param = params.get(_CARRIED_BY.get(name, {}).get(arg) or _CARRIED_BY["*"].get(arg, arg))
+        if getattr(param, "is_flag", False) and value in ("True", "False"):
+            if value == "True":
+                return option
+            off = getattr(param, "secondary_opts", None)
+            return off[0] if off else match.group(0)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{option} {value}"
+
+    from vitscope.errors import ARGUMENT_IN_FIX
+
+    option = option_of(exc.argument)
+    fix = ARGUMENT_IN_FIX.sub(as_option, exc.fix) if exc.fix else exc.fix
+    if fix and name != "train" and (_PYTHON_SYNTAX.search(fix) or ARGUMENT_IN_FIX.search(fix)):
         fix = f"see 'vitscope {name} --help'"
-    return _one_line(f"{option}: {exc.problem}" + (f" ({fix})" if fix else ""))
+    return _one_line(f"{option or exc.argument}: {exc.problem}" + (f" ({fix})" if fix else ""))
 
 
 def _train_fields() -> set[str]:

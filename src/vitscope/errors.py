@@ -1,6 +1,18 @@
-"""Errors vitscope raises on bad input: one line that names the argument and the fix."""
+"""Errors vitscope raises on bad input: one line that names the argument and the fix.
+
+A fix that tells the caller to pass another argument names it in backticks as Python would write it,
+```checkpoint='path/to/model.safetensors'``` or ```random_weights=True```: Python users read it as is, and the
+``vitscope`` command renders each such span as its own option (``--checkpoint path/to/model.safetensors``,
+``--random-weights``) through the same argument -> option mapping it uses for ``argument`` (`ARGUMENT_IN_FIX`).
+"""
 
 from __future__ import annotations
+
+import re
+
+#: An argument named inside a fix: ```name=value``` (value as Python writes it: ``True``, ``'text'``, ``224``,
+#: ``<class index>``). Other backticked text (a shell command, a file name) is left alone.
+ARGUMENT_IN_FIX = re.compile(r"`([a-z_][a-z0-9_]*)=([^`]*)`")
 
 
 class VitscopeError(ValueError):

@@ -228,12 +228,12 @@ def image_to_pixels(
         raise ImageError(
             argument,
             f"{img.width}x{img.height} image gives {tw}x{th} input, smaller than one {patch[1]}x{patch[0]} patch",
-            "use a larger image or policy='resize'",
+            "use a larger image or `policy='resize'`",
         )
     if not prep.dynamic_size and (th, tw) != tuple(prep.image_size):
         raise ImageError(
             "size", f"this model only accepts {prep.image_size[0]}x{prep.image_size[1]} inputs, not {th}x{tw}",
-            "use policy='resize'",
+            "use `policy='resize'`",
         )
     if policy == "crop" and size is None:
         # DINO's way: keep the resolution, crop (top-left anchored) to a multiple of the patch size

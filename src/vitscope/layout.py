@@ -159,7 +159,7 @@ class TokenLayout:
         """Token index of the patch at grid position ``(row, col)``."""
         rows, cols = self.grid
         if not (0 <= row < rows and 0 <= col < cols):
-            raise TokenError("query", f"patch (row={row}, col={col}) is outside the {rows}x{cols} grid", _QUERY_FIX)
+            raise TokenError("query", f"patch at row {row}, column {col} is outside the {rows}x{cols} grid", _QUERY_FIX)
         return self.num_prefix_tokens + row * cols + col
 
     def token_index(self, token: int | str | tuple[int, int]) -> int:

@@ -105,5 +105,6 @@ def test_timm_pretrained_offline_uses_the_cached_weights(monkeypatch: pytest.Mon
 
 def test_timm_pretrained_offline_uncached_says_how(no_hub: None) -> None:
     pytest.importorskip("timm")
-    with pytest.raises(CheckpointError, match=r"^pretrained: cannot download .* offline .*checkpoint="):
-        vitscope.load("timm:vit_tiny_patch16_224", pretrained=True)
+    for how in ({}, {"pretrained": True}):  # pretrained is the default
+        with pytest.raises(CheckpointError, match=r"^model: cannot download .* offline .*checkpoint=.*random_weights"):
+            vitscope.load("timm:vit_tiny_patch16_224", **how)

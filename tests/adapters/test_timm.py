@@ -162,16 +162,16 @@ def test_spec_string_and_module_wrapping(tmp_path: Path) -> None:
 
 
 def test_preprocess_from_pretrained_cfg(tmp_path: Path) -> None:
-    vit = load_timm("vit_tiny_patch16_224", **TINY)
+    vit = load_timm("vit_tiny_patch16_224", random_weights=True, **TINY)
     cfg = vit.module.pretrained_cfg
     prep = vit.info.preprocess
     assert prep.mean == tuple(cfg["mean"]) and prep.std == tuple(cfg["std"])
     assert prep.resample == cfg["interpolation"]
     assert prep.image_size == (32, 32)  # the size it was built at, not the cfg's 224
     assert prep.dynamic_size is True  # load_timm's default
-    deit = load_timm("deit_tiny_distilled_patch16_224", **TINY)
+    deit = load_timm("deit_tiny_distilled_patch16_224", random_weights=True, **TINY)
     assert deit.info.preprocess.mean == (0.485, 0.456, 0.406)
-    one = load_timm("vit_tiny_patch16_224", in_chans=1, **TINY)
+    one = load_timm("vit_tiny_patch16_224", random_weights=True, in_chans=1, **TINY)
     assert one.info.preprocess.channels == 1
     assert one.preprocess(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
@@ -179,7 +179,7 @@ def test_preprocess_from_pretrained_cfg(tmp_path: Path) -> None:
 def test_fixed_size_model_says_so(tmp_path: Path) -> None:
     from PIL import Image
 
-    vit = load_timm("vit_tiny_patch16_224", dynamic_img_size=False, **TINY)
+    vit = load_timm("vit_tiny_patch16_224", random_weights=True, dynamic_img_size=False, **TINY)
     assert vit.info.preprocess.dynamic_size is False
     with pytest.raises(VitscopeError, match=r"^images: .*32x32.*dynamic_img_size=True"):
         vitscope.capture(vit, torch.randn(1, 3, 32, 48))
@@ -230,10 +230,11 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(monkeypatch: pytest.Mo
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fail fast
-    with pytest.raises(CheckpointError, match=r"^pretrained: .*checkpoint=") as err:
-        load_timm("vit_tiny_patch16_224", pretrained=True, **TINY)
-    assert "\n" not in str(err.value)
-    assert "huggingface.co/timm/vit_tiny_patch16_224" in str(err.value)
+    for how in ({}, {"pretrained": True}):  # pretrained by default, as on the command line
+        with pytest.raises(CheckpointError, match=r"^model: .*offline.*`checkpoint=.*`random_weights=True`") as err:
+            vitscope.load("timm:vit_tiny_patch16_224", **how, **TINY)
+        assert "\n" not in str(err.value)
+        assert "huggingface.co/timm/vit_tiny_patch16_224" in str(err.value)
 
 
 def test_non_vit_timm_model_is_refused() -> None:
@@ -244,7 +245,7 @@ def test_non_vit_timm_model_is_refused() -> None:
 
 
 def test_imagenet_labels_when_the_head_has_1000_classes() -> None:
-    vit = load_timm("vit_tiny_patch16_224", **{**TINY, "num_classes": 1000})
+    vit = load_timm("vit_tiny_patch16_224", random_weights=True, **{**TINY, "num_classes": 1000})
     assert vit.info.labels is not None and len(vit.info.labels) == 1000
     assert vit.info.labels[0].lower().startswith("tench")  # ImageNet class 0
-    assert load_timm("vit_tiny_patch16_224", **TINY).info.labels is None
+    assert load_timm("vit_tiny_patch16_224", random_weights=True, **TINY).info.labels is None

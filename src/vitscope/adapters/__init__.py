@@ -4,11 +4,16 @@ Specs:
     ``"vitscope:shapes"``          a model bundled with vitscope
     ``"hf:<hub id or folder>"``    Hugging Face transformers (ViT, DeiT, DINO, DINOv2 (+registers), CLIP, SigLIP)
     ``"timm:<model name>"``        a timm ViT: VisionTransformer, Eva (EVA-02, DINOv3, RoPE), Beit, RelPos, NaFlexViT
-    ``"torchvision:<name>"``       a torchvision VisionTransformer (``vit_b_16``...; ``checkpoint=`` for weights)
-    ``"open_clip:<name>"``         an open_clip ViT image tower (``ViT-B-32``...; ``pretrained=``/``checkpoint=``)
+    ``"torchvision:<name>"``       a torchvision VisionTransformer (``vit_b_16``...)
+    ``"open_clip:<name>"``         an open_clip ViT image tower (``ViT-B-32``...)
     ``"dino:<file.pth>"``          a facebookresearch/dino checkpoint (also any ``.pth``/``.pt`` path)
     a folder                       written by ``vitscope train`` (config.json + model.safetensors), or an HF folder
     an ``nn.Module``               vitscope ViT, transformers or timm model; others via `wrap` with a declaration
+
+Weights, one rule (the ``vitscope`` command follows it too): an architecture named by its library (``timm:``,
+``torchvision:``, ``open_clip:``) gets that library's pretrained weights (downloaded, or from the local cache
+offline), unless ``checkpoint=`` gives a local file or ``random_weights=True`` opts out. Random weights are always
+announced (a `VitscopeWarning`; ``info.describe()`` says "random weights"). ``info.weights`` says which.
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ from typing import Any
 
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, Tap, VitModel, refuse_compiled
+from vitscope.adapters.base import (
+    AttentionSite,
+    ModelInfo,
+    Preprocess,
+    Tap,
+    VitModel,
+    refuse_compiled,
+    with_weights,
+)
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["AttentionSite", "ModelInfo", "Preprocess", "Tap", "VitModel", "as_vit", "load", "wrap"]
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+#: schemes whose names are architectures of a library: its pretrained weights, or `checkpoint=`/`random_weights=`
+NAMED_SCHEMES = ("timm", "torchvision", "open_clip", "openclip")
 
 
 def _module_root(obj: object) -> str:
@@ -113,12 +128,35 @@ def _load_path(path: Path, **kwargs: Any) -> VitModel:
     raise CheckpointError("model", f"don't know how to load {path}", "pass a model folder or a .pth checkpoint")
 
 
+def _check_weights_arguments(spec: str, scheme: str, kwargs: dict[str, Any]) -> None:
+    """``checkpoint=`` and ``random_weights=`` choose the weights of a library-named architecture only."""
+    if scheme in NAMED_SCHEMES:
+        return
+    if kwargs.get("checkpoint") is not None:
+        raise VitscopeError(
+            "checkpoint", f"only applies to timm:, torchvision: or open_clip: architectures, not {spec!r}",
+            "for transformers pass the fine-tuned folder as `model='hf:<folder>'`; for DINO as "
+            "`model='dino:<file.pth>'`",
+        )
+    if kwargs.get("random_weights"):
+        raise VitscopeError("random_weights", f"only applies to timm:, torchvision: or open_clip: models, not {spec!r}",
+                            "leave it out: this model's weights are the ones in its file")
+    kwargs.pop("checkpoint", None)
+    kwargs.pop("random_weights", None)
+
+
 def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> VitModel:
-    """Load a ViT and describe it. See the module docstring for the accepted specs.
+    """Load a ViT and describe it. See the module docstring for the accepted specs and the rule for weights.
+
+    Keywords go to the family's loader; for ``timm:``, ``torchvision:`` and ``open_clip:`` names,
+    ``checkpoint=`` (a local state dict) or ``random_weights=True`` (untrained, announced) replace the library's
+    pretrained weights.
 
     Example:
         >>> vit = vitscope.load("vitscope:shapes")  # doctest: +SKIP
         >>> vit.info.prefix, vit.info.num_layers  # doctest: +SKIP
+        >>> vitscope.load("timm:vit_small_patch16_224").info.weights  # doctest: +SKIP
+        'pretrained'
     """
     if isinstance(spec, (VitModel, nn.Module)):
         return wrap(spec, **kwargs) if not isinstance(spec, VitModel) else spec
@@ -127,15 +165,19 @@ def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> 
     if not isinstance(spec, str) or not spec:
         raise VitscopeError("model", f"invalid model spec {spec!r}", "e.g. 'vitscope:shapes', 'hf:facebook/dinov2-small'")
     scheme, sep, rest = spec.partition(":")
-    if sep and len(scheme) > 1:  # (a Windows drive letter is one character)
+    if not (sep and len(scheme) > 1):  # (a Windows drive letter is one character)
+        scheme = ""
+    _check_weights_arguments(spec, scheme, kwargs)
+    if scheme:
         if scheme == "vitscope":
             from vitscope.adapters.vitscope_vit import bundled_path, load_folder
 
-            return load_folder(bundled_path(rest), name=f"vitscope:{rest}")
+            return with_weights(load_folder(bundled_path(rest), name=f"vitscope:{rest}"), "pretrained")
         if scheme == "hf":
             from vitscope.adapters.hf import load_hf
 
-            return load_hf(rest, **kwargs)
+            folder = Path(rest).expanduser()
+            return with_weights(load_hf(rest, **kwargs), f"checkpoint {rest}" if folder.is_dir() else "pretrained")
         if scheme == "timm":
             from vitscope.adapters.timm import load_timm
 
@@ -151,7 +193,7 @@ def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> 
         if scheme == "dino":
             from vitscope.adapters.checkpoint import load_dino_checkpoint
 
-            return load_dino_checkpoint(Path(rest), **kwargs)
+            return with_weights(load_dino_checkpoint(Path(rest), **kwargs), f"checkpoint {rest}")
         if scheme not in ("file",):
             raise VitscopeError(
                 "model", f"unknown scheme {scheme!r} in {spec!r}", "use vitscope:, hf:, timm:, torchvision:, open_clip:, dino: or a path"
@@ -163,4 +205,4 @@ def load(spec: str | os.PathLike[str] | nn.Module | VitModel, **kwargs: Any) -> 
             "model", f"{spec!r} is neither an existing path nor a known spec",
             "pass a folder/.pth file, or 'vitscope:shapes', 'hf:<id>', 'timm:<name>'",
         )
-    return _load_path(path, **kwargs)
+    return with_weights(_load_path(path, **kwargs), f"checkpoint {spec}")

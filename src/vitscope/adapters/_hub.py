@@ -26,7 +26,13 @@ def offline_reason(timeout: float = CONNECT_TIMEOUT) -> str | None:
 
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT or "https://huggingface.co")
+    return unreachable(constants.ENDPOINT or "https://huggingface.co", timeout)
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """``None`` when the host of ``address`` (a URL) accepts a connection, else why not (torchvision's weights
+    come from download.pytorch.org, not the hub)."""
+    url = urlparse(address)
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
     try:

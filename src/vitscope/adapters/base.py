@@ -9,19 +9,20 @@ so fused/SDPA attention stays on and outputs are bit-identical.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from vitscope.errors import CaptureError, VitscopeError
+from vitscope.errors import CaptureError, VitscopeError, VitscopeWarning
 from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
-    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "import_optional", "refuse_compiled",
-    "window_of",
+    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "choose_weights", "import_optional",
+    "refuse_compiled", "window_of", "with_weights",
 ]
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class ModelInfo:
     #: per layer ``"global"`` or ``"windowed"`` (SAM, ViTDet: windowed blocks between global ones); empty when
     #: every layer attends globally. Windowed layers have no global map: capturing one is refused.
     layer_kinds: tuple[str, ...] = ()
+    #: where the weights came from: ``"pretrained"`` (the library's or hub's published weights), ``"random"``
+    #: (freshly initialised: attention not learned), ``"checkpoint <file>"``, or ``"as given"`` (a module passed in)
+    weights: str = "as given"
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -77,12 +81,20 @@ class ModelInfo:
         after = f", suffix tokens [{len(self.suffix)} {self.suffix[0]}]" if self.suffix else ""
         text = (
             f"{self.name} ({self.family}): {self.num_layers} layers x {self.num_heads} heads, dim {self.embed_dim}, "
-            f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}"
+            f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}{self.weights_note()}"
         )
         if self.windowed_layers:
             text += (f"; global layers {list(self.global_layers)}, windowed layers {list(self.windowed_layers)} "
                      "(no global map)")
         return text
+
+    def weights_note(self) -> str:
+        """``", random weights"`` and the like for `describe` (nothing for a module passed in as given)."""
+        if self.weights == "as given":
+            return ""
+        if self.weights.startswith("checkpoint "):
+            return f", weights from {self.weights[len('checkpoint '):]}"
+        return f", {self.weights} weights"
 
 
 TapLayout = Literal["flat", "heads", "qkv"]
@@ -241,6 +253,53 @@ def refuse_compiled(module: nn.Module) -> None:
             "model", "the model is torch.compile'd: its attention runs inside a compiled graph vitscope cannot see",
             "pass the original module (compiled_model._orig_mod)",
         )
+
+
+WeightsChoice = Literal["pretrained", "checkpoint", "random"]
+
+
+def choose_weights(checkpoint: object = None, random_weights: bool = False, pretrained: object = None,
+                   ) -> WeightsChoice:
+    """The one rule for an architecture named by its library (``timm:``, ``torchvision:``, ``open_clip:``): the
+    library's pretrained weights, unless a ``checkpoint`` is given or ``random_weights=True`` opts out.
+
+    ``pretrained`` is the loader's own keyword as the caller gave it (``None``: not given); an explicit false
+    value (``pretrained=False``) asks for random weights too, and is announced the same way.
+    """
+    if random_weights and checkpoint is not None:
+        raise VitscopeError("random_weights", "given together with a checkpoint",
+                            "pass `checkpoint='path/to/weights'` or `random_weights=True`, not both")
+    if random_weights and pretrained:
+        raise VitscopeError("random_weights", f"given together with pretrained={pretrained!r}", "pass one of them")
+    if checkpoint is not None:
+        if pretrained:
+            raise VitscopeError("checkpoint", f"given together with pretrained={pretrained!r}", "pass one of them")
+        return "checkpoint"
+    if random_weights or (pretrained is not None and not pretrained):
+        return "random"
+    return "pretrained"
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vitscope, so a warning points at the caller's line."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def with_weights(vit: VitModel, weights: str) -> VitModel:
+    """``vit`` with ``info.weights`` set; random weights are announced with a `VitscopeWarning` (their attention is
+    not learned, so maps of it show no real structure)."""
+    vit.info = replace(vit.info, weights=weights)
+    if weights == "random":
+        warnings.warn(f"{vit.info.name} has random weights: its attention is not learned, so its maps show no "
+                      "real structure", VitscopeWarning, stacklevel=_caller_level())
+    return vit
 
 
 def import_optional(module: str, install: str) -> Any:

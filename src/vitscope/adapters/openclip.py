@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
+from vitscope.adapters.base import (
+    AttentionSite,
+    ModelInfo,
+    Preprocess,
+    VitModel,
+    choose_weights,
+    import_optional,
+    with_weights,
+)
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,36 +84,63 @@ def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel
 
 
 def load_open_clip(
-    name: str, pretrained: str | None = None, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
+    name: str, pretrained: str | None = None, checkpoint: str | os.PathLike[str] | None = None,
+    random_weights: bool = False, **kwargs: Any
 ) -> VitModel:
-    """``open_clip.create_model(name, pretrained=...)``; offline, a local ``checkpoint`` state dict instead.
-
-    ``pretrained="default"`` takes the model's first published tag (``open_clip.list_pretrained_tags_by_model``).
-    """
+    """``open_clip.create_model(name, pretrained=...)`` with open_clip's published weights (``pretrained``: a tag,
+    default the model's first one, ``open_clip.list_pretrained_tags_by_model``), or a local ``checkpoint`` state
+    dict instead, or untrained with ``random_weights=True`` (announced with a `VitscopeWarning`)."""
     open_clip = import_optional("open_clip", "open_clip_torch")
-    if pretrained == "default":
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if not tags:
-            raise CheckpointError("pretrained", f"open_clip publishes no weights for {name!r}",
-                                  "pass checkpoint='path/to/weights', or --random-weights on the CLI")
-        pretrained = tags[0]
+    names = open_clip.list_models()
+    if name not in names and not name.startswith(("hf-hub:", "local-dir:")):
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        raise VitscopeError("model", f"open_clip has no model {name!r}",
+                            f"did you mean {', '.join(close)}?" if close else "use a name such as ViT-B-32 or ViT-B-16")
+    choice = choose_weights(checkpoint, random_weights, pretrained)
+    tag = None
+    if choice == "pretrained":
+        tag = pretrained
+        if tag in (None, "default"):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if not tags:
+                raise CheckpointError("model", f"open_clip publishes no weights for {name!r}",
+                                      "pass `checkpoint='path/to/weights'`, or `random_weights=True` for an "
+                                      "untrained model")
+            tag = tags[0]
     state = None
     if checkpoint is not None:  # read and checked before the model is built
         from vitscope.adapters.checkpoint import read_state
 
         state = read_state(checkpoint)
+    import logging
+
+    was_disabled = logging.root.manager.disable
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if pretrained:
+        logging.disable(max(was_disabled, logging.ERROR))  # open_clip logs a failed download on the root logger: said below instead
+        model = open_clip.create_model(name, pretrained=tag, **kwargs)
+    except Exception as exc:
+        if tag and "not found" not in str(exc):  # offline, huggingface_hub's errors (after its retries)
             raise CheckpointError(
-                "pretrained", f"cannot download open_clip's weights {pretrained!r} for {name!r}",
-                "offline? pass checkpoint='path/to/open_clip_model.safetensors'",
+                "model", f"cannot download open_clip's weights {tag!r} for {name!r}",
+                "offline? download them on a connected machine and pass "
+                "`checkpoint='path/to/open_clip_model.safetensors'`, or pass `random_weights=True` for an "
+                "untrained model",
             ) from None
-        raise VitscopeError("model", f"open_clip cannot build {name!r}: {str(exc)[:150]}",
-                            "list names with open_clip.list_models()") from None
+        if not isinstance(exc, RuntimeError):
+            raise
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
+        raise VitscopeError("model", f"open_clip cannot build {name!r}: {' '.join(str(exc).split())[:150]}",
+                            f"did you mean {', '.join(close)}?" if close else "use an open_clip model name such as "
+                            "ViT-B-32 or ViT-B-16") from None
+    finally:
+        logging.disable(was_disabled)
     if checkpoint is not None:
         from vitscope.adapters.checkpoint import load_state_into
 
         load_state_into(model, checkpoint, f"open_clip {name}", state)
-    return from_open_clip_model(model.eval(), name=f"open_clip:{name}")
+    vit = from_open_clip_model(model.eval(), name=f"open_clip:{name}")
+    return with_weights(vit, f"checkpoint {checkpoint}" if choice == "checkpoint" else choice)

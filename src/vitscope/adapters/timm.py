@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional, window_of
+from vitscope.adapters.base import (
+    AttentionSite,
+    ModelInfo,
+    Preprocess,
+    VitModel,
+    choose_weights,
+    import_optional,
+    window_of,
+    with_weights,
+)
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 _RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -261,12 +270,11 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
 def _unknown_model(timm: Any, name: str) -> VitscopeError:
     base = name.split(".", 1)[0]
     close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
-    fix = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('vit_*')"
+    fix = f"did you mean {', '.join(close)}?" if close else "timm's ViTs are named vit_*, deit_*, eva02_*, beit*, ..."
     return VitscopeError("model", f"timm has no model {name!r}", fix)
 
 
-_NOT_VIT_FIX = ("vitscope reads timm's global-attention ViTs: timm.list_models('vit_*'), 'deit_*', 'eva02_*', "
-                "'beit*', 'naflexvit_*'")
+_NOT_VIT_FIX = "vitscope reads timm's global-attention ViTs: vit_*, deit_*, eva02_*, beit*, naflexvit_* names"
 #: timm model modules whose classes vitscope reads (`from_timm_model`)
 _VIT_MODULES = ("vision_transformer", "vision_transformer_relpos", "vision_transformer_hybrid", "deit", "eva",
                 "beit", "naflexvit", "vitamin", "qwen3_vit", "gemma4_vit", "deepseek_vit", "vision_transformer_sam")
@@ -306,8 +314,9 @@ def _pretrained_fix(timm: Any, name: str) -> str:
     hub = _hub_id(timm, name)
     where = f"https://huggingface.co/{hub}" if hub else "the model's page"
     return (
-        f"offline? download model.safetensors from {where} on a connected machine and pass "
-        f"checkpoint='path/to/model.safetensors' (with pretrained=False)"
+        f"download model.safetensors from {where} on a connected machine and pass "
+        "`checkpoint='path/to/model.safetensors'` (or load it once online: the Hugging Face cache is used offline), "
+        "or pass `random_weights=True` for an untrained model"
     )
 
 
@@ -340,18 +349,21 @@ def _read_timm_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
 
 
 def load_timm(
-    name: str, pretrained: bool = False, checkpoint: str | os.PathLike[str] | None = None, **timm_kwargs: Any
+    name: str, pretrained: bool | None = None, checkpoint: str | os.PathLike[str] | None = None,
+    random_weights: bool = False, **timm_kwargs: Any
 ) -> VitModel:
     """Create a timm ViT by name and describe it.
 
     Args:
         name: a timm model name (``"vit_small_patch16_224"``, ``"deit_tiny_distilled_patch16_224"``,
             ``"vit_base_patch14_reg4_dinov2"``, optionally with a ``.tag``).
-        pretrained: download timm's weights (needs the Hugging Face hub; offline, pass ``checkpoint``).
+        pretrained: timm's published weights: the default unless ``checkpoint`` or ``random_weights`` is given
+            (downloaded from the Hugging Face hub, or read from its local cache offline).
         checkpoint: a local ``.safetensors`` or ``.pth`` (read with ``weights_only=True``) state dict for this
             model, e.g. a timm hub ``model.safetensors`` or ``torch.save(model.state_dict())``; position
             embeddings are resampled to the model's size as timm does. ``num_classes`` is taken from the
             checkpoint's ``head.weight`` unless given.
+        random_weights: build the architecture untrained (announced with a `VitscopeWarning`).
         **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``reg_tokens``, ``qk_norm``, ...).
             ``dynamic_img_size`` defaults to ``True`` so any multiple of the patch size works.
 
@@ -360,8 +372,10 @@ def load_timm(
     """
     timm = import_optional("timm", "'vitscope[timm]'")
     _check_is_vit(timm, name)
-    if pretrained and checkpoint is not None:
-        raise VitscopeError("checkpoint", "both pretrained=True and checkpoint= were given", "pass one of them")
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name.split(".", 1)[0]):
+        raise _unknown_model(timm, name)  # before any download is tried
+    weights = choose_weights(checkpoint, random_weights, pretrained)
+    pretrained = weights == "pretrained"
     auto_dynamic = "dynamic_img_size" not in timm_kwargs
     timm_kwargs.setdefault("dynamic_img_size", True)
     if pretrained:
@@ -372,7 +386,7 @@ def load_timm(
             hub = _hub_id(timm, name)
             cached = cached_file(hub, "model.safetensors") if hub else None
             if cached is None:
-                raise CheckpointError("pretrained", f"cannot download timm's weights for {name!r}: offline ({reason})",
+                raise CheckpointError("model", f"cannot download timm's weights for {name!r}: offline ({reason})",
                                       _pretrained_fix(timm, name))
             pretrained, checkpoint = False, cached
     state = _read_timm_checkpoint(checkpoint) if checkpoint is not None else None
@@ -391,7 +405,7 @@ def load_timm(
         if "Unknown model" in str(exc):
             raise _unknown_model(timm, name) from None
         if pretrained:
-            raise CheckpointError("pretrained", f"could not load timm's weights for {name!r} ({exc})",
+            raise CheckpointError("model", f"could not load timm's weights for {name!r} ({_one_line(exc)})",
                                   _pretrained_fix(timm, name)) from None
         raise
     except TypeError as exc:
@@ -404,12 +418,17 @@ def load_timm(
             raise
         # Offline, huggingface_hub raises LocalEntryNotFoundError/OSError (after its retries).
         raise CheckpointError(
-            "pretrained", f"could not download timm's weights for {name!r} ({type(exc).__name__})",
+            "model", f"could not download timm's weights for {name!r} ({type(exc).__name__})",
             _pretrained_fix(timm, name),
         ) from None
     if state is not None:
         _load_into(model, state, name, checkpoint)
-    return from_timm_model(model.eval(), name=name)
+    return with_weights(from_timm_model(model.eval(), name=name),
+                        f"checkpoint {checkpoint}" if weights == "checkpoint" else weights)  # (cached: pretrained)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Any) -> None:

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional
+from vitscope.adapters.base import (
+    AttentionSite,
+    ModelInfo,
+    Preprocess,
+    VitModel,
+    choose_weights,
+    import_optional,
+    with_weights,
+)
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,32 +73,65 @@ def from_torchvision_model(module: nn.Module, name: str | None = None) -> VitMod
     return VitModel(module, info, sites, forward=forward, readout=readout if num_classes else None)
 
 
+def _not_downloadable(tv: Any, name: str, tag: str) -> str | None:
+    """Why torchvision's ``tag`` weights of ``name`` cannot be had now (not in torch's hub cache and their server
+    unreachable), or ``None`` (cached, reachable, or unknown: torchvision itself then decides)."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    try:
+        enum = tv.models.get_model_weights(name)
+        url = str((enum.DEFAULT if tag == "DEFAULT" else enum[tag]).url)
+    except Exception:  # an unknown tag: torchvision's own error says which exist
+        return None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        return None
+    from vitscope.adapters._hub import unreachable
+
+    reason = unreachable(url)
+    return None if reason is None else f"offline ({reason})"
+
+
 def load_torchvision(
-    name: str, weights: str | None = None, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
+    name: str, weights: str | None = None, checkpoint: str | os.PathLike[str] | None = None,
+    random_weights: bool = False, **kwargs: Any
 ) -> VitModel:
-    """Build ``torchvision.models.<name>`` (``weights="DEFAULT"`` downloads torchvision's; offline, pass a local
-    ``checkpoint`` state dict, read with ``weights_only=True``)."""
+    """Build ``torchvision.models.<name>`` with torchvision's pretrained weights (``weights``: a tag such as
+    ``"IMAGENET1K_V1"``, default ``"DEFAULT"``; downloaded, or read from torch's hub cache), or a local
+    ``checkpoint`` state dict (read with ``weights_only=True``), or untrained with ``random_weights=True``
+    (announced with a `VitscopeWarning`)."""
     tv = import_optional("torchvision", "torchvision")
     builder = getattr(tv.models, name, None)
     if builder is None or not callable(builder):
         vits = [n for n in tv.models.list_models() if n.startswith("vit_")]
         raise VitscopeError("model", f"torchvision has no model {name!r}", f"use one of {', '.join(vits)}")
+    choice = choose_weights(checkpoint, random_weights, weights)
+    tag = (weights or "DEFAULT") if choice == "pretrained" else None
     state = None
     if checkpoint is not None:  # read and checked before the model is built
         from vitscope.adapters.checkpoint import read_state
 
         state = read_state(checkpoint)
+    offline_fix = ("download torchvision's .pth on a connected machine and pass `checkpoint='path/to/state_dict.pth'` "
+                   "(or load it once online: torch's hub cache is used offline), or pass `random_weights=True` for "
+                   "an untrained model")
+    if tag is not None:  # not cached and the server unreachable: say so at once, not after the download's retries
+        reason = _not_downloadable(tv, name, tag)
+        if reason is not None:
+            raise CheckpointError("model", f"cannot download torchvision's weights for {name!r}: {reason}",
+                                  offline_fix)
     try:
-        model = builder(weights=weights, **kwargs)
+        model = builder(weights=tag, **kwargs)
     except Exception as exc:
-        if weights is None:
+        if tag is None:
             raise VitscopeError("model", f"torchvision.models.{name}(...) failed: {exc}", "check the keyword arguments") from None
         raise CheckpointError(
-            "weights", f"cannot download torchvision's weights for {name!r} ({type(exc).__name__})",
-            "offline? pass checkpoint='path/to/state_dict.pth' instead",
+            "model", f"cannot download torchvision's weights for {name!r} ({type(exc).__name__})", offline_fix,
         ) from None
     if checkpoint is not None:
         from vitscope.adapters.checkpoint import load_state_into
 
         load_state_into(model, checkpoint, f"torchvision {name}", state)
-    return from_torchvision_model(model.eval(), name=f"torchvision:{name}")
+    vit = from_torchvision_model(model.eval(), name=f"torchvision:{name}")
+    return with_weights(vit, f"checkpoint {checkpoint}" if choice == "checkpoint" else choice)

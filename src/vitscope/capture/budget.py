@@ -46,15 +46,15 @@ def check_capture_budget(
     if need > cap:
         fixes = []
         if n_layers > 1:
-            fixes.append("layers=[-1]")
+            fixes.append("`layers=-1`")
         if n_queries > 1:
-            fixes.append("queries='cls'")
+            fixes.append("`queries='cls'`")
         if n_heads_kept > 1:
-            fixes.append("heads='mean'")
-        fixes.append("a smaller size")
+            fixes.append("`heads='mean'`")
+        fixes.append("a smaller `size=...`")
         raise VitscopeError(
             "capture", f"needs about {_human(need)} of attention memory ({n_layers} layers x {batch} images x "
             f"{n_heads_kept} heads x {n_queries:,} queries x {tokens:,} keys, float32), more than the "
-            f"{_human(cap)} limit", f"ask for less: {', '.join(fixes)}; or raise max_bytes (CLI --max-memory)",
+            f"{_human(cap)} limit", f"ask for less: {', '.join(fixes)}; or raise the limit `max_bytes=...`",
         )
     return need

@@ -77,7 +77,7 @@ class MapContext:
                 logits = self.vit.logits(self.vit(self.pixels.to(self.vit.device, self.vit.dtype)))
             if logits is None:
                 raise VitscopeError("target", "the model has no classifier to take a class from",
-                                    "pass target=<class index> or a callable target(output) -> (batch,) scores")
+                                    "pass `target=<class index>` (or, in Python, a callable scoring each image)")
             self._captures["predicted"] = logits.argmax(dim=-1).tolist()
         return self._captures["predicted"]
 

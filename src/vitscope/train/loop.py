@@ -109,7 +109,7 @@ class TrainConfig:
             if int(getattr(self, name)) <= 0:
                 raise VitscopeError(name, f"must be positive, got {getattr(self, name)}", f"pass {name} >= 1")
         if self.dim % self.heads:
-            raise VitscopeError("dim", f"{self.dim} is not divisible by heads={self.heads}", "pick dim = k * heads")
+            raise VitscopeError("dim", f"{self.dim} is not divisible by the {self.heads} heads", "pick dim = k * heads")
         if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
             raise VitscopeError("image_size", f"{self.image_size} is not a multiple of patch {self.patch_size}",
                                 "pick an image size divisible by the patch size")
@@ -117,14 +117,14 @@ class TrainConfig:
             raise VitscopeError("pos_init", f"unknown value {self.pos_init!r}", "use 'random' or 'sincos'")
         for name in ("lr", "mlp_ratio"):
             if getattr(self, name) <= 0:
-                raise VitscopeError(name, f"must be positive, got {getattr(self, name)}", f"e.g. {name}=5e-4"
-                                    if name == "lr" else "e.g. mlp_ratio=4")
+                raise VitscopeError(name, f"must be positive, got {getattr(self, name)}", f"e.g. `{name}=5e-4`"
+                                    if name == "lr" else "e.g. `mlp_ratio=4`")
         for name in ("min_lr", "weight_decay", "warmup_steps", "num_registers", "snapshots", "seed", "num_workers"):
             if getattr(self, name) < 0:
                 raise VitscopeError(name, f"must be >= 0, got {getattr(self, name)}", f"pass {name} >= 0")
         for name in ("dropout", "attn_dropout", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
-                raise VitscopeError(name, f"{getattr(self, name)} is outside [0, 1)", f"e.g. {name}=0.1")
+                raise VitscopeError(name, f"{getattr(self, name)} is outside [0, 1)", f"e.g. `{name}=0.1`")
         for name in ("train_size", "val_size", "val_every", "max_steps", "grad_clip", "max_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise VitscopeError(name, f"must be positive, got {getattr(self, name)}",

@@ -111,7 +111,7 @@ def make_figure(
             maps_all.append(m.detach().float().cpu().numpy())
             shown_all.append(display_image(img, attn, used_policy))
         if len({m.shape for m in maps_all}) > 1:
-            raise VitscopeError("images", "images give different patch grids", "use policy='resize'")
+            raise VitscopeError("images", "images give different patch grids", "use `policy='resize'`")
         absolute = layer + vit.info.num_layers if layer < 0 else layer
         name = "rollout" if method == "rollout" else f"layer-{absolute} attention (head mean)"
         return figures.batch_maps(shown_all, np.stack(maps_all), titles=titles, mode=mode, cmap=cmap, alpha=alpha,
