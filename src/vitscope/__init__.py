@@ -19,14 +19,14 @@ if _typing.TYPE_CHECKING:
     from vitscope.adapters import ModelInfo, VitModel, load, wrap
     from vitscope.attentions import Attentions
     from vitscope.capture import capture
-    from vitscope.errors import VitscopeError
+    from vitscope.errors import VitscopeError, VitscopeWarning
     from vitscope.methods.api import maps
 
 #: public name -> the module that defines it
 _EXPORTS = {
     "ModelInfo": "vitscope.adapters", "VitModel": "vitscope.adapters", "load": "vitscope.adapters",
     "wrap": "vitscope.adapters", "Attentions": "vitscope.attentions", "capture": "vitscope.capture",
-    "VitscopeError": "vitscope.errors", "maps": "vitscope.methods.api",
+    "VitscopeError": "vitscope.errors", "VitscopeWarning": "vitscope.errors", "maps": "vitscope.methods.api",
 }
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "ModelInfo",
     "VitModel",
     "VitscopeError",
+    "VitscopeWarning",
     "__version__",
     "capture",
     "load",

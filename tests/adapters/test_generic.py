@@ -22,7 +22,7 @@ import torch
 import vitscope
 from tests.capture.families import sharpen
 from vitscope.adapters.hf import _find_tower
-from vitscope.errors import VitscopeError
+from vitscope.errors import VitscopeError, VitscopeWarning
 
 transformers = pytest.importorskip("transformers")
 
@@ -329,7 +329,8 @@ def test_timm_named_hybrids_and_towers_load_by_name(name: str, kwargs: dict[str,
     the model takes it) exact against timm's explicit attention."""
     from tests.capture.families import _explicit_reference
 
-    vit = vitscope.load(f"timm:{name}", num_classes=5, **kwargs)
+    with pytest.warns(VitscopeWarning, match="random weights"):
+        vit = vitscope.load(f"timm:{name}", num_classes=5, random_weights=True, **kwargs)
     assert vit.info.patch_size == (patch, patch)
     size = (2 * patch, 3 * patch) if vit.info.preprocess.dynamic_size else vit.info.preprocess.image_size
     sharpen(vit.module, 4.0)
