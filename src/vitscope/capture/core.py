@@ -173,7 +173,7 @@ def capture_full(
         stack.enter_context(eval_mode(vit.module))
         if to_check:
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call))
+        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         output = vit(pixels)

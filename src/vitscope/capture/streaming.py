@@ -122,7 +122,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver))
+        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver, batch=run.batch))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)

@@ -156,7 +156,7 @@ def trace(
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.inference_mode(False), torch.enable_grad():
         stack.enter_context(eval_mode(vit.module))
-        check = stack.enter_context(observe_attention(sites, on_call, graph=True))
+        check = stack.enter_context(observe_attention(sites, on_call, graph=True, batch=int(pixels.shape[0])))
         handles = stack.enter_context(hooks_removed_on_exit())
         if blocks:
             for s in sites:
