@@ -26,6 +26,7 @@ from vitscope.capture.intercept import (
     AttentionCall,
     CaptureError,
     observe_attention,
+    prove_batch_axis,
     refuse_compiled,
 )
 from vitscope.errors import VitscopeError
@@ -171,6 +172,7 @@ def capture_full(
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
+        prove_batch_axis(vit, pixels, sites)
         if to_check:
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
         check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids))

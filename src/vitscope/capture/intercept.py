@@ -43,6 +43,7 @@ Guards (a one-line `CaptureError` naming the layer, never a silently wrong map o
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vitscope.adapters.base import AttentionSite, refuse_compiled
+from vitscope.adapters.base import AttentionSite, VitModel, refuse_compiled
 from vitscope.capture.hooks import this_thread_only
 from vitscope.errors import CaptureError
 
@@ -73,6 +74,8 @@ _SAMPLE_SPREAD = 4
 _SAMPLE_ASKED = 4
 #: Verification on; only `_verification_off` (benchmarks/speed.py) turns it off.
 _VERIFY = True
+#: Attention modules whose kernel's batch axis was seen to be the images' (a call with batch != heads passed).
+_BATCH_AXIS_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -524,6 +527,7 @@ class _Engine:
         self.batch = batch
         self.asked = None if rows is None else list(rows)
         self.heads = {s.layer: s.num_heads for s in self.sites}
+        self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
         self.stack: list[int] = []
         self.counts: dict[int, int] = {s.layer: 0 for s in self.sites}
@@ -545,6 +549,12 @@ class _Engine:
                 "vitscope reads one softmax/attention kernel per layer; declare the module that makes one call",
             )
         n_batch, n_heads, _, _ = call.shape  # (B, H, Nq, Nk)
+        if self.batch is not None and n_batch != self.batch:
+            raise CaptureError(
+                "model", f"layer {layer}: the attention kernel's batch axis has {n_batch} entries for {self.batch} "
+                "image(s) (patches or heads folded into the batch: an unfold, a heads-first layout?)",
+                "vitscope reads attention laid out as (batch, heads, tokens, tokens) with one batch entry per image",
+            )
         declared = self.heads[layer]
         if n_heads != declared:
             loop = " (one kernel call per head?)" if n_heads == 1 else ""
@@ -554,12 +564,8 @@ class _Engine:
                 f"vitscope takes the head count from the kernel: pass num_heads={n_heads} to vitscope.wrap"
                 if n_heads != 1 else "a loop of one-head attention calls cannot be captured; compute all heads in one call",
             )
-        if self.batch is not None and n_batch != self.batch:
-            raise CaptureError(
-                "model", f"layer {layer}: the attention kernel's batch axis has {n_batch} entries for {self.batch} "
-                "image(s) (patches or heads folded into the batch: an unfold, a heads-first layout?)",
-                "vitscope reads attention laid out as (batch, heads, tokens, tokens) with one batch entry per image",
-            )
+        if self.batch is not None and n_batch != n_heads:  # the batch axis could not be the heads': proven
+            _BATCH_AXIS_PROVEN[self.modules[layer]] = True
 
     def _deliver(self, call: AttentionCall) -> None:
         if not self.graph:
@@ -719,3 +725,16 @@ def observe_attention(
         engine.close()
         for h in handles:
             h.remove()
+
+
+def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite]) -> None:
+    """When the number of images equals the number of heads, a kernel fed ``(heads, batch, N, d)`` passes every
+    count check and would swap the two axes silently. Unless each selected layer's batch axis was already seen to
+    be the images' (a capture with batch != heads), run the first image alone once (no grad; nothing is kept): a
+    heads-first layer then reports ``heads`` entries for 1 image and is refused (`_Engine._count`)."""
+    n_images = int(pixels.shape[0])
+    if n_images <= 1 or n_images != vit.info.num_heads or all(_BATCH_AXIS_PROVEN.get(attention_module(s)) for s in sites):
+        return
+    with torch.no_grad(), observe_attention(sites, lambda _call: None, batch=1) as check:
+        vit(pixels[:1])
+        check()
