@@ -113,6 +113,14 @@ def runner(path: str, model: str) -> Callable[[Any], Any]:
         return run_plain
     if path == "cls_maps":
         return lambda x: vitscope.capture(vit, x, queries="cls")  # all layers, all heads
+    if path == "cls_maps_unverified":  # the same capture with the per-call verification off (its cost)
+        from vitscope.capture.intercept import _verification_off
+
+        def run_unverified(x: Any) -> Any:
+            with _verification_off():
+                return vitscope.capture(vit, x, queries="cls")
+
+        return run_unverified
     if path == "rollout":
         return lambda x: streaming_rollout(vit, x)
     if path == "fused":

@@ -277,20 +277,21 @@ def check_product(
     ``(B, s, E)`` after ``proj = (weight, bias)``.
 
     Tolerance, per output element: ``|o - a v| <= rtol * (a |v|) + atol`` (``a >= 0``, so ``a |v|`` bounds the
-    size of every term of the sum, whatever cancels). ``rtol = 4 eps_in (1 + logit_bound) + (Nk + d) eps_c``:
-    the kernel rounds its inputs, logits and output to the model's dtype (``eps_in``: 2^-11 float16, 2^-8
-    bfloat16; a logit error ``eps_in |logit|`` moves each weight by that relative amount, twice through the
-    normalisation), and accumulates sums of ``Nk`` (and ``d``) terms in float32 (``eps_c``). For a float32 model
-    on CPU this is ~1e-4 relative or less; a wrong capture (talking heads, a post-softmax mask, a mask vitscope
-    does not see) moves outputs by a sizeable part of ``a |v|``, far above it.
+    size of every term of the sum, whatever cancels). ``rtol = 4 eps_in (1 + logit_bound) + (Nk + dv) eps_c``,
+    ``eps`` being twice the unit roundoff ``u``: a half-precision kernel rounds q and k (scaled), its logits,
+    its weights and its output to the model's dtype (``eps_in``: 2^-10 float16, 2^-7 bfloat16, 2^-10 TF32), so a
+    logit is off by up to ``3 u |q| |k| scale``, each weight by twice that relatively (through the normalisation),
+    and the output by ``2 u`` more: ``6 u L + 2 u <= 4 eps_in (1 + L)``; the sums of ``Nk`` and ``dv`` terms are
+    accumulated in float32 (``eps_c``). For a float32 model on CPU this is ~1e-4 relative or less; a wrong
+    capture (talking heads, a post-softmax mask, a mask vitscope does not see) moves outputs by a sizeable part
+    of ``a |v|``, far above it.
     """
     ct = a.dtype
     eps_c = float(torch.finfo(ct).eps)
-    Nk = a.shape[-1]
     vv = v.to(ct)
     want = torch.matmul(a, vv)  # (B, H, s, dv)
     bound = torch.matmul(a, vv.abs())
-    n_terms = Nk + v.shape[-1]
+    n_terms = a.shape[-1] + v.shape[-1]
     if proj is not None:  # nn.MultiheadAttention: y = concat_h(O_h) W^T + b
         w, b = proj
         B, H, s, dv = want.shape
@@ -299,17 +300,21 @@ def check_product(
                          None if b is None else b.to(ct).abs())
         n_terms += H * dv
     rtol = 4 * eps_in * (1 + logit_bound) + n_terms * eps_c
-    atol = eps_c * (1 + float(v.detach().abs().amax())) if v.numel() else eps_c
-    err = (o.to(ct) - want).abs()
-    ok = err <= rtol * bound + atol
-    if not bool(ok.all()):
-        worst = float(torch.nan_to_num(err - rtol * bound, nan=float("inf")).amax())
+    tol = bound.mul_(rtol).add_(eps_c * (1 + float(bound.amax()) if bound.numel() else eps_c))
+    err = (o.to(ct) - want).abs_()
+    if not bool((err <= tol).all()):  # NaN fails too
+        worst = float(torch.nan_to_num(err - tol, nan=float("inf")).amax())
         raise CaptureError(
             "model", f"layer {layer}: the kernel's output is not softmax(q k^T) V for the captured rows: {step} "
             f"(output off by {worst:.3g} beyond the tolerance)",
             "vitscope only reads attention it can reproduce exactly: a mask or normalisation it does not see "
             "cannot be captured; report the model",
         )
+
+
+#: Float32/64 kernels: the logit bound used instead of measuring |q| |k| (a logit of 1e3 already puts the
+#: weights' float32 rounding at 1e-4; larger logits do not occur in attention that is not saturated).
+_FULL_PRECISION_LOGITS = 1e3
 
 
 def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
@@ -324,20 +329,28 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
     ids = sample_rows(Nq, asked)
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        a = call.rows(ids, None, False, dtype=dt)  # (B, H, s, Nk), rows sum to 1
-        bound = float(q[:, :, ids].detach().to(dt).norm(dim=-1).amax() * k.detach().to(dt).norm(dim=-1).amax())
-        bound *= abs(call.scale)
+        qs = q[:, :, ids].detach().to(dt)  # (B, H, s, d)
+        kd = k.detach().to(dt)
+        logits = torch.matmul(qs * call.scale, kd.transpose(-2, -1))  # (B, H, s, Nk)
         bias = call.bias_rows(ids)
         if bias is not None:
-            finite = bias[torch.isfinite(bias)]
-            bound += float(finite.abs().amax()) if finite.numel() else 0.0
+            logits = logits + bias
+        a = torch.softmax(logits, dim=-1)
+        check_rows(a, call.layer)
+        eps_in = _input_eps(q)
+        if eps_in > 2.0**-20:  # half precision / TF32: the logits' rounding counts, bound them by |q| |k| scale
+            bound = float(qs.norm(dim=-1).amax() * kd.norm(dim=-1).amax()) * abs(call.scale)
+            if bias is not None:
+                finite = bias[torch.isfinite(bias)]
+                bound += float(finite.abs().amax()) if finite.numel() else 0.0
+        else:
+            bound = _FULL_PRECISION_LOGITS
         if mha is None:
-            o = out[:, :, ids]  # (B, H, s, dv)
-            check_product(call.layer, a, v, o, eps_in=_input_eps(q), logit_bound=bound,
+            check_product(call.layer, a, v.detach(), out.detach()[:, :, ids], eps_in=eps_in, logit_bound=bound,
                           step="scaled_dot_product_attention")
         else:
-            y = out if mha.batch_first else out.transpose(0, 1)  # (B, N, E)
-            check_product(call.layer, a, v, y[:, ids], eps_in=_input_eps(q), logit_bound=bound,
+            y = out.detach() if mha.batch_first else out.detach().transpose(0, 1)  # (B, N, E)
+            check_product(call.layer, a, v.detach(), y[:, ids], eps_in=eps_in, logit_bound=bound,
                           step="nn.MultiheadAttention", proj=(mha.out_proj.weight, mha.out_proj.bias))
 
 
