@@ -90,13 +90,15 @@ def main() -> None:
 
 
 def verification_cost(models: list[str], sizes: list[int], repeats: int, threads: int) -> None:
-    """Time of a [CLS]-maps capture with and without the per-call verification (interleaved, one child each)."""
-    print("\n| model | px | cls_maps s | unverified s | verification extra |")
+    """CPU time of a [CLS]-maps capture with and without the per-call verification: medians of interleaved
+    repeats in one child per (model, size), CPU seconds (`_common.child_cpu_times`: a few % must stand out of a
+    shared machine's noise)."""
+    print("\n| model | px | cls_maps CPU s | unverified CPU s | verification extra |")
     print("|---|---|---|---|---|")
     for model in models:
         for size in sizes:
             reps = repeats if size < 1024 else max(3, repeats // 2)
-            t = C.in_child("times", model, size, ["cls_maps", "cls_maps_unverified"], reps, threads)["median"]
+            t = C.in_child("cpu_times", model, size, ["cls_maps", "cls_maps_unverified"], reps, threads)["median"]
             extra = t["cls_maps"] / t["cls_maps_unverified"] - 1
             print(f"| {model} | {C.px(size, model)} | {t['cls_maps']:.3f} | {t['cls_maps_unverified']:.3f} | "
                   f"{extra:+.1%} |", flush=True)
