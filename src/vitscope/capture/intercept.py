@@ -261,9 +261,15 @@ def sample_rows(num_rows: int, asked: Sequence[int] | None = None) -> list[int]:
 
 
 def _input_eps(t: torch.Tensor) -> float:
-    """Unit roundoff of the model's inputs to the kernel (TF32 counts as 10 mantissa bits)."""
-    if t.dtype == torch.float32 and t.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0**-10
+    """Machine epsilon of the kernel's arithmetic on ``t`` (``torch.finfo(dtype).eps``); float32 matmuls allowed
+    to run in TF32 (``set_float32_matmul_precision("high")``, ``allow_tf32``) count as 10 mantissa bits, in
+    bfloat16 (``"medium"``) as 7."""
+    if t.dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            return 2.0**-7
+        if precision == "high" or (t.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+            return 2.0**-10
     return float(torch.finfo(t.dtype).eps) if t.dtype.is_floating_point else 2.0**-23
 
 
