@@ -192,6 +192,46 @@ def child_cpu_times(model: str, size: int, paths: list[str], repeats: int, threa
     return child_times(model, size, paths, repeats, threads, clock=time.process_time)
 
 
+def child_verification_share(model: str, size: int, repeats: int, threads: int) -> dict[str, Any]:
+    """CPU seconds spent inside vitscope's per-call verification during ``repeats`` [CLS]-maps captures, and
+    in the captures as a whole: a share that a shared machine's noise cannot blur (both measured in one run)."""
+    import torch
+
+    import vitscope
+    from vitscope.capture import intercept
+
+    torch.set_num_threads(threads)
+    spent = [0.0]
+    depth = [0]
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += time.process_time() - t0
+
+        return run
+
+    vit = vitscope.wrap(build(model, "sdpa"))
+    x = torch.randn(1, 3, px(size, model), px(size, model))
+    vitscope.capture(vit, x, queries="cls")  # warm-up
+    orig = intercept.verify_call, intercept.check_product
+    intercept.verify_call, intercept.check_product = timed(orig[0]), timed(orig[1])
+    try:
+        t0 = time.process_time()
+        for _ in range(repeats):
+            vitscope.capture(vit, x, queries="cls")
+        total = time.process_time() - t0
+    finally:
+        intercept.verify_call, intercept.check_product = orig
+    return {"capture": total / repeats, "verification": spent[0] / repeats}
+
+
 def in_child(kind: str, *args: Any, timeout: float = 3600) -> dict[str, Any]:
     """Run ``child_<kind>(*args)`` in a fresh interpreter and return its JSON result."""
     code = (f"import sys, json; sys.path[:0] = [{str(HERE)!r}, {str(SRC)!r}]; import _common; "

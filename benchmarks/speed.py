@@ -90,18 +90,21 @@ def main() -> None:
 
 
 def verification_cost(models: list[str], sizes: list[int], repeats: int, threads: int) -> None:
-    """CPU time of a [CLS]-maps capture with and without the per-call verification: medians of interleaved
-    repeats in one child per (model, size), CPU seconds (`_common.child_cpu_times`: a few % must stand out of a
-    shared machine's noise)."""
-    print("\n| model | px | cls_maps CPU s | unverified CPU s | verification extra |")
-    print("|---|---|---|---|---|")
+    """CPU time of a [CLS]-maps capture with and without the per-call verification (medians of interleaved
+    repeats in one child per (model, size), `_common.child_cpu_times`), and the CPU time spent inside the
+    verification itself as a share of the capture (`_common.child_verification_share`): on a shared machine the
+    A/B difference of a few % is within the noise, the measured share is not."""
+    print("\n| model | px | cls_maps CPU s | unverified CPU s | ratio - 1 | CPU s in verification | share |")
+    print("|---|---|---|---|---|---|---|")
     for model in models:
         for size in sizes:
             reps = repeats if size < 1024 else max(3, repeats // 2)
             t = C.in_child("cpu_times", model, size, ["cls_maps", "cls_maps_unverified"], reps, threads)["median"]
             extra = t["cls_maps"] / t["cls_maps_unverified"] - 1
+            inside = C.in_child("verification_share", model, size, max(2, reps // 2), threads)
+            share = inside["verification"] / inside["capture"]
             print(f"| {model} | {C.px(size, model)} | {t['cls_maps']:.3f} | {t['cls_maps_unverified']:.3f} | "
-                  f"{extra:+.1%} |", flush=True)
+                  f"{extra:+.1%} | {inside['verification']:.4f} | {share:.2%} |", flush=True)
 
 
 if __name__ == "__main__":
