@@ -98,6 +98,9 @@ class AttentionCall:
     (grouped-query keys already repeated per head), v ``(B, H, Nk, dv)``, bias broadcastable to
     ``(B, H, Nq, Nk)``, probs ``(B, H, Nq, Nk)``.
 
+    For ``probs`` calls (an explicit softmax) the call is reported once the module multiplies ``A`` with V, and
+    ``v`` is that V when the product is a plain ``matmul``/``@``/``bmm`` (else ``None``).
+
     ``out`` is a tensor of the model's own graph from which ``dL/dA`` follows: the kernel output ``O = A V``
     (``out_to_heads`` maps its gradient to ``dL/dO`` ``(B, H, Nq, dv)``), or ``A`` itself for ``probs`` calls
     (``out_to_heads`` is ``None``: its gradient *is* ``dL/dA``).
