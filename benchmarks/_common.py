@@ -113,6 +113,14 @@ def runner(path: str, model: str) -> Callable[[Any], Any]:
         return run_plain
     if path == "cls_maps":
         return lambda x: vitscope.capture(vit, x, queries="cls")  # all layers, all heads
+    if path == "cls_maps_unverified":  # the same capture with the per-call verification off (its cost)
+        from vitscope.capture.intercept import _verification_off
+
+        def run_unverified(x: Any) -> Any:
+            with _verification_off():
+                return vitscope.capture(vit, x, queries="cls")
+
+        return run_unverified
     if path == "rollout":
         return lambda x: streaming_rollout(vit, x)
     if path == "fused":
@@ -158,7 +166,8 @@ def child_memory(model: str, size: int, path: str, threads: int) -> dict[str, An
     return {"extra_bytes": peak - before, "rss_before": before, "peak": peak, "hwm_reset": reset}
 
 
-def child_times(model: str, size: int, paths: list[str], repeats: int, threads: int) -> dict[str, Any]:
+def child_times(model: str, size: int, paths: list[str], repeats: int, threads: int,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -170,11 +179,57 @@ def child_times(model: str, size: int, paths: list[str], repeats: int, threads: 
         runs[p](x)
     for _ in range(repeats):  # interleaved, so drifting load on a shared machine hits every path alike
         for p in paths:
-            t0 = time.perf_counter()
+            t0 = clock()
             out = runs[p](x)
-            times[p].append(time.perf_counter() - t0)
+            times[p].append(clock() - t0)
             del out
     return {"median": {p: statistics.median(v) for p, v in times.items()}, "all": times}
+
+
+def child_cpu_times(model: str, size: int, paths: list[str], repeats: int, threads: int) -> dict[str, Any]:
+    """`child_times` in CPU seconds of this process (``time.process_time``): with one thread, other jobs on a
+    shared machine slow it far less than wall time, so small differences (a few %) can be told apart."""
+    return child_times(model, size, paths, repeats, threads, clock=time.process_time)
+
+
+def child_verification_share(model: str, size: int, repeats: int, threads: int) -> dict[str, Any]:
+    """CPU seconds spent inside vitscope's per-call verification during ``repeats`` [CLS]-maps captures, and
+    in the captures as a whole: a share that a shared machine's noise cannot blur (both measured in one run)."""
+    import torch
+
+    import vitscope
+    from vitscope.capture import intercept
+
+    torch.set_num_threads(threads)
+    spent = [0.0]
+    depth = [0]
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += time.process_time() - t0
+
+        return run
+
+    vit = vitscope.wrap(build(model, "sdpa"))
+    x = torch.randn(1, 3, px(size, model), px(size, model))
+    vitscope.capture(vit, x, queries="cls")  # warm-up
+    orig = intercept.verify_call, intercept.check_product
+    intercept.verify_call, intercept.check_product = timed(orig[0]), timed(orig[1])
+    try:
+        t0 = time.process_time()
+        for _ in range(repeats):
+            vitscope.capture(vit, x, queries="cls")
+        total = time.process_time() - t0
+    finally:
+        intercept.verify_call, intercept.check_product = orig
+    return {"capture": total / repeats, "verification": spent[0] / repeats}
 
 
 def in_child(kind: str, *args: Any, timeout: float = 3600) -> dict[str, Any]:

@@ -8,10 +8,14 @@ Paths (random-weight transformers models, batch 1):
 - ``fused``              ``fused_attention(vit, x)``: head-mean N x N of every layer, in row chunks
 - ``output_attentions``  the same weights with ``attn_implementation="eager"`` and ``output_attentions=True``
 
+- ``cls_maps_unverified`` ``cls_maps`` with the per-call self-verification off (issue 17; a private switch):
+  the verification-cost lines after the table, ``cls_maps / cls_maps_unverified - 1``
+
 Targets: ``cls_maps`` <= 1.10x plain time at every size and extra peak memory < 5% of ``output_attentions``'
 at 1024 px; ``rollout`` <= 2.0x plain time at 512/518 px and peak memory 10x below the full L x H x N x N
 attention at 1024 px. Times: median of ``--repeats`` interleaved runs in one process per (model, size); memory:
 one fresh process per (model, size, path). Ratios within one run are what count (shared, noisy machine).
+Verification (issue 17): at most 3% extra time on a [CLS]-maps capture at 224, 512 and 1024 px.
 
     python benchmarks/speed.py [--quick] [--models vit-s16,vit-b16] [--sizes 224,512] [--repeats 5]
 
@@ -20,6 +24,8 @@ fresh timm ``vit_base_patch16_224`` (random weights) at 224 px, with and without
 and the token-axis check at a second geometry); target <= 1.5x.
 
     python benchmarks/speed.py --probe [--repeats 3] [--threads 1]
+
+    python benchmarks/speed.py --verification-only [--models vit-b16] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="time only")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--probe", action="store_true", help="only the layout probe's cost (issue 17)")
+    ap.add_argument("--verification-only", action="store_true", help="only the verification-cost lines")
     args = ap.parse_args()
     if args.probe:
         probe_cost(args.repeats, args.threads)
@@ -51,6 +58,9 @@ def main() -> None:
     paths = args.paths.split(",")
     print(f"# vitscope speed, {datetime.date.today()}; machine: {C.machine()}; threads {args.threads}; "
           f"median of {args.repeats}")
+    if args.verification_only:
+        verification_cost(models, sizes, args.repeats, args.threads)
+        return
     print("| model | px | path | time s | x plain | peak extra MB | over plain MB | % of output_attentions' | "
           "full LxHxNxN MB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -84,6 +94,7 @@ def main() -> None:
                                 "peak_extra": raw, "over_plain": over, "full_attention_bytes": full})
             if skipped:
                 print(f"| {model} | {s} | {skipped} | | | | | | |", flush=True)
+    verification_cost(models, sizes, args.repeats, args.threads)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -142,6 +153,24 @@ def probe_cost(repeats: int, threads: int) -> None:
     for k, v in med.items():
         base = med["capture only, without probe"] if k.startswith("capture only") else med["without probe"]
         print(f"| {k} | {v:.3f} | {v / base:.2f} |")
+
+
+def verification_cost(models: list[str], sizes: list[int], repeats: int, threads: int) -> None:
+    """CPU time of a [CLS]-maps capture with and without the per-call verification (medians of interleaved
+    repeats in one child per (model, size), `_common.child_cpu_times`), and the CPU time spent inside the
+    verification itself as a share of the capture (`_common.child_verification_share`): on a shared machine the
+    A/B difference of a few % is within the noise, the measured share is not."""
+    print("\n| model | px | cls_maps CPU s | unverified CPU s | ratio - 1 | CPU s in verification | share |")
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        for size in sizes:
+            reps = repeats if size < 1024 else max(3, repeats // 2)
+            t = C.in_child("cpu_times", model, size, ["cls_maps", "cls_maps_unverified"], reps, threads)["median"]
+            extra = t["cls_maps"] / t["cls_maps_unverified"] - 1
+            inside = C.in_child("verification_share", model, size, max(2, reps // 2), threads)
+            share = inside["verification"] / inside["capture"]
+            print(f"| {model} | {C.px(size, model)} | {t['cls_maps']:.3f} | {t['cls_maps_unverified']:.3f} | "
+                  f"{extra:+.1%} | {inside['verification']:.4f} | {share:.2%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from vitscope.capture.intercept import (
     AttentionCall,
     CaptureError,
     observe_attention,
+    prove_batch_axis,
     refuse_compiled,
 )
 from vitscope.capture.probe import check_token_axis
@@ -183,9 +184,10 @@ def capture_full(
     check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
+        prove_batch_axis(vit, pixels, sites)
         if to_check:
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call))
+        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         output = vit(pixels)

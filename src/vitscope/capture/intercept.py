@@ -19,14 +19,31 @@ layer whose module made it, never by counting. The hooks act only in the thread 
 model from several threads at once each observe their own forward pass. On exit every hook is removed and any
 mode still on the stack (after an exception inside the forward pass) is popped.
 
-Guards (a one-line `CaptureError` naming the layer, never a silently wrong map): each selected layer must report
-exactly once per forward pass; a layer whose module ran without any call vitscope can see (a custom kernel, a
-compiled module) is refused; `AttentionCall.rows` checks that rows sum to 1.
+Every call proves itself before it is reported (`verify_call`): for a sample of query rows (row 0, a few spread
+over the tokens, and the caller's rows when they are few) the recomputed attention times the kernel's own V gives
+the kernel's own output, ``A_rows @ V == O_rows`` within a float32 tolerance (for ``nn.MultiheadAttention``:
+``out_proj(A_rows @ V) == y_rows``). On explicit-softmax paths the softmax output is held until the module
+multiplies it with V (``matmul``/``@``/``bmm``/``einsum``/``baddbmm``): the tensor multiplied with V must be the
+softmax output itself (a view of it, or a dtype-cast or eval-dropout copy with equal values).
+
+Guards (a one-line `CaptureError` naming the layer, never a silently wrong map or a raw exception):
+
+- each selected layer must report exactly once per forward pass;
+- a layer whose module ran without any call vitscope can see (a custom kernel, a compiled module) is refused;
+- batch and head counts come from the kernel call: a call whose heads differ from the model's description
+  (``wrap(num_heads=...)`` wrong, a loop of one-head calls) or whose batch differs from the number of images
+  (patches or heads folded into the batch: MobileViT's unfold, a heads-first layout) is refused;
+- the kernel's output is not ``softmax(q k^T * scale + bias) V`` for the sampled rows (a mask vitscope does not
+  see, a different normalisation) -> refused;
+- the weights multiplied with V are not the softmax output (talking heads, a mask multiplied in after the
+  softmax, a renormalisation), or no product with V is seen after an explicit softmax -> refused;
+- `AttentionCall.rows` checks that rows sum to 1.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vitscope.adapters.base import AttentionSite, refuse_compiled
+from vitscope.adapters.base import AttentionSite, VitModel, refuse_compiled
 from vitscope.capture.hooks import this_thread_only
 from vitscope.errors import CaptureError
 
@@ -47,7 +64,29 @@ CHUNK_BYTES = 64 * 2**20
 __all__ = ["CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows", "observe_attention", "refuse_compiled"]
 
 _SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
+#: Calls that may multiply the attention weights with V on an explicit-softmax path.
+_PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.einsum,
+             torch.baddbmm, torch.Tensor.baddbmm)
 _ROW_SUM_TOL = 1e-4
+#: Query rows spread over the tokens (first and last included) that every call is verified on.
+_SAMPLE_SPREAD = 4
+#: The caller's own rows join the sample when there are at most this many.
+_SAMPLE_ASKED = 4
+#: Verification on; only `_verification_off` (benchmarks/speed.py) turns it off.
+_VERIFY = True
+#: Attention modules whose kernel's batch axis was seen to be the images' (a call with batch != heads passed).
+_BATCH_AXIS_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _verification_off() -> Iterator[None]:
+    """Skip the per-call verification (private: benchmarks/speed.py measures what it costs)."""
+    global _VERIFY
+    before, _VERIFY = _VERIFY, False
+    try:
+        yield
+    finally:
+        _VERIFY = before
 
 
 @dataclass
@@ -58,6 +97,9 @@ class AttentionCall:
     or ``probs`` holds ``A`` itself (the model materialised it). Shapes: q ``(B, H, Nq, d)``, k ``(B, H, Nk, d)``
     (grouped-query keys already repeated per head), v ``(B, H, Nk, dv)``, bias broadcastable to
     ``(B, H, Nq, Nk)``, probs ``(B, H, Nq, Nk)``.
+
+    For ``probs`` calls (an explicit softmax) the call is reported once the module multiplies ``A`` with V, and
+    ``v`` is that V when the product is a plain ``matmul``/``@``/``bmm`` (else ``None``).
 
     ``out`` is a tensor of the model's own graph from which ``dL/dA`` follows: the kernel output ``O = A V``
     (``out_to_heads`` maps its gradient to ``dL/dO`` ``(B, H, Nq, dv)``), or ``A`` itself for ``probs`` calls
@@ -211,6 +253,141 @@ def check_rows(rows: torch.Tensor, layer: int) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------ verification
+def sample_rows(num_rows: int, asked: Sequence[int] | None = None) -> list[int]:
+    """The query rows a call is verified on: row 0, ``_SAMPLE_SPREAD`` rows spread over ``num_rows`` (first and
+    last included) and the caller's ``asked`` rows when they are few. At most ~9 rows whatever ``num_rows``."""
+    ids = {0} | {round(i * (num_rows - 1) / (_SAMPLE_SPREAD - 1)) for i in range(_SAMPLE_SPREAD)}
+    if asked is not None and len(asked) <= _SAMPLE_ASKED:
+        ids |= {int(r) for r in asked if 0 <= int(r) < num_rows}
+    return sorted(ids)
+
+
+def _input_eps(t: torch.Tensor) -> float:
+    """Machine epsilon of the kernel's arithmetic on ``t`` (``torch.finfo(dtype).eps``); float32 matmuls allowed
+    to run in TF32 (``set_float32_matmul_precision("high")``, ``allow_tf32``) count as 10 mantissa bits, in
+    bfloat16 (``"medium"``) as 7."""
+    if t.dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            return 2.0**-7
+        if precision == "high" or (t.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+            return 2.0**-10
+    return float(torch.finfo(t.dtype).eps) if t.dtype.is_floating_point else 2.0**-23
+
+
+def check_product(
+    layer: int, a: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *, eps_in: float, logit_bound: float, step: str,
+    proj: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> None:
+    """The model's output rows ``o`` equal ``a @ v`` (then ``proj``'s Linear when given) within a tolerance.
+
+    a: ``(B, H, s, Nk)`` recomputed attention rows (float32/64); v: ``(B, H, Nk, dv)``; o: ``(B, H, s, dv)``, or
+    ``(B, s, E)`` after ``proj = (weight, bias)``.
+
+    Tolerance, per output element: ``|o - a v| <= rtol * max_j |v_j| + atol`` (the column's largest value over
+    the keys bounds ``a |v|``, the size of the terms of the sum whatever cancels, since ``a >= 0`` sums to 1;
+    it costs one pass over v instead of a second product). ``rtol = 4 eps_in (1 + logit_bound) + (Nk + dv) eps_c``,
+    ``eps`` being twice the unit roundoff ``u``: a half-precision kernel rounds q and k (scaled), its logits,
+    its weights and its output to the model's dtype (``eps_in``: 2^-10 float16, 2^-7 bfloat16, 2^-10 TF32), so a
+    logit is off by up to ``3 u |q| |k| scale``, each weight by twice that relatively (through the normalisation),
+    and the output by ``2 u`` more: ``6 u L + 2 u <= 4 eps_in (1 + L)``; the sums of ``Nk`` and ``dv`` terms are
+    accumulated in float32 (``eps_c``). For a float32 model on CPU this is ~1e-4 relative or less; a wrong
+    capture (talking heads, a post-softmax mask, a mask vitscope does not see) moves outputs by a sizeable part
+    of ``a |v|``, far above it.
+    """
+    ct = a.dtype
+    eps_c = float(torch.finfo(ct).eps)
+    vv = v.to(ct)
+    want = torch.matmul(a, vv)  # (B, H, s, dv)
+    bound = vv.abs().amax(dim=-2, keepdim=True).expand_as(want)  # (B, H, s, dv): max_j |v_jc| >= (a |v|)_c
+    n_terms = a.shape[-1] + v.shape[-1]
+    if proj is not None:  # nn.MultiheadAttention: y = concat_h(O_h) W^T + b
+        w, b = proj
+        B, H, s, dv = want.shape
+        want = F.linear(want.transpose(1, 2).reshape(B, s, H * dv), w.to(ct), None if b is None else b.to(ct))
+        bound = F.linear(bound.transpose(1, 2).reshape(B, s, H * dv), w.to(ct).abs(),
+                         None if b is None else b.to(ct).abs())
+        n_terms += H * dv
+    rtol = 4 * eps_in * (1 + logit_bound) + n_terms * eps_c
+    tol = (bound * rtol).add_(eps_c * (1 + float(bound.amax()) if bound.numel() else eps_c))
+    err = (o.to(ct) - want).abs_()
+    if not bool((err <= tol).all()):  # NaN fails too
+        worst = float(torch.nan_to_num(err - tol, nan=float("inf")).amax())
+        raise CaptureError(
+            "model", f"layer {layer}: the kernel's output is not softmax(q k^T) V for the captured rows: {step} "
+            f"(output off by {worst:.3g} beyond the tolerance)",
+            "vitscope only reads attention it can reproduce exactly: a mask or normalisation it does not see "
+            "cannot be captured; report the model",
+        )
+
+
+#: Float32/64 kernels: the logit bound used instead of measuring |q| |k| (a logit of 1e3 already puts the
+#: weights' float32 rounding at 1e-4; larger logits do not occur in attention that is not saturated).
+_FULL_PRECISION_LOGITS = 1e3
+
+
+def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
+                mha: nn.MultiheadAttention | None = None) -> None:
+    """Prove a q/k call: the recomputed rows times the kernel's V reproduce the kernel's output (sample rows).
+
+    For SDPA ``call.out`` is ``O`` ``(B, H, Nq, dv)``; for ``mha`` it is the module output ``y = out_proj(O)``.
+    """
+    q, k, v, out = call.q, call.k, call.v, call.out
+    assert q is not None and k is not None and v is not None and out is not None
+    _, _, Nq, _ = call.shape
+    ids = sample_rows(Nq, asked)
+    with torch.no_grad():
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qs = q[:, :, ids].detach().to(dt)  # (B, H, s, d)
+        kd = k.detach().to(dt)
+        logits = torch.matmul(qs * call.scale, kd.transpose(-2, -1))  # (B, H, s, Nk)
+        bias = call.bias_rows(ids)
+        if bias is not None:
+            logits = logits + bias
+        a = torch.softmax(logits, dim=-1)
+        check_rows(a, call.layer)
+        eps_in = _input_eps(q)
+        if eps_in > 2.0**-20:  # half precision / TF32: the logits' rounding counts, bound them by |q| |k| scale
+            bound = float(qs.norm(dim=-1).amax() * kd.norm(dim=-1).amax()) * abs(call.scale)
+            if bias is not None:
+                finite = bias[torch.isfinite(bias)]
+                bound += float(finite.abs().amax()) if finite.numel() else 0.0
+        else:
+            bound = _FULL_PRECISION_LOGITS
+        if mha is None:
+            check_product(call.layer, a, v.detach(), out.detach()[:, :, ids], eps_in=eps_in, logit_bound=bound,
+                          step="scaled_dot_product_attention")
+        else:
+            y = out.detach() if mha.batch_first else out.detach().transpose(0, 1)  # (B, N, E)
+            check_product(call.layer, a, v.detach(), y[:, ids], eps_in=eps_in, logit_bound=bound,
+                          step="nn.MultiheadAttention", proj=(mha.out_proj.weight, mha.out_proj.bias))
+
+
+def _is_softmax_output(w: torch.Tensor, probs: torch.Tensor) -> bool:
+    """``w`` is the softmax output: the tensor itself, a view of it in the same layout, or an equal copy
+    (a dtype cast such as transformers' ``softmax(..., dtype=float32).to(q.dtype)``, an eval-mode dropout)."""
+    if w.numel() != probs.numel():
+        return False
+    if w is probs:
+        return True
+    same_memory = w.data_ptr() == probs.data_ptr() and w.is_contiguous() and probs.is_contiguous()
+    if same_memory and w.dtype == probs.dtype:
+        return True
+    with torch.no_grad():
+        return bool(torch.equal(w.detach().reshape(probs.shape), probs.detach().to(w.dtype)))
+
+
+def _product_operands(func: Any, args: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """The two factors of a product call (weights candidate first as written), else ``None``."""
+    if func is torch.einsum:
+        ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        return (ops[0], ops[1]) if len(ops) == 2 else None
+    if func in (torch.baddbmm, torch.Tensor.baddbmm):
+        return (args[1], args[2]) if len(args) >= 3 else None
+    return (args[0], args[1]) if len(args) >= 2 else None
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 def _sdpa_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> AttentionCall:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -274,18 +451,19 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        layer = self.engine.current
+        if layer is None:
+            return out
         if func is F.scaled_dot_product_attention:
-            layer = self.engine.current
-            if layer is not None:
-                self.engine.report(_sdpa_call(layer, args, kwargs, out))
+            self.engine.report(_sdpa_call(layer, args, kwargs, out))
         elif func in _SOFTMAXES:
-            layer = self.engine.current
-            if layer is not None:
-                call = _softmax_call(layer, args, kwargs, out)
-                if call is not None:
-                    self.engine.report(call)
+            call = _softmax_call(layer, args, kwargs, out)
+            if call is not None:
+                self.engine.softmax(call)
+        elif func in _PRODUCTS:
+            if layer in self.engine.pending:
+                self.engine.product(layer, func, args, out)
         elif func is F.multi_head_attention_forward:
-            layer = self.engine.current
             raise CaptureError(
                 "model", f"layer {layer}: an nn.MultiheadAttention runs inside the declared attention module",
                 "declare the nn.MultiheadAttention itself as the layer's attention module",
@@ -364,21 +542,28 @@ def attention_module(site: AttentionSite) -> nn.Module:
 
 
 class _Engine:
-    def __init__(self, sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], graph: bool) -> None:
+    def __init__(self, sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], graph: bool,
+                 batch: int | None = None, rows: Sequence[int] | None = None) -> None:
         self.sites = list(sites)
         self.on_call = on_call
         self.graph = graph
+        self.batch = batch
+        self.asked = None if rows is None else list(rows)
+        self.heads = {s.layer: s.num_heads for s in self.sites}
+        self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
         self.stack: list[int] = []
         self.counts: dict[int, int] = {s.layer: 0 for s in self.sites}
         self.ran: dict[int, int] = {s.layer: 0 for s in self.sites}
+        self.pending: dict[int, AttentionCall] = {}  # explicit softmax seen, its product with V not yet
         self.entered = 0
 
     @property
     def current(self) -> int | None:
         return self.stack[-1] if self.stack else None
 
-    def report(self, call: AttentionCall) -> None:
+    def _count(self, call: AttentionCall) -> None:
+        """One call per module run; batch and heads as the model is described (counts from the kernel call)."""
         layer = call.layer
         self.counts[layer] += 1
         if self.counts[layer] > self.ran[layer]:
@@ -386,12 +571,87 @@ class _Engine:
                 "model", f"layer {layer} computed attention {self.counts[layer]} times in one pass of its module",
                 "vitscope reads one softmax/attention kernel per layer; declare the module that makes one call",
             )
+        n_batch, n_heads, _, _ = call.shape  # (B, H, Nq, Nk)
+        if self.batch is not None and n_batch != self.batch:
+            raise CaptureError(
+                "model", f"layer {layer}: the attention kernel's batch axis has {n_batch} entries for {self.batch} "
+                "image(s) (patches or heads folded into the batch: an unfold, a heads-first layout?)",
+                "vitscope reads attention laid out as (batch, heads, tokens, tokens) with one batch entry per image",
+            )
+        declared = self.heads[layer]
+        if n_heads != declared:
+            loop = " (one kernel call per head?)" if n_heads == 1 else ""
+            raise CaptureError(
+                "model", f"layer {layer}: the attention kernel computes {n_heads} head(s) per call{loop}, the model is "
+                f"described with num_heads={declared}",
+                f"vitscope takes the head count from the kernel: pass num_heads={n_heads} to vitscope.wrap"
+                if n_heads != 1 else "a loop of one-head attention calls cannot be captured; compute all heads in one call",
+            )
+        if self.batch is not None and n_batch != n_heads:  # the batch axis could not be the heads': proven
+            _BATCH_AXIS_PROVEN[self.modules[layer]] = True
+
+    def _deliver(self, call: AttentionCall) -> None:
         if not self.graph:
             for name in ("q", "k", "v", "probs"):
                 t = getattr(call, name)
                 if t is not None:
                     setattr(call, name, t.detach())
         self.on_call(call)
+
+    def report(self, call: AttentionCall, mha: nn.MultiheadAttention | None = None) -> None:
+        """A q/k call (SDPA, nn.MultiheadAttention): counted, verified, delivered."""
+        self._count(call)
+        if _VERIFY:
+            verify_call(call, self.asked, mha)
+        self._deliver(call)
+
+    def softmax(self, call: AttentionCall) -> None:
+        """An explicit softmax: held until the module multiplies it with V (`product`)."""
+        self._count(call)
+        self.pending[call.layer] = call
+
+    def product(self, layer: int, func: Any, args: tuple[Any, ...], out: Any) -> None:
+        """A product call after layer's softmax: if it multiplies (B, H, Nq, Nk) weights with V, the weights
+        must be the softmax output; then the call is verified and delivered."""
+        call = self.pending[layer]
+        probs = call.probs
+        ops = _product_operands(func, args)
+        if probs is None or ops is None or not isinstance(out, torch.Tensor):
+            return
+        B, H, Nq, Nk = call.shape
+        forms = []  # (weights, v, weights written first)
+        for w, other, first in ((ops[0], ops[1], True), (ops[1], ops[0], False)):
+            if not isinstance(w, torch.Tensor) or not isinstance(other, torch.Tensor):
+                continue
+            if w.numel() != probs.numel() or other.numel() % (B * H * Nk):
+                continue
+            if out.numel() != B * H * Nq * (other.numel() // (B * H * Nk)):
+                continue  # not (weights) x (values): some other product
+            forms.append((w, other, first))
+        if not forms:
+            return
+        found = next((f for f in forms if _is_softmax_output(f[0], probs)), None)
+        if found is None:
+            raise CaptureError(
+                "model", f"layer {layer}: the weights multiplied with V are not the softmax output (a step after "
+                "the softmax: talking heads, a mask or a renormalisation)",
+                "vitscope captures only the weights the model applies to V; this layer's attention cannot be "
+                "captured exactly",
+            )
+        w, other, first = found
+        del self.pending[layer]
+        plain = func not in (torch.einsum, torch.baddbmm, torch.Tensor.baddbmm) and first
+        if plain and tuple(w.shape[-2:]) == (Nq, Nk) and other.dim() >= 2 and other.shape[-2] == Nk:
+            dv = int(other.shape[-1])
+            call.v = other.reshape(B, H, Nk, dv)  # (B, H, Nk, dv)
+            if _VERIFY:
+                ids = sample_rows(Nq, self.asked)
+                with torch.no_grad():
+                    dt = torch.float64 if probs.dtype == torch.float64 else torch.float32
+                    check_product(layer, probs[:, :, ids].detach().to(dt), call.v.detach(),
+                                  out.detach().reshape(B, H, Nq, dv)[:, :, ids], eps_in=_input_eps(out),
+                                  logit_bound=0.0, step="the product of the softmax output with V")
+        self._deliver(call)
 
     # ---- module hooks
     def enter(self, layer: int) -> None:
@@ -406,6 +666,13 @@ class _Engine:
             self.entered -= 1
         if self.stack and self.stack[-1] == layer:
             self.stack.pop()
+        if self.pending.pop(layer, None) is not None:
+            raise CaptureError(
+                "model", f"layer {layer}: vitscope cannot see what multiplies V after the softmax (no matmul, @, "
+                "bmm or einsum with the softmax output in the attention module)",
+                "compute attn @ v with torch.matmul or @ inside the attention module, or use the model's "
+                "scaled_dot_product_attention path",
+            )
         if self.counts[layer] < self.ran[layer]:
             raise CaptureError(
                 "model", f"layer {layer}: its attention module ran but made no attention call vitscope can see "
@@ -419,6 +686,7 @@ class _Engine:
             self.mode.__exit__(None, None, None)
             self.entered -= 1
         self.stack.clear()
+        self.pending.clear()
 
     def mha_call(self, layer: int, m: nn.MultiheadAttention, args: Any, kwargs: Any, output: Any) -> None:
         self.ran[layer] += 1
@@ -428,7 +696,7 @@ class _Engine:
         self.report(AttentionCall(
             layer=layer, scale=1.0 / math.sqrt(q.shape[-1]), q=q, k=k, v=v, bias=bias, out=y,
             out_to_heads=_mha_out_to_heads(m), source="multihead",
-        ))
+        ), mha=m)
 
     def check_complete(self) -> None:
         for layer, n in self.counts.items():
@@ -442,14 +710,17 @@ class _Engine:
 @contextmanager
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
+    batch: int | None = None, rows: Sequence[int] | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
     Yields ``check()``: call it after the forward pass to enforce that every selected layer reported exactly
-    once. ``graph=True`` keeps q/k/v/probs in the autograd graph (gradient methods). All hooks are removed and
+    once. ``graph=True`` keeps q/k/v/probs in the autograd graph (gradient methods). ``batch``: the number of
+    images, which every call's batch axis must equal; ``rows``: the query rows the caller reads (verified too
+    when few). Every call is verified before ``on_call`` sees it (module docstring). All hooks are removed and
     every mode popped on exit, also after an exception.
     """
-    engine = _Engine(sites, on_call, graph)
+    engine = _Engine(sites, on_call, graph, batch, rows)
     handles: list[Any] = []
     try:
         for site in sites:
@@ -477,3 +748,16 @@ def observe_attention(
         engine.close()
         for h in handles:
             h.remove()
+
+
+def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite]) -> None:
+    """When the number of images equals the number of heads, a kernel fed ``(heads, batch, N, d)`` passes every
+    count check and would swap the two axes silently. Unless each selected layer's batch axis was already seen to
+    be the images' (a capture with batch != heads), run the first image alone once (no grad; nothing is kept): a
+    heads-first layer then reports ``heads`` entries for 1 image and is refused (`_Engine._count`)."""
+    n_images = int(pixels.shape[0])
+    if n_images <= 1 or n_images != vit.info.num_heads or all(_BATCH_AXIS_PROVEN.get(attention_module(s)) for s in sites):
+        return
+    with torch.no_grad(), observe_attention(sites, lambda _call: None, batch=1) as check:
+        vit(pixels[:1])
+        check()

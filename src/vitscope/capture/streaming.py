@@ -36,6 +36,7 @@ from vitscope.capture.intercept import (
     Scratch,
     observe_attention,
     prob_chunks,
+    prove_batch_axis,
     refuse_compiled,
 )
 from vitscope.capture.prepare import prepare, refuse_suffix
@@ -124,7 +125,8 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver))
+        prove_batch_axis(vit, run.pixels, [vit.sites[i] for i in layer_ids])
+        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver, batch=run.batch))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)

@@ -31,7 +31,7 @@ from torch import nn
 from vitscope.adapters.base import AttentionSite, SizePolicy, VitModel
 from vitscope.capture.core import check_call_tokens, resolve_layers
 from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
-from vitscope.capture.intercept import AttentionCall, observe_attention, refuse_compiled
+from vitscope.capture.intercept import AttentionCall, observe_attention, prove_batch_axis, refuse_compiled
 from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 from vitscope.layout import as_index
@@ -159,7 +159,8 @@ def trace(
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.inference_mode(False), torch.enable_grad():
         stack.enter_context(eval_mode(vit.module))
-        check = stack.enter_context(observe_attention(sites, on_call, graph=True))
+        prove_batch_axis(vit, pixels.detach(), sites)
+        check = stack.enter_context(observe_attention(sites, on_call, graph=True, batch=int(pixels.shape[0])))
         handles = stack.enter_context(hooks_removed_on_exit())
         if blocks:
             for s in sites:
