@@ -251,9 +251,9 @@ GUARDS = [
     Guard("num-heads-2-on-4-mha", lambda: _toy("mha", num_heads=2), r"computes 4 head\(s\) per call"),
     Guard("heads-first-batch-equals-heads", lambda: _toy("heads_first"), r"batch axis has 4 entries for 1 image",
           batch=HEADS),
-    Guard("heads-first", lambda: _toy("heads_first"), r"layer 0: the attention kernel's batch axis has 4 entries for 2"),
+    Guard("heads-first", lambda: _toy("heads_first"), r"layer 0: the attention kernel's batch axis has \d+ entries for \d+ image"),
     Guard("per-head-sdpa-loop", lambda: _toy("per_head"), r"computes 1 head\(s\) per call \(one kernel call per"),
-    Guard("folded-into-batch", lambda: _toy("fold"), r"batch axis has 4 entries for 2 image"),
+    Guard("folded-into-batch", lambda: _toy("fold"), r"batch axis has \d+ entries for \d+ image"),
     Guard("kernel-sigmoid-attention", lambda: _toy("sdpa"), _NOT_AV, kernel=_sigmoid_attention),
     Guard("kernel-hidden-mask", lambda: _toy("sdpa"), _NOT_AV, kernel=_hidden_key_mask),
     Guard("mha-output-not-out-proj-av", lambda: _toy("mha_scaled"), _NOT_AV),
@@ -305,10 +305,14 @@ def test_guard_mid_forward_leaves_nothing_hooked() -> None:
     _no_state_left(model)
 
 
-def test_heads_first_probe_runs_once_per_model() -> None:
+def test_heads_first_probe_runs_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """With batch == heads the batch axis is checked on one image, once: a model whose axis was seen to be the
-    images' (a capture with batch != heads) is not probed again."""
-    from vitscope.capture import intercept
+    images' (a capture with batch != heads) is not probed again. (The layout probe's own stopped forward passes
+    are switched off here: this counts the heads-first probe only.)"""
+    from vitscope.capture import core, intercept, probe
+
+    monkeypatch.setattr(probe, "check_layout", lambda *a, **k: None)
+    monkeypatch.setattr(core, "check_token_axis", lambda *a, **k: None)
 
     model, vit = _toy("sdpa")
     calls: list[int] = []

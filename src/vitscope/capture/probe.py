@@ -368,7 +368,7 @@ def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[
     last = attention_module(max(sites, key=lambda s: s.layer))
     handles: list[Any] = []
     try:
-        with torch.no_grad(), eval_mode(vit.module), observe_attention(sites, on_call):
+        with torch.no_grad(), eval_mode(vit.module), observe_attention(sites, on_call, batch=int(image.shape[0])):
             handles.append(m0.register_forward_pre_hook(this_thread_only(record), with_kwargs=True))
             handles.append(last.register_forward_hook(this_thread_only(stop)))
             with suppress(_Stop):
