@@ -32,7 +32,7 @@ def _pair(x: Any) -> tuple[int, int]:
 
 def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel:
     """Describe an open_clip ``CLIP`` model (its ``visual`` tower runs) or a ``VisionTransformer``."""
-    open_clip = import_optional("open_clip", "open_clip_torch")
+    open_clip = import_optional("open_clip", "'vitscope[open_clip]'")
     from open_clip.transformer import VisionTransformer
 
     visual = getattr(module, "visual", module)
@@ -82,7 +82,7 @@ def load_open_clip(
 
     ``pretrained="default"`` takes the model's first published tag (``open_clip.list_pretrained_tags_by_model``).
     """
-    open_clip = import_optional("open_clip", "open_clip_torch")
+    open_clip = import_optional("open_clip", "'vitscope[open_clip]'")
     if pretrained == "default":
         tags = open_clip.list_pretrained_tags_by_model(name)
         if not tags:
