@@ -5,8 +5,8 @@ repository.
 It reads what to cover from the *installed* package, so nothing new slips by: every subcommand of the
 ``vitscope`` app (a subcommand without a step in `COMMAND_STEPS` is itself a failing step) and every method of
 the registry (each through ``vitscope maps --method M``). Each model family that needs an optional package
-either loads (its package is installed) or is refused with the one-line ``pip install ...`` error, exit 2,
-no traceback (it is not).
+loads where its package is installed, and (in the core venv) is refused with the one-line ``pip install ...``
+error, exit 2, no traceback, where it is not.
 
 A step fails on an exit code other than the expected one, a traceback, "No module named" anywhere in its
 output, a missing expected line, or (for an expected usage error) more than one line on stderr.
@@ -186,8 +186,8 @@ def installed(dist: str) -> bool:
 
 
 def plan(work: Path, core: bool = True, is_installed: Callable[[str], bool] = installed) -> list[Step]:
-    """Every step of the smoke run: (with ``core``) each subcommand and each registered method, then each
-    optional family, loaded when its distributions are installed and refused otherwise."""
+    """Every step of the smoke run: (with ``core``) each subcommand and each registered method; then each
+    optional family: loaded when its distributions are installed, else (with ``core``) refused."""
     steps = [Step("--version", ["--version"], expect=["vitscope "]), Step("--help", ["--help"])]
     if core:
         commands = subcommands()
@@ -207,7 +207,7 @@ def plan(work: Path, core: bool = True, is_installed: Callable[[str], bool] = in
     for family in FAMILIES:
         if all(is_installed(d) for d in family.dists):
             steps.extend(family.load(work))
-        else:
+        elif core:  # (an extra's venv only shows what the extra adds)
             steps.append(family.refuse(work))
     return steps
 

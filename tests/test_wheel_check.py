@@ -88,7 +88,7 @@ def test_each_extra_loads_a_family_and_its_hint_names_it(extra: str, tmp_path: P
 
 
 def test_core_refuses_each_family_with_one_line(tmp_path: Path) -> None:
-    steps = smoke.plan(tmp_path, core=False, is_installed=lambda d: False)
+    steps = smoke.plan(tmp_path, is_installed=lambda d: False)
     refused = [s for s in steps if s.covers.startswith("family:")]
     assert {s.covers for s in refused} == {f"family:{f.name}" for f in smoke.FAMILIES}
     for step in refused:
