@@ -12,7 +12,7 @@ uv makes the venvs: it hard-links packages from its cache, so torch is downloade
 seconds, not minutes. uv is told the indexes and find-links that pip is configured with here (``pip config
 list``), so it resolves the same files as the Makefile's pip.
 
-Usage: ``python .ci/wheel_check.py [--only core,hf] [--full] [--keep] [--work DIR]``. Exit 0 when every step
+Usage: ``python .ci/wheel_check.py [--only core,hf] [--full] [--select flow,report] [--keep] [--work DIR]``. Exit 0 when every step
 passed. Needs uv (``pip install -c constraints.txt uv``) beside this interpreter or on PATH.
 """
 
@@ -62,14 +62,16 @@ def pip_sources() -> list[str]:
                              timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    options: list[str] = []
+    pairs: list[tuple[str, str]] = []
     flag = {"index-url": "--default-index", "extra-index-url": "--index", "find-links": "--find-links"}
     for line in res.stdout.splitlines():
         key, sep, value = line.partition("=")
         name = key.rsplit(".", 1)[-1]
         if sep and name in flag:
             for url in value.strip().strip("'\"").split():
-                options += [flag[name], url]
+                if (flag[name], url) not in pairs:  # (pip lists a setting of its environment and its file both)
+                    pairs.append((flag[name], url))
+    options = [part for pair in pairs for part in pair]
     if options:  # a package on several indexes: the best version wins, as with pip
         options += ["--index-strategy", "unsafe-best-match"]
     return options
@@ -109,7 +111,8 @@ def make_venv(uv: str, wheel: Path, variant: str, work: Path, sources: list[str]
     venv = work / "venvs" / variant
     log = work / f"install-{variant}.log"
     start = time.monotonic()
-    rc, _ = run([uv, "venv", "--no-project", "--python", sys.executable, str(venv)], log, env=_uv_env(), cwd=work)
+    rc, _ = run([uv, "venv", "--clear", "--no-project", "--python", sys.executable, str(venv)], log, env=_uv_env(),
+                cwd=work)
     if rc == 0:
         req = f"vitscope @ {wheel.as_uri()}" if variant == "core" else f"vitscope[{variant}] @ {wheel.as_uri()}"
         rc, _ = run([uv, "pip", "install", "--python", str(venv / "bin" / "python"), "-c", str(CONSTRAINTS),
@@ -121,7 +124,7 @@ def make_venv(uv: str, wheel: Path, variant: str, work: Path, sources: list[str]
     return venv / "bin" / "python", seconds
 
 
-def smoke(python: Path, variant: str, work: Path, core: bool) -> list[dict[str, object]]:
+def smoke(python: Path, variant: str, work: Path, core: bool, select: str | None = None) -> list[dict[str, object]]:
     """Run the smoke program in the venv from ``work/run-<variant>``, echoing its lines: its step results."""
     run_dir = work / f"run-{variant}"
     run_dir.mkdir()
@@ -130,6 +133,8 @@ def smoke(python: Path, variant: str, work: Path, core: bool) -> list[dict[str, 
     argv = [str(python), str(script), "--work", str(run_dir), "--results", str(results)]
     if not core:
         argv.append("--no-core")
+    if select:
+        argv += ["--select", select]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     proc = subprocess.Popen(argv, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="Comma-separated venvs to check (core and/or extras; default all).")
     parser.add_argument("--full", action="store_true", help="Every subcommand and method in every venv too.")
+    parser.add_argument("--select", help="Comma-separated words: only the smoke steps whose name has one.")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (printed).")
     parser.add_argument("--work", type=Path, help="Work folder (default: a new temporary one).")
     args = parser.parse_args(argv)
@@ -182,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             python, seconds = make_venv(uv, wheel, variant, work, sources)
             spec = "vitscope" if variant == "core" else f"vitscope[{variant}]"
             rows.append((variant, f"install {spec}", python is not None, seconds, "" if python else "see above"))
-            print(f"[{variant}] installed {spec} in {seconds:.1f}s", flush=True)
             if python is None:
                 continue
-            for r in smoke(python, variant, work, core=variant == "core" or args.full):
+            print(f"[{variant}] installed {spec} in {seconds:.1f}s", flush=True)
+            for r in smoke(python, variant, work, core=variant == "core" or args.full, select=args.select):
                 rows.append((variant, str(r["name"]), bool(r["ok"]), float(r["seconds"]), str(r["why"])))  # type: ignore[arg-type]
             if not args.keep:  # its packages are hard links into uv's cache: this frees little, but keeps /tmp tidy
                 shutil.rmtree(work / "venvs" / variant, ignore_errors=True)

@@ -313,11 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="Folder to run in (outside the repository).")
     parser.add_argument("--results", type=Path, help="Write each step's outcome here as JSON.")
     parser.add_argument("--no-core", action="store_true", help="Only the families (and --help, --version).")
+    parser.add_argument("--select", help="Comma-separated words: run only the steps whose name has one (debugging).")
     parser.add_argument("--list", action="store_true", help="Print the plan and exit.")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     steps = plan(work, core=not args.no_core)
+    if args.select:
+        words = [w for w in args.select.split(",") if w]
+        steps = [s for s in steps if any(w in s.name for w in words)]
     if args.list:
         for step in steps:
             print(f"{step.covers:<24} {step.name}")

@@ -119,7 +119,7 @@ def test_judge_wants_one_line_for_a_refused_family() -> None:
 
 def test_uv_is_told_pips_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
     config = ("global.extra-index-url='file:///a/simple file:///b/simple'\n:env:.find-links='/w'\n"
-              "global.cert='/etc/x.crt'\n")
+              "global.cert='/etc/x.crt'\nglobal.find-links='/w'\n")
 
     class Done:
         stdout = config
