@@ -127,3 +127,12 @@ def test_uv_is_told_pips_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check.subprocess, "run", lambda *a, **k: Done())
     assert check.pip_sources() == ["--index", "file:///a/simple", "--index", "file:///b/simple", "--find-links",
                                    "/w", "--index-strategy", "unsafe-best-match"]
+
+
+def test_ci_runs_the_wheel_check_after_the_test_command() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert lines.index("make wheel-check") > lines.index("make test")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "wheel-check:" in makefile and ".ci/wheel_check.py" in makefile
+    assert re.search(r"^uv==\S+$", (ROOT / "constraints.txt").read_text(), re.M)  # pinned, as pip installs it
+    assert check.variants()[0] == "core" and "dev" not in check.variants()
