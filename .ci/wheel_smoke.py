@@ -252,8 +252,8 @@ def _clean_env() -> dict[str, str]:
 
 def _serve(step: Step, vitscope: str, work: Path) -> tuple[int | None, str, str]:
     """Start ``vitscope serve``, GET its page once, then Ctrl-C it: (exit code, stdout, stderr)."""
-    proc = subprocess.Popen([vitscope, *step.argv], cwd=work, env=_clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([vitscope, *step.argv], cwd=work, env=_clean_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     out, note = "", ""
     deadline = time.monotonic() + step.timeout
