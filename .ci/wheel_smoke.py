@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -256,8 +257,9 @@ def _serve(step: Step, vitscope: str, work: Path) -> tuple[int | None, str, str]
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     out, note = "", ""
-    deadline = time.monotonic() + step.timeout
-    while time.monotonic() < deadline:
+    watchdog = threading.Timer(step.timeout, proc.kill)  # a server that never says its address
+    watchdog.start()
+    while True:
         line = proc.stdout.readline()
         if not line:
             break
@@ -272,6 +274,7 @@ def _serve(step: Step, vitscope: str, work: Path) -> tuple[int | None, str, str]
             except OSError as exc:
                 note = f"GET {url} failed: {exc}\n"
             break
+    watchdog.cancel()
     proc.send_signal(signal.SIGINT)
     try:
         rest, err = proc.communicate(timeout=60)
