@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck browser clean bench
+.PHONY: demo test lint typecheck browser clean bench wheel-check
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ browser:
 
 test: $(VENV)/.installed browser lint
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The built wheel in fresh venvs (core, then each extra alone), every subcommand and method run from outside
+# the repository: an undeclared run-time import fails here (.ci/wheel_check.py; uv makes the venvs).
+wheel-check: $(VENV)/.installed
+	$(PIP) install -q -c $(CONSTRAINTS) uv
+	$(PY) .ci/wheel_check.py $(WHEEL_CHECK_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -40,7 +40,7 @@ def _pair(x: Any) -> tuple[int, int]:
 
 def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel:
     """Describe an open_clip ``CLIP`` model (its ``visual`` tower runs) or a ``VisionTransformer``."""
-    open_clip = import_optional("open_clip", "open_clip_torch")
+    open_clip = import_optional("open_clip", "'vitscope[open_clip]'")
     from open_clip.transformer import VisionTransformer
 
     visual = getattr(module, "visual", module)
@@ -90,7 +90,7 @@ def load_open_clip(
     """``open_clip.create_model(name, pretrained=...)`` with open_clip's published weights (``pretrained``: a tag,
     default the model's first one, ``open_clip.list_pretrained_tags_by_model``), or a local ``checkpoint`` state
     dict instead, or untrained with ``random_weights=True`` (announced with a `VitscopeWarning`)."""
-    open_clip = import_optional("open_clip", "open_clip_torch")
+    open_clip = import_optional("open_clip", "'vitscope[open_clip]'")
     names = open_clip.list_models()
     if name not in names and not name.startswith(("hf-hub:", "local-dir:")):
         import difflib

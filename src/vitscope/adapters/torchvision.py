@@ -36,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def from_torchvision_model(module: nn.Module, name: str | None = None) -> VitModel:
     """Describe a ``torchvision.models.VisionTransformer`` instance (used as given)."""
-    tv = import_optional("torchvision", "torchvision")
+    tv = import_optional("torchvision", "'vitscope[torchvision]'")
     if not isinstance(module, tv.models.VisionTransformer):
         raise NotAViTError(
             "model", f"torchvision model {type(module).__name__} is not a VisionTransformer",
@@ -101,7 +101,7 @@ def load_torchvision(
     ``"IMAGENET1K_V1"``, default ``"DEFAULT"``; downloaded, or read from torch's hub cache), or a local
     ``checkpoint`` state dict (read with ``weights_only=True``), or untrained with ``random_weights=True``
     (announced with a `VitscopeWarning`)."""
-    tv = import_optional("torchvision", "torchvision")
+    tv = import_optional("torchvision", "'vitscope[torchvision]'")
     builder = getattr(tv.models, name, None)
     if builder is None or not callable(builder):
         vits = [n for n in tv.models.list_models() if n.startswith("vit_")]
