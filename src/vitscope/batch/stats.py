@@ -52,8 +52,8 @@ def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = No
     vit = as_vit(vit)
     res = distance_pass(vit, pixels, token_norms=True)
     assert res.token_norms is not None
-    P0 = vit.info.num_prefix_tokens
-    patch = res.token_norms[:, :, P0:].double().cpu().numpy()  # (L, B, P): patch tokens, row-major
+    P0, S = vit.info.num_prefix_tokens, vit.info.num_suffix_tokens
+    patch = res.token_norms[:, :, P0 : res.token_norms.shape[-1] - S].double().cpu().numpy()  # (L, B, P): patch tokens, row-major
     L, B, P = patch.shape
     high = np.zeros((B, L), dtype=np.int64)
     for b in range(B):

@@ -39,7 +39,7 @@ from vitscope.capture.intercept import (
     prove_batch_axis,
     refuse_compiled,
 )
-from vitscope.capture.prepare import prepare, refuse_suffix
+from vitscope.capture.prepare import prepare
 from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 
@@ -76,7 +76,8 @@ def chunk_rows_for(chunk_rows: int | None, B: int, H: int, N: int) -> int:
 
 @dataclass
 class StreamRun:
-    """A model prepared for one streaming pass: pixels on its device, grid, tokens."""
+    """A model prepared for one streaming pass: pixels on its device, grid, tokens
+    (``[prefix, patches, suffix]``: ``num_tokens`` counts all three)."""
 
     vit: VitModel
     pixels: torch.Tensor
@@ -88,6 +89,12 @@ class StreamRun:
         return int(self.pixels.shape[0])
 
     @property
+    def patch_slice(self) -> slice:
+        """The patch tokens: after the prefix, before the suffix (e.g. YOLOS's detection tokens)."""
+        P0 = self.vit.info.num_prefix_tokens
+        return slice(P0, P0 + self.grid[0] * self.grid[1])
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return (int(self.pixels.shape[-2]), int(self.pixels.shape[-1]))
 
@@ -97,9 +104,9 @@ def prepare_run(
     size: int | tuple[int, int] | None,
 ) -> StreamRun:
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
-    refuse_suffix(vit, "the low-memory streaming paths")
     grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
-    return StreamRun(vit, pixels, grid, vit.info.num_prefix_tokens + grid[0] * grid[1])
+    info = vit.info
+    return StreamRun(vit, pixels, grid, info.num_prefix_tokens + grid[0] * grid[1] + info.num_suffix_tokens)
 
 
 def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: torch.Tensor | None = None,
@@ -112,7 +119,8 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
-        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens, batch=run.batch, info=vit.info)
+        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens,
+                          batch=run.batch, info=vit.info)
         if (call.q is None or call.k is None) and not (allow_probs and call.probs is not None):
             raise CaptureError(
                 "model", f"layer {call.layer} computes its attention matrix explicitly (an eager softmax), so the "
@@ -172,7 +180,7 @@ def fused_attention(
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     layer_ids = resolve_layers(layers, info.num_layers)
     check_windowed_layers(info, layer_ids, default=layers is None)
-    query_ids = resolve_queries(queries, info.prefix, run.grid)
+    query_ids = resolve_queries(queries, info.prefix, run.grid, info.suffix)
     B, N = run.batch, run.num_tokens
     Q = N if query_ids is None else len(query_ids)
     out = torch.empty(len(layer_ids), B, Q, N, dtype=torch.float32, device=run.pixels.device)

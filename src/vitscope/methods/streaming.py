@@ -44,9 +44,10 @@ class TokenRows:
     """Rows over all ``N`` tokens for some query tokens (e.g. rollout's joint attention of [CLS]).
 
     Attributes:
-        rows: float32 ``(batch, query, key)``; ``key`` covers all ``N = len(prefix) + rows * cols`` tokens.
+        rows: float32 ``(batch, query, key)``; ``key`` covers all ``N = len(prefix) + rows * cols + len(suffix)``
+            tokens.
         queries: token index of each entry along dim 1, or ``"mean"`` for the mean over the patch rows.
-        prefix, grid, patch_size, image_size: the token layout, as in `vitscope.Attentions`.
+        prefix, grid, patch_size, image_size, suffix: the token layout, as in `vitscope.Attentions`.
         meta: provenance (model, method, parameters).
     """
 
@@ -57,15 +58,21 @@ class TokenRows:
     patch_size: tuple[int, int]
     image_size: tuple[int, int]
     meta: dict[str, Any] = field(default_factory=dict)
+    suffix: tuple[str, ...] = ()
 
     @property
     def num_prefix_tokens(self) -> int:
         return len(self.prefix)
 
+    @property
+    def patch_slice(self) -> slice:
+        """The patch columns: after the prefix, before the suffix."""
+        return slice(len(self.prefix), len(self.prefix) + self.grid[0] * self.grid[1])
+
     def maps(self) -> torch.Tensor:
         """Patch part of every row on the grid: ``(batch, query, rows, cols)`` (height before width)."""
         gh, gw = self.grid
-        return self.rows[..., self.num_prefix_tokens :].reshape(*self.rows.shape[:-1], gh, gw)
+        return self.rows[..., self.patch_slice].reshape(*self.rows.shape[:-1], gh, gw)
 
     def map(self, query: int | str | None = None) -> torch.Tensor:
         """One query's patch map ``(batch, rows, cols)``: ``"cls"``, ``"mean"``, a token index, or the first."""
@@ -83,15 +90,16 @@ class TokenRows:
 
 
 def _initial_rows(queries: Any, prefix: tuple[str, ...], grid: tuple[int, int], N: int, B: int,
-                  device: torch.device) -> tuple[tuple[int | str, ...], torch.Tensor]:
-    """The starting rows ``r`` ``(B, R, N)``: one-hot rows of the query tokens, or the patch mean for ``"mean"``."""
+                  device: torch.device, suffix: tuple[str, ...] = ()) -> tuple[tuple[int | str, ...], torch.Tensor]:
+    """The starting rows ``r`` ``(B, R, N)``: one-hot rows of the query tokens, or the patch mean for ``"mean"``
+    (the patch rows only: neither prefix nor suffix tokens)."""
     if queries == "auto":
         queries = "cls" if "cls" in prefix else "mean"
     if queries == "mean":
         r = torch.zeros(B, 1, N, dtype=torch.float32, device=device)
-        r[:, 0, len(prefix) :] = 1.0 / (N - len(prefix))  # mean over the patch rows
+        r[:, 0, len(prefix) : len(prefix) + grid[0] * grid[1]] = 1.0 / (grid[0] * grid[1])  # mean over patch rows
         return ("mean",), r
-    ids = resolve_queries(queries, prefix, grid)
+    ids = resolve_queries(queries, prefix, grid, suffix)
     rows_idx = list(range(N)) if ids is None else list(ids)
     r = torch.zeros(B, len(rows_idx), N, dtype=torch.float32, device=device)
     r[:, torch.arange(len(rows_idx), device=device), torch.tensor(rows_idx, device=device)] = 1.0
@@ -152,7 +160,7 @@ def streaming_rollout(
     if not 0 <= start < L:
         raise VitscopeError("start_layer", f"{start_layer} out of range for {L} layers", f"use {-L}..{L - 1}")
     B, N, dev = run.batch, run.num_tokens, run.pixels.device
-    query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev)  # r: (B, R, N)
+    query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev, info.suffix)  # r: (B, R, N)
     layer_ids = tuple(range(start, L))
     stored: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
 
@@ -196,7 +204,7 @@ def streaming_rollout(
         del q, k
     return TokenRows(
         rows=r, queries=query_ids, prefix=info.prefix, grid=run.grid, patch_size=info.patch_size,
-        image_size=run.image_size,
+        image_size=run.image_size, suffix=info.suffix,
         meta={"model": info.name, "method": "rollout", "residual": a, "head_fusion": head_fusion,
               "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize},
     )
@@ -229,8 +237,8 @@ def streaming_distance(
 
     For query patch ``i`` the distance is ``sum_j A[i, j] * ||p_i - p_j||`` over patch keys ``j`` (patch
     centres in input pixels), with the patch part of the row renormalised to sum to 1; the result is the mean
-    over query patches (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Fig. 7). Prefix tokens
-    are neither queries nor keys. A layer that materialises its attention (an explicit softmax) is read from it.
+    over query patches (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Fig. 7). Prefix and
+    suffix tokens are neither queries nor keys. A layer that materialises its attention (an explicit softmax) is read from it.
     """
     return distance_pass(model, images, layers=layers, chunk_rows=chunk_rows, compute_dtype=compute_dtype,
                          policy=policy, size=size, device=device).distance
@@ -254,8 +262,8 @@ def distance_pass(
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     layer_ids = resolve_layers(layers, info.num_layers)
-    B, N, P0 = run.batch, run.num_tokens, info.num_prefix_tokens
-    P = N - P0
+    B, N = run.batch, run.num_tokens
+    P0, P = run.patch_slice.start, run.grid[0] * run.grid[1]  # patches: tokens P0 .. P0 + P - 1
     dev = run.pixels.device
     table = offset_distances(run.grid, info.patch_size, "centre").to(dev)  # (2R-1, 2C-1), as mean_attention_distance
     out = torch.zeros(len(layer_ids), B, info.num_heads, dtype=torch.float32, device=dev)
@@ -268,8 +276,8 @@ def distance_pass(
         first patch row."""
         if call.probs is None:  # the kernel's q and k: rows rebuilt chunk by chunk
             assert call.q is not None and call.k is not None
-            yield from prob_chunks(call.q[:, :, P0:], call.k, call.scale, chunk, cdt, scratch,
-                                   call.bias_rows(slice(P0, N)))
+            yield from prob_chunks(call.q[:, :, P0 : P0 + P], call.k, call.scale, chunk, cdt, scratch,
+                                   call.bias_rows(slice(P0, P0 + P)))
             return
         for s in range(0, P, chunk):  # the model materialised A itself (an explicit softmax): read its rows
             e = min(P, s + chunk)
@@ -278,7 +286,7 @@ def distance_pass(
     def on_layer(layer: int, call: AttentionCall) -> None:
         acc = out[pos[layer]]  # (B, H)
         for s, e, probs in patch_rows(call):
-            patch = probs[..., P0:]  # (B, H, c, P)
+            patch = probs[..., P0 : P0 + P]  # (B, H, c, P)
             dist = patch_distances(run.grid, info.patch_size, queries=slice(s, e), table=table).float()  # (c, P)
             weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)
             acc += weighted.sum(dim=-1)
