@@ -352,15 +352,6 @@ def test_yolos_maps_read_the_patch_columns() -> None:
     assert flow.shape == (1, 4, 6) and bool(torch.isfinite(flow).all())
 
 
-@pytest.mark.parametrize("method", ["grad_rollout"])
-def test_paths_without_suffix_support_refuse_in_one_line(method: str) -> None:
-    b = _yolos("YolosModel")
-    px = _pixels((32, 32), batch=1)
-    with pytest.raises(vitscope.VitscopeError, match="do not handle suffix tokens") as err:
-        vitscope.maps(b.model, px, method, target=lambda out: out.last_hidden_state.sum((1, 2)))
-    assert "\n" not in str(err.value)
-
-
 def test_vitmae_wrapped_with_the_suggested_fix_is_exact() -> None:
     """The fix the shuffle error gives (mask_ratio 0 and increasing noise) makes ViTMAE through `wrap` exact."""
     import transformers

@@ -7,6 +7,8 @@ q/k sharpened so the mean row max > 0.2, asserted) and hand computations on it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import vitscope
@@ -83,3 +85,90 @@ def test_batch_statistics_count_only_patch_tokens_of_a_suffix_model() -> None:
         hidden = b.model(px, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
     hand = torch.stack([h[0, P0 : P0 + P].norm(dim=-1).mean() for h in hidden[1:]]).double().numpy()
     assert abs(stats["norm_mean"][0] - hand).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ gradient methods
+DET = P0 + P + 1  # the second detection token: the score reads it, so every layer's gradient is non-zero
+
+
+def _score_weights() -> torch.Tensor:
+    return torch.randn(32, generator=torch.Generator().manual_seed(3))  # hidden size 32 (families._hf_common)
+
+
+def _target(out: Any) -> torch.Tensor:
+    """One scalar per image, read from a detection token of the last hidden state."""
+    return out.last_hidden_state[:, DET] @ _score_weights()
+
+
+def _eager_grads(px: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Independent reference: transformers' eager YOLOS (same weights), ``A`` per layer (the tensor it multiplies
+    with V, ``(B, H, N, N)``), ``dL/dA`` by autograd for the final score, and per layer ``dL_i/dA_i`` for the score
+    read from block ``i``'s output (LeGrad's per-layer read-out)."""
+    b = _yolos("YolosModel")
+    eager = b.explicit
+    assert eager is not None
+    outs: list[torch.Tensor] = []
+    layers = [m for m in eager.modules() if type(m).__name__ == "YolosLayer"]
+    handles = [m.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+               for m in layers]
+    try:
+        with torch.enable_grad():
+            out = eager(pixel_values=px, output_attentions=True, interpolate_pos_encoding=True)
+            attn = list(out.attentions)
+            final = torch.autograd.grad(_target(out).sum(), attn, retain_graph=True)
+            per_layer = [torch.autograd.grad((outs[i][:, DET] @ _score_weights()).sum(), attn[i], retain_graph=True)[0]
+                         for i in range(len(attn))]
+    finally:
+        for h in handles:
+            h.remove()
+    return [a.detach().double() for a in attn], [g.double() for g in final], [g.double() for g in per_layer]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = float(want.abs().max())
+    assert scale > 1e-6  # a non-trivial map
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * scale, rtol=0)
+
+
+def test_gradient_methods_on_a_suffix_model_match_autograd_on_the_eager_attention() -> None:
+    """grad_rollout, Chefer relevance, attention Grad-CAM and LeGrad on YOLOS equal hand computations from the
+    eager model's attention and its autograd gradient: the N x N matrices span prefix, patches and the detection
+    tokens, the maps are the patch columns. On the old code these methods refused suffix models."""
+    from vitscope.methods.attn_gradcam import attn_gradcam
+    from vitscope.methods.grad_rollout import grad_rollout
+    from vitscope.methods.legrad import legrad
+    from vitscope.methods.relevance import chefer_relevance
+
+    b = _yolos("YolosModel")
+    px = _pixels(SIZE, batch=2)
+    A, G, G_layer = _eager_grads(px)
+    assert float(torch.stack(A).amax(-1).mean()) > 0.2  # peaked (q/k sharpened)
+    B, _, N, _ = A[0].shape
+    assert N == P0 + P + S
+    eye = torch.eye(N, dtype=torch.float64)
+    patches = slice(P0, P0 + P)
+
+    # Chefer et al. 2021: R <- R + mean_h((G * A)^+) R, map = R[cls, patches]; query "det:1" reads row DET
+    R = eye.expand(B, N, N).clone()
+    for a, g in zip(A, G, strict=True):
+        R = R + (g * a).clamp_min(0).mean(1) @ R
+    _close(chefer_relevance(b.model, px, _target), R[:, 0, patches].reshape(B, *GRID))
+    _close(chefer_relevance(b.model, px, _target, query="det:1"), R[:, DET, patches].reshape(B, *GRID))
+
+    # vit-explain gradient rollout without discarding: F = relu(mean_h A * G), rownorm(F/2 + I/2), product
+    R = eye.expand(B, N, N).clone()
+    for a, g in zip(A, G, strict=True):
+        f = 0.5 * (g * a).mean(1).clamp_min(0) + 0.5 * eye
+        R = (f / f.sum(-1, keepdim=True)) @ R
+    _close(grad_rollout(b.model, px, _target, discard_ratio=0.0), R[:, 0, patches].reshape(B, *GRID))
+
+    # attention Grad-CAM on the last layer, row "det:1" (the [CLS] row of the last layer does not reach the
+    # score): w_h = mean over patch keys of G, relu(mean_h w_h A)
+    a, g = A[-1][:, :, DET, patches], G[-1][:, :, DET, patches]  # (B, H, P)
+    cam = (g.mean(-1, keepdim=True) * a).mean(1).clamp_min(0)
+    _close(attn_gradcam(b.model, px, _target, query="det:1"), cam.reshape(B, *GRID))
+
+    # LeGrad, no min-max: sum over layers of mean over heads and all query rows of relu(dL_l/dA_l), patch columns
+    want = sum(g.clamp_min(0).mean(1).mean(1)[:, patches] for g in G_layer)
+    got = legrad(b.model, px, lambda x: x @ _score_weights(), readout=lambda tok: tok[:, DET], normalize=False)
+    _close(got, want.reshape(B, *GRID))

@@ -75,15 +75,6 @@ def check_loaded(vit: VitModel, argument: str = "model") -> None:
         )
 
 
-def refuse_suffix(vit: VitModel, what: str) -> None:
-    """A one-line error for paths that assume the patches run to the last token (no suffix tokens yet)."""
-    if vit.info.suffix:
-        raise VitscopeError(
-            "model", f"{vit.info.name} has {len(vit.info.suffix)} tokens after its patches ({vit.info.suffix[0]}): "
-            f"{what} do not handle suffix tokens", "use vitscope.capture and the cls, rollout, flow or dino_mask maps",
-        )
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 

@@ -76,8 +76,18 @@ class Trace:
         return self.vit.info.prefix
 
     @property
+    def suffix(self) -> tuple[str, ...]:
+        return self.vit.info.suffix
+
+    @property
     def grid(self) -> tuple[int, int]:
         return self.vit.grid_for((int(self.pixels.shape[-2]), int(self.pixels.shape[-1])))
+
+    @property
+    def patch_slice(self) -> slice:
+        """The patch tokens ``[prefix, patches, suffix]``: after the prefix, before the suffix."""
+        P0, (rows, cols) = len(self.prefix), self.grid
+        return slice(P0, P0 + rows * cols)
 
     def site(self, layer: int) -> AttentionSite:
         return self.vit.sites[layer]
@@ -129,10 +139,9 @@ def trace(
 ) -> Trace:
     """Run ``model`` once on ``images`` with autograd on; see the module docstring. The caller keeps grad mode
     on while it uses the trace (`grad_enabled`)."""
-    from vitscope.capture.prepare import prepare, refuse_suffix
+    from vitscope.capture.prepare import prepare
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
-    refuse_suffix(vit, "the gradient methods")
     layer_ids = resolve_layers(layers, vit.info.num_layers)
     check_windowed_layers(vit.info, layer_ids, default=layers is None)
     sites = [vit.sites[i] for i in layer_ids]
@@ -140,10 +149,11 @@ def trace(
         pixels = pixels.detach().clone().requires_grad_(True)  # the graph exists even if parameters are frozen
     t = Trace(vit=vit, pixels=pixels, output=None, layers=layer_ids)
     grid = t.grid
-    N = vit.info.num_prefix_tokens + grid[0] * grid[1]
+    N = vit.info.num_prefix_tokens + grid[0] * grid[1] + vit.info.num_suffix_tokens  # [prefix, patches, suffix]
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens, batch=int(pixels.shape[0]), info=vit.info)
+        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens,
+                          batch=int(pixels.shape[0]), info=vit.info)
         layer = call.layer
         src = call.q if call.q is not None else call.probs
         assert src is not None

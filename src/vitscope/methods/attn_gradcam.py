@@ -56,10 +56,10 @@ def attn_gradcam(
     t = trace(vit, images, [lid], policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
     grads = attention_grads(t, scores(vit, t.output, target, classes), [lid])
-    P0 = len(t.prefix)
-    ids = token_ids_for_query(t.prefix, t.grid, query)
-    a = t.attn[lid][:, :, ids].mean(dim=2)[..., P0:].double()  # (B, H, P): the query row(s) over patches
-    g = grads[lid][:, :, ids].mean(dim=2)[..., P0:].double()
+    patches = t.patch_slice  # [prefix, patches, suffix]
+    ids = token_ids_for_query(t.prefix, t.grid, query, t.suffix)
+    a = t.attn[lid][:, :, ids].mean(dim=2)[..., patches].double()  # (B, H, P): the query row(s) over patches
+    g = grads[lid][:, :, ids].mean(dim=2)[..., patches].double()
     w = g.mean(dim=-1, keepdim=True)  # (B, H, 1)
     cam = (w * a).mean(dim=1).clamp_min(0.0)  # (B, P)
     rows, cols = t.grid

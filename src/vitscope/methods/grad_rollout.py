@@ -90,7 +90,7 @@ def grad_rollout(
         f = weighted_attention(t.attn[i].double(), grads[i].double(), relu)  # (B, N, N)
         f = discard_lowest(f, discard_ratio, cls_index)
         factors.append(mix_residual(f, residual, True))
-    return map_from_matrix(rollout_product(factors), t.prefix, t.grid, query).float().detach()
+    return map_from_matrix(rollout_product(factors), t.prefix, t.grid, query, t.suffix).float().detach()
 
 
 

@@ -105,12 +105,11 @@ def legrad(
     read = resolve_readout(vit, readout)
     t = trace(vit, images, layers_from(vit, start_layer), blocks=True, policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
-    n_prefix = len(t.prefix)
     total: torch.Tensor | None = None
     for n, i in enumerate(t.layers):
         s = scores(vit, read(t.blocks[i]), target, classes)  # (B,) score read out at layer i
         g = attention_grads(t, s, [i], retain_graph=n < len(t.layers) - 1)[i]  # (B, H, N, N)
-        e = g.clamp_min(0.0).mean(dim=1).mean(dim=1)[:, n_prefix:]  # (B, P)
+        e = g.clamp_min(0.0).mean(dim=1).mean(dim=1)[:, t.patch_slice]  # (B, P): all query rows, patch columns
         total = e if total is None else total + e
     assert total is not None
     out = total.reshape(total.shape[0], *t.grid).detach()

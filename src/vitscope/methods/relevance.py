@@ -70,7 +70,7 @@ def chefer_relevance(
     r = torch.eye(N, dtype=torch.float64, device=t.pixels.device).expand(B, N, N).clone()
     for i in layers:
         r = relevance_update(r, t.attn[i].double(), grads[i].double())
-    return map_from_matrix(r, t.prefix, t.grid, query).float().detach()
+    return map_from_matrix(r, t.prefix, t.grid, query, t.suffix).float().detach()
 
 
 def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
