@@ -214,8 +214,8 @@ def info(
     random_weights: RandomOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as one JSON object.")] = False,
 ) -> None:
-    """Describe a model: layers (which attend globally, which within windows), heads, patch size, prefix tokens,
-    preprocessing."""
+    """Describe a model: layers (which attend globally, which within windows), heads, patch size, prefix and
+    suffix tokens, preprocessing."""
     vit = _load_model(model, checkpoint, random_weights)
     i, p = vit.info, vit.info.preprocess
     if as_json:
@@ -224,6 +224,7 @@ def info(
         typer.echo(json.dumps({
             "name": i.name, "family": i.family, "num_layers": i.num_layers, "num_heads": i.num_heads,
             "patch_size": list(i.patch_size), "prefix": list(i.prefix), "num_prefix_tokens": i.num_prefix_tokens,
+            "suffix": list(i.suffix), "num_suffix_tokens": i.num_suffix_tokens,  # after the patches (YOLOS: "det")
             "weights": i.weights,
             "labels": len(i.labels) if i.labels is not None else None,
             "global_layers": list(i.global_layers), "windowed_layers": list(i.windowed_layers),

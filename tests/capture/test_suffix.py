@@ -172,3 +172,23 @@ def test_gradient_methods_on_a_suffix_model_match_autograd_on_the_eager_attentio
     want = sum(g.clamp_min(0).mean(1).mean(1)[:, patches] for g in G_layer)
     got = legrad(b.model, px, lambda x: x @ _score_weights(), readout=lambda tok: tok[:, DET], normalize=False)
     _close(got, want.reshape(B, *GRID))
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def test_cli_info_shows_suffix_tokens() -> None:
+    """``vitscope info`` on a YOLOS folder names the detection tokens after the patches, in text and --json (the
+    old JSON had no suffix at all; a reader would count 1 + patches tokens)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitscope.cli import app
+
+    folder = str(_yolos("YolosModel").folder)
+    res = CliRunner().invoke(app, ["info", "--model", f"hf:{folder}"])
+    assert res.exit_code == 0, res.output
+    assert "prefix tokens [cls], suffix tokens [3 det]" in res.output
+    res = CliRunner().invoke(app, ["info", "--model", f"hf:{folder}", "--json"])
+    assert res.exit_code == 0, res.output
+    desc = json.loads(res.output)
+    assert (desc["prefix"], desc["suffix"], desc["num_suffix_tokens"]) == (["cls"], ["det"] * S, S)
