@@ -192,3 +192,26 @@ def test_cli_info_shows_suffix_tokens() -> None:
     assert res.exit_code == 0, res.output
     desc = json.loads(res.output)
     assert (desc["prefix"], desc["suffix"], desc["num_suffix_tokens"]) == (["cls"], ["det"] * S, S)
+
+
+# ---------------------------------------------------------------------------------------------------- viewer
+def test_viewer_pack_of_a_suffix_model_carries_the_patch_slice() -> None:
+    """A YOLOS page: the packed rows span [CLS], patches and detection tokens; ``patches`` names the patch
+    columns, and the packed [CLS] map (float16) equals the eager attention's patch columns (the old page had no
+    suffix, so the viewer labelled the detection tokens as patches past the grid)."""
+    from vitscope.viewer.pack import decode_array, pack
+
+    b = _yolos("YolosModel")
+    px = _pixels(SIZE, batch=1)
+    ref, _ = b.reference(px)  # (L, B, H, N, N)
+    attn = vitscope.capture(b.model, px)
+    data = pack(attn, torch.rand(*SIZE, 3).numpy(), dtype="float16")
+    assert (data["prefix"], data["suffix"], data["patches"], data["tokens"]) == (["cls"], ["det"] * S,
+                                                                                  [P0, P0 + P], P0 + P + S)
+    raw = decode_array(data["attention"])  # (layers, heads, queries, tokens)
+    start, stop = data["patches"]
+    cls_map = raw[-1, :, data["queries"].index(0), start:stop].mean(0).reshape(GRID)
+    want = ref[-1, 0, :, 0, P0 : P0 + P].mean(0).reshape(GRID).numpy()
+    assert abs(cls_map - want).max() < 2e-3  # float16
+    det = raw[-1, 0, data["queries"].index(P0 + P + 2)]  # the last detection token's row, over every token
+    assert abs(det - ref[-1, 0, 0, -1].numpy()).max() < 2e-3

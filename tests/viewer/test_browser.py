@@ -16,7 +16,9 @@ from typing import Any
 import matplotlib
 import numpy as np
 import pytest
+import torch
 
+from vitscope.attentions import Attentions
 from vitscope.viewer.pack import rollout_all_rows
 from vitscope.viz import threshold_mask
 
@@ -243,5 +245,29 @@ def test_model_without_cls_starts_on_a_patch_query(browser, tmp_path, no_cls_att
     assert s.page.locator(".vs-query").input_value() == "0"
     cur = s.hover(1, 2)
     assert cur["query"] == 5
+    s.clean()
+    s.page.close()
+
+
+def test_suffix_tokens_are_labelled_and_queryable(browser, tmp_path):
+    """A YOLOS-like layout [cls, 2x3 patches, det, det]: the query list offers the detection tokens by name, a
+    det query draws its patch columns (not the det columns), the readout names it; on the old page the det tokens
+    were missing from the list and read as patches (2, 0) and (2, 1) of a 2-row grid."""
+    from vitscope.viewer import Viewer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 1, 3, 9, 9, generator=g) ** 4
+    w = w / w.sum(dim=-1, keepdim=True)  # (layer, batch, head, query, key), rows sum to 1
+    attn = Attentions(weights=w, prefix=("cls",), grid=(2, 3), patch_size=(4, 4), image_size=(8, 12),
+                      layers=(0, 1), heads=(0, 1, 2), queries=None, num_layers=2, num_heads=3, suffix=("det", "det"))
+    path = Viewer.from_attentions(attn, np.full((8, 12, 3), 0.5)).save(tmp_path / "suffix.html")
+    s = Session(browser, path)
+    labels = s.page.locator(".vs-query option:not([hidden])").all_text_contents()
+    assert labels[:3] == ["[CLS]", "det 0", "det 1"]
+    s.page.locator(".vs-query").select_option("8")
+    cur = s.current()
+    assert cur["query"] == 8 and len(cur["values"]) == 6
+    _close(cur["values"], _raw_row(attn, 1, 8), attn.weights[1, 0, :, 8].max().item())
+    assert "query det 1" in s.page.locator(".vs-readout").inner_text()
     s.clean()
     s.page.close()

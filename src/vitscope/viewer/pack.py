@@ -237,6 +237,8 @@ def pack(
         "patch_size": list(attn.patch_size),
         "input_size": list(attn.image_size),
         "prefix": list(attn.prefix),
+        "suffix": list(attn.suffix),  # tokens after the patches (YOLOS: "det"); patches are attn.patch_slice
+        "patches": [attn.patch_slice.start, attn.patch_slice.stop],
         "num_layers": attn.num_layers,
         "num_heads": attn.num_heads,
         "layers": [attn.layers[i] for i in p.layer_pos],

@@ -4,7 +4,8 @@
  * page for several images holds one such block per image in the same viewer, which then shows an image picker):
  *   attention: [layers, heads, queries, tokens], uint8 (value = byte / 255 * scale[row]) or float16
  *   rollout:   [layers, queries, tokens], cumulative attention rollout through each stored layer (or null)
- * Token layout: [prefix tokens..., patches (row-major)]; grid = [rows, cols] (height before width).
+ * Token layout: [prefix tokens..., patches (row-major), suffix tokens...]; grid = [rows, cols] (height before
+ * width); suffix (e.g. YOLOS's "det" tokens) may be absent in older pages.
  *
  * Each mounted viewer is exposed as window.vitscopeViewers[i]; viewer.current holds what is drawn
  * (image index, values of the patches, query token, layer, head, method), viewer.timings the last redraw
@@ -136,6 +137,8 @@
     this.cols = data.grid[1];
     this.P = data.prefix.length;
     this.N = data.tokens;
+    this.suffix = data.suffix || [];
+    this.S0 = this.P + this.rows * this.cols;  // first suffix token: patches are P .. S0 - 1
     this.attn = new Store(data.attention);
     this.roll = data.rollout ? new Store(data.rollout) : null;
     this.L = data.layers.length;
@@ -199,6 +202,11 @@
       for (var i = 0; i < t; i++) if (this.data.prefix[i] === "register") k++;
       return "register " + k;
     }
+    if (t >= this.S0) {
+      var s = t - this.S0, kind2 = this.suffix[s] || "suffix", j = 0;
+      for (var m = 0; m < s; m++) if (this.suffix[m] === kind2) j++;
+      return kind2 + " " + j;
+    }
     var p = t - this.P;
     return "patch (" + Math.floor(p / this.cols) + ", " + (p % this.cols) + ")";
   };
@@ -208,7 +216,8 @@
     var head = el("div", { className: "vs-header" }, root);
     el("h1", { text: d.title }, head);
     var sub = "grid " + this.rows + " x " + this.cols + " patches, " + this.P + " prefix token" +
-      (this.P === 1 ? "" : "s") + ", " + d.num_layers + " layers x " + d.num_heads + " heads";
+      (this.P === 1 ? "" : "s") + (this.suffix.length ? ", " + this.suffix.length + " suffix tokens" : "") +
+      ", " + d.num_layers + " layers x " + d.num_heads + " heads";
     if (d.model && d.model !== d.title) sub = d.model + " \u00b7 " + sub;
     el("div", { className: "vs-sub", text: sub }, head);
     (d.labels || []).forEach(function (line) { el("div", { className: "vs-label", text: line }, head); });
@@ -240,8 +249,11 @@
 
     f = field("query");
     this.querySel = el("select", { className: "vs-query" }, f);
-    for (var t = 0; t < this.P; t++) {
-      if (this.qpos[t] !== undefined) el("option", { value: String(t), text: this.tokenLabel(t) }, this.querySel);
+    for (var t = 0; t < this.N; t++) {  // prefix and suffix tokens (patches are picked on the image)
+      if (t === this.P) t = this.S0;
+      if (t < this.N && this.qpos[t] !== undefined) {
+        el("option", { value: String(t), text: this.tokenLabel(t) }, this.querySel);
+      }
     }
     this.pinnedOpt = el("option", { value: "", text: "patch" }, this.querySel);
     this.pinnedOpt.hidden = true;
@@ -328,7 +340,7 @@
     this.layerLab.textContent = st.method === "rollout" ? "through " + abs : String(abs);
     this.headSel.value = String(st.head);
     this.headSel.disabled = st.method === "rollout";
-    if (st.query >= this.P) {
+    if (st.query >= this.P && st.query < this.S0) {  // a patch query
       this.pinnedOpt.hidden = false;
       this.pinnedOpt.value = String(st.query);
       this.pinnedOpt.textContent = this.tokenLabel(st.query);
@@ -497,7 +509,13 @@
     this.barLab.textContent = fmt(lo) + " \u2013 " + fmt(hi);
     var parts = [];
     if (full) for (i = 0; i < P; i++) parts.push(this.tokenLabel(i) + " " + fmt(full[i]));
-    this.prefixOut.textContent = parts.length ? "to prefix tokens: " + parts.join(", ") : "";
+    if (full && this.S0 < this.N) {  // suffix tokens: their total (YOLOS has 100 detection tokens)
+      var rest = 0;
+      for (i = this.S0; i < this.N; i++) rest += full[i];
+      parts.push((this.N - this.S0) + " suffix tokens " + fmt(rest));
+    }
+    var other = this.S0 < this.N ? "to prefix and suffix tokens: " : "to prefix tokens: ";
+    this.prefixOut.textContent = parts.length ? other + parts.join(", ") : "";
 
     this.current = {
       image: this.index, title: this.data.title, method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
