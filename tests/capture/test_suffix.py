@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 import vitscope
@@ -215,3 +216,15 @@ def test_viewer_pack_of_a_suffix_model_carries_the_patch_slice() -> None:
     assert abs(cls_map - want).max() < 2e-3  # float16
     det = raw[-1, 0, data["queries"].index(P0 + P + 2)]  # the last detection token's row, over every token
     assert abs(det - ref[-1, 0, 0, -1].numpy()).max() < 2e-3
+
+
+def test_maps_take_a_suffix_query() -> None:
+    """``vitscope.maps(..., query="det:1")``: the query check knows the suffix kinds (the old check built a layout
+    without them and refused "det:1"), and the map is that detection token's row over the patch columns."""
+    b = _yolos("YolosModel")
+    px = _pixels(SIZE, batch=1)
+    ref, _ = b.reference(px)
+    got = vitscope.maps(b.model, px, "cls", query="det:1", renormalize=False).map
+    torch.testing.assert_close(got[0], ref[-1, 0, :, DET, P0 : P0 + P].mean(0).reshape(GRID), atol=1e-5, rtol=0)
+    with pytest.raises(vitscope.VitscopeError, match="query"):
+        vitscope.maps(b.model, px, "cls", query="det:3")  # 3 detection tokens: det:0..det:2

@@ -58,7 +58,7 @@ def _check_selection(ctx: MapContext, params: dict[str, Any]) -> None:
         if name in params:
             resolve_layers(params[name], n, argument=name)
     if "query" in params:
-        TokenLayout(ctx.vit.info.prefix, ctx.grid).query_ids(params["query"])
+        TokenLayout(ctx.vit.info.prefix, ctx.grid, suffix=ctx.vit.info.suffix).query_ids(params["query"])
 
 
 def _jsonable(v: Any) -> Any:

@@ -69,4 +69,5 @@ def probe_attention(
     q = q.reshape(1, 1, H, d).transpose(1, 2)  # (1, H, 1, d)
     k = k.reshape(B, -1, H, d).transpose(1, 2)  # (B, H, N, d)
     attn = (q @ k.transpose(-2, -1) * d**-0.5).softmax(dim=-1)  # (B, H, 1, N)
-    return attn[:, :, 0, vit.info.num_prefix_tokens :].reshape(B, H, rows, cols)
+    P0 = vit.info.num_prefix_tokens  # the patch columns: after the prefix, before any suffix tokens
+    return attn[:, :, 0, P0 : P0 + rows * cols].reshape(B, H, rows, cols)
