@@ -388,3 +388,80 @@ def test_windowed_layers_refused_on_the_streaming_and_gradient_paths_too() -> No
     ref = vitscope.capture(vit, pixels, layers=[1]).weights.mean(dim=2)  # (1, B, N, N), heads averaged
     assert torch.allclose(fused, ref, atol=1e-5)
     assert _user_hooks(model) == []
+
+
+# ------------------------------------------------- global layers whose attention folds heads into the batch
+def _vitdet_eager_ref(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        ref = model(pixels, output_attentions=True).attentions[1].float()  # (B*H, N, N), batch-major
+    return ref.reshape(pixels.shape[0], 2, ref.shape[-2], ref.shape[-1])
+
+
+def _sam_eager_ref(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_attentions=True).attentions[1].float()  # (B*H, N, N)
+    return ref.reshape(pixels.shape[0], 2, ref.shape[-2], ref.shape[-1])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", ["hf-vitdet", "hf-sam-eager"])
+def test_global_layer_folding_heads_into_the_batch_is_exact(case: str, batch: int, tmp_path: Path) -> None:
+    """ViTDet's attention (and SAM's with ``attn_implementation="eager"``) is a softmax of ``(B*H, N, N)``: heads
+    folded into the batch, batch-major. Its global layer is exact against the model's own eager attention
+    (sharpened q/k: mean row max > 0.2, asserted), batch 1 and 3 (the order proven on a batch of two)."""
+    if case == "hf-vitdet":
+        model, ref_of, size = sharpen(_hf_vitdet(), 16.0), _vitdet_eager_ref, (32, 32)
+    else:
+        _hf_sam().save_pretrained(tmp_path)
+        model = transformers.SamVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        ref_of, size = _sam_eager_ref, (32, 32)
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+    ref = ref_of(model, pixels)
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    attn = vitscope.capture(vitscope.load(model), pixels, layers=[1])
+    assert attn.weights.shape == (1, batch, 2, 16, 16)
+    torch.testing.assert_close(attn.weights[0], ref, atol=1e-5, rtol=0)
+    cls_mean = vitscope.capture(vitscope.load(model), pixels, layers=[1], heads="mean", queries=[0])
+    torch.testing.assert_close(cls_mean.weights[0, :, 0, 0], ref.mean(1)[:, 0], atol=1e-5, rtol=0)
+    assert _user_hooks(model) == []
+
+
+def test_timm_samvit_global_layer_folding_heads_is_exact_at_the_kernel() -> None:
+    """timm ``samvit_*``: SDPA on ``(B*H, N, d)`` (3-d) with a ``(B*H, N, N)`` relative-position bias. Its global
+    layer's calls, observed directly (vitscope's layout probe cannot read SAM's ``(B, H, W, C)`` block input yet),
+    equal the module's own eager attention for batch 1 and 3 (sharpened: mean row max > 0.2, asserted)."""
+    from vitscope.capture.intercept import observe_attention, prove_batch_axis
+
+    model = sharpen(_timm_samvit(), 16.0)
+    vit = vitscope.load(model)
+    attn_mod = model.blocks[1].attn
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(_m: Any, args: Any, _out: Any) -> None:
+        seen["x"] = args[0].detach()
+
+    def eager_softmax(m: Any, x: torch.Tensor) -> None:  # the module's own math, re-run unfused
+        B, Hh, Ww, _ = x.shape
+        qkv = m.qkv(x.reshape(B, Hh * Ww, -1)).view(B, Hh * Ww, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, _v = qkv.reshape(3, B * m.num_heads, Hh * Ww, -1).unbind(0)
+        from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+        bias = get_decomposed_rel_pos_bias(q, m.rel_pos_h, m.rel_pos_w, (Hh, Ww), (Hh, Ww))
+        seen["ref"] = ((q * m.scale) @ k.transpose(-2, -1) + bias).softmax(-1).reshape(B, m.num_heads, Hh * Ww, -1)
+
+    handle = attn_mod.register_forward_hook(keep_input)
+    try:
+        for batch in (1, 3):
+            pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+            got: dict[int, torch.Tensor] = {}
+            sites = [vit.sites[1]]
+            with torch.no_grad():
+                prove_batch_axis(vit, pixels, sites)
+                with observe_attention(sites, lambda c: got.__setitem__(c.layer, c.rows(None, None, False)),
+                                       batch=batch) as check:
+                    vit(pixels)
+                    check()
+                eager_softmax(attn_mod, seen["x"])
+            assert seen["ref"].amax(-1).mean() > 0.2
+            torch.testing.assert_close(got[1], seen["ref"].float(), atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
