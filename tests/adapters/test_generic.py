@@ -456,7 +456,7 @@ def test_timm_samvit_global_layer_folding_heads_is_exact_at_the_kernel() -> None
             sites = [vit.sites[1]]
             with torch.no_grad():
                 prove_batch_axis(vit, pixels, sites)
-                with observe_attention(sites, lambda c: got.__setitem__(c.layer, c.rows(None, None, False)),
+                with observe_attention(sites, lambda c, got=got: got.__setitem__(c.layer, c.rows(None, None, False)),
                                        batch=batch) as check:
                     vit(pixels)
                     check()

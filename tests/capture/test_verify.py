@@ -344,3 +344,19 @@ def test_heads_first_probe_runs_once_per_model(monkeypatch: pytest.MonkeyPatch) 
     finally:
         handle.remove()
         intercept._BATCH_AXIS_PROVEN.clear()
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_folded_heads_give_the_same_gradients(kind: str) -> None:
+    """A block folding its heads into the batch (``fold_<kind>``, batch-major) gives the gradient method the same
+    maps as the same block unfolded (the gradient reaches the model's own 3-d tensor and is unfolded)."""
+    from vitscope import methods
+
+    pixels = _pixels(3)
+    maps = []
+    for k in (kind, f"fold_{kind}"):
+        model, vit = _toy(k)
+        maps.append(torch.as_tensor(methods.grad_rollout(vit, pixels, target=lambda o: o.float().flatten(1).sum(1))))
+        _no_state_left(model)
+    assert maps[0].abs().amax() > 0
+    torch.testing.assert_close(maps[1], maps[0], atol=1e-6, rtol=0)
