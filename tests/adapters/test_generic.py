@@ -426,42 +426,30 @@ def test_global_layer_folding_heads_into_the_batch_is_exact(case: str, batch: in
     assert _user_hooks(model) == []
 
 
-def test_timm_samvit_global_layer_folding_heads_is_exact_at_the_kernel() -> None:
-    """timm ``samvit_*``: SDPA on ``(B*H, N, d)`` (3-d) with a ``(B*H, N, N)`` relative-position bias. Its global
-    layer's calls, observed directly (vitscope's layout probe cannot read SAM's ``(B, H, W, C)`` block input yet),
-    equal the module's own eager attention for batch 1 and 3 (sharpened: mean row max > 0.2, asserted)."""
-    from vitscope.capture.intercept import observe_attention, prove_batch_axis
+@pytest.mark.parametrize(("batch", "size"), [(1, (32, 32)), (3, (32, 32)), (3, (32, 48))])
+def test_timm_samvit_global_layer_folding_heads_is_exact(batch: int, size: tuple[int, int]) -> None:
+    """timm ``samvit_*``: SDPA on ``(B*H, N, d)`` (3-d) with a ``(B*H, N, N)`` relative-position bias (fused), or a
+    softmax of ``(B*H, N, N)`` (``fused_attn=False``). Its global layer, through ``vitscope.load(model)``, equals
+    the model's own eager attention (its ``attn_drop`` input; sharpened: mean row max > 0.2, asserted), batch 1 and
+    3, square and non-square, on both kernels."""
+    import copy
 
     model = sharpen(_timm_samvit(), 16.0)
-    vit = vitscope.load(model)
-    attn_mod = model.blocks[1].attn
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep_input(_m: Any, args: Any, _out: Any) -> None:
-        seen["x"] = args[0].detach()
-
-    def eager_softmax(m: Any, x: torch.Tensor) -> None:  # the module's own math, re-run unfused
-        B, Hh, Ww, _ = x.shape
-        qkv = m.qkv(x.reshape(B, Hh * Ww, -1)).view(B, Hh * Ww, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, _v = qkv.reshape(3, B * m.num_heads, Hh * Ww, -1).unbind(0)
-        from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
-        bias = get_decomposed_rel_pos_bias(q, m.rel_pos_h, m.rel_pos_w, (Hh, Ww), (Hh, Ww))
-        seen["ref"] = ((q * m.scale) @ k.transpose(-2, -1) + bias).softmax(-1).reshape(B, m.num_heads, Hh * Ww, -1)
-
-    handle = attn_mod.register_forward_hook(keep_input)
-    try:
-        for batch in (1, 3):
-            pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-            got: dict[int, torch.Tensor] = {}
-            sites = [vit.sites[1]]
-            with torch.no_grad():
-                prove_batch_axis(vit, pixels, sites)
-                with observe_attention(sites, lambda c, got=got: got.__setitem__(c.layer, c.rows(None, None, False)),
-                                       batch=batch) as check:
-                    vit(pixels)
-                    check()
-                eager_softmax(attn_mod, seen["x"])
-            assert seen["ref"].amax(-1).mean() > 0.2
-            torch.testing.assert_close(got[1], seen["ref"].float(), atol=1e-5, rtol=0)
-    finally:
-        handle.remove()
+    eager = copy.deepcopy(model)
+    eager.blocks[1].attn.fused_attn = False
+    seen: list[torch.Tensor] = []
+    handle = eager.blocks[1].attn.attn_drop.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        eager(pixels)
+    handle.remove()
+    n = (size[0] // 8) * (size[1] // 8)
+    ref = seen[0].float().reshape(batch, 2, n, n)  # (B*H, N, N), batch-major
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    for source in (model, eager):
+        attn = vitscope.capture(vitscope.load(source), pixels, layers=[1])
+        assert attn.weights.shape == (1, batch, 2, n, n)
+        torch.testing.assert_close(attn.weights[0], ref, atol=1e-5, rtol=0)
+        cls_mean = vitscope.capture(vitscope.load(source), pixels, layers=[1], heads="mean", queries=[0])
+        torch.testing.assert_close(cls_mean.weights[0, :, 0, 0], ref.mean(1)[:, 0], atol=1e-5, rtol=0)
+        assert _user_hooks(source) == []
