@@ -464,7 +464,7 @@ def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
         return None
-    if fold is not None and x.dim() == 3 and dim in (-1, 2):
+    if fold is not None and x.dim() == 3 and dim in (-1, 2) and x.shape[1] == x.shape[2]:  # (B*H, N, N)
         B, H = fold
         probs = out.reshape(B, H, out.shape[1], out.shape[2])  # (B, H, Nq, Nk), a view of the model's softmax
         # the gradient flows to the model's own (B*H, Nq, Nk) tensor: unfold it (it *is* dL/dA)
