@@ -388,3 +388,68 @@ def test_windowed_layers_refused_on_the_streaming_and_gradient_paths_too() -> No
     ref = vitscope.capture(vit, pixels, layers=[1]).weights.mean(dim=2)  # (1, B, N, N), heads averaged
     assert torch.allclose(fused, ref, atol=1e-5)
     assert _user_hooks(model) == []
+
+
+# ------------------------------------------------- global layers whose attention folds heads into the batch
+def _vitdet_eager_ref(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        ref = model(pixels, output_attentions=True).attentions[1].float()  # (B*H, N, N), batch-major
+    return ref.reshape(pixels.shape[0], 2, ref.shape[-2], ref.shape[-1])
+
+
+def _sam_eager_ref(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_attentions=True).attentions[1].float()  # (B*H, N, N)
+    return ref.reshape(pixels.shape[0], 2, ref.shape[-2], ref.shape[-1])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", ["hf-vitdet", "hf-sam-eager"])
+def test_global_layer_folding_heads_into_the_batch_is_exact(case: str, batch: int, tmp_path: Path) -> None:
+    """ViTDet's attention (and SAM's with ``attn_implementation="eager"``) is a softmax of ``(B*H, N, N)``: heads
+    folded into the batch, batch-major. Its global layer is exact against the model's own eager attention
+    (sharpened q/k: mean row max > 0.2, asserted), batch 1 and 3 (the order proven on a batch of two)."""
+    if case == "hf-vitdet":
+        model, ref_of, size = sharpen(_hf_vitdet(), 16.0), _vitdet_eager_ref, (32, 32)
+    else:
+        _hf_sam().save_pretrained(tmp_path)
+        model = transformers.SamVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        ref_of, size = _sam_eager_ref, (32, 32)
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+    ref = ref_of(model, pixels)
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    attn = vitscope.capture(vitscope.load(model), pixels, layers=[1])
+    assert attn.weights.shape == (1, batch, 2, 16, 16)
+    torch.testing.assert_close(attn.weights[0], ref, atol=1e-5, rtol=0)
+    cls_mean = vitscope.capture(vitscope.load(model), pixels, layers=[1], heads="mean", queries=[0])
+    torch.testing.assert_close(cls_mean.weights[0, :, 0, 0], ref.mean(1)[:, 0], atol=1e-5, rtol=0)
+    assert _user_hooks(model) == []
+
+
+@pytest.mark.parametrize(("batch", "size"), [(1, (32, 32)), (3, (32, 32)), (3, (32, 48))])
+def test_timm_samvit_global_layer_folding_heads_is_exact(batch: int, size: tuple[int, int]) -> None:
+    """timm ``samvit_*``: SDPA on ``(B*H, N, d)`` (3-d) with a ``(B*H, N, N)`` relative-position bias (fused), or a
+    softmax of ``(B*H, N, N)`` (``fused_attn=False``). Its global layer, through ``vitscope.load(model)``, equals
+    the model's own eager attention (its ``attn_drop`` input; sharpened: mean row max > 0.2, asserted), batch 1 and
+    3, square and non-square, on both kernels."""
+    import copy
+
+    model = sharpen(_timm_samvit(), 16.0)
+    eager = copy.deepcopy(model)
+    eager.blocks[1].attn.fused_attn = False
+    seen: list[torch.Tensor] = []
+    handle = eager.blocks[1].attn.attn_drop.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        eager(pixels)
+    handle.remove()
+    n = (size[0] // 8) * (size[1] // 8)
+    ref = seen[0].float().reshape(batch, 2, n, n)  # (B*H, N, N), batch-major
+    assert ref.amax(-1).mean() > 0.2  # peaked rows
+    for source in (model, eager):
+        attn = vitscope.capture(vitscope.load(source), pixels, layers=[1])
+        assert attn.weights.shape == (1, batch, 2, n, n)
+        torch.testing.assert_close(attn.weights[0], ref, atol=1e-5, rtol=0)
+        cls_mean = vitscope.capture(vitscope.load(source), pixels, layers=[1], heads="mean", queries=[0])
+        torch.testing.assert_close(cls_mean.weights[0, :, 0, 0], ref.mean(1)[:, 0], atol=1e-5, rtol=0)
+        assert _user_hooks(source) == []

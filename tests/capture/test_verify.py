@@ -78,6 +78,19 @@ class Block(nn.Module):
         elif kind == "heads_first":  # q, k, v laid out (H, B, N, d): the kernel's "batch" is the heads
             qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))
             o = F.scaled_dot_product_attention(qh, kh, vh).transpose(0, 1)
+        elif kind.startswith("fold_"):  # heads folded into the batch, 3-d (SAM, ViTDet); batch- or heads-major
+            major = "heads" if kind.endswith("heads_major") else "batch"
+            if kind == "fold_twice":  # images x 2 copies x heads: not images x heads
+                q, k, v = (torch.cat([t, t.flip(2)]) for t in (q, k, v))
+            L = q.shape[0] * H
+            qf, kf, vf = (t.transpose(0, 1) if major == "heads" else t for t in (q, k, v))
+            qf, kf, vf = (t.reshape(L, N, d) for t in (qf, kf, vf))  # (B*H, N, d) or (H*B, N, d)
+            if kind.startswith("fold_eager"):
+                of = (qf @ kf.transpose(-2, -1) * d**-0.5).softmax(dim=-1) @ vf  # softmax of (B*H, N, N)
+            else:
+                of = F.scaled_dot_product_attention(qf, kf, vf)
+            of = of.reshape(H, L // H, N, d).transpose(0, 1) if major == "heads" else of.reshape(L // H, H, N, d)
+            o = of[:B]
         elif kind == "per_head":  # one kernel call per head
             o = torch.cat([F.scaled_dot_product_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1])
                            for h in range(H)], dim=1)
@@ -156,7 +169,7 @@ def _pixels(batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ exact paths
-EXACT = ["sdpa", "sdpa_plus", "gqa", "eager", "eager_cast", "eager_bmm", "einsum", "mha"]
+EXACT = ["sdpa", "sdpa_plus", "gqa", "eager", "eager_cast", "eager_bmm", "einsum", "mha", "fold_sdpa", "fold_eager"]
 
 
 _HALF_OK = ("sdpa", "gqa", "eager_cast", "mha")  # bf16 eager softmax outputs fail the row-sum check (1e-4) anyway
@@ -254,6 +267,12 @@ GUARDS = [
     Guard("heads-first", lambda: _toy("heads_first"), r"layer 0: the attention kernel's batch axis has \d+ entries for \d+ image"),
     Guard("per-head-sdpa-loop", lambda: _toy("per_head"), r"computes 1 head\(s\) per call \(one kernel call per"),
     Guard("folded-into-batch", lambda: _toy("fold"), r"batch axis has \d+ entries for \d+ image"),
+    Guard("fold-heads-major-sdpa", lambda: _toy("fold_sdpa_heads_major"), r"layer 0: its attention folds heads "
+          r"into the batch heads-major", batch=3),
+    Guard("fold-heads-major-softmax", lambda: _toy("fold_eager_heads_major"), r"layer 0: its attention folds heads "
+          r"into the batch heads-major", batch=2),
+    Guard("fold-not-images-times-heads", lambda: _toy("fold_twice"), r"layer 0: scaled_dot_product_attention got "
+          r"3-d queries"),
     Guard("kernel-sigmoid-attention", lambda: _toy("sdpa"), _NOT_AV, kernel=_sigmoid_attention),
     Guard("kernel-hidden-mask", lambda: _toy("sdpa"), _NOT_AV, kernel=_hidden_key_mask),
     Guard("mha-output-not-out-proj-av", lambda: _toy("mha_scaled"), _NOT_AV),
@@ -325,3 +344,19 @@ def test_heads_first_probe_runs_once_per_model(monkeypatch: pytest.MonkeyPatch) 
     finally:
         handle.remove()
         intercept._BATCH_AXIS_PROVEN.clear()
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_folded_heads_give_the_same_gradients(kind: str) -> None:
+    """A block folding its heads into the batch (``fold_<kind>``, batch-major) gives the gradient method the same
+    maps as the same block unfolded (the gradient reaches the model's own 3-d tensor and is unfolded)."""
+    from vitscope import methods
+
+    pixels = _pixels(3)
+    maps = []
+    for k in (kind, f"fold_{kind}"):
+        model, vit = _toy(k)
+        maps.append(torch.as_tensor(methods.grad_rollout(vit, pixels, target=lambda o: o.float().flatten(1).sum(1))))
+        _no_state_left(model)
+    assert maps[0].abs().amax() > 0
+    torch.testing.assert_close(maps[1], maps[0], atol=1e-6, rtol=0)

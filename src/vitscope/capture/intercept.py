@@ -30,6 +30,11 @@ Guards (a one-line `CaptureError` naming the layer, never a silently wrong map o
 
 - each selected layer must report exactly once per forward pass;
 - a layer whose module ran without any call vitscope can see (a custom kernel, a compiled module) is refused;
+- heads folded into the batch (SAM's and ViTDet's attention: SDPA on ``(B*H, N, d)`` or a softmax of
+  ``(B*H, N, N)``) are unfolded when the leading axis is exactly images x ``num_heads``, read batch-major
+  (``(B, H, N, d).reshape(B*H, N, d)``). Both orders verify row by row, so the order is proven once per module
+  (`prove_batch_axis`): image 0 alone must give the batch-major reading of image 0 in a batch of two; a
+  heads-major fold is refused, and so is any other fold (windows x images, a copy of the tokens);
 - batch and head counts come from the kernel call: a call whose heads differ from the model's description
   (``wrap(num_heads=...)`` wrong, a loop of one-head calls) or whose batch differs from the number of images
   (patches or heads folded into the batch: MobileViT's unfold, a heads-first layout) is refused;
@@ -76,6 +81,10 @@ _SAMPLE_ASKED = 4
 _VERIFY = True
 #: Attention modules whose kernel's batch axis was seen to be the images' (a call with batch != heads passed).
 _BATCH_AXIS_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+#: Attention modules seen by a call with a known batch: True when they fold heads into the batch (3-d call).
+_FOLDS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+#: Folding modules whose fold was proven batch-major (`prove_batch_axis`).
+_FOLD_ORDER_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -335,7 +344,9 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
     """
     q, k, v, out = call.q, call.k, call.v, call.out
     assert q is not None and k is not None and v is not None and out is not None
-    _, _, Nq, _ = call.shape
+    B, H, Nq, _ = call.shape
+    if mha is None and out.dim() == 3:  # heads folded into the batch: (B*H, Nq, dv), batch-major
+        out = out.reshape(B, H, Nq, -1)
     ids = sample_rows(Nq, asked)
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -389,11 +400,22 @@ def _product_operands(func: Any, args: tuple[Any, ...]) -> tuple[Any, Any] | Non
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-def _sdpa_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> AttentionCall:
+def _sdpa_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor,
+               fold: tuple[int, int] | None = None) -> AttentionCall:
+    """The SDPA call's q, k, v, bias. ``fold = (B, H)``: its 3-d ``(B*H, N, d)`` tensors fold heads into the
+    batch (batch-major), unfolded here to ``(B, H, N, d)`` (`_Engine.fold`)."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     q, k, v = bound["query"], bound["key"], bound["value"]
+    folded = fold is not None and q.dim() == 3 and k.dim() == 3 and v.dim() == 3
+    if folded:
+        assert fold is not None
+        B, H = fold
+        q, k, v = (t.reshape(B, H, t.shape[1], t.shape[2]) for t in (q, k, v))  # (B, H, N, d)
+        mask = bound.get("attn_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3 and mask.shape[0] == B * H:  # (B*H, Nq, Nk)
+            bound["attn_mask"] = mask.reshape(B, H, mask.shape[1], mask.shape[2])
     if q.dim() != 4:
         raise CaptureError(
             "model", f"layer {layer}: scaled_dot_product_attention got {q.dim()}-d queries, expected (B, H, N, d)",
@@ -408,6 +430,10 @@ def _sdpa_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: t
     scale = bound.get("scale")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     bias = _additive(bound.get("attn_mask"), bool(bound.get("is_causal", False)), q.shape[2], k.shape[2], q.device)
+    if folded:  # out stays the kernel's own (B*H, Nq, dv) tensor (the graph's); its gradient is unfolded
+        B, H, Nq, _ = q.shape
+        return AttentionCall(layer=layer, scale=scale, q=q, k=k, v=v, bias=bias, out=out,
+                             out_to_heads=lambda g: g.reshape(B, H, Nq, -1))
     return AttentionCall(layer=layer, scale=scale, q=q, k=k, v=v, bias=bias, out=out, out_to_heads=_identity)
 
 
@@ -430,13 +456,20 @@ def _additive(mask: torch.Tensor | None, causal: bool, Nq: int, Nk: int, device:
     return bias
 
 
-def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> AttentionCall | None:
-    """An explicit softmax over the last dim of a ``(B, H, N, N)`` tensor, else ``None`` (not attention)."""
+def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+                  fold: tuple[int, int] | None = None) -> AttentionCall | None:
+    """An explicit softmax over the last dim of a ``(B, H, N, N)`` tensor, else ``None`` (not attention).
+    ``fold = (B, H)``: a 3-d ``(B*H, N, N)`` softmax folds heads into the batch (batch-major): unfolded."""
     x = args[0] if args else kwargs.get("input")
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 4:
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
         return None
-    if dim not in (-1, 3):
+    if fold is not None and x.dim() == 3 and dim in (-1, 2) and x.shape[1] == x.shape[2]:  # (B*H, N, N)
+        B, H = fold
+        probs = out.reshape(B, H, out.shape[1], out.shape[2])  # (B, H, Nq, Nk), a view of the model's softmax
+        # the gradient flows to the model's own (B*H, Nq, Nk) tensor: unfold it (it *is* dL/dA)
+        return AttentionCall(layer=layer, probs=probs, out=out, out_to_heads=None, source="softmax")
+    if x.dim() != 4 or dim not in (-1, 3):
         return None
     return AttentionCall(layer=layer, probs=out, out=out, out_to_heads=None, source="softmax")
 
@@ -455,9 +488,9 @@ class _Mode(TorchFunctionMode):
         if layer is None:
             return out
         if func is F.scaled_dot_product_attention:
-            self.engine.report(_sdpa_call(layer, args, kwargs, out))
+            self.engine.report(_sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs)))
         elif func in _SOFTMAXES:
-            call = _softmax_call(layer, args, kwargs, out)
+            call = _softmax_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
             if call is not None:
                 self.engine.softmax(call)
         elif func in _PRODUCTS:
@@ -557,6 +590,29 @@ class _Engine:
         self.ran: dict[int, int] = {s.layer: 0 for s in self.sites}
         self.pending: dict[int, AttentionCall] = {}  # explicit softmax seen, its product with V not yet
         self.entered = 0
+        self.proving = False  # `prove_batch_axis`'s own runs: a fold whose order is not yet proven is read
+        self.folded: set[int] = set()  # layers whose call in this pass folded heads into the batch
+
+    def fold(self, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        """``(B, H)`` when the call's first tensor is 3-d with a leading axis of exactly images x the layer's
+        heads (heads folded into the batch, read batch-major), else ``None`` (the call is read as it is, and a
+        3-d one refused). A batched fold is read only once its order was proven on this module."""
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if self.batch is None or not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None
+        H = self.heads[layer]
+        if x.shape[0] != self.batch * H:
+            return None  # another fold (windows x images, copies of the tokens): refused as it is
+        m = self.modules[layer]
+        _FOLDS[m] = True
+        self.folded.add(layer)
+        if self.batch > 1 and H > 1 and not self.proving and not _FOLD_ORDER_PROVEN.get(m):
+            raise CaptureError(
+                "model", f"layer {layer}: its attention folds {H} heads into the batch in an order not proven "
+                "for this model (a capture of several images must be preceded by vitscope's one-image probe)",
+                "capture through vitscope.capture / fused_attention / the methods, which prove it first",
+            )
+        return (self.batch, H)
 
     @property
     def current(self) -> int | None:
@@ -587,6 +643,8 @@ class _Engine:
                 f"vitscope takes the head count from the kernel: pass num_heads={n_heads} to vitscope.wrap"
                 if n_heads != 1 else "a loop of one-head attention calls cannot be captured; compute all heads in one call",
             )
+        if self.batch is not None and layer not in self.folded:
+            _FOLDS.setdefault(self.modules[layer], False)
         if self.batch is not None and n_batch != n_heads:  # the batch axis could not be the heads': proven
             _BATCH_AXIS_PROVEN[self.modules[layer]] = True
 
@@ -710,7 +768,7 @@ class _Engine:
 @contextmanager
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
-    batch: int | None = None, rows: Sequence[int] | None = None,
+    batch: int | None = None, rows: Sequence[int] | None = None, proving: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -721,6 +779,7 @@ def observe_attention(
     every mode popped on exit, also after an exception.
     """
     engine = _Engine(sites, on_call, graph, batch, rows)
+    engine.proving = proving  # (private: `prove_batch_axis`'s runs)
     handles: list[Any] = []
     try:
         for site in sites:
@@ -751,13 +810,62 @@ def observe_attention(
 
 
 def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite]) -> None:
-    """When the number of images equals the number of heads, a kernel fed ``(heads, batch, N, d)`` passes every
-    count check and would swap the two axes silently. Unless each selected layer's batch axis was already seen to
-    be the images' (a capture with batch != heads), run the first image alone once (no grad; nothing is kept): a
-    heads-first layer then reports ``heads`` entries for 1 image and is refused (`_Engine._count`)."""
+    """Prove, once per attention module, how a batch of several images is laid out in its kernel call.
+
+    - Batch == heads: a kernel fed ``(heads, batch, N, d)`` passes every count check and would swap the two axes
+      silently. Unless each selected layer's batch axis was already seen to be the images' (a capture with
+      batch != heads), the first image runs alone once: a heads-first layer then reports ``heads`` entries for
+      1 image and is refused (`_Engine._count`).
+    - Heads folded into the batch (``(B*H, N, d)``, SAM/ViTDet): both the batch-major and the heads-major reading
+      pass the row-by-row verification, so the first image alone (``(H, N, d)``: no order to get wrong) is
+      compared with the first two images as one batch: the batch-major reading of image 0 must equal it; a
+      heads-major fold is refused. A module never seen is run on the first image alone to find out.
+
+    No grad; nothing is kept but the verdicts (per module, weakly).
+    """
     n_images = int(pixels.shape[0])
-    if n_images <= 1 or n_images != vit.info.num_heads or all(_BATCH_AXIS_PROVEN.get(attention_module(s)) for s in sites):
+    if n_images <= 1:
         return
-    with torch.no_grad(), observe_attention(sites, lambda _call: None, batch=1) as check:
-        vit(pixels[:1])
+    mods = {s.layer: attention_module(s) for s in sites}
+    heads_first = n_images == vit.info.num_heads and not all(_BATCH_AXIS_PROVEN.get(m) for m in mods.values())
+    unseen = any(m not in _FOLDS for m in mods.values())
+    if not (heads_first or unseen or any(_FOLDS.get(m) and not _FOLD_ORDER_PROVEN.get(m) for m in mods.values())):
+        return
+    alone: dict[int, torch.Tensor] = {}
+    _probe_run(vit, pixels[:1], sites, alone)
+    to_prove = [s for s in sites if _FOLDS.get(mods[s.layer]) and not _FOLD_ORDER_PROVEN.get(mods[s.layer])]
+    if not to_prove:
+        return
+    pair: dict[int, torch.Tensor] = {}
+    _probe_run(vit, pixels[:2], to_prove, pair)
+    for s in to_prove:
+        ref, got = alone[s.layer][0], pair[s.layer]  # (H, N, x), (2, H, N, x) read batch-major
+        H = got.shape[1]
+        heads_major = got.reshape(2 * H, *got.shape[2:]).reshape(H, 2, *got.shape[2:])[:, 0]  # (H, N, x)
+        tol = 1e-3 if ref.dtype in (torch.float32, torch.float64) else 3e-2
+        scale = float(ref.abs().amax()) + 1e-12
+        err_b = float((got[0] - ref).abs().amax()) / scale
+        err_h = float((heads_major - ref).abs().amax()) / scale
+        if not err_b <= tol:
+            order = "heads-major ((H, B, N, d) folded)" if err_h <= tol else "neither batch-major nor heads-major"
+            raise CaptureError(
+                "model", f"layer {s.layer}: its attention folds heads into the batch {order}: image 0 alone differs "
+                f"from its batch-major reading in a batch of two by {err_b:.3g} (relative)",
+                "vitscope reads a fold laid out (B, H, N, d).reshape(B*H, N, d) only; capture one image at a time",
+            )
+        _FOLD_ORDER_PROVEN[mods[s.layer]] = True
+
+
+def _probe_run(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite],
+               sink: dict[int, torch.Tensor]) -> None:
+    """Run ``pixels`` with ``sites`` observed (no grad; folds read batch-major, unproven): each layer's q (or
+    its softmax output) ``(B, H, N, x)`` into ``sink``."""
+
+    def keep(call: AttentionCall) -> None:
+        t = call.q if call.q is not None else call.probs
+        assert t is not None
+        sink[call.layer] = t.detach().float()
+
+    with torch.no_grad(), observe_attention(sites, keep, batch=int(pixels.shape[0]), proving=True) as check:
+        vit(pixels)
         check()

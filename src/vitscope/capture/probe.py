@@ -87,8 +87,12 @@ _layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], MeasuredLay
 _axis_checked: weakref.WeakKeyDictionary[nn.Module, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
-def _token_tensor(args: Sequence[Any], kwargs: dict[str, Any], batch: int, seq_first: bool) -> torch.Tensor:
-    """The token tensor an attention module gets, as ``(B, N, C)``: its first 3-d tensor argument."""
+def _token_tensor(args: Sequence[Any], kwargs: dict[str, Any], batch: int, seq_first: bool,
+                  grid_ok: bool = False) -> torch.Tensor:
+    """The token tensor an attention module gets, as ``(B, N, C)``: its first 3-d tensor argument. ``grid_ok``:
+    a global SAM/ViTDet block's ``(B, h, w, C)`` token grid is read as ``(B, h*w, C)`` too (token counts only)."""
+    if grid_ok and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].shape[0] == batch:
+        return args[0].flatten(1, 2)  # (B, h, w, C) -> (B, h*w, C)
     found = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3]
     if not found:
         raise CaptureError(
@@ -351,7 +355,8 @@ def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[
     image = torch.zeros(1, C, H, W, dtype=dtype, device=device)
     calls: dict[int, tuple[int, int]] = {}
     first: list[torch.Tensor] = []
-    m0 = attention_module(vit.sites[0])
+    windowed = bool(vit.info.windowed_layers)  # (SAM, ViTDet: count the tokens at the first selected layer,
+    m0 = attention_module(min(sites, key=lambda s: s.layer) if windowed else vit.sites[0])  # a global one)
     seq_first = isinstance(m0, nn.MultiheadAttention) and not m0.batch_first
 
     def on_call(call: AttentionCall) -> None:
@@ -360,7 +365,7 @@ def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[
 
     def record(_m: nn.Module, args: Any, kwargs: Any) -> None:
         if not first:
-            first.append(_token_tensor(args, kwargs, 1, seq_first))
+            first.append(_token_tensor(args, kwargs, 1, seq_first, grid_ok=windowed))
 
     def stop(*_: Any) -> None:
         raise _Stop

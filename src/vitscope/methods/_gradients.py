@@ -231,7 +231,7 @@ def attention_grads(t: Trace, score: torch.Tensor, layers: Sequence[int], retain
         if g is None:
             g = torch.zeros_like(raw)
         if call.out_to_heads is None:  # the model's own A: its gradient is dL/dA
-            out[i] = g.to(a.dtype)
+            out[i] = g.to(a.dtype).reshape(a.shape)  # (a softmax folding heads into the batch: (B*H, N, N))
             continue
         d_out = call.out_to_heads(g)  # (B, H, N, dv)
         out[i] = torch.matmul(d_out.to(a.dtype), t.values[i].to(a.dtype).transpose(-2, -1))  # (B, H, N, N)
