@@ -94,6 +94,12 @@ class Block(nn.Module):
         elif kind == "per_head":  # one kernel call per head
             o = torch.cat([F.scaled_dot_product_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1])
                            for h in range(H)], dim=1)
+        elif kind == "windowed":  # the first 2w tokens in 2 windows of w folded into the batch (the rest kept)
+            w = N // 2
+            qw, kw, vw = (t[:, :, :2 * w].reshape(B, H, 2, w, d).transpose(1, 2).reshape(2 * B, H, w, d)
+                          for t in (q, k, v))  # (B*2, H, w, d)
+            ow = F.scaled_dot_product_attention(qw, kw, vw).reshape(B, 2, H, w, d).transpose(1, 2)
+            o = torch.cat([ow.reshape(B, H, 2 * w, d), v[:, :, 2 * w:]], dim=2)
         elif kind == "fold":  # extra entries folded into the batch (a flipped copy of the tokens)
             o = F.scaled_dot_product_attention(*(torch.cat([t, t.flip(2)]) for t in (q, k, v)))[:B]
         else:
@@ -267,6 +273,8 @@ GUARDS = [
     Guard("heads-first", lambda: _toy("heads_first"), r"layer 0: the attention kernel's batch axis has \d+ entries for \d+ image"),
     Guard("per-head-sdpa-loop", lambda: _toy("per_head"), r"computes 1 head\(s\) per call \(one kernel call per"),
     Guard("folded-into-batch", lambda: _toy("fold"), r"batch axis has \d+ entries for \d+ image"),
+    Guard("windowed-by-measurement", lambda: _toy("windowed"),
+          r"^layers: layer 0 attends within 2 local windows of \d+ tokens \(not over all \d+ tokens\)"),
     Guard("fold-heads-major-sdpa", lambda: _toy("fold_sdpa_heads_major"), r"layer 0: its attention folds heads "
           r"into the batch heads-major", batch=3),
     Guard("fold-heads-major-softmax", lambda: _toy("fold_eager_heads_major"), r"layer 0: its attention folds heads "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, SizePolicy
+from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
 from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
@@ -30,7 +30,7 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.capture.probe import check_token_axis
-from vitscope.capture.windows import check_windowed_layers, windowed_call_error
+from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 from vitscope.layout import TokenLayout, resolve_indices
 
@@ -95,14 +95,11 @@ def attention_rows(
 
 
 def check_call_tokens(call: AttentionCall, expected: int, grid: tuple[int, int], num_prefix: int,
-                      num_suffix: int = 0, *, batch: int = 0, info: ModelInfo | None = None) -> None:
+                      num_suffix: int = 0) -> None:
     """The layer's softmax runs over exactly ``prefix + rows * cols + suffix`` tokens, queries and keys alike
     (global token attention; `vitscope.capture.probe.check_token_axis` proves the axis follows the image;
-    a windowed layer's call is refused by `vitscope.capture.windows`)."""
+    a windowed layer's call, whose batch is not the images', is refused by the engine: `observe_attention`)."""
     _, _, Nq, Nk = call.shape
-    windowed = windowed_call_error(call, expected, batch, info)
-    if windowed is not None:
-        raise windowed
     if Nq != expected or Nk != expected:
         after = f" and {num_suffix} suffix" if num_suffix else ""
         raise CaptureError(
@@ -175,7 +172,7 @@ def capture_full(
     to_check = [s for s in sites if s.q is not None and s.k is not None]  # declared by `wrap`: cross-checked
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, info.num_prefix_tokens, info.num_suffix_tokens, batch=B, info=info)
+        check_call_tokens(call, N, grid, info.num_prefix_tokens, info.num_suffix_tokens)
         if call.layer in declared:
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
@@ -184,10 +181,10 @@ def capture_full(
     check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, pixels, sites)
+        prove_batch_axis(vit, pixels, sites, N)
         if to_check:
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids))
+        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids, tokens=N))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         output = vit(pixels)

@@ -66,7 +66,8 @@ from vitscope.errors import CaptureError
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
 CHUNK_BYTES = 64 * 2**20
 
-__all__ = ["CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows", "observe_attention", "refuse_compiled"]
+__all__ = ["CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows", "observe_attention", "refuse_compiled",
+           "windowed_call_error"]
 
 _SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
 #: Calls that may multiply the attention weights with V on an explicit-softmax path.
@@ -248,6 +249,19 @@ def _index(ids: list[int]) -> slice | list[int]:
     if ids and ids == list(range(ids[0], ids[0] + len(ids))):
         return slice(ids[0], ids[0] + len(ids))
     return ids
+
+
+def windowed_call_error(call: AttentionCall, expected: int, batch: int) -> CaptureError | None:
+    """A one-line error if ``call`` measures as windowed attention: fewer keys than the ``expected`` tokens, in a
+    batch that is the ``batch`` images times the windows. ``None`` when it does not look windowed."""
+    B, _, _, Nk = call.shape
+    if not (Nk < expected and batch > 0 and B % batch == 0 and batch < B):
+        return None
+    return CaptureError(
+        "layers", f"layer {call.layer} attends within {B // batch} local windows of {Nk} tokens (not over all "
+        f"{expected} tokens), so it has no global attention map",
+        "capture only the layers that attend globally (layers=[...], CLI --layers)",
+    )
 
 
 def check_rows(rows: torch.Tensor, layer: int) -> None:
@@ -576,11 +590,12 @@ def attention_module(site: AttentionSite) -> nn.Module:
 
 class _Engine:
     def __init__(self, sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], graph: bool,
-                 batch: int | None = None, rows: Sequence[int] | None = None) -> None:
+                 batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None) -> None:
         self.sites = list(sites)
         self.on_call = on_call
         self.graph = graph
         self.batch = batch
+        self.tokens = tokens
         self.asked = None if rows is None else list(rows)
         self.heads = {s.layer: s.num_heads for s in self.sites}
         self.modules = {s.layer: attention_module(s) for s in self.sites}
@@ -629,6 +644,9 @@ class _Engine:
             )
         n_batch, n_heads, _, _ = call.shape  # (B, H, Nq, Nk)
         if self.batch is not None and n_batch != self.batch:
+            windowed = None if self.tokens is None else windowed_call_error(call, self.tokens, self.batch)
+            if windowed is not None:
+                raise windowed
             raise CaptureError(
                 "model", f"layer {layer}: the attention kernel's batch axis has {n_batch} entries for {self.batch} "
                 "image(s) (patches or heads folded into the batch: an unfold, a heads-first layout?)",
@@ -768,17 +786,18 @@ class _Engine:
 @contextmanager
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
-    batch: int | None = None, rows: Sequence[int] | None = None, proving: bool = False,
+    batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
     Yields ``check()``: call it after the forward pass to enforce that every selected layer reported exactly
     once. ``graph=True`` keeps q/k/v/probs in the autograd graph (gradient methods). ``batch``: the number of
     images, which every call's batch axis must equal; ``rows``: the query rows the caller reads (verified too
-    when few). Every call is verified before ``on_call`` sees it (module docstring). All hooks are removed and
+    when few); ``tokens``: the image's token count, so that a call whose batch is the images times some windows
+    is refused as windowed attention (`vitscope.capture.windows`). Every call is verified before ``on_call`` sees it (module docstring). All hooks are removed and
     every mode popped on exit, also after an exception.
     """
-    engine = _Engine(sites, on_call, graph, batch, rows)
+    engine = _Engine(sites, on_call, graph, batch, rows, tokens)
     engine.proving = proving  # (private: `prove_batch_axis`'s runs)
     handles: list[Any] = []
     try:
@@ -809,7 +828,8 @@ def observe_attention(
             h.remove()
 
 
-def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite]) -> None:
+def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite],
+                     tokens: int | None = None) -> None:
     """Prove, once per attention module, how a batch of several images is laid out in its kernel call.
 
     - Batch == heads: a kernel fed ``(heads, batch, N, d)`` passes every count check and would swap the two axes
@@ -821,7 +841,8 @@ def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[Attent
       compared with the first two images as one batch: the batch-major reading of image 0 must equal it; a
       heads-major fold is refused. A module never seen is run on the first image alone to find out.
 
-    No grad; nothing is kept but the verdicts (per module, weakly).
+    ``tokens``: the image's token count (`observe_attention`'s). No grad; nothing is kept but the verdicts (per
+    module, weakly).
     """
     n_images = int(pixels.shape[0])
     if n_images <= 1:
@@ -832,12 +853,12 @@ def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[Attent
     if not (heads_first or unseen or any(_FOLDS.get(m) and not _FOLD_ORDER_PROVEN.get(m) for m in mods.values())):
         return
     alone: dict[int, torch.Tensor] = {}
-    _probe_run(vit, pixels[:1], sites, alone)
+    _probe_run(vit, pixels[:1], sites, alone, tokens)
     to_prove = [s for s in sites if _FOLDS.get(mods[s.layer]) and not _FOLD_ORDER_PROVEN.get(mods[s.layer])]
     if not to_prove:
         return
     pair: dict[int, torch.Tensor] = {}
-    _probe_run(vit, pixels[:2], to_prove, pair)
+    _probe_run(vit, pixels[:2], to_prove, pair, tokens)
     for s in to_prove:
         ref, got = alone[s.layer][0], pair[s.layer]  # (H, N, x), (2, H, N, x) read batch-major
         H = got.shape[1]
@@ -857,7 +878,7 @@ def prove_batch_axis(vit: VitModel, pixels: torch.Tensor, sites: Sequence[Attent
 
 
 def _probe_run(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSite],
-               sink: dict[int, torch.Tensor]) -> None:
+               sink: dict[int, torch.Tensor], tokens: int | None) -> None:
     """Run ``pixels`` with ``sites`` observed (no grad; folds read batch-major, unproven): each layer's q (or
     its softmax output) ``(B, H, N, x)`` into ``sink``."""
 
@@ -866,6 +887,6 @@ def _probe_run(vit: VitModel, pixels: torch.Tensor, sites: Sequence[AttentionSit
         assert t is not None
         sink[call.layer] = t.detach().float()
 
-    with torch.no_grad(), observe_attention(sites, keep, batch=int(pixels.shape[0]), proving=True) as check:
+    with torch.no_grad(), observe_attention(sites, keep, batch=int(pixels.shape[0]), tokens=tokens, proving=True) as check:
         vit(pixels)
         check()

@@ -371,9 +371,12 @@ def _call_shapes(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[
         raise _Stop
 
     last = attention_module(max(sites, key=lambda s: s.layer))
+    rows, cols = vit.grid_for((H, W))
+    declared = vit.info.num_prefix_tokens + rows * cols + vit.info.num_suffix_tokens  # (windowed calls: one line)
     handles: list[Any] = []
     try:
-        with torch.no_grad(), eval_mode(vit.module), observe_attention(sites, on_call, batch=int(image.shape[0])):
+        with torch.no_grad(), eval_mode(vit.module), observe_attention(sites, on_call, batch=int(image.shape[0]),
+                                                                        tokens=declared):
             handles.append(m0.register_forward_pre_hook(this_thread_only(record), with_kwargs=True))
             handles.append(last.register_forward_hook(this_thread_only(stop)))
             with suppress(_Stop):

@@ -119,8 +119,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
-        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens,
-                          batch=run.batch, info=vit.info)
+        check_call_tokens(call, N, run.grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens)
         if (call.q is None or call.k is None) and not (allow_probs and call.probs is not None):
             raise CaptureError(
                 "model", f"layer {call.layer} computes its attention matrix explicitly (an eager softmax), so the "
@@ -133,8 +132,8 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, run.pixels, [vit.sites[i] for i in layer_ids])
-        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver, batch=run.batch))
+        prove_batch_axis(vit, run.pixels, [vit.sites[i] for i in layer_ids], N)
+        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver, batch=run.batch, tokens=N))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)

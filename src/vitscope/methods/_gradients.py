@@ -152,8 +152,7 @@ def trace(
     N = vit.info.num_prefix_tokens + grid[0] * grid[1] + vit.info.num_suffix_tokens  # [prefix, patches, suffix]
 
     def on_call(call: AttentionCall) -> None:
-        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens,
-                          batch=int(pixels.shape[0]), info=vit.info)
+        check_call_tokens(call, N, grid, vit.info.num_prefix_tokens, vit.info.num_suffix_tokens)
         layer = call.layer
         src = call.q if call.q is not None else call.probs
         assert src is not None
@@ -169,8 +168,8 @@ def trace(
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.inference_mode(False), torch.enable_grad():
         stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, pixels.detach(), sites)
-        check = stack.enter_context(observe_attention(sites, on_call, graph=True, batch=int(pixels.shape[0])))
+        prove_batch_axis(vit, pixels.detach(), sites, N)
+        check = stack.enter_context(observe_attention(sites, on_call, graph=True, batch=int(pixels.shape[0]), tokens=N))
         handles = stack.enter_context(hooks_removed_on_exit())
         if blocks:
             for s in sites:
