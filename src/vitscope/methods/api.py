@@ -21,6 +21,7 @@ from vitscope.methods import (  # noqa: F401  (each module registers its method 
     masks,
     relevance,
     rollout,
+    transformer_attribution,
 )
 from vitscope.methods.registry import REGISTRY, MapContext, MapResult, Method, check_params
 

@@ -1,0 +1,540 @@
+"""Transformer Attribution (Chefer, Gur & Wolf 2021, "Transformer Interpretability Beyond Attention
+Visualization", CVPR; the method the authors call ``transformer_attribution`` in their ViT code).
+
+Not the same as vitscope's ``chefer`` method (`vitscope.methods.relevance`, Chefer et al. ICCV 2021), which
+weights the *attention* ``A`` by its gradient. This one weights the attention's *LRP relevance* ``R^A``:
+
+1. Layer-wise relevance propagation from the target class down to the first block, starting from a one-hot
+   vector at the logits (value 1 at the target class), with the paper's rules:
+
+   - linear layers (q/k/v, the attention output, the MLP and the classifier): the alpha-beta rule with
+     ``alpha=1, beta=0`` (the z+ rule): ``R_j = sum_i (x_j^+ w_ij^+ + x_j^- w_ij^-) / Z_i R_i`` where
+     ``Z_i = sum_j (x_j^+ w_ij^+ + x_j^- w_ij^-)``; the bias takes no relevance;
+   - LayerNorm, GELU, softmax, dropout and layer scale: the identity rule (``R_in = R_out``);
+   - the two matrix products of attention, ``q k^T`` and ``A v``: each operand gets its share ``x ⊙ ∂Z/∂x ⊙ R/Z``
+     and both shares are halved (so the two together carry ``R``);
+   - the residual sums ``x + f(x)``: each term's share ``x ⊙ R/Z``, then rescaled so that the two terms' sums
+     stand in the ratio of their absolute sums and together carry ``sum R`` (per image);
+   - the token read-out ([CLS], the [CLS]/distillation pair, a patch mean): relevance goes to the tokens read,
+     in proportion to what each contributes; a copy (the residual branch point) sums its branches' relevance.
+
+   Every division is Chefer's ``safe_divide``: ``a / (b + 1e-9)``, and 0 where ``b == 0``.
+
+2. Per layer ``l``, with ``R^A_l`` the relevance reaching the attention probabilities ``(H, N, N)`` and
+   ``∇A_l = ∂y_c / ∂A_l`` the gradient of the target logit:
+
+       Ā_l = mean_h ( (∇A_l ⊙ R^A_l)^+ )
+       C   = (Ā_L + I) ··· (Ā_s + I)                  (rollout of ``Ā + I``, layers ``start_layer`` .. last)
+
+   and the map is the [CLS] row of ``C`` over the patch columns (no row normalisation, as in the authors' code).
+
+Conservation: the rules above conserve the starting relevance exactly (z+ takes none for the bias; the add
+rule rescales to ``sum R``), so the relevance entering the first block sums to 1 per image, up to the
+``1e-9`` stabiliser and any output whose every contribution is zero. It conserves the one-hot start, not the
+logit's value: the bias's share is redistributed, not kept.
+
+How vitscope runs it. The model's own forward gives the tokens entering the first block; from there the
+forward is re-run explicitly in float64 from the model's own modules (norms, projections, activations, head),
+recording what the rules need, and its logits are checked against the model's own: a model whose blocks do
+something this re-run does not (q/k norms, rotary positions, a gated MLP, relative position bias, ...) is
+refused rather than explained wrongly. Supported: vitscope's ViT, timm ``VisionTransformer`` (ViT, DeiT,
+DeiT distilled, DINOv2-style layer scale and registers, [CLS] pooling), transformers ViT / DeiT (+ teacher) /
+DINOv2 (+ registers) / CLIP / SigLIP image classifiers, torchvision ViT; classifiers only (the relevance
+starts at a class logit). Images are independent: a batch gives the maps of one image at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitscope.adapters.base import SizePolicy, VitModel
+from vitscope.capture.hooks import eval_mode, hooks_removed_on_exit
+from vitscope.errors import VitscopeError
+from vitscope.methods._common import Query
+from vitscope.methods._gradients import Target, grad_enabled, layers_from, resolve_classes
+from vitscope.methods.registry import MapContext, MapResult, Method, register
+from vitscope.methods.rollout import map_from_matrix
+
+_EPS = 1e-9  # Chefer's safe_divide stabiliser
+_FIX = "use a supported family (docs/methods.md#transformer_attribution), or the 'chefer' method"
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class LrpBlock:
+    """One pre-norm block ``x + ls1 * attn(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``, as modules."""
+
+    norm1: nn.Module
+    qkv: tuple[torch.Tensor, torch.Tensor | None]  # fused weight (3D, D) rows [q; k; v], heads contiguous; bias
+    num_heads: int
+    scale: float
+    proj: nn.Linear
+    norm2: nn.Module
+    fc1: nn.Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+    fc2: nn.Linear
+    ls1: torch.Tensor | None = None  # layer scale (D,)
+    ls2: torch.Tensor | None = None
+
+
+@dataclass
+class LrpHead:
+    """A linear classifier on a read-out of the final tokens: ``"cls"`` (token 0), ``"dist"`` (token 1),
+    ``"cls+mean"`` (token 0 concatenated with the mean of the patch tokens), ``"mean"`` (the mean of
+    tokens ``start:``)."""
+
+    linear: nn.Linear
+    read: str
+    start: int = 0
+
+
+@dataclass
+class LrpModel:
+    """What the rules run on: the blocks, the final norm (or None) and the classifier head(s), averaged."""
+
+    first: nn.Module  # the module whose input is the tokens entering block 0
+    blocks: list[LrpBlock]
+    norm: nn.Module | None
+    heads: list[LrpHead]
+    num_prefix: int
+
+
+def _child(module: nn.Module, *names: str) -> Any:
+    for name in names:
+        try:
+            return module.get_submodule(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _refuse(vit: VitModel, why: str) -> VitscopeError:
+    return VitscopeError("method", f"transformer_attribution has no LRP rules for {type(vit.module).__name__} "
+                         f"({vit.info.family}): {why}", _FIX)
+
+
+def _layer_scale(mod: Any) -> torch.Tensor | None:
+    if mod is None or isinstance(mod, nn.Identity):
+        return None
+    for name in ("gamma", "lambda1", "scale"):
+        value = getattr(mod, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"unknown layer scale {type(mod).__name__}")
+
+
+def _block(vit: VitModel, layer: int) -> LrpBlock:
+    """The rules' view of block ``layer``, found by the names timm, transformers, torchvision and vitscope use."""
+    site = vit.sites[layer]
+    blk, attn = site.block, site.attn
+    norm1 = _child(blk, "norm1", "layernorm_before", "layer_norm1", "ln_1")
+    norm2 = _child(blk, "norm2", "layernorm_after", "layer_norm2", "ln_2")
+    heads = site.num_heads
+    if isinstance(attn, nn.MultiheadAttention):  # torchvision
+        if attn.in_proj_weight is None or not attn._qkv_same_embed_dim:
+            raise TypeError("a MultiheadAttention without a fused in-projection")
+        qkv = (attn.in_proj_weight, attn.in_proj_bias)
+        proj = attn.out_proj
+        dim = attn.embed_dim
+    else:
+        fused = _child(attn, "qkv")
+        if isinstance(fused, nn.Linear):
+            qkv = (fused.weight, fused.bias)
+            dim = fused.in_features
+        else:
+            lin = [_child(attn, f"{p}_proj", p, f"attention.{p}_proj", f"attention.{p}")
+                   for p in ("q", "k", "v")] if _child(attn, "q_proj", "attention.q_proj") is not None else \
+                [_child(attn, p, f"attention.{p}") for p in ("query", "key", "value")]
+            if not all(isinstance(m, nn.Linear) for m in lin):
+                raise TypeError("no q/k/v projections found")
+            qkv = (torch.cat([m.weight for m in lin]),
+                   None if lin[0].bias is None else torch.cat([m.bias for m in lin]))
+            dim = lin[0].in_features
+        proj = _child(attn, "proj", "o_proj", "out_proj", "output.dense", "dense")
+        if proj is None:
+            proj = _child(blk, "attention.output.dense", "attention.o_proj")
+    mlp = _child(blk, "mlp")
+    if isinstance(mlp, nn.Sequential):  # torchvision MLPBlock: Linear, GELU, Dropout, Linear, Dropout
+        lins = [m for m in mlp if isinstance(m, nn.Linear)]
+        acts = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
+        if len(lins) != 2 or len(acts) != 1:
+            raise TypeError("an MLP that is not Linear, activation, Linear")
+        fc1, act, fc2 = lins[0], acts[0], lins[1]
+    else:
+        fc1, fc2 = _child(mlp, "fc1"), _child(mlp, "fc2")
+        act = _child(mlp, "act", "activation_fn")
+        if act is None:
+            act = getattr(mlp, "activation_fn", None)
+        extra = _child(mlp, "norm")
+        if extra is not None and not isinstance(extra, nn.Identity):
+            raise TypeError("an MLP with a norm inside")
+    scale = site.scale if site.scale is not None else float(getattr(attn, "scale", 0.0) or getattr(
+        attn, "scaling", 0.0) or (dim // heads) ** -0.5)
+    parts = (norm1, norm2, proj, fc1, fc2, act)
+    if any(p is None for p in parts) or not all(isinstance(p, nn.Linear) for p in (proj, fc1, fc2)) \
+            or not callable(act):
+        raise TypeError("a block whose norms, projections or MLP are not where ViTs keep them")
+    return LrpBlock(
+        norm1=norm1, qkv=qkv, num_heads=heads, scale=float(scale), proj=proj, norm2=norm2, fc1=fc1, act=act,
+        fc2=fc2, ls1=_layer_scale(_child(blk, "ls1", "layer_scale1")),
+        ls2=_layer_scale(_child(blk, "ls2", "layer_scale2")),
+    )
+
+
+def _linear(m: Any) -> nn.Linear:
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"a classifier that is not one linear layer ({type(m).__name__})")
+    return m
+
+
+def _readout(vit: VitModel) -> tuple[nn.Module | None, list[LrpHead]]:
+    """The final norm and the classifier head(s) of the supported classifiers."""
+    m, kind, P0 = vit.module, type(vit.module).__name__, vit.info.num_prefix_tokens
+    if vit.info.family == "vitscope":
+        return m.norm, [LrpHead(_linear(m.head), "cls")]
+    if vit.info.family == "torchvision":
+        if [n for n, _ in m.heads.named_children()] != ["head"]:
+            raise TypeError("a pre-logits layer in the head")
+        return m.encoder.ln, [LrpHead(_linear(m.heads.head), "cls")]
+    if vit.info.family == "timm":
+        if not isinstance(_child(m, "fc_norm"), (nn.Identity, type(None))) or getattr(m, "attn_pool", None) is not None:
+            raise TypeError("a pooled head (fc_norm / attention pooling)")
+        if kind == "VisionTransformerDistilled":
+            if getattr(m, "distilled_training", False):
+                raise TypeError("distilled training mode (two outputs)")
+            return m.norm, [LrpHead(_linear(m.head), "cls"), LrpHead(_linear(m.head_dist), "dist")]
+        if kind != "VisionTransformer" or getattr(m, "global_pool", "") != "token":
+            raise TypeError(f"{kind} with global_pool={getattr(m, 'global_pool', None)!r} ([CLS] pooling only)")
+        return m.norm, [LrpHead(_linear(m.head), "cls")]
+    if vit.info.family.startswith("hf") or hasattr(m, "config"):
+        if kind in ("DeiTForImageClassificationWithTeacher",):
+            return m.deit.layernorm, [LrpHead(_linear(m.cls_classifier), "cls"),
+                                      LrpHead(_linear(m.distillation_classifier), "dist")]
+        if kind in ("ViTForImageClassification", "DeiTForImageClassification"):
+            backbone = m.vit if hasattr(m, "vit") else m.deit
+            return backbone.layernorm, [LrpHead(_linear(m.classifier), "cls")]
+        if kind in ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"):
+            backbone = m.dinov2 if hasattr(m, "dinov2") else m.dinov2_with_registers
+            return backbone.layernorm, [LrpHead(_linear(m.classifier), "cls+mean", P0)]
+        if kind == "CLIPForImageClassification":
+            return None, [LrpHead(_linear(m.classifier), "mean", 1)]
+        if kind == "SiglipForImageClassification":
+            return m.vision_model.post_layernorm, [LrpHead(_linear(m.classifier), "mean", 0)]
+    raise TypeError("no classifier head the rules know (image classifiers only: the relevance starts at a logit)")
+
+
+def lrp_model(model: Any) -> LrpModel:
+    """The rules' view of ``model`` (a `VitModel`, spec or module), or a one-line `VitscopeError` saying why
+    the model is not supported."""
+    from vitscope.adapters import as_vit
+
+    vit = as_vit(model)
+    if vit.info.windowed_layers:
+        raise _refuse(vit, "windowed attention")
+    if vit.info.num_suffix_tokens:
+        raise _refuse(vit, "suffix tokens")
+    try:
+        norm, heads = _readout(vit)
+        blocks = [_block(vit, i) for i in range(vit.info.num_layers)]
+    except (TypeError, AttributeError) as exc:
+        raise _refuse(vit, str(exc).split("\n")[0]) from None
+    return LrpModel(vit.sites[0].block, blocks, norm, heads, vit.info.num_prefix_tokens)
+
+
+# ------------------------------------------------------------------------------------------ forward, in f64
+
+
+def _f64(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().double()
+
+
+def _lin(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
+    return F.linear(x, m.weight.double(), _f64(m.bias))
+
+
+def _norm(m: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    if m is None:
+        return x
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(x, m.normalized_shape, _f64(m.weight), _f64(m.bias), m.eps)
+    raise TypeError(f"a {type(m).__name__} norm (LayerNorm only)")
+
+
+@dataclass
+class _BlockRecord:
+    x: torch.Tensor  # block input (B, N, D)
+    h1: torch.Tensor  # norm1(x)
+    q: torch.Tensor  # (B, H, N, d)
+    k: torch.Tensor
+    v: torch.Tensor
+    attn: torch.Tensor  # (B, H, N, N), in the graph (its gradient is the method's ∇A)
+    o: torch.Tensor  # A v merged (B, N, D)
+    a: torch.Tensor  # the attention branch's output (after layer scale)
+    x1: torch.Tensor  # x + a
+    h2: torch.Tensor  # norm2(x1)
+    u: torch.Tensor  # fc1(h2)
+    g: torch.Tensor  # act(u)
+    m: torch.Tensor  # the MLP branch's output (after layer scale)
+
+
+@dataclass
+class _Record:
+    blocks: list[_BlockRecord] = field(default_factory=list)
+    final: torch.Tensor | None = None  # norm(x_L) (B, N, D)
+    head_in: list[torch.Tensor] = field(default_factory=list)  # each head's input (B, D or 2D)
+    head_out: list[torch.Tensor] = field(default_factory=list)  # each head's share of the logits (B, C)
+    logits: torch.Tensor | None = None
+
+
+def _run(lm: LrpModel, x: torch.Tensor) -> _Record:
+    """The explicit forward from the tokens entering block 0 ``(B, N, D)`` (float64, autograd on)."""
+    rec = _Record()
+    for b in lm.blocks:
+        B, N, D = x.shape
+        H = b.num_heads
+        h1 = _norm(b.norm1, x)
+        qkv = F.linear(h1, b.qkv[0].double(), _f64(b.qkv[1]))  # (B, N, 3D)
+        q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * b.scale, dim=-1)  # (B, H, N, N)
+        o = (attn @ v).transpose(1, 2).reshape(B, N, -1)  # (B, N, D)
+        a = _lin(o, b.proj)
+        if b.ls1 is not None:
+            a = a * b.ls1.double()
+        x1 = x + a
+        h2 = _norm(b.norm2, x1)
+        u = _lin(h2, b.fc1)
+        g = b.act(u)
+        m = _lin(g, b.fc2)
+        if b.ls2 is not None:
+            m = m * b.ls2.double()
+        rec.blocks.append(_BlockRecord(x, h1, q, k, v, attn, o, a, x1, h2, u, g, m))
+        x = x1 + m
+    final = _norm(lm.norm, x)
+    rec.final = final
+    for head in lm.heads:
+        hin = _read(final, head, lm.num_prefix)
+        rec.head_in.append(hin)
+        rec.head_out.append(_lin(hin, head.linear) / len(lm.heads))
+    rec.logits = torch.stack(rec.head_out).sum(dim=0)
+    return rec
+
+
+def _read(final: torch.Tensor, head: LrpHead, num_prefix: int) -> torch.Tensor:
+    if head.read == "cls":
+        return final[:, 0]
+    if head.read == "dist":
+        return final[:, 1]
+    if head.read == "cls+mean":
+        return torch.cat([final[:, 0], final[:, num_prefix:].mean(dim=1)], dim=1)
+    return final[:, head.start:].mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` stabilised as Chefer et al. do: ``b + 1e-9`` (``1e-9`` again where that is 0), and 0 where
+    ``b == 0``."""
+    den = b + _EPS
+    den = den + (den == 0).to(den.dtype) * _EPS
+    return a / den * (b != 0).to(b.dtype)
+
+
+def zplus(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The alpha-beta rule with ``alpha=1, beta=0`` for ``x @ w.T`` (bias ignored): ``r`` ``(..., out)`` ->
+    relevance of ``x`` ``(..., in)``."""
+    wp, wn = w.clamp_min(0.0), w.clamp_max(0.0)
+    xp, xn = x.clamp_min(0.0), x.clamp_max(0.0)
+    s = safe_divide(r, xp @ wp.T + xn @ wn.T)  # (..., out)
+    return xp * (s @ wp) + xn * (s @ wn)
+
+
+def add_rule(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of the two terms of ``a + b`` (per image, dim 0): shares ``a ⊙ R/Z``, ``b ⊙ R/Z``, rescaled so
+    their sums stand as ``|Σa|:|Σb|`` and add up to ``Σ R``."""
+    s = safe_divide(r, a + b)
+    ra, rb = a * s, b * s
+    dims = tuple(range(1, r.dim()))
+    sa, sb, total = ra.sum(dims, keepdim=True), rb.sum(dims, keepdim=True), r.sum(dims, keepdim=True)
+    fa = safe_divide(sa.abs(), sa.abs() + sb.abs()) * total
+    fb = safe_divide(sb.abs(), sa.abs() + sb.abs()) * total
+    return ra * safe_divide(fa, sa), rb * safe_divide(fb, sb)
+
+
+def matmul_rule(r: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of both operands of ``z = x @ y`` from ``r`` ``(..., n, m)``, each halved."""
+    s = safe_divide(r, x @ y)  # (..., n, m)
+    return x * (s @ y.transpose(-2, -1)) / 2, y * (x.transpose(-2, -1) @ s) / 2
+
+
+@dataclass
+class Relevance:
+    """What the propagation gives, per layer and at the bottom (float64)."""
+
+    attn: list[torch.Tensor]  # R^A per layer (B, H, N, N)
+    grads: list[torch.Tensor]  # ∂y_c/∂A per layer (B, H, N, N)
+    tokens: torch.Tensor  # relevance of the tokens entering block 0 (B, N, D)
+    logits: torch.Tensor  # the re-run's logits (B, C)
+
+
+def propagate(lm: LrpModel, x0: torch.Tensor, classes: torch.Tensor) -> Relevance:
+    """LRP (the rules of the module docstring) from one-hot ``classes`` ``(B,)`` down to block 0's input tokens
+    ``x0`` ``(B, N, D)``, and the attention gradients of the target logits."""
+    with torch.inference_mode(False), torch.enable_grad():
+        rec = _run(lm, x0.detach().double())
+        assert rec.logits is not None and rec.final is not None
+        score = rec.logits.gather(1, classes[:, None]).sum()
+        grads = torch.autograd.grad(score, [b.attn for b in rec.blocks])
+    with torch.no_grad():
+        r_logits = F.one_hot(classes, rec.logits.shape[1]).double()  # (B, C)
+        final = rec.final
+        r_final = torch.zeros_like(final)  # (B, N, D)
+        shares = [r_logits]
+        if len(lm.heads) == 2:  # (h1 + h2) / 2: the add rule between the two heads' shares
+            shares = list(add_rule(r_logits, rec.head_out[0], rec.head_out[1]))
+        for head, hin, share in zip(lm.heads, rec.head_in, shares, strict=True):
+            r_in = zplus(share, hin, head.linear.weight.double())  # (B, D) or (B, 2D)
+            if head.read in ("cls", "dist"):
+                r_final[:, 0 if head.read == "cls" else 1] += r_in
+                continue
+            start = lm.num_prefix if head.read == "cls+mean" else head.start
+            if head.read == "cls+mean":
+                D = final.shape[-1]
+                r_final[:, 0] += r_in[:, :D]
+                r_in = r_in[:, D:]
+            tokens = final[:, start:]  # the mean of these: each token's share x_i / n * R / mean
+            r_final[:, start:] += tokens / tokens.shape[1] * safe_divide(r_in, tokens.mean(dim=1))[:, None]
+        r = r_final  # the final norm: identity
+        cams: list[torch.Tensor] = []
+        for b, br in zip(reversed(lm.blocks), reversed(rec.blocks), strict=True):
+            B, N, D = br.x.shape
+            r_skip, r_mlp = add_rule(r, br.x1, br.m)  # layer scale: identity
+            r_mlp = zplus(r_mlp, br.g, b.fc2.weight.double())  # the activation: identity
+            r_mlp = zplus(r_mlp, br.h2, b.fc1.weight.double())  # norm2: identity
+            r = r_skip + r_mlp  # the copy of x1 into both branches
+            r_skip, r_attn = add_rule(r, br.x, br.a)
+            r_o = zplus(r_attn, br.o, b.proj.weight.double())  # (B, N, D)
+            r_o = r_o.reshape(B, N, b.num_heads, -1).transpose(1, 2)  # (B, H, N, d)
+            r_a, r_v = matmul_rule(r_o, br.attn.detach(), br.v)  # A v
+            cams.append(r_a)  # softmax: identity
+            r_q, r_k = matmul_rule(r_a, br.q, br.k.transpose(-2, -1))  # q k^T (the scale is no layer)
+            r_qkv = torch.stack([r_q, r_k.transpose(-2, -1), r_v])  # (3, B, H, N, d)
+            r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * D)  # 'qkv b h n d -> b n (qkv h d)'
+            r_h = zplus(r_qkv, br.h1, b.qkv[0].double())  # norm1: identity
+            r = r_skip + r_h
+    return Relevance(attn=cams[::-1], grads=list(grads), tokens=r, logits=rec.logits.detach())
+
+
+# ------------------------------------------------------------------------------------------------- method
+
+
+def check_rerun(vit: VitModel, rerun: torch.Tensor, own: torch.Tensor) -> None:
+    """The explicit forward must give the model's own logits (else its blocks do something the rules do not
+    model): a one-line error naming the gap."""
+    own = own.detach().double()
+    gap = float((rerun - own).abs().max())
+    tol = 1e-3 * max(1.0, float(own.abs().max()))
+    if not gap <= tol:
+        raise _refuse(vit, f"re-running its blocks with the LRP rules' modules gives logits {gap:.3g} away from "
+                      "the model's own (its blocks compute something more: q/k norms, rotary or relative "
+                      "positions, a gated MLP, ...)")
+
+
+def first_tokens(vit: VitModel, pixels: torch.Tensor, lm: LrpModel) -> tuple[torch.Tensor, Any]:
+    """The tokens entering block 0 ``(B, N, D)`` and the output, from the model's own forward (no autograd)."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        seen.append(x.detach())
+
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(eval_mode(vit.module))
+        handles = stack.enter_context(hooks_removed_on_exit())
+        handles.append(lm.first.register_forward_pre_hook(grab, with_kwargs=True))
+        output = vit(pixels)
+    if len(seen) != 1 or seen[0].dim() != 3:
+        raise _refuse(vit, "its first block is not called once on (batch, tokens, dim) tokens")
+    return seen[0], output
+
+
+def relevance(model: Any, images: Any, target: Target = None, *, policy: SizePolicy | None = None,
+              size: int | tuple[int, int] | None = None) -> tuple[Relevance, VitModel, torch.Tensor]:
+    """The LRP pass of `transformer_attribution`: its `Relevance`, the model and the pixels."""
+    from vitscope.capture.prepare import prepare
+
+    vit, pixels = prepare(model, images, policy=policy, size=size)
+    lm = lrp_model(vit)
+    if callable(target) and not isinstance(target, torch.Tensor):
+        raise VitscopeError("target", "transformer_attribution starts its relevance at one class logit",
+                            "pass a class index (one per image), or None for the predicted class")
+    x0, output = first_tokens(vit, pixels, lm)
+    classes = resolve_classes(vit, output, target)
+    own = vit.logits(output)
+    assert classes is not None and own is not None
+    rel = propagate(lm, x0, classes.to(x0.device))
+    check_rerun(vit, rel.logits, own)
+    return rel, vit, pixels
+
+
+@grad_enabled
+def transformer_attribution(
+    model: Any,
+    images: Any,
+    target: Target = None,
+    *,
+    start_layer: int = 0,
+    query: Query = None,
+    policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Transformer Attribution map ``(batch, rows, cols)`` (Chefer et al. CVPR 2021); see the module docstring.
+
+    Args:
+        model: a `VitModel`, spec or module of a supported classifier (left unchanged).
+        images: anything `vitscope.capture` takes.
+        target: class index (default the predicted class), or one per image.
+        start_layer: first layer of the rollout (default 0: all layers).
+        query: row of the rollout giving the map (default [CLS], else the mean over patch rows).
+        policy, size: preprocessing (see `vitscope.capture`).
+    """
+    from vitscope.adapters import as_vit
+
+    layers = layers_from(as_vit(model), start_layer)
+    rel, vit, pixels = relevance(model, images, target, policy=policy, size=size)
+    return attribution_map(rel, vit, pixels, layers, query)
+
+
+def attribution_map(rel: Relevance, vit: VitModel, pixels: torch.Tensor, layers: Sequence[int],
+                    query: Query = None) -> torch.Tensor:
+    """``mean_h((∇A ⊙ R^A)^+)`` rolled out as ``Π (Ā + I)`` over ``layers``, the query row over the patches."""
+    B, _, N, _ = rel.attn[0].shape
+    c = torch.eye(N, dtype=torch.float64, device=rel.attn[0].device).expand(B, N, N).clone()
+    for i in layers:
+        a_bar = (rel.grads[i] * rel.attn[i]).clamp_min(0.0).mean(dim=1)  # (B, N, N)
+        c = c + a_bar @ c  # (Ā + I) C
+    grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+    return map_from_matrix(c, vit.info.prefix, grid, query, vit.info.suffix).float().detach()
+
+
+def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
+    classes = ctx.classes(target)
+    grid_map = transformer_attribution(ctx.vit, ctx.pixels, classes, start_layer=start_layer, query=query)
+    return MapResult(map=grid_map, meta={"target": classes if isinstance(classes, list) else None})
+
+
+register(Method(
+    name="transformer_attribution", compute=_compute, needs="gradients",
+    summary="Transformer Attribution: LRP relevance of each attention x its gradient, positive, head mean, "
+            "rollout of A + I (not 'chefer')",
+    paper="Chefer, Gur & Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021",
+))
