@@ -135,7 +135,9 @@ def _layer_scale(mod: Any) -> torch.Tensor | None:
 def _block(vit: VitModel, layer: int) -> LrpBlock:
     """The rules' view of block ``layer``, found by the names timm, transformers, torchvision and vitscope use."""
     site = vit.sites[layer]
-    blk, attn = site.block, site.attn
+    blk: Any = site.block
+    attn: Any = site.attn
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
     norm1 = _child(blk, "norm1", "layernorm_before", "layer_norm1", "ln_1")
     norm2 = _child(blk, "norm2", "layernorm_after", "layer_norm2", "ln_2")
     heads = site.num_heads
@@ -163,6 +165,9 @@ def _block(vit: VitModel, layer: int) -> LrpBlock:
         if proj is None:
             proj = _child(blk, "attention.output.dense", "attention.o_proj")
     mlp = _child(blk, "mlp")
+    fc1: Any
+    act: Any
+    fc2: Any
     if isinstance(mlp, nn.Sequential):  # torchvision MLPBlock: Linear, GELU, Dropout, Linear, Dropout
         lins = [m for m in mlp if isinstance(m, nn.Linear)]
         acts = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
@@ -198,7 +203,8 @@ def _linear(m: Any) -> nn.Linear:
 
 def _readout(vit: VitModel) -> tuple[nn.Module | None, list[LrpHead]]:
     """The final norm and the classifier head(s) of the supported classifiers."""
-    m, kind, P0 = vit.module, type(vit.module).__name__, vit.info.num_prefix_tokens
+    m: Any = vit.module
+    kind, P0 = type(m).__name__, vit.info.num_prefix_tokens
     if vit.info.family == "vitscope":
         return m.norm, [LrpHead(_linear(m.head), "cls")]
     if vit.info.family == "torchvision":
@@ -299,7 +305,7 @@ def _run(lm: LrpModel, x: torch.Tensor) -> _Record:
     """The explicit forward from the tokens entering block 0 ``(B, N, D)`` (float64, autograd on)."""
     rec = _Record()
     for b in lm.blocks:
-        B, N, D = x.shape
+        B, N, _ = x.shape
         H = b.num_heads
         h1 = _norm(b.norm1, x)
         qkv = F.linear(h1, b.qkv[0].double(), _f64(b.qkv[1]))  # (B, N, 3D)

@@ -1,0 +1,349 @@
+"""Transformer Attribution (Chefer et al. CVPR 2021) against a reference written here from the paper and the
+authors' code description (hila-chefer/Transformer-Explainability, baselines/ViT: ``layers_ours.py``,
+``ViT_LRP.py``, ``ViT_explanation_generator.py``): LRP layers that each keep their forward input and propagate
+relevance with autograd (``gradprop``) the way those layers do, on a hand-built ViT holding the model's weights,
+one image at a time (as the authors run it), then ``(grad * cam).clamp(min=0).mean(heads)`` per layer and the
+rollout of ``cam + I`` (``compute_rollout_attention``), [CLS] row over the patch columns.
+
+The model families come from one table; each model is sharpened (q/k scaled, prefix tokens and position tables
+redrawn: tests/capture/families.py `sharpen`) so attention is peaked (mean row max > 0.2, asserted), and its
+classifier redrawn (torchvision and timm start it at zero, which leaves no relevance to propagate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitscope
+from tests.capture.families import sharpen
+from vitscope.errors import VitscopeError
+from vitscope.methods.transformer_attribution import lrp_model, relevance, transformer_attribution
+
+SIZE, PATCH, DIM, CLASSES = 32, 8, 32, 5
+_HF = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+           patch_size=PATCH)
+
+
+# ------------------------------------------------------------------------------------ the reference (Chefer)
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """As published (layers_ours.py)."""
+    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
+    den = den + den.eq(0).type(den.type()) * 1e-9
+    return a / den * b.ne(0).type(b.type())
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+def simple(fn: Callable[..., torch.Tensor], xs: list[torch.Tensor], r: torch.Tensor) -> list[torch.Tensor]:
+    """RelPropSimple: ``Z = fn(X); S = R / Z; C = dZ/dX^T S; R_X = X * C`` for each input."""
+    xs = [_leaf(x) for x in xs]
+    z = fn(*xs)
+    c = torch.autograd.grad(z, xs, safe_divide(r, z))
+    return [x.detach() * g for x, g in zip(xs, c, strict=True)]
+
+
+def linear_ab(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Linear.relprop with alpha=1 (beta=0): activator relevances only, bias not in Z."""
+    pw, nw, px, nx = w.clamp(min=0), w.clamp(max=0), x.clamp(min=0), x.clamp(max=0)
+    x1, x2 = _leaf(px), _leaf(nx)
+    z1, z2 = F.linear(x1, pw), F.linear(x2, nw)
+    s = safe_divide(r, z1 + z2)
+    c1 = torch.autograd.grad(z1, x1, s)[0]
+    c2 = torch.autograd.grad(z2, x2, s)[0]
+    return px * c1 + nx * c2
+
+
+def add_rel(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add.relprop: the simple shares, rescaled by the absolute sums to carry R.sum()."""
+    ra, rb = simple(lambda u, v: u + v, [a, b], r)
+    a_sum, b_sum = ra.sum(), rb.sum()
+    a_fact = safe_divide(a_sum.abs(), a_sum.abs() + b_sum.abs()) * r.sum()
+    b_fact = safe_divide(b_sum.abs(), a_sum.abs() + b_sum.abs()) * r.sum()
+    return ra * safe_divide(a_fact, ra.sum()), rb * safe_divide(b_fact, rb.sum())
+
+
+def clone_rel(x: torch.Tensor, rs: list[torch.Tensor]) -> torch.Tensor:
+    """Clone.relprop: ``X * sum_i dZ_i/dX^T (R_i / Z_i)`` with every ``Z_i = X``."""
+    xl = _leaf(x)
+    c = torch.autograd.grad([xl * 1.0 for _ in rs], xl, [safe_divide(r, x) for r in rs])[0]
+    return x * c
+
+
+@dataclass
+class RefBlock:
+    ln1: tuple[torch.Tensor, torch.Tensor, float]
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    heads: int
+    scale: float
+    wproj: torch.Tensor
+    bproj: torch.Tensor
+    ls1: torch.Tensor | None
+    ln2: tuple[torch.Tensor, torch.Tensor, float]
+    w1: torch.Tensor
+    b1: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor]
+    w2: torch.Tensor
+    b2: torch.Tensor
+    ls2: torch.Tensor | None
+
+
+def _ln(p: tuple[torch.Tensor, torch.Tensor, float] | None, x: torch.Tensor) -> torch.Tensor:
+    return x if p is None else F.layer_norm(x, (x.shape[-1],), p[0], p[1], p[2])
+
+
+def reference(blocks: list[RefBlock], final_ln: Any, heads: list[tuple[torch.Tensor, torch.Tensor, str, int]],
+              x0: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One image ``x0`` ``(1, N, D)``: (logits, the transformer-attribution rollout matrix, the attentions)."""
+    x = x0.double().requires_grad_(True)
+    saved: list[dict[str, torch.Tensor]] = []
+    for b in blocks:
+        B, N, D = x.shape
+        h1 = _ln(b.ln1, x)
+        qkv = F.linear(h1, b.wqkv, b.bqkv)
+        q, k, v = qkv.reshape(B, N, 3, b.heads, -1).permute(2, 0, 3, 1, 4)
+        dots = torch.einsum("bhid,bhjd->bhij", q, k) * b.scale
+        attn = dots.softmax(dim=-1)
+        attn.retain_grad()
+        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(B, N, D)
+        a = F.linear(out, b.wproj, b.bproj)
+        a = a * b.ls1 if b.ls1 is not None else a
+        x1 = x + a
+        h2 = _ln(b.ln2, x1)
+        u = F.linear(h2, b.w1, b.b1)
+        g = b.act(u)
+        m = F.linear(g, b.w2, b.b2)
+        m = m * b.ls2 if b.ls2 is not None else m
+        saved.append(dict(x=x, h1=h1, q=q, k=k, v=v, attn=attn, out=out, a=a, x1=x1, h2=h2, g=g, m=m))
+        x = x1 + m
+    y = _ln(final_ln, x)
+    ins, outs = [], []
+    for w, bias, read, start in heads:
+        hin = {"cls": lambda t: t[:, 0], "dist": lambda t: t[:, 1],
+               "cls+mean": lambda t, s=start: torch.cat([t[:, 0], t[:, s:].mean(dim=1)], dim=1),
+               "mean": lambda t, s=start: t[:, s:].mean(dim=1)}[read](y)
+        ins.append(hin)
+        outs.append(F.linear(hin, w, bias) / len(heads))
+    logits = sum(outs)
+    assert isinstance(logits, torch.Tensor)
+    logits[0, target].backward()  # one_hot * output, as generate_LRP does
+    one_hot = F.one_hot(torch.tensor([target]), logits.shape[1]).double()
+    shares = [one_hot] if len(heads) == 1 else list(add_rel(one_hot, outs[0].detach(), outs[1].detach()))
+    ydet = y.detach()
+    r = torch.zeros_like(ydet)
+    for (w, _b, read, start), hin, share in zip(heads, ins, shares, strict=True):
+        r_in = linear_ab(share, hin.detach(), w)
+        if read in ("cls", "dist"):  # IndexSelect.relprop
+            idx = torch.tensor([0 if read == "cls" else 1])
+            r = r + simple(lambda t, i=idx: t.index_select(1, i), [ydet], r_in[:, None])[0]
+            continue
+        if read == "cls+mean":
+            r = r + simple(lambda t: t.index_select(1, torch.tensor([0])), [ydet], r_in[:, None, :D])[0]
+            r_in = r_in[:, D:]
+        r = r + simple(lambda t, s=start: t[:, s:].mean(dim=1), [ydet], r_in)[0]
+    cams = []
+    for b, s in zip(reversed(blocks), reversed(saved), strict=True):
+        d = {k: t.detach() for k, t in s.items()}
+        r1, r2 = add_rel(r, d["x1"], d["m"])
+        r2 = linear_ab(r2, d["g"], b.w2)
+        r2 = linear_ab(r2, d["h2"], b.w1)
+        r = clone_rel(d["x1"], [r1, r2])
+        r1, r2 = add_rel(r, d["x"], d["a"])
+        r2 = linear_ab(r2, d["out"], b.wproj)
+        B, N, D = d["x"].shape
+        r2 = r2.reshape(B, N, b.heads, -1).transpose(1, 2)
+        cam1, cam_v = simple(lambda p, vv: torch.einsum("bhij,bhjd->bhid", p, vv), [d["attn"], d["v"]], r2)
+        cam1, cam_v = cam1 / 2, cam_v / 2
+        cams.append((cam1, s["attn"].grad))
+        cam_q, cam_k = simple(lambda qq, kk: torch.einsum("bhid,bhjd->bhij", qq, kk), [d["q"], d["k"]], cam1)
+        cam_q, cam_k = cam_q / 2, cam_k / 2
+        cam_qkv = torch.stack([cam_q, cam_k, cam_v]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * D)
+        r = clone_rel(d["x"], [r1, linear_ab(cam_qkv, d["h1"], b.wqkv)])
+    mats = []
+    for cam, grad in reversed(cams):
+        mats.append((grad * cam).clamp(min=0).mean(dim=1))  # (1, N, N)
+    eye = torch.eye(mats[0].shape[-1], dtype=torch.float64)[None]
+    joint = mats[0] + eye
+    for m_ in mats[1:]:
+        joint = (m_ + eye).bmm(joint)
+    return logits.detach(), joint, [s["attn"].detach() for s in saved]
+
+
+# ------------------------------------------------------------------------------------------- the families
+
+
+def _ln_of(m: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    return None if m is None else (m.weight.double(), m.bias.double(), m.eps)
+
+
+def _redraw_heads(module: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.split(".")[0] in ("head", "head_dist", "heads", "classifier", "cls_classifier",
+                                      "distillation_classifier") and name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+def _vitscope() -> nn.Module:
+    from vitscope.models.vit import ViT, ViTConfig
+
+    return ViT(ViTConfig(image_size=SIZE, patch_size=PATCH, dim=DIM, depth=2, heads=2, num_classes=CLASSES))
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, img_size=SIZE, patch_size=PATCH, depth=2,
+                                 embed_dim=DIM, num_heads=2, **kw)
+
+    return build
+
+
+def _hf(cls: str, config: str, tower: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        if tower:  # CLIP / SigLIP image classifiers: the vision tower's config inside the joint one
+            cfg = getattr(transformers, config)(vision_config=_HF, text_config=dict(
+                hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+            cfg.num_labels = CLASSES
+        else:
+            cfg = getattr(transformers, config)(**_HF, num_labels=CLASSES)
+        return getattr(transformers, cls)(cfg)
+
+    return build
+
+
+def _torchvision() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=2,
+                                                hidden_dim=DIM, mlp_dim=64, num_classes=CLASSES)
+
+
+# (id, builder, q/k sharpening factor)
+FAMILIES: list[tuple[str, Callable[[], nn.Module], float]] = [
+    ("vitscope-vit", _vitscope, 16.0),
+    ("timm-vit", _timm("vit_tiny_patch16_224"), 16.0),
+    ("timm-dinov2-style", _timm("vit_tiny_patch16_224", init_values=0.5, reg_tokens=2), 16.0),  # layer scale
+    ("timm-deit-distilled", _timm("deit_tiny_distilled_patch16_224"), 16.0),
+    ("hf-vit", _hf("ViTForImageClassification", "ViTConfig"), 16.0),
+    ("hf-deit-teacher", _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig"), 16.0),
+    ("hf-dinov2", _hf("Dinov2ForImageClassification", "Dinov2Config"), 16.0),
+    ("hf-clip", _hf("CLIPForImageClassification", "CLIPConfig", tower=True), 4.0),
+    ("hf-siglip", _hf("SiglipForImageClassification", "SiglipConfig", tower=True), 2.0),
+    ("torchvision-vit", _torchvision, 2.0),
+]
+
+
+def _model(build: Callable[[], nn.Module], factor: float) -> Any:
+    torch.manual_seed(0)
+    return vitscope.load(_redraw_heads(sharpen(build().eval(), factor)))
+
+
+def _first_tokens(module: nn.Module, first: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The test's own hook: the tokens entering block 0."""
+    seen = []
+    h = first.register_forward_pre_hook(lambda _m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).detach()),
+                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = module(pixels)
+    finally:
+        h.remove()
+    return seen[0], out
+
+
+def _ref_from(vit: Any) -> tuple[list[RefBlock], Any, list[tuple[torch.Tensor, torch.Tensor, str, int]]]:
+    """The reference's weights, taken from the modules vitscope found (the reference's logits are checked
+    against the model's own, so a module found wrongly fails the test)."""
+    lm = lrp_model(vit)
+    blocks = [RefBlock(
+        ln1=_ln_of(b.norm1), wqkv=b.qkv[0].detach().double(), bqkv=None if b.qkv[1] is None else b.qkv[1].detach().double(),  # type: ignore[arg-type]
+        heads=b.num_heads, scale=b.scale, wproj=b.proj.weight.detach().double(), bproj=b.proj.bias.detach().double(),
+        ls1=None if b.ls1 is None else b.ls1.detach().double(), ln2=_ln_of(b.norm2),  # type: ignore[arg-type]
+        w1=b.fc1.weight.detach().double(), b1=b.fc1.bias.detach().double(), act=b.act,
+        w2=b.fc2.weight.detach().double(), b2=b.fc2.bias.detach().double(),
+        ls2=None if b.ls2 is None else b.ls2.detach().double(),
+    ) for b in lm.blocks]
+    heads = [(h.linear.weight.detach().double(), h.linear.bias.detach().double(), h.read, h.start) for h in lm.heads]
+    return blocks, _ln_of(lm.norm), heads
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request: pytest.FixtureRequest) -> Any:
+    fid, build, factor = request.param
+    return fid, _model(build, factor)
+
+
+def test_matches_chefers_procedure_and_conserves(family: Any) -> None:
+    fid, vit = family
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    got = transformer_attribution(vit, pixels, target=[1, 3])  # (2, rows, cols)
+    rel, _, _ = relevance(vit, pixels, target=[1, 3])
+    blocks, final_ln, heads = _ref_from(vit)
+    x0, out = _first_tokens(vit.module, lrp_model(vit).first, pixels)
+    own = vit.logits(out)
+    P0, (rows, cols) = vit.info.num_prefix_tokens, vit.grid_for((SIZE, SIZE))
+    for i, target in enumerate([1, 3]):
+        logits, joint, attns = reference(blocks, final_ln, heads, x0[i:i + 1], target)
+        torch.testing.assert_close(logits[0].float(), own[i], atol=1e-4, rtol=1e-4)  # the re-run is the model
+        if i == 0:  # peaked attention, or the test could not tell rules apart
+            assert min(float(a.amax(dim=-1).mean()) for a in attns) > 0.2, fid
+        patches = slice(P0, P0 + rows * cols)  # [CLS] row; without [CLS] (SigLIP) the mean of the patch rows
+        row = joint[0, 0] if "cls" in vit.info.prefix else joint[0, patches].mean(dim=0)
+        ref_map = row[patches].reshape(rows, cols)
+        span = float(ref_map.max() - ref_map.min())  # relevance x gradient is small: compare to the map's range
+        assert span > 1e-7, fid  # not a flat map
+        torch.testing.assert_close(got[i].double() / span, ref_map / span, atol=1e-4, rtol=1e-4)
+    # conservation: the one-hot start (1 per image) reaches block 0's input tokens whole (z+ and the add rule
+    # conserve; only the 1e-9 stabiliser and all-zero outputs lose any)
+    torch.testing.assert_close(rel.tokens.sum(dim=(1, 2)), torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_differs_from_the_iccv_chefer_method() -> None:
+    vit = _model(_vitscope, 16.0)
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    ta = transformer_attribution(vit, pixels, target=2)
+    iccv = vitscope.methods.chefer_relevance(vit, pixels, target=2)
+    assert float((ta - iccv).abs().max()) > 1e-3
+
+
+def test_registered_and_reached_through_maps() -> None:
+    vit = _model(_timm("vit_tiny_patch16_224"), 16.0)
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    res = vitscope.maps(vit, pixels, "transformer_attribution", target=4)
+    torch.testing.assert_close(res.map, transformer_attribution(vit, pixels, target=4))
+
+
+@pytest.mark.parametrize(("build", "words"), [
+    (_timm("vit_tiny_patch16_224", qk_norm=True), "logits"),  # the re-run check: q/k norms are not modelled
+    (_timm("vit_tiny_patch16_224", global_pool="avg"), "pooled head"),
+    (_hf("CLIPVisionModel", "CLIPVisionConfig"), "classifier"),  # a tower without a classifier
+])
+def test_unsupported_models_are_refused_in_one_line(build: Callable[[], nn.Module], words: str) -> None:
+    vit = _model(build, 4.0)
+    with pytest.raises(VitscopeError, match=words) as err:
+        transformer_attribution(vit, torch.randn(1, 3, SIZE, SIZE), target=0)
+    assert "\n" not in str(err.value) and err.value.argument in ("method", "target")
+
+
+def test_a_callable_target_is_refused() -> None:
+    vit = _model(_vitscope, 16.0)
+    with pytest.raises(VitscopeError, match="one class logit"):
+        transformer_attribution(vit, torch.randn(1, 3, SIZE, SIZE), target=lambda out: out[:, 0])
