@@ -13,6 +13,7 @@ import torch
 
 from vitscope.errors import VitscopeError
 from vitscope.methods import (  # noqa: F401  (each module registers its method on import)
+    attnlrp,
     attn_gradcam,
     cls_attention,
     flow,
