@@ -77,11 +77,11 @@ def _tiny_hf(work: Path) -> list[Step]:
     ]
 
 
-def _loads(family: str, spec: str, *extra: str) -> Callable[[Path], list[Step]]:
+def _loads(family: str, spec: str, *extra: str, method: str = "rollout") -> Callable[[Path], list[Step]]:
     def steps(_work: Path) -> list[Step]:
         return [
-            Step(f"{family}: maps rollout", ["maps", "img.png", "--model", spec, *extra, "--method", "rollout",
-                                             "-o", f"{family}/rollout.npz"], expect=["wrote"],
+            Step(f"{family}: maps {method}", ["maps", "img.png", "--model", spec, *extra, "--method", method,
+                                              "-o", f"{family}/{method}.npz"], expect=["wrote"],
                  covers=f"family:{family}"),
         ]
 
@@ -119,6 +119,10 @@ FAMILIES: tuple[Family, ...] = (
            _loads("torchvision", "torchvision:vit_b_16", "--random-weights"),
            _refused("torchvision", ["info", "--model", "torchvision:vit_b_16", "--random-weights"],
                     "pip install 'vitscope[torchvision]'")),
+    Family("lrp", ("lxt", "torchvision"), "pip install 'vitscope[lrp]'",
+           _loads("lrp", "torchvision:vit_b_16", "--random-weights", method="attnlrp"),
+           _refused("lrp", ["maps", "img.png", "--method", "attnlrp", "-o", "lrp/refused.npz"],
+                    "pip install 'vitscope[lrp]'")),
     Family("ray", ("ray", "pyarrow"), "pip install 'vitscope[ray]'",
            lambda _w: [Step("ray: batch --engine ray", ["batch", "imgs", "-o", "ray-out", "--engine", "ray",
                                                         "--method", "cls", "--quiet"],
@@ -126,6 +130,13 @@ FAMILIES: tuple[Family, ...] = (
            _refused("ray", ["batch", "imgs", "-o", "ray-out", "--engine", "ray", "--quiet"],
                     "pip install 'vitscope[ray]'")),
 )
+
+
+#: methods that need an optional package: (its distributions, the install hint without them, the refusal
+#: the bundled model gets with them); their own family above shows them work
+METHOD_EXTRAS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "attnlrp": (("lxt", "torchvision"), "pip install 'vitscope[lrp]'", "only vision table is torchvision"),
+}
 
 
 def _figure_steps() -> list[Step]:
@@ -201,9 +212,16 @@ def plan(work: Path, core: bool = True, is_installed: Callable[[str], bool] = in
                 step.covers = step.covers or f"command:{command}"
                 steps.append(step)
         for method in method_names():
-            steps.append(Step(f"maps --method {method}", ["maps", "img.png", "--method", method, "-o",
-                                                          f"maps/{method}.npz"],
-                              expect=[f"{method} map", "wrote"], covers=f"method:{method}"))
+            argv = ["maps", "img.png", "--method", method, "-o", f"maps/{method}.npz"]
+            dists = METHOD_EXTRAS.get(method)
+            if dists is None:
+                steps.append(Step(f"maps --method {method}", argv, expect=[f"{method} map", "wrote"],
+                                  covers=f"method:{method}"))
+            else:  # refused on the bundled model: not installed, or (installed) not a family the package patches
+                hint, why = dists[1], dists[2]
+                ok = all(is_installed(d) for d in dists[0])
+                steps.append(Step(f"maps --method {method} (refused)", argv, expect_rc=2, one_line_error=True,
+                                  expect=[why if ok else hint], covers=f"method:{method}"))
     for family in FAMILIES:
         if all(is_installed(d) for d in family.dists):
             steps.extend(family.load(work))

@@ -281,11 +281,12 @@ def methods_cmd() -> None:
     """List the registered maps: name, what each needs, its parameters and paper."""
     from vitscope.methods.api import get_method, method_names
 
+    width = max(len(n) for n in method_names())
     for name in method_names():
         m = get_method(name)
         params = ", ".join(f"{k}={v!r}" for k, v in m.params.items())
-        typer.echo(f"{name:<13} [{m.needs}] {m.summary}")
-        typer.echo(f"{'':<13} params: {params or 'none'}; {m.paper}")
+        typer.echo(f"{name:<{width}} [{m.needs}] {m.summary}")
+        typer.echo(f"{'':<{width}} params: {params or 'none'}; {m.paper}")
 
 
 @app.command("maps")

@@ -20,6 +20,8 @@ from tests.methods.gradref import assert_unchanged, reference_forward, reference
 from tests.methods.test_flow import _lp_max_flow
 from tests.methods.test_grad_rollout import _loop_reference
 from tests.methods.test_legrad import _reference as legrad_reference
+from tests.methods.test_transformer_attribution import RefBlock
+from tests.methods.test_transformer_attribution import reference as lrp_reference
 from vitscope.errors import VitscopeError
 from vitscope.methods import get_method, method_names
 from vitscope.models.vit import ViT
@@ -120,6 +122,34 @@ def _ref_attn_gradcam(model: ViT, x: torch.Tensor) -> torch.Tensor:
     return (w * a).mean(dim=1).clamp_min(0).reshape(2, *GRID)
 
 
+def _ref_transformer_attribution(model: ViT, x: torch.Tensor) -> torch.Tensor:
+    """Chefer CVPR'21 (tests/methods/test_transformer_attribution.py's reference), its weights read here from
+    vitscope's ViT by hand, one image at a time."""
+    def ln(m: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (m.weight.detach().double(), m.bias.detach().double(), m.eps)
+
+    def d(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double()
+
+    blocks = [RefBlock(ln(b.norm1), d(b.attn.qkv.weight), d(b.attn.qkv.bias), b.attn.heads, b.attn.scale,
+                       d(b.attn.proj.weight), d(b.attn.proj.bias), None, ln(b.norm2), d(b.mlp.fc1.weight),
+                       d(b.mlp.fc1.bias), torch.nn.functional.gelu, d(b.mlp.fc2.weight), d(b.mlp.fc2.bias), None)
+              for b in model.blocks]
+    heads = [(d(model.head.weight), d(model.head.bias), "cls", 0)]
+    with torch.no_grad():
+        tokens = model.tokens(x)  # the tokens entering block 0
+    maps = []
+    for i, c in enumerate(CLASSES.tolist()):
+        _, joint, _ = lrp_reference(blocks, ln(model.norm), heads, tokens[i:i + 1], c)
+        maps.append(joint[0, 0, P:].reshape(*GRID))
+    return torch.stack(maps)
+
+
+#: methods this model's family is refused by, and a word of the one-line reason
+REFUSED: dict[str, tuple[str, dict]] = {
+    "attnlrp": ("lxt", {"target": CLASSES.tolist()}),  # lxt patches torchvision's ViT only (or is not installed)
+}
+
 #: method name -> (reference, parameters passed): the one table the generated tests run over.
 REFERENCES: dict[str, tuple[Callable[[ViT, torch.Tensor], torch.Tensor], dict]] = {
     "cls": (_ref_cls, {}),
@@ -130,11 +160,24 @@ REFERENCES: dict[str, tuple[Callable[[ViT, torch.Tensor], torch.Tensor], dict]] 
     "chefer": (_ref_chefer, {"target": CLASSES.tolist()}),
     "legrad": (_ref_legrad, {"target": CLASSES.tolist()}),
     "attn_gradcam": (_ref_attn_gradcam, {"target": CLASSES.tolist()}),
+    "transformer_attribution": (_ref_transformer_attribution, {"target": CLASSES.tolist()}),
 }
 
 
 def test_every_method_has_a_reference() -> None:
-    assert set(method_names()) == set(REFERENCES)
+    assert set(method_names()) == set(REFERENCES) | set(REFUSED)
+    assert not set(REFERENCES) & set(REFUSED)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_methods_say_why_in_one_line_and_leave_the_model(name: str) -> None:
+    model, x = _model(), _pixels()
+    before = snapshot(model)
+    word, params = REFUSED[name]
+    with pytest.raises(VitscopeError, match=word) as err:
+        vitscope.maps(model, x, name, **params)
+    assert "\n" not in str(err.value)
+    assert_unchanged(model, before)
 
 
 def test_attention_is_peaked() -> None:
