@@ -10,14 +10,18 @@ mean row max > 0.2 asserted) and its classifier redrawn (torchvision starts it a
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import vitscope
+import vitscope.models.vit
 from tests.capture.families import sharpen
 from vitscope.errors import VitscopeError
 
@@ -143,3 +147,27 @@ def test_without_lxt_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(VitscopeError, match=r"pip install 'vitscope\[lrp\]'") as err:
         vitscope.maps(vit, torch.randn(1, 3, SIZE, SIZE), "attnlrp", target=0)
     assert "\n" not in str(err.value) and err.value.argument == "method"
+
+
+def test_the_console_script_refuses_an_unsupported_family_in_one_line(tmp_path: Path) -> None:
+    """``vitscope maps --method attnlrp`` on the bundled model: exit 2, one stderr line naming ``--method`` (with
+    lxt: the family's reason; without: the install hint); nothing written."""
+    from tests.test_cli_errors import cli, one_line
+
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(tmp_path / "img.png")
+    line = one_line(cli("maps", str(tmp_path / "img.png"), "--method", "attnlrp", "-o", str(tmp_path / "o.npz")))
+    assert line.startswith("error: --method:")
+    assert ("only vision table is torchvision" in line) or ("pip install 'vitscope[lrp]'" in line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+
+
+def test_supported_methods_reads_each_methods_check() -> None:
+    from vitscope.methods.api import method_names, supported_methods
+
+    tv = vitscope.load(_tv())
+    mine = vitscope.load(vitscope.models.vit.ViT(vitscope.models.vit.ViTConfig(
+        image_size=SIZE, patch_size=PATCH, dim=32, depth=2, heads=2, num_classes=5)))
+    assert "attnlrp" not in supported_methods(mine) and "transformer_attribution" in supported_methods(mine)
+    assert set(supported_methods(mine)) == set(method_names()) - {"attnlrp"}
+    if importlib.util.find_spec("lxt") is not None:
+        assert "attnlrp" in supported_methods(tv)

@@ -347,3 +347,10 @@ def test_a_callable_target_is_refused() -> None:
     vit = _model(_vitscope, 16.0)
     with pytest.raises(VitscopeError, match="one class logit"):
         transformer_attribution(vit, torch.randn(1, 3, SIZE, SIZE), target=lambda out: out[:, 0])
+
+
+def test_supported_methods_leaves_out_a_refused_family() -> None:
+    from vitscope.methods.api import supported_methods
+
+    tower = _model(_hf("CLIPVisionModel", "CLIPVisionConfig"), 4.0)  # no classifier: refused
+    assert "transformer_attribution" not in supported_methods(tower) and "chefer" in supported_methods(tower)

@@ -5,9 +5,10 @@ each method is a pure function in its own module, whose docstring gives the form
 """
 
 from vitscope.methods import registry
-from vitscope.methods.api import compute, get_method, maps, method_names
+from vitscope.methods.api import compute, get_method, maps, method_names, supported_methods
 from vitscope.methods.artifacts import ArtifactReport, token_norms
 from vitscope.methods.attn_gradcam import attn_gradcam
+from vitscope.methods.attnlrp import attnlrp
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.distance import DistanceAccumulator, mean_attention_distance
 from vitscope.methods.flow import attention_flow
@@ -19,6 +20,7 @@ from vitscope.methods.probe import probe_attention
 from vitscope.methods.relevance import chefer_relevance
 from vitscope.methods.rollout import rollout, rollout_matrix
 from vitscope.methods.smooth import smooth
+from vitscope.methods.transformer_attribution import transformer_attribution
 from vitscope.methods.upsample import upsample
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "DistanceAccumulator",
     "attention_flow",
     "attn_gradcam",
+    "attnlrp",
     "chefer_relevance",
     "cls_map",
     "compute",
@@ -44,6 +47,8 @@ __all__ = [
     "rollout",
     "rollout_matrix",
     "smooth",
+    "supported_methods",
     "token_norms",
+    "transformer_attribution",
     "upsample",
 ]

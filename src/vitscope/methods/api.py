@@ -13,8 +13,8 @@ import torch
 
 from vitscope.errors import VitscopeError
 from vitscope.methods import (  # noqa: F401  (each module registers its method on import)
-    attnlrp,
     attn_gradcam,
+    attnlrp,
     cls_attention,
     flow,
     grad_rollout,
@@ -32,6 +32,19 @@ def method_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
+def supported_methods(vit: Any) -> tuple[str, ...]:
+    """The registered methods that can run on ``vit`` (a `VitModel`): those whose `Method.check` accepts it."""
+    names = []
+    for name, method in REGISTRY.items():
+        if method.check is not None:
+            try:
+                method.check(vit)
+            except VitscopeError:
+                continue
+        names.append(name)
+    return tuple(names)
+
+
 def get_method(name: str, argument: str = "method") -> Method:
     """The method called ``name``, or a one-line error listing the names."""
     if name not in REGISTRY:
@@ -43,6 +56,8 @@ def compute(ctx: MapContext, name: str, **params: Any) -> MapResult:
     """Run method ``name`` on a prepared context."""
     method = get_method(name)
     full = check_params(method, params)
+    if method.check is not None:
+        method.check(ctx.vit)
     _check_selection(ctx, full)
     result = method.compute(ctx, **full)
     result.meta = {"method": name, **{k: _jsonable(v) for k, v in full.items() if not callable(v)}, **result.meta}
@@ -87,7 +102,7 @@ def maps(
         model: a `VitModel`, a spec string or an ``nn.Module``.
         images: a path, PIL image, array, a list of them, or pixel values ``(B, C, H, W)``.
         method: a registered name (`method_names()`: ``cls``, ``dino_mask``, ``rollout``, ``flow``, ``grad_rollout``,
-            ``chefer``, ``legrad``, ``attn_gradcam``).
+            ``chefer``, ``legrad``, ``attn_gradcam``, ``transformer_attribution``, ``attnlrp``).
         policy, size, device: preparation (`vitscope.capture.prepare`).
         **params: the method's parameters (see ``get_method(method).params``); unknown names are an error.
 

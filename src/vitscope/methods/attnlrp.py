@@ -159,14 +159,13 @@ def attnlrp(model: Any, images: Any, target: Target = None, *, policy: SizePolic
 
 
 def _compute(ctx: MapContext, *, target: Target = None) -> MapResult:
-    patch_table(ctx.vit)  # refused (lxt missing, family unsupported) before any forward pass
     classes = ctx.classes(target)
     grid_map = attnlrp(ctx.vit, ctx.pixels, classes)
     return MapResult(map=grid_map, meta={"target": classes if isinstance(classes, list) else None})
 
 
 register(Method(
-    name="attnlrp", compute=_compute, needs="gradients",
+    name="attnlrp", compute=_compute, needs="gradients", check=patch_table,
     summary="AttnLRP via lxt (optional extra vitscope[lrp]; LRP is patented, see docs): pixel relevance per patch",
     paper="Achtibat et al., AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers, ICML 2024",
 ))

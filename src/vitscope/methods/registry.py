@@ -124,6 +124,9 @@ class Method:
         paper: the reference (authors, title, venue year).
         needs: ``"attention"`` (a forward pass, no autograd) or ``"gradients"`` (a target class, backward).
         upsample: how the map is brought to pixels (``"bilinear"``; ``"nearest"`` for masks).
+        check: ``check(vit)`` (its return value unused) raises the one-line `VitscopeError` when the method cannot run on this model at all
+            (an optional package missing, a family without its rules); ``None``: every model. Cheap: no forward
+            pass. `vitscope.methods.api.supported_methods` reads it (the report's default list).
     """
 
     name: str
@@ -132,6 +135,7 @@ class Method:
     paper: str
     needs: Needs = "attention"
     upsample: Literal["bilinear", "nearest"] = "bilinear"
+    check: Callable[[Any], object] | None = None
 
     @property
     def params(self) -> dict[str, Any]:

@@ -539,7 +539,7 @@ def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, qu
 
 
 register(Method(
-    name="transformer_attribution", compute=_compute, needs="gradients",
+    name="transformer_attribution", compute=_compute, needs="gradients", check=lrp_model,
     summary="Transformer Attribution: LRP relevance of each attention x its gradient, positive, head mean, "
             "rollout of A + I (not 'chefer')",
     paper="Chefer, Gur & Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021",

@@ -123,7 +123,8 @@ def model_report(
         localisation_images: images for the method comparison (each method runs on all of them).
         samples: images shown in the rollout figure.
         seed: seed of the fresh images (the ``test`` split of the shapes generator).
-        methods: registered methods to compare (`vitscope.methods.method_names()`, the default: all).
+        methods: registered methods to compare (default: every registered method that can run on the model,
+            `vitscope.methods.supported_methods`; e.g. ``attnlrp`` needs lxt and a torchvision ViT).
         overwrite: write into a folder that holds files vitscope did not write (they are kept; the report's own
             files, ``REPORT_FILES``, must not be among them). Without it such a folder is refused.
     """
@@ -132,13 +133,13 @@ def model_report(
     from vitscope.adapters import VitModel, load
     from vitscope.capture.core import capture
     from vitscope.images import pixels_to_rgb
-    from vitscope.methods.api import method_names
+    from vitscope.methods.api import method_names, supported_methods
     from vitscope.methods.registry import MapContext
     from vitscope.train.shapes import SHAPE_CLASSES
 
     say = log or (lambda s: None)
     t0 = time.monotonic()
-    chosen = list(methods) if methods is not None else list(method_names())
+    chosen = list(methods) if methods is not None else []
     unknown = [m for m in chosen if m not in method_names()]
     if unknown:
         raise VitscopeError("methods", f"unknown {unknown}", f"choose from {', '.join(method_names())}")
@@ -150,6 +151,8 @@ def model_report(
     dest = claim_output(out, "report", overwrite=overwrite)  # refused before the model is even loaded
     dest.check_writes(REPORT_FILES)
     vit = load(model) if not isinstance(model, VitModel) else model
+    if methods is None:
+        chosen = list(supported_methods(vit))
     name = model if isinstance(model, str) else vit.info.name
     info = vit.info
     prep = info.preprocess
