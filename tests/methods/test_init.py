@@ -9,6 +9,7 @@ EXPECTED = {
     "ArtifactReport", "DistanceAccumulator", "attention_flow", "chefer_relevance", "cls_map", "dino_mask",
     "grad_rollout", "legrad", "mask_jaccard", "mean_attention_distance", "perturbation_auc", "pointing_game",
     "rollout", "rollout_matrix", "smooth", "token_norms", "upsample", "attn_gradcam", "probe_attention", "registry", "compute", "get_method", "maps", "method_names",
+    "transformer_attribution", "attnlrp", "supported_methods",
 }
 
 
@@ -20,6 +21,6 @@ def test_all_is_the_public_api():
 
 
 def test_heavy_dependencies_are_lazy():
-    code = "import sys, vitscope.methods; print(sorted(m for m in ('scipy', 'matplotlib', 'transformers', 'timm') if m in sys.modules))"
+    code = "import sys, vitscope.methods; print(sorted(m for m in ('scipy', 'matplotlib', 'transformers', 'timm', 'lxt', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

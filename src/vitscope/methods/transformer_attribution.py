@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscope.adapters.base import SizePolicy, VitModel
-from vitscope.capture.hooks import eval_mode, hooks_removed_on_exit
+from vitscope.capture.hooks import eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import Query
 from vitscope.methods._gradients import Target, grad_enabled, layers_from, resolve_classes
@@ -466,7 +466,7 @@ def first_tokens(vit: VitModel, pixels: torch.Tensor, lm: LrpModel) -> tuple[tor
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         handles = stack.enter_context(hooks_removed_on_exit())
-        handles.append(lm.first.register_forward_pre_hook(grab, with_kwargs=True))
+        handles.append(lm.first.register_forward_pre_hook(this_thread_only(grab), with_kwargs=True))
         output = vit(pixels)
     if len(seen) != 1 or seen[0].dim() != 3:
         raise _refuse(vit, "its first block is not called once on (batch, tokens, dim) tokens")
