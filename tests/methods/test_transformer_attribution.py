@@ -24,7 +24,7 @@ from torch import nn
 import vitscope
 from tests.capture.families import sharpen
 from vitscope.errors import VitscopeError
-from vitscope.methods.transformer_attribution import lrp_model, relevance, transformer_attribution
+from vitscope.methods.transformer_attribution import lrp_model, lrp_relevance, transformer_attribution
 
 SIZE, PATCH, DIM, CLASSES = 32, 8, 32, 5
 _HF = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
@@ -295,7 +295,7 @@ def test_matches_chefers_procedure_and_conserves(family: Any) -> None:
     torch.manual_seed(3)
     pixels = torch.randn(2, 3, SIZE, SIZE)
     got = transformer_attribution(vit, pixels, target=[1, 3])  # (2, rows, cols)
-    rel, _, _ = relevance(vit, pixels, target=[1, 3])
+    rel, _, _ = lrp_relevance(vit, pixels, target=[1, 3])
     blocks, final_ln, heads = _ref_from(vit)
     x0, out = _first_tokens(vit.module, lrp_model(vit).first, pixels)
     own = vit.logits(out)

@@ -50,10 +50,19 @@ from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 INSTALL = "pip install 'vitscope[lrp]'"
 _LOCK = threading.Lock()  # lxt patches classes process-wide: one AttnLRP at a time
+_LOADED: list[Any] = []  # lxt's torchvision table module, once loaded
 
 
 def _efficient_modules() -> Any:
     """lxt's torchvision table module (``lxt.efficient.models.vit_torch``), or a one-line error."""
+    if _LOADED:
+        return _LOADED[0]
+    module = _load_efficient()
+    _LOADED.append(module)
+    return module
+
+
+def _load_efficient() -> Any:
     try:
         import lxt
     except ImportError:

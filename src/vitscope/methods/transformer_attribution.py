@@ -473,7 +473,7 @@ def first_tokens(vit: VitModel, pixels: torch.Tensor, lm: LrpModel) -> tuple[tor
     return seen[0], output
 
 
-def relevance(model: Any, images: Any, target: Target = None, *, policy: SizePolicy | None = None,
+def lrp_relevance(model: Any, images: Any, target: Target = None, *, policy: SizePolicy | None = None,
               size: int | tuple[int, int] | None = None) -> tuple[Relevance, VitModel, torch.Tensor]:
     """The LRP pass of `transformer_attribution`: its `Relevance`, the model and the pixels."""
     from vitscope.capture.prepare import prepare
@@ -516,7 +516,7 @@ def transformer_attribution(
     from vitscope.adapters import as_vit
 
     layers = layers_from(as_vit(model), start_layer)
-    rel, vit, pixels = relevance(model, images, target, policy=policy, size=size)
+    rel, vit, pixels = lrp_relevance(model, images, target, policy=policy, size=size)
     return attribution_map(rel, vit, pixels, layers, query)
 
 
