@@ -55,18 +55,16 @@ _LOADED: list[Any] = []  # lxt's torchvision table module, once loaded
 
 def _efficient_modules() -> Any:
     """lxt's torchvision table module (``lxt.efficient.models.vit_torch``), or a one-line error."""
-    if _LOADED:
-        return _LOADED[0]
-    module = _load_efficient()
-    _LOADED.append(module)
-    return module
-
-
-def _load_efficient() -> Any:
     try:
         import lxt
     except ImportError:
         raise VitscopeError("method", "attnlrp needs the lxt package (an optional extra)", INSTALL) from None
+    if not _LOADED:
+        _LOADED.append(_load_efficient(lxt))
+    return _LOADED[0]
+
+
+def _load_efficient(lxt: Any) -> Any:
     try:
         return importlib.import_module("lxt.efficient.models.vit_torch")
     except ImportError:  # lxt 2.1 under transformers 5: its table of text models fails to import
