@@ -56,7 +56,7 @@ def compute_map(
     layer: int = -1,
     head: str | int = "mean",
     query: str | int | tuple[int, int] | None = None,
-    target: int | None = None,
+    target: Any = None,
     tau: float = 0.6,
     upsample_mode: UpsampleMode = "bilinear",
     policy: str | None = None,
