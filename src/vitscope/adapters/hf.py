@@ -944,6 +944,10 @@ def _embed(module: nn.Module, tower: nn.Module, prefix: tuple[str, ...]) -> Call
     return None
 
 
+#: files save_pretrained writes for a tokenizer (one is enough)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
 def _text_tower(module: nn.Module, family: _Family, folder: Path | None) -> TextTower | None:
     """The text side of a transformers dual encoder (``CLIPModel``, ``SiglipModel``, ``Siglip2Model``): the
     tokenizer saved in the model's folder (read at the first prompt, offline), ``get_text_features`` and the
@@ -960,6 +964,9 @@ def _text_tower(module: nn.Module, family: _Family, folder: Path | None) -> Text
                 raise VitscopeError("target", f"{type(module).__name__} was given without its folder, so its "
                                     "tokenizer is unknown", "load it from its folder (hf:<folder>), with the "
                                     "tokenizer saved there by save_pretrained")
+            if not any((folder / f).exists() for f in _TOKENIZER_FILES):  # transformers would build an
+                raise VitscopeError("target", f"no tokenizer in {folder}",  # empty vocabulary: every word unknown
+                                    "save the processor (or tokenizer) into the model's folder with save_pretrained")
             try:
                 tokenizer.append(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
             except Exception as exc:

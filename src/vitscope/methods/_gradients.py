@@ -243,6 +243,8 @@ def scores(vit: VitModel, output: Any, target: Target, classes: torch.Tensor | N
             raise VitscopeError("target", f"the callable returned {type(s).__name__}", "return a (batch,) tensor")
         return s.reshape(s.shape[0], -1).sum(dim=1) if s.dim() > 1 else s.reshape(-1)
     logits = vit.logits(output)
+    if logits is None and isinstance(output, torch.Tensor) and output.dim() == 2:
+        logits = output  # a read-out's logits (LeGrad): transformers' own outputs wrap them, a read-out does not
     assert logits is not None
     return logits.gather(1, classes[:, None])[:, 0]
 

@@ -96,7 +96,7 @@ class MapContext:
 
 
 _TARGET_FIX = ("pass a class index or name, one per image, 'text:<prompt>', 'image:<path>', 'patch:ROW,COL', or "
-               "a callable target(output) -> (batch,) scores")
+               "in Python a callable scoring each image")
 
 
 def check_target(target: Any) -> list[int]:
