@@ -234,7 +234,7 @@ def test_text_tower_needs_a_tokenizer(tmp_path: Path) -> None:
     cfg = transformers.CLIPConfig(text_config=tc._text_cfg(), vision_config=tc._vision_cfg(), projection_dim=16)
     transformers.CLIPModel(cfg).eval().save_pretrained(tmp_path / "bare")
     vit = vitscope.load(f"hf:{tmp_path / 'bare'}")
-    with pytest.raises(VitscopeError, match="no tokenizer in .*save the processor"):
+    with pytest.raises(VitscopeError, match=r"no tokenizer in .*save the processor"):
         vitscope.maps(vit, _pixels(1), "legrad", target="text:a cat")
     tc.save_tokenizer(tmp_path / "bare")
     vit = vitscope.load(f"hf:{tmp_path / 'bare'}")
