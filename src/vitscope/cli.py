@@ -554,6 +554,11 @@ def view_cmd(
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
     budget_mb: Annotated[float, typer.Option(help="Cap on the stored attention, MB (fewer layers/heads past it).")] = 6.0,
     cmap: Annotated[str, typer.Option(help="matplotlib colormap.")] = "inferno",
+    target: Annotated[list[str] | None, typer.Option(
+        help="Also show the gradient maps (chefer, legrad, grad_rollout, attn_gradcam) for this target: a class "
+             "index or name, 'text:a cat', 'image:ref.png' or 'patch:ROW,COL' (repeatable).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        help="Same as --target 'text:PROMPT' (CLIP, SigLIP, open_clip; repeatable: one map each).")] = None,
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -565,14 +570,16 @@ def view_cmd(
 
     budget = _amount("--budget-mb", budget_mb, 1e6, "MB", "byte")
     _check_policy(policy)
-    target = _output(output, (".html",), f"{image.stem}.view.html")
+    wanted = [*(target or []), *(f"text:{p}" for p in prompt or [])]
+    the_target = _parse_target(wanted)
+    out = _output(output, (".html",), f"{image.stem}.view.html")
     the_size = _parse_size(size)
     with _limits(max_pixels, max_tokens, max_memory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the viewer's notes are printed below
         vit = _load_model(model, checkpoint, random_weights, device)
         v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
-                 budget_bytes=budget, cmap=cmap)
-    path = v.save(target)
+                 budget_bytes=budget, cmap=cmap, target=the_target)
+    path = v.save(out)
     for note in v.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

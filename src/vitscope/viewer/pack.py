@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -161,6 +162,18 @@ def colormap_lut(cmap: str) -> str:
     return base64.b64encode(colormap_table(cmap).tobytes()).decode("ascii")
 
 
+def _grid_maps(maps: Mapping[str, Any], grid: tuple[int, int]) -> list[dict[str, Any]]:
+    """``[{"name", "values": rows*cols floats (row-major)}]``; a map of another grid is refused."""
+    out = []
+    for name, m in maps.items():
+        a = np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float64)
+        if a.shape != grid:
+            raise VitscopeError("maps", f"map {name!r} is {a.shape}, the page's grid is {grid}",
+                                "pass maps on the patch grid (rows, cols)")
+        out.append({"name": str(name), "values": [float(v) for v in a.reshape(-1)]})
+    return out
+
+
 def pack(
     attn: Attentions,
     image: Any,
@@ -173,6 +186,7 @@ def pack(
     policy: str | None = None,
     title: str | None = None,
     labels: list[str] | None = None,
+    maps: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the page needs, as a JSON-ready dict (see the module docstring for the layout).
 
@@ -184,6 +198,8 @@ def pack(
         budget_bytes: cap on the stored arrays; past it fewer layers/heads/rows are kept (noted on the page).
         residual: rollout's identity weight.
         labels: optional lines shown under the title (e.g. the model's top predictions).
+        maps: extra maps on the patch grid ``(rows, cols)`` by name (e.g. ``"chefer text:a cat"``), shown as
+            methods of their own (the gradient maps of `vitscope.viewer.view`'s ``target``).
     """
     from vitscope.viz._render import display_image
 
@@ -247,6 +263,7 @@ def pack(
         "tokens": attn.num_tokens,
         "attention": encode_array(raw.numpy(), dtype),
         "rollout": rollout,
+        "maps": _grid_maps(maps or {}, (int(attn.grid[0]), int(attn.grid[1]))),
         "cmap": {"name": cmap, "lut": colormap_lut(cmap)},
         "notes": notes,
     }

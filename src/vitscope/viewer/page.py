@@ -126,12 +126,13 @@ class Viewer:
         policy: str | None = None,
         title: str | None = None,
         labels: list[str] | None = None,
+        maps: Mapping[str, Any] | None = None,
     ) -> Viewer:
         """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options."""
         return cls(
             pack(
                 attn, image, batch=batch, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-                policy=policy, title=title, labels=labels,
+                policy=policy, title=title, labels=labels, maps=maps,
             )
         )
 
@@ -185,6 +186,10 @@ def top_labels(vit: Any, output: Any, k: int = 3) -> list[str]:
     return ["prediction: " + ", ".join(items)]
 
 
+#: what `view` draws for a target
+GRADIENT_METHODS = ("chefer", "legrad", "grad_rollout", "attn_gradcam")
+
+
 def view(
     image: Any,
     model: Any = "vitscope:shapes",
@@ -196,6 +201,8 @@ def view(
     residual: float = 0.5,
     cmap: str = "inferno",
     title: str | None = None,
+    target: Any = None,
+    methods: Sequence[str] = GRADIENT_METHODS,
 ) -> Viewer:
     """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
 
@@ -203,6 +210,10 @@ def view(
         image: path, PIL image or array (one image).
         model: a `VitModel` or a spec (``"vitscope:shapes"``, ``"hf:..."``, ``"timm:..."``, a folder).
         policy, size: how the image is sized for the model (see `vitscope.capture`).
+        target: a gradient methods' target (`vitscope.methods.targets`: a class index or name,
+            ``"text:a cat"`` or a list of prompts, ``"image:ref.png"``, ``"patch:R,C"``); the page then shows
+            each of ``methods``' map for it (one per prompt) as a method of its own. ``None``: no gradient maps.
+        methods: the gradient methods drawn for ``target``.
     """
     from vitscope.adapters import as_vit
     from vitscope.capture.core import capture_full
@@ -214,10 +225,27 @@ def view(
     used_policy = policy or vit.info.preprocess.policy
     if title is None:
         title = Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else vit.info.name
+    maps = gradient_maps(vit, img, target, methods, policy=policy, size=size) if target is not None else None
     return Viewer.from_attentions(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-        policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output),
+        policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output), maps=maps,
     )
+
+
+def gradient_maps(vit: Any, image: Any, target: Any, methods: Sequence[str], *, policy: str | None = None,
+                  size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """``{"<method> <target>": map (rows, cols)}`` for one image: each method's map per target (several
+    prompts: one map each, `vitscope.methods.targets`)."""
+    from vitscope.methods.api import maps as run
+
+    out: dict[str, Any] = {}
+    for name in methods:
+        result = run(vit, image, name, target=target, policy=policy, size=size)  # type: ignore[arg-type]
+        labels = result.meta.get("target")
+        labels = labels if isinstance(labels, list) and len(labels) == len(result.map) else [target]
+        for m, label in zip(result.map, labels, strict=True):
+            out[f"{name} {label}"] = m
+    return out
 
 
 def view_many(
@@ -230,6 +258,7 @@ def view_many(
     budget_bytes: int = BUDGET_BYTES,
     residual: float = 0.5,
     cmap: str = "inferno",
+    target: Any = None,
 ) -> Viewer:
     """One page for several images (title -> image), with an image picker: `view` for each, the size budget
     shared between them (each image gets ``budget_bytes // len(images)``, so the page's attention arrays stay
@@ -242,6 +271,6 @@ def view_many(
     share = int(budget_bytes) // len(images)
     return Viewer.combine([
         view(img, vit, policy=policy, size=size, dtype=dtype, budget_bytes=share, residual=residual, cmap=cmap,
-             title=str(name))
+             title=str(name), target=target)
         for name, img in images.items()
     ])

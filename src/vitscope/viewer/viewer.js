@@ -4,6 +4,8 @@
  * page for several images holds one such block per image in the same viewer, which then shows an image picker):
  *   attention: [layers, heads, queries, tokens], uint8 (value = byte / 255 * scale[row]) or float16
  *   rollout:   [layers, queries, tokens], cumulative attention rollout through each stored layer (or null)
+ *   maps:      [{name, values: rows*cols floats}], maps of their own (gradient maps for a target; may be absent):
+ *              shown as methods "map:K", independent of layer, head and query
  * Token layout: [prefix tokens..., patches (row-major), suffix tokens...]; grid = [rows, cols] (height before
  * width); suffix (e.g. YOLOS's "det" tokens) may be absent in older pages.
  *
@@ -141,6 +143,7 @@
     this.S0 = this.P + this.rows * this.cols;  // first suffix token: patches are P .. S0 - 1
     this.attn = new Store(data.attention);
     this.roll = data.rollout ? new Store(data.rollout) : null;
+    this.maps = data.maps || [];
     this.L = data.layers.length;
     this.H = data.heads.length;
     this.Q = data.queries.length;
@@ -234,6 +237,9 @@
     el("option", { value: "raw", text: "raw attention" }, this.methodSel);
     var ro = el("option", { value: "rollout", text: "rollout" }, this.methodSel);
     if (!this.roll) ro.disabled = true;
+    for (var mk = 0; mk < this.maps.length; mk++) {
+      el("option", { value: "map:" + mk, text: this.maps[mk].name }, this.methodSel);
+    }
 
     f = field("layer");
     this.layerIn = el("input", { className: "vs-layer", type: "range", min: "0", max: String(this.L - 1), step: "1" }, f);
@@ -339,7 +345,7 @@
     var abs = this.data.layers[st.layer];
     this.layerLab.textContent = st.method === "rollout" ? "through " + abs : String(abs);
     this.headSel.value = String(st.head);
-    this.headSel.disabled = st.method === "rollout";
+    this.headSel.disabled = st.method === "rollout" || this.mapIndex() !== null;
     if (st.query >= this.P && st.query < this.S0) {  // a patch query
       this.pinnedOpt.hidden = false;
       this.pinnedOpt.value = String(st.query);
@@ -368,6 +374,7 @@
     var st = this.state;
     st.layer = Math.max(0, Math.min(this.L - 1, st.layer | 0));
     if (st.method === "rollout" && !this.roll) st.method = "raw";
+    if (this.mapIndex() !== null && this.mapIndex() >= this.maps.length) st.method = "raw";
     if (typeof st.head === "number" && (st.head < 0 || st.head >= this.H || this.data.heads[0] === "mean")) st.head = "mean";
     if (st.head === "max" && this.H < 2) st.head = "mean";
     if (this.qpos[st.query] === undefined) st.query = this.data.queries[0];
@@ -376,11 +383,23 @@
     st.opacity = Math.max(0, Math.min(1, +st.opacity));
   };
 
+  /* Index of the shown map when the method is "map:K", else null. */
+  Viewer.prototype.mapIndex = function () {
+    var m = String(this.state.method);
+    return m.indexOf("map:") === 0 ? (parseInt(m.slice(4), 10) | 0) : null;
+  };
+
   /* The full row (all N keys) of the current method/layer/head for query token t, or null. */
   Viewer.prototype.row = function (t) {
     var st = this.state, qp = this.qpos[t];
+    var out = this.buf, mi = this.mapIndex();
+    if (mi !== null) {  // a map of its own: patches hold its values, prefix and suffix tokens 0
+      out.fill(0);
+      var vals = this.maps[mi].values;
+      for (var p = 0; p < vals.length; p++) out[this.P + p] = vals[p];
+      return out;
+    }
     if (qp === undefined) return null;
-    var out = this.buf;
     if (st.method === "rollout") return this.roll.row(st.layer * this.Q + qp, out);
     var base = st.layer * this.H, N = this.N, k, h;
     if (typeof st.head === "number") return this.attn.row((base + st.head) * this.Q + qp, out);
@@ -499,7 +518,9 @@
     if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
 
     var abs = this.data.layers[st.layer];
-    var what = st.method === "rollout" ? "rollout through layer " + abs : "layer " + abs + ", head " + st.head;
+    var mi = this.mapIndex();
+    var what = mi !== null ? this.maps[mi].name :
+      st.method === "rollout" ? "rollout through layer " + abs : "layer " + abs + ", head " + st.head;
     var text = "query " + this.tokenLabel(query) + " \u00b7 " + what;
     if (!full) text += " \u00b7 (this query row was not stored)";
     else if (this.hoverKey !== null) {
