@@ -566,6 +566,7 @@ def view_cmd(
     """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query)."""
     import warnings
 
+    from vitscope.errors import VitscopeError
     from vitscope.viewer import view
 
     budget = _amount("--budget-mb", budget_mb, 1e6, "MB", "byte")
@@ -577,8 +578,13 @@ def view_cmd(
     with _limits(max_pixels, max_tokens, max_memory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the viewer's notes are printed below
         vit = _load_model(model, checkpoint, random_weights, device)
-        v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
-                 budget_bytes=budget, cmap=cmap, target=the_target)
+        try:
+            v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
+                     budget_bytes=budget, cmap=cmap, target=the_target)
+        except VitscopeError as exc:  # prompts alone: the error is about --prompt
+            if exc.argument == "target" and prompt and not target:
+                raise VitscopeError("--prompt", exc.problem, exc.fix) from None
+            raise
     path = v.save(out)
     for note in v.notes:
         typer.echo(f"note: {note}")

@@ -58,7 +58,7 @@ def test_cli_view_prompt_and_bad_target(tmp_path: Path, img: Path) -> None:
     assert '"name":"chefer [1]"' not in page and '"name":"chefer 1"' in page
     bad = run_inprocess(["view", str(img), "-m", str(model), "--prompt", "a cat", "-o", str(tmp_path / "b.html")],
                         cwd=tmp_path)
-    assert_one_line(bad, 2, needle="--target: a text prompt needs a dual encoder")
+    assert_one_line(bad, 2, needle="--prompt: a text prompt needs a dual encoder")
 
 
 @pytest.mark.browser
