@@ -285,3 +285,15 @@ def test_cli_target_on_a_method_without_one_is_refused(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(img)
     res = run_inprocess(["maps", str(img), "-m", str(model), "--method", "rollout", "--target", "1"], cwd=tmp_path)
     assert_one_line(res, 2, needle="--target: method 'rollout' takes no target")
+
+
+def test_docs_offline_targets_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runnable block of docs/methods.md's "Targets" section (one example per offline kind) runs as written."""
+    text = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    section = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "target=\"star\"" in block and "image:ref.png" in block and "patch:2,3" in block
+    monkeypatch.chdir(tmp_path)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        exec(compile(block, "docs/methods.md#targets", "exec"), {})
