@@ -78,7 +78,7 @@ def _cos_logit(model: nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.
 
 
 def hf_dual(tmp: Path, kind: str) -> Case:
-    """transformers CLIPModel / SiglipModel saved with its tokenizer; target ``text:a cat``."""
+    """transformers CLIPModel / SiglipModel / Siglip2Model saved with its tokenizer; target ``text:a cat``."""
     import transformers
 
     import vitscope
@@ -87,6 +87,10 @@ def hf_dual(tmp: Path, kind: str) -> Case:
     if kind == "clip":
         model = transformers.CLIPModel(transformers.CLIPConfig(text_config=_text_cfg(), vision_config=_vision_cfg(),
                                                                projection_dim=16))
+    elif kind == "siglip2":  # NaFlex: patches and spatial shapes built from the pixels
+        vcfg = {k: v for k, v in _vision_cfg().items() if k != "image_size"}
+        model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=_text_cfg(),
+                                                                     vision_config={**vcfg, "num_patches": 16}))
     else:
         model = transformers.SiglipModel(transformers.SiglipConfig(text_config=_text_cfg(),
                                                                    vision_config=_vision_cfg()))
@@ -104,12 +108,15 @@ def hf_dual(tmp: Path, kind: str) -> Case:
     vm = ref_model.vision_model
 
     def readout(h: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        img = vm.head(vm.post_layernorm(h)) if kind == "siglip" else ref_model.visual_projection(
+        img = vm.head(vm.post_layernorm(h)) if kind != "clip" else ref_model.visual_projection(
             vm.post_layernorm(h[:, 0]))
         return _cos_logit(ref_model, img, txt)
 
     def reference(pixels: torch.Tensor) -> Ref:
-        out = ref_model(pixel_values=pixels, **inputs, output_attentions=True, output_hidden_states=True)
+        from vitscope.adapters.hf import siglip2_inputs
+
+        image = siglip2_inputs(pixels, 8) if kind == "siglip2" else {"pixel_values": pixels}
+        out = ref_model(**image, **inputs, output_attentions=True, output_hidden_states=True)
         vout = out.vision_model_output
         txt = out.text_embeds.detach()
         return Ref(list(vout.attentions), out.logits_per_image[:, 0],

@@ -29,6 +29,7 @@ CASES: dict[str, Callable[[Path, Path], tc.Case]] = {
     "dinov2-patch": lambda tmp, img: tc.dinov2_ref(tmp, img, "patch"),
     "hf-clip-text": lambda tmp, img: tc.hf_dual(tmp, "clip"),
     "hf-siglip-text": lambda tmp, img: tc.hf_dual(tmp, "siglip"),
+    "hf-siglip2-text": lambda tmp, img: tc.hf_dual(tmp, "siglip2"),
     "open-clip-text": lambda tmp, img: tc.open_clip_text(),
 }
 METHODS = ["chefer", "grad_rollout", "attn_gradcam", "legrad"]
@@ -103,8 +104,7 @@ def test_map_equals_autograd_reference(name: str, method: str, built: Callable[[
     assert got.meta["target"] is not None
 
 
-@pytest.mark.parametrize("name", ["hf-clip-text", "hf-siglip-text", "open-clip-text", "dinov2-image",
-                                  "dinov2-patch", "timm-name", "hf-vit-name"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_score_is_the_models_own(name: str, built: Callable[[str], tc.Case]) -> None:
     """The scored value itself: for text, the model's ``logits_per_image`` (SigLIP: with its bias)."""
     from vitscope.methods._gradients import resolve_classes, target_scores, trace
