@@ -112,7 +112,8 @@ def _text_tower(module: nn.Module, name: str | None) -> TextTower | None:
         return open_clip.tokenizer.SimpleTokenizer(context_length=context)(list(prompts))
 
     def encode(tokens: torch.Tensor) -> torch.Tensor:
-        return module.encode_text(tokens)  # type: ignore[operator, no-any-return]
+        device = next(module.parameters()).device
+        return module.encode_text(tokens.to(device))  # type: ignore[operator, no-any-return]
 
     bias, scale = getattr(module, "logit_bias", None), module.logit_scale
     assert isinstance(scale, torch.Tensor)
