@@ -198,6 +198,7 @@ def test_legrad_official_readout_equals_published_recipe() -> None:
     ("dinov2-patch", "patch:1", ["cannot read patch"]),
     ("hf-clip-text", ["text:a cat", "kitten"], ["a mix of class and text"]),
     ("hf-clip-text", "text:", ["empty text prompt"]),
+    ("dinov2-image", "image:", ["'image:' without a path"]),
 ])
 def test_mismatched_target_is_one_line_naming_what_works(name: str, target: Any, needles: list[str],
                                                          built: Callable[[str], tc.Case]) -> None:
@@ -210,6 +211,15 @@ def test_mismatched_target_is_one_line_naming_what_works(name: str, target: Any,
     assert err.value.argument == "target" and "\n" not in line
     for needle in needles:
         assert needle in line, (needle, line)
+
+
+def test_legrad_readout_callable_with_a_token_target_is_refused(built: Callable[[str], tc.Case]) -> None:
+    """A text/reference target reads out through the model's own embedding: a read-out callable cannot apply."""
+    from vitscope.methods import legrad
+
+    with pytest.raises(VitscopeError) as err:
+        legrad(built("open-clip-text").vit, _pixels(1), "text:a cat", readout=lambda x: x)
+    assert err.value.argument == "readout" and "model' or 'official'" in str(err.value)
 
 
 def test_class_names_from_a_users_list_and_by_synonym(built: Callable[[str], tc.Case]) -> None:
