@@ -20,6 +20,7 @@ Features: `vitscope.methods.features.patch_features` (block ``layer``'s output, 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -33,13 +34,14 @@ __all__ = ["pca_components", "pca_rgb"]
 
 def pca_components(x: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scores (n, k), components (k, D), mean (D,))`` of ``x`` ``(n, D)`` by SVD in float64, signs fixed so
-    each component's largest-magnitude score is positive. Fewer than ``k`` directions (``n`` or ``D`` small):
-    the missing components are zero."""
+    each component's largest-magnitude score is positive. Fewer than ``k`` directions (``n`` or ``D`` small, or
+    features of a lower rank, numpy's ``matrix_rank`` tolerance): the missing components are zero."""
     x64 = x.double()
     mean = x64.mean(dim=0)
     xc = x64 - mean
-    _, _, vh = torch.linalg.svd(xc, full_matrices=False)  # vh (min(n, D), D)
-    comps = vh[:k]
+    _, sv, vh = torch.linalg.svd(xc, full_matrices=False)  # sv (min(n, D),), vh (min(n, D), D)
+    rank = int((sv > sv.max() * torch.finfo(sv.dtype).eps * max(xc.shape)).sum()) if sv.numel() else 0
+    comps = vh[:min(k, rank)]  # directions past the rank are rounding noise (min-max would blow them up)
     scores = xc @ comps.T  # (n, k')
     idx = scores.abs().argmax(dim=0)  # (k',)
     signs = torch.sign(scores[idx, torch.arange(scores.shape[1])])
@@ -50,6 +52,17 @@ def pca_components(x: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Ten
         scores = torch.cat([scores, scores.new_zeros(scores.shape[0], pad)], dim=1)
         comps = torch.cat([comps, comps.new_zeros(pad, comps.shape[1])], dim=0)
     return scores, comps, mean
+
+
+def _check_options(foreground: Any, foreground_side: Any, joint: Any) -> None:
+    if foreground is not None and (isinstance(foreground, bool) or not isinstance(foreground, numbers.Real)
+                                   or not 0.0 <= float(foreground) <= 1.0):
+        raise VitscopeError("foreground", f"{foreground!r} is not a threshold in [0, 1]",
+                            "pass a value in [0, 1] on the min-max scaled first component, e.g. 0.5, or None")
+    if not isinstance(foreground_side, str) or foreground_side not in ("high", "low"):
+        raise VitscopeError("foreground_side", f"unknown value {foreground_side!r}", "use 'high' or 'low'")
+    if not isinstance(joint, bool):
+        raise VitscopeError("joint", f"expected True or False, got {joint!r}", "pass joint=True or joint=False")
 
 
 def _minmax(scores: torch.Tensor) -> torch.Tensor:
@@ -68,14 +81,7 @@ def pca_rgb(
         ``(rgb (B, rows, cols, 3), pc1 (B, rows, cols), foreground (B, rows, cols) bool)``, float32 in [0, 1];
         ``pc1`` is the first component of the first fit; with ``joint=False`` each image is fitted alone.
     """
-    if foreground is not None and (isinstance(foreground, bool) or not isinstance(foreground, (int, float))
-                                   or not 0.0 <= float(foreground) <= 1.0):
-        raise VitscopeError("foreground", f"{foreground!r} is not a threshold in [0, 1]",
-                            "pass a value in [0, 1] on the min-max scaled first component, e.g. 0.5, or None")
-    if foreground_side not in ("high", "low"):
-        raise VitscopeError("foreground_side", f"unknown value {foreground_side!r}", "use 'high' or 'low'")
-    if not isinstance(joint, bool):
-        raise VitscopeError("joint", f"expected True or False, got {joint!r}", "pass joint=True or joint=False")
+    _check_options(foreground, foreground_side, joint)
     if not joint:
         parts = [pca_rgb(patches[b:b + 1], foreground=foreground, foreground_side=foreground_side)
                  for b in range(patches.shape[0])]
@@ -101,6 +107,7 @@ def pca_rgb(
 
 def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, foreground: Any = None,
              foreground_side: str = "high", joint: bool = True) -> MapResult:
+    _check_options(foreground, foreground_side, joint)
     feats = patch_features(ctx.vit, ctx.pixels, layer=layer, norm=norm)
     rgb, pc1, keep = pca_rgb(feats.patches, foreground=foreground, foreground_side=foreground_side, joint=joint)
     return MapResult(map=pc1, extras={"rgb": rgb, "foreground": keep},

@@ -14,6 +14,7 @@ array) prepared the model's way, whose token is compared with every image of the
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, query: Quer
     described: Any = None
     if reference is None:
         q = query_feature(feats.tokens, feats.layout, query)  # (B, D)
-    elif isinstance(reference, int) and not isinstance(reference, bool):
+    elif isinstance(reference, (bool, numbers.Integral)):
         k = as_index(reference, "reference", "image", f"pass an image index in [0, {B - 1}]")
         if not 0 <= k < B:
             raise VitscopeError("reference", f"image {k} out of range for {B} images", f"pass an index in [0, {B - 1}]")
@@ -59,12 +60,13 @@ def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, query: Quer
     else:
         from vitscope.capture.prepare import prepare
 
-        if isinstance(reference, torch.Tensor) and reference.dim() == 4 and reference.shape[0] != 1:
-            raise VitscopeError("reference", f"{reference.shape[0]} reference images given", "pass one image")
-        _, ref_pixels = prepare(ctx.vit, reference)
+        try:
+            _, ref_pixels = prepare(ctx.vit, reference)
+        except VitscopeError as exc:  # the reader names "image"/"images": here it is the reference
+            raise VitscopeError("reference", exc.problem, exc.fix) from None
+        if int(ref_pixels.shape[0]) != 1:
+            raise VitscopeError("reference", f"{int(ref_pixels.shape[0])} images given", "pass one reference image")
         ref = patch_features(ctx.vit, ref_pixels, layer=layer, norm=norm)
-        if ref.tokens.shape[0] != 1:
-            raise VitscopeError("reference", f"{ref.tokens.shape[0]} reference images given", "pass one image")
         q = query_feature(ref.tokens, ref.layout, query).expand(B, -1)
         described = str(reference) if isinstance(reference, str) else type(reference).__name__
     sim = cosine_map(q, feats.patches)
