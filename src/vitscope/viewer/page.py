@@ -126,12 +126,14 @@ class Viewer:
         policy: str | None = None,
         title: str | None = None,
         labels: list[str] | None = None,
+        features: dict[str, Any] | None = None,
     ) -> Viewer:
-        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options."""
+        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options
+        (``features``: `vitscope.viewer.pack.pack_features`, for the PCA and similarity tabs)."""
         return cls(
             pack(
                 attn, image, batch=batch, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-                policy=policy, title=title, labels=labels,
+                policy=policy, title=title, labels=labels, features=features,
             )
         )
 
@@ -196,6 +198,7 @@ def view(
     residual: float = 0.5,
     cmap: str = "inferno",
     title: str | None = None,
+    feature_layer: int | None = -1,
 ) -> Viewer:
     """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
 
@@ -203,6 +206,8 @@ def view(
         image: path, PIL image or array (one image).
         model: a `VitModel` or a spec (``"vitscope:shapes"``, ``"hf:..."``, ``"timm:..."``, a folder).
         policy, size: how the image is sized for the model (see `vitscope.capture`).
+        feature_layer: the block whose output features the PCA and similarity tabs show (after the model's
+            final norm, `vitscope.methods.features`); ``None`` leaves the feature tabs out.
     """
     from vitscope.adapters import as_vit
     from vitscope.capture.core import capture_full
@@ -214,10 +219,27 @@ def view(
     used_policy = policy or vit.info.preprocess.policy
     if title is None:
         title = Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else vit.info.name
+    features = None if feature_layer is None else feature_views(vit, res.pixel_values, feature_layer)
     return Viewer.from_attentions(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
         policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output),
+        features=features,
     )
+
+
+def feature_views(vit: Any, pixels: Any, layer: int = -1) -> dict[str, Any] | None:
+    """The packed feature views (`vitscope.viewer.pack.pack_features`) of the first image of ``pixels``:
+    block ``layer``'s patch features after the final norm, their PCA colours (fitted on this image); ``None``
+    for a one-patch image (nothing to fit or compare)."""
+    from vitscope.methods.features import patch_features
+    from vitscope.methods.pca import pca_rgb
+    from vitscope.viewer.pack import pack_features
+
+    feats = patch_features(vit, pixels[:1], layer=layer)
+    if feats.layout.num_patches < 2:
+        return None
+    rgb, _, _ = pca_rgb(feats.patches)
+    return pack_features(feats.patches[0], rgb[0], layer=feats.layer, norm=feats.norm)
 
 
 def view_many(
