@@ -74,11 +74,27 @@ def test_features_equal_the_models_hidden_states(fid: str, layer: int, norm: boo
     assert float(ref.std()) > 0.1
 
 
-def test_final_norm_is_found_by_structure_and_none_where_there_is_none() -> None:
+#: family id -> the name of its norm after the last block (the module the family's own forward applies there)
+FINAL_NORMS = {
+    "hf-vit": "layernorm", "hf-dinov3": "norm", "hf-clip": "post_layernorm", "hf-siglip": "post_layernorm",
+    "hf-aimv2": "rms_norm", "timm-eva-dinov3": "norm", "torchvision-vit": "encoder.ln", "open-clip-vit": "ln_post",
+    "vitscope-vit-reg4": "norm",
+}
+
+
+@pytest.mark.parametrize("fid", sorted(FINAL_NORMS))
+def test_final_norm_by_family(fid: str) -> None:
+    vit, x = prepare(built(fid, (32, 32)).model, _pixels(1, (32, 32)))
+    found = final_norm(vit)
+    assert found is not None and found[0] == FINAL_NORMS[fid]
+    normed, raw = patch_features(vit, x, norm=True), patch_features(vit, x, norm=False)
+    assert normed.norm == FINAL_NORMS[fid] and raw.norm is None
+    torch.testing.assert_close(normed.tokens, found[1](raw.tokens).float())  # the norm applied to the raw tokens
+
+
+def test_final_norm_is_none_where_there_is_none() -> None:
     import timm
 
-    assert final_norm(vitscope.wrap(make_tiny_vit()))[0] == "norm"  # type: ignore[index]
-    assert final_norm(vitscope.wrap(built("open-clip-vit", (32, 32)).module))[0] == "ln_post"  # type: ignore[index]
     torch.manual_seed(0)
     gap = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
                             num_heads=2, num_classes=5, global_pool="avg").eval()  # norm is an identity, fc_norm pools

@@ -7,7 +7,7 @@ pass raises), and the model's ``training`` flags are restored (`vitscope.capture
 
 With ``norm=True`` the tokens are passed through the model's final norm, the one applied after the last block,
 when the model has one: DINOv2 and DINOv3 (transformers ``layernorm`` / ``norm``, timm ``norm``), ViT / DeiT
-(``layernorm``), CLIP / SigLIP vision towers (``post_layernorm``), open_clip (``ln_post``), torchvision
+(``layernorm``), CLIP / SigLIP vision towers (``post_layernorm``), AIMv2 (``rms_norm``), open_clip (``ln_post``), torchvision
 (``encoder.ln``) and vitscope's own ViT (``norm``). It is the module of one of those names outside the blocks
 whose width is the model's; a model without one (timm's average-pooling ViTs: ``norm`` is an identity) gets the
 raw block output, and `Features.norm` says which module was applied (``None``: none). The DINOv2 notebooks
@@ -32,7 +32,7 @@ from vitscope.layout import TokenLayout
 __all__ = ["Features", "final_norm", "patch_features"]
 
 #: module names (the last part of the dotted path) of a final norm, most specific first
-_NORM_NAMES = ("post_layernorm", "ln_post", "layernorm", "norm", "ln")
+_NORM_NAMES = ("post_layernorm", "ln_post", "layernorm", "rms_norm", "norm", "ln")
 
 
 @dataclass

@@ -115,7 +115,7 @@ def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, foreground:
 
 
 register(Method(
-    name="pca", compute=_compute,
+    name="pca", compute=_compute, needs="features",
     summary="first three principal components of the patch features as RGB (fitted jointly over the images)",
     paper="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
 ))

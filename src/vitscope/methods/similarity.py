@@ -76,7 +76,7 @@ def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, query: Quer
 
 
 register(Method(
-    name="similarity", compute=_compute,
+    name="similarity", compute=_compute, needs="features",
     summary="cosine similarity of one patch's (or token's) feature to every patch, of the same or another image",
     paper="Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
 ))
