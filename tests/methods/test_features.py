@@ -305,7 +305,9 @@ def test_batch_writes_each_images_own_pca_colours(tmp_path: Path) -> None:
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     model = save_vit(make_tiny_vit(image_size=(32, 32), seed=2), tmp_path / "tiny")
+    before = tree_state(tmp_path)
     run_local(folder, tmp_path / "out", method="pca", model=str(model), batch_size=2, summary=False)
+    check_contained(before, tree_state(tmp_path), tmp_path, [tmp_path / "out"])
     for i in range(3):
         with np.load(tmp_path / "out" / f"{i}.pca.npz") as data:
             rgb = data["rgb"]

@@ -4,7 +4,7 @@ Oquab et al. 2024 ("DINOv2: Learning Robust Visual Features without Supervision"
 patch features of one or several images are fitted *jointly* (so a colour means the same part in every image),
 
 1. PCA of every patch feature ``X`` ``(n, D)`` (``n`` = patches of all images): ``Xc = X - mean(X)``,
-   ``Xc = U S V^T`` (SVD), scores ``Xc V[:, :3]``;
+   ``Xc = U S V^T`` (``V`` from the eigenvectors of ``Xc^T Xc``), scores ``Xc V[:, :3]``;
 2. optionally ``foreground``: the first component, min-max scaled to [0, 1] over all patches, is thresholded
    (patches with ``pc1 >= foreground`` are kept; ``foreground_side="low"`` keeps ``pc1 <= foreground``), and the
    PCA is fitted again on the kept patches only (the background gets black);
@@ -31,17 +31,30 @@ from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 __all__ = ["pca_components", "pca_rgb"]
 
+#: a direction whose variance is below this share of the first one's is rounding noise (the features' rank)
+RANK_TOLERANCE = 1e-10
+
 
 def pca_components(x: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scores (n, k), components (k, D), mean (D,))`` of ``x`` ``(n, D)`` by SVD in float64, signs fixed so
-    each component's largest-magnitude score is positive. Fewer than ``k`` directions (``n`` or ``D`` small, or
-    features of a lower rank, numpy's ``matrix_rank`` tolerance): the missing components are zero."""
+    """``(scores (n, k), components (k, D), mean (D,))`` of ``x`` ``(n, D)``: the top right singular vectors of
+    the centred ``x``, found in float64 as eigenvectors of its ``D x D`` scatter matrix (of the ``n x n`` Gram
+    matrix when ``n < D``), a matrix product and a small symmetric eigenproblem rather than a full SVD; signs
+    fixed so each component's largest-magnitude score is positive. Fewer than ``k`` directions (``n`` or ``D``
+    small, or features of a lower rank: variance below `RANK_TOLERANCE` of the first's): the missing components
+    are zero."""
     x64 = x.double()
     mean = x64.mean(dim=0)
-    xc = x64 - mean
-    _, sv, vh = torch.linalg.svd(xc, full_matrices=False)  # sv (min(n, D),), vh (min(n, D), D)
-    rank = int((sv > sv.max() * torch.finfo(sv.dtype).eps * max(xc.shape)).sum()) if sv.numel() else 0
-    comps = vh[:min(k, rank)]  # directions past the rank are rounding noise (min-max would blow them up)
+    xc = x64 - mean  # (n, D)
+    n, D = xc.shape
+    if n >= D:  # eigenvectors of the scatter matrix Xc^T Xc = V S^2 V^T: the right singular vectors
+        var, vecs = torch.linalg.eigh(xc.T @ xc)  # ascending
+        var, directions = var.flip(0), vecs.flip(-1).T  # (D,), (D, D) rows by decreasing variance
+    else:  # fewer patches than dimensions: the Gram matrix Xc Xc^T = U S^2 U^T, then V^T = S^-1 U^T Xc
+        var, vecs = torch.linalg.eigh(xc @ xc.T)
+        var, u = var.flip(0), vecs.flip(-1)
+        directions = (u.T @ xc) / var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()[:, None]
+    rank = int((var > var[0] * RANK_TOLERANCE).sum()) if var.numel() and float(var[0]) > 0 else 0
+    comps = directions[:min(k, rank)]  # directions past the rank are rounding noise (min-max would blow them up)
     scores = xc @ comps.T  # (n, k')
     idx = scores.abs().argmax(dim=0)  # (k',)
     signs = torch.sign(scores[idx, torch.arange(scores.shape[1])])

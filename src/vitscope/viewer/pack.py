@@ -185,9 +185,9 @@ def pack_features(patches: Any, rgb: Any, *, layer: int, norm: str | None, dims:
     rows, cols, D = f.shape
     unit = f.reshape(rows * cols, D)
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (P, D): cosines are dot products
-    if dims < D:
-        _, _, vh = torch.linalg.svd(unit, full_matrices=False)
-        unit = unit @ vh[:dims].T  # (P, dims): the best rank-dims approximation of every dot product
+    if dims < D:  # the top right singular vectors: eigenvectors of unit^T unit (D x D), largest first
+        _, vecs = torch.linalg.eigh(unit.T @ unit)
+        unit = unit @ vecs.flip(-1)[:, :dims]  # (P, dims): the best rank-dims approximation of every dot product
     return {
         "layer": int(layer), "norm": norm, "dims": int(unit.shape[1]), "width": int(D),
         "pca": encode_array(np.asarray(torch.as_tensor(rgb).detach().float().cpu(), dtype=np.float32), "float16"),
