@@ -106,6 +106,31 @@ def test_final_norm_is_none_where_there_is_none() -> None:
     torch.testing.assert_close(feats.patches.reshape(2, 16, -1), ref, atol=1e-6, rtol=1e-6)
 
 
+def test_a_block_output_on_the_grid_is_read_as_patches() -> None:
+    """timm's SAM encoder: blocks output ``(B, rows, cols, D)`` (no prefix token), windowed layer 0 included."""
+    import timm
+
+    torch.manual_seed(0)
+    sam = timm.create_model("samvit_base_patch16", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                            num_heads=2, window_size=2, global_attn_indexes=(1,), neck_chans=16).eval()
+    vit, x = prepare(sam, _pixels(size=(32, 32)))
+    for layer in (0, 1):
+        with torch.no_grad():
+            (ref,) = sam.forward_intermediates(x, indices=[layer], norm=False, intermediates_only=True)
+        got = patch_features(vit, x, layer=layer)
+        assert got.norm is None  # SAM's neck is no token norm
+        torch.testing.assert_close(got.patches, ref.permute(0, 2, 3, 1), atol=1e-6, rtol=1e-6)
+
+
+def test_patch_features_guards() -> None:
+    vit, x = prepare(vitscope.wrap(make_tiny_vit(image_size=(32, 32))), _pixels(1, (32, 32)))
+    with pytest.raises(VitscopeError, match=r"^norm: expected True or False, got 'yes'"):
+        patch_features(vit, x, norm="yes")  # type: ignore[arg-type]
+    skipping = vitscope.VitModel(vit.module, vit.info, vit.sites, forward=lambda _m, _x: None)
+    with pytest.raises(VitscopeError, match=r"^layer: block 1 did not run in the forward pass"):
+        patch_features(skipping, x)  # a forward that never reaches the blocks
+
+
 # ---------------------------------------------------------------------------------------- pca vs numpy SVD
 def _np_pca(x: np.ndarray) -> np.ndarray:
     """Scores of the first three components of ``x`` (n, D) by numpy's SVD, signs: largest |score| positive."""
@@ -200,8 +225,9 @@ def test_similarity_equals_a_hand_cosine_for_every_kind_of_query() -> None:
     for b in range(2):
         np.testing.assert_allclose(got[b].numpy(), _cos(f[b, 3, 1], f[b]), atol=1e-5)
     assert got[0, 3, 1] == pytest.approx(1.0, abs=1e-6) and float(got.std()) > 0.05
-    centre = vitscope.maps(model, x, "similarity").map  # default: the centre patch (2, 3)
-    np.testing.assert_allclose(centre[1].numpy(), _cos(f[1, 2, 3], f[1]), atol=1e-5)
+    centre = vitscope.maps(model, x, "similarity")  # default: the centre patch (2, 3)
+    np.testing.assert_allclose(centre.map[1].numpy(), _cos(f[1, 2, 3], f[1]), atol=1e-5)
+    assert centre.meta["query"] == [2, 3]
     mean = vitscope.maps(model, x, "similarity", query="mean").map
     np.testing.assert_allclose(mean[0].numpy(), _cos(f[0].reshape(-1, f.shape[-1]).mean(0), f[0]), atol=1e-5)
     other = vitscope.maps(model, x, "similarity", query=(0, 5), reference=1).map  # image 1's patch in both

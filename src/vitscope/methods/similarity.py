@@ -47,6 +47,8 @@ def cosine_map(query: torch.Tensor, patches: torch.Tensor, eps: float = 1e-8) ->
 def _compute(ctx: MapContext, *, layer: int = -1, norm: bool = True, query: Query = None,
              reference: Any = None) -> MapResult:
     feats = patch_features(ctx.vit, ctx.pixels, layer=layer, norm=norm)
+    if query is None and (reference is None or isinstance(reference, (bool, numbers.Integral))):
+        query = (feats.layout.grid[0] // 2, feats.layout.grid[1] // 2)  # the centre patch, named in meta
     B = int(ctx.pixels.shape[0])
     described: Any = None
     if reference is None:
