@@ -118,7 +118,7 @@ def _key(x: Any) -> Any:
     return tuple(x) if isinstance(x, list) else x
 
 
-Needs = Literal["attention", "gradients"]
+Needs = Literal["attention", "gradients", "features"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ class Method:
             method's parameters and their defaults.
         summary: one line for ``--help`` and docs.
         paper: the reference (authors, title, venue year).
-        needs: ``"attention"`` (a forward pass, no autograd) or ``"gradients"`` (a target class, backward).
+        needs: ``"attention"`` (a forward pass, no autograd), ``"gradients"`` (a target class, backward) or
+            ``"features"`` (one block's output tokens, no attention: the feature views ``pca``, ``similarity``).
         upsample: how the map is brought to pixels (``"bilinear"``; ``"nearest"`` for masks).
     """
 

@@ -127,12 +127,14 @@ class Viewer:
         title: str | None = None,
         labels: list[str] | None = None,
         maps: Mapping[str, Any] | None = None,
+        features: dict[str, Any] | None = None,
     ) -> Viewer:
-        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options."""
+        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options
+        (``features``: `vitscope.viewer.pack.pack_features`, for the PCA and similarity tabs)."""
         return cls(
             pack(
                 attn, image, batch=batch, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-                policy=policy, title=title, labels=labels, maps=maps,
+                policy=policy, title=title, labels=labels, maps=maps, features=features,
             )
         )
 
@@ -203,6 +205,7 @@ def view(
     title: str | None = None,
     target: Any = None,
     methods: Sequence[str] = GRADIENT_METHODS,
+    feature_layer: int | None = -1,
 ) -> Viewer:
     """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
 
@@ -214,6 +217,8 @@ def view(
             ``"text:a cat"`` or a list of prompts, ``"image:ref.png"``, ``"patch:R,C"``); the page then shows
             each of ``methods``' map for it (one per prompt) as a method of its own. ``None``: no gradient maps.
         methods: the gradient methods drawn for ``target``.
+        feature_layer: the block whose output features the PCA and similarity tabs show (after the model's
+            final norm, `vitscope.methods.features`); ``None`` leaves the feature tabs out.
     """
     from vitscope.adapters import as_vit
     from vitscope.capture.core import capture_full
@@ -226,9 +231,11 @@ def view(
     if title is None:
         title = Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else vit.info.name
     maps = gradient_maps(vit, img, target, methods, policy=policy, size=size) if target is not None else None
+    features = None if feature_layer is None else feature_views(vit, res.pixel_values, feature_layer)
     return Viewer.from_attentions(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
         policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output), maps=maps,
+        features=features,
     )
 
 
@@ -246,6 +253,21 @@ def gradient_maps(vit: Any, image: Any, target: Any, methods: Sequence[str], *, 
         for m, label in zip(result.map, labels, strict=True):
             out[f"{name} {label}"] = m
     return out
+
+
+def feature_views(vit: Any, pixels: Any, layer: int = -1) -> dict[str, Any] | None:
+    """The packed feature views (`vitscope.viewer.pack.pack_features`) of the first image of ``pixels``:
+    block ``layer``'s patch features after the final norm, their PCA colours (fitted on this image); ``None``
+    for a one-patch image (nothing to fit or compare)."""
+    from vitscope.methods.features import patch_features
+    from vitscope.methods.pca import pca_rgb
+    from vitscope.viewer.pack import pack_features
+
+    feats = patch_features(vit, pixels[:1], layer=layer)
+    if feats.layout.num_patches < 2:
+        return None
+    rgb, _, _ = pca_rgb(feats.patches)
+    return pack_features(feats.patches[0], rgb[0], layer=feats.layer, norm=feats.norm)
 
 
 def view_many(
