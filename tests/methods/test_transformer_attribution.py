@@ -354,3 +354,15 @@ def test_supported_methods_leaves_out_a_refused_family() -> None:
 
     tower = _model(_hf("CLIPVisionModel", "CLIPVisionConfig"), 4.0)  # no classifier: refused
     assert "transformer_attribution" not in supported_methods(tower) and "chefer" in supported_methods(tower)
+
+
+def test_token_targets_are_refused_and_class_names_accepted() -> None:
+    """Main's target vocabulary: a class name resolves to its index; a patch (token) target is one line."""
+    vit = vitscope.load(_redraw_heads(sharpen(_vitscope().eval(), 16.0)))
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    with pytest.raises(VitscopeError, match="one class logit") as err:
+        vitscope.maps(vit, pixels, "transformer_attribution", target="patch:1,1")
+    assert err.value.argument == "target" and "\n" not in str(err.value)
+    named = vitscope.maps(vit, pixels, "transformer_attribution",
+                          target=vitscope.methods.targets.ClassName("c", labels=list("abcde"))).map
+    torch.testing.assert_close(named, transformer_attribution(vit, pixels, target=2))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import make_tiny_vit
 from vitscope.errors import VitscopeError
-from vitscope.methods import supported_methods
+from vitscope.methods import method_names, supported_methods
 from vitscope.models.vit import ViT, ViTConfig, save_vit
 from vitscope.train.report import REPORT_FILES, model_report, shapes_batch
 from vitscope.train.shapes import SHAPE_CLASSES, render_shape
@@ -57,10 +57,14 @@ def test_report_numbers_and_files(shapes_model: Path, tmp_path: Path) -> None:
     assert np.array(saved["distance"]).shape == (2, 2)
     md = (out / "report.md").read_text()
     import vitscope
+    from vitscope.methods.api import get_method
 
     runnable = supported_methods(vitscope.load(shapes_model))
     assert "transformer_attribution" in runnable and "attnlrp" not in runnable  # (lxt has no vitscope ViT rules)
-    for name in runnable:
+    for name in method_names():
+        if get_method(name).needs == "features" or name not in runnable:  # feature views / refused: left out
+            assert f"| {name} " not in md and name not in rep.localisation
+            continue
         assert f"| {name}" in md
         row = rep.localisation[name]
         assert 0 <= row["pointing_game"] <= 1 and 0 <= row["mask_iou"] <= 1

@@ -47,6 +47,8 @@ from vitscope.capture.hooks import eval_mode
 from vitscope.errors import VitscopeError
 from vitscope.methods._gradients import Target, grad_enabled, resolve_classes
 from vitscope.methods.registry import MapContext, MapResult, Method, register
+from vitscope.methods.targets import target_meta
+from vitscope.methods.transformer_attribution import class_targets
 
 INSTALL = "pip install 'vitscope[lrp]'"
 _LOCK = threading.Lock()  # lxt patches classes process-wide: one AttnLRP at a time
@@ -166,9 +168,9 @@ def attnlrp(model: Any, images: Any, target: Target = None, *, policy: SizePolic
 
 
 def _compute(ctx: MapContext, *, target: Target = None) -> MapResult:
-    classes = ctx.classes(target)
+    classes = class_targets(ctx, target, "attnlrp")
     grid_map = attnlrp(ctx.vit, ctx.pixels, classes)
-    return MapResult(map=grid_map, meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map, meta={"target": target_meta(classes)})
 
 
 register(Method(

@@ -61,6 +61,7 @@ from vitscope.methods._common import Query
 from vitscope.methods._gradients import Target, grad_enabled, layers_from, resolve_classes
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix
+from vitscope.methods.targets import target_meta
 
 _EPS = 1e-9  # Chefer's safe_divide stabiliser
 _FIX = "use a supported family (docs/methods.md#transformer_attribution), or the 'chefer' method"
@@ -533,9 +534,22 @@ def attribution_map(rel: Relevance, vit: VitModel, pixels: torch.Tensor, layers:
 
 
 def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
-    classes = ctx.classes(target)
+    classes = class_targets(ctx, target, "transformer_attribution")
     grid_map = transformer_attribution(ctx.vit, ctx.pixels, classes, start_layer=start_layer, query=query)
-    return MapResult(map=grid_map, meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map, meta={"target": target_meta(classes)})
+
+
+def class_targets(ctx: MapContext, target: Target, method: str) -> Any:
+    """``ctx.classes(target)``, refusing the targets an LRP method cannot start from (text prompts, reference
+    images, patches, callables: the relevance starts at one class logit)."""
+    from vitscope.methods.targets import TokenScore
+
+    classes: Any = ctx.classes(target)
+    if (isinstance(classes, list) and classes and isinstance(classes[0], TokenScore)) or callable(classes):
+        kind = classes[0].kind if isinstance(classes, list) else "callable"
+        raise VitscopeError("target", f"{method} starts its relevance at one class logit, not a {kind} target",
+                            "pass a class index or name (one per image), or None for the predicted class")
+    return classes
 
 
 register(Method(

@@ -123,8 +123,9 @@ def model_report(
         localisation_images: images for the method comparison (each method runs on all of them).
         samples: images shown in the rollout figure.
         seed: seed of the fresh images (the ``test`` split of the shapes generator).
-        methods: registered methods to compare (default: every registered method that can run on the model,
-            `vitscope.methods.supported_methods`; e.g. ``attnlrp`` needs lxt and a torchvision ViT).
+        methods: registered methods to compare (default: every registered attribution map that can run on the
+            model, `vitscope.methods.supported_methods`; feature views such as ``pca`` are left out unless named,
+            and so are methods the model cannot run, e.g. ``attnlrp`` without lxt or on a non-torchvision ViT).
         overwrite: write into a folder that holds files vitscope did not write (they are kept; the report's own
             files, ``REPORT_FILES``, must not be among them). Without it such a folder is refused.
     """
@@ -133,7 +134,7 @@ def model_report(
     from vitscope.adapters import VitModel, load
     from vitscope.capture.core import capture
     from vitscope.images import pixels_to_rgb
-    from vitscope.methods.api import method_names, supported_methods
+    from vitscope.methods.api import get_method, method_names, supported_methods
     from vitscope.methods.registry import MapContext
     from vitscope.train.shapes import SHAPE_CLASSES
 
@@ -152,7 +153,10 @@ def model_report(
     dest.check_writes(REPORT_FILES)
     vit = load(model) if not isinstance(model, VitModel) else model
     if methods is None:
-        chosen = list(supported_methods(vit))
+        # the default compares the attribution maps this model can run; feature views (pca, similarity) are
+        # pictures of the features, not a claim about where the class is, so a pointing game on them would mean
+        # nothing
+        chosen = [m for m in supported_methods(vit) if get_method(m).needs != "features"]
     name = model if isinstance(model, str) else vit.info.name
     info = vit.info
     prep = info.preprocess
