@@ -555,6 +555,9 @@ def evaluate(
 
     if engine not in ("local", "ray"):
         raise VitscopeError("engine", f"unknown engine {engine!r}", "use 'local' or 'ray'")
+    unknown = sorted(set(engine_options) - {"address", "concurrency", "num_cpus"})
+    if unknown:
+        raise VitscopeError(unknown[0], "evaluate has no such option", "see help(vitscope.evaluate)")
     if engine == "local" and any(v is not None for v in engine_options.values()):
         given = next(k for k, v in engine_options.items() if v is not None)
         raise VitscopeError(given, "the local engine does not use it", "drop it, or use engine='ray'")
@@ -636,7 +639,8 @@ def evaluate(
         if engine == "ray":
             from vitscope.evaluate.ray_engine import run_ray
 
-            run_ray(vit, model, todo, options, policy, size, save, bar, **engine_options)
+            run_ray(vit, model, todo, options, policy, size, save, bar, batch_size=batch_size,
+                    **{k: v for k, v in engine_options.items() if v is not None})
         else:
             for chunk in _chunks(todo, batch_size):
                 save(_run_chunk(vit, chunk, options, policy, size))

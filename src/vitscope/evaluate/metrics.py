@@ -132,11 +132,13 @@ def segmentation_counts(relevance: np.ndarray, mask: np.ndarray) -> Segmentation
     if np.shape(relevance) != gt.shape:
         raise VitscopeError("masks", f"mask {gt.shape} vs map {np.shape(relevance)}", "bring both to the input size")
     norm, fg = binarise(relevance)
+    flat = float(np.ptp(np.asarray(relevance, dtype=np.float64))) == 0.0
     inter = [int(np.sum(~fg & ~gt)), int(np.sum(fg & gt))]
     union = [int(np.sum(~fg | ~gt)), int(np.sum(fg | gt))]
-    # AP of the two one-hot channels pooled: background scored 1 - map, foreground scored map
-    ap = average_precision(np.concatenate([1 - norm.ravel(), norm.ravel()]),
-                           np.concatenate([~gt.ravel(), gt.ravel()]))
+    # AP of the two one-hot channels pooled: background scored 1 - map, foreground scored map (a constant map
+    # is NaN after Chefer's min-max, zeroed on both channels: every score 0)
+    scores = np.zeros(2 * gt.size) if flat else np.concatenate([1 - norm.ravel(), norm.ravel()])
+    ap = average_precision(scores, np.concatenate([~gt.ravel(), gt.ravel()]))
     return SegmentationCounts(correct=int(np.sum(fg == gt)), labeled=int(gt.size), inter=inter, union=union, ap=[ap])
 
 
