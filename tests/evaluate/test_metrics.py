@@ -115,10 +115,10 @@ def test_segmentation_by_hand() -> None:
     s = segmentation_scores(c)
     assert s["pixel_accuracy"] == pytest.approx(50.0, abs=1e-6)
     assert s["miou"] == pytest.approx(100 / 3, abs=1e-6)
-    # a constant map: NaN after Chefer's min-max, so all background, and both AP channels score 0 (AP = 2 / 8)
+    # a constant map: NaN after Chefer's min-max, so all background, and both AP channels score 0 (AP = 4 positives / 8)
     flat = segmentation_scores(segmentation_counts(np.ones((2, 2)), np.array([[False, True], [False, True]])))
     assert flat["pixel_accuracy"] == pytest.approx(50.0, abs=1e-6)
-    assert flat["map"] == pytest.approx(25.0, abs=1e-6)
+    assert flat["map"] == pytest.approx(50.0, abs=1e-6)
 
 
 def test_segmentation_matches_chefer_reference() -> None:
