@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from vitscope.errors import VitscopeError
-from vitscope.evaluate.datasets import coco_mask, folder_samples, imagenet_segmentation, rle_counts, rle_decode
+from vitscope.evaluate.datasets import (
+    coco_mask,
+    folder_samples,
+    imagenet_segmentation,
+    rle_counts,
+    rle_decode,
+)
 
 
 def write_mat(path, images: list[np.ndarray], masks: list[np.ndarray]) -> None:
@@ -46,7 +52,7 @@ def test_imagenet_segmentation_mat(tmp_path) -> None:
         assert s.label is None
     assert len(imagenet_segmentation(path, limit=1)) == 1
     (tmp_path / "bad.mat").write_bytes(b"MATLAB 5.0 MAT-file, not HDF5")
-    with pytest.raises(VitscopeError, match="v7.3"):
+    with pytest.raises(VitscopeError, match=r"v7\.3"):
         imagenet_segmentation(tmp_path / "bad.mat")
 
 

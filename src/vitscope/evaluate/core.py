@@ -120,7 +120,7 @@ class EvaluationTable:
             cells = [_cell(r.get(k), 2) if r.get(k) is not None else "-" for k, _, _ in COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"- {r['method']}: {r['error']}" for r in self.rows if r.get("error")]
-        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+        return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -639,7 +639,7 @@ def evaluate(
         if engine == "ray":
             from vitscope.evaluate.ray_engine import run_ray
 
-            run_ray(vit, model, todo, options, policy, size, save, bar, batch_size=batch_size,
+            run_ray(_run_chunk, vit, todo, options, policy, size, save, bar, batch_size=batch_size,
                     **{k: v for k, v in engine_options.items() if v is not None})
         else:
             for chunk in _chunks(todo, batch_size):

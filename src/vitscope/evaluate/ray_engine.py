@@ -3,7 +3,7 @@
 The batch engine's machinery is reused (`vitscope.batch.ray_engine`): ``import_ray`` (one-line install hint),
 ``_connect`` (a running cluster at ``address`` / ``RAY_ADDRESS``, else a local one sized for the pool) and
 ``ray_output`` (Ray's own log lines to a file). Each actor runs the local engine's chunk function
-(`vitscope.evaluate.core._run_chunk`); the driver writes the records as chunks finish, so a run stopped
+(passed in: `vitscope.evaluate.core._run_chunk`); the driver writes the records as chunks finish, so a run stopped
 half-way resumes like a local one.
 """
 
@@ -16,7 +16,7 @@ from vitscope.errors import VitscopeError
 
 
 class _ChunkActor:
-    """Holds the model; scores chunks (`vitscope.evaluate.core._run_chunk`)."""
+    """Holds the model; scores chunks with the function it is given."""
 
     def __init__(self, vit: Any, num_threads: int) -> None:
         import torch
@@ -24,16 +24,17 @@ class _ChunkActor:
         torch.set_num_threads(max(1, num_threads))
         self.vit = vit
 
-    def run(self, chunk: Any, options: Any, policy: Any, size: Any) -> list[dict[str, Any]]:
-        from vitscope.evaluate.core import _run_chunk
+    def run(self, fn: Callable[..., list[dict[str, Any]]], chunk: Any, options: Any, policy: Any, size: Any,
+            ) -> list[dict[str, Any]]:
+        return fn(self.vit, chunk, options, policy, size)
 
-        return _run_chunk(self.vit, chunk, options, policy, size)
 
-
-def run_ray(vit: Any, model: Any, todo: Sequence[tuple[int, Any]], options: Any, policy: Any, size: Any,
+def run_ray(fn: Callable[..., list[dict[str, Any]]], vit: Any, todo: Sequence[tuple[int, Any]], options: Any,
+            policy: Any, size: Any,
             save: Callable[[list[dict[str, Any]]], None], bar: Any, *, address: str | None = None,
             concurrency: int | None = None, num_cpus: float | None = None, batch_size: int = 64) -> None:
-    """Score ``todo`` (``(index, Sample)`` pairs) on ``concurrency`` actors of ``num_cpus`` CPUs each, calling
+    """Score ``todo`` (``(index, Sample)`` pairs) with the chunk function ``fn(vit, chunk, options, policy,
+    size)`` on ``concurrency`` actors of ``num_cpus`` CPUs each, calling
     ``save`` with each finished chunk's records (in the order chunks finish)."""
     from vitscope.batch.ray_engine import _connect, import_ray, ray_output
 
@@ -57,7 +58,7 @@ def run_ray(vit: Any, model: Any, todo: Sequence[tuple[int, Any]], options: Any,
             while next_chunk < len(chunks) or pending:
                 while free and next_chunk < len(chunks):
                     a = free.pop()
-                    ref = actors[a].run.remote(chunks[next_chunk], options, policy, size)
+                    ref = actors[a].run.remote(fn, chunks[next_chunk], options, policy, size)
                     pending[ref] = a
                     next_chunk += 1
                 ready, _ = ray.wait(list(pending), num_returns=1)
