@@ -217,3 +217,24 @@ def test_segmentation_and_pointing_in_chunk(shapes_vit, shapes_batch) -> None:
     curve = np.mean([r["methods"]["random"]["deletion"] for r in recs], axis=0)
     x = np.linspace(0, 1, len(curve))
     assert row["deletion"] == pytest.approx(100 * float(np.trapezoid(curve, x)), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_rise_curves_equal_the_library_perturbation_auc(shapes_vit, shapes_batch, mode: str) -> None:
+    """The chunk's deletion/insertion curves (end points shared across methods) are
+    `vitscope.methods.metrics.perturbation_auc`'s with the same black canvas, class and steps."""
+    from vitscope.evaluate.metrics import black_fill
+    from vitscope.methods.metrics import perturbation_auc as rise
+
+    vit = shapes_vit
+    pixels, masks, labels = shapes_batch
+    B, _, H, W = pixels.shape
+    recs = evaluate_chunk(vit, pixels, masks, labels, list(range(B)), EvalOptions(methods=(), deletion_steps=5,
+                                                                                 sanity_images=0))
+    maps = torch.from_numpy(random_maps(0, list(range(B)), vit.grid_for((H, W))))
+    prep = vit.info.preprocess
+    pred = [r["prediction"] for r in recs]
+    ref = rise(vit, pixels, maps, target=pred, mode=mode, steps=5,
+               baseline=black_fill(prep.mean, prep.std).float().reshape(3, 1, 1))
+    got = np.array([r["methods"]["random"][mode] for r in recs])
+    np.testing.assert_allclose(got, ref.scores.numpy(), atol=1e-6)

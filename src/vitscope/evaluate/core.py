@@ -4,7 +4,8 @@ For each chunk of images (`evaluate_chunk`, the unit both engines run) and each 
 
 - the perturbation test, positive and negative, predicted and target class (`vitscope.evaluate.metrics`);
 - the segmentation test and the pointing game, when the image has a mask;
-- deletion and insertion (RISE; `vitscope.methods.metrics.perturbation_auc`, black fill, ``deletion_steps``);
+- deletion and insertion (RISE; `vitscope.methods.metrics.perturbation_auc`'s rule, black fill, ``deletion_steps``;
+  the end points shared by all methods are computed once per chunk);
 - on the first ``sanity_images`` images, the cascading randomisation sanity check (`sanity_check`).
 
 Each image's measures are one JSON line of ``<out>/records.jsonl`` (appended and fsynced per chunk); a re-run
@@ -241,6 +242,48 @@ def _hits_probs(logits: torch.Tensor, classes: Sequence[int]) -> tuple[list[list
     return hits, probs
 
 
+def _rise_inputs(vit: Any, pixels: torch.Tensor, order: torch.Tensor, k: int, mode: str, fill: torch.Tensor,
+                 ) -> torch.Tensor:
+    """RISE step input (as `vitscope.methods.metrics.perturbation_auc`): the first ``k`` patches of ``order``
+    ``(B, P)`` (all ``P`` when ``order`` is empty and ``k`` is P) removed (deletion: black) or the only ones kept
+    over a black canvas (insertion; pixels outside the patch grid stay as in the image)."""
+    B, C, H, W = pixels.shape
+    rows, cols = vit.grid_for((int(H), int(W)))
+    ph, pw = vit.info.patch_size
+    sel = torch.zeros(B, rows * cols, dtype=torch.bool, device=pixels.device)
+    if order.shape[1]:
+        sel.scatter_(1, order[:, :k].to(pixels.device), True)
+    elif k:
+        sel[:] = True
+    full = torch.zeros(B, 1, int(H), int(W), dtype=torch.bool, device=pixels.device)
+    full[:, :, : rows * ph, : cols * pw] = sel.reshape(B, 1, rows, 1, cols, 1).expand(
+        B, 1, rows, ph, cols, pw).reshape(B, 1, rows * ph, cols * pw)  # each patch's pixels
+    canvas = fill.to(pixels).reshape(1, C, 1, 1)
+    if mode == "deletion":
+        return torch.where(full, canvas, pixels)
+    covered = torch.zeros_like(full)
+    covered[:, :, : rows * ph, : cols * pw] = True
+    return torch.where(full | ~covered, pixels, canvas)
+
+
+def _rise_curves(vit: Any, pixels: torch.Tensor, maps: torch.Tensor, classes: Sequence[int], fill: torch.Tensor,
+                 mode: str, steps: int, clean: torch.Tensor, end: torch.Tensor, forward_batch: int) -> torch.Tensor:
+    """Deletion or insertion curve ``(B, steps + 1)``: probability of ``classes`` with the top ``round(s / steps
+    * P)`` patches of the map (ties: lower index first) removed / inserted; the clean image and ``end`` (every
+    patch removed / none inserted, shared by all methods) are not recomputed."""
+    B = int(pixels.shape[0])
+    P = int(maps.shape[-2] * maps.shape[-1])
+    order = torch.sort(maps.reshape(B, P).float(), dim=-1, descending=True, stable=True).indices
+    ks = [round(s / steps * P) for s in range(1, steps)]
+    inner = [_rise_inputs(vit, pixels, order, k, mode, fill) for k in ks]
+    mid = _logits(vit, torch.cat(inner), forward_batch).reshape(len(ks), B, -1).transpose(0, 1) if ks else \
+        clean.new_zeros(B, 0, clean.shape[-1])
+    first, last = (clean, end) if mode == "deletion" else (end, clean)
+    logits = torch.cat([first[:, None], mid, last[:, None]], dim=1)  # (B, steps + 1, classes)
+    cls = torch.as_tensor(list(classes), dtype=torch.long)[:, None, None].expand(-1, steps + 1, 1)
+    return logits.softmax(dim=-1).gather(2, cls)[..., 0]
+
+
 @dataclass
 class EvalOptions:
     """What `evaluate_chunk` measures (fixed for a run: recorded in ``evaluate.json``)."""
@@ -262,7 +305,6 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
     same frame (or None), dataset ``labels`` (or None), ``keys`` the images' positions in the dataset (the random
     baseline and the sanity subset depend on them). Returns one record per image (see the module docstring)."""
     from vitscope.methods.api import get_method
-    from vitscope.methods.metrics import perturbation_auc as rise_auc
     from vitscope.methods.metrics import pointing_game
 
     B, _, H, W = pixels.shape
@@ -276,6 +318,10 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
     records: list[dict[str, Any]] = [
         {"key": int(keys[b]), "label": labels[b], "prediction": pred[b], "methods": {}} for b in range(B)]
     originals: dict[str, torch.Tensor] = {}
+    # RISE's method-independent end points: every patch removed (deletion), none inserted (insertion)
+    ends = {mode: _logits(vit, _rise_inputs(vit, pixels, torch.zeros(B, 0, dtype=torch.long), grid[0] * grid[1]
+                                            if mode == "deletion" else 0, mode, fill), options.forward_batch)
+            for mode in ("deletion", "insertion")}
 
     for name in (*options.methods, RANDOM):
         try:
@@ -317,12 +363,11 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
                                "ap": c.ap[0]}
             hit = pointing_game(maps[b:b + 1].float(), torch.from_numpy(gt)[None])
             entry[b]["point"] = bool(hit[0])
-        canvas = fill.to(pixels.dtype).reshape(-1, 1, 1).to(pixels.device)
         for mode in ("deletion", "insertion"):
-            res = rise_auc(vit, pixels, maps.float(), target=pred, mode=mode, steps=options.deletion_steps,
-                           baseline=canvas, batch_size=options.forward_batch)
+            curve = _rise_curves(vit, pixels, maps, pred, fill, mode, options.deletion_steps, clean, ends[mode],
+                                 options.forward_batch)
             for b in range(B):
-                entry[b][mode] = res.scores[b].tolist()
+                entry[b][mode] = curve[b].tolist()
         for b in range(B):
             records[b]["methods"][name] = entry[b]
 
