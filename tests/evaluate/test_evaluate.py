@@ -115,7 +115,7 @@ def test_cli_happy_path_and_errors(tmp_path) -> None:
 
 
 def test_ctrl_c_exits_130_and_says_what_was_saved(tmp_path, monkeypatch) -> None:
-    import vitscope.evaluate.core as core
+    from vitscope.evaluate import core
 
     images, _ = write_shapes(tmp_path / "data", 3)
     real, calls = core.evaluate_chunk, []
