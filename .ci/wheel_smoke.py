@@ -77,6 +77,39 @@ def _tiny_hf(work: Path) -> list[Step]:
     ]
 
 
+def _tiny_mat(work: Path) -> list[Step]:
+    """ImageNet-Segmentation's layout in a two-image v7.3 .mat (HDF5 references), scored by ``evaluate``."""
+    path = work / "gtsegs_tiny.mat"
+    build = (
+        "import h5py, numpy as np\n"
+        "rng = np.random.default_rng(0)\n"
+        f"with h5py.File({str(path)!r}, 'w') as f:\n"
+        "    r = f.create_group('#refs#'); imgs, gts = [], []\n"
+        "    for i in range(2):\n"
+        "        d = r.create_dataset(f'i{i}', data=rng.integers(0, 256, (3, 40, 32), dtype=np.uint8))\n"
+        "        g = r.create_dataset(f'g{i}', data=(rng.random((40, 32)) < 0.5).astype(np.uint8))\n"
+        "        c = r.create_dataset(f'c{i}', data=np.array([[g.ref]], dtype=h5py.ref_dtype))\n"
+        "        imgs.append([d.ref]); gts.append([c.ref])\n"
+        "    v = f.create_group('value')\n"
+        "    v.create_dataset('img', data=np.array(imgs, dtype=h5py.ref_dtype))\n"
+        "    v.create_dataset('gt', data=np.array(gts, dtype=h5py.ref_dtype))\n"
+    )
+    return [
+        Step("evaluate: write a tiny gtsegs .mat", [build], kind="python", covers="family:evaluate"),
+        Step("evaluate: gtsegs .mat", ["evaluate", str(path), "-o", "eval-mat", "--methods", "cls",
+                                       "--sanity-images", "0", "--deletion-steps", "2", "--quiet"],
+             expect=["| cls |", "2 of 2 images scored"], covers="family:evaluate"),
+    ]
+
+
+def _mat_refused(work: Path) -> Step:
+    path = work / "not-read.mat"
+    path.write_bytes(b"a .mat only h5py can open")
+    return Step("evaluate: refused without it", ["evaluate", str(path), "-o", "eval-refused", "--quiet"],
+                expect_rc=2, expect=["pip install 'vitscope[evaluate]'"], one_line_error=True,
+                covers="family:evaluate")
+
+
 def _loads(family: str, spec: str, *extra: str, method: str = "rollout") -> Callable[[Path], list[Step]]:
     def steps(_work: Path) -> list[Step]:
         return [
@@ -129,6 +162,7 @@ FAMILIES: tuple[Family, ...] = (
                             expect=["2 done", "0 failed"], covers="family:ray", timeout=900)],
            _refused("ray", ["batch", "imgs", "-o", "ray-out", "--engine", "ray", "--quiet"],
                     "pip install 'vitscope[ray]'")),
+    Family("evaluate", ("h5py",), "pip install 'vitscope[evaluate]'", _tiny_mat, _mat_refused),
 )
 
 
@@ -169,6 +203,9 @@ COMMAND_STEPS: dict[str, Callable[[], list[Step]]] = {
     "demo": lambda: [Step("demo", ["demo", "-o", "demo"], expect=["viewer"])],
     "batch": lambda: [Step("batch (local)", ["batch", "imgs", "-o", "batch-out", "--workers", "0", "--quiet"],
                            expect=["2 done", "0 failed"])],
+    "evaluate": lambda: [Step("evaluate (local)", ["evaluate", "imgs", "-o", "eval-out", "--methods", "cls",
+                                                   "--sanity-images", "1", "--deletion-steps", "2", "--quiet"],
+                              expect=["| cls |", "| random |", "2 of 2 images scored"])],
 }
 
 

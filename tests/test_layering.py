@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"train"},
     {"viewer"},
     {"batch", "demo"},
+    {"evaluate"},
     {"cli", "_console", "__main__", "__init__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

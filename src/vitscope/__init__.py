@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:
     from vitscope.attentions import Attentions
     from vitscope.capture import capture
     from vitscope.errors import VitscopeError, VitscopeWarning
+    from vitscope.evaluate import evaluate
     from vitscope.methods.api import maps
 
 #: public name -> the module that defines it
@@ -27,6 +28,7 @@ _EXPORTS = {
     "ModelInfo": "vitscope.adapters", "VitModel": "vitscope.adapters", "load": "vitscope.adapters",
     "wrap": "vitscope.adapters", "Attentions": "vitscope.attentions", "capture": "vitscope.capture",
     "VitscopeError": "vitscope.errors", "VitscopeWarning": "vitscope.errors", "maps": "vitscope.methods.api",
+    "evaluate": "vitscope.evaluate",
 }
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "VitscopeWarning",
     "__version__",
     "capture",
+    "evaluate",
     "load",
     "maps",
     "wrap",

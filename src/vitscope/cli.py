@@ -717,6 +717,76 @@ def _batch_saved(out: Path, engine: str = "local") -> str:
             "run the same command again to resume (finished images are skipped)")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    images: Annotated[str, typer.Argument(help="A folder of images (labels from parent folders named after the "
+                                               "model's classes), a quoted glob, a .txt list, or gtsegs_ijcv.mat.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: table.csv/.json, summary.md, "
+                                                                "curves.png, records.jsonl (resume).")],
+    masks: Annotated[Path | None, typer.Option(help="Mask folder mirroring IMAGES, or COCO annotations (.json): "
+                                                    "segmentation test and pointing game.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: every registered one; "
+                                                     "a random baseline is always added).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per chunk (one records write each).")] = 64,
+    deletion_steps: Annotated[int, typer.Option("--deletion-steps", help="RISE deletion/insertion steps.")] = 10,
+    sanity_images: Annotated[int, typer.Option("--sanity-images", help="The first N images also get the "
+                                                                       "randomisation sanity check.")] = 16,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    seed: Annotated[int, typer.Option(help="Random baseline and randomisation draws.")] = 0,
+    policy: PolicyOpt = None,
+    size: SizeOpt = None,
+    device: Annotated[str, typer.Option(metavar=DEVICES, help="Where to run (auto: CUDA, then MPS, then the CPU)."
+                                        )] = "cpu",
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over (previous records removed), or write beside files "
+                                                 "vitscope did not write (kept).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    engine: Annotated[str, typer.Option(help="local, or ray: chunks scored by Ray actors.")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: a running cluster (default RAY_ADDRESS, else local).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="ray: actors, each with the model loaded once (default "
+                                                         "1).")] = None,
+    num_cpus: Annotated[float | None, typer.Option("--num-cpus", help="ray: CPUs per actor (default 1).")] = None,
+) -> None:
+    """Which map to trust: every method scored by the published protocols (Chefer's perturbation and segmentation
+    tests, pointing game, RISE deletion/insertion, cascading-randomisation sanity check) beside a random map;
+    prints the table. Resumable: run the same command again."""
+    from vitscope.evaluate import evaluate
+
+    _check_policy(policy)
+    out = _output(output, None)
+    try:
+        spec: Any = model
+        if checkpoint is not None or random_weights:
+            spec = _load_model(model, checkpoint, random_weights)
+        table = evaluate(images, out, model=spec, methods=methods, masks=masks, batch_size=batch_size,
+                         deletion_steps=deletion_steps, sanity_images=sanity_images, limit=limit, seed=seed,
+                         policy=policy, size=_parse_size(size), device=device, overwrite=overwrite,
+                         progress=not quiet, engine=engine, address=address, concurrency=concurrency,
+                         num_cpus=num_cpus)
+    except KeyboardInterrupt:
+        raise Interrupted(_evaluate_saved(out)) from None
+    typer.echo(table.to_markdown(), nl=False)
+    m = table.meta
+    typer.echo(f"{m['scored']} of {m['images']} images scored ({m['failed']} failed); written to {out}")
+    for rel, error in m["errors"][:10]:
+        typer.echo(f"  failed: {rel}: {error}", err=True)
+
+
+def _evaluate_saved(out: Path) -> str:
+    """The 'interrupted' line of an evaluate run: the images whose records are saved."""
+    from vitscope.evaluate.core import RECORDS
+
+    try:
+        path = out / RECORDS
+        n = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.exists() else 0
+    except Exception:  # never a second error while reporting Ctrl-C
+        return f"interrupted: run the same command again to resume ({out})"
+    return (f"interrupted: {n} image(s) scored and saved in {out / RECORDS}; run the same command again to resume "
+            "(scored images are skipped); no table was written")
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def _framework_error(exc: BaseException) -> bool:
     """A usage error of the CLI framework (click, or the click typer bundles): duck-typed, wherever it lives."""

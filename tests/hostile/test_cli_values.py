@@ -43,6 +43,7 @@ BASE = {
     "train": ["-o", "{out}/run"],
     "report": ["{model}", "-o", "{out}/report"],
     "batch": ["{inputs}", "-o", "{out}/batch", "-m", "{model}", "-q"],
+    "evaluate": ["{inputs}", "-o", "{out}/evaluate", "-m", "{model}", "-q", "--sanity-images", "0"],
 }
 
 #: (command, option, values): every value is refused, naming the option
@@ -57,6 +58,15 @@ TABLE: list[tuple[str, str, list[str]]] = [
     ("serve", "--max-upload-mb", SIZE_VALUES),
     *[(cmd, "--max-tokens", ["-1", "0", "", ODD, "1.5", "inf", "9" * 400]) for cmd in ("capture", "maps", "view",
                                                                                          "batch")],
+    # evaluate's own options
+    ("evaluate", "--batch-size", ["0", "-1", "1.5"]),
+    ("evaluate", "--deletion-steps", ["0", "-3", ODD]),
+    ("evaluate", "--sanity-images", ["-1", "x"]),
+    ("evaluate", "--limit", ["0", "-2"]),
+    ("evaluate", "--methods", ["nope", ",", "random", "cls,,bogus"]),
+    ("evaluate", "--engine", ["bogus", ""]),
+    ("evaluate", "--concurrency", ["2"]),
+    ("evaluate", "--policy", ["bogus"]),
     # sizes and layers
     *[(cmd, "--size", ["0", "-5", HUGE, "1x2x3", "12xx", ODD, "nan", "inf"]) for cmd in ("capture", "maps", "view")],
     ("capture", "--layers", ["99", "-99", HUGE, "a:b", ODD, "1.5"]),
