@@ -577,7 +577,7 @@ def evaluate(
         output: folder for ``records.jsonl`` (resume), ``table.csv``/``.json``, ``summary.md``, ``curves.png``;
             ``None`` writes nothing (no resume).
         model: a `VitModel` or spec (a classifier: the tests follow its predictions).
-        methods: registered names (a list or ``"cls,rollout"``; default every registered method); ``random`` is
+        methods: registered names (a list or ``"cls,rollout"``; default every registered attribution map the model can run, feature views left out); ``random`` is
             always added as the baseline.
         masks: a mask folder mirroring ``images`` or a COCO annotation ``.json``: segmentation test and pointing
             game.
@@ -596,7 +596,7 @@ def evaluate(
     """
     from vitscope._io import claim_output, remove_temp_files
     from vitscope.adapters import as_vit
-    from vitscope.methods.api import get_method, method_names
+    from vitscope.methods.api import get_method, method_names, supported_methods
 
     if engine not in ("local", "ray"):
         raise VitscopeError("engine", f"unknown engine {engine!r}", "use 'local' or 'ray'")
@@ -610,14 +610,17 @@ def evaluate(
                              ("sanity_images", sanity_images, 0), ("limit", limit if limit is not None else 1, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise VitscopeError(name, f"expected an integer >= {low}, got {value!r}", f"pass e.g. {name}={max(low, 8)}")
-    chosen = tuple(method_names()) if methods is None else tuple(
+    chosen = () if methods is None else tuple(
         m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip())
-    if not chosen:
+    if methods is not None and not chosen:
         raise VitscopeError("methods", "no method given", f"use some of {', '.join(method_names())}")
     for m in chosen:
         if m == RANDOM:
             raise VitscopeError("methods", "'random' is the baseline every table has", "drop it from methods")
         get_method(m, argument="methods")
+    vit = as_vit(model)
+    if methods is None:  # every attribution map this model can run (feature views map features, not evidence)
+        chosen = tuple(m for m in supported_methods(vit) if get_method(m).needs != "features")
     options = EvalOptions(methods=chosen, deletion_steps=deletion_steps, sanity_images=sanity_images, seed=seed,
                           forward_batch=max(512, batch_size))
 
@@ -625,7 +628,6 @@ def evaluate(
     folder = None
     if out is not None:
         folder = claim_output(out, "evaluate", overwrite=overwrite, known=(RECORDS, CONFIG, *OUTPUTS))
-    vit = as_vit(model)
     if masks is not None and (policy or vit.info.preprocess.policy) == "crop":
         raise VitscopeError("masks", "masks need the whole image in the model input", "use policy='resize' or 'native'")
     if device is not None:
