@@ -21,7 +21,7 @@ from vitscope.errors import CaptureError, VitscopeError, VitscopeWarning
 from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
-    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "choose_weights", "import_optional",
+    "AttentionSite", "ModelInfo", "PaddedRoute", "Preprocess", "SizePolicy", "Tap", "VitModel", "choose_weights", "import_optional",
     "refuse_compiled", "window_of", "with_weights",
 ]
 
@@ -150,6 +150,18 @@ class AttentionSite:
     out: Tap | None = None
 
 
+@dataclass(frozen=True)
+class PaddedRoute:
+    """How a variable-resolution model (SigLIP2 NaFlex, timm NaFlexViT) runs images of different sizes in one
+    padded batch: ``forward(module, pixels)`` takes one pixel tensor ``(C, H_b, W_b)`` per image (each side a
+    multiple of the patch), patchifies each on its own grid, pads them to the longest image's patch count, and
+    passes the model its own grid declaration (SigLIP2's ``spatial_shapes``, NaFlexViT's ``patch_coord``) and
+    padding mask (``pixel_attention_mask``, ``patch_valid``). Capture measures the per-image grids and padding
+    (`vitscope.capture.probe.probe_padded`) and proves the padding masked."""
+
+    forward: Callable[[nn.Module, list[torch.Tensor]], Any]
+
+
 class VitModel:
     """A ViT with its description: what `vitscope.load` returns and `vitscope.capture` reads.
 
@@ -171,6 +183,7 @@ class VitModel:
         logits: Callable[[Any], torch.Tensor | None] | None = None,
         readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_batch: int | None = None,
+        padded: PaddedRoute | None = None,
     ) -> None:
         if len(sites) != info.num_layers:
             raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
@@ -182,6 +195,8 @@ class VitModel:
         self.readout = readout
         #: the most images one forward pass takes (Pixtral packs a batch into one sequence: 1); None = any
         self.max_batch = max_batch
+        #: how a variable-resolution model runs a padded batch of images of different sizes (else None)
+        self.padded = padded
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""
