@@ -31,6 +31,7 @@ from vitscope.methods import cls_map, rollout
 SIZES = [(32, 32), (16, 24), (24, 40)]  # (H, W) px: 4x4, 2x3, 3x5 grids
 GRIDS = [(h // PATCH, w // PATCH) for h, w in SIZES]
 P = max(r * c for r, c in GRIDS)  # 16 patch slots
+_TMP = tempfile.TemporaryDirectory(prefix="vitscope-padded-")  # removed at interpreter exit
 
 
 def _pixels(seed: int = 0) -> list[torch.Tensor]:
@@ -68,7 +69,7 @@ def _siglip2() -> tuple[Any, Callable[[list[torch.Tensor]], torch.Tensor]]:
                                            intermediate_size=64, patch_size=PATCH, num_patches=16)
     torch.manual_seed(0)
     model = sharpen(transformers.Siglip2VisionModel(cfg).eval(), 4.0)
-    folder = Path(tempfile.mkdtemp(prefix="vitscope-padded-"))
+    folder = Path(tempfile.mkdtemp(dir=_TMP.name))
     model.save_pretrained(folder)
     eager = transformers.Siglip2VisionModel.from_pretrained(folder, attn_implementation="eager").eval()
 
@@ -282,5 +283,16 @@ def test_batch_figure_shows_each_image_on_its_own_grid() -> None:
     imgs = [np.zeros((32, 32, 3), np.uint8), np.zeros((16, 24, 3), np.uint8)]
     fig = figures.batch_maps(imgs, [np.random.rand(4, 4), np.random.rand(2, 3)])
     assert len(fig.axes) >= 4
-    with pytest.raises(VitscopeError, match="one .* map per image"):
+    with pytest.raises(VitscopeError, match=r"one .* map per image"):
         figures.batch_maps(imgs, [np.random.rand(4, 4), np.random.rand(2, 3, 1)])
+
+
+def test_viewer_packs_each_image_of_a_padded_batch_on_its_own_grid() -> None:
+    import numpy as np
+
+    from vitscope.viewer.pack import pack
+
+    model, _ = _built("siglip2")
+    attn = vitscope.capture(model, _pixels())
+    page = pack(attn, np.zeros((16, 24, 3), np.uint8), batch=1)
+    assert page["grid"] == [2, 3] and page["tokens"] == 6 and page["input_size"] == [16, 24]
