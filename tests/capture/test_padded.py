@@ -167,54 +167,74 @@ def test_padded_batch_default_query_and_head_mean(case: Case) -> None:
         assert bool(maps[b, r:].isnan().all()) and bool(maps[b, :, c:].isnan().all())
 
 
+def _four_by_four_beside_four_by_six() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 32, 32, generator=g), torch.randn(3, 32, 48, generator=g)]  # 4x4 (+8 padding), 4x6
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_image_in_padded_batch_equals_the_image_alone(case: Case) -> None:
-    """The 2x3 image (10 padding tokens in the batch) gives the same maps in the batch as run alone: cls/mean map,
-    rollout (padding dropped before the product) and `vitscope.maps`."""
+@pytest.mark.parametrize(("batch", "b"), [("three", 1), ("4x4+4x6", 0)])
+def test_image_in_padded_batch_equals_the_image_alone(case: Case, batch: str, b: int) -> None:
+    """A padded image (the 2x3 one with 10 padding tokens; a 4x4 one with 8 beside a 4x6 one) gives the same
+    attention and maps in the batch as run alone: cls/mean map, rollout (padding dropped before the product) and
+    `vitscope.maps`."""
     model, _ = _built(case.id)
-    pixels = _pixels(2)
-    batch, alone = vitscope.capture(model, pixels), vitscope.capture(model, pixels[1].unsqueeze(0))
-    assert alone.grids is None and alone.grid == GRIDS[1]
-    torch.testing.assert_close(batch.image(1).weights, alone.weights, atol=1e-5, rtol=0)
+    pixels = _pixels(2) if batch == "three" else _four_by_four_beside_four_by_six()
+    r, c = pixels[b].shape[1] // PATCH, pixels[b].shape[2] // PATCH
+    padded, alone = vitscope.capture(model, pixels), vitscope.capture(model, pixels[b].unsqueeze(0))
+    assert alone.grids is None and alone.grid == (r, c) and padded.grids is not None and padded.grids[b] == (r, c)
+    assert padded.num_tokens > alone.num_tokens  # really padded
+    torch.testing.assert_close(padded.image(b).weights, alone.weights, atol=1e-5, rtol=0)
     for fn in (cls_map, rollout):
-        torch.testing.assert_close(fn(batch)[1, :2, :3], fn(alone)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fn(padded)[b, :r, :c], fn(alone)[0], atol=1e-5, rtol=0)
     for method in ("cls", "rollout"):
         res = vitscope.maps(model, pixels, method)
-        assert res.grids == GRIDS and res.map.shape == (3, 4, 5) and res.images is not None
-        torch.testing.assert_close(res.images[1].map, vitscope.maps(model, pixels[1].unsqueeze(0), method).map,
+        assert res.grids == list(padded.grids) and res.images is not None
+        torch.testing.assert_close(res.images[b].map, vitscope.maps(model, pixels[b].unsqueeze(0), method).map,
                                    atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.map[b, :r, :c], res.images[b].map[0])
 
 
-def test_padded_batch_read_on_one_grid_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_padded_batch_read_on_one_grid_is_refused(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The old behaviour (every image on the batch's one grid): a 4x4 image beside a 4x6 one is 16 patches plus 8
     padding tokens, never 4x6. The measured grid (perturb that image's pixels) disagrees with the declared one: a
     one-line CaptureError naming the image."""
-    model, _ = _built("siglip2")
-    g = torch.Generator().manual_seed(3)
-    pixels = [torch.randn(3, 32, 32, generator=g), torch.randn(3, 32, 48, generator=g)]
-    attn = vitscope.capture(model, pixels)
-    assert attn.grids == ((4, 4), (4, 6)) and attn.valid is not None and attn.valid.sum(1).tolist() == [16, 24]
-    monkeypatch.setattr(model, "grid_for", lambda _hw: (4, 6))  # one grid for every image
-    with pytest.raises(CaptureError, match=r"image 0 .*measured 0 prefix \+ 4x4 patches \+ 8 padding tokens, but it "
-                       r"is read as 0 prefix \+ 4x6 patches \+ 0 padding") as info:
-        vitscope.capture(model, pixels)
+    model, _ = _built(case.id)
+    vit = vitscope.load(model)
+    pixels = _four_by_four_beside_four_by_six()
+    attn = vitscope.capture(vit, pixels)
+    assert attn.grids == ((4, 4), (4, 6)) and attn.valid is not None
+    assert attn.valid.sum(1).tolist() == [case.prefix + 16, case.prefix + 24]
+    monkeypatch.setattr(vit, "grid_for", lambda _hw: (4, 6))  # one grid for every image
+    with pytest.raises(CaptureError, match=rf"image 0 .*measured {case.prefix} prefix \+ 4x4 patches \+ 8 padding "
+                       rf"tokens, but it is read as {case.prefix} prefix \+ 4x6 patches \+ 0 padding") as info:
+        vitscope.capture(vit, pixels)
     assert "\n" not in str(info.value)
 
 
-def test_unmasked_padding_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+#: where each family's route builds its padded inputs, and its padding mask
+_MASKS = {"siglip2": ("hf", "siglip2_padded_inputs", "pixel_attention_mask"),
+          "naflexvit": ("timm", "naflex_inputs", "patch_valid")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_unmasked_padding_is_refused(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """vitscope's old route sent an all-ones mask: the padding is then attended to and no image has its own map.
     Capture proves every real row gives the padding keys probability 0."""
-    from vitscope.adapters import hf
+    import importlib
 
-    model, _ = _built("siglip2")
-    real = hf.siglip2_padded_inputs
+    module_name, fn_name, key = _MASKS[case.id]
+    module = importlib.import_module(f"vitscope.adapters.{module_name}")
+    real = getattr(module, fn_name)
 
-    def all_ones(pixels: Any, patch: int) -> dict[str, torch.Tensor]:
-        inputs = real(pixels, patch)
-        inputs["pixel_attention_mask"] = torch.ones_like(inputs["pixel_attention_mask"])
+    def all_ones(*args: Any) -> dict[str, torch.Tensor]:
+        inputs = real(*args)
+        inputs[key] = torch.ones_like(inputs[key])
         return inputs
 
-    monkeypatch.setattr(hf, "siglip2_padded_inputs", all_ones)
+    model, _ = _built(case.id)
+    monkeypatch.setattr(module, fn_name, all_ones)
     with pytest.raises(CaptureError, match="attend to its padding"):
         vitscope.capture(model, _pixels())
 

@@ -120,8 +120,8 @@ def capture(
         if padded is not None:
             return capture_padded(vit, padded, layers=layers, queries=queries, heads=heads, token_norms=token_norms,
                                   max_tokens=max_tokens, max_bytes=max_bytes)
-        if isinstance(model, (str, os.PathLike)):
-            model, device = vit, None  # loaded (and moved) once, by padded_inputs
+        # described once: a spec was loaded (and moved to `device`) by padded_inputs, a module wrapped
+        model, device = vit, None if isinstance(model, (str, os.PathLike)) else device
     return capture_one_geometry(
         model, images, layers=layers, queries=queries, heads=heads, policy=policy, size=size,
         token_norms=token_norms, device=device, max_tokens=max_tokens, max_bytes=max_bytes,

@@ -111,8 +111,8 @@ def maps(
         vit, padded = padded_inputs(model, images, policy, size, device)
         if padded is not None:
             return _padded_maps(vit, padded, spec, params)
-        if isinstance(model, (str, os.PathLike)):
-            model, device = vit, None  # loaded (and moved) once, by padded_inputs
+        # described once: a spec was loaded (and moved to `device`) by padded_inputs, a module wrapped
+        model, device = vit, None if isinstance(model, (str, os.PathLike)) else device
     vit, pixels = prepare(model, images, policy=policy, size=size, device=device)
     return compute(MapContext(vit, pixels), method, **params)
 
