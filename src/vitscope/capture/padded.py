@@ -40,7 +40,13 @@ from vitscope.capture.core import (
 )
 from vitscope.capture.core import capture as capture_one_geometry
 from vitscope.capture.hooks import eval_mode, record_token_norms
-from vitscope.capture.intercept import AttentionCall, CaptureError, observe_attention, refuse_compiled
+from vitscope.capture.intercept import (
+    AttentionCall,
+    CaptureError,
+    observe_attention,
+    prove_batch_axis,
+    refuse_compiled,
+)
 from vitscope.capture.probe import check_token_axis, probe_padded
 from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import ImageError, VitscopeError
@@ -219,6 +225,8 @@ def capture_padded(
     check_token_axis(vit, sites, (C, H0, W0), pixels[0].dtype, dev, prefix + r0 * c0)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
+        # batch == heads (or heads folded into the batch): proven once per module on image 0 (as B copies)
+        prove_batch_axis(vit, pixels[0].unsqueeze(0).expand(B, -1, -1, -1), sites, prefix + r0 * c0)
         check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids, tokens=N))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
