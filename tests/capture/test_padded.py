@@ -316,3 +316,30 @@ def test_viewer_packs_each_image_of_a_padded_batch_on_its_own_grid() -> None:
     attn = vitscope.capture(model, _pixels())
     page = pack(attn, np.zeros((16, 24, 3), np.uint8), batch=1)
     assert page["grid"] == [2, 3] and page["tokens"] == 6 and page["input_size"] == [16, 24]
+
+
+def test_cli_maps_writes_each_image_on_its_own_grid(tmp_path: Path) -> None:
+    """``vitscope maps wide.png square.png -m hf:<SigLIP2>`` (the installed console script): one .npz per image, each
+    at its own aspect ratio (2x6 and 4x4 within the 16-patch budget), equal to `vitscope.maps`; nothing outside
+    -o changes; -o naming one file for two images is a one-line error naming --output (in process)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.hostile.harness import assert_one_line, check_contained, run_inprocess, run_script, tree_state
+
+    model, _ = _built("siglip2")
+    model.module.save_pretrained(tmp_path / "sig")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (300, 100), (200, 30, 30)).save(tmp_path / "in" / "wide.png")
+    Image.new("RGB", (100, 100), (30, 200, 30)).save(tmp_path / "in" / "square.png")
+    before = tree_state(tmp_path)
+    res = run_script(["maps", "in/wide.png", "in/square.png", "-m", "hf:sig", "-o", "out"], cwd=tmp_path)
+    assert res.code == 0, res.stderr
+    check_contained(before, tree_state(tmp_path), tmp_path, [tmp_path / "out"])
+    want = vitscope.maps(model, [str(tmp_path / "in" / "wide.png"), str(tmp_path / "in" / "square.png")], "cls")
+    assert want.grids == [(2, 6), (4, 4)] and want.images is not None
+    for name, mine in zip(("wide", "square"), want.images, strict=True):
+        with np.load(tmp_path / "out" / f"{name}.cls.npz") as f:
+            np.testing.assert_allclose(f["map"], mine.map.numpy(), atol=1e-5)
+    assert_one_line(run_inprocess(["maps", "in/wide.png", "in/square.png", "-m", "hf:sig", "-o", "x.npz"],
+                                  cwd=tmp_path), needle="--output")
