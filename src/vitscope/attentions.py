@@ -28,7 +28,7 @@ import torch
 
 from vitscope._ops import fuse_heads
 from vitscope.errors import VitscopeError
-from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout, check_kinds
+from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout, check_grids, check_kinds
 from vitscope.layout import as_pair as _as_pair
 
 __all__ = ["TOKEN_KINDS", "Attentions", "TokenKind"]
@@ -54,6 +54,14 @@ class Attentions:
             final norm), filled by ``capture(..., token_norms=True)``.
         meta: free-form provenance (model name, preprocessing, ...), kept JSON-serialisable.
         suffix: kinds of the tokens after the patches (``("det",) * 100`` for YOLOS), usually ``()``.
+        grids: per-image patch grids ``(rows, cols)`` of a padded batch of images of different sizes (SigLIP2
+            NaFlex, timm NaFlexViT run at each image's own aspect ratio), else ``None``. Image ``b``'s tokens are
+            ``[prefix, grids[b] patches (row-major), suffix]`` followed by padding up to ``N``; ``grid`` is then
+            ``(1, P)`` (``P`` patch slots: the largest image's patch count), ``image_size`` the bounding box of the
+            images, and `valid` marks the real tokens. Padding keys have probability 0 (the model masks them, and
+            capture proves it) and padding query rows are 0. Read each image on its own grid with `image` /
+            `images` (exact ordinary `Attentions`); reading a padded batch on one grid (`to_grid`, a patch or
+            ``"mean"`` query) is refused.
     """
 
     weights: torch.Tensor
@@ -69,6 +77,7 @@ class Attentions:
     token_norms: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     suffix: tuple[str, ...] = ()
+    grids: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         self.prefix = tuple(self.prefix)
@@ -82,6 +91,9 @@ class Attentions:
             self.heads = tuple(int(h) for h in self.heads)
         if self.queries is not None:
             self.queries = tuple(int(q) for q in self.queries)
+        if self.grids is not None:
+            self.grids = tuple(_as_pair(g) for g in self.grids)
+            check_grids(self.grids, self.grid)
         if self.weights.dim() != 5:
             raise VitscopeError(
                 "weights", f"expected 5 dims (layer, batch, head, query, key), got shape {tuple(self.weights.shape)}"
@@ -92,6 +104,9 @@ class Attentions:
                 "weights", f"key dim is {N} but prefix ({len(self.prefix)}) + grid {self.grid} + suffix "
                 f"({len(self.suffix)}) gives {self.num_tokens}"
             )
+        if self.grids is not None and len(self.grids) != _B:
+            raise VitscopeError("grids", f"{len(self.grids)} per-image grids for a batch of {_B} images",
+                                "pass one (rows, cols) per image")
         if len(self.layers) != L:
             raise VitscopeError("weights", f"{L} layers along dim 0 but layers={self.layers}")
         expected_h = 1 if self.heads == "mean" else len(self.heads)
@@ -105,7 +120,44 @@ class Attentions:
     @property
     def layout(self) -> TokenLayout:
         """The token layout (prefix kinds, grid, patch and image size) that owns token indexing."""
-        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size, self.suffix)
+        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size, self.suffix, self.grids)
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """``(B, N)`` bool: the real tokens of each image of a padded batch (``None`` when not padded)."""
+        counts = self.layout.valid_counts()
+        if counts is None:
+            return None
+        n = torch.arange(self.num_tokens)
+        return n[None, :] < torch.tensor(counts)[:, None]
+
+    def image(self, b: int) -> Attentions:
+        """Image ``b`` alone, on its own grid, as ordinary `Attentions` (padding tokens dropped: its rows still
+        sum to 1, since padding keys have probability 0)."""
+        from vitscope.layout import as_index
+
+        B = self.batch_size
+        i = as_index(b, "image", "image", f"pass an image index in [0, {B - 1}]")
+        if not -B <= i < B:
+            raise TokenError("image", f"image {i} out of range for a batch of {B}", f"pass an index in [0, {B - 1}]")
+        i %= B
+        norms = None if self.token_norms is None else self.token_norms[:, i:i + 1]
+        if self.grids is None:
+            return replace(self, weights=self.weights[:, i:i + 1], token_norms=norms)
+        n = self.num_prefix_tokens + self.grids[i][0] * self.grids[i][1] + self.num_suffix_tokens
+        w = self.weights[:, i:i + 1, :, :, :n]  # (L, 1, H, Q, n): the image's own keys
+        if self.queries is None:
+            w = w[:, :, :, :n]
+        elif any(q >= n for q in self.queries):
+            raise VitscopeError("image", f"image {i} has {n} tokens; query rows {list(self.queries)} include padding",
+                                "capture prefix-token queries (e.g. 'cls') or every row (queries=None)")
+        (ph, pw), (rows, cols) = self.patch_size, self.grids[i]
+        return replace(self, weights=w, grid=(rows, cols), image_size=(rows * ph, cols * pw), grids=None,
+                       token_norms=None if norms is None else norms[..., :n])
+
+    def images(self) -> list[Attentions]:
+        """Every image on its own grid (`image`)."""
+        return [self.image(b) for b in range(self.batch_size)]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -188,6 +240,7 @@ class Attentions:
 
         Prefix and suffix tokens are dropped when the trailing dim is ``N``.
         """
+        self.layout.require_one_grid("to_grid")
         rows, cols = self.grid
         if x.shape[-1] == self.num_tokens:
             x = x[..., self.patch_slice]
@@ -222,6 +275,7 @@ class Attentions:
             "prefix": list(self.prefix),
             "suffix": list(self.suffix),
             "grid": list(self.grid),
+            "grids": None if self.grids is None else [list(g) for g in self.grids],
             "patch_size": list(self.patch_size),
             "image_size": list(self.image_size),
             "layers": list(self.layers),
@@ -253,6 +307,7 @@ class Attentions:
             token_norms=norms,
             meta=header.get("meta", {}),
             suffix=tuple(header.get("suffix", ())),
+            grids=None if header.get("grids") is None else tuple(tuple(g) for g in header["grids"]),
         )
 
     def __repr__(self) -> str:
@@ -260,5 +315,6 @@ class Attentions:
         return (
             f"Attentions(layers={L}/{self.num_layers}, batch={B}, heads={H if self.heads != 'mean' else 'mean'}, "
             f"queries={Q}, keys={N}, prefix={self.prefix}, grid={self.grid}, image_size={self.image_size}"
-            + (f", suffix={len(self.suffix)} tokens)" if self.suffix else ")")
+            + (f", suffix={len(self.suffix)} tokens" if self.suffix else "")
+            + (f", grids={list(self.grids)})" if self.grids is not None else ")")
         )

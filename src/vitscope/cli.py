@@ -313,7 +313,7 @@ def _parse_target(values: list[str] | None) -> object:
 
 @app.command("maps")
 def maps_cmd(
-    image: Annotated[Path, typer.Argument(help="Image file.")],
+    image: Annotated[list[Path], typer.Argument(help="Image file(s); several write into the -o folder.")],
     model: ModelOpt = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     layer: Annotated[int, typer.Option(help="Layer for cls / dino_mask (negative counts from the end).")] = -1,
@@ -339,8 +339,9 @@ def maps_cmd(
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay at
-    the image's size."""
+    """Compute one attention map of each IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay
+    at the image's size (several images: into the -o folder, each on its own grid: variable-resolution models
+    such as SigLIP2 and NaFlexViT run every image at its own aspect ratio)."""
     from vitscope.errors import VitscopeError
     from vitscope.layout import parse_query
     from vitscope.methods.api import get_method
@@ -360,18 +361,29 @@ def maps_cmd(
         raise VitscopeError("--tau", f"{tau} is outside (0, 1]", "pass the mass to keep, e.g. 0.6")
     the_target = _parse_target(target)
     the_head, the_query, the_size = parse_head(head), parse_query(query), _parse_size(size)
-    output_paths(output, image.stem, method)  # refuse a wrong -o before computing
+    if len(image) > 1:  # one .npz + .png per image: -o is a folder
+        if output == Path("maps.npz"):
+            output = Path("maps")
+        elif output.suffix:
+            raise VitscopeError("--output", f"{len(image)} images but -o {output} names one file",
+                                "pass a folder (a path without a suffix), e.g. -o maps")
+    if len({one.stem for one in image}) < len(image):
+        raise VitscopeError("--output", "two images have the same name, so their maps would overwrite each other",
+                            "rename one, or run them one at a time")
+    for one in image:
+        output_paths(output, one.stem, method)  # refuse a wrong -o before computing
     with _limits(max_pixels, max_tokens, max_memory):
         vit = _load_model(model, checkpoint, random_weights, device)
-        result = compute_map(
-            vit, str(image), method, layer=layer, head=the_head, query=the_query, target=the_target,
-            tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
-        )
-        result.meta["image"] = str(image)
-        used = (policy or vit.info.preprocess.policy) if the_size is None else None
-        npz, png = save_map(result, output, stem=image.stem, image=str(image), policy=used)
-    rows, cols = result.map.shape[-2:]
-    typer.echo(f"{method} map {rows}x{cols} of {image.name} with {vit.info.name}\nwrote {npz}\nwrote {png}")
+        for one in image:
+            result = compute_map(
+                vit, str(one), method, layer=layer, head=the_head, query=the_query, target=the_target,
+                tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
+            )
+            result.meta["image"] = str(one)
+            used = (policy or vit.info.preprocess.policy) if the_size is None else None
+            npz, png = save_map(result, output, stem=one.stem, image=str(one), policy=used)
+            rows, cols = result.map.shape[-2:]
+            typer.echo(f"{method} map {rows}x{cols} of {one.name} with {vit.info.name}\nwrote {npz}\nwrote {png}")
 
 
 # ---------------------------------------------------------------------------------------------- train (#4)

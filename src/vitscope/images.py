@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitscope import limits
 from vitscope.errors import ImageError
-from vitscope.layout import Preprocess, SizePolicy
+from vitscope.layout import Preprocess, SizePolicy, native_grid
 
 #: Default largest image (in pixels) vitscope decodes; per call: ``load_image(..., max_pixels=)`` or
 #: `vitscope.limits.limits`. PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` is left as it is.
@@ -205,6 +205,9 @@ def _target_size(
     if policy == "crop":
         return (h // ph) * ph, (w // pw) * pw
     if policy == "native":
+        if prep.max_patches is not None:  # a variable-resolution model: aspect kept, within its patch budget
+            rows, cols = native_grid(h, w, patch, prep.max_patches)
+            return rows * ph, cols * pw
         return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
     raise ImageError("policy", f"unknown size policy {policy!r}", "use 'resize', 'crop' or 'native'")
 

@@ -80,6 +80,9 @@ class Preprocess:
             (resize so each side is the nearest multiple of the patch size, keeping the aspect ratio).
         resample: PIL resampling filter name used when resizing (``"bicubic"``, ``"bilinear"``).
         dynamic_size: the model accepts other sizes than ``image_size`` (positional embeddings interpolated).
+        max_patches: the patch budget of a variable-resolution model (SigLIP2 NaFlex, timm NaFlexViT): under
+            ``policy="native"`` each image is resized, aspect kept, to the largest grid with at most this many
+            patches (`native_grid`, the NaFlex processors' rule); ``None``: no budget.
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -89,6 +92,30 @@ class Preprocess:
     resample: str = "bicubic"
     dynamic_size: bool = True
     channels: int = 3
+    max_patches: int | None = None
+
+
+def native_grid(height: int, width: int, patch: tuple[int, int], max_patches: int) -> tuple[int, int]:
+    """The largest patch grid ``(rows, cols)`` with ``rows * cols <= max_patches`` for an image of ``height x
+    width`` pixels scaled by one factor (aspect kept, each side rounded up to whole patches, at least one).
+
+    The grid at scale ``s`` is ``(ceil(s h / ph), ceil(s w / pw))``; it only grows, and changes only where a side
+    reaches a whole number of patches (``s = r ph / h`` or ``c pw / w``), so the answer is the grid at the largest
+    such scale whose grid fits the budget, computed in exact integer arithmetic.
+    """
+    ph, pw = patch
+    best: tuple[int, int] = (1, 1)
+    best_scale = (0, 1)  # a fraction (numerator, denominator)
+    for side, cell in ((height, ph), (width, pw)):
+        for k in range(1, max_patches + 1):
+            num, den = k * cell, side  # s = k * cell / side: this side is exactly k patches
+            rows = max(1, -(-height * num // (den * ph)))
+            cols = max(1, -(-width * num // (den * pw)))
+            if rows * cols > max_patches:
+                break
+            if num * best_scale[1] > best_scale[0] * den:
+                best, best_scale = (rows, cols), (num, den)
+    return best
 
 
 def as_pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -101,13 +128,20 @@ def as_pair(x: int | Sequence[int]) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TokenLayout:
     """``[prefix..., patches, suffix...]``: the prefix token kinds in order, the patch grid ``(rows, cols)``, the
-    patch size, the input size in pixels (height first) and the kinds of the tokens after the patches."""
+    patch size, the input size in pixels (height first) and the kinds of the tokens after the patches.
+
+    A padded batch of images of different sizes (SigLIP2 NaFlex, timm NaFlexViT) has ``grids``: image ``b``'s
+    tokens are ``[prefix, grids[b] patches (row-major), suffix, padding]`` and ``grid`` is ``(1, P)``, the ``P``
+    patch slots of the longest image (`padded_grid`); `valid_counts` says how many tokens of each image are real.
+    ``grids`` is ``None`` when every image is on ``grid``.
+    """
 
     prefix: tuple[str, ...]
     grid: tuple[int, int]
     patch_size: tuple[int, int] = (1, 1)
     image_size: tuple[int, int] | None = None
     suffix: tuple[str, ...] = ()
+    grids: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", tuple(self.prefix))
@@ -115,6 +149,36 @@ class TokenLayout:
         object.__setattr__(self, "grid", as_pair(self.grid))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size))
         check_kinds(self.prefix, self.suffix)
+        if self.grids is not None:
+            grids = tuple(as_pair(g) for g in self.grids)
+            object.__setattr__(self, "grids", grids)
+            check_grids(grids, self.grid)
+
+    @property
+    def padded(self) -> bool:
+        """Images of this batch sit on their own grids, padded to one token count (`grids` is set)."""
+        return self.grids is not None
+
+    def valid_counts(self) -> tuple[int, ...] | None:
+        """Real (not padding) tokens of each image, ``prefix + rows_b * cols_b + suffix``; ``None`` unpadded."""
+        if self.grids is None:
+            return None
+        return tuple(self.num_prefix_tokens + r * c + self.num_suffix_tokens for r, c in self.grids)
+
+    def image(self, b: int) -> TokenLayout:
+        """Image ``b``'s own layout (its grid, no padding): the layout itself when not padded."""
+        if self.grids is None:
+            return self
+        return TokenLayout(self.prefix, self.grids[b], self.patch_size, None, self.suffix)
+
+    def require_one_grid(self, what: str) -> None:
+        """Refuse reading a padded batch of images on one grid (each image has its own)."""
+        if self.grids is not None:
+            raise VitscopeError(
+                "attn", f"{what}: this padded batch holds images on {len(set(self.grids))} different grids "
+                f"{list(self.grids)}; reading them on one grid would put image tokens and padding in wrong places",
+                "read each image on its own grid: attn.image(b) (or attn.images())",
+            )
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -157,6 +221,7 @@ class TokenLayout:
 
     def patch_index(self, row: int, col: int) -> int:
         """Token index of the patch at grid position ``(row, col)``."""
+        self.require_one_grid(f"patch ({row}, {col})")
         rows, cols = self.grid
         if not (0 <= row < rows and 0 <= col < cols):
             raise TokenError("query", f"patch at row {row}, column {col} is outside the {rows}x{cols} grid", _QUERY_FIX)
@@ -210,6 +275,7 @@ class TokenLayout:
         if query is None:
             query = self.default_query
         if query == "mean":
+            self.require_one_grid("the mean over patch rows")
             return list(range(self.num_prefix_tokens, self.num_prefix_tokens + self.num_patches))
         return [self.token_index(query)]
 
@@ -230,6 +296,22 @@ class TokenLayout:
                 raise VitscopeError("query", f"token {i} given twice ({out[i]!r} and {q!r})", "name each one once")
             out[i] = q
         return tuple(out)
+
+
+def padded_grid(grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(1, P)``: the patch slots of a padded batch, ``P`` the largest image's patch count."""
+    return (1, max(r * c for r, c in grids))
+
+
+def check_grids(grids: Sequence[tuple[int, int]], grid: tuple[int, int]) -> None:
+    """Per-image grids of a padded batch against its ``(1, P)`` slots: the largest image fills them."""
+    if not grids or any(r < 1 or c < 1 for r, c in grids):
+        raise VitscopeError("grids", f"per-image grids {list(grids)} must be non-empty with positive sides",
+                            "pass one (rows, cols) per image")
+    if tuple(grid) != padded_grid(grids):
+        raise VitscopeError("grids", f"the padded batch has {grid[0] * grid[1]} patch slots but its largest image "
+                            f"is {max(r * c for r, c in grids)} patches ({list(grids)})",
+                            "pass grid=(1, P) with P the largest image's patch count")
 
 
 def check_kinds(prefix: Sequence[str], suffix: Sequence[str] = ()) -> None:

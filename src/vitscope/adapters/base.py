@@ -21,9 +21,11 @@ from vitscope.errors import CaptureError, VitscopeError, VitscopeWarning
 from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
-    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "TextTower", "VitModel", "choose_weights", "import_optional",
+    "AttentionSite", "ModelInfo", "PaddedRoute", "Preprocess", "SizePolicy", "Tap", "TextTower", "VitModel",
+    "choose_weights", "import_optional",
     "refuse_compiled", "window_of", "with_weights",
 ]
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -181,6 +183,18 @@ def scaled_cosine(scale: torch.Tensor, bias: torch.Tensor | None = None,
     return logits
 
 
+@dataclass(frozen=True)
+class PaddedRoute:
+    """How a variable-resolution model (SigLIP2 NaFlex, timm NaFlexViT) runs images of different sizes in one
+    padded batch: ``forward(module, pixels)`` takes one pixel tensor ``(C, H_b, W_b)`` per image (each side a
+    multiple of the patch), patchifies each on its own grid, pads them to the longest image's patch count, and
+    passes the model its own grid declaration (SigLIP2's ``spatial_shapes``, NaFlexViT's ``patch_coord``) and
+    padding mask (``pixel_attention_mask``, ``patch_valid``). Capture measures the per-image grids and padding
+    (`vitscope.capture.probe.probe_padded`) and proves the padding masked."""
+
+    forward: Callable[[nn.Module, list[torch.Tensor]], Any]
+
+
 class VitModel:
     """A ViT with its description: what `vitscope.load` returns and `vitscope.capture` reads.
 
@@ -211,6 +225,7 @@ class VitModel:
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
         text: TextTower | None = None,
+        padded: PaddedRoute | None = None,
     ) -> None:
         if len(sites) != info.num_layers:
             raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
@@ -225,6 +240,8 @@ class VitModel:
         self.embed = embed
         self.final_norm = final_norm
         self.text = text
+        #: how a variable-resolution model runs a padded batch of images of different sizes (else None)
+        self.padded = padded
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""

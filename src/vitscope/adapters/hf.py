@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,7 @@ from torch import nn
 from vitscope.adapters.base import (
     AttentionSite,
     ModelInfo,
+    PaddedRoute,
     Preprocess,
     TextTower,
     VitModel,
@@ -640,9 +641,11 @@ def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, flo
 
 
 def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path | None, dynamic: bool) -> Preprocess:
+    max_patches = None
     if family.name == "siglip2":
         side = round(int(vcfg.num_patches) ** 0.5)
         size = (side * patch[0], side * patch[1])
+        max_patches = int(vcfg.num_patches)  # NaFlex: each image at its own aspect ratio within this budget
     else:
         size = _pair(vcfg.image_size)
     mean, std, resample = family.mean, family.std, family.resample
@@ -671,8 +674,8 @@ def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path
         elif isinstance(r, str) and r.lower() in ("nearest", "bilinear", "bicubic", "lanczos"):
             resample = r.lower()
     return Preprocess(
-        image_size=size, mean=mean, std=std, policy="resize", resample=resample, dynamic_size=dynamic,
-        channels=int(getattr(vcfg, "num_channels", 3)),
+        image_size=size, mean=mean, std=std, policy="native" if max_patches else "resize", resample=resample,
+        dynamic_size=dynamic, channels=int(getattr(vcfg, "num_channels", 3)), max_patches=max_patches,
     )
 
 
@@ -696,6 +699,24 @@ def siglip2_inputs(pixel_values: torch.Tensor, patch: int) -> dict[str, torch.Te
     patches = x.reshape(B, rows * cols, patch * patch * C)
     shapes = torch.tensor([[rows, cols]] * B, dtype=torch.long, device=pixel_values.device)
     mask = torch.ones(B, rows * cols, dtype=torch.int32, device=pixel_values.device)
+    return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
+
+
+def siglip2_padded_inputs(pixels: Sequence[torch.Tensor], patch: int) -> dict[str, torch.Tensor]:
+    """SigLIP2 inputs for images of different sizes in one padded batch, as its image processor builds them:
+    each image ``(C, H_b, W_b)`` patchified on its own grid (`siglip2_inputs`), zero patches appended up to the
+    longest image's count ``L``; ``spatial_shapes`` ``(B, 2)`` holds each grid, ``pixel_attention_mask``
+    ``(B, L)`` is 1 on an image's patches and 0 on its padding."""
+    one = [siglip2_inputs(p.unsqueeze(0), patch) for p in pixels]
+    L = max(int(x["pixel_values"].shape[1]) for x in one)
+    patches = torch.zeros(len(one), L, int(one[0]["pixel_values"].shape[2]), dtype=pixels[0].dtype,
+                          device=pixels[0].device)  # (B, L, p*p*C)
+    mask = torch.zeros(len(one), L, dtype=torch.int32, device=pixels[0].device)  # (B, L)
+    for b, x in enumerate(one):
+        n = int(x["pixel_values"].shape[1])
+        patches[b, :n] = x["pixel_values"][0]
+        mask[b, :n] = 1
+    shapes = torch.cat([x["spatial_shapes"] for x in one])  # (B, 2): (rows, cols) per image
     return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
 
 
@@ -913,6 +934,7 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         max_batch=1 if family.name == "pixtral" else None,
         embed=_embed(module, tower, info.prefix), final_norm=_final_norm(tower),
         text=_text_tower(module, family, Path(folder) if folder is not None else None),
+        padded=_padded_route(module, path, patch) if family.name == "siglip2" else None,
     )
 
 
@@ -988,3 +1010,13 @@ def _text_tower(module: nn.Module, family: _Family, folder: Path | None) -> Text
     assert isinstance(scale, torch.Tensor)
     return TextTower(tokenize=tokenize, encode=encode,
                      logits=scaled_cosine(scale, bias if isinstance(bias, torch.Tensor) else None))
+
+
+def _padded_route(module: nn.Module, path: str, patch: tuple[int, int]) -> PaddedRoute:
+    """SigLIP2 (NaFlex): images of different sizes in one padded batch (`siglip2_padded_inputs`)."""
+    runs_tower = _runs_tower(module, path)
+
+    def forward(m: nn.Module, pixels: list[torch.Tensor]) -> Any:
+        return (m.get_submodule(path) if runs_tower else m)(**siglip2_padded_inputs(pixels, patch[0]))
+
+    return PaddedRoute(forward)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from vitscope.adapters.base import (
     AttentionSite,
     ModelInfo,
+    PaddedRoute,
     Preprocess,
     VitModel,
     choose_weights,
@@ -234,6 +236,10 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
     prep = _preprocess(holder, dynamic)
     patch = declared if type(holder).__name__ == "NaFlexVit" else _measured_patch(
         pe, prep.channels, prep.image_size, declared)
+    padded = _naflex_route(holder, module, patch)
+    if padded is not None:  # each image at its own aspect ratio, within the default input's patch budget
+        (h, w), (ph, pw) = prep.image_size, patch
+        prep = replace(prep, policy="native", max_patches=(h // ph) * (w // pw))
     num_classes = int(getattr(module, "num_classes", 0) or 0)
     cfg = getattr(module, "pretrained_cfg", None) or {}
     info = ModelInfo(
@@ -269,7 +275,8 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
             _accepts_pre_logits(forward_head):
         embed = lambda x: forward_head(norm(x), pre_logits=True)  # noqa: E731  (pooled features, no classifier)
     return VitModel(module, info, sites, forward=forward, logits=logits, readout=readout, embed=embed,
-                    final_norm=norm if holder is module and isinstance(norm, nn.Module) else None)
+                    final_norm=norm if holder is module and isinstance(norm, nn.Module) else None,
+                    padded=padded)
 
 
 def _accepts_pre_logits(fn: Any) -> bool:
@@ -279,6 +286,42 @@ def _accepts_pre_logits(fn: Any) -> bool:
         return "pre_logits" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def naflex_inputs(pixels: Sequence[torch.Tensor], patch: tuple[int, int], channels_last: bool = True,
+                  ) -> dict[str, torch.Tensor]:
+    """NaFlexViT's dict input for images ``(C, H_b, W_b)`` of different sizes, as timm's NaFlex collator builds
+    it: ``patches`` ``(B, L, ph*pw*C)`` (each image patchified on its own grid by timm's ``batch_patchify``, zero
+    patches appended up to the longest image's count ``L``), ``patch_coord`` ``(B, L, 2)`` (row, col) and
+    ``patch_valid`` ``(B, L)`` (False on padding)."""
+    from timm.models.naflexvit import batch_patchify
+
+    one = [batch_patchify(p.unsqueeze(0), patch, pad=False, channels_last=channels_last) for p in pixels]
+    L = max(int(x.shape[1]) for x, _ in one)
+    dev, dt = pixels[0].device, pixels[0].dtype
+    patches = torch.zeros(len(one), L, int(one[0][0].shape[2]), dtype=dt, device=dev)  # (B, L, ph*pw*C)
+    coord = torch.zeros(len(one), L, 2, dtype=torch.long, device=dev)  # (B, L, 2): (row, col)
+    valid = torch.zeros(len(one), L, dtype=torch.bool, device=dev)  # (B, L)
+    for b, (x, (rows, cols)) in enumerate(one):
+        n = rows * cols
+        patches[b, :n] = x[0]
+        r, c = torch.meshgrid(torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij")
+        coord[b, :n] = torch.stack([r.flatten(), c.flatten()], dim=1)
+        valid[b, :n] = True
+    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+
+
+def _naflex_route(holder: nn.Module, module: nn.Module, patch: tuple[int, int]) -> PaddedRoute | None:
+    """NaFlexViT with a linear patch embedding: images of different sizes in one padded batch (`naflex_inputs`)."""
+    embeds = getattr(holder, "embeds", None)
+    if type(holder).__name__ != "NaFlexVit" or holder is not module or not getattr(embeds, "is_linear", False):
+        return None
+    channels_last = bool(getattr(embeds, "channels_last", True))
+
+    def forward(m: nn.Module, pixels: list[torch.Tensor]) -> Any:
+        return m(naflex_inputs(pixels, patch, channels_last))
+
+    return PaddedRoute(forward)
 
 
 def _unknown_model(timm: Any, name: str) -> VitscopeError:

@@ -48,7 +48,7 @@ from vitscope.capture.hooks import eval_mode, this_thread_only
 from vitscope.capture.intercept import AttentionCall, attention_module, observe_attention
 from vitscope.errors import CaptureError
 
-__all__ = ["MeasuredLayout", "check_layout", "check_token_axis", "probe_layout"]
+__all__ = ["MeasuredLayout", "check_layout", "check_token_axis", "probe_layout", "probe_padded"]
 
 _BASE = 4  # digits of the patch-row / patch-column index, in this base
 _CHUNK = 8  # images per stopped forward pass (bounds the probe's memory at large sizes)
@@ -126,12 +126,17 @@ def _stop_at(module: nn.Module, batch: int, sink: list[torch.Tensor]) -> Iterato
         handle.remove()
 
 
-def _tokens(vit: VitModel, images: torch.Tensor) -> torch.Tensor:
-    """The first attention module's input tokens ``(B, N, C)`` for ``images``, running only the stem."""
+def _tokens(vit: VitModel, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The first attention module's input tokens ``(B, N, C)`` for ``images``, running only the stem (a list of
+    ``(C, H_b, W_b)`` images runs as one padded batch: ``vit.padded``)."""
     module = attention_module(vit.sites[0])
     sink: list[torch.Tensor] = []
-    with _stop_at(module, int(images.shape[0]), sink), suppress(_Stop):
-        vit(images)
+    with _stop_at(module, len(images), sink), suppress(_Stop):
+        if isinstance(images, list):
+            assert vit.padded is not None
+            vit.padded.forward(vit.module, images)
+        else:
+            vit(images)
     if not sink:
         raise CaptureError(
             "model", "layer 0's attention module did not run during the forward pass",
@@ -248,9 +253,20 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
         step = min(_CHUNK, vit.max_batch or _CHUNK)
         tok = torch.cat([_tokens(vit, images[i:i + step]) for i in range(0, images.shape[0], step)])
     # tok: (M, N, D); movement of each token under each image, relative to the base
-    move = (tok - tok[0]).norm(dim=-1).cpu()  # (M, N)
+    layout = _measure(vit, (tok - tok[0]).norm(dim=-1).cpu(), (n_rows, n_cols), (dr, dc), (H, W))
+    cache[key] = layout
+    return layout
+
+
+def _measure(vit: VitModel, move: torch.Tensor, declared: tuple[int, int], levels: tuple[int, int],
+             image_size: tuple[int, int]) -> MeasuredLayout:
+    """The layout from each token's movement ``(M, N)`` under the probe images of `_images` (base, base again,
+    all replaced, row codes, column codes); ``declared``: the grid the patch size gives, ``levels``: the base-4
+    digits of the row and column codes. In a padded batch the tokens after an image's patches that none of its
+    pixels move are its suffix tokens and its padding (`MeasuredLayout.num_suffix` counts them all)."""
+    (H, W), (n_rows, n_cols), (dr, dc) = image_size, declared, levels
     scale = float(move[2].max())
-    N = int(tok.shape[1])
+    N = int(move.shape[1])
     if not math.isfinite(scale) or scale <= 0:
         raise UnmeasurableError("model", "no token of the first block's input depends on the pixels",
                                 "vitscope reads ViTs whose tokens are computed from the image")
@@ -300,9 +316,38 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
             "check the declared patch_size, or pass one image at a time",
         )
     rows, cols = found
-    layout = MeasuredLayout(num_prefix=first, grid=(rows, cols), num_suffix=N - 1 - last, image_size=(H, W))
-    cache[key] = layout
-    return layout
+    return MeasuredLayout(num_prefix=first, grid=(rows, cols), num_suffix=N - 1 - last, image_size=(H, W))
+
+
+def probe_padded(vit: VitModel, pixels: Sequence[torch.Tensor]) -> list[MeasuredLayout]:
+    """Measure each image's layout inside one padded batch of images ``(C, H_b, W_b)`` of different sizes
+    (`vitscope.adapters.base.PaddedRoute`): which tokens of image ``b`` its own pixels move, where each sits on
+    its grid, and how many tokens after its patches depend on none of its pixels (its padding: `num_suffix`).
+
+    The probe images of `probe_layout` are made for every image at its own geometry; forward pass ``k`` runs
+    image ``b``'s ``k``-th probe image in slot ``b`` (its base once it has none left), so every image is
+    measured where it sits in the batch, stopped at the first block's attention input. Cached per model and
+    list of geometries.
+    """
+    shapes = tuple(tuple(int(v) for v in p.shape) for p in pixels)
+    dtype, device = pixels[0].dtype, pixels[0].device
+    key = ("padded", shapes, dtype, str(device), id(vit.sites[0].attn), vit.info.patch_size)
+    cache = _layouts.setdefault(vit.module, {})
+    if key in cache:
+        return cache[key]  # type: ignore[return-value]
+    made = [_images(vit, (C, H, W), dtype, device) for C, H, W in shapes]
+    count = max(int(m[0].shape[0]) for m in made)
+    with torch.no_grad(), eval_mode(vit.module):
+        tok = torch.stack([  # (M, B, N, D): probe image k of every image, in one padded batch each
+            _tokens(vit, [m[0][k] if k < m[0].shape[0] else m[0][0] for m in made])
+            for k in range(count)
+        ])
+    out = []
+    for b, (images, n_rows, n_cols, dr, dc) in enumerate(made):
+        move = (tok[: images.shape[0], b] - tok[0, b]).norm(dim=-1).cpu()  # (M_b, N)
+        out.append(_measure(vit, move, (n_rows, n_cols), (dr, dc), (shapes[b][1], shapes[b][2])))
+    cache[key] = out  # type: ignore[assignment]
+    return out
 
 
 def check_token_axis(vit: VitModel, sites: Sequence[AttentionSite], geometry: tuple[int, int, int],

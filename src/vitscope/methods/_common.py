@@ -7,7 +7,7 @@ Everything here reads `Attentions` through its public description (``prefix``, `
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -161,3 +161,18 @@ def rows_needed(prefix: tuple[str, ...], query: Query) -> Query:
     if query == "mean" or (query is None and "cls" not in prefix):
         return None  # the mean over patch query rows needs every row
     return "cls" if query is None else query
+
+
+def per_image_maps(attn: Attentions, fn: Callable[[Attentions], torch.Tensor]) -> torch.Tensor:
+    """``fn`` (a map ``(1, ..., rows, cols)`` of one image) on each image of a padded batch (`Attentions.grids`)
+    on its own grid, from its own tokens (padding rows and keys dropped: `Attentions.image`), stacked NaN-padded
+    to ``(batch, ..., max rows, max cols)``; image ``b``'s map is ``out[b, ..., :rows_b, :cols_b]``."""
+    maps = [fn(a) for a in attn.images()]
+    rows, cols = max(int(m.shape[-2]) for m in maps), max(int(m.shape[-1]) for m in maps)
+    out = torch.full((len(maps), *maps[0].shape[1:-2], rows, cols), float("nan"), dtype=maps[0].dtype,
+                     device=maps[0].device)
+    if not out.is_floating_point():  # boolean masks: False outside an image's grid
+        out = torch.zeros(out.shape, dtype=maps[0].dtype, device=maps[0].device)
+    for b, m in enumerate(maps):
+        out[b, ..., : m.shape[-2], : m.shape[-1]] = m[0]
+    return out

@@ -127,7 +127,8 @@ class ArtifactReport:
 
     Attributes:
         norms: ``(num_layers, batch, N)`` all token norms, as captured.
-        patch_norms: ``(num_layers, batch, rows, cols)``.
+        patch_norms: ``(num_layers, batch, rows, cols)`` (a padded batch of images on different grids: NaN
+            outside each image's grid, `Attentions.grids`).
         outliers: bool ``(num_layers, batch, rows, cols)``: artifact patch tokens.
         threshold: ``(num_layers,)`` norm above which a patch is an artifact (``inf``: none in that layer).
         share: ``(num_layers,)`` fraction of patch tokens flagged, over all images.
@@ -155,7 +156,7 @@ def token_norms(
     if attn.token_norms is None:
         raise VitscopeError("attn", "has no token norms", "capture with vitscope.capture(..., token_norms=True)")
     norms = attn.token_norms.detach().float()  # (L, B, N)
-    patches = attn.to_grid(norms)  # (L, B, rows, cols)
+    patches = _patch_norms(attn, norms)  # (L, B, rows, cols), NaN outside each image's grid in a padded batch
     L = norms.shape[0]
     thresholds = torch.full((L,), math.inf, dtype=torch.float64)
     mixtures: list[GaussianMixture1D] | None = None
@@ -165,15 +166,29 @@ def token_norms(
         mixtures = []
         for layer in range(L):
             x = patches[layer].reshape(-1)
+            x = x[~torch.isnan(x)]  # a padded batch: each image's own patches only
             gmm = fit_gmm_1d(x)
             mixtures.append(gmm)
             split = gmm.separation >= min_separation and float(gmm.weights[1]) < 0.5
             if split and prefers_two_components(x, gmm):
                 thresholds[layer] = gmm_threshold(gmm, float(x.max()))
-    outliers = patches.double() > thresholds[:, None, None, None].to(patches.device)
-    share = outliers.reshape(L, -1).double().mean(dim=1)
+    outliers = patches.double() > thresholds[:, None, None, None].to(patches.device)  # NaN: never an outlier
+    real = (~torch.isnan(patches)).reshape(L, -1).double().sum(dim=1)
+    share = outliers.reshape(L, -1).double().sum(dim=1) / real
     return ArtifactReport(norms=norms, patch_norms=patches, outliers=outliers, threshold=thresholds,
                           share=share.cpu(), mixtures=mixtures)
+
+
+def _patch_norms(attn: Attentions, norms: torch.Tensor) -> torch.Tensor:
+    """Patch token norms ``(L, B, rows, cols)``; a padded batch's images each on their own grid, NaN-padded to
+    the largest rows and columns."""
+    if attn.grids is None:
+        return attn.to_grid(norms)
+    rows, cols = max(r for r, _ in attn.grids), max(c for _, c in attn.grids)
+    out = torch.full((*norms.shape[:2], rows, cols), float("nan"), dtype=norms.dtype, device=norms.device)
+    for b, (r, c) in enumerate(attn.grids):
+        out[:, b, :r, :c] = norms[:, b, attn.num_prefix_tokens:attn.num_prefix_tokens + r * c].reshape(-1, r, c)
+    return out
 
 
 def outlier_threshold(norms: np.ndarray, k: float = 3.0) -> float:

@@ -23,6 +23,7 @@ from vitscope.methods._common import (
     fuse_heads,
     head_position,
     layer_position,
+    per_image_maps,
     query_positions,
     rows_needed,
 )
@@ -68,6 +69,9 @@ def cls_map(
         >>> attn = vitscope.capture("vitscope:shapes", "cat.png", queries="cls")  # doctest: +SKIP
         >>> cls_map(attn, layer=-1, head="mean", renormalize=True).shape  # (1, rows, cols)  # doctest: +SKIP
     """
+    if attn.grids is not None:  # a padded batch: each image on its own grid, NaN-padded (per_image_maps)
+        return per_image_maps(attn, lambda a: cls_map(a, layer=layer, head=head, query=query, renormalize=renormalize,
+                                                      upsample_mode=upsample_mode))
     pos = layer_position(attn, layer)
     rows_pos = query_positions(attn, query)
     w = attn.weights[pos][:, :, rows_pos]  # (B, H, q, N)

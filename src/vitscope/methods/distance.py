@@ -85,6 +85,9 @@ def attention_distance_per_image(
 
     Averages over the captured patch query rows (all of them with ``queries=None``).
     """
+    if attn.grids is not None:  # a padded batch: each image's distances on its own grid
+        return torch.cat([attention_distance_per_image(a, metric=metric, renormalize=renormalize)
+                          for a in attn.images()], dim=1)
     dist = patch_distances(attn.grid, attn.patch_size, metric).to(attn.weights.device)  # (P, P)
     q_pos, q_patch = _patch_query_positions(attn)
     d = dist[q_patch]  # (Q, P)

@@ -33,6 +33,7 @@ from vitscope.methods._common import (
     contiguous_layers,
     fuse_heads,
     mix_residual,
+    per_image_maps,
     require_full,
     token_ids_for_query,
 )
@@ -127,6 +128,10 @@ def attention_flow(
     Returns:
         float32 ``(batch, rows, cols)``; every value lies in ``[0, 1]`` (a row of the last factor sums to 1).
     """
+    if attn.grids is not None:  # a padded batch: each image's own tokens, on its own grid
+        return per_image_maps(attn, lambda a: attention_flow(a, head_fusion=head_fusion, residual=residual,
+                                                             start_layer=start_layer, query=query,
+                                                             max_tokens=max_tokens, approximate=approximate))
     require_full(attn, "attention_flow")
     check_unit("residual", residual)
     positions = contiguous_layers(attn, start_layer, "attention_flow")

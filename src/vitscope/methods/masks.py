@@ -12,7 +12,7 @@ import torch
 
 from vitscope.attentions import Attentions
 from vitscope.errors import VitscopeError
-from vitscope.methods._common import Query, check_unit, rows_needed
+from vitscope.methods._common import Query, check_unit, per_image_maps, rows_needed
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 
 #: Tolerance on the mass comparison (float32 maps carry ~1e-7 relative rounding).
@@ -70,6 +70,8 @@ def dino_mask(
     Returns:
         bool ``(batch, heads, rows, cols)`` for `Attentions`; same shape as the maps for a tensor.
     """
+    if isinstance(attn, Attentions) and attn.grids is not None:  # a padded batch: each image on its own grid
+        return per_image_maps(attn, lambda a: dino_mask(a, tau, layer=layer, query=query))
     if isinstance(attn, Attentions):
         from vitscope.methods.cls_attention import cls_map
 

@@ -27,11 +27,24 @@ from vitscope.errors import VitscopeError
 
 @dataclass
 class MapResult:
-    """A method's output: the map on the patch grid and what comes with it."""
+    """A method's output: the map on the patch grid and what comes with it.
+
+    For a padded batch of images on different grids (`vitscope.maps` of a variable-resolution model at native
+    aspect ratios) ``images`` holds each image's own result on its own grid, ``grids`` the grids, and ``map``
+    (and each extra whose last two dims are the grid) is NaN-padded to ``(B, max rows, max cols)``.
+    """
 
     map: torch.Tensor  # (B, rows, cols) float32
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "heads" (B, H, rows, cols), "mask"
     meta: dict[str, Any] = field(default_factory=dict)  # method settings as used (JSON-able)
+    images: list[MapResult] | None = None  # per image, on its own grid (padded batches only)
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """Each image's patch grid ``(rows, cols)``."""
+        if self.images is not None:
+            return [(int(r.map.shape[-2]), int(r.map.shape[-1])) for r in self.images]
+        return [(int(self.map.shape[-2]), int(self.map.shape[-1]))] * int(self.map.shape[0])
 
 
 class MapContext:

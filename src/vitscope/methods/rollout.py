@@ -40,6 +40,7 @@ from vitscope.methods._common import (
     discard_lowest,
     fuse_heads,
     mix_residual,
+    per_image_maps,
     require_full,
     token_ids_for_query,
 )
@@ -116,6 +117,7 @@ def rollout_matrix(
     renormalize: bool | None = None,
 ) -> torch.Tensor:
     """The full rollout matrix ``R`` ``(batch, N, N)`` (float64); see `rollout` for the arguments."""
+    attn.layout.require_one_grid("rollout_matrix")
     require_full(attn, "rollout")
     s = _settings(
         preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, renormalize=renormalize
@@ -185,6 +187,10 @@ def rollout(
         float32 ``(batch, rows, cols)``. With mean fusion, no discard and renormalisation, every row of ``R``
         sums to 1, so the map sums to the share of the query's rollout mass on patches.
     """
+    if attn.grids is not None:  # a padded batch: each image's own tokens (padding dropped before the product)
+        return per_image_maps(attn, lambda a: rollout(a, preset=preset, head_fusion=head_fusion, residual=residual,
+                                                      discard_ratio=discard_ratio, start_layer=start_layer,
+                                                      renormalize=renormalize, query=query))
     r = rollout_matrix(
         attn, preset=preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
         start_layer=start_layer, renormalize=renormalize,

@@ -249,6 +249,8 @@ def pack(
 
     if not 0 <= batch < attn.batch_size:
         raise VitscopeError("batch", f"index {batch} out of range for {attn.batch_size} images", "pick an image")
+    if attn.grids is not None:  # a padded batch (images at their own aspect ratios): this image on its own grid
+        attn, batch = attn.image(batch), 0
     if dtype not in ("uint8", "float16"):
         raise VitscopeError("dtype", f"unknown dtype {dtype!r}", "use 'uint8' or 'float16'")
     contiguous = attn.layers == tuple(range(len(attn.layers)))

@@ -452,7 +452,8 @@ def batch_maps(
     map_name: str = "map",
     colorbar: bool = True,
 ) -> Figure:
-    """A batch of images next to their maps ``(B, rows, cols)``: for each image, the image, then either
+    """A batch of images next to their maps ``(B, rows, cols)`` (or a list of ``(rows_b, cols_b)`` maps, each
+    image on its own grid): for each image, the image, then either
     ``view="masked"`` (seed 004's view: ``image * normalise(map)``, the map min-max scaled to [0, 1] and
     upsampled) or ``view="overlay"`` (colormap over the image).
 
@@ -465,13 +466,20 @@ def batch_maps(
         raise VitscopeError("view", f"unknown view {view!r}", "use 'masked' or 'overlay'")
     _check_cmap(cmap)
     _check_alpha(alpha)
-    values = as_map(maps)
-    if values.ndim == 2:
-        values = values[None]
-    if values.ndim != 3 or values.shape[0] != len(images):
-        raise VitscopeError(
-            "maps", f"shape {values.shape} for {len(images)} images", "pass one (rows, cols) map per image"
-        )
+    values: Any
+    if isinstance(maps, (list, tuple)) and len({np.shape(m) for m in maps}) > 1:
+        values = [as_map(m) for m in maps]  # each image's map on its own grid (native aspect ratios)
+        if any(v.ndim != 2 for v in values) or len(values) != len(images):
+            raise VitscopeError("maps", f"{len(values)} maps of shapes {[v.shape for v in values]} for "
+                                f"{len(images)} images", "pass one (rows, cols) map per image")
+    else:
+        values = as_map(maps)
+        if values.ndim == 2:
+            values = values[None]
+        if values.ndim != 3 or values.shape[0] != len(images):
+            raise VitscopeError(
+                "maps", f"shape {values.shape} for {len(images)} images", "pass one (rows, cols) map per image"
+            )
     if titles is not None and len(titles) != len(images):
         raise VitscopeError("titles", f"{len(titles)} titles for {len(images)} images", "one title per image")
     imgs = [image_array(im, f"images[{i}]") for i, im in enumerate(images)]

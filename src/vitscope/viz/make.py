@@ -110,11 +110,10 @@ def make_figure(
             m = rollout(attn, query=query)[0] if method == "rollout" else cls_map(attn, layer=layer, query=query)[0]
             maps_all.append(m.detach().float().cpu().numpy())
             shown_all.append(display_image(img, attn, used_policy))
-        if len({m.shape for m in maps_all}) > 1:
-            raise VitscopeError("images", "images give different patch grids", "use `policy='resize'`")
         absolute = layer + vit.info.num_layers if layer < 0 else layer
         name = "rollout" if method == "rollout" else f"layer-{absolute} attention (head mean)"
-        return figures.batch_maps(shown_all, np.stack(maps_all), titles=titles, mode=mode, cmap=cmap, alpha=alpha,
+        same = len({m.shape for m in maps_all}) == 1  # else each map on its own grid (native aspect ratios)
+        return figures.batch_maps(shown_all, np.stack(maps_all) if same else maps_all, titles=titles, mode=mode, cmap=cmap, alpha=alpha,
                                   map_name=name)
     if kind == "distance":
         per_image, inputs = [], set()
@@ -134,10 +133,12 @@ def make_figure(
     absolute = layer + vit.info.num_layers if layer < 0 else layer
     title = f"patch token norms after block {absolute} ({len(pils)} image{'s' if len(pils) > 1 else ''})"
     norms = report.patch_norms[absolute].numpy()
+    real = ~np.isnan(norms)  # a padded batch (images at their own aspect ratios): each image's own patches
+    norms = norms[real]
     cut = float(report.threshold[absolute])
     if math.isfinite(cut):  # token_norms split the layer into two populations: its cut and its outliers
         return figures.norm_histogram(
-            norms, outliers=report.outliers[absolute].numpy(), threshold=cut, title=title,
+            norms, outliers=report.outliers[absolute].numpy()[real], threshold=cut, title=title,
             threshold_label=f"token_norms threshold {cut:.3g} (2-Gaussian fit)",
         )
     # no separate high-norm population: mark the tail past Tukey's far fence (methods.artifacts.outlier_threshold)
