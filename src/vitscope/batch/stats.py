@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,38 +80,50 @@ class ImageMeasures(Observer):
         self.norms: Any = None
         self.output: Any = None
 
-    def _patch_rows(self, call: AttentionCall) -> Iterator[tuple[int, int, Any]]:
-        """``(start, end, probs (B, H, c, N))`` over the patch query rows (counted from the first patch row)."""
-        import torch
+    def _dist_rows(self, s: int, e: int) -> Any:
+        """Patch-centre distances of query patches ``s:e`` to every patch ``(e - s, P)`` float32 (shared by
+        layers)."""
+        from vitscope.methods.distance import patch_distances
 
-        from vitscope.capture.streaming import prob_chunks
-
-        P0, P = self.P0, self.P
-        if call.probs is None:  # the kernel's q and k: rows rebuilt chunk by chunk
-            assert call.q is not None and call.k is not None
-            yield from prob_chunks(call.q[:, :, P0 : P0 + P], call.k, call.scale, self.chunk, torch.float32,
-                                   self.scratch, call.bias_rows(slice(P0, P0 + P)))
-            return
-        for s in range(0, P, self.chunk):  # the attention itself (captured, or the model's explicit softmax)
-            e = min(P, s + self.chunk)
-            yield s, e, call.rows(range(P0 + s, P0 + e), None, False)
+        dist = self._dist.get((s, e))
+        if dist is None:
+            dist = patch_distances(self.grid, self.vit.info.patch_size, queries=slice(s, e), table=self.table).float()
+            self._dist[(s, e)] = dist
+        return dist
 
     def on_attention(self, call: AttentionCall) -> None:
-        """Mean attention distance of each head: patch rows renormalised over patch keys, weighted by the
-        patch-centre distances, averaged over query patches (`vitscope.methods.streaming.streaming_distance`)."""
-        from vitscope.methods.distance import patch_distances
+        """Mean attention distance of each head (`vitscope.methods.streaming.streaming_distance`'s): patch rows
+        renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
+
+        From the kernel's q and k, only the patch block of the logits is formed: renormalising over patch keys
+        cancels the softmax's own normaliser, so ``sum_j e_ij d_ij / sum_j e_ij`` with ``e = exp(l - max_j l)``
+        over patch keys ``j`` is the same value without the prefix columns or a division per entry."""
+        import torch
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
-        for s, e, probs in self._patch_rows(call):
-            patch = probs[..., P0 : P0 + P]  # (B, H, c, P)
-            dist = self._dist.get((s, e))
-            if dist is None:
-                dist = patch_distances(self.grid, self.vit.info.patch_size, queries=slice(s, e),
-                                       table=self.table).float()  # (c, P)
-                self._dist[(s, e)] = dist
-            weighted = (patch * dist).sum(dim=-1) / patch.sum(dim=-1)  # (B, H, c)
-            acc += weighted.sum(dim=-1)
+        if call.probs is not None:  # the attention itself (captured, or the model's explicit softmax)
+            for s in range(0, P, self.chunk):
+                e = min(P, s + self.chunk)
+                patch = call.rows(range(P0 + s, P0 + e), None, False)[..., P0 : P0 + P]  # (B, H, c, P)
+                acc += ((patch * self._dist_rows(s, e)).sum(dim=-1) / patch.sum(dim=-1)).sum(dim=-1)
+            acc /= P
+            return
+        assert call.q is not None and call.k is not None
+        q, k = call.q[:, :, P0 : P0 + P], call.k[:, :, P0 : P0 + P]  # (B, H, P, d): patch queries and keys
+        kt = k.float().transpose(-2, -1)  # (B, H, d, P)
+        bias = call.bias_rows(slice(P0, P0 + P))
+        B, H = int(q.shape[0]), int(q.shape[1])
+        for s in range(0, P, self.chunk):
+            e = min(P, s + self.chunk)
+            logits = self.scratch.get("logits", (B, H, e - s, P), torch.float32, q.device)
+            torch.matmul(q[:, :, s:e].float() * call.scale, kt, out=logits)  # (B, H, c, P)
+            if bias is not None:
+                logits.add_((bias[:, :, s:e] if bias.shape[2] != 1 else bias)[..., P0 : P0 + P])
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # e_ij, up to each row's factor
+            weighted = self.scratch.get("weighted", (B, H, e - s, P), torch.float32, q.device)
+            torch.mul(logits, self._dist_rows(s, e), out=weighted)
+            acc += (weighted.sum(dim=-1) / logits.sum(dim=-1)).sum(dim=-1)  # (B, H)
         acc /= P
 
     def on_norms(self, norms: Any) -> None:
@@ -129,19 +141,17 @@ class ImageMeasures(Observer):
         probability; ``-1`` / nan without a classifier)."""
         import torch
 
-        from vitscope.methods.artifacts import outlier_threshold
-
         if self.output is None or self.norms is None:
             raise RuntimeError("ImageMeasures.result() before the forward pass it observes")
         P0, S = self.vit.info.num_prefix_tokens, self.vit.info.num_suffix_tokens
         patch = self.norms[:, :, P0 : self.norms.shape[-1] - S].double().cpu().numpy()  # (L, B, P) row-major
         L, B, P = patch.shape
-        high = np.zeros((B, L), dtype=np.int64)
-        for b in range(B):
-            for layer in range(L):
-                x = patch[layer, b]
-                cut = float(self.norm_threshold) if self.norm_threshold is not None else outlier_threshold(x)
-                high[b, layer] = int((x > cut).sum())
+        if self.norm_threshold is not None:
+            cut = np.full((L, B, 1), float(self.norm_threshold))
+        else:  # `outlier_threshold` of each (layer, image) row at once: q75 + 3 IQR
+            q25, q75 = np.percentile(patch, [25, 75], axis=2, keepdims=True)  # (L, B, 1) each
+            cut = q75 + 3.0 * (q75 - q25)
+        high = (patch > cut).sum(axis=2).T.astype(np.int64)  # (B, L)
         logits = self.vit.logits(self.output)
         if logits is not None:
             probs = torch.softmax(logits.detach().float(), dim=-1)
