@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,10 +21,11 @@ from PIL import Image
 
 from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.adapters import load
-from vitscope.batch import METHODS, Manifest, collect_inputs, run_batch
+from vitscope.batch import Manifest, collect_inputs, run_batch
 from vitscope.capture import capture
 from vitscope.errors import VitscopeError
 from vitscope.methods.cls_attention import cls_map
+from vitscope.methods.registry import REGISTRY
 from vitscope.methods.rollout import rollout
 from vitscope.models.vit import save_vit
 
@@ -173,12 +175,14 @@ _KILL_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from vitscope import batch
+    from vitscope.methods.api import get_method
+    from vitscope.methods.registry import Method, register
 
-    def slow_cls(vit, pixels, **kw):
+    def slow_cls(ctx, *, layer=-1):
         time.sleep(float(sys.argv[4]))  # make the run long enough to be killed midway
-        return batch.METHODS["cls"](vit, pixels, **kw)
+        return get_method("cls").compute(ctx, layer=layer)
 
-    batch.register_method("slow-cls", slow_cls)
+    register(Method(name="slow-cls", compute=slow_cls, summary="cls, slowly", paper="-"))
     batch.run_batch(sys.argv[1], sys.argv[2], method="slow-cls", model=sys.argv[3], batch_size=2, workers=1,
                     progress=False)
     """
@@ -228,7 +232,7 @@ def test_resume_after_ctrl_c_and_sigkill(model_dir: Path, tmp_path: Path, monkey
     assert after_int + 6 <= len(before) < 30 and set(before.values()) == {1}
 
     # restart (in this process) with the same method name, without the slowdown
-    monkeypatch.setitem(METHODS, "slow-cls", METHODS["cls"])
+    monkeypatch.setitem(REGISTRY, "slow-cls", dataclasses.replace(REGISTRY["cls"], name="slow-cls"))
     summary = run_batch(src, out, method="slow-cls", model=model_dir, batch_size=2, workers=0, progress=False)
     assert summary.skipped == len(before) and summary.done == 30 - len(before) and summary.failed == 0
     ok = Counter(e["rel"] for e in _manifest(out) if e["status"] == "ok")

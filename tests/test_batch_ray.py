@@ -27,14 +27,16 @@ from PIL import Image
 
 from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.adapters import load
-from vitscope.batch import METHODS, run_batch
+from vitscope.batch import run_batch
 from vitscope.capture import capture
 from vitscope.capture.core import capture_full
 from vitscope.errors import VitscopeError
+from vitscope.methods.api import get_method
 from vitscope.methods.artifacts import outlier_threshold
 from vitscope.methods.cls_attention import cls_map
 from vitscope.methods.distance import DistanceAccumulator
 from vitscope.methods.metrics import mask_jaccard, pointing_game
+from vitscope.methods.registry import REGISTRY, Method
 from vitscope.models.vit import save_vit
 
 ray = pytest.importorskip("ray")
@@ -310,14 +312,14 @@ def test_killed_actor_is_retried_and_every_image_written_once(ray_cluster: None,
     model = save_vit(make_tiny_vit(seed=3), tmp_path / "model")
     pid_dir = str(pids)
 
-    def slow_cls(vit, pixels, **kw):  # runs in the actors: report the pid, slow the run down
-        from vitscope.batch import METHODS as registry  # the actor's own registry
+    def slow_cls(ctx, *, layer=-1):  # runs in the actors (the Method travels with the run): report the pid
+        from vitscope.methods.api import get_method
 
         Path(pid_dir, str(os.getpid())).touch()
         time.sleep(0.4)
-        return registry["cls"](vit, pixels, **kw)
+        return get_method("cls").compute(ctx, layer=layer)
 
-    monkeypatch.setitem(METHODS, "slow-cls", slow_cls)
+    monkeypatch.setitem(REGISTRY, "slow-cls", Method(name="slow-cls", compute=slow_cls, summary="-", paper="-"))
     result: dict[str, object] = {}
 
     def run() -> None:
@@ -364,14 +366,15 @@ def test_an_image_that_kills_its_worker_every_time_fails_alone(ray_cluster: None
     Image.new("RGB", (32, 32), (255, 255, 255)).save(src / "poison.png")
     model = save_vit(make_tiny_vit(seed=3), tmp_path / "model")
 
-    def crash_on_white(vit, pixels, **kw):  # runs in the actors
-        from vitscope.batch import METHODS as registry
+    def crash_on_white(ctx, *, layer=-1):  # runs in the actors
+        from vitscope.methods.api import get_method
 
-        if bool((pixels.flatten(1).amin(dim=1) > 0.9).any()):  # a white image in the batch: die like a segfault
+        if bool((ctx.pixels.flatten(1).amin(dim=1) > 0.9).any()):  # a white image in the batch: die like a segfault
             os.kill(os.getpid(), signal.SIGKILL)
-        return registry["cls"](vit, pixels, **kw)
+        return get_method("cls").compute(ctx, layer=layer)
 
-    monkeypatch.setitem(METHODS, "crash-cls", crash_on_white)
+    monkeypatch.setitem(REGISTRY, "crash-cls", Method(name="crash-cls", compute=crash_on_white, summary="-",
+                                                      paper="-"))
     opts = {"model": model, "method": "crash-cls", "engine": "ray", "batch_size": 4, "concurrency": 1,
             "num_cpus": 0.5, "part_size": 4, "max_retries": 1, "stats": False, "progress": False}
     summary = run_batch(src, out, **opts)
@@ -606,7 +609,7 @@ def test_actors_run_under_the_drivers_limits(dataset: dict[str, Path], tmp_path:
 
     table = pa.table({"id": ["a"], "path": [str(dataset["src"] / "g0/img00.png")]})
     prepared = batch_ray._preprocess_rows(table, done=frozenset(), **_prep_args(dataset["model"]))
-    kwargs = {"model": str(dataset["model"]), "method": "cls", "fn": METHODS["cls"], "layer": -1, "model_id": "m",
+    kwargs = {"model": str(dataset["model"]), "method": "cls", "spec": get_method("cls"), "layer": -1, "model_id": "m",
               "batch_size": 4, "stats": False, "norm_threshold": None, "threads": 1, "device": "cpu"}
     ok = batch_ray.MapActor(parts_dir=str(tmp_path / "ok"), **kwargs)(prepared).to_pylist()
     capped = batch_ray.MapActor(parts_dir=str(tmp_path / "capped"), limits={"max_tokens": 4}, **kwargs)(

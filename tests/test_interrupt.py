@@ -160,11 +160,12 @@ def test_ctrl_c_at_20_moments_of_a_batch_run(setup: dict[str, Path]) -> None:
 
 
 _DEADLOCK = """
-import os, signal, sys, threading
+import dataclasses, os, signal, sys, threading
 import vitscope.batch.local as local
+from vitscope.methods.registry import REGISTRY
 
 lock, writer_waits, calls = threading.Lock(), threading.Event(), []
-real_png, real_cls = local.heatmap_png, local.METHODS["cls"]
+real_png, real_cls = local.heatmap_png, REGISTRY["cls"].compute
 
 def png(*args, **kwargs):  # the writer thread: needs the lock (as logging's module lock)
     writer_waits.set()
@@ -172,7 +173,7 @@ def png(*args, **kwargs):  # the writer thread: needs the lock (as logging's mod
         pass
     return real_png(*args, **kwargs)
 
-def cls(vit, pixels, **kwargs):  # the main thread, second batch: Ctrl-C while it holds the lock
+def cls(ctx, *, layer=-1):  # the main thread, second batch: Ctrl-C while it holds the lock
     calls.append(1)
     if len(calls) == 2:
         lock.acquire()
@@ -181,9 +182,9 @@ def cls(vit, pixels, **kwargs):  # the main thread, second batch: Ctrl-C while i
         for _ in range(10000):  # the signal is delivered here, before the release
             pass
         lock.release()
-    return real_cls(vit, pixels, **kwargs)
+    return real_cls(ctx, layer=layer)
 
-local.heatmap_png, local.METHODS["cls"] = png, cls
+local.heatmap_png, REGISTRY["cls"] = png, dataclasses.replace(REGISTRY["cls"], compute=cls)
 try:
     local.run_local(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=1, workers=0, progress=False,
                     stats=False, summary=False)

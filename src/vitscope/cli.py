@@ -682,7 +682,7 @@ def batch_cmd(
     masks: Annotated[Path | None, typer.Option(help="Folder of object masks mirroring the inputs: pointing game, "
                                                     "mask IoU.")] = None,
     stats: Annotated[bool, typer.Option(help="Per-image prediction, token norms and attention distance, and "
-                                             "summary.json + distance.png (two more passes per batch).")] = True,
+                                             "summary.json + distance.png (from the map's own forward pass).")] = True,
     norm_threshold: Annotated[float | None, typer.Option(help="Fixed cut for high-norm tokens (default: per image "
                                                               "and layer, q75 + 3 IQR).")] = None,
 ) -> None:

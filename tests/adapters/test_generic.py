@@ -303,7 +303,8 @@ def test_pixtral_one_image_exact_at_its_own_aspect_and_a_batch_refused(tmp_path:
         attn = vitscope.capture(vit, pixels)
         assert attn.grid == (size[0] // 8, size[1] // 8) and attn.weights.shape == ref.shape
         assert torch.allclose(attn.weights, ref, atol=1e-5), (attn.weights - ref).abs().max()
-    with pytest.raises(VitscopeError, match=r"^images: Pixtral packs a batch of 3 images") as err:
+    with pytest.raises(VitscopeError, match=r"^images: .* takes at most 1 image per forward pass \(Pixtral packs a "
+                       r"batch into one sequence\), got 3") as err:
         vitscope.capture(vit, torch.randn(3, 3, 32, 32))
     assert "\n" not in str(err.value)
 

@@ -763,10 +763,10 @@ def _make_forward(module: nn.Module, family: _Family, patch: tuple[int, int], pa
 
 
 def _checked_forward(forward: Callable[[nn.Module, torch.Tensor], Any], family: _Family, prep: Preprocess, name: str,
-                     ) -> Callable[[nn.Module, torch.Tensor], Any]:
+                     max_batch: int | None = None) -> Callable[[nn.Module, torch.Tensor], Any]:
     """``forward`` refusing, in one line, the inputs the model cannot take: another size than the one its learned
-    position table was built for (CLIPForImageClassification, AIMv2 with learned positions), a batch of several
-    images for Pixtral (it packs a batch into one sequence)."""
+    position table was built for (CLIPForImageClassification, AIMv2 with learned positions), more images than
+    ``max_batch`` (`VitModel.max_batch`; Pixtral: 1, it packs a batch into one sequence)."""
 
     def checked(m: nn.Module, pixels: torch.Tensor) -> Any:
         B, _, H, W = pixels.shape
@@ -776,10 +776,11 @@ def _checked_forward(forward: Callable[[nn.Module, torch.Tensor], Any], family: 
                 "size", f"{name} takes {h}x{w} inputs only (its learned position table is fixed and it cannot "
                 f"interpolate it), got {H}x{W}", f"resize the images to {h}x{w} (size=({h}, {w}), --size {h} {w})",
             )
-        if family.name == "pixtral" and B > 1:
+        if max_batch is not None and max_batch < B:
+            why = " (Pixtral packs a batch into one sequence)" if family.name == "pixtral" else ""
             raise VitscopeError(
-                "images", f"Pixtral packs a batch of {B} images into one sequence, so per-image attention cannot be "
-                "captured in one pass", "capture one image at a time",
+                "images", f"{name} takes at most {max_batch} image{'s' if max_batch > 1 else ''} per forward pass"
+                f"{why}, got {B}", f"capture at most {max_batch} at a time (vitscope batch splits its batches itself)",
             )
         if prep.image_size == (H, W):
             return forward(m, pixels)
@@ -927,11 +928,12 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         num_heads=sites[0].num_heads, embed_dim=int(getattr(vcfg, "hidden_size", 0) or 0), patch_size=patch,
         prefix=_prefix(tower, vcfg), suffix=_suffix(tower), preprocess=prep, num_classes=num_classes, labels=labels,
     )
+    max_batch = 1 if family.name == "pixtral" else None
     return VitModel(
-        module, info, sites, forward=_checked_forward(forward, family, prep, display),
+        module, info, sites, forward=_checked_forward(forward, family, prep, display, max_batch),
         logits=_logits if classifier else _no_logits,
         readout=_readout(module, info.num_prefix_tokens) if classifier else None,
-        max_batch=1 if family.name == "pixtral" else None,
+        max_batch=max_batch,
         embed=_embed(module, tower, info.prefix), final_norm=_final_norm(tower),
         text=_text_tower(module, family, Path(folder) if folder is not None else None),
         padded=_padded_route(module, path, patch) if family.name == "siglip2" else None,

@@ -5,7 +5,9 @@
 - ``engine="ray"`` (`vitscope.batch.ray_engine`): a Ray Data pipeline (preprocessing tasks, an actor pool that
   loads the model once per actor, atomic Parquet parts, dataset-level summaries), on a local or running cluster.
 
-`run_batch` is the entry point for both (``vitscope batch ... --engine``).
+`run_batch` is the entry point for both (``vitscope batch ... --engine``). Methods are the method registry's
+(`vitscope.methods.registry`, the one table: ``vitscope methods`` lists it); both engines compute a batch's maps
+and per-image measures with `compute_batch`, from one forward pass.
 """
 
 from __future__ import annotations
@@ -23,27 +25,25 @@ from vitscope.batch.local import (
     CONFIG,
     FORMATS,
     MANIFEST,
-    METHODS,
     BatchItem,
     BatchSummary,
     Manifest,
-    MapMethod,
     _ImageDataset,
     collect_inputs,
+    compute_batch,
     error_line,
     heatmap_png,
     image_meta,
     output_bases,
     preprocess_image,
-    register_method,
     run_local,
 )
 from vitscope.errors import VitscopeError
 
 __all__ = [
-    "CONFIG", "FORMATS", "MANIFEST", "METHODS", "BatchItem", "BatchSummary", "Manifest", "MapMethod",
-    "_ImageDataset", "collect_inputs", "error_line", "heatmap_png", "image_meta", "output_bases",
-    "preprocess_image", "register_method", "run_batch", "run_local", "saved_counts",
+    "CONFIG", "FORMATS", "MANIFEST", "BatchItem", "BatchSummary", "Manifest", "_ImageDataset", "collect_inputs",
+    "compute_batch", "error_line", "heatmap_png", "image_meta", "output_bases", "preprocess_image", "run_batch",
+    "run_local", "saved_counts",
 ]
 
 

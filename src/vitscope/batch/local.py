@@ -57,18 +57,18 @@ from vitscope.adapters.base import Preprocess, SizePolicy, VitModel
 from vitscope.batch.stats import (
     DISTANCE_FIGURE,
     SUMMARY,
+    ImageMeasures,
     SummaryAccumulator,
     check_masks,
     image_record,
-    image_statistics,
     localisation,
     mask_for,
     mask_image,
     write_summary,
 )
 from vitscope.errors import VitscopeError
-from vitscope.methods.api import compute, get_method, method_names
-from vitscope.methods.registry import MapContext
+from vitscope.methods.api import get_method
+from vitscope.methods.registry import MapContext, Method, check_params
 from vitscope.viz.export import colours_png
 
 MANIFEST = "manifest.jsonl"
@@ -77,40 +77,63 @@ FORMATS = ("npz", "png")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 _GLOB_CHARS = "*?["
 
-#: ``fn(vit, pixels (B, C, H, W), **options) -> {"map": (B, rows, cols), extras...}`` (numpy float32).
-MapMethod = Callable[..., dict[str, np.ndarray]]
-
-
 # ------------------------------------------------------------------------------------------------ methods
-def _registered(name: str) -> MapMethod:
-    """Batch runner of registered method ``name`` (`vitscope.methods.registry`): ``layer`` goes to the methods
-    that take one; gradient methods use each image's predicted class (their default target)."""
+def method_params(method: Method, layer: int) -> dict[str, Any]:
+    """The parameters batch mode gives ``method``: ``layer`` to the methods that take one (checked against
+    ``method``'s signature); everything else at its default (gradient methods: each image's predicted class;
+    ``pca`` fits each image alone)."""
+    params: dict[str, Any] = {"layer": layer} if "layer" in method.params else {}
+    if "joint" in method.params:  # pca: each image fitted alone, so its colours do not depend on the batch it fell in
+        params["joint"] = False
+    return check_params(method, params)
 
-    def run(vit: VitModel, pixels: torch.Tensor, layer: int = -1, **_: Any) -> dict[str, np.ndarray]:
 
-        known = get_method(name).params
-        params: dict[str, Any] = {"layer": layer} if "layer" in known else {}
-        if "joint" in known:  # pca: each image fitted alone, so its colours do not depend on the batch it fell in
-            params["joint"] = False
-        result = compute(MapContext(vit, pixels), name, **params)
-        out = {"map": result.map.detach().cpu().numpy()}
+def check_method_layer(method: Method, layer: int, vit: VitModel) -> None:
+    """``layer`` refused up front (not once per image) when ``method`` takes one and the model has no such layer."""
+    from vitscope.capture.core import resolve_layers
+
+    if "layer" in method.params:
+        resolve_layers(layer, vit.info.num_layers, argument="layer")
+
+
+def compute_batch(vit: VitModel, pixels: torch.Tensor, method: Method, *, layer: int = -1, stats: bool = True,
+                  norm_threshold: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(maps, measures)`` of one batch of pixels ``(B, C, H, W)`` (on the model's device), numpy, batch first:
+    ``maps`` holds ``map`` ``(B, rows, cols)`` float32 and the method's extras (``heads`` for ``cls``, ``mask``
+    as uint8 for ``dino_mask``); ``measures`` (``stats=True``) the per-image measures of
+    `vitscope.batch.stats.ImageMeasures`, else ``{}``.
+
+    One forward pass per batch: the measures observe the forward pass the method runs for its map (its
+    `MapContext` capture; a gradient method's prediction pass, which then also gives its target). A model that
+    takes at most ``vit.max_batch`` images per forward (Pixtral: 1) gets the batch in chunks of that size."""
+    params = method_params(method, layer)
+    if method.check is not None:  # a family the method cannot explain: one line, before any forward pass
+        method.check(vit)
+    B = int(pixels.shape[0])
+    step = min(B, vit.max_batch or B)
+    maps: list[dict[str, np.ndarray]] = []
+    measures: list[dict[str, np.ndarray]] = []
+    for s in range(0, B, step):
+        chunk = pixels[s : s + step]  # (b, C, H, W)
+        observers = [ImageMeasures(vit, chunk, norm_threshold=norm_threshold)] if stats else []
+        ctx = MapContext(vit, chunk, observers=observers)
+        if method.needs == "gradients":
+            ctx.observe()  # the prediction the default target reads comes from the observed pass
+        result = method.compute(ctx, **params)
+        ctx.observe()  # a no-op when the method's capture carried the observers
+        out = {"map": result.map.detach().float().cpu().numpy()}
         for key, value in result.extras.items():  # cls: "heads" (B, H, rows, cols); dino_mask: "mask"
             out[key] = value.detach().cpu().numpy().astype(np.uint8 if value.dtype == torch.bool else np.float32)
-        return out
-
-    run.__doc__ = f"The registered method {name!r} (`vitscope.maps`)."
-    return run
-
-
-#: Methods `run_batch` knows by name: the method registry's, and any added with `register_method`.
-METHODS: dict[str, MapMethod] = {name: _registered(name) for name in method_names()}
+        maps.append(out)
+        if observers:
+            measures.append(observers[0].result())
+    return _concat(maps), _concat(measures)
 
 
-def register_method(name: str, fn: MapMethod) -> None:
-    """Make ``fn(vit, pixels, **options) -> {"map": (B, rows, cols), ...}`` available as ``method=name``."""
-    if name in METHODS and METHODS[name] is not fn:
-        raise VitscopeError("name", f"a batch method {name!r} already exists", "choose another name")
-    METHODS[name] = fn
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]} if parts else {}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -745,8 +768,9 @@ def run_local(
             or a sequence of paths.
         output_dir: where outputs mirror the inputs' relative paths, beside ``manifest.jsonl``.
         method: ``"cls"`` (last layer's [CLS] attention, `cls_map`; ``heads`` kept in the npz),
-            ``"rollout"`` (`streaming_rollout`), ``"chefer"``, ``"grad_rollout"`` or ``"legrad"`` (gradient maps
-            of each image's predicted class), or a name given to `register_method`.
+            ``"rollout"``, ``"chefer"``, ``"grad_rollout"``, ``"legrad"`` (gradient maps of each image's predicted
+            class): any name of the method registry (`vitscope.methods.api.method_names`; add one with
+            `vitscope.methods.registry.register`).
         model: a spec (``"hf:..."``, ``"timm:..."``, a folder) or a `VitModel`.
         batch_size: images per forward pass; only inputs that preprocess to the same size share a batch.
         workers: DataLoader worker processes that load and preprocess (0: in this process).
@@ -762,8 +786,8 @@ def run_local(
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object, in the image's frame): pointing game and mask IoU of each map.
         stats: also each image's prediction, patch-token norms and mean attention distance
-            (`vitscope.batch.stats.image_statistics`: one more forward pass per batch), kept in its manifest
-            line (``"stats"``); they feed the summary.
+            (`vitscope.batch.stats.ImageMeasures`, read from the map's own forward pass: `compute_batch`), kept
+            in its manifest line (``"stats"``); they feed the summary.
         norm_threshold: fixed cut for high-norm tokens (default: per image and layer, ``q75 + 3 IQR``).
         summary: write ``summary.json`` and ``distance.png`` over every image of ``inputs`` at the end
             (resumed runs included), the same summary as the Ray engine's.
@@ -777,8 +801,7 @@ def run_local(
     from vitscope.capture.prepare import resolve_device
 
     fmts = _parse_formats(formats)
-    if method not in METHODS:
-        raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
+    spec = get_method(method)
     check_options(batch_size=batch_size, workers=workers, norm_threshold=norm_threshold)
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
@@ -799,13 +822,7 @@ def run_local(
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
     mask_dir = check_masks(masks, policy, vit)
-    if method == "cls":
-        from vitscope.capture.core import resolve_layers
-
-        try:
-            resolve_layers(layer, vit.info.num_layers)
-        except VitscopeError as exc:  # refused up front, not once per image
-            raise VitscopeError("layer", exc.problem, exc.fix) from None
+    check_method_layer(spec, layer, vit)
     dev = resolve_device(device, vit.device)
     if dev != vit.device:
         vit.module.to(dev)
@@ -874,7 +891,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
         # a batch's worth of images in flight per worker, bounded: torch loops prefetch_factor x workers times
         prefetch_factor=max(2, min(batch_size, len(todo), 256)) if workers else None,
     )
-    fn = METHODS[method]
+    spec = get_method(method)
     buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
 
     # Every write (outputs, manifest, counters) happens on one writer thread, in submission order, so encoding,
@@ -928,8 +945,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
     def run(samples: list[dict[str, Any]]) -> None:
         pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype, non_blocking=True)  # (B, C, H, W)
         try:
-            result = fn(vit, pixels, layer=layer)
-            extra = image_statistics(vit, pixels, norm_threshold=norm_threshold) if stats else {}
+            result, extra = compute_batch(vit, pixels, spec, layer=layer, stats=stats, norm_threshold=norm_threshold)
         except Exception as exc:  # e.g. a size the model refuses: every image of the batch is an error
             _interrupt.check()  # ... unless a Ctrl-C caused it (a half-done import, a dead worker)
             submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])

@@ -38,7 +38,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,14 @@ from vitscope.batch.stats import (
     SummaryAccumulator,
     check_masks,
     image_record,
-    image_statistics,
     localisation,
     mask_for,
     mask_image,
     write_summary,
 )
 from vitscope.errors import VitscopeError
+from vitscope.methods.api import get_method
+from vitscope.methods.registry import Method
 
 PARTS = "parts"
 #: The exact name of a part vitscope writes (`_part_name`): only files of this name are read, or removed by
@@ -271,7 +272,7 @@ class MapActor:
     prediction and per-image statistics, writes one Parquet part atomically and returns ``(id, status, error)``.
     """
 
-    def __init__(self, *, model: Any, method: str, fn: Callable[..., dict[str, np.ndarray]], layer: int,
+    def __init__(self, *, model: Any, method: str, spec: Method, layer: int,
                  model_id: str, parts_dir: str, batch_size: int, stats: bool, norm_threshold: float | None,
                  threads: int, device: str | None, limits: dict[str, int] | None = None) -> None:
         import torch
@@ -285,7 +286,7 @@ class MapActor:
         if dev != self.vit.device:
             self.vit.module.to(dev)
         self.dev = dev
-        self.method, self.fn, self.layer, self.model_id = method, fn, layer, model_id
+        self.method, self.spec, self.layer, self.model_id = method, spec, layer, model_id
         self.parts_dir, self.batch_size = Path(parts_dir), batch_size
         self.stats, self.norm_threshold = stats, norm_threshold
         self.limits = dict(limits or {})  # the driver's vitscope.limits (current_limits), for every call
@@ -300,8 +301,11 @@ class MapActor:
                                                .reshape(shape).copy()) for i in idx])  # (B, C, H, W)
         pixels = pixels.to(self.dev, self.vit.dtype)
         try:
-            result = self.fn(self.vit, pixels, layer=self.layer)
-            extra = image_statistics(self.vit, pixels, norm_threshold=self.norm_threshold) if self.stats else {}
+            from vitscope.batch.local import compute_batch
+
+            # one forward pass per batch (the measures observe the method's own), in chunks of vit.max_batch
+            result, extra = compute_batch(self.vit, pixels, self.spec, layer=self.layer, stats=self.stats,
+                                          norm_threshold=self.norm_threshold)
         except Exception as exc:  # e.g. a size the model refuses: every image of the group is an error
             from vitscope.batch.local import error_line
 
@@ -621,8 +625,8 @@ def run_batch_ray(
             manifest, as many as the free CPUs allow).
         masks: a folder of object masks mirroring the inputs' relative paths (``a/cat.jpg`` -> ``a/cat.jpg`` or
             ``a/cat.png``; non-zero = object): pointing game and mask IoU per image and in the summary.
-        stats: also the prediction, token norms and mean attention distance per image (one more forward
-            pass per batch, `vitscope.batch.stats.image_statistics`); they feed the summary.
+        stats: also the prediction, token norms and mean attention distance per image (read from the map's
+            own forward pass, `vitscope.batch.local.compute_batch`); they feed the summary.
         norm_threshold: fixed cut for high-norm tokens (default: per image and layer, ``q75 + 3 IQR``).
         summary: aggregate ``summary.json`` and ``distance.png`` at the end.
         max_retries: times an actor call is retried after its actor died (Ray restarts the actor). With a
@@ -634,10 +638,10 @@ def run_batch_ray(
     """
     from vitscope.adapters import as_vit
     from vitscope.batch.local import (
-        METHODS,
         _exclusive,
         _model_id,
         _remove_partials,
+        check_method_layer,
         check_options,
         collect_inputs,
         run_config,
@@ -647,9 +651,7 @@ def run_batch_ray(
     check_options(batch_size=batch_size, concurrency=concurrency, part_size=part_size, max_retries=max_retries,
                   preprocess_tasks=preprocess_tasks, num_cpus=num_cpus, num_gpus=num_gpus,
                   norm_threshold=norm_threshold)
-    fn = METHODS.get(method)
-    if fn is None:
-        raise VitscopeError("method", f"unknown batch method {method!r}", f"use one of {', '.join(METHODS)}")
+    spec = get_method(method)  # the registry's Method travels to the actors (a test's own one included)
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise VitscopeError("output", f"{out_dir} is a file, not a folder", "name a folder for the outputs")
@@ -657,6 +659,7 @@ def run_batch_ray(
     if num_gpus and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         _check_local_gpus(num_gpus)
     vit = as_vit(model)
+    check_method_layer(spec, layer, vit)
     mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None
     items: list[dict[str, Any]] | None = None
@@ -698,7 +701,7 @@ def run_batch_ray(
                                     f"{num_gpus:g}", "drop it, or use a cluster with GPUs")
             ctx.enable_progress_bars = progress
             opts: dict[str, Any] = dict(
-                method=method, fn=fn, layer=layer, model=model, model_id=model_id, out_dir=out_dir,
+                method=method, spec=spec, layer=layer, model=model, model_id=model_id, out_dir=out_dir,
                 batch_size=int(batch_size), policy=policy, size=size, done=done, concurrency=int(concurrency),
                 num_cpus=float(num_cpus), num_gpus=float(num_gpus), device=device, stats=stats,
                 norm_threshold=norm_threshold, progress=progress, max_retries=int(max_retries),
@@ -782,7 +785,7 @@ def _check_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
     atomic_write_text(cfg_path, json.dumps(config, indent=2))
 
 
-def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: str, fn: Any, layer: int,
+def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: str, spec: Any, layer: int,
             model: Any, model_id: str, out_dir: Path, batch_size: int, part_size: int, policy: Any, size: Any,
             done: frozenset[str], concurrency: int, num_cpus: float, num_gpus: float, device: str | None,
             stats: bool, norm_threshold: float | None, progress: bool, blocks: int | None,
@@ -815,7 +818,7 @@ def _stream(ray: Any, src: Any, vit: Any, result: RayBatchSummary, *, method: st
             num_cpus=num_cpus,
             num_gpus=num_gpus or None,
             max_restarts=-1, max_task_retries=max_retries,
-            fn_constructor_kwargs={"model": model_arg, "method": method, "fn": fn, "layer": layer,
+            fn_constructor_kwargs={"model": model_arg, "method": method, "spec": spec, "layer": layer,
                                    "model_id": model_id, "parts_dir": str((out_dir / PARTS).resolve()),
                                    "batch_size": batch_size, "stats": stats, "norm_threshold": norm_threshold,
                                    "threads": max(1, int(num_cpus)),

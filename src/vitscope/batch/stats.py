@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from vitscope._ops import combine_moments
+from vitscope.capture.intercept import AttentionCall
 from vitscope.errors import VitscopeError
+from vitscope.methods.observe import Observer
 
 SUMMARY = "summary.json"
 DISTANCE_FIGURE = "distance.png"
@@ -33,44 +35,133 @@ PER_IMAGE_CUT = "per image and layer: q75 + 3 IQR of its patch-token norms"
 
 # ------------------------------------------------------------------------------------------------ per image
 def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> dict[str, np.ndarray]:
-    """Per-image measures the summary aggregates, for pixels ``(B, C, H, W)``.
+    """Per-image measures the summary aggregates, for pixels ``(B, C, H, W)``, from one forward pass of their own.
 
-    Returns numpy arrays: ``distance`` ``(B, layers, heads)`` (mean attention distance in pixels, patch centres,
-    rows renormalised over patch keys: `vitscope.methods.streaming.streaming_distance`), ``norm_mean`` and
-    ``norm_high`` ``(B, layers)`` (mean patch-token output norm; patch tokens above ``norm_threshold``, or by
-    default above Tukey's far fence ``q75 + 3 IQR`` of that image's patch norms in that layer,
-    `vitscope.methods.artifacts.outlier_threshold`), ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score``
-    ``(B,)`` (argmax class and its softmax probability; ``-1`` / nan without a classifier). All from one forward
-    pass (`vitscope.methods.streaming.distance_pass`).
+    Batch mode reads the same measures from the map's forward pass instead (`ImageMeasures` as an observer of
+    the method's `MapContext`); this runs them alone. See `ImageMeasures.result` for what is returned.
     """
-    import torch
-
     from vitscope.adapters import as_vit
-    from vitscope.methods.artifacts import outlier_threshold
-    from vitscope.methods.streaming import distance_pass
+    from vitscope.capture.prepare import prepare
+    from vitscope.methods.registry import MapContext
 
-    vit = as_vit(vit)
-    res = distance_pass(vit, pixels, token_norms=True)
-    assert res.token_norms is not None
-    P0, S = vit.info.num_prefix_tokens, vit.info.num_suffix_tokens
-    patch = res.token_norms[:, :, P0 : res.token_norms.shape[-1] - S].double().cpu().numpy()  # (L, B, P): patch tokens, row-major
-    L, B, P = patch.shape
-    high = np.zeros((B, L), dtype=np.int64)
-    for b in range(B):
-        for layer in range(L):
-            x = patch[layer, b]
-            cut = float(norm_threshold) if norm_threshold is not None else outlier_threshold(x)
-            high[b, layer] = int((x > cut).sum())
-    logits = vit.logits(res.output)
-    if logits is not None:
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        score, pred = probs.max(dim=-1)
-        prediction, scores = pred.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
-    else:
-        prediction, scores = np.full(B, -1, dtype=np.int64), np.full(B, np.nan, dtype=np.float32)
-    distance = res.distance.double().cpu().numpy().transpose(1, 0, 2)  # (B, L, H)
-    return {"distance": distance, "norm_mean": patch.mean(axis=2).T, "norm_high": high,
-            "patch_tokens": np.full(B, P, dtype=np.int64), "prediction": prediction, "score": scores}
+    vit, pixels = prepare(as_vit(vit), pixels)
+    measures = ImageMeasures(vit, pixels, norm_threshold=norm_threshold)
+    MapContext(vit, pixels, observers=[measures]).observe()
+    return measures.result()
+
+
+class ImageMeasures(Observer):
+    """Per-image measures read from a forward pass (an `Observer` of a `MapContext`): every layer's attention
+    (mean attention distance per head), every block's output token norms, and the model's output (prediction).
+
+    ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context."""
+
+    def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
+                 chunk_rows: int | None = None) -> None:
+        import torch
+
+        from vitscope.capture.streaming import Scratch, chunk_rows_for
+        from vitscope.methods.distance import offset_distances
+
+        info = vit.info
+        self.vit, self.norm_threshold = vit, norm_threshold
+        self.layers = tuple(range(info.num_layers))
+        self.token_norms = True
+        B = int(pixels.shape[0])
+        self.grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+        self.P0, self.P = info.num_prefix_tokens, self.grid[0] * self.grid[1]  # patches: P0 .. P0 + P - 1
+        N = self.P0 + self.P + info.num_suffix_tokens
+        dev = pixels.device
+        self.table = offset_distances(self.grid, info.patch_size, "centre").to(dev)  # as mean_attention_distance
+        self.distance = torch.zeros(info.num_layers, B, info.num_heads, dtype=torch.float32, device=dev)
+        self.chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
+        self.scratch = Scratch()
+        self._dist: dict[tuple[int, int], Any] = {}  # (start, end) -> (c, P) patch distances, shared by layers
+        self.norms: Any = None
+        self.output: Any = None
+
+    def _dist_rows(self, s: int, e: int) -> Any:
+        """Patch-centre distances of query patches ``s:e`` to every patch ``(e - s, P)`` float32 (shared by
+        layers)."""
+        from vitscope.methods.distance import patch_distances
+
+        dist = self._dist.get((s, e))
+        if dist is None:
+            dist = patch_distances(self.grid, self.vit.info.patch_size, queries=slice(s, e), table=self.table).float()
+            self._dist[(s, e)] = dist
+        return dist
+
+    def on_attention(self, call: AttentionCall) -> None:
+        """Mean attention distance of each head (`vitscope.methods.streaming.streaming_distance`'s): patch rows
+        renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
+
+        From the kernel's q and k, only the patch block of the logits is formed: renormalising over patch keys
+        cancels the softmax's own normaliser, so ``sum_j e_ij d_ij / sum_j e_ij`` with ``e = exp(l - max_j l)``
+        over patch keys ``j`` is the same value without the prefix columns or a division per entry."""
+        import torch
+
+        P0, P = self.P0, self.P
+        acc = self.distance[call.layer]  # (B, H)
+        if call.probs is not None:  # the attention itself (captured, or the model's explicit softmax)
+            for s in range(0, P, self.chunk):
+                e = min(P, s + self.chunk)
+                patch = call.rows(range(P0 + s, P0 + e), None, False)[..., P0 : P0 + P]  # (B, H, c, P)
+                acc += ((patch * self._dist_rows(s, e)).sum(dim=-1) / patch.sum(dim=-1)).sum(dim=-1)
+            acc /= P
+            return
+        assert call.q is not None and call.k is not None
+        q, k = call.q[:, :, P0 : P0 + P], call.k[:, :, P0 : P0 + P]  # (B, H, P, d): patch queries and keys
+        kt = k.float().transpose(-2, -1)  # (B, H, d, P)
+        bias = call.bias_rows(slice(P0, P0 + P))
+        B, H = int(q.shape[0]), int(q.shape[1])
+        for s in range(0, P, self.chunk):
+            e = min(P, s + self.chunk)
+            logits = self.scratch.get("logits", (B, H, e - s, P), torch.float32, q.device)
+            torch.matmul(q[:, :, s:e].float() * call.scale, kt, out=logits)  # (B, H, c, P)
+            if bias is not None:
+                logits.add_((bias[:, :, s:e] if bias.shape[2] != 1 else bias)[..., P0 : P0 + P])
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # e_ij, up to each row's factor
+            weighted = self.scratch.get("weighted", (B, H, e - s, P), torch.float32, q.device)
+            torch.mul(logits, self._dist_rows(s, e), out=weighted)
+            acc += (weighted.sum(dim=-1) / logits.sum(dim=-1)).sum(dim=-1)  # (B, H)
+        acc /= P
+
+    def on_norms(self, norms: Any) -> None:
+        self.norms = norms  # (L, B, N)
+
+    def on_output(self, output: Any) -> None:
+        self.output = output
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Numpy arrays: ``distance`` ``(B, layers, heads)`` (mean attention distance in pixels, patch centres,
+        rows renormalised over patch keys), ``norm_mean`` and ``norm_high`` ``(B, layers)`` (mean patch-token
+        output norm; patch tokens above ``norm_threshold``, or by default above Tukey's far fence
+        ``q75 + 3 IQR`` of that image's patch norms in that layer, `vitscope.methods.artifacts.outlier_threshold`),
+        ``patch_tokens`` ``(B,)``, and ``prediction`` / ``score`` ``(B,)`` (argmax class and its softmax
+        probability; ``-1`` / nan without a classifier)."""
+        import torch
+
+        if self.output is None or self.norms is None:
+            raise RuntimeError("ImageMeasures.result() before the forward pass it observes")
+        P0, S = self.vit.info.num_prefix_tokens, self.vit.info.num_suffix_tokens
+        patch = self.norms[:, :, P0 : self.norms.shape[-1] - S].double().cpu().numpy()  # (L, B, P) row-major
+        L, B, P = patch.shape
+        if self.norm_threshold is not None:
+            cut = np.full((L, B, 1), float(self.norm_threshold))
+        else:  # `outlier_threshold` of each (layer, image) row at once: q75 + 3 IQR
+            q25, q75 = np.percentile(patch, [25, 75], axis=2, keepdims=True)  # (L, B, 1) each
+            cut = q75 + 3.0 * (q75 - q25)
+        high = (patch > cut).sum(axis=2).T.astype(np.int64)  # (B, L)
+        logits = self.vit.logits(self.output)
+        if logits is not None:
+            probs = torch.softmax(logits.detach().float(), dim=-1)
+            score, pred = probs.max(dim=-1)
+            prediction, scores = pred.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
+        else:
+            prediction, scores = np.full(B, -1, dtype=np.int64), np.full(B, np.nan, dtype=np.float32)
+        distance = self.distance.double().cpu().numpy().transpose(1, 0, 2)  # (B, L, H)
+        return {"distance": distance, "norm_mean": patch.mean(axis=2).T, "norm_high": high,
+                "patch_tokens": np.full(B, P, dtype=np.int64), "prediction": prediction, "score": scores}
 
 
 def image_record(stats: Mapping[str, np.ndarray], b: int, labels: Any = None) -> dict[str, Any]:

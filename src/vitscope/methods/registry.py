@@ -48,12 +48,17 @@ class MapResult:
 
 
 class MapContext:
-    """The model and pixels of one call, prepared once, with captures cached by selection."""
+    """The model and pixels of one call, prepared once, with captures cached by selection.
 
-    def __init__(self, vit: Any, pixels: torch.Tensor) -> None:
+    ``observers`` (`vitscope.methods.observe.Observer`) ride on this context's first capture's forward pass, or,
+    when the method captures nothing through the context, on one forward of their own (`observe`).
+    """
+
+    def __init__(self, vit: Any, pixels: torch.Tensor, observers: Sequence[Any] = ()) -> None:
         self.vit = vit
         self.pixels = pixels
         self._captures: dict[Any, Any] = {}
+        self._observers = tuple(observers)  # fed once, by the first forward this context runs
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -73,9 +78,29 @@ class MapContext:
         full = (None, None, "all")
         if key not in self._captures and full in self._captures:
             return self._captures[full]
+        if key not in self._captures and self._observers:
+            self._captures[key] = self._observed(layers=layers, queries=queries, heads=heads)
         if key not in self._captures:
             self._captures[key] = capture(self.vit, self.pixels, layers=layers, queries=queries, heads=heads)
         return self._captures[key]
+
+    # ---- observers (batch mode's per-image measures from the method's own forward pass)
+    def observe(self) -> None:
+        """Feed the observers, with a forward pass of their own unless a capture already carried them (a method
+        that captured nothing through this context: gradient methods, streamed rollout). Also caches the
+        predicted classes of that pass, so a gradient method's default target needs no forward of its own."""
+        if self._observers:
+            self._observed(select=False)
+
+    def _observed(self, **selection: Any) -> Any:
+        from vitscope.methods.observe import observed_capture
+
+        observers, self._observers = self._observers, ()
+        attn, output = observed_capture(self.vit, self.pixels, observers, **selection)
+        logits = self.vit.logits(output)
+        if logits is not None:  # the same forward as `classes`' own (no grad, eval mode, these pixels)
+            self._captures.setdefault("predicted", logits.argmax(dim=-1).tolist())
+        return attn
 
     def classes(self, target: Any) -> list[int] | Any:
         """The target of a gradient method as one class per image: ``None`` -> the predicted classes (one
