@@ -101,13 +101,21 @@ def as_pair(x: int | Sequence[int]) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TokenLayout:
     """``[prefix..., patches, suffix...]``: the prefix token kinds in order, the patch grid ``(rows, cols)``, the
-    patch size, the input size in pixels (height first) and the kinds of the tokens after the patches."""
+    patch size, the input size in pixels (height first) and the kinds of the tokens after the patches.
+
+    Video (``frames > 1``): the patches are ``frames`` tubelets deep, in token order ``(frames, rows, cols)``
+    (time slowest); ``grid`` is then the *stacked* grid ``(frames * rows, cols)`` (the frames' grids one under
+    the other), so every token index and every image method reads a video unchanged, and `frame_grid` is one
+    frame's ``(rows, cols)``. ``tubelet``: input frames per token along time (VideoMAE, ViViT: 2).
+    """
 
     prefix: tuple[str, ...]
     grid: tuple[int, int]
     patch_size: tuple[int, int] = (1, 1)
     image_size: tuple[int, int] | None = None
     suffix: tuple[str, ...] = ()
+    frames: int = 1
+    tubelet: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", tuple(self.prefix))
@@ -115,6 +123,12 @@ class TokenLayout:
         object.__setattr__(self, "grid", as_pair(self.grid))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size))
         check_kinds(self.prefix, self.suffix)
+        check_frames(self.grid, self.frames, self.tubelet)
+
+    @property
+    def frame_grid(self) -> tuple[int, int]:
+        """One frame's patch grid ``(rows, cols)`` (``grid`` itself for an image)."""
+        return (self.grid[0] // self.frames, self.grid[1])
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -230,6 +244,24 @@ class TokenLayout:
                 raise VitscopeError("query", f"token {i} given twice ({out[i]!r} and {q!r})", "name each one once")
             out[i] = q
         return tuple(out)
+
+
+def check_frames(grid: tuple[int, int], frames: int, tubelet: int) -> None:
+    """A video's stacked grid ``(frames * rows, cols)`` holds whole frames; ``frames`` and ``tubelet`` >= 1."""
+    for argument, value in (("frames", frames), ("tubelet", tubelet)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise VitscopeError(argument, f"expected a positive integer, got {value!r}", "use 1 for an image")
+    if grid[0] % frames:
+        raise VitscopeError("frames", f"a grid of {grid[0]} rows does not stack {frames} frames",
+                            "the grid of a video is (frames * rows, cols)")
+
+
+def per_frame(x: Any, frames: int) -> Any:
+    """A stacked-grid map ``(..., frames * rows, cols)`` as ``(..., frames, rows, cols)`` (a tensor or array)."""
+    *lead, R, C = x.shape
+    if R % frames:
+        raise VitscopeError("frames", f"{R} grid rows do not stack {frames} frames", "pass the stacked video grid")
+    return x.reshape(*lead, frames, R // frames, C)
 
 
 def check_kinds(prefix: Sequence[str], suffix: Sequence[str] = ()) -> None:
