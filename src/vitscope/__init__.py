@@ -21,12 +21,14 @@ if _typing.TYPE_CHECKING:
     from vitscope.capture import capture
     from vitscope.errors import VitscopeError, VitscopeWarning
     from vitscope.methods.api import maps
+    from vitscope.methods.video import video_maps
 
 #: public name -> the module that defines it
 _EXPORTS = {
     "ModelInfo": "vitscope.adapters", "VitModel": "vitscope.adapters", "load": "vitscope.adapters",
     "wrap": "vitscope.adapters", "Attentions": "vitscope.attentions", "capture": "vitscope.capture",
     "VitscopeError": "vitscope.errors", "VitscopeWarning": "vitscope.errors", "maps": "vitscope.methods.api",
+    "video_maps": "vitscope.methods.video",
 }
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "capture",
     "load",
     "maps",
+    "video_maps",
     "wrap",
 ]
 
