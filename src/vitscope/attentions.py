@@ -28,7 +28,15 @@ import torch
 
 from vitscope._ops import fuse_heads
 from vitscope.errors import VitscopeError
-from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout, check_frames, check_kinds, per_frame
+from vitscope.layout import (
+    TOKEN_KINDS,
+    TokenError,
+    TokenKind,
+    TokenLayout,
+    check_frames,
+    check_kinds,
+    per_frame,
+)
 from vitscope.layout import as_pair as _as_pair
 
 __all__ = ["TOKEN_KINDS", "Attentions", "TokenKind"]

@@ -529,10 +529,10 @@ def _patch_size(tower: nn.Module, vcfg: Any) -> tuple[int, int]:
              if n and isinstance(m, (nn.Conv2d, nn.Conv3d)) and _is_patch_embedding(n, m, tower)]
     if not found:
         return _pair(vcfg.patch_size)
-    if isinstance(found[0][1], nn.Conv3d):
-        _, kh, kw = found[0][1].kernel_size  # (tubelet, height, width)
-        return (int(kh), int(kw))
     name, conv = found[0]
+    if isinstance(conv, nn.Conv3d):
+        _, kh, kw = conv.kernel_size  # (tubelet, height, width)
+        return (int(kh), int(kw))
     owner = tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tower
     if not isinstance(getattr(owner, "backbone", None), nn.Module):
         kh, kw = conv.kernel_size
