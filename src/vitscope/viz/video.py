@@ -66,10 +66,10 @@ def frames_head_grid(
         attn: a video's `Attentions` (the query row of ``layer`` captured, every head or ``"mean"``).
         query: as `vitscope.methods.cls_map` (default [CLS], or the mean over patch rows without one).
     """
-    from vitscope.viz.figures import _figure, overlay
+    from vitscope.viz._render import head_maps
     from vitscope.viz.figures import _check_alpha as check_alpha
     from vitscope.viz.figures import _check_cmap as check_cmap
-    from vitscope.viz._render import head_maps
+    from vitscope.viz.figures import _figure, overlay
 
     check_cmap(cmap)
     check_alpha(alpha)
