@@ -290,7 +290,7 @@ def methods_cmd() -> None:
 
 @app.command("maps")
 def maps_cmd(
-    image: Annotated[Path, typer.Argument(help="Image file.")],
+    image: Annotated[Path, typer.Argument(help="Image file (for a video model: a folder of frames).")],
     model: ModelOpt = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     layer: Annotated[int, typer.Option(help="Layer for cls / dino_mask (negative counts from the end).")] = -1,
@@ -314,7 +314,8 @@ def maps_cmd(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Compute one attention map of IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay at
-    the image's size."""
+    the image's size. With a video model, IMAGE is a folder of frames: the maps per frame and their temporal
+    profile go to the .npz (map, profile, meta_json), the overlay to an animated GIF."""
     from vitscope.errors import VitscopeError
     from vitscope.layout import parse_query
     from vitscope.methods.api import get_method
@@ -332,6 +333,17 @@ def maps_cmd(
     output_paths(output, image.stem, method)  # refuse a wrong -o before computing
     with _limits(max_pixels, max_tokens, max_memory):
         vit = _load_model(model, checkpoint, random_weights, device)
+        if vit.info.frames:  # a video model: IMAGE is a frames folder (or one frame); per-frame maps and a GIF
+            from vitscope.viz.video import save_video_map
+
+            given = {"layer": layer, "head": the_head, "query": the_query, "target": target, "tau": tau}
+            npz, gif, vmaps = save_video_map(vit, str(image), method, output, stem=image.stem, params=given,
+                                             policy=policy, size=the_size)
+            _, T, rows, cols = vmaps.map.shape
+            profile = ", ".join(f"{p:.2f}" for p in vmaps.profile[0].tolist())
+            typer.echo(f"{method} maps {T} frames x {rows}x{cols} of {image.name} with {vit.info.name} (attention "
+                       f"per frame: {profile})\nwrote {npz}\nwrote {gif}")
+            return
         result = compute_map(
             vit, str(image), method, layer=layer, head=the_head, query=the_query, target=target,
             tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
@@ -753,6 +765,7 @@ _CARRIED_BY: dict[str, dict[str, str]] = {
           "upsample_mode": "upsample", "budget_bytes": "budget_mb", "max_upload": "max_upload_mb",
           "localisation_images": "localisation", "root": "data", "formats": "formats"},
     "capture": {"queries": "queries", "layers": "layers"},
+    "maps": {"images": "image"},
     "train": {"config": "set_", "cfg": "set_"},
 }
 _PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?:\s|[A-Za-z0-9'\"\[(])")

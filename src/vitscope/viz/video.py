@@ -145,3 +145,36 @@ def save_video_gif(
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
     return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def save_video_map(
+    model: Any, video: Any, method: str, out: str | os.PathLike[str], *, stem: str = "video",
+    params: dict[str, Any] | None = None, policy: Any = None, size: Any = None,
+) -> tuple[Path, Path, Any]:
+    """Compute ``method``'s per-frame maps of one or more videos (`vitscope.video_maps`) and write an ``.npz``
+    (``map`` ``(B, T', rows, cols)``, ``profile`` ``(B, T')``, ``meta_json``) and an animated GIF of the first
+    video's overlay (`save_video_gif`). ``out``: as `vitscope.viz.export.output_paths` (the GIF beside the npz).
+    ``params``: the CLI's options, given to the method where it declares them. Returns ``(npz, gif, maps)``."""
+    import json
+
+    from vitscope._io import atomic_savez
+    from vitscope.capture.prepare import prepare
+    from vitscope.methods.api import get_method
+    from vitscope.methods.video import video_maps
+    from vitscope.viz.export import output_paths
+
+    spec = get_method(method, argument="--method")
+    npz, png = output_paths(out, stem, spec.name)
+    gif = png.with_suffix(".gif")
+    vit, pixels = prepare(model, video, policy=policy, size=size)
+    if not vit.info.frames:
+        raise VitscopeError("model", f"{vit.info.name} is an image model", "pass a video model (VideoMAE, ViViT, ...)")
+    given = {k: v for k, v in (params or {}).items() if k in spec.params}
+    result = video_maps(vit, pixels, spec.name, **given)
+    prep = vit.info.preprocess
+    meta = {**result.meta, "model": vit.info.name, "image_size": list(pixels.shape[-2:]),
+            "patch_size": list(vit.info.patch_size), "prefix": list(vit.info.prefix)}
+    atomic_savez(npz, {"map": result.map.float().cpu().numpy(), "profile": result.profile.cpu().numpy(),
+                       "meta_json": np.array(json.dumps(meta, default=str))})
+    save_video_gif(frames_rgb(pixels, prep.mean, prep.std), result.map[0], gif, tubelet=result.tubelet)
+    return npz, gif, result
