@@ -86,3 +86,22 @@ def test_temporal_profile_of_a_zero_map_is_uniform() -> None:
     torch.testing.assert_close(p, torch.full((2, 4), 0.25))
     p = temporal_profile(torch.tensor([[[[1.0]], [[3.0]]]]))  # (1, 2, 1, 1)
     torch.testing.assert_close(p, torch.tensor([[0.25, 0.75]]))
+
+
+def test_spatial_only_measures_refuse_a_video() -> None:
+    """Mean attention distance (captured and streamed) and pooled flow would treat frames as rows of one image."""
+    from vitscope.methods.distance import mean_attention_distance
+    from vitscope.methods.flow import attention_flow
+    from vitscope.methods.streaming import streaming_distance
+
+    b = build("vivit", "square")
+    x = b.pixels(1)
+    a = vitscope.capture(b.vit, x)
+    with pytest.raises(VitscopeError, match="token frames stacked"):
+        mean_attention_distance(a)
+    with pytest.raises(VitscopeError, match="token frames stacked"):
+        streaming_distance(b.vit, x)
+    with pytest.raises(VitscopeError, match="pool patches of different frames"):
+        attention_flow(a, max_tokens=10, approximate=True)
+    img = vitscope.capture("vitscope:shapes", torch.zeros(1, 3, 32, 32))  # an image's distance still runs
+    assert mean_attention_distance(img).numel()
