@@ -52,3 +52,11 @@ def test_a_folder_without_frames_is_one_line(tmp_path: Path) -> None:
     line = assert_one_line(res, 2, "holds no frame images", option=False)
     assert line.startswith("error: IMAGE: folder ")
     assert not (tmp_path / "o").exists()
+
+
+def test_info_json_names_frames_and_tubelet() -> None:
+    b = build("vivit", "square")
+    res = run_inprocess(["info", "-m", f"hf:{b.folder}", "--json"])
+    assert res.code == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert (got["frames"], got["tubelet"], got["prefix"]) == (4, 2, ["cls"])

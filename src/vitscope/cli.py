@@ -228,6 +228,7 @@ def info(
             "weights": i.weights,
             "labels": len(i.labels) if i.labels is not None else None,
             "global_layers": list(i.global_layers), "windowed_layers": list(i.windowed_layers),
+            "layer_kinds": list(i.layer_kinds), "frames": i.frames, "tubelet": i.tubelet,  # video: T input frames
             "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
                            "std": list(p.std), "resample": p.resample, "dynamic_size": p.dynamic_size,
                            "channels": p.channels},
