@@ -105,3 +105,29 @@ def test_spatial_only_measures_refuse_a_video() -> None:
         attention_flow(a, max_tokens=10, approximate=True)
     img = vitscope.capture("vitscope:shapes", torch.zeros(1, 3, 32, 32))  # an image's distance still runs
     assert mean_attention_distance(img).numel()
+
+
+def _videomae_classifier() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_frames=4, tubelet_size=2, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("which", ["vivit", "videomae"])
+def test_video_classifier_readout_is_the_models_head(which: str) -> None:
+    """The read-out LeGrad applies to every layer's tokens gives the model's own logits on the last layer's."""
+    if which == "vivit":
+        b = build("vivit", "square")
+        vit, module, x = b.vit, b.eager, b.pixels(2)
+    else:
+        module = _videomae_classifier()
+        vit, x = vitscope.load(module), torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        out = module(pixel_values=x, output_hidden_states=True)
+        assert vit.readout is not None
+        torch.testing.assert_close(vit.readout(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-5)
+    r = vitscope.video_maps(vit, x, "legrad", target=1)
+    assert r.map.shape == (2, 2, 4, 4) and bool(torch.isfinite(r.map).all())

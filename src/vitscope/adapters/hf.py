@@ -803,6 +803,8 @@ def _has_classifier(module: nn.Module) -> bool:
 
 
 def _logits(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor) and output.dim() == 2:  # a read-out's logits (`_readout`, LeGrad)
+        return output
     logits = getattr(output, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 
@@ -920,7 +922,8 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     return VitModel(
         module, info, sites, forward=_checked_forward(forward, family, prep, display),
         logits=_logits if classifier else _no_logits,
-        readout=_readout(module, info.num_prefix_tokens) if classifier and video is None else None,
+        readout=(_readout(module, info.num_prefix_tokens) if video is None else _video_readout(module))
+        if classifier else None,
         max_batch=1 if family.name == "pixtral" else None,
     )
 
@@ -942,6 +945,26 @@ def _video_geometry(tower: nn.Module, vcfg: Any, name: str) -> tuple[int, int] |
         raise NotAViTError("model", f"{name} takes {frames} frames, not a multiple of its tubelet of {tubelet}",
                            "set num_frames to a multiple of the tubelet size")
     return int(frames), tubelet
+
+
+def _video_readout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A video classifier's own head on block-output tokens ``(B, N, D)``: ViViT ``classifier(layernorm(x)[:, 0])``;
+    VideoMAE with mean pooling ``classifier(fc_norm(mean_i x[:, i]))``, else ``classifier(layernorm(x)[:, 0])``;
+    ``None`` for the others (V-JEPA 2's attentive pooler, TimeSformer)."""
+    head = getattr(module, "classifier", None)
+    if not isinstance(head, nn.Module):
+        return None
+    vivit, videomae = getattr(module, "vivit", None), getattr(module, "videomae", None)
+    if isinstance(vivit, nn.Module) and isinstance(getattr(vivit, "layernorm", None), nn.Module):
+        norm = vivit.layernorm
+        return lambda x: head(norm(x)[:, 0])
+    if isinstance(videomae, nn.Module):
+        fc_norm, norm = getattr(module, "fc_norm", None), getattr(videomae, "layernorm", None)
+        if isinstance(fc_norm, nn.Module):
+            return lambda x: head(fc_norm(x.mean(dim=1)))
+        if isinstance(norm, nn.Module):
+            return lambda x: head(norm(x)[:, 0])
+    return None
 
 
 def _site_name(tower: nn.Module, site: AttentionSite) -> str:
