@@ -955,15 +955,15 @@ def _video_readout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] 
     if not isinstance(head, nn.Module):
         return None
     vivit, videomae = getattr(module, "vivit", None), getattr(module, "videomae", None)
-    if isinstance(vivit, nn.Module) and isinstance(getattr(vivit, "layernorm", None), nn.Module):
-        norm = vivit.layernorm
-        return lambda x: head(norm(x)[:, 0])
+    vivit_norm = getattr(vivit, "layernorm", None)
+    if isinstance(vivit_norm, nn.Module):
+        return lambda x: head(vivit_norm(x)[:, 0])
     if isinstance(videomae, nn.Module):
-        fc_norm, norm = getattr(module, "fc_norm", None), getattr(videomae, "layernorm", None)
+        fc_norm, mae_norm = getattr(module, "fc_norm", None), getattr(videomae, "layernorm", None)
         if isinstance(fc_norm, nn.Module):
             return lambda x: head(fc_norm(x.mean(dim=1)))
-        if isinstance(norm, nn.Module):
-            return lambda x: head(norm(x)[:, 0])
+        if isinstance(mae_norm, nn.Module):
+            return lambda x: head(mae_norm(x)[:, 0])
     return None
 
 
