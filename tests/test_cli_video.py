@@ -60,3 +60,15 @@ def test_info_json_names_frames_and_tubelet() -> None:
     assert res.code == 0, res.stderr
     got = json.loads(res.stdout)
     assert (got["frames"], got["tubelet"], got["prefix"]) == (4, 2, ["cls"])
+
+
+def test_heads_figure_of_a_frames_folder(tmp_path: Path, frames: Path) -> None:
+    b = build("vivit", "square")
+    out = tmp_path / "heads.png"
+    res = run_inprocess(["figure", "heads", str(frames), "-m", f"hf:{b.folder}", "-o", str(out)])
+    assert res.code == 0, res.stderr
+    with Image.open(out) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    res = run_inprocess(["figure", "panel", str(frames), "-m", f"hf:{b.folder}", "-o", str(tmp_path / "p.png")])
+    line = assert_one_line(res, 2, "draws the heads figure", option=False)
+    assert line.startswith("error: KIND: ") and not (tmp_path / "p.png").exists()

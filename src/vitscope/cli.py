@@ -514,6 +514,18 @@ def figure_cmd(
     layer_ids, the_query, the_size = _parse_layers(layers), parse_query(query), _parse_size(size)
     with _limits(max_pixels, max_tokens, max_memory, max_figure_pixels):
         vit = _load_model(model, checkpoint, random_weights, device)
+        if vit.info.frames:  # a video model: IMAGES is one frames folder; token frames x heads
+            from vitscope.viz.video import video_heads_figure
+
+            if kind != "heads":
+                raise VitscopeError("kind", f"a video model draws the heads figure (token frames x heads), not {kind!r}",
+                                    "use: vitscope figure heads FRAMES_FOLDER -m <video model>")
+            if len(images) != 1:
+                raise VitscopeError("images", f"{len(images)} videos given", "pass one folder of frames")
+            fig = video_heads_figure(vit, str(images[0]), layer=layer, query=the_query, cmap=cmap, alpha=alpha,
+                                     policy=policy, size=the_size)
+            typer.echo(f"wrote {save_figure(fig, target, dpi=dpi)}")
+            return
         fig = make_figure(
             kind, [str(p) for p in images], vit, layer=layer, layers=layer_ids, query=the_query,
             cmap=cmap, alpha=alpha, shared_scale=not per_head_scale, mask_tau=tau,

@@ -178,3 +178,21 @@ def save_video_map(
                        "meta_json": np.array(json.dumps(meta, default=str))})
     save_video_gif(frames_rgb(pixels, prep.mean, prep.std), result.map[0], gif, tubelet=result.tubelet)
     return npz, gif, result
+
+
+def video_heads_figure(model: Any, video: Any, *, layer: int = -1, query: Any = None, cmap: str = "inferno",
+                       alpha: float = 0.6, policy: Any = None, size: Any = None) -> Figure:
+    """`frames_head_grid` of one video (a frames folder, frames or ``(1, T, C, H, W)`` pixels): ``layer``'s
+    rows captured once (every head), the frames shown as the model saw them."""
+    from vitscope.capture.core import capture
+    from vitscope.capture.prepare import prepare
+
+    vit, pixels = prepare(model, video, policy=policy, size=size)
+    if not vit.info.frames:
+        raise VitscopeError("model", f"{vit.info.name} is an image model", "pass a video model")
+    if int(pixels.shape[0]) != 1:
+        raise VitscopeError("images", f"{int(pixels.shape[0])} videos given", "draw one video at a time")
+    attn = capture(vit, pixels, layers=[layer])
+    prep = vit.info.preprocess
+    return frames_head_grid(frames_rgb(pixels, prep.mean, prep.std), attn, layer=layer, query=query, cmap=cmap,
+                            alpha=alpha)
