@@ -72,3 +72,17 @@ def test_heads_figure_of_a_frames_folder(tmp_path: Path, frames: Path) -> None:
     res = run_inprocess(["figure", "panel", str(frames), "-m", f"hf:{b.folder}", "-o", str(tmp_path / "p.png")])
     line = assert_one_line(res, 2, "draws the heads figure", option=False)
     assert line.startswith("error: KIND: ") and not (tmp_path / "p.png").exists()
+
+
+def test_viewer_and_batch_refuse_a_video_model(tmp_path: Path, frames: Path) -> None:
+    """They read images: a video model is one line naming the model, not a wrong page or map."""
+    from vitscope.batch import run_batch
+    from vitscope.errors import VitscopeError
+    from vitscope.viewer.page import view
+
+    b = build("vivit", "square")
+    with pytest.raises(VitscopeError, match="is a video model .* the viewer reads images") as info:
+        view(str(frames / "f00.png"), b.vit)
+    assert info.value.argument == "model"
+    with pytest.raises(VitscopeError, match="batch mode reads images"):
+        run_batch(str(frames), tmp_path / "out", model=b.vit, progress=False)

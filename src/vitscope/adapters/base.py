@@ -22,7 +22,7 @@ from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
     "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "choose_weights", "import_optional",
-    "refuse_compiled", "window_of", "with_weights",
+    "refuse_compiled", "refuse_video", "window_of", "with_weights",
 ]
 
 @dataclass(frozen=True)
@@ -267,6 +267,13 @@ def window_of(block: nn.Module) -> int:
     if isinstance(w, (tuple, list)):
         return max((int(v) for v in w), default=0)
     return int(w) if isinstance(w, (int, float)) else 0
+
+
+def refuse_video(vit: VitModel, what: str) -> None:
+    """``what`` (the viewer, batch mode) reads images: a video model (``info.frames``) is a one-line error."""
+    if vit.info.frames:
+        raise VitscopeError("model", f"{vit.info.name} is a video model ({vit.info.frames} frames): {what} reads "
+                            "images, not videos", "use vitscope.video_maps / `vitscope maps FRAMES_FOLDER` per video")
 
 
 def refuse_compiled(module: nn.Module) -> None:

@@ -769,6 +769,7 @@ def run_local(
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
+    from vitscope.adapters.base import refuse_video
     from vitscope.capture.prepare import resolve_device
 
     fmts = _parse_formats(formats)
@@ -793,6 +794,7 @@ def run_local(
                                  overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
+    refuse_video(vit, "batch mode")
     mask_dir = check_masks(masks, policy, vit)
     if method == "cls":
         from vitscope.capture.core import resolve_layers

@@ -633,6 +633,7 @@ def run_batch_ray(
             named in the summary's line).
     """
     from vitscope.adapters import as_vit
+    from vitscope.adapters.base import refuse_video
     from vitscope.batch.local import (
         METHODS,
         _exclusive,
@@ -657,6 +658,7 @@ def run_batch_ray(
     if num_gpus and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         _check_local_gpus(num_gpus)
     vit = as_vit(model)
+    refuse_video(vit, "batch mode")
     mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None
     items: list[dict[str, Any]] | None = None
