@@ -81,7 +81,7 @@ def test_viewer_and_batch_refuse_a_video_model(tmp_path: Path, frames: Path) -> 
     from vitscope.viewer.page import view
 
     b = build("vivit", "square")
-    with pytest.raises(VitscopeError, match="is a video model .* the viewer reads images") as info:
+    with pytest.raises(VitscopeError, match=r"is a video model .* the viewer reads images") as info:
         view(str(frames / "f00.png"), b.vit)
     assert info.value.argument == "model"
     with pytest.raises(VitscopeError, match="batch mode reads images"):
