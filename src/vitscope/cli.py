@@ -289,6 +289,28 @@ def methods_cmd() -> None:
         typer.echo(f"{'':<13} params: {params or 'none'}; {m.paper}")
 
 
+def _parse_target(values: list[str] | None) -> object:
+    """``--target`` values as the library's target: ``None``, a class index, a name or prompt, or a list of
+    prompts/references (repeated ``--target``)."""
+    from vitscope.errors import VitscopeError
+
+    if not values:
+        return None
+    items: list[object] = []
+    for v in values:
+        v = v.strip()
+        if not v:
+            raise VitscopeError("--target", "empty target", "pass a class index or name, 'text:a cat', "
+                                "'image:ref.png' or 'patch:ROW,COL'")
+        if v.lstrip("-").isdigit():
+            if not 0 <= int(v) < 2**31:
+                raise VitscopeError("--target", f"{v} is not a class index", "pass a class index >= 0, or a name")
+            items.append(int(v))
+        else:
+            items.append(v)
+    return items[0] if len(items) == 1 else items
+
+
 @app.command("maps")
 def maps_cmd(
     image: Annotated[Path, typer.Argument(help="Image file (for a video model: a folder of frames).")],
@@ -299,7 +321,10 @@ def maps_cmd(
     query: Annotated[
         str | None, typer.Option(help="cls | mean | register:K | ROW,COL (default: cls, or mean without one).")
     ] = None,
-    target: Annotated[int | None, typer.Option(help="Class for gradient methods (default: predicted).")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        help="What gradient methods explain (default: the predicted class): a class index or name (tabby), "
+             "'text:a cat' (CLIP, SigLIP, open_clip; repeat for one map each), 'image:ref.png' or 'patch:ROW,COL' "
+             "(backbones).")] = None,
     tau: Annotated[float, typer.Option(help="Mass kept by dino_mask.")] = 0.6,
     upsample: Annotated[str, typer.Option(help="nearest | bilinear | bicubic for map_upsampled.")] = "bilinear",
     output: Annotated[
@@ -324,12 +349,17 @@ def maps_cmd(
 
     if upsample not in ("nearest", "bilinear", "bicubic"):
         raise VitscopeError("--upsample", f"unknown mode {upsample!r}", "use nearest, bilinear or bicubic")
-    get_method(method, argument="--method")
+    spec = get_method(method, argument="--method")
     _check_policy(policy)
+    if target and "target" not in spec.params:
+        from vitscope.methods.api import method_names
+
+        grads = [n for n in method_names() if get_method(n).needs == "gradients"]
+        raise VitscopeError("--target", f"method {method!r} takes no target",
+                            f"use --target with a gradient method: {', '.join(grads)}")
     if not 0 < tau <= 1:  # also nan
         raise VitscopeError("--tau", f"{tau} is outside (0, 1]", "pass the mass to keep, e.g. 0.6")
-    if target is not None and not 0 <= target < 2**31:
-        raise VitscopeError("--target", f"{target} is not a class index", "pass a class index >= 0, or leave it out")
+    the_target = _parse_target(target)
     the_head, the_query, the_size = parse_head(head), parse_query(query), _parse_size(size)
     output_paths(output, image.stem, method)  # refuse a wrong -o before computing
     with _limits(max_pixels, max_tokens, max_memory):
@@ -346,7 +376,7 @@ def maps_cmd(
                        f"per frame: {profile})\nwrote {npz}\nwrote {gif}")
             return
         result = compute_map(
-            vit, str(image), method, layer=layer, head=the_head, query=the_query, target=target,
+            vit, str(image), method, layer=layer, head=the_head, query=the_query, target=the_target,
             tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
         )
         result.meta["image"] = str(image)
@@ -549,6 +579,11 @@ def view_cmd(
     dtype: Annotated[str, typer.Option(help="Packing: uint8 (per-row scaled) or float16.")] = "uint8",
     budget_mb: Annotated[float, typer.Option(help="Cap on the stored attention, MB (fewer layers/heads past it).")] = 6.0,
     cmap: Annotated[str, typer.Option(help="matplotlib colormap.")] = "inferno",
+    target: Annotated[list[str] | None, typer.Option(
+        help="Also show the gradient maps (chefer, legrad, grad_rollout, attn_gradcam) for this target: a class "
+             "index or name, 'text:a cat', 'image:ref.png' or 'patch:ROW,COL' (repeatable).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        help="Same as --target 'text:PROMPT' (CLIP, SigLIP, open_clip; repeatable: one map each).")] = None,
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -556,18 +591,26 @@ def view_cmd(
     """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query)."""
     import warnings
 
+    from vitscope.errors import VitscopeError
     from vitscope.viewer import view
 
     budget = _amount("--budget-mb", budget_mb, 1e6, "MB", "byte")
     _check_policy(policy)
-    target = _output(output, (".html",), f"{image.stem}.view.html")
+    wanted = [*(target or []), *(f"text:{p}" for p in prompt or [])]
+    the_target = _parse_target(wanted)
+    out = _output(output, (".html",), f"{image.stem}.view.html")
     the_size = _parse_size(size)
     with _limits(max_pixels, max_tokens, max_memory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the viewer's notes are printed below
         vit = _load_model(model, checkpoint, random_weights, device)
-        v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
-                 budget_bytes=budget, cmap=cmap)
-    path = v.save(target)
+        try:
+            v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
+                     budget_bytes=budget, cmap=cmap, target=the_target)
+        except VitscopeError as exc:  # prompts alone: the error is about --prompt
+            if exc.argument == "target" and prompt and not target:
+                raise VitscopeError("--prompt", exc.problem, exc.fix) from None
+            raise
+    path = v.save(out)
     for note in v.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

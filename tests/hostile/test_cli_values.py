@@ -52,6 +52,8 @@ TABLE: list[tuple[str, str, list[str]]] = [
     *[(cmd, "--max-memory", SIZE_VALUES) for cmd in ("capture", "maps", "figure", "view", "batch")],
     ("figure", "--max-figure-pixels", SIZE_VALUES),
     ("view", "--budget-mb", SIZE_VALUES),
+    ("view", "--target", ["-1", HUGE, "", ODD, "1.5", "text:a cat", "patch:9,9"]),
+    ("view", "--prompt", ["a cat", ""]),
     ("serve", "--max-upload-mb", SIZE_VALUES),
     *[(cmd, "--max-tokens", ["-1", "0", "", ODD, "1.5", "inf", "9" * 400]) for cmd in ("capture", "maps", "view",
                                                                                          "batch")],
@@ -74,7 +76,7 @@ TABLE: list[tuple[str, str, list[str]]] = [
     ("train", "--preset", NAME_VALUES),
     # other numbers
     ("maps", "--tau", ["nan", "inf", "-inf", "-1", "0", "2", "1e309", "", ODD]),
-    ("maps", "--target", ["-1", HUGE, "", ODD, "1.5"]),
+    ("maps", "--target", ["-1", HUGE, "", ODD, "1.5", "text:a cat", "image:", "patch:x"]),
     ("figure", "--alpha", ["nan", "inf", "-1", "2", ODD]),
     ("figure", "--tau", ["nan", "-1", "2"]),
     ("figure", "--dpi", ["0", "-1", "5000", HUGE, "nan"]),

@@ -180,6 +180,13 @@ def bad_values(name: str, default: Any) -> dict[str, Any]:
         return {"str": "bogus", "list": [], "dict": {}}
     if name == "renormalize":
         return {"str": "yes", "int": 1}
+    if name == "foreground":  # pca: a threshold in [0, 1] on the scaled first component
+        return {"nan": NAN, "inf": INF, "str": "0.5", "bool": True, "list": [0.5], "negative": -0.5, "above": 2.0}
+    if name == "foreground_side":
+        return {"str": "bogus", "list": [], "dict": {}, "int": 1}
+    if name == "reference":  # similarity: an image index of the call, or an image
+        return {"high": 99, "negative": -1, "bool": True, "missing_file": "no/such.png", "dict": {},
+                "two_images": torch.rand(2, 3, 32, 32)}
     raise AssertionError(f"no hostile values for parameter {name!r} (default {default!r}): add them here")
 
 

@@ -9,6 +9,7 @@ EXPECTED = {
     "ArtifactReport", "DistanceAccumulator", "attention_flow", "chefer_relevance", "cls_map", "dino_mask",
     "grad_rollout", "legrad", "mask_jaccard", "mean_attention_distance", "perturbation_auc", "pointing_game",
     "rollout", "rollout_matrix", "smooth", "token_norms", "upsample", "attn_gradcam", "probe_attention", "registry", "compute", "get_method", "maps", "method_names",
+    "Features", "patch_features", "pca_rgb", "cosine_map",
 }
 
 

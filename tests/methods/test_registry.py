@@ -120,6 +120,38 @@ def _ref_attn_gradcam(model: ViT, x: torch.Tensor) -> torch.Tensor:
     return (w * a).mean(dim=1).clamp_min(0).reshape(2, *GRID)
 
 
+def _features(model: ViT, x: torch.Tensor) -> np.ndarray:
+    """The last block's patch tokens after the model's final norm, from the unfused copy: (B, rows, cols, D)."""
+    with torch.no_grad():
+        _, _, blocks = reference_forward(model, x)
+        tokens = model.norm(blocks[-1])  # (B, N, D)
+    return tokens[:, P:].double().numpy().reshape(2, *GRID, -1)
+
+
+def _ref_pca(model: ViT, x: torch.Tensor) -> torch.Tensor:
+    """First principal component of every patch of both images (numpy SVD), sign so the largest-magnitude
+    score is positive, min-max scaled over all patches."""
+    f = _features(model, x).reshape(-1, model.cfg.dim)
+    xc = f - f.mean(axis=0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    pc1 = xc @ vt[0]
+    pc1 = pc1 * np.sign(pc1[np.argmax(np.abs(pc1))])
+    return torch.from_numpy((pc1 - pc1.min()) / (pc1.max() - pc1.min())).reshape(2, *GRID)
+
+
+def _ref_similarity(model: ViT, x: torch.Tensor) -> torch.Tensor:
+    """Cosine of the patch (1, 3)'s feature to every patch, a loop over patches."""
+    f = _features(model, x)
+    out = np.zeros((2, *GRID))
+    for b in range(2):
+        q = f[b, 1, 3]
+        for r in range(GRID[0]):
+            for c in range(GRID[1]):
+                p = f[b, r, c]
+                out[b, r, c] = float(q @ p) / (np.sqrt(q @ q) * np.sqrt(p @ p))
+    return torch.from_numpy(out)
+
+
 #: method name -> (reference, parameters passed): the one table the generated tests run over.
 REFERENCES: dict[str, tuple[Callable[[ViT, torch.Tensor], torch.Tensor], dict]] = {
     "cls": (_ref_cls, {}),
@@ -130,6 +162,8 @@ REFERENCES: dict[str, tuple[Callable[[ViT, torch.Tensor], torch.Tensor], dict]] 
     "chefer": (_ref_chefer, {"target": CLASSES.tolist()}),
     "legrad": (_ref_legrad, {"target": CLASSES.tolist()}),
     "attn_gradcam": (_ref_attn_gradcam, {"target": CLASSES.tolist()}),
+    "pca": (_ref_pca, {}),
+    "similarity": (_ref_similarity, {"query": (1, 3)}),
 }
 
 

@@ -21,8 +21,8 @@ from vitscope.errors import CaptureError, VitscopeError, VitscopeWarning
 from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
-    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "VitModel", "choose_weights", "import_optional",
-    "refuse_compiled", "refuse_video", "window_of", "with_weights",
+    "AttentionSite", "ModelInfo", "Preprocess", "SizePolicy", "Tap", "TextTower", "VitModel", "choose_weights",
+    "import_optional", "refuse_compiled", "refuse_video", "window_of", "with_weights",
 ]
 
 @dataclass(frozen=True)
@@ -164,6 +164,37 @@ class AttentionSite:
     out: Tap | None = None
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """The text side of a dual encoder (CLIP, SigLIP, open_clip), loaded with the model.
+
+    Attributes:
+        tokenize: prompts -> the model's own text inputs (a dict of tensors for transformers, token ids for
+            open_clip), exactly as its tokenizer makes them.
+        encode: those inputs -> text embeddings ``(T, E)``, the model's own (its projection, not normalised).
+        logits: image embeddings ``(B, E)`` and text embeddings ``(T, E)`` -> the model's image-text logits
+            ``(B, T)``: ``logit_scale.exp() * cos`` (plus SigLIP's ``logit_bias``).
+    """
+
+    tokenize: Callable[[Sequence[str]], Any]
+    encode: Callable[[Any], torch.Tensor]
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scaled_cosine(scale: torch.Tensor, bias: torch.Tensor | None = None,
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``logits(img (B, E), txt (T, E)) = exp(scale) * cos(img, txt) (+ bias)`` ``(B, T)``, as CLIP and SigLIP
+    compute them (``scale`` is the log of the logit scale, a parameter of the model)."""
+
+    def logits(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt.to(img.dtype) / txt.norm(dim=-1, keepdim=True).to(img.dtype)
+        out = scale.exp().to(img.dtype) * (img @ txt.t())  # (B, T)
+        return out if bias is None else out + bias.to(img.dtype)
+
+    return logits
+
+
 class VitModel:
     """A ViT with its description: what `vitscope.load` returns and `vitscope.capture` reads.
 
@@ -174,6 +205,12 @@ class VitModel:
         readout: the model's head after the blocks (final norm, pooling, classifier) as a function of block-output
             tokens ``(B, N, D)`` -> logits ``(B, classes)``, or ``None`` when unknown; LeGrad reads every
             layer's tokens out through it.
+        embed: block-output tokens of the last layer ``(B, N, D)`` -> the model's image embedding ``(B, E)``
+            (its final norm, pooling and, for dual encoders, projection; no classifier), or ``None`` when unknown.
+            Reference and text targets score through it (`vitscope.methods.targets`).
+        final_norm: block-output tokens -> the model's final norm of every token ``(B, N, D)`` (patch features),
+            or ``None`` when unknown.
+        text: the text tower of a dual encoder (`TextTower`), or ``None``.
     """
 
     def __init__(
@@ -185,6 +222,9 @@ class VitModel:
         logits: Callable[[Any], torch.Tensor | None] | None = None,
         readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_batch: int | None = None,
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        text: TextTower | None = None,
     ) -> None:
         if len(sites) != info.num_layers:
             raise ValueError(f"sites: {len(sites)} attention sites but info says {info.num_layers} layers")
@@ -196,6 +236,9 @@ class VitModel:
         self.readout = readout
         #: the most images one forward pass takes (Pixtral packs a batch into one sequence: 1); None = any
         self.max_batch = max_batch
+        self.embed = embed
+        self.final_norm = final_norm
+        self.text = text
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         """Run the model on preprocessed pixels ``(B, C, H, W)`` the way its family needs."""

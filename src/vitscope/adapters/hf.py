@@ -61,7 +61,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitscope.adapters.base import AttentionSite, ModelInfo, Preprocess, VitModel, import_optional, window_of
+from vitscope.adapters.base import (
+    AttentionSite,
+    ModelInfo,
+    Preprocess,
+    TextTower,
+    VitModel,
+    import_optional,
+    scaled_cosine,
+    window_of,
+)
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
 
 __all__ = ["from_hf_model", "load_hf", "siglip2_inputs"]
@@ -925,6 +934,8 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
         readout=(_readout(module, info.num_prefix_tokens) if video is None else _video_readout(module))
         if classifier else None,
         max_batch=1 if family.name == "pixtral" else None,
+        embed=_embed(module, tower, info.prefix), final_norm=_final_norm(tower),
+        text=_text_tower(module, family, Path(folder) if folder is not None else None),
     )
 
 
@@ -984,3 +995,76 @@ def _video_forward(module: nn.Module, path: str) -> Callable[[nn.Module, torch.T
         return (m.get_submodule(path) if runs_tower else m)(**{key: pixels})
 
     return forward_video
+
+def _final_norm(tower: nn.Module) -> nn.Module | None:
+    """The vision transformer's last norm (applied to every token): ``post_layernorm`` (CLIP, SigLIP) or
+    ``layernorm`` (ViT, DeiT, DINOv2)."""
+    for name in ("post_layernorm", "layernorm"):
+        norm = getattr(tower, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
+
+
+def _embed(module: nn.Module, tower: nn.Module, prefix: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The model's image embedding from the last block's tokens ``(B, N, D)``, as the model computes it:
+    SigLIP ``head(post_layernorm(x))``; CLIP ``post_layernorm(x[:, 0])`` then ``visual_projection`` where the
+    model has one; ViT/DINOv2 ``layernorm(x)[:, 0]`` (their ``pooler_output``/[CLS] feature)."""
+    post, head = getattr(tower, "post_layernorm", None), getattr(tower, "head", None)
+    proj = getattr(module, "visual_projection", None)
+    if isinstance(post, nn.Module) and isinstance(head, nn.Module) and getattr(tower, "use_head", True):
+        return lambda x: head(post(x))  # type: ignore[no-any-return]
+    if isinstance(post, nn.Module):
+        if isinstance(proj, nn.Module):
+            return lambda x: proj(post(x[:, 0]))  # type: ignore[no-any-return]
+        return lambda x: post(x[:, 0])  # type: ignore[no-any-return]
+    norm = getattr(tower, "layernorm", None)
+    if isinstance(norm, nn.Module) and prefix[:1] == ("cls",):
+        return lambda x: norm(x)[:, 0]  # type: ignore[no-any-return]
+    return None
+
+
+#: files save_pretrained writes for a tokenizer (one is enough)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def _text_tower(module: nn.Module, family: _Family, folder: Path | None) -> TextTower | None:
+    """The text side of a transformers dual encoder (``CLIPModel``, ``SiglipModel``, ``Siglip2Model``): the
+    tokenizer saved in the model's folder (read at the first prompt, offline), ``get_text_features`` and the
+    model's logit scale (and SigLIP's bias)."""
+    if not callable(getattr(module, "get_text_features", None)) or getattr(module, "logit_scale", None) is None:
+        return None
+    tokenizer: list[Any] = []
+
+    def tokenize(prompts: Any) -> Any:
+        if not tokenizer:
+            from transformers import AutoTokenizer
+
+            if folder is None:
+                raise VitscopeError("target", f"{type(module).__name__} was given without its folder, so its "
+                                    "tokenizer is unknown", "load it from its folder (hf:<folder>), with the "
+                                    "tokenizer saved there by save_pretrained")
+            if not any((folder / f).exists() for f in _TOKENIZER_FILES):  # transformers would build an
+                raise VitscopeError("target", f"no tokenizer in {folder}",  # empty vocabulary: every word unknown
+                                    "save the processor (or tokenizer) into the model's folder with save_pretrained")
+            try:
+                tokenizer.append(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+            except Exception as exc:
+                raise VitscopeError("target", f"no tokenizer in {folder} ({type(exc).__name__})",
+                                    "save the processor (or tokenizer) into the model's folder with "
+                                    "save_pretrained") from None
+        siglip = family.name in ("siglip", "siglip2")  # trained on max_length padding (64 tokens)
+        return dict(tokenizer[0](list(prompts), return_tensors="pt", truncation=True,
+                                 padding="max_length" if siglip else True,
+                                 **({"max_length": 64} if siglip else {})))
+
+    def encode(inputs: Any) -> torch.Tensor:
+        device = next(module.parameters()).device
+        feats = module.get_text_features(**{k: v.to(device) for k, v in inputs.items()})  # type: ignore[operator]
+        return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+
+    bias = getattr(module, "logit_bias", None)
+    scale = module.logit_scale
+    assert isinstance(scale, torch.Tensor)
+    return TextTower(tokenize=tokenize, encode=encode,
+                     logits=scaled_cosine(scale, bias if isinstance(bias, torch.Tensor) else None))

@@ -21,9 +21,11 @@ from vitscope.adapters.base import (
     AttentionSite,
     ModelInfo,
     Preprocess,
+    TextTower,
     VitModel,
     choose_weights,
     import_optional,
+    scaled_cosine,
     with_weights,
 )
 from vitscope.errors import CheckpointError, NotAViTError, VitscopeError
@@ -80,7 +82,43 @@ def from_open_clip_model(module: nn.Module, name: str | None = None) -> VitModel
             )
         return getattr(m, "visual", m)(pixels)
 
-    return VitModel(module, info, sites, forward=forward)
+    def embed(x: torch.Tensor) -> torch.Tensor:  # open_clip's own read-out: ln_post, pooling, projection
+        pooled = visual._pool(x)[0]
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    return VitModel(module, info, sites, forward=forward, embed=embed, final_norm=visual.ln_post,
+                    text=_text_tower(module, name))
+
+
+def _text_tower(module: nn.Module, name: str | None) -> TextTower | None:
+    """The text side of an open_clip ``CLIP``/``CustomTextCLIP`` (``None`` for a bare ``VisionTransformer``):
+    open_clip's tokenizer for the model (its bundled BPE vocabulary for OpenAI-style towers, offline), the
+    model's ``encode_text`` and its logit scale (and SigLIP's bias)."""
+    if not callable(getattr(module, "encode_text", None)) or getattr(module, "logit_scale", None) is None:
+        return None
+    import open_clip
+
+    context = int(getattr(module, "context_length", 77) or 77)
+    arch = (name or "").removeprefix("open_clip:")
+
+    def tokenize(prompts: Any) -> torch.Tensor:
+        if arch in open_clip.list_models():
+            try:
+                return open_clip.get_tokenizer(arch, context_length=context)(list(prompts))
+            except Exception as exc:  # a Hugging Face tokenizer that cannot be downloaded offline
+                raise VitscopeError("target", f"cannot load open_clip's tokenizer for {arch!r} "
+                                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})",
+                                    "run once online so the tokenizer is cached") from None
+        return open_clip.tokenizer.SimpleTokenizer(context_length=context)(list(prompts))
+
+    def encode(tokens: torch.Tensor) -> torch.Tensor:
+        device = next(module.parameters()).device
+        return module.encode_text(tokens.to(device))  # type: ignore[operator, no-any-return]
+
+    bias, scale = getattr(module, "logit_bias", None), module.logit_scale
+    assert isinstance(scale, torch.Tensor)
+    return TextTower(tokenize=tokenize, encode=encode,
+                     logits=scaled_cosine(scale, bias if isinstance(bias, torch.Tensor) else None))
 
 
 def load_open_clip(

@@ -264,7 +264,21 @@ def from_timm_model(module: nn.Module, name: str | None = None) -> VitModel:
     readout = None
     if holder is module and isinstance(norm, nn.Module) and callable(forward_head):
         readout = lambda x: forward_head(norm(x))  # noqa: E731  (timm's own forward after the blocks)
-    return VitModel(module, info, sites, forward=forward, logits=logits, readout=readout)
+    embed = None
+    if readout is not None and isinstance(norm, nn.Module) and callable(forward_head) and \
+            _accepts_pre_logits(forward_head):
+        embed = lambda x: forward_head(norm(x), pre_logits=True)  # noqa: E731  (pooled features, no classifier)
+    return VitModel(module, info, sites, forward=forward, logits=logits, readout=readout, embed=embed,
+                    final_norm=norm if holder is module and isinstance(norm, nn.Module) else None)
+
+
+def _accepts_pre_logits(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return "pre_logits" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _unknown_model(timm: Any, name: str) -> VitscopeError:

@@ -38,7 +38,8 @@ def from_vit(model: object, name: str = "vitscope-vit") -> VitModel:
         ),
         num_classes=cfg.num_classes or None, labels=cfg.labels,
     )
-    return VitModel(model, info, sites, readout=lambda x: model.head(model.norm(x)[:, 0]))
+    return VitModel(model, info, sites, readout=lambda x: model.head(model.norm(x)[:, 0]),
+                    embed=lambda x: model.norm(x)[:, 0], final_norm=model.norm)
 
 
 def bundled_path(name: str) -> Path:

@@ -4,8 +4,9 @@
 inputs into batches, runs one method per batch and writes, per image, atomically:
 
 - ``<out>/<folder>/<stem>.<method>.npz``: ``map`` (float32 ``(rows, cols)``, lossless), method extras
-  (``heads`` for ``cls``) and ``meta_json`` (input, method, model, grid, sizes);
-- ``<out>/<folder>/<stem>.<method>.png``: the map as an ``inferno`` heatmap at the image's own size.
+  (``heads`` for ``cls``, ``rgb`` for ``pca``) and ``meta_json`` (input, method, model, grid, sizes);
+- ``<out>/<folder>/<stem>.<method>.png``: the map as an ``inferno`` heatmap at the image's own size (``pca``: its
+  colours; in a batch each image's PCA is fitted alone, so its colours do not depend on the images beside it).
 
 ``<folder>`` mirrors the input's folder below the input root (``a/cat.jpg`` -> ``a/cat.cls.npz``), so
 same-named images in different subfolders never collide. The relative path is the input's path as found below the
@@ -68,6 +69,7 @@ from vitscope.batch.stats import (
 from vitscope.errors import VitscopeError
 from vitscope.methods.api import compute, get_method, method_names
 from vitscope.methods.registry import MapContext
+from vitscope.viz.export import colours_png
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "batch.json"
@@ -86,7 +88,10 @@ def _registered(name: str) -> MapMethod:
 
     def run(vit: VitModel, pixels: torch.Tensor, layer: int = -1, **_: Any) -> dict[str, np.ndarray]:
 
-        params = {"layer": layer} if "layer" in get_method(name).params else {}
+        known = get_method(name).params
+        params: dict[str, Any] = {"layer": layer} if "layer" in known else {}
+        if "joint" in known:  # pca: each image fitted alone, so its colours do not depend on the batch it fell in
+            params["joint"] = False
         result = compute(MapContext(vit, pixels), name, **params)
         out = {"map": result.map.detach().cpu().numpy()}
         for key, value in result.extras.items():  # cls: "heads" (B, H, rows, cols); dino_mask: "mask"
@@ -897,8 +902,12 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
                               info=info, layer=config["layer"])
             outputs: dict[str, dict[str, Any]] = {}
             for fmt in fmts:
-                data = _npz_bytes(arrays, meta) if fmt == "npz" else heatmap_png(
-                    arrays["map"], _png_size(sample["original_size"]))
+                if fmt == "npz":
+                    data = _npz_bytes(arrays, meta)
+                elif "rgb" in arrays:  # pca: its colours, not a heatmap
+                    data = colours_png(arrays["rgb"], _png_size(sample["original_size"]))
+                else:
+                    data = heatmap_png(arrays["map"], _png_size(sample["original_size"]))
                 rel_out = f"{bases[item.rel]}.{method}.{fmt}"
                 atomic_write_bytes(out_dir / rel_out, data)
                 outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}

@@ -36,13 +36,35 @@ from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 from vitscope.layout import as_index
 from vitscope.methods.registry import check_target
+from vitscope.methods.targets import ClassName, TokenScore, resolve_target
 
-#: A target: ``None`` (the predicted class), a class index, one class per image, or a callable taking the
-#: model output and returning one scalar per image ``(B,)``.
-Target = None | int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor]
+#: A target (`vitscope.methods.targets`): ``None`` (the predicted class), a class index or name, one class per
+#: image, ``"text:<prompt>"`` (or a list: one map each), ``"image:<path>"``, ``"patch:R,C"``, or a callable
+#: taking the model output and returning one scalar per image ``(B,)``.
+Target = (None | int | str | ClassName | TokenScore | Sequence[int | str] | torch.Tensor
+          | Callable[[Any], torch.Tensor])
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+
+def per_target(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Resolve ``fn``'s target (`vitscope.methods.targets.resolve_target`: names looked up, prompts encoded)
+    and run ``fn`` once per text prompt or reference: several give ``(B * T, rows, cols)``, image-major
+    (``map[b * T + t]`` is image ``b``, target ``t``)."""
+
+    @functools.wraps(fn)
+    def run(model: Any, images: Any, target: Target = None, **kwargs: Any) -> torch.Tensor:
+        from vitscope.adapters import as_vit
+
+        vit = as_vit(model)
+        resolved = resolve_target(vit, target)
+        if isinstance(resolved, list) and resolved and isinstance(resolved[0], TokenScore):
+            maps = [fn(vit, images, r, **kwargs) for r in resolved]  # each (B, rows, cols)
+            return maps[0] if len(maps) == 1 else torch.stack(maps, dim=1).flatten(0, 1)
+        return fn(vit, images, resolved, **kwargs)
+
+    return run
 
 
 def grad_enabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -70,6 +92,7 @@ class Trace:
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # O = A V (or A), in the graph
     calls: dict[int, AttentionCall] = field(default_factory=dict)  # what each layer's kernel saw
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # block outputs (B, N, D), in the graph
+    last: torch.Tensor | None = None  # the model's last block output (B, N, D), in the graph (token targets)
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -134,11 +157,13 @@ def trace(
     layers: int | Sequence[int] | None = None,
     *,
     blocks: bool = False,
+    last_block: bool = False,
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
 ) -> Trace:
     """Run ``model`` once on ``images`` with autograd on; see the module docstring. The caller keeps grad mode
-    on while it uses the trace (`grad_enabled`)."""
+    on while it uses the trace (`grad_enabled`). ``last_block``: keep the model's last block output
+    (``Trace.last``), which text, image and patch targets score."""
     from vitscope.capture.prepare import prepare
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
@@ -174,21 +199,24 @@ def trace(
         if blocks:
             for s in sites:
                 handles.append(_hook_raw(s.block, "output", _store(t.blocks, s.layer)))
+        last: dict[int, torch.Tensor] = {}
+        if last_block:
+            handles.append(_hook_raw(vit.sites[-1].block, "output", _store(last, -1)))
         t.output = vit(pixels)
         check()
+    t.last = last.get(-1)
     return t
 
 
 def resolve_classes(vit: VitModel, output: Any, target: Target) -> torch.Tensor | None:
-    """Class index per image ``(B,)`` (``None`` for a callable target)."""
-    if callable(target) and not isinstance(target, torch.Tensor):
+    """Class index per image ``(B,)`` (``None`` for a callable or token target)."""
+    if isinstance(target, TokenScore) or (callable(target) and not isinstance(target, torch.Tensor)):
         return None
     logits = vit.logits(output)
     if logits is None:
-        raise VitscopeError(
-            "target", "this model has no classifier output to take a class from",
-            "pass a callable target(output) -> (batch,) scores",
-        )
+        from vitscope.methods.targets import _works
+
+        raise VitscopeError("target", "this model has no classifier output to take a class from", _works(vit))
     B, C = logits.shape
     if target is None:
         return logits.detach().argmax(dim=-1)
@@ -206,7 +234,8 @@ def resolve_classes(vit: VitModel, output: Any, target: Target) -> torch.Tensor 
 
 
 def scores(vit: VitModel, output: Any, target: Target, classes: torch.Tensor | None) -> torch.Tensor:
-    """One scalar per image ``(B,)``: the class logit, or the callable's value."""
+    """One scalar per image ``(B,)``: the class logit, or the callable's value (``output``: the model's output;
+    a `TokenScore` target scores the last block's tokens instead: `target_scores`)."""
     if classes is None:
         assert callable(target)
         s = target(output)
@@ -214,8 +243,18 @@ def scores(vit: VitModel, output: Any, target: Target, classes: torch.Tensor | N
             raise VitscopeError("target", f"the callable returned {type(s).__name__}", "return a (batch,) tensor")
         return s.reshape(s.shape[0], -1).sum(dim=1) if s.dim() > 1 else s.reshape(-1)
     logits = vit.logits(output)
+    if logits is None and isinstance(output, torch.Tensor) and output.dim() == 2:
+        logits = output  # a read-out's logits (LeGrad): transformers' own outputs wrap them, a read-out does not
     assert logits is not None
     return logits.gather(1, classes[:, None])[:, 0]
+
+
+def target_scores(t: Trace, target: Target, classes: torch.Tensor | None) -> torch.Tensor:
+    """The target's scores ``(B,)`` for a trace: a `TokenScore` on the last block's tokens, else `scores`."""
+    if isinstance(target, TokenScore):
+        assert t.last is not None, "trace(..., last_block=True) for a token target"
+        return target.score(t.last, t.grid)
+    return scores(t.vit, t.output, target, classes)
 
 
 def attention_grads(t: Trace, score: torch.Tensor, layers: Sequence[int], retain_graph: bool = False,

@@ -19,8 +19,10 @@ from vitscope.methods import (  # noqa: F401  (each module registers its method 
     grad_rollout,
     legrad,
     masks,
+    pca,
     relevance,
     rollout,
+    similarity,
 )
 from vitscope.methods.registry import REGISTRY, MapContext, MapResult, Method, check_params
 

@@ -20,10 +20,20 @@ import torch
 
 from vitscope.adapters.base import SizePolicy
 from vitscope.methods._common import Query, token_ids_for_query
-from vitscope.methods._gradients import Target, attention_grads, grad_enabled, resolve_classes, scores, trace
+from vitscope.methods._gradients import (
+    Target,
+    attention_grads,
+    grad_enabled,
+    per_target,
+    resolve_classes,
+    target_scores,
+    trace,
+)
 from vitscope.methods.registry import MapContext, MapResult, Method, register
+from vitscope.methods.targets import TokenScore, target_meta
 
 
+@per_target
 @grad_enabled
 def attn_gradcam(
     model: Any,
@@ -53,9 +63,10 @@ def attn_gradcam(
 
     vit = as_vit(model)
     (lid,) = resolve_layers([layer], vit.info.num_layers, argument="layer")
-    t = trace(vit, images, [lid], policy=policy, size=size)
+    t = trace(vit, images, [lid], policy=policy, size=size,
+              last_block=isinstance(target, TokenScore))
     classes = resolve_classes(vit, t.output, target)
-    grads = attention_grads(t, scores(vit, t.output, target, classes), [lid])
+    grads = attention_grads(t, target_scores(t, target, classes), [lid])
     patches = t.patch_slice  # [prefix, patches, suffix]
     ids = token_ids_for_query(t.prefix, t.grid, query, t.suffix)
     a = t.attn[lid][:, :, ids].mean(dim=2)[..., patches].double()  # (B, H, P): the query row(s) over patches
@@ -69,7 +80,7 @@ def attn_gradcam(
 def _compute(ctx: MapContext, *, target: Target = None, layer: int = -1, query: Query = None) -> MapResult:
     classes = ctx.classes(target)
     grid_map = attn_gradcam(ctx.vit, ctx.pixels, classes, layer=layer, query=query)
-    return MapResult(map=grid_map, meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map, meta={"target": target_meta(classes)})
 
 
 register(Method(

@@ -29,12 +29,14 @@ from vitscope.methods._gradients import (
     attention_grads,
     grad_enabled,
     layers_from,
+    per_target,
     resolve_classes,
-    scores,
+    target_scores,
     trace,
 )
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix, rollout_product
+from vitscope.methods.targets import TokenScore, target_meta
 
 
 def weighted_attention(a: torch.Tensor, g: torch.Tensor, relu: str) -> torch.Tensor:
@@ -46,6 +48,7 @@ def weighted_attention(a: torch.Tensor, g: torch.Tensor, relu: str) -> torch.Ten
     raise VitscopeError("relu", f"unknown value {relu!r}", "use 'fused' (vit-explain) or 'grad'")
 
 
+@per_target
 @grad_enabled
 def grad_rollout(
     model: Any,
@@ -80,10 +83,11 @@ def grad_rollout(
     from vitscope.adapters import as_vit
 
     vit = as_vit(model)
-    t = trace(vit, images, layers_from(vit, start_layer), policy=policy, size=size)
+    t = trace(vit, images, layers_from(vit, start_layer), policy=policy, size=size,
+              last_block=isinstance(target, TokenScore))
     layers = list(t.layers)
     classes = resolve_classes(t.vit, t.output, target)
-    grads = attention_grads(t, scores(t.vit, t.output, target, classes), layers)
+    grads = attention_grads(t, target_scores(t, target, classes), layers)
     cls_index = t.prefix.index("cls") if "cls" in t.prefix else None
     factors = []
     for i in layers:
@@ -97,7 +101,7 @@ def grad_rollout(
 def _compute(ctx: MapContext, *, target: Target = None, discard_ratio: float = 0.9, residual: float = 0.5, relu: Literal['fused', 'grad'] = 'fused', start_layer: int = 0, query: Query = None) -> MapResult:
     classes = ctx.classes(target)
     grid_map = grad_rollout(ctx.vit, ctx.pixels, classes, discard_ratio=discard_ratio, residual=residual, relu=relu, start_layer=start_layer, query=query)
-    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map.detach().float(), meta={"target": target_meta(classes)})
 
 
 register(Method(

@@ -21,6 +21,14 @@ instead pools the mean of all tokens, ``ln_post(mean_i x_l[i]) @ proj``; ``reado
 order of the last two steps: it upsamples every layer's map bilinearly and min-maxes the upsampled sum,
 vitscope min-maxes on the patch grid (maps are returned on the grid; `upsample` them after), so the peak value
 of an upsampled vitscope map can differ from theirs by the interpolation at the peak.
+
+Reproducing the official code. For a text prompt on an open_clip ViT, the authors' ``compute_legrad_clip``
+scores ``cos(text, ln_post(mean_i x_l[i]) @ proj)`` at each layer ``l >= start_layer`` (their default: the last
+two), upsamples each layer's map by the patch size (bilinear) and min-maxes the sum. vitscope's
+``legrad(model, image, "text:...", readout="official", start_layer=-2, normalize=False)`` upsampled the same way
+(``torch.nn.functional.interpolate(m[:, None], scale_factor=patch, mode="bilinear")``) and min-maxed equals it:
+the model's logit is ``logit_scale.exp() * cos (+ bias)``, a positive scale and a constant that the ReLU and the
+min-max remove.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ from vitscope.methods._gradients import (
     attention_grads,
     grad_enabled,
     layers_from,
+    per_target,
     resolve_classes,
     scores,
     trace,
 )
 from vitscope.methods.registry import MapContext, MapResult, Method, register
+from vitscope.methods.targets import TokenScore, target_meta
 
 Readout = Callable[[torch.Tensor], Any]
 
@@ -73,6 +83,19 @@ def resolve_readout(vit: VitModel, readout: Readout | str | None) -> Readout:
     raise VitscopeError("readout", f"unknown read-out {readout!r}", "use 'model', 'official' or a callable")
 
 
+def token_readout(readout: Readout | str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Tokens as a text/reference target reads them at each layer: as they are (``"model"``: the model's own
+    embedding of the layer's tokens) or every token replaced by their mean (``"official"``: the authors' CLIP
+    read-out, ``ln_post(mean_i x_l[i]) @ proj``)."""
+    if readout in (None, "model"):
+        return lambda x: x
+    if readout == "official":
+        return lambda x: x.mean(dim=1, keepdim=True).expand_as(x)
+    raise VitscopeError("readout", f"{readout!r} with a text, image or patch target",
+                        "use readout='model' or 'official': these targets read out through the model's own embedding")
+
+
+@per_target
 @grad_enabled
 def legrad(
     model: Any,
@@ -90,8 +113,10 @@ def legrad(
     Args:
         model: a `VitModel`, spec or module (left unchanged).
         images: anything `vitscope.capture` takes.
-        target: class index (default: the predicted class of the full model), one per image, or a callable
-            applied to each layer's read-out output, returning one scalar per image.
+        target: class index or name (default: the predicted class of the full model), one per image, a callable
+            applied to each layer's read-out output, returning one scalar per image, or a text prompt /
+            reference (`vitscope.methods.targets`), scored on each layer's tokens through the model's own
+            embedding (``readout="official"``: of their mean token).
         start_layer: first layer aggregated (default 0: all layers).
         readout: ``"model"`` (default: the model's own read-out, known for vitscope, timm, transformers and
             torchvision classifiers), ``"official"`` (the authors' CLIP read-out: the mean of all tokens through
@@ -102,12 +127,14 @@ def legrad(
     from vitscope.adapters import as_vit
 
     vit = as_vit(model)
-    read = resolve_readout(vit, readout)
+    token = target if isinstance(target, TokenScore) else None  # scored on the model's own embedding
+    read = token_readout(readout) if token is not None else resolve_readout(vit, readout)
     t = trace(vit, images, layers_from(vit, start_layer), blocks=True, policy=policy, size=size)
     classes = resolve_classes(vit, t.output, target)
     total: torch.Tensor | None = None
     for n, i in enumerate(t.layers):
-        s = scores(vit, read(t.blocks[i]), target, classes)  # (B,) score read out at layer i
+        x = read(t.blocks[i])
+        s = token.score(x, t.grid) if token is not None else scores(vit, x, target, classes)  # (B,) at layer i
         g = attention_grads(t, s, [i], retain_graph=n < len(t.layers) - 1)[i]  # (B, H, N, N)
         e = g.clamp_min(0.0).mean(dim=1).mean(dim=1)[:, t.patch_slice]  # (B, P): all query rows, patch columns
         total = e if total is None else total + e
@@ -120,7 +147,7 @@ def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, re
              normalize: bool = True) -> MapResult:
     classes = ctx.classes(target)
     grid_map = legrad(ctx.vit, ctx.pixels, classes, start_layer=start_layer, readout=readout, normalize=normalize)
-    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map.detach().float(), meta={"target": target_meta(classes)})
 
 
 register(Method(

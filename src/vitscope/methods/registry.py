@@ -66,18 +66,26 @@ class MapContext:
 
     def classes(self, target: Any) -> list[int] | Any:
         """The target of a gradient method as one class per image: ``None`` -> the predicted classes (one
-        forward pass, cached); an int -> that class for every image; a callable is passed through."""
+        forward pass, cached); an int or a class name -> that class for every image; a callable is passed
+        through; text prompts and references -> a list of `vitscope.methods.targets.TokenScore` (one map each)."""
+        from vitscope.methods.targets import TokenScore, resolve_target
+
         if callable(target) and not isinstance(target, torch.Tensor):
             return target
         if target is not None:
+            target = resolve_target(self.vit, target)
+            if isinstance(target, list) and target and isinstance(target[0], TokenScore):
+                return target
             t = check_target(target)
             return [t[0]] * int(self.pixels.shape[0]) if len(t) == 1 else t
         if "predicted" not in self._captures:
             with torch.no_grad():
                 logits = self.vit.logits(self.vit(self.pixels.to(self.vit.device, self.vit.dtype)))
             if logits is None:
+                from vitscope.methods.targets import _works
+
                 raise VitscopeError("target", "the model has no classifier to take a class from",
-                                    "pass `target=<class index>` (or, in Python, a callable scoring each image)")
+                                    _works(self.vit))
             self._captures["predicted"] = logits.argmax(dim=-1).tolist()
         return self._captures["predicted"]
 
@@ -87,7 +95,8 @@ class MapContext:
         return int(4 * self.pixels.shape[0] * info.num_layers * info.num_heads * self.num_tokens**2)
 
 
-_TARGET_FIX = "pass a class index, one per image, or a callable target(output) -> (batch,) scores"
+_TARGET_FIX = ("pass a class index or name, one per image, 'text:<prompt>', 'image:<path>', 'patch:ROW,COL', or "
+               "in Python a callable scoring each image")
 
 
 def check_target(target: Any) -> list[int]:
@@ -109,7 +118,7 @@ def _key(x: Any) -> Any:
     return tuple(x) if isinstance(x, list) else x
 
 
-Needs = Literal["attention", "gradients"]
+Needs = Literal["attention", "gradients", "features"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,8 @@ class Method:
             method's parameters and their defaults.
         summary: one line for ``--help`` and docs.
         paper: the reference (authors, title, venue year).
-        needs: ``"attention"`` (a forward pass, no autograd) or ``"gradients"`` (a target class, backward).
+        needs: ``"attention"`` (a forward pass, no autograd), ``"gradients"`` (a target class, backward) or
+            ``"features"`` (one block's output tokens, no attention: the feature views ``pca``, ``similarity``).
         upsample: how the map is brought to pixels (``"bilinear"``; ``"nearest"`` for masks).
     """
 

@@ -23,12 +23,14 @@ from vitscope.methods._gradients import (
     attention_grads,
     grad_enabled,
     layers_from,
+    per_target,
     resolve_classes,
-    scores,
+    target_scores,
     trace,
 )
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix
+from vitscope.methods.targets import TokenScore, target_meta
 
 
 def relevance_update(r: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -37,6 +39,7 @@ def relevance_update(r: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch
     return r + a_bar @ r
 
 
+@per_target
 @grad_enabled
 def chefer_relevance(
     model: Any,
@@ -62,10 +65,11 @@ def chefer_relevance(
     from vitscope.adapters import as_vit
 
     vit = as_vit(model)
-    t = trace(vit, images, layers_from(vit, start_layer), policy=policy, size=size)
+    t = trace(vit, images, layers_from(vit, start_layer), policy=policy, size=size,
+              last_block=isinstance(target, TokenScore))
     layers = list(t.layers)
     classes = resolve_classes(vit, t.output, target)
-    grads = attention_grads(t, scores(vit, t.output, target, classes), layers)
+    grads = attention_grads(t, target_scores(t, target, classes), layers)
     B, _, N, _ = t.attn[layers[0]].shape
     r = torch.eye(N, dtype=torch.float64, device=t.pixels.device).expand(B, N, N).clone()
     for i in layers:
@@ -76,7 +80,7 @@ def chefer_relevance(
 def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
     classes = ctx.classes(target)
     grid_map = chefer_relevance(ctx.vit, ctx.pixels, classes, start_layer=start_layer, query=query)
-    return MapResult(map=grid_map.detach().float(), meta={"target": classes if isinstance(classes, list) else None})
+    return MapResult(map=grid_map.detach().float(), meta={"target": target_meta(classes)})
 
 
 register(Method(

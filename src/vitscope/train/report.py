@@ -123,7 +123,8 @@ def model_report(
         localisation_images: images for the method comparison (each method runs on all of them).
         samples: images shown in the rollout figure.
         seed: seed of the fresh images (the ``test`` split of the shapes generator).
-        methods: registered methods to compare (`vitscope.methods.method_names()`, the default: all).
+        methods: registered methods to compare (default: every registered attribution map; feature views such as
+            ``pca`` are left out unless named).
         overwrite: write into a folder that holds files vitscope did not write (they are kept; the report's own
             files, ``REPORT_FILES``, must not be among them). Without it such a folder is refused.
     """
@@ -132,13 +133,16 @@ def model_report(
     from vitscope.adapters import VitModel, load
     from vitscope.capture.core import capture
     from vitscope.images import pixels_to_rgb
-    from vitscope.methods.api import method_names
+    from vitscope.methods.api import get_method, method_names
     from vitscope.methods.registry import MapContext
     from vitscope.train.shapes import SHAPE_CLASSES
 
     say = log or (lambda s: None)
     t0 = time.monotonic()
-    chosen = list(methods) if methods is not None else list(method_names())
+    # the default compares the attribution maps; feature views (pca, similarity) are pictures of the features,
+    # not a claim about where the class is, so a pointing game on them would mean nothing
+    chosen = list(methods) if methods is not None else [
+        m for m in method_names() if get_method(m).needs != "features"]
     unknown = [m for m in chosen if m not in method_names()]
     if unknown:
         raise VitscopeError("methods", f"unknown {unknown}", f"choose from {', '.join(method_names())}")

@@ -5,6 +5,12 @@ the row maximum as float32, so the error is at most ``scale / 510``), or as ``fl
 rollout (Abnar & Zuidema 2020) for every query row is precomputed here, cumulatively per layer, because the
 page cannot afford ``L`` matrix products per hover.
 
+Feature views (``features``, optional): the PCA colours of one layer's patch features (`vitscope.methods.pca`,
+``(rows, cols, 3)`` float16) and, for the click-a-patch similarity, each patch's feature scaled to unit length and
+reduced to at most `FEATURE_DIMS` dimensions (the top right-singular directions of the unit features, so dot
+products, the cosines, are kept as well as any projection of that size keeps them; exact when the model is no
+wider), float16: ``rows * cols * 64 * 2`` bytes (32 KB for a 16 x 16 grid).
+
 Size budget: a ViT-S/16 at 224 px with every layer and head is ``12 * 6 * 197 * 197`` bytes (~2.8 MB, ~3.7 MB
 in base64). Past ``budget_bytes`` the packer stores fewer layers (evenly spaced, always the last), then only
 the head mean, then only the prefix-token query rows, and says so in ``notes`` (shown on the page).
@@ -15,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +40,8 @@ BUDGET_BYTES = 6_000_000
 IMAGE_MAX_SIDE = 640
 
 Dtype = Literal["uint8", "float16"]
+#: Most dimensions per patch packed for the similarity view.
+FEATURE_DIMS = 64
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +170,52 @@ def colormap_lut(cmap: str) -> str:
     return base64.b64encode(colormap_table(cmap).tobytes()).decode("ascii")
 
 
+def _grid_maps(maps: Mapping[str, Any], grid: tuple[int, int]) -> list[dict[str, Any]]:
+    """``[{"name", "values": rows*cols floats (row-major)}]``; a map of another grid is refused."""
+    out = []
+    for name, m in maps.items():
+        a = np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float64)
+        if a.shape != grid:
+            raise VitscopeError("maps", f"map {name!r} is {a.shape}, the page's grid is {grid}",
+                                "pass maps on the patch grid (rows, cols)")
+        out.append({"name": str(name), "values": [float(v) for v in a.reshape(-1)]})
+    return out
+
+
+def pack_features(patches: Any, rgb: Any, *, layer: int, norm: str | None, dims: int = FEATURE_DIMS
+                  ) -> dict[str, Any]:
+    """The feature views of one image for the page (see the module docstring).
+
+    Args:
+        patches: ``(rows, cols, D)`` patch features (`vitscope.methods.features.Features.patches` of one image).
+        rgb: ``(rows, cols, 3)`` PCA colours in [0, 1] (`vitscope.methods.pca.pca_rgb`).
+        layer, norm: what the features are (shown on the page).
+        dims: most dimensions kept per patch.
+    """
+    import torch
+
+    f = torch.as_tensor(patches).detach().double().cpu()
+    rows, cols, D = f.shape
+    unit = f.reshape(rows * cols, D)
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (P, D): cosines are dot products
+    if dims < D:  # the top right singular vectors: eigenvectors of unit^T unit (D x D), largest first
+        _, vecs = torch.linalg.eigh(unit.T @ unit)
+        unit = unit @ vecs.flip(-1)[:, :dims]  # (P, dims): the best rank-dims approximation of every dot product
+    return {
+        "layer": int(layer), "norm": norm, "dims": int(unit.shape[1]), "width": int(D),
+        "pca": encode_array(np.asarray(torch.as_tensor(rgb).detach().float().cpu(), dtype=np.float32), "float16"),
+        "unit": encode_array(unit.numpy().reshape(rows, cols, -1), "float16"),
+    }
+
+
+def packed_similarity(features: dict[str, Any], row: int, col: int) -> np.ndarray:
+    """What the page draws for a click on patch ``(row, col)``: the cosine of its packed vector to every patch's,
+    ``(rows, cols)`` (for tests and tools; the page does the same in JavaScript)."""
+    u = decode_array(features["unit"]).astype(np.float64)  # (rows, cols, K)
+    u = u / np.maximum(np.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
+    return np.asarray(u @ u[row, col], dtype=np.float64)
+
+
 def pack(
     attn: Attentions,
     image: Any,
@@ -173,6 +228,8 @@ def pack(
     policy: str | None = None,
     title: str | None = None,
     labels: list[str] | None = None,
+    maps: Mapping[str, Any] | None = None,
+    features: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the page needs, as a JSON-ready dict (see the module docstring for the layout).
 
@@ -184,6 +241,9 @@ def pack(
         budget_bytes: cap on the stored arrays; past it fewer layers/heads/rows are kept (noted on the page).
         residual: rollout's identity weight.
         labels: optional lines shown under the title (e.g. the model's top predictions).
+        maps: extra maps on the patch grid ``(rows, cols)`` by name (e.g. ``"chefer text:a cat"``), shown as
+            methods of their own (the gradient maps of `vitscope.viewer.view`'s ``target``).
+        features: the feature views of this image (`pack_features`): the page's PCA and similarity tabs.
     """
     from vitscope.viz._render import display_image
 
@@ -247,6 +307,8 @@ def pack(
         "tokens": attn.num_tokens,
         "attention": encode_array(raw.numpy(), dtype),
         "rollout": rollout,
+        "maps": _grid_maps(maps or {}, (int(attn.grid[0]), int(attn.grid[1]))),
         "cmap": {"name": cmap, "lut": colormap_lut(cmap)},
         "notes": notes,
+        "features": features,
     }

@@ -126,12 +126,15 @@ class Viewer:
         policy: str | None = None,
         title: str | None = None,
         labels: list[str] | None = None,
+        maps: Mapping[str, Any] | None = None,
+        features: dict[str, Any] | None = None,
     ) -> Viewer:
-        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options."""
+        """Pack ``attn`` (image ``batch``) and ``image``; see `vitscope.viewer.pack.pack` for the options
+        (``features``: `vitscope.viewer.pack.pack_features`, for the PCA and similarity tabs)."""
         return cls(
             pack(
                 attn, image, batch=batch, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-                policy=policy, title=title, labels=labels,
+                policy=policy, title=title, labels=labels, maps=maps, features=features,
             )
         )
 
@@ -185,6 +188,10 @@ def top_labels(vit: Any, output: Any, k: int = 3) -> list[str]:
     return ["prediction: " + ", ".join(items)]
 
 
+#: what `view` draws for a target
+GRADIENT_METHODS = ("chefer", "legrad", "grad_rollout", "attn_gradcam")
+
+
 def view(
     image: Any,
     model: Any = "vitscope:shapes",
@@ -196,6 +203,9 @@ def view(
     residual: float = 0.5,
     cmap: str = "inferno",
     title: str | None = None,
+    target: Any = None,
+    methods: Sequence[str] = GRADIENT_METHODS,
+    feature_layer: int | None = -1,
 ) -> Viewer:
     """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
 
@@ -203,6 +213,12 @@ def view(
         image: path, PIL image or array (one image).
         model: a `VitModel` or a spec (``"vitscope:shapes"``, ``"hf:..."``, ``"timm:..."``, a folder).
         policy, size: how the image is sized for the model (see `vitscope.capture`).
+        target: a gradient methods' target (`vitscope.methods.targets`: a class index or name,
+            ``"text:a cat"`` or a list of prompts, ``"image:ref.png"``, ``"patch:R,C"``); the page then shows
+            each of ``methods``' map for it (one per prompt) as a method of its own. ``None``: no gradient maps.
+        methods: the gradient methods drawn for ``target``.
+        feature_layer: the block whose output features the PCA and similarity tabs show (after the model's
+            final norm, `vitscope.methods.features`); ``None`` leaves the feature tabs out.
     """
     from vitscope.adapters import as_vit
     from vitscope.adapters.base import refuse_video
@@ -216,10 +232,44 @@ def view(
     used_policy = policy or vit.info.preprocess.policy
     if title is None:
         title = Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else vit.info.name
+    maps = gradient_maps(vit, img, target, methods, policy=policy, size=size) if target is not None else None
+    features = None if feature_layer is None else feature_views(vit, res.pixel_values, feature_layer)
     return Viewer.from_attentions(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
-        policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output),
+        policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output), maps=maps,
+        features=features,
     )
+
+
+def gradient_maps(vit: Any, image: Any, target: Any, methods: Sequence[str], *, policy: str | None = None,
+                  size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """``{"<method> <target>": map (rows, cols)}`` for one image: each method's map per target (several
+    prompts: one map each, `vitscope.methods.targets`)."""
+    from vitscope.methods.api import maps as run
+
+    out: dict[str, Any] = {}
+    for name in methods:
+        result = run(vit, image, name, target=target, policy=policy, size=size)  # type: ignore[arg-type]
+        labels = result.meta.get("target")
+        labels = labels if isinstance(labels, list) and len(labels) == len(result.map) else [target]
+        for m, label in zip(result.map, labels, strict=True):
+            out[f"{name} {label}"] = m
+    return out
+
+
+def feature_views(vit: Any, pixels: Any, layer: int = -1) -> dict[str, Any] | None:
+    """The packed feature views (`vitscope.viewer.pack.pack_features`) of the first image of ``pixels``:
+    block ``layer``'s patch features after the final norm, their PCA colours (fitted on this image); ``None``
+    for a one-patch image (nothing to fit or compare)."""
+    from vitscope.methods.features import patch_features
+    from vitscope.methods.pca import pca_rgb
+    from vitscope.viewer.pack import pack_features
+
+    feats = patch_features(vit, pixels[:1], layer=layer)
+    if feats.layout.num_patches < 2:
+        return None
+    rgb, _, _ = pca_rgb(feats.patches)
+    return pack_features(feats.patches[0], rgb[0], layer=feats.layer, norm=feats.norm)
 
 
 def view_many(
@@ -232,6 +282,7 @@ def view_many(
     budget_bytes: int = BUDGET_BYTES,
     residual: float = 0.5,
     cmap: str = "inferno",
+    target: Any = None,
 ) -> Viewer:
     """One page for several images (title -> image), with an image picker: `view` for each, the size budget
     shared between them (each image gets ``budget_bytes // len(images)``, so the page's attention arrays stay
@@ -244,6 +295,6 @@ def view_many(
     share = int(budget_bytes) // len(images)
     return Viewer.combine([
         view(img, vit, policy=policy, size=size, dtype=dtype, budget_bytes=share, residual=residual, cmap=cmap,
-             title=str(name))
+             title=str(name), target=target)
         for name, img in images.items()
     ])

@@ -4,8 +4,14 @@
  * page for several images holds one such block per image in the same viewer, which then shows an image picker):
  *   attention: [layers, heads, queries, tokens], uint8 (value = byte / 255 * scale[row]) or float16
  *   rollout:   [layers, queries, tokens], cumulative attention rollout through each stored layer (or null)
+ *   maps:      [{name, values: rows*cols floats}], maps of their own (gradient maps for a target; may be absent):
+ *              shown as methods "map:K", independent of layer, head and query
  * Token layout: [prefix tokens..., patches (row-major), suffix tokens...]; grid = [rows, cols] (height before
  * width); suffix (e.g. YOLOS's "det" tokens) may be absent in older pages.
+ *   features (optional): one layer's patch features: pca [rows, cols, 3] float16 colours in [0, 1] (the PCA tab)
+ *   and unit [rows, cols, K] float16 unit vectors (the similarity tab: cosine = dot product of two rows).
+ * Views (tabs): "attention" (raw attention or rollout), "pca", "similarity" (click a patch: the cosine of its
+ * feature to every patch; hovering follows the cursor like the attention query does).
  *
  * Each mounted viewer is exposed as window.vitscopeViewers[i]; viewer.current holds what is drawn
  * (image index, values of the patches, query token, layer, head, method), viewer.timings the last redraw
@@ -110,7 +116,7 @@
     this.index = -1;
     this.state = {
       layer: null, head: "mean", method: "raw", query: null, follow: true,
-      mask: false, tau: 0.6, opacity: 0.6, smooth: false
+      mask: false, tau: 0.6, opacity: 0.6, smooth: false, view: "attention", simPatch: null
     };
     root.setAttribute("tabindex", "0");
     if (datas.length > 1) this.buildPicker();
@@ -141,12 +147,25 @@
     this.S0 = this.P + this.rows * this.cols;  // first suffix token: patches are P .. S0 - 1
     this.attn = new Store(data.attention);
     this.roll = data.rollout ? new Store(data.rollout) : null;
+    this.maps = data.maps || [];
     this.L = data.layers.length;
     this.H = data.heads.length;
     this.Q = data.queries.length;
     this.qpos = {};
     for (var q = 0; q < this.Q; q++) this.qpos[data.queries[q]] = q;
     this.lut = b64bytes(data.cmap.lut);
+    this.feat = null;
+    if (data.features) {  // unit vectors renormalised after float16 rounding: a cosine is a dot product
+      var f = data.features, unit = new Store(f.unit), K = unit.K, n = this.rows * this.cols, u = unit.values;
+      for (var p = 0; p < n; p++) {
+        var ss = 0, k;
+        for (k = 0; k < K; k++) ss += u[p * K + k] * u[p * K + k];
+        ss = ss > 0 ? 1 / Math.sqrt(ss) : 0;
+        for (k = 0; k < K; k++) u[p * K + k] *= ss;
+      }
+      this.feat = { pca: new Store(f.pca).values, unit: u, K: K, layer: f.layer, norm: f.norm };
+    }
+    this.state.simPatch = null;
     this.buf = new Float32Array(this.N);
     this.acc = new Float32Array(this.N);
     this.hoverKey = null;   // token index of the patch under the cursor
@@ -222,6 +241,18 @@
     el("div", { className: "vs-sub", text: sub }, head);
     (d.labels || []).forEach(function (line) { el("div", { className: "vs-label", text: line }, head); });
 
+    var tabs = el("div", { className: "vs-tabs", role: "tablist" }, root);
+    this.tabs = {};
+    [["attention", "attention"], ["pca", "PCA"], ["similarity", "similarity"]].forEach(function (t) {
+      var b = el("button", { className: "vs-tab vs-tab-" + t[0], type: "button", role: "tab", text: t[1] }, tabs);
+      if (t[0] !== "attention" && !self.feat) {
+        b.disabled = true;
+        b.title = "no features in this page (vitscope.viewer.view packs them)";
+      }
+      b.addEventListener("click", function () { self.set({ view: t[0] }); });
+      self.tabs[t[0]] = b;
+    });
+
     var controls = el("div", { className: "vs-controls" }, root);
     function field(label) {
       var f = el("label", { className: "vs-field" }, controls);
@@ -234,6 +265,9 @@
     el("option", { value: "raw", text: "raw attention" }, this.methodSel);
     var ro = el("option", { value: "rollout", text: "rollout" }, this.methodSel);
     if (!this.roll) ro.disabled = true;
+    for (var mk = 0; mk < this.maps.length; mk++) {
+      el("option", { value: "map:" + mk, text: this.maps[mk].name }, this.methodSel);
+    }
 
     f = field("layer");
     this.layerIn = el("input", { className: "vs-layer", type: "range", min: "0", max: String(this.L - 1), step: "1" }, f);
@@ -291,7 +325,7 @@
       className: "vs-help",
       text: "Hover a patch to see where it looks (follow cursor); click to pin it as the query. " +
         "Untick 'follow cursor' to read the values under the cursor. Keys: \u2190 \u2192 layer, \u2191 \u2193 head, " +
-        "r rollout, m mask, Esc follow" + (this.picker ? ", [ ] image." : ".")
+        "r rollout, m mask, Esc follow, a / p / s attention / PCA / similarity" + (this.picker ? ", [ ] image." : ".")
     }, side);
     var notes = el("ul", { className: "vs-notes" }, side);
     (d.notes || []).forEach(function (n) { el("li", { text: n }, notes); });
@@ -333,13 +367,18 @@
   };
 
   Viewer.prototype.syncControls = function () {
-    var st = this.state;
+    var st = this.state, features = st.view !== "attention";
+    for (var name in this.tabs) {
+      this.tabs[name].className = "vs-tab vs-tab-" + name + (name === st.view ? " vs-tab-active" : "");
+      this.tabs[name].setAttribute("aria-selected", name === st.view ? "true" : "false");
+    }
+    [this.methodSel, this.layerIn, this.headSel, this.querySel, this.maskIn].forEach(function (c) { c.disabled = features; });
     this.methodSel.value = st.method;
     this.layerIn.value = String(st.layer);
     var abs = this.data.layers[st.layer];
     this.layerLab.textContent = st.method === "rollout" ? "through " + abs : String(abs);
     this.headSel.value = String(st.head);
-    this.headSel.disabled = st.method === "rollout";
+    this.headSel.disabled = features || st.method === "rollout" || this.mapIndex() !== null;
     if (st.query >= this.P && st.query < this.S0) {  // a patch query
       this.pinnedOpt.hidden = false;
       this.pinnedOpt.value = String(st.query);
@@ -347,9 +386,10 @@
     }
     this.querySel.value = String(st.query);
     this.followIn.checked = st.follow;
+    this.followIn.disabled = st.view === "pca" || (st.view === "attention" && !this.hasPatchQueries());
     this.maskIn.checked = st.mask;
     this.tauIn.value = String(st.tau);
-    this.tauIn.disabled = !st.mask;
+    this.tauIn.disabled = features || !st.mask;
     this.tauLab.textContent = "tau " + st.tau.toFixed(2);
     this.opacityIn.value = String(st.opacity);
     this.smoothIn.checked = st.smooth;
@@ -368,19 +408,34 @@
     var st = this.state;
     st.layer = Math.max(0, Math.min(this.L - 1, st.layer | 0));
     if (st.method === "rollout" && !this.roll) st.method = "raw";
+    if (this.mapIndex() !== null && this.mapIndex() >= this.maps.length) st.method = "raw";
     if (typeof st.head === "number" && (st.head < 0 || st.head >= this.H || this.data.heads[0] === "mean")) st.head = "mean";
     if (st.head === "max" && this.H < 2) st.head = "mean";
     if (this.qpos[st.query] === undefined) st.query = this.data.queries[0];
-    if (!this.hasPatchQueries()) st.follow = false;
+    if (st.view !== "attention" && !this.feat) st.view = "attention";
+    if (!this.hasPatchQueries() && st.view !== "similarity") st.follow = false;
+    if (st.simPatch !== null && (st.simPatch < this.P || st.simPatch >= this.S0)) st.simPatch = null;
     st.tau = Math.max(0.01, Math.min(1, +st.tau));
     st.opacity = Math.max(0, Math.min(1, +st.opacity));
+  };
+
+  /* Index of the shown map when the method is "map:K", else null. */
+  Viewer.prototype.mapIndex = function () {
+    var m = String(this.state.method);
+    return m.indexOf("map:") === 0 ? (parseInt(m.slice(4), 10) | 0) : null;
   };
 
   /* The full row (all N keys) of the current method/layer/head for query token t, or null. */
   Viewer.prototype.row = function (t) {
     var st = this.state, qp = this.qpos[t];
+    var out = this.buf, mi = this.mapIndex();
+    if (mi !== null) {  // a map of its own: patches hold its values, prefix and suffix tokens 0
+      out.fill(0);
+      var vals = this.maps[mi].values;
+      for (var p = 0; p < vals.length; p++) out[this.P + p] = vals[p];
+      return out;
+    }
     if (qp === undefined) return null;
-    var out = this.buf;
     if (st.method === "rollout") return this.roll.row(st.layer * this.Q + qp, out);
     var base = st.layer * this.H, N = this.N, k, h;
     if (typeof st.head === "number") return this.attn.row((base + st.head) * this.Q + qp, out);
@@ -408,12 +463,19 @@
     var t = this.patchAt(e);
     if (t === this.hoverKey) return;
     this.hoverKey = t;
-    this.hoverQuery = (t !== null && this.state.follow && this.qpos[t] !== undefined) ? t : null;
+    var similarity = this.state.view === "similarity";
+    this.hoverQuery = (t !== null && this.state.follow && (similarity || this.qpos[t] !== undefined)) ? t : null;
     this.draw();
   };
 
   Viewer.prototype.onClick = function (e) {
     var t = this.patchAt(e);
+    if (t !== null && this.state.view === "similarity") {  // pin this patch; a second click follows again
+      if (!this.state.follow && this.state.simPatch === t) { this.set({ follow: true }); return; }
+      this.hoverQuery = null;
+      this.set({ simPatch: t, follow: false });
+      return;
+    }
     if (t === null || this.qpos[t] === undefined) return;
     if (!this.state.follow && this.state.query === t) { this.set({ follow: true }); return; }
     this.hoverQuery = null;
@@ -434,6 +496,9 @@
     else if (e.key === "r") this.set({ method: st.method === "raw" ? "rollout" : "raw" });
     else if (e.key === "m") this.set({ mask: !st.mask });
     else if (e.key === "Escape") this.set({ follow: true });
+    else if (e.key === "a") this.set({ view: "attention" });
+    else if (e.key === "p" && this.feat) this.set({ view: "pca" });
+    else if (e.key === "s" && this.feat) this.set({ view: "similarity" });
     else return;
     e.preventDefault();
   };
@@ -457,9 +522,84 @@
     ctx.strokeRect(c * pw + width / 2, r * ph + width / 2, pw - width, ph - width);
   };
 
+  /* Paint one RGBA image (rows x cols, row-major) over the picture; returns the canvas size [cw, ch]. */
+  Viewer.prototype.paint = function (im) {
+    var octx = this.off.getContext("2d");
+    octx.putImageData(im, 0, 0);
+    var dpr = window.devicePixelRatio || 1;
+    var cw = Math.max(1, Math.round(this.canvas.clientWidth * dpr));
+    var ch = Math.max(1, Math.round(this.canvas.clientHeight * dpr));
+    if (this.canvas.width !== cw || this.canvas.height !== ch) { this.canvas.width = cw; this.canvas.height = ch; }
+    var ctx = this.canvas.getContext("2d");
+    ctx.clearRect(0, 0, cw, ch);
+    ctx.imageSmoothingEnabled = this.state.smooth;
+    ctx.drawImage(this.off, 0, 0, cw, ch);
+    return ctx;
+  };
+
+  /* The PCA and similarity tabs: one layer's patch features (data.features). */
+  Viewer.prototype.drawFeatures = function (t0) {
+    var st = this.state, P = this.P, n = this.rows * this.cols, i, k;
+    var dpr = window.devicePixelRatio || 1, alpha = Math.round(255 * st.opacity);
+    var im = this.off.getContext("2d").createImageData(this.cols, this.rows), px = im.data;
+    var f = this.feat, about = "layer " + f.layer + " features" + (f.norm ? " after the final norm (" + f.norm + ")" : "");
+    var values = null, rgb = null, query = null, lo = 0, hi = 0, text;
+    if (st.view === "pca") {
+      rgb = f.pca;
+      for (i = 0; i < n; i++) {
+        for (k = 0; k < 3; k++) px[4 * i + k] = Math.round(Math.max(0, Math.min(1, rgb[3 * i + k])) * 255);
+        px[4 * i + 3] = alpha;
+      }
+      text = "PCA of the " + about + ": the first three components as red, green, blue";
+      if (this.hoverKey !== null) {
+        var h = this.hoverKey - P;
+        text += " \u00b7 " + this.tokenLabel(this.hoverKey) + ": " + fmt(rgb[3 * h]) + ", " + fmt(rgb[3 * h + 1]) + ", " +
+          fmt(rgb[3 * h + 2]);
+      }
+    } else {
+      query = this.hoverQuery !== null ? this.hoverQuery :
+        (st.simPatch !== null ? st.simPatch : P + Math.floor(this.rows / 2) * this.cols + Math.floor(this.cols / 2));
+      var K = f.K, u = f.unit, q = (query - P) * K;
+      values = new Float32Array(n);
+      lo = Infinity; hi = -Infinity;
+      for (i = 0; i < n; i++) {
+        var dot = 0;
+        for (k = 0; k < K; k++) dot += u[q + k] * u[i * K + k];
+        values[i] = dot;
+        if (dot < lo) lo = dot;
+        if (dot > hi) hi = dot;
+      }
+      var span = hi > lo ? hi - lo : 0;
+      for (i = 0; i < n; i++) {
+        var idx = span > 0 ? Math.round((values[i] - lo) / span * 255) : 0;
+        px[4 * i] = this.lut[3 * idx]; px[4 * i + 1] = this.lut[3 * idx + 1]; px[4 * i + 2] = this.lut[3 * idx + 2];
+        px[4 * i + 3] = alpha;
+      }
+      text = "cosine similarity to " + this.tokenLabel(query) + " \u00b7 " + about;
+      if (this.hoverKey !== null) text += " \u00b7 " + this.tokenLabel(this.hoverKey) + ": " + fmt(values[this.hoverKey - P]);
+    }
+    var ctx = this.paint(im), cw = this.canvas.width, ch = this.canvas.height;
+    if (query !== null) this.outline(ctx, query, cw, ch, "#00e5ff", Math.max(1, 2 * dpr));
+    if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
+    this.readout.textContent = text;
+    this.barLab.textContent = values ? fmt(lo) + " \u2013 " + fmt(hi) : "PCA colours";
+    this.bar.style.visibility = values ? "visible" : "hidden";
+    this.prefixOut.textContent = "";
+    this.current = {
+      image: this.index, title: this.data.title, view: st.view, layer: f.layer, query: query, hoverKey: this.hoverKey,
+      values: values ? Array.prototype.slice.call(values) : null, rgb: rgb ? Array.prototype.slice.call(rgb) : null,
+      min: lo, max: hi, mask: null
+    };
+    this.timings.push(performance.now() - t0);
+    if (this.timings.length > 200) this.timings.shift();
+    return this.current;
+  };
+
   /* Compute the current map and paint it. Returns viewer.current. */
   Viewer.prototype.draw = function () {
     var t0 = performance.now();
+    if (this.state.view !== "attention" && this.feat) return this.drawFeatures(t0);
+    this.bar.style.visibility = "visible";
     var st = this.state, P = this.P, n = this.rows * this.cols;
     var query = this.hoverQuery !== null ? this.hoverQuery : st.query;
     var full = this.row(query);
@@ -499,7 +639,9 @@
     if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
 
     var abs = this.data.layers[st.layer];
-    var what = st.method === "rollout" ? "rollout through layer " + abs : "layer " + abs + ", head " + st.head;
+    var mi = this.mapIndex();
+    var what = mi !== null ? this.maps[mi].name :
+      st.method === "rollout" ? "rollout through layer " + abs : "layer " + abs + ", head " + st.head;
     var text = "query " + this.tokenLabel(query) + " \u00b7 " + what;
     if (!full) text += " \u00b7 (this query row was not stored)";
     else if (this.hoverKey !== null) {
@@ -518,7 +660,7 @@
     this.prefixOut.textContent = parts.length ? other + parts.join(", ") : "";
 
     this.current = {
-      image: this.index, title: this.data.title, method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
+      image: this.index, title: this.data.title, view: "attention", method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
       hoverKey: this.hoverKey, values: Array.prototype.slice.call(values), min: lo, max: hi,
       mask: mask ? Array.prototype.slice.call(mask) : null
     };

@@ -6,6 +6,7 @@ The ``.npz`` holds (see docs/methods.md):
 - ``map_upsampled``: float32 ``(batch, height, width)`` at the pixels the model saw (bilinear by default;
   nearest for ``dino_mask``);
 - ``mask``: uint8 ``(batch, heads, rows, cols)``, ``dino_mask`` only (per-head 0/1 masks);
+- ``rgb``: float32 ``(batch, rows, cols, 3)`` in [0, 1], ``pca`` only (its PNG shows these colours, not a heatmap);
 - ``meta_json``: a JSON string: method, model, layer, head, query, target, tau, grid, patch_size,
   image_size, prefix, image.
 """
@@ -36,6 +37,7 @@ class MapOutput:
     rgb: np.ndarray  # (B, H, W, 3) uint8: the pixels the model saw
     meta: dict[str, Any] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # (B, heads, rows, cols) bool, dino_mask only
+    rgb_map: torch.Tensor | None = None  # (B, rows, cols, 3) float32 in [0, 1]: a map shown as colours (pca)
 
 
 def parse_head(text: str) -> str | int:
@@ -56,7 +58,7 @@ def compute_map(
     layer: int = -1,
     head: str | int = "mean",
     query: str | int | tuple[int, int] | None = None,
-    target: int | None = None,
+    target: Any = None,
     tau: float = 0.6,
     upsample_mode: UpsampleMode = "bilinear",
     policy: str | None = None,
@@ -91,10 +93,11 @@ def compute_map(
         grid=list(grid_map.shape[-2:]), patch_size=list(vit.info.patch_size), image_size=[H, W],
         prefix=list(vit.info.prefix), upsample=mode, query=query if not isinstance(query, tuple) else list(query),
     )
-    mask = result.extras.get("mask")
+    mask, colours = result.extras.get("mask"), result.extras.get("rgb")
     return MapOutput(
         map=grid_map.float().cpu(), map_upsampled=upsample(grid_map.float(), (H, W), mode).cpu(),
         rgb=pixels_to_rgb(pixels, prep.mean, prep.std), meta=meta, mask=None if mask is None else mask.cpu(),
+        rgb_map=None if colours is None else colours.float().cpu(),
     )
 
 
@@ -158,9 +161,25 @@ def save_map(result: MapOutput, out: str | os.PathLike[str], stem: str = "image"
     }
     if result.mask is not None:
         arrays["mask"] = result.mask.numpy().astype(np.uint8)
+    if result.rgb_map is not None:
+        arrays["rgb"] = result.rgb_map.numpy().astype(np.float32)
     arrays["meta_json"] = np.array(json.dumps(result.meta))
     atomic_savez(npz, arrays)
     rgb, heat = image_overlay(result, image, policy) if image is not None else (
         result.rgb[0], result.map_upsampled[0].numpy())
-    atomic_write_bytes(png, overlay_png(rgb, heat))
+    data = overlay_png(rgb, heat) if result.rgb_map is None else colours_png(result.rgb_map[0], rgb.shape[:2])
+    atomic_write_bytes(png, data)
     return npz, png
+
+
+def colours_png(colours: torch.Tensor | np.ndarray, size: tuple[int, int]) -> bytes:
+    """PNG bytes of a ``(rows, cols, 3)`` map of colours in [0, 1] (`pca`), each patch a block of ``size``
+    ``(height, width)`` pixels (nearest: a patch has one colour, as in the DINOv2 figure)."""
+    from PIL import Image
+
+    arr = np.asarray(colours, dtype=np.float32)
+    patches = Image.fromarray((np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))  # (rows, cols, 3)
+    h, w = (int(v) for v in size)
+    buf = io.BytesIO()
+    patches.resize((w, h), Image.Resampling.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
