@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vitscope"
 LAYERS: list[set[str]] = [
     {"errors", "_io", "_ops", "layout", "limits", "_hooks", "_version", "_interrupt"},
     {"models"},
-    {"images"},
+    {"images", "video"},
     {"adapters"},
     {"attentions"},
     {"capture"},

@@ -22,6 +22,7 @@ if _typing.TYPE_CHECKING:
     from vitscope.errors import VitscopeError, VitscopeWarning
     from vitscope.evaluate import evaluate
     from vitscope.methods.api import maps
+    from vitscope.methods.video import video_maps
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -29,6 +30,7 @@ _EXPORTS = {
     "wrap": "vitscope.adapters", "Attentions": "vitscope.attentions", "capture": "vitscope.capture",
     "VitscopeError": "vitscope.errors", "VitscopeWarning": "vitscope.errors", "maps": "vitscope.methods.api",
     "evaluate": "vitscope.evaluate",
+    "video_maps": "vitscope.methods.video",
 }
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "evaluate",
     "load",
     "maps",
+    "video_maps",
     "wrap",
 ]
 

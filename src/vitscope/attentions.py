@@ -28,7 +28,16 @@ import torch
 
 from vitscope._ops import fuse_heads
 from vitscope.errors import VitscopeError
-from vitscope.layout import TOKEN_KINDS, TokenError, TokenKind, TokenLayout, check_grids, check_kinds
+from vitscope.layout import (
+    TOKEN_KINDS,
+    TokenError,
+    TokenKind,
+    TokenLayout,
+    check_frames,
+    check_grids,
+    check_kinds,
+    per_frame,
+)
 from vitscope.layout import as_pair as _as_pair
 
 __all__ = ["TOKEN_KINDS", "Attentions", "TokenKind"]
@@ -62,6 +71,10 @@ class Attentions:
             capture proves it) and padding query rows are 0. Read each image on its own grid with `image` /
             `images` (exact ordinary `Attentions`); reading a padded batch on one grid (`to_grid`, a patch or
             ``"mean"`` query) is refused.
+        frames: a video's token frames ``T'`` (input frames / ``tubelet``), 1 for an image. The patches are in
+            token order ``(T', rows, cols)`` and ``grid`` is the stacked grid ``(T' * rows, cols)``
+            (`vitscope.layout.TokenLayout`); `frame_grid` is one frame's, `per_frame` splits a map by frame.
+        tubelet: input frames per token along time.
     """
 
     weights: torch.Tensor
@@ -78,6 +91,8 @@ class Attentions:
     meta: dict[str, Any] = field(default_factory=dict)
     suffix: tuple[str, ...] = ()
     grids: tuple[tuple[int, int], ...] | None = None
+    frames: int = 1
+    tubelet: int = 1
 
     def __post_init__(self) -> None:
         self.prefix = tuple(self.prefix)
@@ -86,6 +101,7 @@ class Attentions:
         self.grid = _as_pair(self.grid)
         self.patch_size = _as_pair(self.patch_size)
         self.image_size = _as_pair(self.image_size)
+        check_frames(self.grid, self.frames, self.tubelet)
         self.layers = tuple(int(i) for i in self.layers)
         if self.heads != "mean":
             self.heads = tuple(int(h) for h in self.heads)
@@ -120,7 +136,8 @@ class Attentions:
     @property
     def layout(self) -> TokenLayout:
         """The token layout (prefix kinds, grid, patch and image size) that owns token indexing."""
-        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size, self.suffix, self.grids)
+        return TokenLayout(self.prefix, self.grid, self.patch_size, self.image_size, self.suffix, self.grids,
+                           self.frames, self.tubelet)
 
     @property
     def valid(self) -> torch.Tensor | None:
@@ -158,6 +175,17 @@ class Attentions:
     def images(self) -> list[Attentions]:
         """Every image on its own grid (`image`)."""
         return [self.image(b) for b in range(self.batch_size)]
+
+
+    @property
+    def frame_grid(self) -> tuple[int, int]:
+        """One frame's patch grid ``(rows, cols)`` (``grid`` for an image)."""
+        return self.layout.frame_grid
+
+    def per_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """A map on the stacked grid ``(..., T' * rows, cols)`` as ``(..., T', rows, cols)``."""
+        out: torch.Tensor = per_frame(x, self.frames)
+        return out
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -284,6 +312,7 @@ class Attentions:
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
             "meta": self.meta,
+            **({"frames": self.frames, "tubelet": self.tubelet} if self.frames > 1 or self.tubelet > 1 else {}),
         }
 
     @classmethod
@@ -308,6 +337,8 @@ class Attentions:
             meta=header.get("meta", {}),
             suffix=tuple(header.get("suffix", ())),
             grids=None if header.get("grids") is None else tuple(tuple(g) for g in header["grids"]),
+            frames=int(header.get("frames", 1)),
+            tubelet=int(header.get("tubelet", 1)),
         )
 
     def __repr__(self) -> str:
@@ -316,5 +347,6 @@ class Attentions:
             f"Attentions(layers={L}/{self.num_layers}, batch={B}, heads={H if self.heads != 'mean' else 'mean'}, "
             f"queries={Q}, keys={N}, prefix={self.prefix}, grid={self.grid}, image_size={self.image_size}"
             + (f", suffix={len(self.suffix)} tokens" if self.suffix else "")
-            + (f", grids={list(self.grids)})" if self.grids is not None else ")")
+            + (f", grids={list(self.grids)}" if self.grids is not None else "")
+            + (f", frames={self.frames} x {self.frame_grid}" if self.frames > 1 else "") + ")"
         )

@@ -228,6 +228,7 @@ def info(
             "weights": i.weights,
             "labels": len(i.labels) if i.labels is not None else None,
             "global_layers": list(i.global_layers), "windowed_layers": list(i.windowed_layers),
+            "layer_kinds": list(i.layer_kinds), "frames": i.frames, "tubelet": i.tubelet,  # video: T input frames
             "preprocess": {"policy": p.policy, "image_size": list(p.image_size), "mean": list(p.mean),
                            "std": list(p.std), "resample": p.resample, "dynamic_size": p.dynamic_size,
                            "channels": p.channels},
@@ -313,7 +314,8 @@ def _parse_target(values: list[str] | None) -> object:
 
 @app.command("maps")
 def maps_cmd(
-    image: Annotated[list[Path], typer.Argument(help="Image file(s); several write into the -o folder.")],
+    image: Annotated[list[Path], typer.Argument(
+        help="Image file(s); several write into the -o folder (for a video model: a folder of frames each).")],
     model: ModelOpt = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="A registered method (list them: vitscope methods).")] = "cls",
     layer: Annotated[int, typer.Option(help="Layer for cls / dino_mask (negative counts from the end).")] = -1,
@@ -341,7 +343,9 @@ def maps_cmd(
 ) -> None:
     """Compute one attention map of each IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay
     at the image's size (several images: into the -o folder, each on its own grid: variable-resolution models
-    such as SigLIP2 and NaFlexViT run every image at its own aspect ratio)."""
+    such as SigLIP2 and NaFlexViT run every image at its own aspect ratio). With a video model, IMAGE is a
+    folder of frames: the maps per frame and their temporal profile go to the .npz (map, profile,
+    meta_json), the overlay to an animated GIF."""
     from vitscope.errors import VitscopeError
     from vitscope.layout import parse_query
     from vitscope.methods.api import get_method
@@ -375,6 +379,17 @@ def maps_cmd(
     with _limits(max_pixels, max_tokens, max_memory):
         vit = _load_model(model, checkpoint, random_weights, device)
         for one in image:
+            if vit.info.frames:  # a video model: IMAGE is a frames folder (or one frame); per-frame maps and a GIF
+                from vitscope.viz.video import save_video_map
+
+                given = {"layer": layer, "head": the_head, "query": the_query, "target": the_target, "tau": tau}
+                npz, gif, vmaps = save_video_map(vit, str(one), method, output, stem=one.stem, params=given,
+                                                 policy=policy, size=the_size)
+                _, T, rows, cols = vmaps.map.shape
+                profile = ", ".join(f"{p:.2f}" for p in vmaps.profile[0].tolist())
+                typer.echo(f"{method} maps {T} frames x {rows}x{cols} of {one.name} with {vit.info.name} (attention "
+                           f"per frame: {profile})\nwrote {npz}\nwrote {gif}")
+                continue
             result = compute_map(
                 vit, str(one), method, layer=layer, head=the_head, query=the_query, target=the_target,
                 tau=tau, upsample_mode=upsample, policy=policy, size=the_size,  # type: ignore[arg-type]
@@ -544,6 +559,18 @@ def figure_cmd(
     layer_ids, the_query, the_size = _parse_layers(layers), parse_query(query), _parse_size(size)
     with _limits(max_pixels, max_tokens, max_memory, max_figure_pixels):
         vit = _load_model(model, checkpoint, random_weights, device)
+        if vit.info.frames:  # a video model: IMAGES is one frames folder; token frames x heads
+            from vitscope.viz.video import video_heads_figure
+
+            if kind != "heads":
+                raise VitscopeError("kind", f"a video model draws the heads figure (token frames x heads), not {kind!r}",
+                                    "use: vitscope figure heads FRAMES_FOLDER -m <video model>")
+            if len(images) != 1:
+                raise VitscopeError("images", f"{len(images)} videos given", "pass one folder of frames")
+            fig = video_heads_figure(vit, str(images[0]), layer=layer, query=the_query, cmap=cmap, alpha=alpha,
+                                     policy=policy, size=the_size)
+            typer.echo(f"wrote {save_figure(fig, target, dpi=dpi)}")
+            return
         fig = make_figure(
             kind, [str(p) for p in images], vit, layer=layer, layers=layer_ids, query=the_query,
             cmap=cmap, alpha=alpha, shared_scale=not per_head_scale, mask_tau=tau,
@@ -879,6 +906,7 @@ _CARRIED_BY: dict[str, dict[str, str]] = {
           "upsample_mode": "upsample", "budget_bytes": "budget_mb", "max_upload": "max_upload_mb",
           "localisation_images": "localisation", "root": "data", "formats": "formats"},
     "capture": {"queries": "queries", "layers": "layers"},
+    "maps": {"images": "image"},
     "train": {"config": "set_", "cfg": "set_"},
 }
 _PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?:\s|[A-Za-z0-9'\"\[(])")

@@ -134,6 +134,11 @@ class TokenLayout:
     tokens are ``[prefix, grids[b] patches (row-major), suffix, padding]`` and ``grid`` is ``(1, P)``, the ``P``
     patch slots of the longest image (`padded_grid`); `valid_counts` says how many tokens of each image are real.
     ``grids`` is ``None`` when every image is on ``grid``.
+
+    Video (``frames > 1``): the patches are ``frames`` tubelets deep, in token order ``(frames, rows, cols)``
+    (time slowest); ``grid`` is then the *stacked* grid ``(frames * rows, cols)`` (the frames' grids one under
+    the other), so every token index and every image method reads a video unchanged, and `frame_grid` is one
+    frame's ``(rows, cols)``. ``tubelet``: input frames per token along time (VideoMAE, ViViT: 2).
     """
 
     prefix: tuple[str, ...]
@@ -142,6 +147,8 @@ class TokenLayout:
     image_size: tuple[int, int] | None = None
     suffix: tuple[str, ...] = ()
     grids: tuple[tuple[int, int], ...] | None = None
+    frames: int = 1
+    tubelet: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", tuple(self.prefix))
@@ -149,6 +156,7 @@ class TokenLayout:
         object.__setattr__(self, "grid", as_pair(self.grid))
         object.__setattr__(self, "patch_size", as_pair(self.patch_size))
         check_kinds(self.prefix, self.suffix)
+        check_frames(self.grid, self.frames, self.tubelet)
         if self.grids is not None:
             grids = tuple(as_pair(g) for g in self.grids)
             object.__setattr__(self, "grids", grids)
@@ -179,6 +187,11 @@ class TokenLayout:
                 f"{list(self.grids)}; reading them on one grid would put image tokens and padding in wrong places",
                 "read each image on its own grid: attn.image(b) (or attn.images())",
             )
+
+    @property
+    def frame_grid(self) -> tuple[int, int]:
+        """One frame's patch grid ``(rows, cols)`` (``grid`` itself for an image)."""
+        return (self.grid[0] // self.frames, self.grid[1])
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -312,6 +325,24 @@ def check_grids(grids: Sequence[tuple[int, int]], grid: tuple[int, int]) -> None
         raise VitscopeError("grids", f"the padded batch has {grid[0] * grid[1]} patch slots but its largest image "
                             f"is {max(r * c for r, c in grids)} patches ({list(grids)})",
                             "pass grid=(1, P) with P the largest image's patch count")
+
+
+def check_frames(grid: tuple[int, int], frames: int, tubelet: int) -> None:
+    """A video's stacked grid ``(frames * rows, cols)`` holds whole frames; ``frames`` and ``tubelet`` >= 1."""
+    for argument, value in (("frames", frames), ("tubelet", tubelet)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise VitscopeError(argument, f"expected a positive integer, got {value!r}", "use 1 for an image")
+    if grid[0] % frames:
+        raise VitscopeError("frames", f"a grid of {grid[0]} rows does not stack {frames} frames",
+                            "the grid of a video is (frames * rows, cols)")
+
+
+def per_frame(x: Any, frames: int) -> Any:
+    """A stacked-grid map ``(..., frames * rows, cols)`` as ``(..., frames, rows, cols)`` (a tensor or array)."""
+    *lead, R, C = x.shape
+    if R % frames:
+        raise VitscopeError("frames", f"{R} grid rows do not stack {frames} frames", "pass the stacked video grid")
+    return x.reshape(*lead, frames, R // frames, C)
 
 
 def check_kinds(prefix: Sequence[str], suffix: Sequence[str] = ()) -> None:

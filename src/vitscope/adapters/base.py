@@ -22,8 +22,7 @@ from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
     "AttentionSite", "ModelInfo", "PaddedRoute", "Preprocess", "SizePolicy", "Tap", "TextTower", "VitModel",
-    "choose_weights", "import_optional",
-    "refuse_compiled", "window_of", "with_weights",
+    "choose_weights", "import_optional", "refuse_compiled", "refuse_video", "window_of", "with_weights",
 ]
 
 
@@ -54,6 +53,15 @@ class ModelInfo:
     #: where the weights came from: ``"pretrained"`` (the library's or hub's published weights), ``"random"``
     #: (freshly initialised: attention not learned), ``"checkpoint <file>"``, or ``"as given"`` (a module passed in)
     weights: str = "as given"
+    #: a video model's input frames ``T`` (0: an image model) and input frames per token along time; its tokens
+    #: are ``T // tubelet`` frames of patches in order ``(T', rows, cols)`` (`vitscope.layout.TokenLayout`)
+    frames: int = 0
+    tubelet: int = 1
+
+    @property
+    def token_frames(self) -> int:
+        """Frames of tokens ``T'`` (input frames / tubelet; 1 for an image model)."""
+        return max(1, self.frames // self.tubelet) if self.frames else 1
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -65,8 +73,9 @@ class ModelInfo:
 
     @property
     def windowed_layers(self) -> tuple[int, ...]:
-        """Indices of the layers that attend within local windows (no global attention map)."""
-        return tuple(i for i, kind in enumerate(self.layer_kinds) if kind == "windowed")
+        """Indices of the layers that attend within local windows, or factorised (TimeSformer's divided
+        space-time attention): no global attention map."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds) if kind in ("windowed", "factorised"))
 
     @property
     def global_layers(self) -> tuple[int, ...]:
@@ -83,9 +92,13 @@ class ModelInfo:
         after = f", suffix tokens [{len(self.suffix)} {self.suffix[0]}]" if self.suffix else ""
         text = (
             f"{self.name} ({self.family}): {self.num_layers} layers x {self.num_heads} heads, dim {self.embed_dim}, "
-            f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}{self.weights_note()}"
+            f"patch {ph}x{pw}, prefix tokens [{kinds}]{after}, input {h}x{w}"
+            + (f" x {self.frames} frames (tubelet {self.tubelet})" if self.frames else "") + self.weights_note()
         )
-        if self.windowed_layers:
+        if "factorised" in self.layer_kinds:
+            text += (f"; factorised layers {list(self.windowed_layers)} (divided space-time attention: no "
+                     "space-time map)")
+        elif self.windowed_layers:
             text += (f"; global layers {list(self.global_layers)}, windowed layers {list(self.windowed_layers)} "
                      "(no global map)")
         return text
@@ -270,14 +283,22 @@ class VitModel:
 
     def preprocess(self, images: Any, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
                    ) -> torch.Tensor:
-        """Turn paths, PIL images, arrays (or a list of them) into pixel values ``(B, C, H, W)``.
+        """Turn paths, PIL images, arrays (or a list of them) into pixel values ``(B, C, H, W)``; for a video model
+        (``info.frames``) a frames folder, a list of frames or a ``(B, T, C, H, W)`` tensor into
+        ``(B, T, C, H, W)`` (`vitscope.video.preprocess_video`).
 
         A tensor is taken as already-preprocessed pixel values and returned as is.
         """
         from vitscope.errors import ImageError
         from vitscope.images import preprocess
 
-        pixels = preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
+        if self.info.frames:
+            from vitscope.video import preprocess_video
+
+            pixels = preprocess_video(images, self.info.preprocess, self.info.patch_size, self.info.frames,
+                                      policy=policy, size=size)
+        else:
+            pixels = preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
         (H, W), (ph, pw) = pixels.shape[-2:], self.info.patch_size
         if H % ph or W % pw:  # a tensor given as is: the model would crop, pad or assert on its own
             raise ImageError(
@@ -288,9 +309,10 @@ class VitModel:
         return pixels
 
     def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid ``(rows, cols)`` for an input of ``(height, width)`` pixels."""
+        """Patch grid ``(rows, cols)`` for an input of ``(height, width)`` pixels; a video model's is the stacked
+        grid ``(T' * rows, cols)`` of its ``T'`` token frames (`vitscope.layout.TokenLayout`)."""
         (h, w), (ph, pw) = image_size, self.info.patch_size
-        return (h // ph, w // pw)
+        return (self.info.token_frames * (h // ph), w // pw)
 
     def __repr__(self) -> str:
         return f"VitModel({self.info.describe()})"
@@ -304,6 +326,13 @@ def window_of(block: nn.Module) -> int:
     if isinstance(w, (tuple, list)):
         return max((int(v) for v in w), default=0)
     return int(w) if isinstance(w, (int, float)) else 0
+
+
+def refuse_video(vit: VitModel, what: str) -> None:
+    """``what`` (the viewer, batch mode) reads images: a video model (``info.frames``) is a one-line error."""
+    if vit.info.frames:
+        raise VitscopeError("model", f"{vit.info.name} is a video model ({vit.info.frames} frames): {what} reads "
+                            "images, not videos", "use vitscope.video_maps / `vitscope maps FRAMES_FOLDER` per video")
 
 
 def refuse_compiled(module: nn.Module) -> None:

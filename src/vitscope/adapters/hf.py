@@ -54,7 +54,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,11 @@ FAMILIES: dict[str, _Family] = {
     "sam": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamModel"),
     "sam_vision_model": _Family("sam", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "SamVisionModel"),
     "vitdet": _Family("vitdet", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VitDetModel"),
+    # video transformers (`_video_geometry`): pixels (B, T, C, H, W), tokens (T', rows, cols), fixed T and size
+    "videomae": _Family("videomae", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VideoMAEModel"),
+    "vivit": _Family("vivit", HALF, HALF, "bilinear", "VivitModel"),
+    "timesformer": _Family("timesformer", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "TimesformerModel"),
+    "vjepa2": _Family("vjepa2", IMAGENET_MEAN, IMAGENET_STD, "bilinear", "VJEPA2Model"),
 }
 #: Families whose attention is windowed (no global attention over every patch): refused with this reason.
 #: SAM's image encoder and ViTDet are read: their global layers are capturable, their windowed ones refused per
@@ -398,6 +403,8 @@ def _is_patch_embedding(name: str, m: nn.Module, root: nn.Module | None = None) 
     """A patch embedding: a strided convolution whose kernel is its stride (``Conv2d(3, D, p, stride=p)``), a
     Linear named as one (SigLIP2's NaFlex patches arrive flattened), or a hybrid's projection (a convolution
     beside a CNN ``backbone`` in the same embeddings module: DPT-hybrid's 1x1 ``projection`` after BiT)."""
+    if isinstance(m, nn.Conv3d):  # a video's tubelet embedding (VideoMAE, ViViT, V-JEPA 2)
+        return tuple(m.kernel_size) == tuple(m.stride) and max(m.kernel_size[1:]) > 1
     if isinstance(m, nn.Conv2d):
         if tuple(m.kernel_size) == tuple(m.stride) and max(m.kernel_size) > 1:
             return True
@@ -529,10 +536,13 @@ def _patch_size(tower: nn.Module, vcfg: Any) -> tuple[int, int]:
     hybrid's (a CNN backbone, then a projection) is measured: its embeddings run on a blank image of the model's
     size, the projection's output grid read, cross-checked against the config."""
     found = [(n, m) for n, m in tower.named_modules()
-             if n and isinstance(m, nn.Conv2d) and _is_patch_embedding(n, m, tower)]
+             if n and isinstance(m, (nn.Conv2d, nn.Conv3d)) and _is_patch_embedding(n, m, tower)]
     if not found:
         return _pair(vcfg.patch_size)
     name, conv = found[0]
+    if isinstance(conv, nn.Conv3d):
+        _, kh, kw = conv.kernel_size  # (tubelet, height, width)
+        return (int(kh), int(kw))
     owner = tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tower
     if not isinstance(getattr(owner, "backbone", None), nn.Module):
         kh, kw = conv.kernel_size
@@ -647,7 +657,7 @@ def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path
         size = (side * patch[0], side * patch[1])
         max_patches = int(vcfg.num_patches)  # NaFlex: each image at its own aspect ratio within this budget
     else:
-        size = _pair(vcfg.image_size)
+        size = _pair(vcfg.image_size if hasattr(vcfg, "image_size") else vcfg.crop_size)  # (V-JEPA 2: crop_size)
     mean, std, resample = family.mean, family.std, family.resample
     proc = _read_processor_config(folder)
     if proc is not None:
@@ -675,7 +685,8 @@ def _preprocess(family: _Family, vcfg: Any, patch: tuple[int, int], folder: Path
             resample = r.lower()
     return Preprocess(
         image_size=size, mean=mean, std=std, policy="native" if max_patches else "resize", resample=resample,
-        dynamic_size=dynamic, channels=int(getattr(vcfg, "num_channels", 3)), max_patches=max_patches,
+        dynamic_size=dynamic, channels=int(getattr(vcfg, "num_channels", getattr(vcfg, "in_chans", 3))),
+        max_patches=max_patches,
     )
 
 
@@ -769,7 +780,7 @@ def _checked_forward(forward: Callable[[nn.Module, torch.Tensor], Any], family: 
     ``max_batch`` (`VitModel.max_batch`; Pixtral: 1, it packs a batch into one sequence)."""
 
     def checked(m: nn.Module, pixels: torch.Tensor) -> Any:
-        B, _, H, W = pixels.shape
+        B, (H, W) = int(pixels.shape[0]), pixels.shape[-2:]  # (B, C, H, W), a video's (B, T, C, H, W)
         if not prep.dynamic_size and prep.image_size != (H, W):
             h, w = prep.image_size
             raise VitscopeError(
@@ -824,6 +835,8 @@ def _has_classifier(module: nn.Module) -> bool:
 
 
 def _logits(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor) and output.dim() == 2:  # a read-out's logits (`_readout`, LeGrad)
+        return output
     logits = getattr(output, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 
@@ -899,6 +912,10 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     if folder is None and source and Path(source).is_dir():
         folder = source
     sites = _sites(tower, vcfg)
+    video = _video_geometry(tower, vcfg, type(module).__name__)  # (frames, tubelet) of a video model, else None
+    if video is not None:  # TimeSformer's divided blocks: a temporal and a spatial attention; the spatial one named
+        sites = [s for s in sites if "temporal_attention" not in _site_name(tower, s)]
+        sites = [replace(s, layer=i) for i, s in enumerate(sites)]
     num_layers = getattr(vcfg, "num_hidden_layers", None)
     if num_layers is not None and len(sites) != int(num_layers):
         raise NotAViTError(
@@ -906,7 +923,10 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
             "describe it with vitscope.wrap(model, blocks=..., q=..., k=..., num_heads=..., patch_size=...)",
         )
     patch = _patch_size(tower, vcfg)
-    forward, dynamic = _make_forward(module, family, patch, path, vcfg)
+    if video is not None:
+        forward, dynamic = _video_forward(module, path), False  # fixed frames and size (their position tables)
+    else:
+        forward, dynamic = _make_forward(module, family, patch, path, vcfg)
     classifier = _has_classifier(module)
     labels = None
     num_classes = None
@@ -919,11 +939,14 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     prep = _preprocess(family, vcfg, patch, Path(folder) if folder is not None else None, dynamic)
     display = name or source or type(module).__name__
     kinds = tuple("windowed" if window_of(site.block) > 0 else "global" for site in sites)
-    if "global" not in kinds:
+    if video is not None and str(getattr(vcfg, "attention_type", "")) == "divided_space_time":
+        kinds = ("factorised",) * len(sites)  # TimeSformer: a temporal then a spatial attention per block
+    if "global" not in kinds and "factorised" not in kinds:
         raise NotAViTError("model", f"every layer of {display} attends within local windows: no layer has a global "
                            "attention map", "use a global-attention ViT")
     info = ModelInfo(
-        layer_kinds=kinds if "windowed" in kinds else (),
+        layer_kinds=kinds if "windowed" in kinds or "factorised" in kinds else (),
+        frames=video[0] if video else 0, tubelet=video[1] if video else 1,
         name=display, family=family.name, num_layers=len(sites),
         num_heads=sites[0].num_heads, embed_dim=int(getattr(vcfg, "hidden_size", 0) or 0), patch_size=patch,
         prefix=_prefix(tower, vcfg), suffix=_suffix(tower), preprocess=prep, num_classes=num_classes, labels=labels,
@@ -932,13 +955,71 @@ def from_hf_model(module: nn.Module, name: str | None = None, folder: str | os.P
     return VitModel(
         module, info, sites, forward=_checked_forward(forward, family, prep, display, max_batch),
         logits=_logits if classifier else _no_logits,
-        readout=_readout(module, info.num_prefix_tokens) if classifier else None,
+        readout=(_readout(module, info.num_prefix_tokens) if video is None else _video_readout(module))
+        if classifier else None,
         max_batch=max_batch,
         embed=_embed(module, tower, info.prefix), final_norm=_final_norm(tower),
         text=_text_tower(module, family, Path(folder) if folder is not None else None),
         padded=_padded_route(module, path, patch) if family.name == "siglip2" else None,
     )
 
+
+# ------------------------------------------------------------------------------------------- video
+def _video_geometry(tower: nn.Module, vcfg: Any, name: str) -> tuple[int, int] | None:
+    """``(frames, tubelet)`` of a video transformer (its config's ``num_frames`` / V-JEPA 2's ``frames_per_clip``;
+    the tubelet is the depth of a Conv3d patch embedding, 1 for a Conv2d one run per frame: TimeSformer), else
+    ``None``. A Conv3d patch embedding without a frame count is refused in one line."""
+    frames = getattr(vcfg, "num_frames", None) or getattr(vcfg, "frames_per_clip", None)
+    conv3d = [m for n, m in tower.named_modules() if isinstance(m, nn.Conv3d) and _is_patch_embedding(n, m, tower)]
+    if not frames:
+        if conv3d:
+            raise NotAViTError("model", f"{name} embeds tubelets (a 3-d patch embedding) but its config gives no "
+                               "frame count (num_frames)", "describe it with vitscope.wrap(...)")
+        return None
+    tubelet = int(conv3d[0].kernel_size[0]) if conv3d else 1
+    if int(frames) % tubelet:
+        raise NotAViTError("model", f"{name} takes {frames} frames, not a multiple of its tubelet of {tubelet}",
+                           "set num_frames to a multiple of the tubelet size")
+    return int(frames), tubelet
+
+
+def _video_readout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A video classifier's own head on block-output tokens ``(B, N, D)``: ViViT ``classifier(layernorm(x)[:, 0])``;
+    VideoMAE with mean pooling ``classifier(fc_norm(mean_i x[:, i]))``, else ``classifier(layernorm(x)[:, 0])``;
+    ``None`` for the others (V-JEPA 2's attentive pooler, TimeSformer)."""
+    head = getattr(module, "classifier", None)
+    if not isinstance(head, nn.Module):
+        return None
+    vivit, videomae = getattr(module, "vivit", None), getattr(module, "videomae", None)
+    vivit_norm = getattr(vivit, "layernorm", None)
+    if isinstance(vivit_norm, nn.Module):
+        return lambda x: head(vivit_norm(x)[:, 0])
+    if isinstance(videomae, nn.Module):
+        fc_norm, mae_norm = getattr(module, "fc_norm", None), getattr(videomae, "layernorm", None)
+        if isinstance(fc_norm, nn.Module):
+            return lambda x: head(fc_norm(x.mean(dim=1)))
+        if isinstance(mae_norm, nn.Module):
+            return lambda x: head(mae_norm(x)[:, 0])
+    return None
+
+
+def _site_name(tower: nn.Module, site: AttentionSite) -> str:
+    return next((n for n, m in tower.named_modules() if m is site.attn), "")
+
+
+def _video_forward(module: nn.Module, path: str) -> Callable[[nn.Module, torch.Tensor], Any]:
+    """The forward pass on pixels ``(B, T, C, H, W)``: the model's own keyword (``pixel_values``, V-JEPA 2's
+    ``pixel_values_videos``); the tower alone when the model wants more (`_runs_tower`; V-JEPA 2's predictor
+    and its masks are not the encoder's attention)."""
+    whole = _has_classifier(module) and any(_accepts(module.forward, k) for k in ("pixel_values", "pixel_values_videos"))
+    runs_tower = not whole and (_runs_tower(module, path) or (bool(path) and hasattr(module, "predictor")))
+    target = module.get_submodule(path) if runs_tower else module
+    key = "pixel_values_videos" if _accepts(target.forward, "pixel_values_videos") else "pixel_values"
+
+    def forward_video(m: nn.Module, pixels: torch.Tensor) -> Any:
+        return (m.get_submodule(path) if runs_tower else m)(**{key: pixels})
+
+    return forward_video
 
 def _final_norm(tower: nn.Module) -> nn.Module | None:
     """The vision transformer's last norm (applied to every token): ``post_layernorm`` (CLIP, SigLIP) or

@@ -798,6 +798,7 @@ def run_local(
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
+    from vitscope.adapters.base import refuse_video
     from vitscope.capture.prepare import resolve_device
 
     fmts = _parse_formats(formats)
@@ -821,6 +822,7 @@ def run_local(
                                  overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
+    refuse_video(vit, "batch mode")
     mask_dir = check_masks(masks, policy, vit)
     check_method_layer(spec, layer, vit)
     dev = resolve_device(device, vit.device)

@@ -637,6 +637,7 @@ def run_batch_ray(
             named in the summary's line).
     """
     from vitscope.adapters import as_vit
+    from vitscope.adapters.base import refuse_video
     from vitscope.batch.local import (
         _exclusive,
         _model_id,
@@ -659,6 +660,7 @@ def run_batch_ray(
     if num_gpus and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         _check_local_gpus(num_gpus)
     vit = as_vit(model)
+    refuse_video(vit, "batch mode")
     check_method_layer(spec, layer, vit)
     mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None

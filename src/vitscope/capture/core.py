@@ -155,8 +155,8 @@ def capture_full(
     check_windowed_layers(info, layer_ids, default=layers is None)
     head_sel = resolve_heads(heads, info.num_heads)
     dev = pixels.device
-    B, _, Hpx, Wpx = pixels.shape
-    grid = vit.grid_for((Hpx, Wpx))
+    B, (Hpx, Wpx) = int(pixels.shape[0]), (int(pixels.shape[-2]), int(pixels.shape[-1]))  # a video: (B, T, C, H, W)
+    grid = vit.grid_for((Hpx, Wpx))  # a video's is the stacked grid (T' * rows, cols)
     query_ids = resolve_queries(queries, info.prefix, grid, info.suffix)
     N = info.num_prefix_tokens + grid[0] * grid[1] + info.num_suffix_tokens
     n_heads = 1 if head_sel == "mean" else len(head_sel)
@@ -178,7 +178,8 @@ def capture_full(
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
     refuse_compiled(vit.module)
-    check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
+    if not info.frames:  # (a video model runs at its one size and frame count: its shape checks stand)
+        check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         prove_batch_axis(vit, pixels, sites, N)
@@ -194,7 +195,7 @@ def capture_full(
         weights=weights, prefix=info.prefix, grid=grid, patch_size=info.patch_size, image_size=(Hpx, Wpx),
         layers=layer_ids, heads=head_sel, queries=query_ids, num_layers=info.num_layers,
         num_heads=info.num_heads, token_norms=norms, meta={"model": info.name, "family": info.family},
-        suffix=info.suffix,
+        suffix=info.suffix, frames=info.token_frames, tubelet=info.tubelet,
     )
     return CaptureResult(attentions=attn, output=output, pixel_values=pixels)
 

@@ -110,12 +110,18 @@ def prepare(
     rows, cols = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
     check_tokens(vit.info.num_prefix_tokens + rows * cols, (rows, cols), max_tokens)  # also for tensors given as is
     channels = vit.info.preprocess.channels
-    if pixels.shape[1] != channels:
+    got = int(pixels.shape[-3])  # (B, C, H, W), a video's (B, T, C, H, W)
+    if got != channels:
         raise VitscopeError(
-            "images", f"{pixels.shape[1]} channels but the model expects {channels}",
+            "images", f"{got} channels but the model expects {channels}",
             "pass pixel values with the model's channel count",
         )
-    if layout and not vit.info.windowed_layers:  # windowed blocks take (B, h, w, C) windows: refused per layer
+    if layout and vit.info.frames:  # a video: its time axis measured too (`vitscope.capture.video`)
+        if not vit.info.windowed_layers:
+            from vitscope.capture.video import check_video_layout
+
+            check_video_layout(vit, pixels)
+    elif layout and not vit.info.windowed_layers:  # windowed blocks take (B, h, w, C) windows: refused per layer
         from vitscope.capture.probe import check_layout
 
         check_layout(vit, pixels)  # measured (cached per model and geometry) against the description

@@ -33,6 +33,14 @@ def check_windowed_layers(info: ModelInfo, layer_ids: Sequence[int], default: bo
     windowed = [i for i in layer_ids if i in set(info.windowed_layers)]
     if not windowed:
         return
+    factorised = [i for i in windowed if info.layer_kinds[i] == "factorised"]
+    if factorised:
+        raise CaptureError(
+            "layers", f"layers {factorised} of {info.name} factorise attention (divided space-time: each token "
+            "attends over its own patch's frames, then over its own frame's patches), so no layer has one "
+            "space-time attention map", "use a joint space-time video ViT (VideoMAE, ViViT, V-JEPA 2)" if len(factorised) == len(info.layer_kinds)
+            else _layers_fix(info.global_layers),
+        )
     chosen = "every layer is selected by default, and " if default else ""
     raise CaptureError(
         "layers", f"{chosen}layers {windowed} of {info.name} attend within local windows (each token sees only its "

@@ -68,6 +68,17 @@ def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: 
     return table[(rq[:, None] - r[None, :]) + rows - 1, (cq[:, None] - c[None, :]) + cols - 1]
 
 
+def refuse_video(frames: int) -> None:
+    """Mean attention distance is a distance on one image's patch grid: a video's (several token frames on the
+    stacked grid) would count frames as rows apart. One-line refusal."""
+    if frames > 1:
+        raise VitscopeError(
+            "attn", f"mean attention distance is measured on one image's patch grid; this video has {frames} token "
+            "frames stacked on one grid, whose distances across frames are not distances in the image",
+            "use video_maps(...) and its temporal profile for where in time a video model looks",
+        )
+
+
 def _patch_query_positions(attn: Attentions) -> tuple[list[int], list[int]]:
     """(positions along dim 3, patch indices 0..P-1) of the captured patch query rows."""
     n_prefix, n_patches = attn.num_prefix_tokens, attn.num_patches
@@ -85,6 +96,7 @@ def attention_distance_per_image(
 
     Averages over the captured patch query rows (all of them with ``queries=None``).
     """
+    refuse_video(attn.frames)
     if attn.grids is not None:  # a padded batch: each image's distances on its own grid
         return torch.cat([attention_distance_per_image(a, metric=metric, renormalize=renormalize)
                           for a in attn.images()], dim=1)

@@ -144,6 +144,12 @@ def attention_flow(
                 "attn", f"exact attention flow is limited to {max_tokens} tokens, these attentions have {N}, and the "
                 "pooled approximation does not handle suffix tokens", "raise max_tokens, or use rollout",
             )
+        if attn.frames > 1:
+            raise VitscopeError(
+                "attn", f"exact attention flow is limited to {max_tokens} tokens, these attentions have {N}, and the "
+                "pooled approximation would pool patches of different frames together", "raise max_tokens, or use "
+                "rollout",
+            )
         if not approximate:
             raise VitscopeError(
                 "attn", f"exact attention flow is limited to {max_tokens} tokens, these attentions have {N} "

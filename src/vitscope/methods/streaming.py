@@ -35,7 +35,7 @@ from vitscope.capture.streaming import (
 )
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import discard_lowest
-from vitscope.methods.distance import offset_distances, patch_distances
+from vitscope.methods.distance import offset_distances, patch_distances, refuse_video
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -260,6 +260,7 @@ def distance_pass(
     norms, from the same single forward pass (batch mode's per-image measures need all three)."""
     run = prepare_run(model, images, device, policy, size)
     info = run.vit.info
+    refuse_video(info.token_frames)
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     layer_ids = resolve_layers(layers, info.num_layers)
     B, N = run.batch, run.num_tokens

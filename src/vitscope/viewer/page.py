@@ -221,10 +221,12 @@ def view(
             final norm, `vitscope.methods.features`); ``None`` leaves the feature tabs out.
     """
     from vitscope.adapters import as_vit
+    from vitscope.adapters.base import refuse_video
     from vitscope.capture.core import capture_full
     from vitscope.images import load_image
 
     vit = as_vit(model)
+    refuse_video(vit, "the viewer")
     img = load_image(image)
     res = capture_full(vit, img, queries=None, heads="all", policy=policy, size=size)  # type: ignore[arg-type]
     used_policy = policy or vit.info.preprocess.policy
