@@ -28,7 +28,9 @@ as users run them.
 
 Times: ``--repeats`` rounds, each running every path once in turn (interleaved, so a shared machine's drifting
 load hits every path alike); a path's ratio is the median over rounds of its time / its library's plain time in
-the same round, and the spread is the min-max of those per-round ratios.
+the same round, and the spread is the min-max of those per-round ratios. On CPU the clock is this process's CPU
+time by default (``--clock cpu``: with one thread, other jobs on a shared machine move it far less than wall
+time); ``--clock wall`` (the default on CUDA, synchronised) times wall seconds.
 
     python benchmarks/peers.py [--quick] [--sizes 224,518,1022] [--repeats 7] [--threads 1]
     python benchmarks/peers.py --device cuda --dtype bfloat16     # on a GPU: fp16/bf16 weights and inputs
@@ -208,7 +210,7 @@ def paths(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, Call
 
 
 def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype, only: list[str] | None,
-            ) -> dict[str, list[float]]:
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Per-round ratios (path time / its baseline's time in the same round) at ``size`` px."""
     table = paths(device, dtype)
     if only:
@@ -220,10 +222,10 @@ def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype, o
 
     def timed(fn: Callable[[torch.Tensor], Any]) -> float:
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn(x)
         sync()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         del out
         return dt
 
@@ -248,18 +250,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--clock", choices=["cpu", "wall"], help="default: cpu on CPU, wall on CUDA")
     ap.add_argument("--only", default="", help="comma-separated substrings of row names (their baselines join)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sizes = [int(s) for s in args.sizes.split(",")]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     print(f"# vitscope vs peers, {datetime.date.today()}; {card}; torch {torch.__version__}; {args.dtype}; "
-          f"random-weight DINOv2-S/14 + 4 registers; batch 1")
+          f"random-weight DINOv2-S/14 + 4 registers; batch 1; {clock_name} time")
     results: dict[int, dict[str, list[float]]] = {}
     for size in sizes:
         reps = (3 if args.quick else args.repeats) if size < 1000 else (1 if args.quick else max(2, args.repeats // 2))
-        results[size] = measure(size, reps, device, dtype, [o for o in args.only.split(",") if o])
+        results[size] = measure(size, reps, device, dtype, [o for o in args.only.split(",") if o], clock)
         plain = statistics.median(results[size].pop("_plain_s"))
         print(f"# {size} px: {reps} rounds; first baseline {plain:.3f} s", flush=True)
     names = list(next(iter(results.values())))
