@@ -378,10 +378,12 @@ _FULL_PRECISION_LOGITS = 1e3
 
 
 def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
-                mha: nn.MultiheadAttention | None = None) -> None:
+                mha: nn.MultiheadAttention | None = None, every_row: bool = False) -> None:
     """Prove a q/k call: the recomputed rows times the kernel's V reproduce the kernel's output (sample rows).
 
     For SDPA ``call.out`` is ``O`` ``(B, H, Nq, dv)``; for ``mha`` it is the module output ``y = out_proj(O)``.
+    ``every_row`` (float32 SDPA, ``B x H x Nq x Nk`` within `CHUNK_BYTES`): every row is computed once (the
+    caller reads them all from ``call.verified``); the sampled ones are checked as always.
     """
     q, k, v, out = call.q, call.k, call.v, call.out
     assert q is not None and k is not None and v is not None and out is not None
@@ -389,9 +391,24 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
     if mha is None and out.dim() == 3:  # heads folded into the batch: (B*H, Nq, dv), batch-major
         out = out.reshape(B, H, Nq, -1)
     ids = sample_rows(Nq, asked)
+    Nk = int(k.shape[2])
+    every_row = (every_row and mha is None and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
+                 and not (q.requires_grad or k.requires_grad))
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         idx = _row_index(ids, q.device)
+        if every_row:
+            kept = list(range(Nq))
+            bias_all = call.bias_rows(slice(None))
+            logits = torch.matmul(q.detach() * call.scale, k.detach().transpose(-2, -1))  # (B, H, Nq, Nk)
+            if bias_all is not None:
+                logits = logits + bias_all
+            a_all = torch.softmax(logits, dim=-1)
+            if _input_eps(q) <= 2.0**-20:  # row sums and A@V == O checked on the sampled rows, as without it
+                _check_rows_and_product(call.layer, a_all.index_select(2, idx), v.detach(),
+                                        out.detach().index_select(2, idx), _input_eps(q))
+                call.verified = (kept, a_all)
+                return
         qs = q.detach().index_select(2, idx)  # (B, H, s, d)
         qs = qs if qs.dtype == dt else qs.to(dt)
         kd = k.detach() if k.dtype == dt else k.detach().to(dt)
@@ -666,6 +683,7 @@ class _Engine:
         self.batch = batch
         self.tokens = tokens
         self.asked = None if rows is None else list(rows)
+        self.every_row = False  # the caller reads every row: verification computes them all once (`verify_call`)
         self.heads = {s.layer: s.num_heads for s in self.sites}
         self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
@@ -747,7 +765,7 @@ class _Engine:
         """A q/k call (SDPA, nn.MultiheadAttention): counted, verified, delivered."""
         self._count(call)
         if _VERIFY:
-            verify_call(call, self.asked, mha)
+            verify_call(call, self.asked, mha, every_row=self.every_row)
         self._deliver(call)
 
     def softmax(self, call: AttentionCall) -> None:
@@ -856,6 +874,7 @@ class _Engine:
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
     batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
+    every_row: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -864,9 +883,12 @@ def observe_attention(
     images, which every call's batch axis must equal; ``rows``: the query rows the caller reads (verified too
     when few); ``tokens``: the image's token count, so that a call whose batch is the images times some windows
     is refused as windowed attention (`vitscope.capture.windows`). Every call is verified before ``on_call`` sees it (module docstring). All hooks are removed and
-    every mode popped on exit, also after an exception.
+    every mode popped on exit, also after an exception. ``every_row``: the caller reads every query row of every
+    call (a small input's dense strategy): the verification then computes all rows once, checks the sampled ones
+    against the kernel's output, and leaves them on the call (`AttentionCall.verified`) for the caller to reuse.
     """
     engine = _Engine(sites, on_call, graph, batch, rows, tokens)
+    engine.every_row = every_row
     engine.proving = proving  # (private: `prove_batch_axis`'s runs)
     handles: list[Any] = []
     try:

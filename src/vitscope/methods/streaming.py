@@ -201,7 +201,7 @@ def streaming_rollout(
             kept[layer] = _LayerRows(rows, q=call.q.contiguous(), k=call.k.contiguous(), scale=call.scale,
                                      bias=call.bias_rows(slice(None)))
 
-    forward_qk(run, layer_ids, on_layer, allow_probs=True)
+    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense")
 
     for layer in reversed(layer_ids):
         item = kept.pop(layer)  # freed after this layer
@@ -263,6 +263,10 @@ def _fused_rows(call: AttentionCall, rows: list[int] | None, head_fusion: str, c
                 scratch: Scratch) -> torch.Tensor:
     """Head-fused attention rows ``(B, R', N)`` of a q/k call, built chunk by chunk."""
     assert call.q is not None and call.k is not None
+    N = call.k.shape[2]
+    if call.verified is not None and len(call.verified[0]) == N:  # the verification built every row: reuse
+        probs = call.verified[1] if rows is None else call.verified[1][:, :, rows]  # (B, H, R', N)
+        return fuse_chunk(probs, head_fusion)
     q = call.q if rows is None else call.q[:, :, rows]  # (B, H, R', d)
     bias = call.bias_rows(slice(None) if rows is None else rows)
     B, _, R, _ = q.shape
