@@ -267,6 +267,8 @@ def main() -> None:
         results[size] = measure(size, reps, device, dtype, [o for o in args.only.split(",") if o], clock)
         plain = statistics.median(results[size].pop("_plain_s"))
         print(f"# {size} px: {reps} rounds; first baseline {plain:.3f} s", flush=True)
+        for n, r in results[size].items():  # as soon as a size is done (a long run can be cut short)
+            print(f"#   {n}: {statistics.median(r):.2f}x [{min(r):.2f} - {max(r):.2f}]", flush=True)
     names = list(next(iter(results.values())))
     print("\nratio to the same library's plain fused forward: median of per-round ratios [min - max]\n")
     print("| path | " + " | ".join(f"{s} px" for s in sizes) + " |")
