@@ -126,6 +126,9 @@ class AttentionCall:
     out: torch.Tensor | None = None
     out_to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None
     source: str = "sdpa"
+    #: The rows `verify_call` recomputed and proved: ``(row ids, float32 probabilities (B, H, s, Nk))``;
+    #: `rows` reuses them instead of recomputing when they cover the rows asked for (a [CLS] capture).
+    verified: tuple[list[int], torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -162,10 +165,18 @@ class AttentionCall:
         n_h = 1 if fuse_heads else (H if hsel is None else len(hsel))
         if out is None:
             out = torch.empty(B, n_h, len(ids), Nk, dtype=dtype, device=self._device)
-        if self.probs is not None:
-            p = self.probs if hsel is None else self.probs[:, hsel]
-            p = p[:, :, _index(ids)].to(dtype)
-            out.copy_(p.mean(dim=1, keepdim=True) if fuse_heads else p)
+        reuse = self._verified_positions(ids) if dtype == torch.float32 else None
+        if self.probs is not None or reuse is not None:
+            src = self.probs if reuse is None else self.verified[1]  # type: ignore[index]
+            assert src is not None
+            p = src if hsel is None else src[:, hsel]
+            p = p[:, :, _index(ids if reuse is None else reuse)].to(dtype)
+            if fuse_heads:
+                torch.mean(p, dim=1, keepdim=True, out=out)
+            else:
+                out.copy_(p)
+            if reuse is not None:  # these rows passed check_rows in verify_call; fusing keeps their sums
+                return out
         else:
             assert self.q is not None and self.k is not None
             q, k = self.q, self.k
@@ -183,6 +194,14 @@ class AttentionCall:
                     out[:, :, s:e] = probs
         check_rows(out, self.layer)
         return out
+
+    def _verified_positions(self, ids: list[int]) -> list[int] | None:
+        """Positions of ``ids`` among the verified rows, or ``None`` unless every one of them was verified."""
+        if self.verified is None:
+            return None
+        where = {r: i for i, r in enumerate(self.verified[0])}
+        pos = [where.get(r) for r in ids]
+        return None if any(p is None for p in pos) else pos  # type: ignore[return-value]
 
     @property
     def _device(self) -> torch.device:
@@ -270,10 +289,23 @@ def check_rows(rows: torch.Tensor, layer: int) -> None:
         return
     err = (rows.sum(dim=-1, dtype=torch.float32) - 1).abs().max()
     if not bool(err <= _ROW_SUM_TOL):
-        raise CaptureError(
-            "model", f"layer {layer}: captured attention rows do not sum to 1 (max error {float(err):.3g})",
-            "the layer's attention is not a softmax over its keys that vitscope can recompute; report it",
-        )
+        raise _rows_error(layer, float(err))
+
+
+def _rows_error(layer: int, err: float) -> CaptureError:
+    return CaptureError(
+        "model", f"layer {layer}: captured attention rows do not sum to 1 (max error {err:.3g})",
+        "the layer's attention is not a softmax over its keys that vitscope can recompute; report it",
+    )
+
+
+def _product_error(layer: int, step: str, worst: float) -> CaptureError:
+    return CaptureError(
+        "model", f"layer {layer}: the kernel's output is not softmax(q k^T) V for the captured rows: {step} "
+        f"(output off by {worst:.3g} beyond the tolerance)",
+        "vitscope only reads attention it can reproduce exactly: a mask or normalisation it does not see "
+        "cannot be captured; report the model",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -337,12 +369,7 @@ def check_product(
     err = (o.to(ct) - want).abs_()
     if not bool((err <= tol).all()):  # NaN fails too
         worst = float(torch.nan_to_num(err - tol, nan=float("inf")).amax())
-        raise CaptureError(
-            "model", f"layer {layer}: the kernel's output is not softmax(q k^T) V for the captured rows: {step} "
-            f"(output off by {worst:.3g} beyond the tolerance)",
-            "vitscope only reads attention it can reproduce exactly: a mask or normalisation it does not see "
-            "cannot be captured; report the model",
-        )
+        raise _product_error(layer, step, worst)
 
 
 #: Float32/64 kernels: the logit bound used instead of measuring |q| |k| (a logit of 1e3 already puts the
@@ -351,10 +378,12 @@ _FULL_PRECISION_LOGITS = 1e3
 
 
 def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
-                mha: nn.MultiheadAttention | None = None) -> None:
+                mha: nn.MultiheadAttention | None = None, every_row: bool = False) -> None:
     """Prove a q/k call: the recomputed rows times the kernel's V reproduce the kernel's output (sample rows).
 
     For SDPA ``call.out`` is ``O`` ``(B, H, Nq, dv)``; for ``mha`` it is the module output ``y = out_proj(O)``.
+    ``every_row`` (float32 SDPA, ``B x H x Nq x Nk`` within `CHUNK_BYTES`): every row is computed once (the
+    caller reads them all from ``call.verified``); the sampled ones are checked as always.
     """
     q, k, v, out = call.q, call.k, call.v, call.out
     assert q is not None and k is not None and v is not None and out is not None
@@ -362,17 +391,41 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
     if mha is None and out.dim() == 3:  # heads folded into the batch: (B*H, Nq, dv), batch-major
         out = out.reshape(B, H, Nq, -1)
     ids = sample_rows(Nq, asked)
+    Nk = int(k.shape[2])
+    every_row = (every_row and mha is None and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
+                 and not (q.requires_grad or k.requires_grad))
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qs = q[:, :, ids].detach().to(dt)  # (B, H, s, d)
-        kd = k.detach().to(dt)
+        idx = _row_index(ids, q.device)
+        if every_row:
+            kept = list(range(Nq))
+            bias_all = call.bias_rows(slice(None))
+            logits = torch.matmul(q.detach() * call.scale, k.detach().transpose(-2, -1))  # (B, H, Nq, Nk)
+            if bias_all is not None:
+                logits = logits + bias_all
+            a_all = torch.softmax(logits, dim=-1)
+            if _input_eps(q) <= 2.0**-20:  # row sums and A@V == O checked on the sampled rows, as without it
+                _check_rows_and_product(call.layer, a_all.index_select(2, idx), v.detach(),
+                                        out.detach().index_select(2, idx), _input_eps(q))
+                call.verified = (kept, a_all)
+                return
+        qs = q.detach().index_select(2, idx)  # (B, H, s, d)
+        qs = qs if qs.dtype == dt else qs.to(dt)
+        kd = k.detach() if k.dtype == dt else k.detach().to(dt)
         logits = torch.matmul(qs * call.scale, kd.transpose(-2, -1))  # (B, H, s, Nk)
         bias = call.bias_rows(ids)
         if bias is not None:
             logits = logits + bias
         a = torch.softmax(logits, dim=-1)
-        check_rows(a, call.layer)
         eps_in = _input_eps(q)
+        if mha is None and eps_in <= 2.0**-20:  # float32/64 SDPA: both checks, one synchronisation
+            _check_rows_and_product(call.layer, a, v.detach(), out.detach().index_select(2, idx), eps_in)
+        else:
+            check_rows(a, call.layer)
+        if dt == torch.float32 and not (q.requires_grad or k.requires_grad):
+            call.verified = (ids, a)  # proved: `AttentionCall.rows` reuses them (no graph: no grad wanted)
+        if mha is None and eps_in <= 2.0**-20:
+            return
         if eps_in > 2.0**-20:  # half precision / TF32: the logits' rounding counts, bound them by |q| |k| scale
             bound = float(qs.norm(dim=-1).amax() * kd.norm(dim=-1).amax()) * abs(call.scale)
             if bias is not None:
@@ -387,6 +440,39 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
             y = out.detach() if mha.batch_first else out.detach().transpose(0, 1)  # (B, N, E)
             check_product(call.layer, a, v.detach(), y[:, ids], eps_in=eps_in, logit_bound=bound,
                           step="nn.MultiheadAttention", proj=(mha.out_proj.weight, mha.out_proj.bias))
+
+
+_ROW_INDEX: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _row_index(ids: list[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as an index tensor on ``device`` (cached: the same few sample rows recur every call)."""
+    key = (tuple(ids), device)
+    idx = _ROW_INDEX.get(key)
+    if idx is None:
+        if len(_ROW_INDEX) > 256:
+            _ROW_INDEX.clear()
+        idx = _ROW_INDEX[key] = torch.tensor(ids, dtype=torch.long, device=device)
+    return idx
+
+
+def _check_rows_and_product(layer: int, a: torch.Tensor, v: torch.Tensor, o: torch.Tensor, eps_in: float) -> None:
+    """`check_rows` and `check_product` (float32/64 kernel, ``logit_bound = _FULL_PRECISION_LOGITS``) of SDPA
+    rows in one pass and one synchronisation: the same tolerance, ``|o - a v| - rtol max_j |v_j| <= eps_c (1 +
+    max |v|)``, and the same errors (rows first). a: ``(B, H, s, Nk)``, v: ``(B, H, Nk, dv)``, o: ``(B, H, s, dv)``."""
+    ct = a.dtype
+    eps_c = float(torch.finfo(ct).eps)
+    vv = v if v.dtype == ct else v.to(ct)
+    row_err = a.sum(dim=-1, dtype=torch.float32).sub_(1).abs_().amax()
+    want = torch.matmul(a, vv)  # (B, H, s, dv)
+    bound = vv.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, dv): max_j |v_jc| >= (a |v|)_c
+    rtol = 4 * eps_in * (1 + _FULL_PRECISION_LOGITS) + (a.shape[-1] + v.shape[-1]) * eps_c
+    over = (o if o.dtype == ct else o.to(ct)).sub(want).abs_().sub_(bound, alpha=rtol).amax()  # NaN stays NaN
+    r_err, worst, b_max = torch.stack([row_err.to(ct), over, bound.amax()]).tolist()
+    if not r_err <= _ROW_SUM_TOL:
+        raise _rows_error(layer, r_err)
+    if not worst <= eps_c * (1 + b_max):
+        raise _product_error(layer, "scaled_dot_product_attention", worst - eps_c * (1 + b_max))
 
 
 def _is_softmax_output(w: torch.Tensor, probs: torch.Tensor) -> bool:
@@ -597,6 +683,7 @@ class _Engine:
         self.batch = batch
         self.tokens = tokens
         self.asked = None if rows is None else list(rows)
+        self.every_row = False  # the caller reads every row: verification computes them all once (`verify_call`)
         self.heads = {s.layer: s.num_heads for s in self.sites}
         self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
@@ -678,7 +765,7 @@ class _Engine:
         """A q/k call (SDPA, nn.MultiheadAttention): counted, verified, delivered."""
         self._count(call)
         if _VERIFY:
-            verify_call(call, self.asked, mha)
+            verify_call(call, self.asked, mha, every_row=self.every_row)
         self._deliver(call)
 
     def softmax(self, call: AttentionCall) -> None:
@@ -787,6 +874,7 @@ class _Engine:
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
     batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
+    every_row: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -795,9 +883,12 @@ def observe_attention(
     images, which every call's batch axis must equal; ``rows``: the query rows the caller reads (verified too
     when few); ``tokens``: the image's token count, so that a call whose batch is the images times some windows
     is refused as windowed attention (`vitscope.capture.windows`). Every call is verified before ``on_call`` sees it (module docstring). All hooks are removed and
-    every mode popped on exit, also after an exception.
+    every mode popped on exit, also after an exception. ``every_row``: the caller reads every query row of every
+    call (a small input's dense strategy): the verification then computes all rows once, checks the sampled ones
+    against the kernel's output, and leaves them on the call (`AttentionCall.verified`) for the caller to reuse.
     """
     engine = _Engine(sites, on_call, graph, batch, rows, tokens)
+    engine.every_row = every_row
     engine.proving = proving  # (private: `prove_batch_axis`'s runs)
     handles: list[Any] = []
     try:

@@ -4,7 +4,8 @@
 1024 px that is ``12 x 12 x 4097^2`` float32 values, 9.7 GB. The analyses here need far less at any one time:
 
 - `fused_attention`: the head-fused ``N x N`` matrix of each layer, ``(layer, batch, query, key)``, computed in
-  row chunks during the forward pass (peak scratch ``2 * CHUNK_BYTES``, never one ``H x N x N`` tensor).
+  cache-sized row chunks during the forward pass (peak scratch at most ``2 * CHUNK_BYTES``, never one
+  ``H x N x N`` tensor).
 - `vitscope.methods.streaming.streaming_rollout`: attention rollout (Abnar & Zuidema 2020) for chosen query rows. q and k of every layer
   are kept during the forward pass (``2 * N * D`` values per layer, far below ``H * N^2``); the rows are then
   pushed through the layers from last to first, ``r <- r @ A'_l``, each ``A'_l`` built chunk by chunk.
@@ -40,6 +41,7 @@ from vitscope.capture.intercept import (
     refuse_compiled,
 )
 from vitscope.capture.prepare import prepare
+from vitscope.capture.probe import check_token_axis
 from vitscope.capture.windows import check_windowed_layers
 from vitscope.errors import VitscopeError
 
@@ -66,9 +68,20 @@ def fuse_chunk(probs: torch.Tensor, head_fusion: str, out: torch.Tensor | None =
     return fuse_heads(probs, head_fusion, dim=1, out=out)
 
 
+#: Default float32 size of one chunk of ``B x H x rows x N`` logits: small enough that the product, the softmax
+#: and what reads the chunk next run in the CPU's cache (a chunk of the whole layer, up to `CHUNK_BYTES`, streams
+#: through main memory three times and made rollout at 518 px ~1.6x slower per layer).
+CACHE_CHUNK_BYTES = 2 * 2**20
+#: ... but at least this many rows per chunk (fewer rows make the ``q k^T`` products too thin to be efficient).
+MIN_CHUNK_ROWS = 16
+
+
 def chunk_rows_for(chunk_rows: int | None, B: int, H: int, N: int) -> int:
+    """Query rows per chunk: ``chunk_rows`` when given, else as many as fit in `CACHE_CHUNK_BYTES` (at least
+    `MIN_CHUNK_ROWS`, at most `CHUNK_BYTES`' worth)."""
     if chunk_rows is None:
-        return max(1, CHUNK_BYTES // max(1, B * H * N * 4))
+        row = max(1, B * H * N * 4)
+        return max(1, min(CHUNK_BYTES // row, max(MIN_CHUNK_ROWS, CACHE_CHUNK_BYTES // row)))
     if int(chunk_rows) < 1:
         raise VitscopeError("chunk_rows", f"must be >= 1, got {chunk_rows}", "pass a positive row count or None")
     return int(chunk_rows)
@@ -110,12 +123,14 @@ def prepare_run(
 
 
 def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: torch.Tensor | None = None,
-               allow_probs: bool = False) -> Any:
+               allow_probs: bool = False, every_row: bool = False) -> Any:
     """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
     layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it; ``norms``, when
     given, ``(num_layers, B, N)``, gets every block's output token norms (`vitscope.capture.hooks.record_token_norms`).
     A layer that materialises its attention (``call.probs``, an eager softmax) is refused unless ``allow_probs``
-    (the caller then reads ``call.probs``). Returns the model's output."""
+    (the caller then reads ``call.probs``). ``every_row``: the caller reads every row of every layer, so the
+    verification computes them once and leaves them in ``call.verified`` (`observe_attention`). Returns the
+    model's output."""
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
@@ -132,8 +147,12 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, run.pixels, [vit.sites[i] for i in layer_ids], N)
-        check = stack.enter_context(observe_attention([vit.sites[i] for i in layer_ids], deliver, batch=run.batch, tokens=N))
+        sites = [vit.sites[i] for i in layer_ids]
+        px = run.pixels
+        check_token_axis(vit, sites, (int(px.shape[1]), int(px.shape[2]), int(px.shape[3])), px.dtype, px.device, N)
+        prove_batch_axis(vit, px, sites, N)
+        check = stack.enter_context(observe_attention(sites, deliver, batch=run.batch, tokens=N,
+                                                     every_row=every_row))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)
@@ -165,7 +184,7 @@ def fused_attention(
     Args:
         layers, queries, policy, size: as in `vitscope.capture`.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        chunk_rows: query rows per chunk (default: as many as fit in ``CHUNK_BYTES`` of float32 logits).
+        chunk_rows: query rows per chunk (default: `chunk_rows_for`'s cache-sized chunks).
         compute_dtype: dtype of the ``q k^T`` logits; float16/bfloat16 only on CUDA/MPS.
         device: run there (``"auto"`` picks CUDA, MPS, then CPU); moves the model when it lives elsewhere.
 

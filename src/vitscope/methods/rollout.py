@@ -198,28 +198,23 @@ def rollout(
     return map_from_matrix(r, attn.prefix, attn.grid, query, attn.suffix).float()
 
 
-#: Above this many bytes of full ``L x H x N x N`` attention, the registry's rollout streams (`streaming_rollout`).
-STREAM_BYTES = 256 * 2**20
-
-
 def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | None = None,
              residual: float | None = None, discard_ratio: float | None = None, start_layer: int = 0,
              renormalize: bool | None = None, query: Query = None) -> MapResult:
+    """The registry's rollout: rows pushed down the layers (`streaming_rollout`), never ``N x N x N`` products;
+    the strategy (dense at small inputs, streaming at large ones) is `vitscope.capture.budget.choose_strategy`'s."""
+    from vitscope.methods.streaming import streaming_rollout
+
     s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
                   renormalize=renormalize)
-    if ctx.attention_bytes() > STREAM_BYTES and not isinstance(query, int):
-        from vitscope.methods.streaming import streaming_rollout
-
-        rows = streaming_rollout(
-            ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
-            discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
-            queries="auto" if query is None else query,
-        )
-        return MapResult(map=rows.maps()[:, 0].float(), meta={"strategy": "streaming", **s.__dict__})
-    attn = ctx.capture()
-    grid_map = rollout(attn, head_fusion=s.head_fusion, residual=s.residual, discard_ratio=s.discard_ratio,
-                       start_layer=start_layer, renormalize=s.renormalize, query=query)
-    return MapResult(map=grid_map, meta={"strategy": "dense", **s.__dict__})
+    check_unit("residual", s.residual)
+    check_unit("discard_ratio", s.discard_ratio, closed_top=False)
+    rows = streaming_rollout(
+        ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
+        discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
+        queries="auto" if query is None else query,
+    )
+    return MapResult(map=rows.maps()[:, 0].float(), meta={"strategy": rows.meta["strategy"], **s.__dict__})
 
 
 register(Method(

@@ -21,6 +21,7 @@ import torch
 
 from vitscope._ops import check_fusion
 from vitscope.adapters.base import SizePolicy
+from vitscope.capture.budget import choose_strategy
 from vitscope.capture.core import QuerySpec, resolve_layers, resolve_queries
 from vitscope.capture.intercept import AttentionCall
 from vitscope.capture.streaming import (
@@ -121,15 +122,24 @@ def streaming_rollout(
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
     device: str | torch.device | None = None,
+    strategy: Literal["auto", "dense", "streaming"] = "auto",
 ) -> TokenRows:
-    """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020), streamed.
+    """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020), by rows.
 
     Per layer ``F_l = fuse_h softmax(q k^T * scale)``, ``A'_l = rownorm((1 - a) discard(F_l) + a I)`` with
     ``a = residual``, and the joint attention is ``R = A'_{L-1} @ ... @ A'_{start_layer}``. Only the chosen
-    query rows ``r`` of ``R`` are computed, from the last layer down: ``r <- r @ A'_l``, each ``A'_l`` rebuilt
-    from the stored q and k in row chunks, so no ``H x N x N`` (let alone ``L x H x N x N``) tensor is ever
-    held. With ``discard_ratio > 0`` one layer's fused ``B x N x N`` matrix is materialised at a time, since
-    the discard threshold is global over the matrix. Same semantics as `vitscope.methods.rollout.rollout`.
+    query rows ``r`` of ``R`` are computed, from the last layer down: ``r <- r @ A'_l``, so no ``N x N x N``
+    product and no ``H x N x N`` (let alone ``L x H x N x N``) tensor is ever held; only the rows of ``A'_l``
+    that ``r`` weights are built (the last layer's: the query rows). For mean fusion without discard,
+    ``r @ A'_l = (1 - a) / H * sum_h r @ P_h + a r`` is one product with each chunk of probabilities (no fused
+    matrix, no identity). With ``discard_ratio > 0`` one layer's fused ``B x N x N`` matrix is materialised at a
+    time, since the discard threshold is global over the matrix. Same semantics as
+    `vitscope.methods.rollout.rollout`.
+
+    Strategies (`vitscope.capture.budget.choose_strategy`, same result within float32 rounding): ``"dense"``
+    builds each layer's fused rows while the layer runs (from the kernel's own probabilities when it
+    materialises them) and keeps them (``4 L B N^2`` bytes); ``"streaming"`` keeps q and k and rebuilds the
+    rows in chunks afterwards. ``"auto"`` picks dense for small inputs.
 
     Args:
         residual: weight ``a`` of the identity (the skip connection); 0.5 as in the paper.
@@ -140,9 +150,11 @@ def streaming_rollout(
         queries: ``"auto"`` ([CLS], or ``"mean"`` over patch rows for models without one), ``"cls"``,
             ``"mean"``, a list of token indices / ``(row, col)`` patches, or ``None`` for all rows.
         chunk_rows, compute_dtype, policy, size, device: as in `fused_attention`.
+        strategy: ``"auto"``, ``"dense"`` or ``"streaming"`` (above).
 
     Returns:
-        `TokenRows` with ``rows`` ``(batch, query, N)``; ``.map()`` is the ``(batch, rows, cols)`` map.
+        `TokenRows` with ``rows`` ``(batch, query, N)``; ``.map()`` is the ``(batch, rows, cols)`` map;
+        ``meta["strategy"]`` says which strategy ran.
 
     Example:
         >>> r = streaming_rollout(vit, "cat.png")  # doctest: +SKIP
@@ -152,6 +164,8 @@ def streaming_rollout(
     for name, value, top in (("residual", residual, 1.0), ("discard_ratio", discard_ratio, 1.0)):
         if not (0.0 <= float(value) <= top) or (name == "discard_ratio" and value >= 1.0):
             raise VitscopeError(name, f"{value} is out of range", "pass a value in [0, 1] ([0, 1) for discard_ratio)")
+    if strategy not in ("auto", "dense", "streaming"):
+        raise VitscopeError("strategy", f"unknown strategy {strategy!r}", "use 'auto', 'dense' or 'streaming'")
     run = prepare_run(model, images, device, policy, size)
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
@@ -159,55 +173,129 @@ def streaming_rollout(
     start = start_layer + L if start_layer < 0 else start_layer
     if not 0 <= start < L:
         raise VitscopeError("start_layer", f"{start_layer} out of range for {L} layers", f"use {-L}..{L - 1}")
-    B, N, dev = run.batch, run.num_tokens, run.pixels.device
+    B, N, H, dev = run.batch, run.num_tokens, info.num_heads, run.pixels.device
     query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev, info.suffix)  # r: (B, R, N)
     layer_ids = tuple(range(start, L))
-    stored: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = {}
-
-    def on_layer(layer: int, call: AttentionCall) -> None:
-        # q, k may be views into a fused qkv output: copy them so v (and the rest) can be freed.
-        assert call.q is not None and call.k is not None
-        stored[layer] = (call.q.contiguous(), call.k.contiguous(), call.scale, call.bias_rows(slice(None)))
-
-    forward_qk(run, layer_ids, on_layer)
-
-    chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
+    chosen = choose_strategy(B, N, len(layer_ids)) if strategy == "auto" else strategy
+    chunk = chunk_rows_for(chunk_rows, B, H, N)
     a = float(residual)
     cls_index = info.prefix.index("cls") if "cls" in info.prefix else None
     # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
-    renorm = renormalize and (head_fusion != "mean" or discard_ratio > 0)
+    plain_mean = head_fusion == "mean" and discard_ratio == 0
+    renorm = renormalize and not plain_mean
+    # the last layer multiplies the one-hot (or patch-mean) start rows: only the rows they weight are needed;
+    # a discard threshold is taken over the whole matrix, so then every row is built
+    first_rows = _rows_weighted(r) if discard_ratio == 0 else None
     scratch = Scratch()
+    kept: dict[int, _LayerRows] = {}
+
+    def on_layer(layer: int, call: AttentionCall) -> None:
+        rows = first_rows if layer == layer_ids[-1] else None
+        if call.probs is not None:  # the kernel materialised A: fuse its own probabilities
+            p = call.probs if rows is None else call.probs[:, :, rows]  # (B, H, R', N)
+            kept[layer] = _LayerRows(rows, fused=fuse_chunk(p.float(), head_fusion))
+        elif chosen == "dense":
+            kept[layer] = _LayerRows(rows, fused=_fused_rows(call, rows, head_fusion, chunk, cdt, scratch))
+        else:  # q, k may be views into a fused qkv output: copy them so v (and the rest) can be freed
+            assert call.q is not None and call.k is not None
+            kept[layer] = _LayerRows(rows, q=call.q.contiguous(), k=call.k.contiguous(), scale=call.scale,
+                                     bias=call.bias_rows(slice(None)))
+
+    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense")
+
     for layer in reversed(layer_ids):
-        q, k, scale, bias = stored.pop(layer)  # (B, H, N, d); freed after this layer
-        blocks: Iterator[tuple[int, int, torch.Tensor]]
-        if discard_ratio > 0:
-            fused = torch.empty(B, N, N, dtype=torch.float32, device=dev)
-            for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias):
-                fuse_chunk(probs, head_fusion, out=fused[:, s:e])
-            fused = discard_lowest(fused, float(discard_ratio), cls_index)
-            blocks = ((s, min(N, s + chunk), fused[:, s : s + chunk]) for s in range(0, N, chunk))
+        item = kept.pop(layer)  # freed after this layer
+        ids = list(range(N)) if item.rows is None else item.rows  # the rows of A'_l this layer builds
+        r_rows = r if item.rows is None else r[:, :, ids]  # (B, R, R') the weights of those rows
+        # plain mean: the identity's share r @ (a I) = a r up front; otherwise each block carries it
+        new_r = r * a if plain_mean and a != 0.0 else torch.zeros_like(r)
+        if plain_mean and item.fused is None:  # (1 - a) / H * sum_h r @ P_h, one product per chunk
+            assert item.q is not None and item.k is not None
+            q = item.q if item.rows is None else item.q[:, :, ids]
+            bias = item.bias if item.bias is None or item.rows is None or item.bias.shape[2] == 1 \
+                else item.bias[:, :, ids]
+            for s, e, probs in prob_chunks(q, item.k, item.scale, chunk, cdt, scratch, bias):  # (B, H, c, N)
+                weights = r_rows[:, :, s:e].repeat(1, 1, H)  # (B, R, H * c), head-major like probs' rows
+                new_r.baddbmm_(weights, probs.view(B, H * (e - s), N), alpha=(1.0 - a) / H)
         else:
-            blocks = (
-                (s, e, fuse_chunk(probs, head_fusion, out=scratch.get("fused", (B, e - s, N), torch.float32, dev)))
-                for s, e, probs in prob_chunks(q, k, scale, chunk, cdt, scratch, bias)
-            )
-        new_r = torch.zeros_like(r)
-        for s, e, block in blocks:
-            if a != 0.0:  # rows s:e of A'_l = (1 - a) F_l + a I, built in place, (B, c, N)
-                block.mul_(1.0 - a)
-                diag = torch.arange(e - s, device=dev)
-                block[:, diag, diag + s] += a
-            if renorm:
-                block.div_(block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny))
-            new_r.baddbmm_(r[:, :, s:e], block)  # r[:, :, s:e] @ A'_l[s:e]
+            for s, e, block in _fused_blocks(item, head_fusion, chunk, cdt, scratch, discard_ratio, cls_index):
+                if not plain_mean:  # rows s:e of A'_l = (1 - a) F_l + a I, renormalised, (B, c, N)
+                    block = block * (1.0 - a)
+                    cols = torch.tensor(ids[s:e], device=dev)
+                    block[:, torch.arange(e - s, device=dev), cols] += a
+                    if renorm:
+                        block.div_(block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny))
+                    new_r.baddbmm_(r_rows[:, :, s:e], block)
+                else:
+                    new_r.baddbmm_(r_rows[:, :, s:e], block, alpha=1.0 - a)
         r = new_r
-        del q, k
+        del item
     return TokenRows(
         rows=r, queries=query_ids, prefix=info.prefix, grid=run.grid, patch_size=info.patch_size,
         image_size=run.image_size, suffix=info.suffix,
         meta={"model": info.name, "method": "rollout", "residual": a, "head_fusion": head_fusion,
-              "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize},
+              "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize,
+              "strategy": chosen},
     )
+
+
+@dataclass
+class _LayerRows:
+    """What rollout keeps of one layer between the forward pass and the product: the head-fused rows
+    (``fused`` ``(B, R', N)``, "dense" or an eager kernel's probabilities) or q, k, scale and bias to rebuild
+    them ("streaming"); ``rows`` are the query rows kept (``None``: all ``N``)."""
+
+    rows: list[int] | None
+    fused: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    scale: float = 1.0
+    bias: torch.Tensor | None = None
+
+
+def _rows_weighted(r: torch.Tensor) -> list[int] | None:
+    """The token indices with a non-zero weight in some row of ``r`` ``(B, R, N)`` (``None``: all of them)."""
+    ids = torch.nonzero(r.ne(0).any(dim=0).any(dim=0)).flatten().tolist()
+    return None if len(ids) == r.shape[-1] else ids
+
+
+def _fused_rows(call: AttentionCall, rows: list[int] | None, head_fusion: str, chunk: int, cdt: torch.dtype,
+                scratch: Scratch) -> torch.Tensor:
+    """Head-fused attention rows ``(B, R', N)`` of a q/k call, built chunk by chunk."""
+    assert call.q is not None and call.k is not None
+    N = call.k.shape[2]
+    if call.verified is not None and len(call.verified[0]) == N:  # the verification built every row: reuse
+        probs = call.verified[1] if rows is None else call.verified[1][:, :, rows]  # (B, H, R', N)
+        return fuse_chunk(probs, head_fusion)
+    q = call.q if rows is None else call.q[:, :, rows]  # (B, H, R', d)
+    bias = call.bias_rows(slice(None) if rows is None else rows)
+    B, _, R, _ = q.shape
+    out = torch.empty(B, R, call.k.shape[2], dtype=torch.float32, device=q.device)
+    for s, e, probs in prob_chunks(q, call.k, call.scale, chunk, cdt, scratch, bias):
+        fuse_chunk(probs, head_fusion, out=out[:, s:e])
+    return out
+
+
+def _fused_blocks(item: _LayerRows, head_fusion: str, chunk: int, cdt: torch.dtype, scratch: Scratch,
+                  discard_ratio: float, cls_index: int | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, fused rows (B, c, N))`` of one kept layer, discard applied (over the whole matrix)."""
+    fused = item.fused
+    if fused is None and discard_ratio > 0:
+        fused = _fused_rows(AttentionCall(layer=-1, scale=item.scale, q=item.q, k=item.k, bias=item.bias),
+                            item.rows, head_fusion, chunk, cdt, scratch)
+    if fused is not None:
+        if discard_ratio > 0:
+            fused = discard_lowest(fused, float(discard_ratio), cls_index)
+        R = fused.shape[1]
+        for s in range(0, R, chunk):
+            yield s, min(R, s + chunk), fused[:, s : s + chunk]
+        return
+    assert item.q is not None and item.k is not None
+    q = item.q if item.rows is None else item.q[:, :, item.rows]
+    bias = item.bias if item.bias is None or item.rows is None or item.bias.shape[2] == 1 else item.bias[:, :, item.rows]
+    for s, e, probs in prob_chunks(q, item.k, item.scale, chunk, cdt, scratch, bias):
+        B, _, c, N = probs.shape
+        yield s, e, fuse_chunk(probs, head_fusion, out=scratch.get("fused", (B, c, N), torch.float32, probs.device))
 
 
 # ------------------------------------------------------------------------------------------------ distance
