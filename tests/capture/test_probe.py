@@ -371,3 +371,35 @@ def test_vitmae_wrapped_with_the_suggested_fix_is_exact() -> None:
     ref, _ = b.reference(px)
     assert float(ref.amax(-1).mean()) > 0.2 and attn.prefix == ("cls",)
     torch.testing.assert_close(attn.weights, ref, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- the probe's own memory
+def test_large_inputs_are_probed_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe makes its images on demand and runs at most `_CHUNK_BYTES` of input per stopped forward pass
+    (at 1024 px its 27 images made at once cost 340 MB and a chunk of 8 more: the first [CLS] capture of a
+    ViT-B at 1024 px took 1.3 GB over the forward before, benchmarks/capture_memory.py), and measures the same
+    layout as when every image runs in one pass."""
+    import vitscope.capture.probe as P
+
+    fid = FAMILIES[0].id
+    size = SIZES["square"]
+    b = built(fid, size)
+    vit = b.model if isinstance(b.model, vitscope.VitModel) else vitscope.load(b.model)
+    seen: list[int] = []
+    tokens = P._tokens
+
+    def counted(v: Any, images: Any) -> torch.Tensor:
+        seen.append(len(images))
+        return tokens(v, images)
+
+    monkeypatch.setattr(P, "_tokens", counted)
+    monkeypatch.setattr(P, "_CHUNK", 10**6)  # every image in one pass: the reference
+    P._layouts.pop(vit.module, None)  # measured afresh, not from the cache
+    whole = probe_layout(vit, (3, *size))
+    assert len(seen) == 1 and seen[0] > 8
+    count, seen[:] = seen[0], []
+    monkeypatch.setattr(P, "_CHUNK_BYTES", 3 * size[0] * size[1] * 4)  # one float32 image's bytes
+    P._layouts.pop(vit.module, None)
+    small = probe_layout(vit, (3, *size))
+    assert max(seen) == 1 and sum(seen) == count  # every probe image, one per pass
+    assert (small.num_prefix, small.grid, small.num_suffix) == (whole.num_prefix, whole.grid, whole.num_suffix)

@@ -52,6 +52,7 @@ __all__ = ["MeasuredLayout", "check_layout", "check_token_axis", "probe_layout",
 
 _BASE = 4  # digits of the patch-row / patch-column index, in this base
 _CHUNK = 8  # images per stopped forward pass (bounds the probe's memory at large sizes)
+_CHUNK_BYTES = 8 * 2**20  # input bytes per stopped forward pass (one 1024 px image is 12 MiB in float32)
 _MOVED = 1e-4  # a token moved by less than this fraction of the largest movement did not move
 _SAME = 1e-2  # two identical images: tokens within this fraction of the largest movement (half-precision kernels)
 _SEED = 1234
@@ -145,6 +146,27 @@ def _tokens(vit: VitModel, images: torch.Tensor | list[torch.Tensor]) -> torch.T
     return sink[0]
 
 
+def probe_step(vit: VitModel, inputs: Any) -> int:
+    """Inputs per stopped forward pass: at most `_CHUNK`, ``vit.max_batch`` and `_CHUNK_BYTES` of input (the
+    stem's activations grow with the input, so a 1024 px probe runs one image at a time: the probe must not
+    cost more memory than the capture it serves)."""
+    one = inputs.image_bytes() if isinstance(inputs, _ProbeImages) else inputs[0].numel() * inputs.element_size()
+    return max(1, min(_CHUNK, vit.max_batch or _CHUNK, _CHUNK_BYTES // max(1, one)))
+
+
+def _movement(vit: VitModel, inputs: Any) -> torch.Tensor:
+    """How far each first-block input token moves under each probe input, relative to the first ``(M, N)``
+    (on the CPU), a few inputs per stopped forward pass (`probe_step`), keeping only the distances."""
+    step = probe_step(vit, inputs)
+    base: torch.Tensor | None = None
+    out = []
+    for i in range(0, inputs.shape[0], step):
+        tok = _tokens(vit, inputs[i:i + step])  # (b, N, D)
+        base = tok[0] if base is None else base
+        out.append((tok - base).norm(dim=-1).cpu())
+    return torch.cat(out)
+
+
 def _digits(n: int) -> int:
     """Base-4 digits needed for indices ``0 .. n-1``."""
     d = 0
@@ -153,9 +175,50 @@ def _digits(n: int) -> int:
     return d
 
 
+class _ProbeImages:
+    """The probe images of `_images`, made a few at a time (27 images of 1024 px would be 340 MB at once): each
+    is the base with some bands of rows or columns taken from the other image."""
+
+    def __init__(self, base: torch.Tensor, other: torch.Tensor, bands: list[tuple[int, slice] | None],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.base, self.other, self.bands, self.dtype, self.device = base, other, bands, dtype, device
+
+    def __len__(self) -> int:
+        return len(self.bands) + 3
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.base.shape)
+
+    def image_bytes(self) -> int:
+        return self.base.numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def one(self, i: int) -> torch.Tensor:
+        """Image ``i`` ``(C, H, W)`` (float32, CPU): base, base again, all replaced, then the codes."""
+        if i < 2:
+            return self.base
+        if i == 2:
+            return self.other
+        img = self.base.clone()
+        for axis, sl in self.bands[i - 3] or ():  # type: ignore[misc]
+            if axis == 1:
+                img[:, sl] = self.other[:, sl]
+            else:
+                img[:, :, sl] = self.other[:, :, sl]
+        return img
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor:
+        """Image ``index`` ``(C, H, W)``, or images ``index`` (a slice) stacked ``(b, C, H, W)``, on the probe's
+        device and dtype."""
+        if isinstance(index, int):
+            return self.one(index).to(device=self.device, dtype=self.dtype)
+        return torch.stack([self.one(i) for i in range(len(self))[index]]).to(device=self.device, dtype=self.dtype)
+
+
 def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
-            ) -> tuple[torch.Tensor, int, int, int, int]:
-    """The probe images ``(M, C, H, W)``: base, base again, all replaced, then the row and column codes."""
+            ) -> tuple[_ProbeImages, int, int, int, int]:
+    """The probe images ``(M, C, H, W)`` (made on demand): base, base again, all replaced, then the row and
+    column codes."""
     C, H, W = geometry
     ph, pw = vit.info.patch_size
     rows, cols = max(1, H // ph), max(1, W // pw)
@@ -165,21 +228,14 @@ def _images(vit: VitModel, geometry: tuple[int, int, int], dtype: torch.dtype, d
     std = torch.tensor(pre.std[:C] if len(pre.std) >= C else pre.std[:1] * C).view(C, 1, 1)
     base = (torch.rand(C, H, W, generator=g) - mean) / std  # in the model's normalised range
     other = (torch.rand(C, H, W, generator=g) - mean) / std
-    out = [base, base, other]
+    codes: list[Any] = []
     dr, dc = _digits(rows), _digits(cols)
     for n, size, axis in ((rows, ph, 1), (cols, pw, 2)):
         for p in range(_digits(n)):
             for j in range(_BASE):
-                img = base.clone()
-                for band in range(n):
-                    if band // _BASE**p % _BASE == j:
-                        sl = slice(band * size, (band + 1) * size if band < n - 1 else None)  # last: up to the edge
-                        if axis == 1:
-                            img[:, sl] = other[:, sl]
-                        else:
-                            img[:, :, sl] = other[:, :, sl]
-                out.append(img)
-    return torch.stack(out).to(device=device, dtype=dtype), rows, cols, dr, dc
+                codes.append([(axis, slice(band * size, (band + 1) * size if band < n - 1 else None))  # last: to the edge
+                              for band in range(n) if band // _BASE**p % _BASE == j])
+    return _ProbeImages(base, other, codes, dtype, device), rows, cols, dr, dc
 
 
 def _position(moves: torch.Tensor, levels: int, argmax: bool = False) -> torch.Tensor:
@@ -250,10 +306,8 @@ def probe_layout(vit: VitModel, geometry: tuple[int, int, int] | torch.Size | Se
         return cache[key]
     images, n_rows, n_cols, dr, dc = _images(vit, (C, H, W), dtype, device)
     with torch.no_grad(), eval_mode(vit.module):
-        step = min(_CHUNK, vit.max_batch or _CHUNK)
-        tok = torch.cat([_tokens(vit, images[i:i + step]) for i in range(0, images.shape[0], step)])
-    # tok: (M, N, D); movement of each token under each image, relative to the base
-    layout = _measure(vit, (tok - tok[0]).norm(dim=-1).cpu(), (n_rows, n_cols), (dr, dc), (H, W))
+        move = _movement(vit, images)  # (M, N)
+    layout = _measure(vit, move, (n_rows, n_cols), (dr, dc), (H, W))
     cache[key] = layout
     return layout
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from vitscope.adapters.base import VitModel
 from vitscope.capture.hooks import eval_mode
-from vitscope.capture.probe import _CHUNK, _MOVED, _SAME, _SEED, _Stop, _tokens
+from vitscope.capture.probe import _MOVED, _SAME, _SEED, _movement, _Stop
 from vitscope.errors import CaptureError
 
 __all__ = ["VideoLayout", "check_video_layout", "probe_video_layout"]
@@ -110,9 +110,7 @@ def probe_video_layout(vit: VitModel, shape: tuple[int, ...], dtype: torch.dtype
     videos, frames, rows, cols = _videos(vit, (T, C, H, W), dtype, device)
     name = vit.info.name
     with torch.no_grad(), eval_mode(vit.module), suppress(_Stop):
-        step = min(_CHUNK, vit.max_batch or _CHUNK)
-        tok = torch.cat([_tokens(vit, videos[i:i + step]) for i in range(0, videos.shape[0], step)])
-    move = (tok - tok[0]).norm(dim=-1).cpu()  # (M, N): how far each token moves under each video
+        move = _movement(vit, videos)  # (M, N): how far each token moves under each video
     scale = float(move[2].max())
     if not scale > 0:
         raise CaptureError("model", f"{name}: no token of the first block's input depends on the pixels",
@@ -154,7 +152,7 @@ def probe_video_layout(vit: VitModel, shape: tuple[int, ...], dtype: torch.dtype
             f"the tokens run {order}, not (frames, rows, cols)",
             "vitscope reads video tokens in (frames, rows, cols) order (VideoMAE, ViViT, V-JEPA 2)",
         )
-    layout = VideoLayout(num_prefix=first, frames=frames, grid=(rows, cols), num_suffix=int(tok.shape[1]) - 1 - last)
+    layout = VideoLayout(num_prefix=first, frames=frames, grid=(rows, cols), num_suffix=int(move.shape[1]) - 1 - last)
     cache[key] = layout
     return layout
 
