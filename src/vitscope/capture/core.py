@@ -130,6 +130,35 @@ def check_declared(call: AttentionCall, site: AttentionSite, declared: dict[str,
         )
 
 
+def guarded_forward(vit: Any, pixels: torch.Tensor, sites: Sequence[AttentionSite],
+                    on_call: Any, *, rows: Sequence[int] | None, tokens: int,
+                    to_check: Sequence[AttentionSite] = (), declared: dict[int, dict[str, torch.Tensor]] | None = None,
+                    norms: torch.Tensor | None = None) -> Any:
+    """The model's one forward pass on ``pixels`` ``(B, C, H, W)`` (a video's ``(B, T, C, H, W)``) with the
+    attention of ``sites`` observed (``on_call(call)`` per verified kernel call; ``rows``: the query rows wanted,
+    ``tokens``: N) and every guard of a capture: compiled models refused, the token axis checked (once per model
+    and geometry; a video model runs at its one size and frame count, so its shape checks stand), the batch axis
+    proven, declared q/k (``to_check``) recorded into ``declared`` for `check_declared`, block token norms into
+    ``norms`` ``(L, B, N)``. Used by `capture_full` and by the observed pass of `vitscope.methods.observe`.
+    Returns the model output."""
+    B, (C, H, W) = int(pixels.shape[0]), (int(s) for s in pixels.shape[-3:])  # a video's: (B, T, C, H, W)
+    refuse_compiled(vit.module)
+    if sites and not vit.info.frames:
+        check_token_axis(vit, sites, (C, H, W), pixels.dtype, pixels.device, tokens)
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(eval_mode(vit.module))
+        prove_batch_axis(vit, pixels, sites, tokens)
+        if to_check:
+            assert declared is not None
+            stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
+        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=rows, tokens=tokens))
+        if norms is not None:
+            stack.enter_context(record_token_norms(vit.sites, norms))
+        output = vit(pixels)
+        check()
+    return output
+
+
 def capture_full(
     model: Any,
     images: Any,
@@ -177,19 +206,8 @@ def capture_full(
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
-    refuse_compiled(vit.module)
-    if not info.frames:  # (a video model runs at its one size and frame count: its shape checks stand)
-        check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
-    with ExitStack() as stack, torch.no_grad():
-        stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, pixels, sites, N)
-        if to_check:
-            stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids, tokens=N))
-        if norms is not None:
-            stack.enter_context(record_token_norms(vit.sites, norms))
-        output = vit(pixels)
-        check()
+    output = guarded_forward(vit, pixels, sites, on_call, rows=query_ids, tokens=N, to_check=to_check,
+                             declared=declared, norms=norms)
 
     attn = Attentions(
         weights=weights, prefix=info.prefix, grid=grid, patch_size=info.patch_size, image_size=(Hpx, Wpx),

@@ -15,7 +15,6 @@ tensor (``call.probs``), so an observer reads the captured attention instead of 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -63,14 +62,12 @@ def observed_capture(
     from vitscope.capture.core import (
         check_call_tokens,
         check_declared,
+        guarded_forward,
         resolve_heads,
         resolve_layers,
         resolve_queries,
     )
-    from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
-    from vitscope.capture.intercept import observe_attention, prove_batch_axis, refuse_compiled
     from vitscope.capture.prepare import prepare
-    from vitscope.capture.probe import check_token_axis
     from vitscope.capture.windows import check_windowed_layers
 
     vit, pixels = prepare(vit, pixels)  # token limits and the measured layout, as capture checks them
@@ -112,19 +109,8 @@ def observed_capture(
         for o in readers[call.layer]:
             o.on_attention(call)
 
-    refuse_compiled(vit.module)
-    if sites:
-        check_token_axis(vit, sites, (int(pixels.shape[1]), Hpx, Wpx), pixels.dtype, dev, N)  # once per model
-    with ExitStack() as stack, torch.no_grad():
-        stack.enter_context(eval_mode(vit.module))
-        prove_batch_axis(vit, pixels, sites, N)
-        if to_check:
-            stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=query_ids, tokens=N))
-        if norms is not None:
-            stack.enter_context(record_token_norms(vit.sites, norms))
-        output = vit(pixels)
-        check()
+    output = guarded_forward(vit, pixels, sites, on_call, rows=query_ids, tokens=N, to_check=to_check,
+                             declared=declared, norms=norms)
     for o in observers:
         if norms is not None and o.token_norms:
             o.on_norms(norms)

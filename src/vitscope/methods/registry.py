@@ -85,6 +85,12 @@ class MapContext:
         return self._captures[key]
 
     # ---- observers (batch mode's per-image measures from the method's own forward pass)
+    @property
+    def observing(self) -> bool:
+        """Observers are waiting for this context's first forward pass (a method with a pass of its own, like
+        streamed rollout, would make them run a second one)."""
+        return bool(self._observers)
+
     def observe(self) -> None:
         """Feed the observers, with a forward pass of their own unless a capture already carried them (a method
         that captured nothing through this context: gradient methods, streamed rollout). Also caches the

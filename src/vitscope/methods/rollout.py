@@ -198,17 +198,31 @@ def rollout(
     return map_from_matrix(r, attn.prefix, attn.grid, query, attn.suffix).float()
 
 
+#: with batch mode's observers waiting, rollout reads the context's capture (one forward pass for the map and the
+#: per-image measures) while every layer's attention stays below this many bytes; above it, it streams
+OBSERVED_BYTES = 256 * 2**20
+
+
 def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | None = None,
              residual: float | None = None, discard_ratio: float | None = None, start_layer: int = 0,
              renormalize: bool | None = None, query: Query = None) -> MapResult:
     """The registry's rollout: rows pushed down the layers (`streaming_rollout`), never ``N x N x N`` products;
-    the strategy (dense at small inputs, streaming at large ones) is `vitscope.capture.budget.choose_strategy`'s."""
+    the strategy (dense at small inputs, streaming at large ones) is `vitscope.capture.budget.choose_strategy`'s.
+    In batch mode, with per-image measures waiting on the context (`MapContext.observing`) and every layer's
+    attention below `OBSERVED_BYTES`, it reads the context's capture instead, so the map and the measures come
+    from one forward pass (the same map: tests/test_batch_onepass.py)."""
     from vitscope.methods.streaming import streaming_rollout
 
     s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
                   renormalize=renormalize)
     check_unit("residual", s.residual)
     check_unit("discard_ratio", s.discard_ratio, closed_top=False)
+    if ctx.observing and ctx.attention_bytes() <= OBSERVED_BYTES:
+        # batch mode's measures ride on the context's capture: one forward pass for the map and the measures
+        attn = ctx.capture()
+        grid_map = rollout(attn, head_fusion=s.head_fusion, residual=s.residual, discard_ratio=s.discard_ratio,
+                           start_layer=start_layer, renormalize=s.renormalize, query=query)
+        return MapResult(map=grid_map, meta={"strategy": "captured", **s.__dict__})
     rows = streaming_rollout(
         ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
         discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
