@@ -522,7 +522,7 @@
     ctx.strokeRect(c * pw + width / 2, r * ph + width / 2, pw - width, ph - width);
   };
 
-  /* Paint one RGBA image (rows x cols, row-major) over the picture; returns the canvas size [cw, ch]. */
+  /* Paint one RGBA image (rows x cols, row-major) over the picture; returns the canvas's 2-d context. */
   Viewer.prototype.paint = function (im) {
     var octx = this.off.getContext("2d");
     octx.putImageData(im, 0, 0);
@@ -625,16 +625,8 @@
         px[4 * i + 3] = mask ? Math.max(alpha, 1) : alpha;
       }
     }
-    octx.putImageData(im, 0, 0);
-
+    var ctx = this.paint(im), cw = this.canvas.width, ch = this.canvas.height;
     var dpr = window.devicePixelRatio || 1;
-    var cw = Math.max(1, Math.round(this.canvas.clientWidth * dpr));
-    var ch = Math.max(1, Math.round(this.canvas.clientHeight * dpr));
-    if (this.canvas.width !== cw || this.canvas.height !== ch) { this.canvas.width = cw; this.canvas.height = ch; }
-    var ctx = this.canvas.getContext("2d");
-    ctx.clearRect(0, 0, cw, ch);
-    ctx.imageSmoothingEnabled = st.smooth;
-    ctx.drawImage(this.off, 0, 0, cw, ch);
     if (query >= P) this.outline(ctx, query, cw, ch, "#00e5ff", Math.max(1, 2 * dpr));
     if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
 
