@@ -618,16 +618,16 @@ def evaluate(
         if m == RANDOM:
             raise VitscopeError("methods", "'random' is the baseline every table has", "drop it from methods")
         get_method(m, argument="methods")
-    vit = as_vit(model)
+    out = Path(output) if output is not None else None
+    folder = None
+    if out is not None:
+        folder = claim_output(out, "evaluate", overwrite=overwrite, known=(RECORDS, CONFIG, *OUTPUTS))
+    vit = as_vit(model)  # after the output is claimed: a wrong -o is refused before the model loads
     if methods is None:  # every attribution map this model can run (feature views map features, not evidence)
         chosen = tuple(m for m in supported_methods(vit) if get_method(m).needs != "features")
     options = EvalOptions(methods=chosen, deletion_steps=deletion_steps, sanity_images=sanity_images, seed=seed,
                           forward_batch=max(512, batch_size))
 
-    out = Path(output) if output is not None else None
-    folder = None
-    if out is not None:
-        folder = claim_output(out, "evaluate", overwrite=overwrite, known=(RECORDS, CONFIG, *OUTPUTS))
     if masks is not None and (policy or vit.info.preprocess.policy) == "crop":
         raise VitscopeError("masks", "masks need the whole image in the model input", "use policy='resize' or 'native'")
     if device is not None:
