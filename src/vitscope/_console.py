@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         # when Python would restore the default action and die of SIGINT) is ignored, so the exit code stays
         if _interrupt.installed():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _interrupt.settle()
     if code == 130:
         _exit_interrupted()
     if code:
