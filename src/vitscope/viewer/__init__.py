@@ -7,6 +7,6 @@ Python validates and packs (`pack`), a real JavaScript file (``viewer.js``, pack
 from __future__ import annotations
 
 from vitscope.viewer.pack import BUDGET_BYTES, pack, rollout_all_rows
-from vitscope.viewer.page import Viewer, render_page, view, view_many
+from vitscope.viewer.page import Viewer, render_page, view, view_many, view_video
 
-__all__ = ["BUDGET_BYTES", "Viewer", "pack", "render_page", "rollout_all_rows", "view", "view_many"]
+__all__ = ["BUDGET_BYTES", "Viewer", "pack", "render_page", "rollout_all_rows", "view", "view_many", "view_video"]

@@ -14,6 +14,13 @@ wider), float16: ``rows * cols * 64 * 2`` bytes (32 KB for a 16 x 16 grid).
 Size budget: a ViT-S/16 at 224 px with every layer and head is ``12 * 6 * 197 * 197`` bytes (~2.8 MB, ~3.7 MB
 in base64). Past ``budget_bytes`` the packer stores fewer layers (evenly spaced, always the last), then only
 the head mean, then only the prefix-token query rows, and says so in ``notes`` (shown on the page).
+
+Video (``attn.frames > 1`` or ``attn.tubelet > 1``): the same arrays over the space-time tokens (``N = prefix +
+T' * rows * cols + suffix``, patches in ``(T', rows, cols)`` order: the stacked grid of `vitscope.layout`), under
+the same budget, plus ``video``: ``frames`` (``T'``), ``tubelet``, ``input_frames`` (``T = T' * tubelet``),
+``frame_grid`` (``[rows, cols]``) and ``images`` (one JPEG data URL per input frame, longest side at most
+`VIDEO_FRAME_MAX_SIDE`). The whole page is then at most ``4/3 * (budget_bytes + T * JPEG(<= 320 px))`` plus the
+page's code (~60 KB): a 16-frame 224 px clip adds ~16 x 15 KB of frames.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ FORMAT = "vitscope-viewer/1"
 BUDGET_BYTES = 6_000_000
 #: Longest side of the embedded image, in pixels.
 IMAGE_MAX_SIDE = 640
+#: Longest side of each embedded video frame, in pixels.
+VIDEO_FRAME_MAX_SIDE = 320
 
 Dtype = Literal["uint8", "float16"]
 #: Most dimensions per patch packed for the similarity view.
@@ -163,6 +172,33 @@ def _image_data_url(img: np.ndarray, max_side: int = IMAGE_MAX_SIDE) -> tuple[st
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), pil.height, pil.width
 
 
+def video_block(frames: Any, attn: Attentions) -> dict[str, Any]:
+    """The page's ``video`` entry: the time axis of ``attn`` and its input frames as JPEG data URLs.
+
+    Args:
+        frames: the clip the model saw as RGB ``(T, H, W, 3)`` (uint8, or float in [0, 1]) with ``T = attn.frames
+            * attn.tubelet`` (`vitscope.viz.video.frames_rgb` of the pixel values).
+        attn: a video's `Attentions`.
+    """
+    arr = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    T = attn.frames * attn.tubelet
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise VitscopeError("image", f"a video's frames of shape {arr.shape}",
+                            "pass the clip as RGB frames (T, H, W, 3), e.g. vitscope.viz.video.frames_rgb(pixels)")
+    if arr.shape[0] != T:
+        raise VitscopeError(
+            "image", f"{arr.shape[0]} frames for {attn.frames} token frames of {attn.tubelet} input frames each",
+            f"pass the {T} frames the model saw",
+        )
+    rgb = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)  # (T, H, W, 3)
+    images = [_image_data_url(rgb[t], VIDEO_FRAME_MAX_SIDE) for t in range(T)]
+    rows, cols = attn.frame_grid
+    return {
+        "frames": attn.frames, "tubelet": attn.tubelet, "input_frames": T, "frame_grid": [int(rows), int(cols)],
+        "images": [src for src, _, _ in images], "height": images[0][1], "width": images[0][2],
+    }
+
+
 def colormap_lut(cmap: str) -> str:
     """256 RGB entries of a matplotlib colormap as base64 bytes (768 bytes)."""
     from vitscope.viz._render import colormap_table
@@ -235,7 +271,8 @@ def pack(
 
     Args:
         attn: captured attention; every query row (``queries=None``) enables patch queries and rollout.
-        image: the image the model saw (path, PIL, array); it is cropped like the model's ``policy``.
+        image: the image the model saw (path, PIL, array); it is cropped like the model's ``policy``. For a
+            video's attention: its frames ``(T, H, W, 3)`` (`video_block`); the page then has a time slider.
         batch: which image of the batch.
         dtype: ``"uint8"`` (per-row scaled, 1 byte per weight) or ``"float16"``.
         budget_bytes: cap on the stored arrays; past it fewer layers/heads/rows are kept (noted on the page).
@@ -253,6 +290,7 @@ def pack(
         attn, batch = attn.image(batch), 0
     if dtype not in ("uint8", "float16"):
         raise VitscopeError("dtype", f"unknown dtype {dtype!r}", "use 'uint8' or 'float16'")
+    vblock = video_block(image, attn) if attn.frames > 1 or attn.tubelet > 1 else None  # frames checked first
     contiguous = attn.layers == tuple(range(len(attn.layers)))
     with_rollout = attn.queries is None
     p = plan(attn, int(budget_bytes), dtype, with_rollout)
@@ -285,8 +323,10 @@ def pack(
     if attn.queries is not None:
         notes.append("only some query rows were captured: hovering patches reads values, it cannot switch query")
 
-    img = display_image(image, attn, policy)
-    src, ih, iw = _image_data_url(img)
+    if vblock is not None:  # a video: every input frame; the first is the page's image
+        src, ih, iw = vblock["images"][0], vblock["height"], vblock["width"]
+    else:
+        src, ih, iw = _image_data_url(display_image(image, attn, policy))
     for note in notes:  # also on the page; a warning so scripts and notebooks hear of it without asking
         warnings.warn(f"viewer: {note}", VitscopeWarning, stacklevel=3)
     return {
@@ -313,4 +353,5 @@ def pack(
         "cmap": {"name": cmap, "lut": colormap_lut(cmap)},
         "notes": notes,
         "features": features,
+        "video": vblock,
     }

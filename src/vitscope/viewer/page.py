@@ -209,8 +209,12 @@ def view(
 ) -> Viewer:
     """Capture every layer, head and query row of ``model`` on ``image`` and build its `Viewer`.
 
+    With a video model (VideoMAE, ViViT, V-JEPA 2), ``image`` is one video and the page has a time slider
+    (`view_video`; no gradient maps or feature tabs).
+
     Args:
-        image: path, PIL image or array (one image).
+        image: path, PIL image or array (one image); for a video model a frames folder, a list of frames or
+            pixel values ``(1, T, C, H, W)``.
         model: a `VitModel` or a spec (``"vitscope:shapes"``, ``"hf:..."``, ``"timm:..."``, a folder).
         policy, size: how the image is sized for the model (see `vitscope.capture`).
         target: a gradient methods' target (`vitscope.methods.targets`: a class index or name,
@@ -221,12 +225,16 @@ def view(
             final norm, `vitscope.methods.features`); ``None`` leaves the feature tabs out.
     """
     from vitscope.adapters import as_vit
-    from vitscope.adapters.base import refuse_video
     from vitscope.capture.core import capture_full
     from vitscope.images import load_image
 
     vit = as_vit(model)
-    refuse_video(vit, "the viewer")
+    if vit.info.frames:  # a video model: the page gets a time slider
+        if target is not None:
+            raise VitscopeError("target", f"{vit.info.name} is a video model: its viewer shows attention and "
+                                "rollout, not gradient maps", "drop target, or use vitscope.video_maps(..., target=...)")
+        return view_video(image, vit, policy=policy, size=size, dtype=dtype, budget_bytes=budget_bytes,
+                          residual=residual, cmap=cmap, title=title)
     img = load_image(image)
     res = capture_full(vit, img, queries=None, heads="all", policy=policy, size=size)  # type: ignore[arg-type]
     used_policy = policy or vit.info.preprocess.policy
@@ -238,6 +246,51 @@ def view(
         res.attentions, img, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap,
         policy=used_policy if size is None else None, title=title, labels=top_labels(vit, res.output), maps=maps,
         features=features,
+    )
+
+
+def view_video(
+    video: Any,
+    model: Any,
+    *,
+    policy: str | None = None,
+    size: int | tuple[int, int] | None = None,
+    dtype: Dtype = "uint8",
+    budget_bytes: int = BUDGET_BYTES,
+    residual: float = 0.5,
+    cmap: str = "inferno",
+    title: str | None = None,
+) -> Viewer:
+    """The viewer of one video: every layer, head and space-time query row of a video model, with a frame
+    slider (and play button) over the input frames, each showing the token frame that covers it (``t //
+    tubelet``); hovering a patch of the shown frame makes that space-time token the query, its row drawn on the
+    frame, on a strip of every token frame and as its attention mass per frame.
+
+    Args:
+        video: a frames folder, a list of frames or pixel values ``(1, T, C, H, W)`` (`vitscope.video`).
+        model: a video `VitModel` or a spec (``"hf:<VideoMAE / ViViT / V-JEPA 2 folder>"``).
+        Others: as `view` (the size budget as `vitscope.viewer.pack.pack`: past it fewer layers, then the head
+        mean are stored).
+    """
+    from vitscope.adapters import as_vit
+    from vitscope.capture.core import capture_full
+    from vitscope.viz.video import frames_rgb
+
+    vit = as_vit(model)
+    if not vit.info.frames:
+        raise VitscopeError("model", f"{vit.info.name} is an image model: it has no frames",
+                            "use vitscope.viewer.view(image, model) for images")
+    res = capture_full(vit, video, queries=None, heads="all", policy=policy, size=size)  # type: ignore[arg-type]
+    B = int(res.pixel_values.shape[0])
+    if B != 1:
+        raise VitscopeError("image", f"{B} videos given", "view one video at a time")
+    prep = vit.info.preprocess
+    rgb = frames_rgb(res.pixel_values.detach().float().cpu(), prep.mean, prep.std)  # (T, H, W, 3) as the model saw
+    if title is None:
+        title = Path(os.fspath(video)).name if isinstance(video, (str, os.PathLike)) else vit.info.name
+    return Viewer.from_attentions(
+        res.attentions, rgb, dtype=dtype, budget_bytes=budget_bytes, residual=residual, cmap=cmap, title=title,
+        labels=top_labels(vit, res.output),
     )
 
 

@@ -12,6 +12,12 @@
  *   and unit [rows, cols, K] float16 unit vectors (the similarity tab: cosine = dot product of two rows).
  * Views (tabs): "attention" (raw attention or rollout), "pca", "similarity" (click a patch: the cosine of its
  * feature to every patch; hovering follows the cursor like the attention query does).
+ *   video (optional): frames T', tubelet, input_frames T = T' * tubelet, frame_grid [rows, cols], images (one
+ *   data URL per input frame). The patches are then T' frames of rows x cols tokens, time slowest (grid is the
+ *   stacked [T' * rows, cols]); a frame slider (and play button) steps over the T input frames, frame f showing
+ *   token frame floor(f / tubelet): the overlay is that frame's part of the row, on one colour scale over every
+ *   frame; a strip shows every token frame's part and its share of the row's mass (the temporal profile).
+ *   Hovering a patch of the shown frame makes that space-time token the query.
  *
  * Each mounted viewer is exposed as window.vitscopeViewers[i]; viewer.current holds what is drawn
  * (image index, values of the patches, query token, layer, head, method), viewer.timings the last redraw
@@ -116,8 +122,9 @@
     this.index = -1;
     this.state = {
       layer: null, head: "mean", method: "raw", query: null, follow: true,
-      mask: false, tau: 0.6, opacity: 0.6, smooth: false, view: "attention", simPatch: null
+      mask: false, tau: 0.6, opacity: 0.6, smooth: false, view: "attention", simPatch: null, frame: 0
     };
+    this.player = null;
     root.setAttribute("tabindex", "0");
     if (datas.length > 1) this.buildPicker();
     this.body = el("div", { className: "vs-body" }, root);
@@ -139,12 +146,18 @@
     var hadFocus = this.body.contains(document.activeElement);
     this.index = i;
     this.data = data;
-    this.rows = data.grid[0];
+    this.stop();
+    this.video = data.video || null;
+    this.T = this.video ? this.video.frames : 1;             // token frames
+    this.tubelet = this.video ? this.video.tubelet : 1;
+    this.F = this.video ? this.video.input_frames : 1;       // input frames: the slider's steps
+    this.rows = this.video ? this.video.frame_grid[0] : data.grid[0];  // one frame's grid
     this.cols = data.grid[1];
+    this.NP = this.T * this.rows * this.cols;                 // patch tokens, (T', rows, cols) order
     this.P = data.prefix.length;
     this.N = data.tokens;
     this.suffix = data.suffix || [];
-    this.S0 = this.P + this.rows * this.cols;  // first suffix token: patches are P .. S0 - 1
+    this.S0 = this.P + this.NP;  // first suffix token: patches are P .. S0 - 1
     this.attn = new Store(data.attention);
     this.roll = data.rollout ? new Store(data.rollout) : null;
     this.maps = data.maps || [];
@@ -226,15 +239,43 @@
       for (var m = 0; m < s; m++) if (this.suffix[m] === kind2) j++;
       return kind2 + " " + j;
     }
-    var p = t - this.P;
-    return "patch (" + Math.floor(p / this.cols) + ", " + (p % this.cols) + ")";
+    var p = t - this.P, per = this.rows * this.cols, q = p % per;
+    var label = "patch (" + Math.floor(q / this.cols) + ", " + (q % this.cols) + ")";
+    return this.video ? "frame " + this.frameSpan(Math.floor(p / per)) + " " + label : label;
+  };
+
+  /* The input frames token frame tf covers: "4" or "4-5". */
+  Viewer.prototype.frameSpan = function (tf) {
+    var a = tf * this.tubelet, b = a + this.tubelet - 1;
+    return b > a ? a + "-" + b : String(a);
+  };
+
+  /* The token frame shown: the one covering the slider's input frame. */
+  Viewer.prototype.tokenFrame = function () {
+    return this.video ? Math.floor(this.state.frame / this.tubelet) : 0;
+  };
+
+  /* Stop playing the frames. */
+  Viewer.prototype.stop = function () {
+    if (this.player !== null) { clearInterval(this.player); this.player = null; }
+    if (this.playBtn) this.playBtn.textContent = "play";
+  };
+
+  /* Play or pause the frames (one input frame every 250 ms, looping). */
+  Viewer.prototype.togglePlay = function () {
+    var self = this;
+    if (!this.video) return;
+    if (this.player !== null) { this.stop(); return; }
+    this.player = setInterval(function () { self.set({ frame: (self.state.frame + 1) % self.F }); }, 250);
+    this.playBtn.textContent = "pause";
   };
 
   Viewer.prototype.build = function () {
     var self = this, d = this.data, root = this.body;
     var head = el("div", { className: "vs-header" }, root);
     el("h1", { text: d.title }, head);
-    var sub = "grid " + this.rows + " x " + this.cols + " patches, " + this.P + " prefix token" +
+    var sub = (this.video ? this.F + " frames (" + this.T + " token frames of " + this.tubelet + ") x " : "") +
+      "grid " + this.rows + " x " + this.cols + " patches, " + this.P + " prefix token" +
       (this.P === 1 ? "" : "s") + (this.suffix.length ? ", " + this.suffix.length + " suffix tokens" : "") +
       ", " + d.num_layers + " layers x " + d.num_heads + " heads";
     if (d.model && d.model !== d.title) sub = d.model + " \u00b7 " + sub;
@@ -307,6 +348,16 @@
     f = field("smooth");
     this.smoothIn = el("input", { className: "vs-smooth", type: "checkbox" }, f);
 
+    this.playBtn = null;
+    if (this.video) {  // the time axis: play button, frame slider, the token frame it shows
+      var time = el("div", { className: "vs-time" }, root);
+      this.playBtn = el("button", { className: "vs-play", type: "button", text: "play" }, time);
+      f = el("label", { className: "vs-field" }, time);
+      el("span", { text: "frame" }, f);
+      this.frameIn = el("input", { className: "vs-frame", type: "range", min: "0", max: String(this.F - 1), step: "1" }, f);
+      this.frameLab = el("output", { className: "vs-frame-label" }, f);
+    }
+
     var main = el("div", { className: "vs-main" }, root);
     this.stage = el("div", { className: "vs-stage" }, main);
     this.img = el("img", { className: "vs-image", alt: "input image", src: d.image.src, draggable: "false" }, this.stage);
@@ -317,6 +368,22 @@
     if (longSide < 160) this.img.style.imageRendering = "pixelated";
     this.canvas = el("canvas", { className: "vs-canvas" }, this.stage);
     var side = el("div", { className: "vs-side" }, main);
+    this.thumbs = [];
+    if (this.video) {  // every token frame's part of the row, and its share of the row's mass
+      var strip = el("div", { className: "vs-strip" }, root);
+      for (var tf = 0; tf < this.T; tf++) {
+        var cell = el("div", { className: "vs-thumb", title: "frames " + this.frameSpan(tf) }, strip);
+        var box = el("div", { className: "vs-thumb-stage" }, cell);
+        box.style.aspectRatio = d.image.width + " / " + d.image.height;
+        el("img", { className: "vs-thumb-image", alt: "", src: this.video.images[tf * this.tubelet], draggable: "false" }, box);
+        var tc = el("canvas", { className: "vs-thumb-canvas", width: String(this.cols), height: String(this.rows) }, box);
+        var bar = el("div", { className: "vs-profile" }, cell);
+        var fill = el("div", { className: "vs-profile-fill" }, bar);
+        var lab = el("div", { className: "vs-thumb-label" }, cell);
+        (function (t) { cell.addEventListener("click", function () { self.set({ frame: t * self.tubelet }); }); })(tf);
+        this.thumbs.push({ cell: cell, canvas: tc, fill: fill, label: lab });
+      }
+    }
     this.bar = el("canvas", { className: "vs-colorbar", width: "256", height: "12" }, side);
     this.barLab = el("div", { className: "vs-colorbar-label" }, side);
     this.readout = el("div", { className: "vs-readout" }, side);
@@ -325,7 +392,8 @@
       className: "vs-help",
       text: "Hover a patch to see where it looks (follow cursor); click to pin it as the query. " +
         "Untick 'follow cursor' to read the values under the cursor. Keys: \u2190 \u2192 layer, \u2191 \u2193 head, " +
-        "r rollout, m mask, Esc follow, a / p / s attention / PCA / similarity" + (this.picker ? ", [ ] image." : ".")
+        "r rollout, m mask, Esc follow, a / p / s attention / PCA / similarity" + (this.picker ? ", [ ] image" : "") +
+        (this.video ? ", , . frame, k play." : ".")
     }, side);
     var notes = el("ul", { className: "vs-notes" }, side);
     (d.notes || []).forEach(function (n) { el("li", { text: n }, notes); });
@@ -356,6 +424,10 @@
       self.draw();
     });
     this.canvas.addEventListener("click", function (e) { self.onClick(e); });
+    if (this.video) {
+      this.frameIn.addEventListener("input", function () { self.set({ frame: +self.frameIn.value }); });
+      this.playBtn.addEventListener("click", function () { self.togglePlay(); });
+    }
     if (this.resizer) {
       this.resizer.disconnect();
       this.resizer.observe(this.stage);
@@ -363,7 +435,7 @@
   };
 
   Viewer.prototype.hasPatchQueries = function () {
-    return this.qpos[this.P] !== undefined && this.Q >= this.P + this.rows * this.cols;
+    return this.qpos[this.P] !== undefined && this.Q >= this.P + this.NP;
   };
 
   Viewer.prototype.syncControls = function () {
@@ -393,12 +465,26 @@
     this.tauLab.textContent = "tau " + st.tau.toFixed(2);
     this.opacityIn.value = String(st.opacity);
     this.smoothIn.checked = st.smooth;
+    if (this.video) {
+      var tf = this.tokenFrame();
+      this.frameIn.value = String(st.frame);
+      this.frameLab.textContent = st.frame + " / " + (this.F - 1) + " \u00b7 token frame " + tf +
+        (this.tubelet > 1 ? " (frames " + this.frameSpan(tf) + ")" : "");
+      var src = this.video.images[st.frame];
+      if (this.img.getAttribute("src") !== src) this.img.setAttribute("src", src);
+    }
   };
 
   /* Update state (validated), refresh the controls and redraw. */
   Viewer.prototype.set = function (patch) {
+    var before = this.tokenFrame();
     for (var k in patch) this.state[k] = patch[k];
     this.validate();
+    var shift = (this.tokenFrame() - before) * this.rows * this.cols;  // a video's frame changed: the patch under
+    if (shift) {                                                        // the cursor is now the new frame's
+      if (this.hoverKey !== null) this.hoverKey += shift;
+      if (this.hoverQuery !== null) this.hoverQuery += shift;
+    }
     this.syncControls();
     return this.draw();
   };
@@ -417,6 +503,7 @@
     if (st.simPatch !== null && (st.simPatch < this.P || st.simPatch >= this.S0)) st.simPatch = null;
     st.tau = Math.max(0.01, Math.min(1, +st.tau));
     st.opacity = Math.max(0, Math.min(1, +st.opacity));
+    st.frame = Math.max(0, Math.min(this.F - 1, st.frame | 0));
   };
 
   /* Index of the shown map when the method is "map:K", else null. */
@@ -456,7 +543,7 @@
     if (x < 0 || y < 0 || x >= 1 || y >= 1) return null;
     var row = Math.min(this.rows - 1, Math.floor(y * this.rows));
     var col = Math.min(this.cols - 1, Math.floor(x * this.cols));
-    return this.P + row * this.cols + col;
+    return this.P + (this.tokenFrame() * this.rows + row) * this.cols + col;  // a video: the shown frame's token
   };
 
   Viewer.prototype.onMove = function (e) {
@@ -499,6 +586,8 @@
     else if (e.key === "a") this.set({ view: "attention" });
     else if (e.key === "p" && this.feat) this.set({ view: "pca" });
     else if (e.key === "s" && this.feat) this.set({ view: "similarity" });
+    else if (this.video && (e.key === "," || e.key === ".")) this.set({ frame: (st.frame + (e.key === "." ? 1 : this.F - 1)) % this.F });
+    else if (this.video && e.key === "k") this.togglePlay();
     else return;
     e.preventDefault();
   };
@@ -515,11 +604,55 @@
   };
 
   Viewer.prototype.outline = function (ctx, t, cw, ch, colour, width) {
-    var p = t - this.P, r = Math.floor(p / this.cols), c = p % this.cols;
+    var per = this.rows * this.cols, p = t - this.P;
+    if (Math.floor(p / per) !== this.tokenFrame()) return;  // a video: a token of another frame is not shown here
+    p = p % per;
+    var r = Math.floor(p / this.cols), c = p % this.cols;
     var pw = cw / this.cols, ph = ch / this.rows;
     ctx.strokeStyle = colour;
     ctx.lineWidth = width;
     ctx.strokeRect(c * pw + width / 2, r * ph + width / 2, pw - width, ph - width);
+  };
+
+  /* RGBA pixels px (rows x cols) for values[off .. off + rows * cols) on the scale lo .. hi in the colormap, at the
+     opacity; cells outside the mask (when there is one) darkened. */
+  Viewer.prototype.colour = function (px, values, mask, off, lo, hi) {
+    var n = this.rows * this.cols, span = hi > lo ? hi - lo : 0, alpha = Math.round(255 * this.state.opacity);
+    for (var i = 0; i < n; i++) {
+      var idx = span > 0 ? Math.round((values[off + i] - lo) / span * 255) : 0;
+      if (mask && !mask[off + i]) {
+        px[4 * i] = 0; px[4 * i + 1] = 0; px[4 * i + 2] = 0; px[4 * i + 3] = 200;
+      } else {
+        px[4 * i] = this.lut[3 * idx]; px[4 * i + 1] = this.lut[3 * idx + 1]; px[4 * i + 2] = this.lut[3 * idx + 2];
+        px[4 * i + 3] = mask ? Math.max(alpha, 1) : alpha;
+      }
+    }
+  };
+
+  /* A video's strip: each token frame's part of the row (same scale as the overlay) and its share of the row's
+     patch mass (negative values count 0); returns the shares (the temporal profile). */
+  Viewer.prototype.drawStrip = function (values, mask, lo, hi) {
+    var per = this.rows * this.cols, mass = [], total = 0, top = 0, tf, i;
+    for (tf = 0; tf < this.T; tf++) {
+      var m = 0;
+      for (i = 0; i < per; i++) m += Math.max(0, values[tf * per + i]);
+      mass.push(m);
+      total += m;
+    }
+    var shown = this.tokenFrame();
+    for (tf = 0; tf < this.T; tf++) {
+      mass[tf] = total > 0 ? mass[tf] / total : 1 / this.T;  // nothing positive: uniform, as temporal_profile
+      if (mass[tf] > top) top = mass[tf];
+    }
+    for (tf = 0; tf < this.T; tf++) {
+      var th = this.thumbs[tf], ctx = th.canvas.getContext("2d"), im = ctx.createImageData(this.cols, this.rows);
+      this.colour(im.data, values, mask, tf * per, lo, hi);
+      ctx.putImageData(im, 0, 0);
+      th.fill.style.width = (top > 0 ? 100 * mass[tf] / top : 0).toFixed(1) + "%";
+      th.label.textContent = "frames " + this.frameSpan(tf) + " \u00b7 " + (100 * mass[tf]).toFixed(1) + "%";
+      th.cell.className = "vs-thumb" + (tf === shown ? " vs-thumb-active" : "");
+    }
+    return mass;
   };
 
   /* Paint one RGBA image (rows x cols, row-major) over the picture; returns the canvas's 2-d context. */
@@ -600,10 +733,10 @@
     var t0 = performance.now();
     if (this.state.view !== "attention" && this.feat) return this.drawFeatures(t0);
     this.bar.style.visibility = "visible";
-    var st = this.state, P = this.P, n = this.rows * this.cols;
+    var st = this.state, P = this.P, n = this.NP, per = this.rows * this.cols, f0 = this.tokenFrame() * per;
     var query = this.hoverQuery !== null ? this.hoverQuery : st.query;
     var full = this.row(query);
-    var values = new Float32Array(n), lo = Infinity, hi = -Infinity, i;
+    var values = new Float32Array(n), lo = Infinity, hi = -Infinity, i;  // every patch (of every frame)
     if (full) {
       for (i = 0; i < n; i++) {
         var v = full[P + i];
@@ -612,20 +745,12 @@
         if (v > hi) hi = v;
       }
     } else { lo = 0; hi = 0; }
-    var mask = st.mask ? thresholdMask(values, st.tau) : null;
+    var mask = st.mask ? thresholdMask(values, st.tau) : null;  // a video's: over the whole clip
 
-    var octx = this.off.getContext("2d"), im = octx.createImageData(this.cols, this.rows), px = im.data;
-    var span = hi > lo ? hi - lo : 0, alpha = Math.round(255 * st.opacity);
-    for (i = 0; i < n; i++) {
-      var idx = span > 0 ? Math.round((values[i] - lo) / span * 255) : 0;
-      if (mask && !mask[i]) {
-        px[4 * i] = 0; px[4 * i + 1] = 0; px[4 * i + 2] = 0; px[4 * i + 3] = 200;
-      } else {
-        px[4 * i] = this.lut[3 * idx]; px[4 * i + 1] = this.lut[3 * idx + 1]; px[4 * i + 2] = this.lut[3 * idx + 2];
-        px[4 * i + 3] = mask ? Math.max(alpha, 1) : alpha;
-      }
-    }
+    var octx = this.off.getContext("2d"), im = octx.createImageData(this.cols, this.rows);
+    this.colour(im.data, values, mask, f0, lo, hi);  // the shown frame's part
     var ctx = this.paint(im), cw = this.canvas.width, ch = this.canvas.height;
+    var profile = this.video ? this.drawStrip(values, mask, lo, hi) : null;
     var dpr = window.devicePixelRatio || 1;
     if (query >= P) this.outline(ctx, query, cw, ch, "#00e5ff", Math.max(1, 2 * dpr));
     if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
@@ -653,9 +778,15 @@
 
     this.current = {
       image: this.index, title: this.data.title, view: "attention", method: st.method, layer: abs, head: st.method === "rollout" ? "mean" : st.head, query: query,
-      hoverKey: this.hoverKey, values: Array.prototype.slice.call(values), min: lo, max: hi,
-      mask: mask ? Array.prototype.slice.call(mask) : null
+      hoverKey: this.hoverKey, values: Array.prototype.slice.call(values, f0, f0 + per), min: lo, max: hi,
+      mask: mask ? Array.prototype.slice.call(mask, f0, f0 + per) : null
     };
+    if (this.video) {  // the shown frame, and the row over every token frame
+      this.current.frame = st.frame;
+      this.current.tokenFrame = this.tokenFrame();
+      this.current.frameValues = Array.prototype.slice.call(values);
+      this.current.profile = profile;
+    }
     var ms = performance.now() - t0;
     this.timings.push(ms);
     if (this.timings.length > 200) this.timings.shift();
