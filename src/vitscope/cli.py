@@ -582,7 +582,7 @@ def figure_cmd(
 
 @app.command("view")
 def view_cmd(
-    image: Annotated[Path, typer.Argument(help="Image file.")],
+    image: Annotated[Path, typer.Argument(help="Image file (for a video model: a folder of frames).")],
     model: ModelOpt = DEFAULT_MODEL,
     output: Annotated[Path, typer.Option("--output", "-o", help="x.html, or a folder (no suffix).")] = Path(
         "attention.html"),
@@ -603,11 +603,13 @@ def view_cmd(
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query)."""
+    """Write one self-contained, offline HTML viewer of IMAGE's attention (every layer, head and query). With a
+    video model, IMAGE is a folder of frames: the page has a frame slider (and play button), hovering a patch of
+    the shown frame draws that space-time token's attention on every frame."""
     import warnings
 
     from vitscope.errors import VitscopeError
-    from vitscope.viewer import view
+    from vitscope.viewer import view, view_video
 
     budget = _amount("--budget-mb", budget_mb, 1e6, "MB", "byte")
     _check_policy(policy)
@@ -618,13 +620,21 @@ def view_cmd(
     with _limits(max_pixels, max_tokens, max_memory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the viewer's notes are printed below
         vit = _load_model(model, checkpoint, random_weights, device)
-        try:
-            v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
-                     budget_bytes=budget, cmap=cmap, target=the_target)
-        except VitscopeError as exc:  # prompts alone: the error is about --prompt
-            if exc.argument == "target" and prompt and not target:
-                raise VitscopeError("--prompt", exc.problem, exc.fix) from None
-            raise
+        if vit.info.frames:  # the video branch: IMAGE is a frames folder (or one frame); a time slider
+            if wanted:
+                raise VitscopeError("--prompt" if prompt and not target else "--target",
+                                    f"{vit.info.name} is a video model: its viewer shows attention and rollout, "
+                                    "not gradient maps", "drop it, or use 'vitscope maps FRAMES --target'")
+            v = view_video(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
+                           budget_bytes=budget, cmap=cmap)
+        else:
+            try:
+                v = view(str(image), vit, policy=policy, size=the_size, dtype=dtype,  # type: ignore[arg-type]
+                         budget_bytes=budget, cmap=cmap, target=the_target)
+            except VitscopeError as exc:  # prompts alone: the error is about --prompt
+                if exc.argument == "target" and prompt and not target:
+                    raise VitscopeError("--prompt", exc.problem, exc.fix) from None
+                raise
     path = v.save(out)
     for note in v.notes:
         typer.echo(f"note: {note}")
