@@ -917,6 +917,7 @@ _CARRIED_BY: dict[str, dict[str, str]] = {
           "localisation_images": "localisation", "root": "data", "formats": "formats"},
     "capture": {"queries": "queries", "layers": "layers"},
     "maps": {"images": "image"},
+    "view": {"images": "image"},  # a video model's frames folder (vitscope.video reads it as images)
     "train": {"config": "set_", "cfg": "set_"},
 }
 _PYTHON_SYNTAX = re.compile(r"\b[a-z_]+=(?:\s|[A-Za-z0-9'\"\[(])")
