@@ -152,9 +152,10 @@ def test_slider_at_frame_t_shows_frame_ts_tokens(clip: Session, video_page: Vide
         _close(cur["values"], want[t // 2], vp.scale(1, q))
         assert clip.page.locator(".vs-image").get_attribute("src") == images[t]
         assert clip.page.locator(".vs-frame-label").inner_text().startswith(f"{t} / 7 \u00b7 token frame {t // 2}")
-        active = clip.page.locator(".vs-thumb").evaluate_all(
-            "els => els.map(e => e.classList.contains('vs-thumb-active'))")
-        assert active == [i == t // 2 for i in range(4)]
+        active, marked = clip.page.locator(".vs-thumb").evaluate_all(
+            "els => [els.map(e => e.classList.contains('vs-thumb-active')), "
+            "els.map(e => e.classList.contains('vs-thumb-query'))]")
+        assert active == [i == t // 2 for i in range(4)] and marked == [True, False, False, False]
     clip.page.locator(".vs-thumb").nth(1).click()  # a thumbnail jumps to its first input frame
     assert clip.current()["frame"] == 2
     clip.page.locator(".vitscope-viewer").focus()

@@ -630,8 +630,8 @@
   };
 
   /* A video's strip: each token frame's part of the row (same scale as the overlay) and its share of the row's
-     patch mass (negative values count 0); returns the shares (the temporal profile). */
-  Viewer.prototype.drawStrip = function (values, mask, lo, hi) {
+     patch mass (negative values count 0); the query's frame is marked. Returns the shares (the temporal profile). */
+  Viewer.prototype.drawStrip = function (values, mask, lo, hi, query) {
     var per = this.rows * this.cols, mass = [], total = 0, top = 0, tf, i;
     for (tf = 0; tf < this.T; tf++) {
       var m = 0;
@@ -639,7 +639,7 @@
       mass.push(m);
       total += m;
     }
-    var shown = this.tokenFrame();
+    var shown = this.tokenFrame(), qf = query >= this.P && query < this.S0 ? Math.floor((query - this.P) / per) : -1;
     for (tf = 0; tf < this.T; tf++) {
       mass[tf] = total > 0 ? mass[tf] / total : 1 / this.T;  // nothing positive: uniform, as temporal_profile
       if (mass[tf] > top) top = mass[tf];
@@ -650,7 +650,7 @@
       ctx.putImageData(im, 0, 0);
       th.fill.style.width = (top > 0 ? 100 * mass[tf] / top : 0).toFixed(1) + "%";
       th.label.textContent = "frames " + this.frameSpan(tf) + " \u00b7 " + (100 * mass[tf]).toFixed(1) + "%";
-      th.cell.className = "vs-thumb" + (tf === shown ? " vs-thumb-active" : "");
+      th.cell.className = "vs-thumb" + (tf === shown ? " vs-thumb-active" : "") + (tf === qf ? " vs-thumb-query" : "");
     }
     return mass;
   };
@@ -750,7 +750,7 @@
     var octx = this.off.getContext("2d"), im = octx.createImageData(this.cols, this.rows);
     this.colour(im.data, values, mask, f0, lo, hi);  // the shown frame's part
     var ctx = this.paint(im), cw = this.canvas.width, ch = this.canvas.height;
-    var profile = this.video ? this.drawStrip(values, mask, lo, hi) : null;
+    var profile = this.video ? this.drawStrip(values, mask, lo, hi, query) : null;
     var dpr = window.devicePixelRatio || 1;
     if (query >= P) this.outline(ctx, query, cw, ch, "#00e5ff", Math.max(1, 2 * dpr));
     if (this.hoverKey !== null && this.hoverKey !== query) this.outline(ctx, this.hoverKey, cw, ch, "#ffffff", Math.max(1, dpr));
