@@ -58,7 +58,9 @@ def test_packed_rows_are_the_eager_attention(fid: str, sname: str, frames: int, 
     assert float(ref.amax(-1).mean()) > 0.2  # peaked rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = view(x, b.vit).payload  # the image entry point takes the video branch
+        viewer = view(x, b.vit)  # the image entry point takes the video branch
+    p = viewer.payload
+    assert f"grid={grid[0]}x{grid[1]}" in repr(viewer) and f"frames={2 * frames} ({frames} token frames of 2)" in repr(viewer)
     _check_rows(p, ref[:, 0].double().numpy())
     v = p["video"]
     assert (v["frames"], v["tubelet"], v["input_frames"], v["frame_grid"]) == (frames, 2, 2 * frames, grid)

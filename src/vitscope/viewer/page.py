@@ -164,6 +164,10 @@ class Viewer:
         p = self.payload
         rows, cols = p["grid"]
         more = f", images={len(self.payloads)}" if len(self.payloads) > 1 else ""
+        if p.get("video"):  # a video: one frame's grid and the time axis
+            vid = p["video"]
+            rows, cols = vid["frame_grid"]
+            more = f", frames={vid['input_frames']} ({vid['frames']} token frames of {vid['tubelet']}){more}"
         return (
             f"Viewer({p['title']!r}, grid={rows}x{cols}, layers={len(p['layers'])}/{p['num_layers']}, "
             f"heads={p['heads']}, rollout={p['rollout'] is not None}{more})"
