@@ -284,8 +284,8 @@ class VitModel:
     def preprocess(self, images: Any, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
                    ) -> torch.Tensor:
         """Turn paths, PIL images, arrays (or a list of them) into pixel values ``(B, C, H, W)``; for a video model
-        (``info.frames``) a frames folder, a list of frames or a ``(B, T, C, H, W)`` tensor into
-        ``(B, T, C, H, W)`` (`vitscope.video.preprocess_video`).
+        (``info.frames``) a video file, a frames folder, a list of frames or a ``(B, T, C, H, W)`` tensor into
+        ``(B, T, C, H, W)`` (`vitscope.video.preprocess_video`, frames sampled with the family's rate).
 
         A tensor is taken as already-preprocessed pixel values and returned as is.
         """
@@ -293,10 +293,10 @@ class VitModel:
         from vitscope.images import preprocess
 
         if self.info.frames:
-            from vitscope.video import preprocess_video
+            from vitscope.video import family_sample_rate, preprocess_video
 
             pixels = preprocess_video(images, self.info.preprocess, self.info.patch_size, self.info.frames,
-                                      policy=policy, size=size)
+                                      policy=policy, size=size, sample_rate=family_sample_rate(self.module))
         else:
             pixels = preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
         (H, W), (ph, pw) = pixels.shape[-2:], self.info.patch_size
