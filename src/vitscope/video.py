@@ -31,11 +31,11 @@ import torch
 
 from vitscope import limits
 from vitscope.errors import ImageError, VitscopeError
-from vitscope.images import check_pixels, preprocess
+from vitscope.images import check_pixels, check_size_policy
 from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = ["FRAME_SUFFIXES", "SAMPLE_RATES", "VIDEO_SUFFIXES", "VideoFrames", "family_sample_rate", "frame_files",
-           "is_video_file", "preprocess_video", "read_video", "sample_indices"]
+           "is_video_file", "load_clip", "preprocess_video", "read_video", "sample_indices"]
 
 #: image files read as frames of a frames folder
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -211,12 +211,20 @@ def frame_files(folder: str | os.PathLike[str], argument: str = "images") -> lis
     return files
 
 
-def _one_video(video: Any, prep: Preprocess, patch: tuple[int, int], frames: int, policy: SizePolicy | None,
-               size: int | tuple[int, int] | None, argument: str, rate: int | None) -> torch.Tensor:
-    """One video (a video file, a frames folder or a list of frames) -> ``(T, C, H, W)`` with ``T = frames``."""
+def load_clip(
+    video: Any, prep: Preprocess, patch: tuple[int, int], frames: int, policy: SizePolicy | None = None,
+    size: int | tuple[int, int] | None = None, sample_rate: int | None = None, argument: str = "images",
+    max_pixels: int | None = None, max_video_pixels: int | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One video (a video file, a frames folder, a list of frames or one image: a still clip) -> pixel values
+    ``(T, C, H, W)`` with ``T = frames`` sampled by `sample_indices` (``sample_rate``), and the first sampled
+    frame's own ``(height, width)``. Errors are one-line `ImageError` s naming ``argument``."""
+    from vitscope.images import image_to_pixels, load_image
+
     chosen: list[Any]
     if is_video_file(video):
-        chosen = list(read_video(video, frames, sample_rate=rate, argument=argument).frames)
+        chosen = list(read_video(video, frames, sample_rate=sample_rate, argument=argument, max_pixels=max_pixels,
+                                 max_video_pixels=max_video_pixels).frames)
     else:
         if isinstance(video, (str, os.PathLike)) and Path(video).is_dir():
             items: list[Any] = list(frame_files(video, argument))
@@ -224,11 +232,16 @@ def _one_video(video: Any, prep: Preprocess, patch: tuple[int, int], frames: int
             items = list(video)
         else:
             items = [video]  # one image: a still video (its frame repeated)
-        chosen = [items[i] for i in sample_indices(len(items), frames, rate)]
+        chosen = [items[i] for i in sample_indices(len(items), frames, sample_rate)]
+    images = [load_image(f, argument, max_pixels=max_pixels) for f in chosen]
     try:
-        return preprocess(chosen, prep, patch, policy=policy, size=size)  # (T, C, H, W)
+        clip = torch.stack([image_to_pixels(im, prep, patch, policy, size, argument=argument) for im in images])
     except ImageError as exc:
         raise ImageError(argument, exc.problem, exc.fix) from None
+    except RuntimeError:  # torch.stack: frames of different sizes under policy="native"
+        raise ImageError(argument, "the frames preprocess to different sizes", "pass size=(H, W) or policy="
+                         "'resize'") from None
+    return clip, (images[0].height, images[0].width)
 
 
 def preprocess_video(
@@ -265,7 +278,8 @@ def preprocess_video(
     if isinstance(videos, (list, tuple)) and not videos:
         raise ImageError("images", "no frames given", "pass a frames folder or a list of frames")
     items = list(videos) if batch else [videos]
-    clips = [_one_video(v, prep, patch, frames, policy, size, f"images[{i}]" if batch else "images", sample_rate)
+    check_size_policy(policy, size)
+    clips = [load_clip(v, prep, patch, frames, policy, size, sample_rate, f"images[{i}]" if batch else "images")[0]
              for i, v in enumerate(items)]
     shapes = {tuple(c.shape) for c in clips}
     if len(shapes) > 1:
