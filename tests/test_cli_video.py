@@ -76,7 +76,6 @@ def test_heads_figure_of_a_frames_folder(tmp_path: Path, frames: Path) -> None:
 
 def test_viewer_and_batch_refuse_a_video_model(tmp_path: Path, frames: Path) -> None:
     """They read images: a video model is one line naming the model, not a wrong page or map."""
-    from vitscope.batch import run_batch
     from vitscope.errors import VitscopeError
     from vitscope.viewer.page import view
 
@@ -84,5 +83,4 @@ def test_viewer_and_batch_refuse_a_video_model(tmp_path: Path, frames: Path) -> 
     with pytest.raises(VitscopeError, match=r"is a video model .* the viewer reads images") as info:
         view(str(frames / "f00.png"), b.vit)
     assert info.value.argument == "model"
-    with pytest.raises(VitscopeError, match="batch mode reads images"):
-        run_batch(str(frames), tmp_path / "out", model=b.vit, progress=False)
+    # batch mode reads folders of videos now: tests/test_batch_video.py

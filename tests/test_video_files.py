@@ -122,7 +122,7 @@ def test_limits_fire_before_decoding(tmp_path: Path) -> None:
 def test_without_pyav_it_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_clip(tmp_path / "c.mkv", random_frames(3))
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # import av -> ImportError
-    with pytest.raises(VitscopeError, match=r"needs PyAV.*pip install vitscope\[video\]") as info:
+    with pytest.raises(VitscopeError, match=r"needs PyAV.*pip install 'vitscope\[video\]'") as info:
         read_video(path, 2, argument="images")
     assert info.value.argument == "images" and "\n" not in str(info.value)
 

@@ -77,7 +77,7 @@ def _pyav(argument: str) -> Any:
         import av
     except ImportError:
         raise VitscopeError(argument, "reading video files needs PyAV, vitscope's optional 'video' extra",
-                            "pip install vitscope[video] (or pass a folder of frame images)") from None
+                            "pip install 'vitscope[video]' (or pass a folder of frame images)") from None
     return av
 
 
