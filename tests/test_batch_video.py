@@ -121,6 +121,18 @@ def test_rerun_skips_and_redoes_a_damaged_output(videos: Path, model: object, tm
     assert cfg["video"] == {"frames": 4, "sample_rate": 4} and cfg["stats"] is False
 
 
+def test_a_list_of_a_video_file_and_a_frames_folder(videos: Path, model: object, tmp_path: Path) -> None:
+    vit = model.vit  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    summary = run_batch([videos / "a.mkv", videos / "sub" / "c"], out, model=vit, workers=0, progress=False,
+                        device=None)
+    assert (summary.done, summary.failed) == (2, 0)
+    assert {e["rel"] for e in _manifest(out)} == {"a.mkv", "sub/c"}
+    with np.load(out / "sub" / "c.cls.npz") as data:
+        np.testing.assert_allclose(data["map"], vitscope.video_maps(vit, videos / "sub" / "c").map[0].numpy(),
+                                   atol=1e-6, rtol=0)
+
+
 def test_ray_engine_and_masks_refuse_a_video_model(videos: Path, model: object, tmp_path: Path) -> None:
     vit = model.vit  # type: ignore[attr-defined]
     pytest.importorskip("ray")

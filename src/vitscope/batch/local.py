@@ -816,7 +816,9 @@ def run_local(
     if in_dir is not None and in_dir.is_dir() and out_dir.is_dir() and os.path.samefile(in_dir, out_dir):
         raise VitscopeError("output", f"{out_dir} is the input folder: the maps would be mixed with the images",
                             "pick an output folder outside the inputs, e.g. -o maps")
-    items = collect_inputs(inputs, exclude=out_dir)
+    folders_given = not isinstance(inputs, (str, os.PathLike)) and any(Path(p).is_dir() for p in inputs)
+    # a list naming frame folders (videos): collected as such; an image model records each folder as an error
+    items = collect_videos(inputs, exclude=out_dir) if folders_given else collect_inputs(inputs, exclude=out_dir)
     if not items:
         raise VitscopeError("inputs", f"no files found in {os.fspath(inputs)!r}"  # type: ignore[arg-type]
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
