@@ -135,3 +135,30 @@ def test_a_broken_file_is_one_line(tmp_path: Path, content: bytes, match: str) -
     with pytest.raises(ImageError, match=match) as info:
         read_video(path, 4)
     assert "\n" not in str(info.value)
+
+
+def test_console_script_maps_a_video_file(tmp_path: Path, videomae: object) -> None:
+    """The installed ``vitscope`` on a video file: per-frame maps equal to `vitscope.video_maps` of the same file,
+    nothing written outside -o; a bad --max-video-pixels is one stderr line naming it, exit 2, nothing written;
+    a limit the clip is over is one line naming IMAGE."""
+    from tests.hostile.harness import assert_one_line, check_contained, run_script, tree_state
+
+    vit, folder = videomae.vit, videomae.folder  # type: ignore[attr-defined]
+    clip = write_clip(tmp_path / "clip.mkv", random_frames(9, 32, 32, seed=4))
+    out = tmp_path / "out"
+    before = tree_state(tmp_path)
+    res = run_script(["maps", str(clip), "--model", f"hf:{folder}", "--method", "rollout", "-o", str(out)],
+                     cwd=tmp_path)
+    assert res.code == 0, res.stderr
+    check_contained(before, tree_state(tmp_path), tmp_path, [out])
+    with np.load(out / "clip.rollout.npz") as data:
+        np.testing.assert_allclose(data["map"], vitscope.video_maps(vit, clip, "rollout").map.numpy(), atol=1e-6)
+    for value, want in (("-1", "must be a positive"), ("nan", "must be a positive")):
+        res = run_script(["maps", str(clip), "--model", f"hf:{folder}", "--max-video-pixels", value, "-o",
+                          str(tmp_path / "bad")], cwd=tmp_path)
+        line = assert_one_line(res, 2, want, option=False)
+        assert line.startswith("error: --max-video-pixels: ") and not (tmp_path / "bad").exists()
+    res = run_script(["maps", str(clip), "--model", f"hf:{folder}", "--max-video-pixels", "0.000001", "-o",
+                      str(tmp_path / "over")], cwd=tmp_path)  # 1,000 pixels: the clip has 9 x 32 x 32
+    line = assert_one_line(res, 2, "video limit", option=False)
+    assert line.startswith("error: IMAGE: ") and "--max-video-pixels" in line

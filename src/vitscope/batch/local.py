@@ -871,16 +871,12 @@ def run_local(
         manifest.open()
         bar = tqdm(total=len(todo), unit="img", desc=f"vitscope batch {method}", disable=not progress,
                    dynamic_ncols=True)
+        process = _process_videos if video else _process
         try:
-            if video:
-                _process_videos(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
-                                bases=bases, batch_size=int(batch_size), workers=int(workers), policy=policy,
-                                size=size, layer=layer, dev=dev)
-            else:
-                _process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
-                         bases=bases,
-                         batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
-                         dev=dev, masks=mask_dir, stats=stats, norm_threshold=norm_threshold)
+            process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
+                     bases=bases,
+                     batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
+                     dev=dev, masks=mask_dir, stats=stats, norm_threshold=norm_threshold)
             if summary:
                 result.summary = summarize_manifest(manifest, items, num_heads=vit.info.num_heads, config=config)
                 write_summary(out_dir, result.summary)
@@ -1140,8 +1136,10 @@ def _strip_frame_size(original: Sequence[int], frames: int) -> tuple[int, int]:
 def _process_videos(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Manifest, summary: BatchSummary,
                     bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], bases: dict[str, str],
                     batch_size: int, workers: int, policy: SizePolicy | None, size: int | tuple[int, int] | None,
-                    layer: int, dev: torch.device) -> None:
-    """`_process` for videos: the same loader, writer thread, buckets of equal shapes and Ctrl-C safe points."""
+                    layer: int, dev: torch.device, masks: Path | None = None, stats: bool = False,
+                    norm_threshold: float | None = None) -> None:
+    """`_process` for videos: the same loader, writer thread, buckets of equal shapes and Ctrl-C safe points
+    (``masks``, ``stats``, ``norm_threshold``: `_process`'s signature; videos have no per-image measures)."""
     if not todo:
         return
     info = vit.info
