@@ -110,6 +110,54 @@ def _mat_refused(work: Path) -> Step:
                 covers="family:evaluate")
 
 
+def _tiny_video(work: Path) -> list[Step]:
+    """A tiny VideoMAE (4 frames of 32 px), a lossless clip written with PyAV and a frames folder: maps of the
+    clip, then batch over the folder holding both."""
+    folder, videos = work / "videomae-tiny", work / "videos"
+    build = (
+        "import av, numpy as np, torch, transformers\n"
+        "from pathlib import Path\n"
+        "from PIL import Image\n"
+        "torch.manual_seed(0)\n"
+        "cfg = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,\n"
+        "    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)\n"
+        f"transformers.VideoMAEModel(cfg).save_pretrained({str(folder)!r})\n"
+        f"videos = Path({str(videos)!r}); (videos / 'frames').mkdir(parents=True, exist_ok=True)\n"
+        "rng = np.random.default_rng(0)\n"
+        "frames = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)\n"
+        "with av.open(str(videos / 'clip.mkv'), 'w') as c:\n"
+        "    s = c.add_stream('ffv1', rate=10); s.width = s.height = 32; s.pix_fmt = 'bgr0'\n"
+        "    for f in frames:\n"
+        "        for p in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(p)\n"
+        "    for p in s.encode(): c.mux(p)\n"
+        "for i, f in enumerate(frames): Image.fromarray(f).save(videos / 'frames' / f'{i:02d}.png')\n"
+    )
+    spec = f"hf:{folder}"
+    return [
+        Step("video: save a tiny VideoMAE and a clip", [build], kind="python", covers="family:video"),
+        Step("video: maps of a video file", ["maps", str(videos / "clip.mkv"), "--model", spec, "-o",
+                                             "video/clip.npz"], expect=["maps 2 frames x 4x4", "wrote"],
+             covers="family:video"),
+        Step("video: batch over a video folder", ["batch", str(videos), "-o", "video-batch", "--model", spec,
+                                                  "--workers", "0", "--quiet", "--device", "cpu"],
+             expect=["2 done", "0 failed"], covers="family:video"),
+    ]
+
+
+def _video_refused(work: Path) -> Step:
+    clip = work / "not-read.mp4"
+    clip.write_bytes(b"a video file only PyAV can open")
+    code = (  # the library's one-line error on stderr, exit 2 (as the CLI says a refused family)
+        "import sys\n"
+        "from vitscope.errors import VitscopeError\n"
+        "from vitscope.video import read_video\n"
+        f"try:\n    read_video({str(clip)!r}, 4)\n"
+        "except VitscopeError as exc:\n    print(f'error: {exc}', file=sys.stderr)\n    sys.exit(2)\n"
+    )
+    return Step("video: refused without it", [code], kind="python", expect_rc=2,
+                expect=["pip install 'vitscope[video]'"], one_line_error=True, covers="family:video")
+
+
 def _loads(family: str, spec: str, *extra: str, method: str = "rollout") -> Callable[[Path], list[Step]]:
     def steps(_work: Path) -> list[Step]:
         return [
@@ -163,6 +211,7 @@ FAMILIES: tuple[Family, ...] = (
            _refused("ray", ["batch", "imgs", "-o", "ray-out", "--engine", "ray", "--quiet"],
                     "pip install 'vitscope[ray]'")),
     Family("evaluate", ("h5py",), "pip install 'vitscope[evaluate]'", _tiny_mat, _mat_refused),
+    Family("video", ("av", "transformers"), "pip install 'vitscope[video]'", _tiny_video, _video_refused),
 )
 
 

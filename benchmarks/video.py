@@ -8,10 +8,12 @@ Models (random weights, built from configs, saved and loaded through ``vitscope.
 - ViViT-S (the same geometry plus [CLS]): ``vitscope.capture(vit, x, queries="cls")``, the [CLS] rows of every
   layer and head, as benchmarks/speed.py's ``cls_maps``, and ``video_maps(vit, x, "cls")``.
 
-Target: maps <= 1.10x the plain forward. Times: median of ``--repeats`` interleaved runs after one warm-up (the
-layout probe runs once per model and geometry, in the warm-up; its cost is printed on its own).
+Target: maps <= 1.10x the plain forward. Times: median of ``--repeats`` interleaved rounds after one warm-up (the
+layout probe runs once per model and geometry, in the warm-up; its cost is printed on its own). Each round runs
+the paths in turn, its order reversed every other round (A B, B A, ...), so a machine that slows down or speeds
+up within a round weighs on each path alike; ``x plain`` is the median of the per-round ratios.
 
-    python benchmarks/video.py [--repeats 5] [--threads 1] [--frames 16] [--size 224]
+    python benchmarks/video.py [--repeats 5] [--threads 1] [--frames 16] [--size 224] [--models videomae,vivit]
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--models", default="videomae,vivit", help="comma-separated: videomae, vivit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import vitscope
@@ -65,7 +68,7 @@ def main() -> None:
           f"{args.threads}, median of {args.repeats} (seconds)")
     print("| model | path | time (s) | x plain |")
     print("|---|---|---|---|")
-    for kind in ("videomae", "vivit"):
+    for kind in [m for m in args.models.split(",") if m]:
         with tempfile.TemporaryDirectory() as folder:
             vit = _build(kind, args.frames, args.size, folder)
             x = torch.randn(1, args.frames, 3, args.size, args.size)
@@ -80,14 +83,14 @@ def main() -> None:
             for fn in paths.values():
                 _time(fn)
             times: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(args.repeats):
-                for name, fn in paths.items():
-                    times[name].append(_time(fn))
+            for r in range(args.repeats):
+                for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                    times[name].append(_time(paths[name]))
             plain = statistics.median(times["plain"])
             name = "VideoMAE-S" if kind == "videomae" else "ViViT-S"
             for path, ts in times.items():
-                t = statistics.median(ts)
-                print(f"| {name} | {path} | {t:.3f} | {t / plain:.3f} |")
+                ratio = statistics.median(t / p for t, p in zip(ts, times["plain"], strict=True))
+                print(f"| {name} | {path} | {statistics.median(ts):.3f} | {ratio:.3f} |")
             print(f"| {name} | first video_maps (layout probe included) | {first:.3f} | {first / plain:.3f} |")
             print(f"| {name} | (probe alone, first - warm) | {first - warm:.3f} | {(first - warm) / plain:.3f} |")
 

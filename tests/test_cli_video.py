@@ -14,7 +14,6 @@ from PIL import Image
 import vitscope
 from tests.capture.test_video import build
 from tests.hostile.harness import assert_one_line, check_contained, run_inprocess, run_script, tree_state
-from vitscope.errors import VitscopeError
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +74,3 @@ def test_heads_figure_of_a_frames_folder(tmp_path: Path, frames: Path) -> None:
     assert line.startswith("error: KIND: ") and not (tmp_path / "p.png").exists()
 
 
-def test_batch_refuses_a_video_model(tmp_path: Path, frames: Path) -> None:
-    """Batch mode reads images: a video model is one line naming the model, not a wrong map. (The viewer takes
-    video models: tests/viewer/test_video_page.py.)"""
-    from vitscope.batch import run_batch
-
-    b = build("vivit", "square")
-    with pytest.raises(VitscopeError, match="batch mode reads images") as info:
-        run_batch(str(frames), tmp_path / "out", model=b.vit, progress=False)
-    assert info.value.argument == "model"

@@ -50,6 +50,8 @@ RandomOpt = Annotated[bool, typer.Option(
     "instead of its pretrained weights.")]
 MaxPixelsOpt = Annotated[float | None, typer.Option(help="Largest decoded input, megapixels (default 100).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Most tokens per capture (default 20000).")]
+MaxVideoPixelsOpt = Annotated[float | None, typer.Option(
+    help="Largest decoded video file, gigapixels over all its frames (frames x height x width; default 20).")]
 MaxMemoryOpt = Annotated[float | None, typer.Option(help="Largest estimated attention memory, GB (default 4.3).")]
 
 
@@ -80,7 +82,8 @@ def _amount(option: str, value: float, scale: float, unit: str, base: str) -> in
 
 
 def _limits(max_pixels: float | None = None, max_tokens: int | None = None, max_memory: float | None = None,
-            max_figure_pixels: float | None = None) -> contextlib.AbstractContextManager[None]:
+            max_figure_pixels: float | None = None, max_video_pixels: float | None = None,
+            ) -> contextlib.AbstractContextManager[None]:
     from vitscope.limits import limits
 
     def amount(option: str, value: float | None, scale: float, unit: str, base: str) -> int | None:
@@ -91,6 +94,7 @@ def _limits(max_pixels: float | None = None, max_tokens: int | None = None, max_
         max_tokens=amount("--max-tokens", max_tokens, 1, "tokens", "token"),
         max_bytes=amount("--max-memory", max_memory, 1e9, "GB", "byte"),
         max_figure_pixels=amount("--max-figure-pixels", max_figure_pixels, 1e6, "megapixels", "pixel"),
+        max_video_pixels=amount("--max-video-pixels", max_video_pixels, 1e9, "gigapixels", "pixel"),
     )
 
 
@@ -340,12 +344,14 @@ def maps_cmd(
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
+    max_video_pixels: MaxVideoPixelsOpt = None,
 ) -> None:
     """Compute one attention map of each IMAGE; write an .npz (map, map_upsampled, meta_json) and a PNG overlay
     at the image's size (several images: into the -o folder, each on its own grid: variable-resolution models
     such as SigLIP2 and NaFlexViT run every image at its own aspect ratio). With a video model, IMAGE is a
-    folder of frames: the maps per frame and their temporal profile go to the .npz (map, profile,
-    meta_json), the overlay to an animated GIF."""
+    video file (PyAV: pip install vitscope[video]) or a folder of frames, sampled to the model's frames: the
+    maps per frame and their temporal profile go to the .npz (map, profile, meta_json), the overlay to an
+    animated GIF."""
     from vitscope.errors import VitscopeError
     from vitscope.layout import parse_query
     from vitscope.methods.api import get_method
@@ -376,7 +382,7 @@ def maps_cmd(
                             "rename one, or run them one at a time")
     for one in image:
         output_paths(output, one.stem, method)  # refuse a wrong -o before computing
-    with _limits(max_pixels, max_tokens, max_memory):
+    with _limits(max_pixels, max_tokens, max_memory, max_video_pixels=max_video_pixels):
         vit = _load_model(model, checkpoint, random_weights, device)
         for one in image:
             if vit.info.frames:  # a video model: IMAGE is a frames folder (or one frame); per-frame maps and a GIF
@@ -705,6 +711,7 @@ def batch_cmd(
     max_pixels: MaxPixelsOpt = None,
     max_tokens: MaxTokensOpt = None,
     max_memory: MaxMemoryOpt = None,
+    max_video_pixels: MaxVideoPixelsOpt = None,
     engine: Annotated[str, typer.Option(help="local, or ray: Ray Data, Parquet parts + summary.json.")] = "local",
     address: Annotated[str | None, typer.Option(help="ray: a running cluster (default RAY_ADDRESS, else local).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="ray: actors, each with the model loaded once (default "
@@ -724,7 +731,9 @@ def batch_cmd(
                                                               "and layer, q75 + 3 IQR).")] = None,
 ) -> None:
     """Maps for many images: <stem>.<method>.npz / .png per image, resumable (manifest.jsonl), bad files logged;
-    summary.json over the dataset. An option the chosen --engine does not use is refused."""
+    summary.json over the dataset. With a video model, INPUTS is a folder of video files and/or frame folders:
+    per video the per-frame maps (.npz) and a PNG strip of them (local engine). An option the chosen --engine
+    does not use is refused."""
     from vitscope.batch import run_batch
 
     _check_policy(policy)
@@ -736,7 +745,7 @@ def batch_cmd(
                               "max_retries": max_retries, "verbose": verbose or None}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     try:
-        with _limits(max_pixels, max_tokens, max_memory):
+        with _limits(max_pixels, max_tokens, max_memory, max_video_pixels=max_video_pixels):
             spec: Any = model
             if checkpoint is not None or random_weights:  # else the library's rule: pretrained for timm: & co
                 spec = _load_model(model, checkpoint, random_weights)

@@ -2,7 +2,8 @@
 memory it may need, and how many pixels a figure may have.
 
 Every limit is per call: pass it to the function (``load_image(..., max_pixels=)``, ``capture(..., max_tokens=,
-max_bytes=)``, ``save_figure(..., max_pixels=)``), or set it for a block of code with `limits`::
+max_bytes=)``, ``save_figure(..., max_pixels=)``, ``read_video(..., max_video_pixels=)``), or set it for a block
+of code with `limits`::
 
     with vitscope.limits.limits(max_pixels=400_000_000):
         attn = vitscope.capture(vit, "huge_scan.png", queries="cls", size=1024)
@@ -27,6 +28,9 @@ MAX_PIXELS = 100_000_000
 MAX_TOKENS = 20_000
 #: Largest estimated attention memory of one capture (captured probabilities + scratch), in bytes.
 MAX_BYTES = 4 * 2**30
+#: Largest decoded video, in pixels over all its frames (frames x height x width): a small file of a still scene can
+#: decode to hours of frames. Each frame is also held to `MAX_PIXELS`.
+MAX_VIDEO_PIXELS = 20_000_000_000
 #: Largest figure written or rendered, in pixels (width x height at the chosen dpi).
 MAX_FIGURE_PIXELS = 50_000_000
 #: Largest dpi of a raster figure.
@@ -36,6 +40,7 @@ _pixels: ContextVar[int | None] = ContextVar("vitscope_max_pixels", default=None
 _tokens: ContextVar[int | None] = ContextVar("vitscope_max_tokens", default=None)
 _bytes: ContextVar[int | None] = ContextVar("vitscope_max_bytes", default=None)
 _figure_pixels: ContextVar[int | None] = ContextVar("vitscope_max_figure_pixels", default=None)
+_video_pixels: ContextVar[int | None] = ContextVar("vitscope_max_video_pixels", default=None)
 
 
 def max_pixels(value: int | None = None) -> int:
@@ -55,6 +60,11 @@ def max_figure_pixels(value: int | None = None) -> int:
     return int(value if value is not None else _figure_pixels.get() or MAX_FIGURE_PIXELS)
 
 
+def max_video_pixels(value: int | None = None) -> int:
+    """``value`` if given, else the `limits` in force, else `MAX_VIDEO_PIXELS` (frames x pixels of one video)."""
+    return int(value if value is not None else _video_pixels.get() or MAX_VIDEO_PIXELS)
+
+
 def check_limit(name: str, value: object) -> int:
     """``value`` as a limit: a whole number >= 1 (an int, or a finite float, rounded down), else a
     `VitscopeError` naming ``name``."""
@@ -68,23 +78,23 @@ def check_limit(name: str, value: object) -> int:
 @contextmanager
 def limits(
     *, max_pixels: int | None = None, max_tokens: int | None = None, max_bytes: int | None = None,
-    max_figure_pixels: int | None = None,
+    max_figure_pixels: int | None = None, max_video_pixels: int | None = None,
 ) -> Iterator[None]:
     """Raise or lower vitscope's input limits inside a ``with`` block (this thread/task only). Each must be a
     positive whole number (a finite float is rounded down)."""
     for name, value in (("max_pixels", max_pixels), ("max_tokens", max_tokens), ("max_bytes", max_bytes),
-                        ("max_figure_pixels", max_figure_pixels)):
+                        ("max_figure_pixels", max_figure_pixels), ("max_video_pixels", max_video_pixels)):
         if value is not None:
             check_limit(name, value)
     tokens = [
         var.set(int(value) if value is not None else var.get())
         for var, value in ((_pixels, max_pixels), (_tokens, max_tokens), (_bytes, max_bytes),
-                           (_figure_pixels, max_figure_pixels))
+                           (_figure_pixels, max_figure_pixels), (_video_pixels, max_video_pixels))
     ]
     try:
         yield
     finally:
-        for var, token in zip((_pixels, _tokens, _bytes, _figure_pixels), tokens, strict=True):
+        for var, token in zip((_pixels, _tokens, _bytes, _figure_pixels, _video_pixels), tokens, strict=True):
             var.reset(token)
 
 

@@ -22,7 +22,7 @@ from vitscope.layout import Preprocess, SizePolicy
 
 __all__ = [
     "AttentionSite", "ModelInfo", "PaddedRoute", "Preprocess", "SizePolicy", "Tap", "TextTower", "VitModel",
-    "choose_weights", "import_optional", "refuse_compiled", "refuse_video", "window_of", "with_weights",
+    "choose_weights", "import_optional", "refuse_compiled", "window_of", "with_weights",
 ]
 
 
@@ -284,8 +284,8 @@ class VitModel:
     def preprocess(self, images: Any, policy: SizePolicy | None = None, size: int | tuple[int, int] | None = None,
                    ) -> torch.Tensor:
         """Turn paths, PIL images, arrays (or a list of them) into pixel values ``(B, C, H, W)``; for a video model
-        (``info.frames``) a frames folder, a list of frames or a ``(B, T, C, H, W)`` tensor into
-        ``(B, T, C, H, W)`` (`vitscope.video.preprocess_video`).
+        (``info.frames``) a video file, a frames folder, a list of frames or a ``(B, T, C, H, W)`` tensor into
+        ``(B, T, C, H, W)`` (`vitscope.video.preprocess_video`, frames sampled with the family's rate).
 
         A tensor is taken as already-preprocessed pixel values and returned as is.
         """
@@ -293,10 +293,10 @@ class VitModel:
         from vitscope.images import preprocess
 
         if self.info.frames:
-            from vitscope.video import preprocess_video
+            from vitscope.video import family_sample_rate, preprocess_video
 
             pixels = preprocess_video(images, self.info.preprocess, self.info.patch_size, self.info.frames,
-                                      policy=policy, size=size)
+                                      policy=policy, size=size, sample_rate=family_sample_rate(self.module))
         else:
             pixels = preprocess(images, self.info.preprocess, self.info.patch_size, policy=policy, size=size)
         (H, W), (ph, pw) = pixels.shape[-2:], self.info.patch_size
@@ -326,13 +326,6 @@ def window_of(block: nn.Module) -> int:
     if isinstance(w, (tuple, list)):
         return max((int(v) for v in w), default=0)
     return int(w) if isinstance(w, (int, float)) else 0
-
-
-def refuse_video(vit: VitModel, what: str) -> None:
-    """``what`` (the viewer, batch mode) reads images: a video model (``info.frames``) is a one-line error."""
-    if vit.info.frames:
-        raise VitscopeError("model", f"{vit.info.name} is a video model ({vit.info.frames} frames): {what} reads "
-                            "images, not videos", "use vitscope.video_maps / `vitscope maps FRAMES_FOLDER` per video")
 
 
 def refuse_compiled(module: nn.Module) -> None:

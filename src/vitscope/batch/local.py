@@ -792,13 +792,18 @@ def run_local(
         summary: write ``summary.json`` and ``distance.png`` over every image of ``inputs`` at the end
             (resumed runs included), the same summary as the Ray engine's.
 
+    With a video model (``info.frames``), ``inputs`` is a folder of video files and/or frame folders
+    (`collect_videos`): each video's frames are sampled as `vitscope.video.load_clip` does (the family's rate), and
+    per video the ``.npz`` holds ``map`` ``(T', rows, cols)``, ``profile`` ``(T',)`` and the method's extras per frame
+    (equal to `vitscope.video_maps` of that video) and the ``.png`` is a strip of the token frames' maps
+    (`video_strip_png`); no per-image measures or masks. Same manifest, resume and output-folder rules.
+
     Returns:
         a `BatchSummary`. Bad images never raise: they are counted in ``failed`` and logged in the manifest.
     """
     from tqdm.auto import tqdm
 
     from vitscope.adapters import as_vit
-    from vitscope.adapters.base import refuse_video
     from vitscope.capture.prepare import resolve_device
 
     fmts = _parse_formats(formats)
@@ -811,7 +816,9 @@ def run_local(
     if in_dir is not None and in_dir.is_dir() and out_dir.is_dir() and os.path.samefile(in_dir, out_dir):
         raise VitscopeError("output", f"{out_dir} is the input folder: the maps would be mixed with the images",
                             "pick an output folder outside the inputs, e.g. -o maps")
-    items = collect_inputs(inputs, exclude=out_dir)
+    folders_given = not isinstance(inputs, (str, os.PathLike)) and any(Path(p).is_dir() for p in inputs)
+    # a list naming frame folders (videos): collected as such; an image model records each folder as an error
+    items = collect_videos(inputs, exclude=out_dir) if folders_given else collect_inputs(inputs, exclude=out_dir)
     if not items:
         raise VitscopeError("inputs", f"no files found in {os.fspath(inputs)!r}"  # type: ignore[arg-type]
                             if isinstance(inputs, (str, os.PathLike)) else "no inputs", "check the path")
@@ -822,7 +829,15 @@ def run_local(
                                  overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     vit: VitModel = as_vit(model)
-    refuse_video(vit, "batch mode")
+    video = bool(vit.info.frames)  # a video model: inputs are video files and frame folders (`collect_videos`)
+    if video:
+        if masks is not None:
+            raise VitscopeError("masks", "object masks are per image: a batch of videos takes none", "drop them")
+        items = collect_videos(inputs, exclude=out_dir)
+        bases = output_bases(items)
+        previous = _claim_output_dir(out_dir, (f"{bases[it.rel]}.{method}.{fmt}" for it in items for fmt in fmts),
+                                     overwrite)
+        stats = False  # the per-image measures read images
     mask_dir = check_masks(masks, policy, vit)
     check_method_layer(spec, layer, vit)
     dev = resolve_device(device, vit.device)
@@ -830,6 +845,10 @@ def run_local(
         vit.module.to(dev)
     config = run_config("local", method=method, model=_model_id(model, vit), policy=policy, size=size, layer=layer,
                         stats=stats, norm_threshold=norm_threshold, masks=mask_dir)
+    if video:
+        from vitscope.video import family_sample_rate
+
+        config["video"] = {"frames": vit.info.frames, "sample_rate": family_sample_rate(vit.module)}
     result = BatchSummary(output_dir=out_dir, total=len(items))
     with _exclusive(out_dir):
         _remove_partials(out_dir)
@@ -852,8 +871,9 @@ def run_local(
         manifest.open()
         bar = tqdm(total=len(todo), unit="img", desc=f"vitscope batch {method}", disable=not progress,
                    dynamic_ncols=True)
+        process = _process_videos if video else _process
         try:
-            _process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
+            process(vit, todo, out_dir, manifest, result, bar, method=method, fmts=fmts, config=config,
                      bases=bases,
                      batch_size=int(batch_size), workers=int(workers), policy=policy, size=size, layer=layer,
                      dev=dev, masks=mask_dir, stats=stats, norm_threshold=norm_threshold)
@@ -986,3 +1006,216 @@ def _warm_imports() -> None:
     import vitscope.viz._render  # noqa: F401  (colormap_table)
 
     Image.init()  # every format plugin, not one per first image of its kind
+
+
+# ------------------------------------------------------------------------------------------------ videos
+# Batch mode over videos (a video model: ``info.frames``): the same run (`run_local`: output folder claimed, one
+# manifest, resume, Ctrl-C, atomic files), with its own inputs, loading, maps and outputs below. Per video:
+# ``<base>.<method>.npz`` (``map`` ``(T', rows, cols)``, ``profile`` ``(T',)``, the method's extras split per frame,
+# ``meta_json``) and ``<base>.<method>.png``, a strip of the token frames' maps side by side on one colour scale.
+def collect_videos(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                   exclude: Path | None = None) -> list[BatchItem]:
+    """The videos of ``inputs``: a folder is scanned recursively (hidden names and ``exclude`` skipped) and each
+    video file (`vitscope.video.VIDEO_SUFFIXES`) and each folder holding frame images (`FRAME_SUFFIXES`, read in
+    name order as one clip) below it is one input; any other file is an input too, recorded as an error (never
+    silently dropped). A sequence of paths, a single video file, a list file or a glob: each path is one input (a
+    folder among them: a frames folder)."""
+    from vitscope.video import FRAME_SUFFIXES
+
+    if not isinstance(inputs, (str, os.PathLike)):
+        paths = [Path(p) for p in inputs]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise VitscopeError("inputs", f"not found: {missing[0]}", "check the paths")
+        return relative_items(paths, _common_root(paths))
+    root = Path(os.fspath(inputs)).expanduser()
+    if not root.is_dir():
+        return collect_inputs(inputs, exclude)
+    excl = exclude.resolve() if exclude is not None else None
+    if excl is not None and (excl == root.resolve() or excl in root.resolve().parents):
+        excl = None
+    found: list[Path] = []
+    for p in root.rglob("*"):
+        if _is_hidden(PurePosixPath(p.relative_to(root).as_posix())) or not p.is_file():
+            continue
+        if excl is not None and excl in p.resolve().parents:
+            continue
+        folder = p.parent
+        if p.suffix.lower() in FRAME_SUFFIXES and folder != root:
+            found.append(folder)  # a frame of a frames folder: the folder is the input
+        else:
+            found.append(p)
+    return relative_items(found, root)
+
+
+class _VideoDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Loads and preprocesses one video per index (`vitscope.video.load_clip`, the family's frame sampling); errors
+    are returned, not raised. The limits in force when it is made travel with it (to the loader's workers)."""
+
+    def __init__(self, items: Sequence[BatchItem], vit: VitModel, policy: SizePolicy | None,
+                 size: int | tuple[int, int] | None) -> None:
+        from vitscope import limits
+        from vitscope.video import family_sample_rate
+
+        info = vit.info
+        self.items, self.prep, self.patch, self.frames = list(items), info.preprocess, info.patch_size, info.frames
+        self.rate = family_sample_rate(vit.module)
+        self.policy, self.size = policy, size
+        self.max_pixels, self.max_video_pixels = limits.max_pixels(), limits.max_video_pixels()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from vitscope.video import VIDEO_SUFFIXES, load_clip
+
+        item = self.items[i]
+        try:
+            if not item.path.is_dir() and item.path.suffix.lower() not in VIDEO_SUFFIXES:
+                raise VitscopeError("inputs", f"{item.path} is neither a video file ({', '.join(VIDEO_SUFFIXES)}) "
+                                    "nor a folder of frames", "keep only videos and frame folders in the input folder")
+            pixels, original = load_clip(item.path, self.prep, self.patch, self.frames, self.policy, self.size,
+                                         self.rate, "video", self.max_pixels, self.max_video_pixels)  # (T, C, H, W)
+            return {"index": i, "pixels": pixels, "original_size": original, "mask": None, "error": None}
+        except Exception as exc:  # one bad video never stops the run
+            _interrupt.check()
+            return {"index": i, "pixels": None, "original_size": None, "mask": None, "error": error_line(exc)}
+
+
+def compute_video_batch(vit: VitModel, pixels: torch.Tensor, method: Method, *, layer: int = -1,
+                        ) -> dict[str, np.ndarray]:
+    """One batch of videos ``(B, T, C, H, W)`` -> numpy, batch first: ``map`` ``(B, T', rows, cols)``,
+    ``profile`` ``(B, T')`` and the method's extras split per frame (``heads`` ``(B, H, T', rows, cols)``), by
+    `vitscope.video_maps` itself (one forward pass per batch; chunks of ``vit.max_batch``)."""
+    from vitscope.methods.video import video_maps
+
+    params = method_params(method, layer)
+    if method.check is not None:
+        method.check(vit)
+    B = int(pixels.shape[0])
+    step = min(B, vit.max_batch or B)
+    parts: list[dict[str, np.ndarray]] = []
+    for s in range(0, B, step):
+        result = video_maps(vit, pixels[s : s + step], method.name, **params)
+        out = {"map": result.map.detach().float().cpu().numpy(), "profile": result.profile.detach().cpu().numpy()}
+        for key, value in result.extras.items():
+            out[key] = value.detach().cpu().numpy().astype(np.uint8 if value.dtype == torch.bool else np.float32)
+        parts.append(out)
+    return _concat(parts)
+
+
+def video_strip_png(maps: np.ndarray, size: tuple[int, int]) -> bytes:
+    """One video's maps ``(T', rows, cols)`` as a PNG strip: each token frame's map upsampled (bilinear) to
+    ``size`` ``(height, width)`` and put side by side in time order, one ``inferno`` scale over the whole clip
+    (min-max of every frame together), so a frame the model ignores looks dark."""
+    from PIL import Image
+
+    from vitscope.viz._render import colormap_table
+
+    h, w = size
+    ups = [np.asarray(Image.fromarray(np.asarray(m, dtype=np.float32), mode="F").resize(
+        (w, h), Image.Resampling.BILINEAR)) for m in maps]  # T' x (H, W)
+    strip = np.concatenate(ups, axis=1)  # (H, T' * W)
+    lo, hi = float(strip.min()), float(strip.max())
+    scaled = (strip - lo) / (hi - lo) if hi > lo else np.zeros_like(strip)
+    index = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img = Image.frombytes("P", (index.shape[1], h), index.tobytes())
+    img.putpalette(colormap_table("inferno").tobytes())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _strip_frame_size(original: Sequence[int], frames: int) -> tuple[int, int]:
+    """A frame's ``(height, width)`` in the strip: the video's own, scaled so the strip of ``frames`` fits
+    `vitscope.limits.max_figure_pixels`."""
+    h, w = _png_size((int(original[0]), int(original[1]) * frames))
+    return h, max(1, w // frames)
+
+
+def _process_videos(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Manifest, summary: BatchSummary,
+                    bar: Any, *, method: str, fmts: tuple[str, ...], config: dict[str, Any], bases: dict[str, str],
+                    batch_size: int, workers: int, policy: SizePolicy | None, size: int | tuple[int, int] | None,
+                    layer: int, dev: torch.device, masks: Path | None = None, stats: bool = False,
+                    norm_threshold: float | None = None) -> None:
+    """`_process` for videos: the same loader, writer thread, buckets of equal shapes and Ctrl-C safe points
+    (``masks``, ``stats``, ``norm_threshold``: `_process`'s signature; videos have no per-image measures)."""
+    if not todo:
+        return
+    info = vit.info
+    loader = torch.utils.data.DataLoader(
+        _VideoDataset(todo, vit, policy, size), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=max(2, min(batch_size, len(todo), 16)) if workers else None,
+    )
+    spec = get_method(method)
+    buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+
+    def write_errors(failures: list[tuple[BatchItem, str]]) -> None:
+        manifest.append(*({"rel": it.rel, "input": str(it.path), "status": "error", "error": err, "outputs": {},
+                           "method": method, "finished": time.time()} for it, err in failures))
+        summary.failed += len(failures)
+        summary.errors.extend((it.rel, err) for it, err in failures)
+        bar.update(len(failures))
+
+    def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int]) -> None:
+        entries = []
+        for b, sample in enumerate(samples):
+            item = todo[sample["index"]]
+            arrays = {k: v[b] for k, v in result.items()}
+            T = int(arrays["map"].shape[0])
+            meta = image_meta(input=str(item.path), rel=item.rel, method=method, model=config["model"],
+                              grid=arrays["map"].shape[-2:], image_size=hw, original_size=sample["original_size"],
+                              info=info, layer=config["layer"])
+            meta.update(frames=T, tubelet=info.tubelet, input_frames=info.frames)
+            outputs: dict[str, dict[str, Any]] = {}
+            for fmt in fmts:
+                data = _npz_bytes(arrays, meta) if fmt == "npz" else \
+                    video_strip_png(arrays["map"], _strip_frame_size(sample["original_size"], T))
+                rel_out = f"{bases[item.rel]}.{method}.{fmt}"
+                atomic_write_bytes(out_dir / rel_out, data)
+                outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}
+            entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,
+                            "outputs": outputs, "method": method, "finished": time.time()})
+        manifest.append(*entries)  # only after every file of the batch is in place
+        summary.done += len(entries)
+        bar.update(len(entries))
+
+    pending: deque[Future[None]] = deque()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-batch-writer")
+
+    def submit(job: Callable[..., None], *job_args: Any) -> None:
+        while len(pending) >= 2:
+            pending.popleft().result()
+        _interrupt.check()
+        pending.append(writer.submit(job, *job_args))
+
+    def run(samples: list[dict[str, Any]]) -> None:
+        pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype)  # (B, T, C, H, W)
+        try:
+            result = compute_video_batch(vit, pixels, spec, layer=layer)
+        except Exception as exc:
+            _interrupt.check()
+            submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])
+            return
+        submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])))
+
+    _warm_imports()
+    with _interrupt.deferred():
+        try:
+            for sample in loader:
+                _interrupt.check()
+                if sample["error"] is not None:
+                    submit(write_errors, [(todo[sample["index"]], sample["error"])])
+                    continue
+                key = tuple(sample["pixels"].shape)
+                bucket = buckets.setdefault(key, [])
+                bucket.append(sample)
+                if len(bucket) >= batch_size:
+                    run(buckets.pop(key))
+            for key in list(buckets):
+                run(buckets.pop(key))
+            while pending:
+                pending.popleft().result()
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)

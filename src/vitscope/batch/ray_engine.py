@@ -584,6 +584,15 @@ def _manifest_dataset(ray: Any, path: Path, masks: Path | None) -> Any:
     return ds
 
 
+def refuse_ray_video(vit: Any) -> None:
+    """The Ray engine reads images only: a video model (``info.frames``) is a one-line error naming ``engine``
+    (the local engine reads folders of video files and frame folders, `vitscope.batch.local.run_local_videos`)."""
+    if vit.info.frames:
+        raise VitscopeError("engine", f"{vit.info.name} is a video model ({vit.info.frames} frames): the ray engine "
+                            "reads images only", "use the local engine (`engine='local'`), which reads folders of "
+                            "videos and frame folders")
+
+
 def run_batch_ray(
     inputs: Any,
     output_dir: str | os.PathLike[str],
@@ -633,11 +642,11 @@ def run_batch_ray(
             folder or a list, a part that still fails is run again one image per part and what fails then is an
             ``error`` row ("WorkerDied: ..."), so an image that crashes its worker every time fails alone; with a
             manifest the run stops with a one-line error (the parts written so far are kept).
+        A video model is refused (`refuse_ray_video`): video folders run on the local engine.
         verbose: leave Ray's own messages on the terminal (default: they go to a log file, `ray_output`,
             named in the summary's line).
     """
     from vitscope.adapters import as_vit
-    from vitscope.adapters.base import refuse_video
     from vitscope.batch.local import (
         _exclusive,
         _model_id,
@@ -660,7 +669,7 @@ def run_batch_ray(
     if num_gpus and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         _check_local_gpus(num_gpus)
     vit = as_vit(model)
-    refuse_video(vit, "batch mode")
+    refuse_ray_video(vit)
     check_method_layer(spec, layer, vit)
     mask_dir = check_masks(masks, policy, vit)
     manifest: Path | None = None

@@ -186,6 +186,9 @@ class AttentionCall:
             if bias is not None and hsel is not None and bias.shape[1] != 1:
                 bias = bias[:, hsel]
             q = q[:, :, _index(ids)].to(dtype)
+            if not fuse_heads and dtype == torch.float32 and out.is_contiguous():
+                _rows_into(out, q, k, self.scale, bias, self.layer)
+                return out
             chunk = max(1, CHUNK_BYTES // max(1, B * q.shape[1] * Nk * 4))
             for s, e, probs in prob_chunks(q, k.to(dtype), self.scale, chunk, dtype, None, bias):  # (B, H', c, Nk)
                 if fuse_heads:
@@ -261,6 +264,36 @@ def prob_chunks(
         else:  # half-precision logits, float32 probabilities
             torch.softmax(logits, dim=-1, dtype=out_dtype, out=probs)
         yield start, stop, probs
+
+
+#: rows per chunk of `_rows_into`: a chunk's logits stay small enough to be reused from the cache
+_ROWS_CHUNK_BYTES = 4 * 2**20
+
+
+def _rows_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+               layer: int) -> None:
+    """``out = softmax(q @ k^T * scale + bias)`` ``(B, H, Q, Nk)`` float32 (``out`` contiguous), per image and
+    head in chunks of rows, each chunk checked (`check_rows`) while it is hot: the softmax writes straight into
+    ``out`` (no probabilities buffer and copy beside it) from one small reused logits buffer, so a capture of every
+    row (a [CLS]-free model's default query) touches its result once. The same matmul and softmax per row as
+    `prob_chunks`."""
+    B, H, Q, _ = q.shape
+    Nk = int(k.shape[2])
+    chunk = max(1, _ROWS_CHUNK_BYTES // (Nk * 4))
+    logits = torch.empty(min(chunk, Q), Nk, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            kt = k[b, h].to(torch.float32).t()  # (d, Nk)
+            for start in range(0, Q, chunk):
+                stop = min(Q, start + chunk)
+                lg = logits[: stop - start]
+                torch.matmul(q[b, h, start:stop] * scale, kt, out=lg)  # (c, Nk)
+                if bias is not None:
+                    bb = bias[min(b, bias.shape[0] - 1), min(h, bias.shape[1] - 1)]  # (Q or 1, Nk)
+                    lg.add_(bb[start:stop] if bb.shape[0] != 1 else bb)
+                dest = out[b, h, start:stop]  # (c, Nk), contiguous
+                torch.softmax(lg, dim=-1, out=dest)
+                check_rows(dest, layer)
 
 
 def _index(ids: list[int]) -> slice | list[int]:

@@ -74,7 +74,10 @@ def cls_map(
                                                       upsample_mode=upsample_mode))
     pos = layer_position(attn, layer)
     rows_pos = query_positions(attn, query)
-    w = attn.weights[pos][:, :, rows_pos]  # (B, H, q, N)
+    run = len(rows_pos) > 1 and rows_pos == list(range(rows_pos[0], rows_pos[0] + len(rows_pos)))
+    # every patch row (a [CLS]-free default query): a view of the rows, not a gathered copy of them
+    w = attn.weights[pos][:, :, rows_pos[0]:rows_pos[0] + len(rows_pos)] if run else \
+        attn.weights[pos][:, :, rows_pos]  # (B, H, q, N)
     if head == "all":
         fused = w  # (B, H, q, N)
     elif isinstance(head, str):
