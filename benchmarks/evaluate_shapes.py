@@ -2,9 +2,12 @@
 
 Writes ``N`` generated test-split images (32x32, the model's size) as ``<work>/images/<class>/<i>.png`` with
 masks mirroring them, runs `vitscope.evaluate` with every registered method (plus the random baseline) and
-prints the table, the wall and CPU seconds, and the model's forward throughput (batch 512) measured just before
-and after, so a run on a shared machine can be read against an idle one: on 2 idle cores the run takes about
-``cpu_seconds / 2`` (both cores busy all along), and the throughput probe says how contended the machine was.
+prints the table, the wall and CPU seconds (all of the process's threads), and a contention probe measured just
+before and after: the model's forward throughput at batch 512, per wall second and per CPU second. On an idle
+machine the two agree; on a shared one the wall figure falls below the CPU figure by the share of the cores the
+run did not get, and the run's own wall time means little. `evaluate` keeps ``--threads`` cores busy (forward
+passes on that many threads while the next map is computed), so on idle cores the run takes about
+``max(cpu_seconds / threads, the calling thread's cpu_seconds)`` (the maps are computed on the calling thread).
 
     PYTHONPATH=src python benchmarks/evaluate_shapes.py --images 2000 --work /tmp/evshapes2000
 """
@@ -35,14 +38,21 @@ def write_dataset(root: Path, n: int) -> tuple[Path, Path]:
     return images, masks
 
 
-def throughput(vit: object, batch: int = 512, reps: int = 3) -> float:
+def throughput(vit: object, batch: int = 512, reps: int = 3) -> tuple[float, float]:
+    """Images per wall second and per CPU second of the model's forward pass (one intra-op thread)."""
     x = torch.randn(batch, 3, 32, 32)
-    with torch.no_grad():
-        vit(x)  # type: ignore[operator]
-        t = time.perf_counter()
-        for _ in range(reps):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
             vit(x)  # type: ignore[operator]
-    return batch * reps / (time.perf_counter() - t)
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                vit(x)  # type: ignore[operator]
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+    finally:
+        torch.set_num_threads(threads)
+    return batch * reps / wall, batch * reps / cpu
 
 
 def main() -> None:
@@ -57,16 +67,23 @@ def main() -> None:
     images, masks = write_dataset(args.work, args.images)
     vit = vitscope.load("vitscope:shapes")
     before = throughput(vit)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
     table = vitscope.evaluate(images, args.work / "out", model=vit, masks=masks, progress=False)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu, main_cpu = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0
     after = throughput(vit)
     print(table.to_markdown())
     print(f"images {table.meta['scored']} of {table.meta['images']}; methods {len(table.rows)} (with random)")
-    print(f"wall {wall:.1f} s, cpu {cpu:.1f} s (threads {args.threads}, cpu count {os.cpu_count()}, "
-          f"load {os.getloadavg()[0]:.1f})")
-    print(f"forward throughput at batch 512: {before:.0f} img/s before, {after:.0f} img/s after")
-    print(f"idle 2-core estimate: cpu / 2 = {cpu / 2:.1f} s")
+    n = max(1, table.meta["scored"])
+    print(f"wall {wall:.1f} s, cpu {cpu:.1f} s ({cpu / n:.3f} cpu-s per image), utilisation cpu/wall "
+          f"{cpu / wall:.2f} (threads {args.threads}, cpu count {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
+    for when, (w, c) in (("before", before), ("after", after)):
+        print(f"contention probe {when}: forward at batch 512, {w:.0f} img per wall s, {c:.0f} img per cpu s "
+              f"(share of a core this process got: {w / c:.2f})")
+    estimate = max(cpu / args.threads, main_cpu)
+    print(f"cpu of the calling thread (maps, metrics, records) {main_cpu:.1f} s, of the forward threads "
+          f"{cpu - main_cpu:.1f} s")
+    print(f"idle {args.threads}-core estimate: max(cpu / {args.threads}, calling thread's cpu) = {estimate:.1f} s "
+          f"({estimate / 60:.1f} min)")
 
 
 if __name__ == "__main__":

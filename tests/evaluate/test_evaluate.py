@@ -144,3 +144,45 @@ def test_ray_engine_equals_local(tmp_path) -> None:
     ray_table = evaluate(images, tmp_path / "out", engine="ray", concurrency=1, num_cpus=1, **kw)
     assert ray_table.rows == local.rows
     assert len((tmp_path / "out" / RECORDS).read_text().splitlines()) == 3
+
+
+def test_forward_threads_equal_one_thread_and_restore_torch(shapes_vit, shapes_batch, monkeypatch) -> None:
+    """With torch at 2 threads, the chunk's forward passes run on 2 worker threads while the next map (a capture
+    and a gradient method) is computed: the records equal the one-thread run's exactly, torch's thread count is
+    2 again afterwards, and a job's error reaches the caller with the count restored too."""
+    import threading
+
+    from vitscope.evaluate import core
+
+    pixels, masks, labels = shapes_batch
+    B = int(pixels.shape[0])
+    opts = core.EvalOptions(methods=("rollout", "grad_rollout"), deletion_steps=3, sanity_images=2)
+    where: list[str] = []
+    step_logits = core._step_logits
+
+    def spy(*args, **kwargs):
+        where.append(threading.current_thread().name)
+        return step_logits(*args, **kwargs)
+
+    monkeypatch.setattr(core, "_step_logits", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = core.evaluate_chunk(shapes_vit, pixels, masks, labels, list(range(B)), opts)
+        assert where and all(w == threading.current_thread().name for w in where)
+        where.clear()
+        torch.set_num_threads(2)
+        two = core.evaluate_chunk(shapes_vit, pixels, masks, labels, list(range(B)), opts)
+        assert torch.get_num_threads() == 2
+        assert where and all(w.startswith("vitscope-evaluate") for w in where)
+        assert two == one
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(core, "_step_logits", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            core.evaluate_chunk(shapes_vit, pixels, masks, labels, list(range(B)), opts)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -215,6 +215,7 @@ def sanity_check(vit: Any, pixels: torch.Tensor, methods: Sequence[str], classes
 
 # ------------------------------------------------------------------------------------------------ one chunk
 def _logits(vit: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class logits ``(n, classes)`` float64 of the inputs ``x`` ``(n, C, H, W)``, in passes of ``batch_size``."""
     outs = []
     with torch.no_grad():
         for start in range(0, int(x.shape[0]), batch_size):
@@ -223,6 +224,52 @@ def _logits(vit: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
                 raise VitscopeError("model", "the model has no classifier", "evaluate a classification model")
             outs.append(logits.detach().double().cpu())
     return torch.cat(outs)
+
+
+class _Jobs:
+    """The chunk's perturbed forward passes, run on ``threads`` worker threads (in the caller when 1).
+
+    Each job builds its perturbed inputs and runs them through the model under ``no_grad``; no capture or
+    gradient hook sees them (vitscope's hooks act only in the thread that installed them, and torch's
+    function-mode and grad-mode state is per thread), so the next method's map is computed in the calling thread
+    while the previous methods' forwards run. `evaluate_chunk` sets torch to one intra-op thread meanwhile: this
+    model's operations are small (shapes: 65 tokens of 64 channels), and torch's intra-op threads share them
+    badly (two intra-op threads took about twice the CPU time of one for the same forwards and maps), while
+    whole passes side by side cost no more CPU than one after another."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vitscope-evaluate") \
+            if threads > 1 else None
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        """Start ``fn(*args)``; returns a function that waits for its value (or raises its error)."""
+        if self.pool is None:
+            value = fn(*args)
+            return lambda: value
+        return self.pool.submit(fn, *args).result
+
+    def close(self) -> None:
+        """Wait for the running jobs; drop the queued ones (after an error or Ctrl-C nothing else waits)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _forward_threads(vit: Any) -> Iterator[_Jobs]:
+    """`_Jobs` on as many threads as torch's intra-op setting (on the CPU), torch at one intra-op thread
+    inside the block; both restored on exit, however the block ends."""
+    threads = torch.get_num_threads() if vit.device.type == "cpu" else 1
+    jobs = _Jobs(threads)
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield jobs
+    finally:
+        jobs.close()
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def _step_logits(vit: Any, pixels: torch.Tensor, order: torch.Tensor, fill: torch.Tensor, clean: torch.Tensor,
@@ -303,7 +350,17 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
                    labels: Sequence[int | None], keys: Sequence[int], options: EvalOptions) -> list[dict[str, Any]]:
     """One chunk of images: ``pixels`` ``(B, C, H, W)`` in the model's input, ``masks`` bool ``(H, W)`` in the
     same frame (or None), dataset ``labels`` (or None), ``keys`` the images' positions in the dataset (the random
-    baseline and the sanity subset depend on them). Returns one record per image (see the module docstring)."""
+    baseline and the sanity subset depend on them). Returns one record per image (see the module docstring).
+
+    Forward passes run on torch's intra-op thread count of worker threads (`_Jobs`), torch at one intra-op thread
+    meanwhile (restored on return)."""
+    with _forward_threads(vit) as jobs:
+        return _evaluate_chunk(vit, pixels, masks, labels, keys, options, jobs)
+
+
+def _evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | None],
+                    labels: Sequence[int | None], keys: Sequence[int], options: EvalOptions, jobs: _Jobs,
+                    ) -> list[dict[str, Any]]:
     from vitscope.methods.api import get_method
     from vitscope.methods.metrics import pointing_game
 
@@ -323,6 +380,8 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
                                             if mode == "deletion" else 0, mode, fill), options.forward_batch)
             for mode in ("deletion", "insertion")}
 
+    # each method's map here, its forward passes on the job threads meanwhile; read back after the loop
+    pending: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = []
     for name in (*options.methods, RANDOM):
         try:
             if name == RANDOM:
@@ -341,38 +400,50 @@ def evaluate_chunk(vit: Any, pixels: torch.Tensor, masks: Sequence[np.ndarray | 
             continue
         rel = pixel_relevance(maps, (int(H), int(W)))  # (B, H, W) float64
         rel_t = rel if maps_t is maps else pixel_relevance(maps_t, (int(H), int(W)))
-        entry: list[dict[str, Any]] = [{} for _ in range(B)]
+        own = [b for b in range(B) if not torch.equal(maps_t[b], maps[b])]
+        waits: dict[str, Any] = {"own": own}
         for sign, negative in (("pos", False), ("neg", True)):
-            logits = _step_logits(vit, pixels, removal_order(rel, negative), fill, clean, options.forward_batch)
-            own = [b for b in range(B) if not torch.equal(maps_t[b], maps[b])]
-            logits_t = logits.clone()
+            waits[sign] = jobs.submit(_step_logits, vit, pixels, removal_order(rel, negative), fill, clean,
+                                      options.forward_batch)
             if own:
-                logits_t[own] = _step_logits(vit, pixels[own], removal_order(rel_t[own], negative), fill,
-                                             clean[own], options.forward_batch)
-            hits, probs = _hits_probs(logits, pred)
-            target_hits = _hits_probs(logits_t, target)[0]
-            for b in range(B):
-                entry[b][sign] = {"hit": hits[b], "prob": probs[b]}
-                if labels[b] is not None:
-                    entry[b][sign]["target_hit"] = target_hits[b]
-        mask_idx = [b for b in range(B) if masks[b] is not None]
-        for b in mask_idx:
+                waits[sign + "_own"] = jobs.submit(_step_logits, vit, pixels[own], removal_order(rel_t[own], negative),
+                                                   fill, clean[own], options.forward_batch)
+        for mode in ("deletion", "insertion"):
+            waits[mode] = jobs.submit(_rise_curves, vit, pixels, maps, pred, fill, mode, options.deletion_steps,
+                                      clean, ends[mode], options.forward_batch)
+        entry: list[dict[str, Any]] = [{} for _ in range(B)]
+        for b in [b for b in range(B) if masks[b] is not None]:
             gt = np.asarray(masks[b], dtype=bool)
             c = segmentation_counts(rel[b].numpy(), gt)
             entry[b]["seg"] = {"correct": c.correct, "labeled": c.labeled, "inter": c.inter, "union": c.union,
                                "ap": c.ap[0]}
             hit = pointing_game(maps[b:b + 1].float(), torch.from_numpy(gt)[None])
             entry[b]["point"] = bool(hit[0])
+        pending.append((name, entry, waits))
+
+    for name, entry, waits in pending:
+        own = waits["own"]
+        for sign in ("pos", "neg"):
+            logits = waits[sign]()
+            logits_t = logits.clone()
+            if own:
+                logits_t[own] = waits[sign + "_own"]()
+            hits, probs = _hits_probs(logits, pred)
+            target_hits = _hits_probs(logits_t, target)[0]
+            for b in range(B):
+                entry[b][sign] = {"hit": hits[b], "prob": probs[b]}
+                if labels[b] is not None:
+                    entry[b][sign]["target_hit"] = target_hits[b]
         for mode in ("deletion", "insertion"):
-            curve = _rise_curves(vit, pixels, maps, pred, fill, mode, options.deletion_steps, clean, ends[mode],
-                                 options.forward_batch)
+            curve = waits[mode]()
             for b in range(B):
                 entry[b][mode] = curve[b].tolist()
         for b in range(B):
-            records[b]["methods"][name] = entry[b]
+            records[b]["methods"][name] = {key: entry[b][key] for key in
+                                           ("pos", "neg", "seg", "point", "deletion", "insertion") if key in entry[b]}
 
     sane = [b for b in range(B) if int(keys[b]) < options.sanity_images]
-    if sane:
+    if sane:  # every forward pass above has been read back: the weights may change now
         ok = [n for n in options.methods if n in originals]
         rho = sanity_check(vit, pixels[sane], ok, [pred[b] for b in sane], [int(keys[b]) for b in sane],
                            seed=options.seed, originals={n: originals[n][sane] for n in ok})
