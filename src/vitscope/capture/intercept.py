@@ -469,7 +469,7 @@ def _check_rows_and_product(layer: int, a: torch.Tensor, v: torch.Tensor, o: tor
     vv = v if v.dtype == ct else v.to(ct)
     row_err = a.sum(dim=-1, dtype=torch.float32).sub_(1).abs_().amax()
     want = torch.matmul(a, vv)  # (B, H, s, dv)
-    bound = vv.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, dv): max_j |v_jc| >= (a |v|)_c
+    bound = torch.linalg.vector_norm(vv, float("inf"), dim=-2, keepdim=True)  # (B, H, 1, dv): max_j |v_jc|
     rtol = 4 * eps_in * (1 + _FULL_PRECISION_LOGITS) + (a.shape[-1] + v.shape[-1]) * eps_c
     over = (o if o.dtype == ct else o.to(ct)).sub(want).abs_().sub_(bound, alpha=rtol).amax()  # NaN stays NaN
     r_err, worst, b_max = torch.stack([row_err.to(ct), over, bound.amax()]).tolist()
@@ -582,6 +582,9 @@ def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out
 FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 #: ``torch._fused_sdp_choice``'s answer when SDPA itself would run that kernel.
 _FLASH_CHOICE = 1
+#: torch's own SDPA: only calls of it are substituted (a replaced ``F.scaled_dot_product_attention`` computes
+#: something else, which the verification must see as it is)
+_TORCH_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", None)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -638,7 +641,7 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         layer = self.engine.current
         extra = None
-        if layer is not None and func is F.scaled_dot_product_attention and self.engine.kernel is not None:
+        if layer is not None and func is _TORCH_SDPA and self.engine.kernel is not None:
             sub = substitute_sdpa(self.engine.kernel, args, kwargs)
             out, extra = sub if sub is not None else (func(*args, **kwargs), None)
         else:

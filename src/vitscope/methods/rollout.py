@@ -211,6 +211,7 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
     In batch mode, with per-image measures waiting on the context (`MapContext.observing`) and every layer's
     attention below `OBSERVED_BYTES`, it reads the context's capture instead, so the map and the measures come
     from one forward pass (the same map: tests/test_batch_onepass.py)."""
+    from vitscope.capture.streaming import StreamRun
     from vitscope.methods.streaming import streaming_rollout
 
     s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
@@ -223,8 +224,9 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
         grid_map = rollout(attn, head_fusion=s.head_fusion, residual=s.residual, discard_ratio=s.discard_ratio,
                            start_layer=start_layer, renormalize=s.renormalize, query=query)
         return MapResult(map=grid_map, meta={"strategy": "captured", **s.__dict__})
+    run = StreamRun(ctx.vit, ctx.pixels, ctx.grid, ctx.num_tokens)  # prepared once, by the context
     rows = streaming_rollout(
-        ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
+        run, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
         discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
         queries="auto" if query is None else query,
     )

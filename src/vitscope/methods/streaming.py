@@ -28,6 +28,7 @@ from vitscope.capture.intercept import AttentionCall
 from vitscope.capture.streaming import (
     HeadFusion,
     Scratch,
+    StreamRun,
     check_compute_dtype,
     chunk_rows_for,
     forward_qk,
@@ -152,6 +153,8 @@ def streaming_rollout(
     inputs, fused (or streaming) above the budget.
 
     Args:
+        model, images: as in `vitscope.capture`; ``model`` may also be a prepared
+            `vitscope.capture.streaming.StreamRun` (``images`` then unused).
         residual: weight ``a`` of the identity (the skip connection); 0.5 as in the paper.
         head_fusion: ``"mean"`` (the paper's), ``"max"`` or ``"min"`` over heads.
         discard_ratio: share of each fused matrix's lowest entries zeroed (never the [CLS] key column).
@@ -177,7 +180,8 @@ def streaming_rollout(
     if strategy not in ("auto", "dense", "fused", "streaming"):
         raise VitscopeError("strategy", f"unknown strategy {strategy!r}",
                             "use 'auto', 'dense', 'fused' or 'streaming'")
-    run = prepare_run(model, images, device, policy, size)
+    # a `StreamRun` is a model already prepared with its pixels (the registry's context: not prepared twice)
+    run = model if isinstance(model, StreamRun) else prepare_run(model, images, device, policy, size)
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     L = info.num_layers
@@ -208,9 +212,9 @@ def streaming_rollout(
         if call.lse is not None:
             from_kernel.append(layer)
             assert call.q is not None and call.k is not None
-            if rows is None:  # r @ P_h by the swapped kernel after the forward pass (`_swapped_products`)
-                kept[layer] = _LayerRows(None, q=call.q.contiguous(), k=call.k.contiguous(), scale=call.scale,
-                                         lse=call.lse)
+            if rows is None:  # r @ P_h by the swapped kernel after the forward pass (`_swapped_products`);
+                # q and k stay views of the layer's qkv (no copy: ``3 B N D`` kept instead of ``2 B N D``)
+                kept[layer] = _LayerRows(None, q=call.q, k=call.k, scale=call.scale, lse=call.lse)
             else:  # the last layer's few rows: the verified rows (the query's among them) or a chunk of them
                 kept[layer] = _LayerRows(rows, fused=call.rows(rows, None, True)[:, 0])
         elif call.probs is not None:  # the kernel materialised A: fuse its own probabilities
