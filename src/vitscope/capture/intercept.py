@@ -584,7 +584,7 @@ FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 _FLASH_CHOICE = 1
 #: torch's own SDPA: only calls of it are substituted (a replaced ``F.scaled_dot_product_attention`` computes
 #: something else, which the verification must see as it is)
-_TORCH_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", None)
+_TORCH_SDPA: Any = getattr(torch._C._nn, "scaled_dot_product_attention", None)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -640,22 +640,20 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         layer = self.engine.current
-        extra = None
-        if layer is not None and func is _TORCH_SDPA and self.engine.kernel is not None:
+        sub = None
+        if layer is not None and self.engine.kernel is not None and func is _TORCH_SDPA:
             sub = substitute_sdpa(self.engine.kernel, args, kwargs)
-            out, extra = sub if sub is not None else (func(*args, **kwargs), None)
-        else:
-            out = func(*args, **kwargs)
+        out, extra = sub if sub is not None else (func(*args, **kwargs), None)
         if layer is None:
             return out
         if func is F.scaled_dot_product_attention:
-            call = _sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
+            sdpa = _sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
             if extra is not None:  # what the substituted kernel handed back (`substitute_sdpa`)
                 if self.engine.kernel == "lse":
-                    call.lse = extra
+                    sdpa.lse = extra
                 else:
-                    call.probs = extra
-            self.engine.report(call)
+                    sdpa.probs = extra
+            self.engine.report(sdpa)
         elif func in _SOFTMAXES:
             call = _softmax_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
             if call is not None:

@@ -21,9 +21,9 @@ import torch
 
 from vitscope._ops import check_fusion
 from vitscope.adapters.base import SizePolicy
+from vitscope.capture import intercept
 from vitscope.capture.budget import choose_strategy
 from vitscope.capture.core import QuerySpec, resolve_layers, resolve_queries
-from vitscope.capture import intercept
 from vitscope.capture.intercept import AttentionCall
 from vitscope.capture.streaming import (
     HeadFusion,
