@@ -469,7 +469,8 @@ def _check_rows_and_product(layer: int, a: torch.Tensor, v: torch.Tensor, o: tor
     vv = v if v.dtype == ct else v.to(ct)
     row_err = a.sum(dim=-1, dtype=torch.float32).sub_(1).abs_().amax()
     want = torch.matmul(a, vv)  # (B, H, s, dv)
-    bound = torch.linalg.vector_norm(vv, float("inf"), dim=-2, keepdim=True)  # (B, H, 1, dv): max_j |v_jc|
+    # (B, H, 1, dv): max_j |v_jc|, without an |v| copy (and not linalg.vector_norm: ~100x slower on CPU)
+    bound = torch.maximum(vv.amax(dim=-2, keepdim=True), vv.amin(dim=-2, keepdim=True).neg_())
     rtol = 4 * eps_in * (1 + _FULL_PRECISION_LOGITS) + (a.shape[-1] + v.shape[-1]) * eps_c
     over = (o if o.dtype == ct else o.to(ct)).sub(want).abs_().sub_(bound, alpha=rtol).amax()  # NaN stays NaN
     r_err, worst, b_max = torch.stack([row_err.to(ct), over, bound.amax()]).tolist()
