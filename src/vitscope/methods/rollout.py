@@ -207,7 +207,8 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
              residual: float | None = None, discard_ratio: float | None = None, start_layer: int = 0,
              renormalize: bool | None = None, query: Query = None) -> MapResult:
     """The registry's rollout: rows pushed down the layers (`streaming_rollout`), never ``N x N x N`` products;
-    the strategy (dense at small inputs, streaming at large ones) is `vitscope.capture.budget.choose_strategy`'s.
+    the strategy (dense at small inputs; at large ones fused for mean fusion without discard, else streaming) is
+    `vitscope.capture.budget.choose_strategy`'s.
     In batch mode, with per-image measures waiting on the context (`MapContext.observing`) and every layer's
     attention below `OBSERVED_BYTES`, it reads the context's capture instead, so the map and the measures come
     from one forward pass (the same map: tests/test_batch_onepass.py)."""
