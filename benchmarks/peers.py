@@ -26,13 +26,15 @@ vitscope paths: ``capture(queries="cls")`` (every layer's, every head's [CLS] ro
 queries="cls")`` (the DINO map) and ``maps(..., "rollout")`` (the registry's rollout), on the fused models
 as users run them.
 
-Times: ``--repeats`` rounds, each running every path once in turn (interleaved, so a shared machine's drifting
-load hits every path alike); a path's ratio is the median over rounds of its time / its library's plain time in
+Times: ``--repeats`` rounds (``--large-repeats`` at 1000 px and more), each running every path once in turn
+(interleaved, so a shared machine's drifting load hits every path alike), after one warm-up call of every path
+(at 1000 px and more only of the plain forwards and vitscope's paths: an eager peer's call there takes minutes,
+and the models are built once for all sizes, so tracing and kernel choice were warmed at the smaller sizes); a path's ratio is the median over rounds of its time / its library's plain time in
 the same round, and the spread is the min-max of those per-round ratios. On CPU the clock is this process's CPU
 time by default (``--clock cpu``: with one thread, other jobs on a shared machine move it far less than wall
 time); ``--clock wall`` (the default on CUDA, synchronised) times wall seconds.
 
-    python benchmarks/peers.py [--quick] [--sizes 224,518,1022] [--repeats 7] [--threads 1]
+    python benchmarks/peers.py [--quick] [--sizes 224,518,1022] [--repeats 7] [--large-repeats 1] [--threads 1]
     python benchmarks/peers.py --device cuda --dtype bfloat16     # on a GPU: fp16/bf16 weights and inputs
 """
 
@@ -102,6 +104,7 @@ def vit_explain_rollout(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
                 result = a @ result  # (B, N, N)
             mask = result[0, 0, PREFIX:]
             side = int(mask.numel() ** 0.5)
+            attentions.clear()  # (not held until the next call: 8 GB at 1022 px)
             return mask.reshape(side, side)
 
     return run
@@ -209,14 +212,20 @@ def paths(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, Call
     }
 
 
-def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype, only: list[str] | None,
+def select(table: dict[str, tuple[str, Callable[[torch.Tensor], Any]]], only: list[str] | None
+           ) -> dict[str, tuple[str, Callable[[torch.Tensor], Any]]]:
+    """The rows whose names contain one of ``only`` (all without), with their baselines."""
+    if not only:
+        return table
+    keep = {n for n in table if any(o in n for o in only)}
+    keep |= {table[n][0] for n in keep}
+    return {n: v for n, v in table.items() if n in keep}
+
+
+def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype,
+            table: dict[str, tuple[str, Callable[[torch.Tensor], Any]]],
             clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Per-round ratios (path time / its baseline's time in the same round) at ``size`` px."""
-    table = paths(device, dtype)
-    if only:
-        keep = {n for n in table if any(o in n for o in only)}
-        keep |= {table[n][0] for n in keep}
-        table = {n: v for n, v in table.items() if n in keep}
     x = torch.randn(1, 3, size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -229,24 +238,25 @@ def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype, o
         del out
         return dt
 
-    for _, fn in table.values():  # warm-up: kernels, fx tracing, the layout probe
-        timed(fn)
+    for n, (base, fn) in table.items():  # warm-up: kernels, fx tracing, the layout probe
+        if size < 1000 or n == base or n.startswith("vitscope"):
+            timed(fn)
     ratios: dict[str, list[float]] = {n: [] for n in table}
     for _ in range(repeats):
         t = {n: timed(fn) for n, (_, fn) in table.items()}
         for n, (base, _) in table.items():
             ratios[n].append(t[n] / t[base])
         ratios.setdefault("_plain_s", []).append(t[next(iter(table))])
-    del table
-    gc.collect()
+        gc.collect()
     return ratios
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="224,518,1022", help="image sizes in px (multiples of 14)")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (1024 px: half, at least 2)")
-    ap.add_argument("--quick", action="store_true", help="3 rounds (1 at 1024 px)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds below 1000 px")
+    ap.add_argument("--large-repeats", type=int, default=1, help="interleaved rounds at 1000 px and more")
+    ap.add_argument("--quick", action="store_true", help="3 rounds (1 at 1000 px and more)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -262,9 +272,10 @@ def main() -> None:
     print(f"# vitscope vs peers, {datetime.date.today()}; {card}; torch {torch.__version__}; {args.dtype}; "
           f"random-weight DINOv2-S/14 + 4 registers; batch 1; {clock_name} time")
     results: dict[int, dict[str, list[float]]] = {}
+    table = select(paths(device, dtype), [o for o in args.only.split(",") if o])  # built once for every size
     for size in sizes:
-        reps = (3 if args.quick else args.repeats) if size < 1000 else (1 if args.quick else max(2, args.repeats // 2))
-        results[size] = measure(size, reps, device, dtype, [o for o in args.only.split(",") if o], clock)
+        reps = (3 if args.quick else args.repeats) if size < 1000 else (1 if args.quick else args.large_repeats)
+        results[size] = measure(size, reps, device, dtype, table, clock)
         plain = statistics.median(results[size].pop("_plain_s"))
         print(f"# {size} px: {reps} rounds; first baseline {plain:.3f} s", flush=True)
         for n, r in results[size].items():  # as soon as a size is done (a long run can be cut short)

@@ -267,7 +267,11 @@ def test_rollout_streams_large_inputs_to_the_same_map(monkeypatch: pytest.Monkey
 
     model, x = _model(), _pixels()
     dense = vitscope.maps(model, x, "rollout")
+    dense_max = vitscope.maps(model, x, "rollout", head_fusion="max")
     monkeypatch.setattr(budget, "DENSE_BYTES", 0)  # every input counts as large
-    streamed = vitscope.maps(model, x, "rollout")
-    assert (dense.meta["strategy"], streamed.meta["strategy"]) == ("dense", "streaming")
+    streamed = vitscope.maps(model, x, "rollout")  # mean fusion: the fused kernel's products
+    streamed_max = vitscope.maps(model, x, "rollout", head_fusion="max")  # max fusion: streamed
+    assert [r.meta["strategy"] for r in (dense, dense_max, streamed, streamed_max)] == [
+        "dense", "dense", "fused", "streaming"]
     torch.testing.assert_close(streamed.map, dense.map, atol=1e-6, rtol=0)
+    torch.testing.assert_close(streamed_max.map, dense_max.map, atol=1e-6, rtol=0)

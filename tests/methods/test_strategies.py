@@ -5,6 +5,12 @@ the two agree within 1e-6 and both equal an independent float64 reference built 
 ``softmax(q k^T / sqrt(d))`` (tests/capture/test_verify.py's blocks: q/k drawn with std 0.6 so attention is
 peaked, mean row max > 0.2, asserted). The kernels cover SDPA (q/k rebuilt) and an explicit softmax (the
 kernel's own probabilities are fused). The per-call self-verification (``A_rows @ V == O_rows``) fires on both.
+
+Three strategies: "dense" (each layer's fused rows kept; for plain float32 CPU SDPA calls from the probabilities
+the substituted kernel returns with its output), "fused" (SDPA's CPU kernel returns each row's log-sum-exp; the
+products ``r @ P_h`` come from the same kernel with queries and keys swapped; mean fusion without discard, other
+cases stream) and "streaming". ``spread`` cases force the swapped kernel's exact ``-lse`` mask branch (taken when a
+head's log-sum-exps spread over more than float32's exponent range).
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import pytest
 import torch
 
 from tests.capture.test_verify import _kernel, _no_state_left, _pixels, _sigmoid_attention, _toy
-from vitscope.capture import budget
+from vitscope.capture import budget, intercept
 from vitscope.capture.intercept import CaptureError
 from vitscope.errors import VitscopeError
+from vitscope.methods import streaming
 from vitscope.methods.streaming import streaming_rollout
 
-STRATEGIES = ("dense", "streaming")
+STRATEGIES = ("dense", "fused", "streaming")
 
 
 def _rollout64(ref: torch.Tensor, residual: float, fusion: str, start: int, discard: float,
@@ -55,6 +62,13 @@ class Case:
     kind: str  # the toy's attention kernel: "sdpa" (q/k rebuilt) or "eager" (its own probabilities)
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 2
+    spread: bool = False  # force the swapped kernel's -lse mask branch (`_LSE_SPREAD` = -1)
+
+    @property
+    def fused(self) -> bool:
+        """The fused strategy applies: q/k kernel, mean fusion, no discard (else it streams)."""
+        kw = self.kwargs
+        return self.kind == "sdpa" and kw.get("head_fusion", "mean") == "mean" and not kw.get("discard_ratio")
 
 
 CASES = [
@@ -65,16 +79,28 @@ CASES = [
     Case("all-rows-sdpa", "sdpa", {"queries": None}, batch=3),
     Case("patch-mean-sdpa", "sdpa", {"queries": "mean"}),
     Case("no-renormalize-max-sdpa", "sdpa", {"head_fusion": "max", "renormalize": False}, batch=1),
+    Case("mean-residual-start-sdpa", "sdpa", {"residual": 0.3, "start_layer": 1}),
+    Case("mean-cls-lse-mask-sdpa", "sdpa", batch=2, spread=True),
+    Case("all-rows-lse-mask-sdpa", "sdpa", {"queries": None}, batch=1, spread=True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case) -> None:
+def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.spread:
+        monkeypatch.setattr(streaming, "_LSE_SPREAD", -1.0)
     model, vit = _toy(case.kind)
     x = _pixels(case.batch)
     got = {s: streaming_rollout(vit, x, strategy=s, chunk_rows=3, **case.kwargs) for s in STRATEGIES}
-    assert {s: r.meta["strategy"] for s, r in got.items()} == {s: s for s in STRATEGIES}
-    torch.testing.assert_close(got["dense"].rows, got["streaming"].rows, atol=1e-6, rtol=0)
+    want_strategy = {"dense": "dense", "fused": "fused" if case.fused else "streaming", "streaming": "streaming"}
+    assert {s: r.meta["strategy"] for s, r in got.items()} == want_strategy
+    # the substituted kernel gave every layer's rows (q/k kernels): probabilities for dense, lse for fused
+    n_layers = len(model.blocks) - case.kwargs.get("start_layer", 0)
+    assert got["dense"].meta["kernel_layers"] == (n_layers if case.kind == "sdpa" else 0)
+    assert got["fused"].meta["kernel_layers"] == (n_layers if case.fused else 0)
+    for s in ("dense", "fused"):
+        torch.testing.assert_close(got[s].rows, got["streaming"].rows, atol=1e-6, rtol=0)
 
     ref = torch.stack([blk.ref for blk in model.blocks])  # (L, B, H, N, N) float64, the blocks' own softmax
     assert ref.amax(-1).mean() > 0.2  # peaked: a wrong row or layer cannot pass by accident
@@ -93,10 +119,14 @@ def test_auto_picks_dense_for_small_inputs_and_streaming_above_the_budget(monkey
     x = _pixels(2)
     assert streaming_rollout(vit, x).meta["strategy"] == "dense"
     monkeypatch.setattr(budget, "DENSE_BYTES", 0)
-    assert streaming_rollout(vit, x).meta["strategy"] == "streaming"
+    assert streaming_rollout(vit, x).meta["strategy"] == "fused"  # mean fusion, no discard
+    assert streaming_rollout(vit, x, head_fusion="max").meta["strategy"] == "streaming"
+    assert streaming_rollout(vit, x, discard_ratio=0.5).meta["strategy"] == "streaming"
     # the model: 2 layers x 2 images x 17^2 tokens x 4 bytes kept by dense
     assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17) == "dense"
     assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17 - 1) == "streaming"
+    assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17 - 1, fused=True) == "fused"
+    assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17, fused=True) == "dense"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -115,3 +145,44 @@ def test_unknown_strategy_and_bad_sizes_are_one_line_errors() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(VitscopeError, match=r"^tokens: must be positive, got 0"):
         budget.choose_strategy(1, 0, 12)
+
+
+FALLBACKS = [  # (id, what makes the kernel substitution unavailable or the call unsupported, expected kernel layers)
+    ("op-absent", lambda mp: mp.setattr(intercept, "FLASH_CPU", None), {"dense": 2, "fused": 0}),
+    ("sdpa-would-not-pick-it", lambda mp: mp.setattr(torch, "_fused_sdp_choice", lambda *a, **k: 0),
+     {"dense": 2, "fused": 0}),
+    ("float64-model", None, {"dense": 0, "fused": 0}),
+]
+
+
+@pytest.mark.parametrize(("name", "patch", "layers"), FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_kernel_substitution_falls_back_where_it_cannot_run_exactly(
+        name: str, patch: Any, layers: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the CPU kernel, where SDPA itself would not run it, or for inputs it does not take (float64), the
+    calls run as they are: fused streams, dense rebuilds the rows, and the rollout rows are the same."""
+    dtype = torch.float64 if name == "float64-model" else torch.float32
+    model, vit = _toy("sdpa", dtype=dtype)
+    x = _pixels(2, dtype)
+    want = streaming_rollout(vit, x, strategy="streaming").rows
+    if patch is not None:
+        patch(monkeypatch)
+    got = {s: streaming_rollout(vit, x, strategy=s) for s in ("dense", "fused")}
+    assert {s: r.meta["kernel_layers"] for s, r in got.items()} == layers
+    assert got["fused"].meta["strategy"] == "streaming"  # no layer had the kernel's lse
+    for r in got.values():
+        torch.testing.assert_close(r.rows, want, atol=1e-6, rtol=0)
+    _no_state_left(model)
+
+
+def test_substitution_never_replaces_a_patched_sdpa() -> None:
+    """A replaced ``F.scaled_dot_product_attention`` is the model's kernel: it runs as it is (and is refused
+    when it is not softmax attention), never swapped for torch's own."""
+    call = (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    out, lse = intercept.substitute_sdpa("lse", call, {})  # type: ignore[misc]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(*call), atol=0, rtol=0)
+    torch.testing.assert_close(lse, torch.logsumexp(call[0] @ call[1].transpose(-2, -1) / 2, dim=-1))
+    assert intercept.substitute_sdpa("lse", call, {"attn_mask": torch.zeros(5, 5)}) is None
+    assert intercept.substitute_sdpa("probs", call, {"is_causal": True}) is None
+    _, vit = _toy("sdpa")
+    with _kernel(_sigmoid_attention), pytest.raises(CaptureError, match=r"the kernel's output is not softmax"):
+        streaming_rollout(vit, _pixels(2), strategy="fused")

@@ -17,7 +17,7 @@ from vitscope.limits import _human, check_tokens
 __all__ = ["DENSE_BYTES", "Strategy", "check_capture_budget", "check_tokens", "choose_strategy",
            "estimate_capture_bytes"]
 
-Strategy = Literal["dense", "streaming"]
+Strategy = Literal["dense", "fused", "streaming"]
 
 #: Below this many bytes of kept head-fused ``L x B x N x N`` float32 attention, methods that have both strategies
 #: build each layer's rows while the layer runs and keep them ("dense"); above it they keep q and k and rebuild
@@ -26,9 +26,9 @@ DENSE_BYTES = 32 * 2**20
 
 
 def choose_strategy(batch: int, tokens: int, n_layers: int, *,
-                    budget_bytes: int | None = None) -> Strategy:
-    """``"dense"`` or ``"streaming"`` for a method over ``n_layers`` layers' head-fused attention (heads do
-    not count: both keep head-fused rows, and both compute one cache-sized chunk of heads x rows at a time).
+                    budget_bytes: int | None = None, fused: bool = False) -> Strategy:
+    """``"dense"``, ``"fused"`` or ``"streaming"`` for a method over ``n_layers`` layers' head-fused attention
+    (heads do not count: dense keeps head-fused rows, the others compute one cache-sized chunk at a time).
 
     The arithmetic is the same either way (one ``softmax(q k^T)`` per layer and head, in cache-sized row chunks);
     what differs is what is kept between the forward pass and the product over layers: ``"dense"`` keeps each
@@ -36,13 +36,19 @@ def choose_strategy(batch: int, tokens: int, n_layers: int, *,
     probabilities when it materialises them), ``"streaming"`` keeps q and k (``8 L B H N d`` bytes) and rebuilds
     the rows afterwards. Dense is picked while its kept memory is within ``budget_bytes`` (default
     `DENSE_BYTES`), so small inputs skip the copies of q and k and large ones never hold ``N^2`` per layer.
+    Above the budget, ``fused=True`` (the caller can use it: rollout with mean fusion and no discard) picks
+    ``"fused"``: it keeps what streaming keeps plus each row's log-sum-exp (``4 L B H N`` bytes more) and has the
+    fused attention kernel compute the products over the probabilities, never building them
+    (`vitscope.methods.streaming.streaming_rollout`).
     """
     for name, value in (("batch", batch), ("tokens", tokens), ("n_layers", n_layers)):
         if value < 1:
             raise VitscopeError(name, f"must be positive, got {value}", "pass the model's and input's sizes")
     dense = 4 * n_layers * batch * tokens * tokens
     cap = DENSE_BYTES if budget_bytes is None else budget_bytes
-    return "dense" if dense <= cap else "streaming"
+    if dense <= cap:
+        return "dense"
+    return "fused" if fused else "streaming"
 
 
 

@@ -66,7 +66,8 @@ from vitscope.errors import CaptureError
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
 CHUNK_BYTES = 64 * 2**20
 
-__all__ = ["CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows", "observe_attention", "refuse_compiled",
+__all__ = ["CHUNK_BYTES", "FLASH_CPU", "AttentionCall", "CaptureError", "check_rows", "observe_attention",
+           "refuse_compiled", "substitute_sdpa",
            "windowed_call_error"]
 
 _SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
@@ -129,6 +130,9 @@ class AttentionCall:
     #: The rows `verify_call` recomputed and proved: ``(row ids, float32 probabilities (B, H, s, Nk))``;
     #: `rows` reuses them instead of recomputing when they cover the rows asked for (a [CLS] capture).
     verified: tuple[list[int], torch.Tensor] | None = None
+    #: ``(B, H, Nq)`` float32 log-sum-exp of each row's logits, when the caller asked for the fused kernel
+    #: (`observe_attention(kernel="lse")`) and the call was one it runs exactly (`substitute_sdpa`).
+    lse: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -425,7 +429,7 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
         out = out.reshape(B, H, Nq, -1)
     ids = sample_rows(Nq, asked)
     Nk = int(k.shape[2])
-    every_row = (every_row and mha is None and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
+    every_row = (every_row and mha is None and call.probs is None and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
                  and not (q.requires_grad or k.requires_grad))
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -498,7 +502,8 @@ def _check_rows_and_product(layer: int, a: torch.Tensor, v: torch.Tensor, o: tor
     vv = v if v.dtype == ct else v.to(ct)
     row_err = a.sum(dim=-1, dtype=torch.float32).sub_(1).abs_().amax()
     want = torch.matmul(a, vv)  # (B, H, s, dv)
-    bound = vv.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, dv): max_j |v_jc| >= (a |v|)_c
+    # (B, H, 1, dv): max_j |v_jc|, without an |v| copy (and not linalg.vector_norm: ~100x slower on CPU)
+    bound = torch.maximum(vv.amax(dim=-2, keepdim=True), vv.amin(dim=-2, keepdim=True).neg_())
     rtol = 4 * eps_in * (1 + _FULL_PRECISION_LOGITS) + (a.shape[-1] + v.shape[-1]) * eps_c
     over = (o if o.dtype == ct else o.to(ct)).sub(want).abs_().sub_(bound, alpha=rtol).amax()  # NaN stays NaN
     r_err, worst, b_max = torch.stack([row_err.to(ct), over, bound.amax()]).tolist()
@@ -607,6 +612,58 @@ def _softmax_call(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any], out
     return AttentionCall(layer=layer, probs=out, out=out, out_to_heads=None, source="softmax")
 
 
+#: The CPU fused kernel that also returns each row's log-sum-exp (``None`` where this torch lacks it).
+FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: ``torch._fused_sdp_choice``'s answer when SDPA itself would run that kernel.
+_FLASH_CHOICE = 1
+#: torch's own SDPA: only calls of it are substituted (a replaced ``F.scaled_dot_product_attention`` computes
+#: something else, which the verification must see as it is)
+_TORCH_SDPA: Any = getattr(torch._C._nn, "scaled_dot_product_attention", None)
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def substitute_sdpa(kernel: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Run an SDPA call so that it also hands back what a caller would otherwise recompute: ``(output, extra)``,
+    or ``None`` (the call is then run as it is) unless it is a plain float32 CPU call without mask, causal
+    flag, dropout, grouped keys or a graph.
+
+    - ``kernel="lse"``: the very kernel SDPA dispatches to (`FLASH_CPU`, only when ``torch._fused_sdp_choice``
+      picks it for these inputs, so the output is bitwise SDPA's); ``extra`` is each row's log-sum-exp
+      ``(B, H, Nq)`` of ``q k^T * scale``.
+    - ``kernel="probs"``: SDPA's definition written out (its math backend), ``A = softmax(q k^T * scale)``,
+      ``O = A V``; ``extra`` is ``A`` ``(B, H, Nq, Nk)``. The output equals SDPA's within float32 rounding
+      (about 1e-7 relative), not bitwise: used only where the caller returns no model output (rollout's maps).
+    """
+    bound = dict(zip(_SDPA_NAMES, args, strict=False))
+    bound.update(kwargs)
+    q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    if bound.get("attn_mask") is not None or bound.get("dropout_p") or bound.get("is_causal") \
+            or bound.get("enable_gqa"):
+        return None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None
+    scale = bound.get("scale")
+    if kernel == "lse":
+        if FLASH_CPU is None:
+            return None
+        try:
+            if int(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)) != _FLASH_CHOICE:
+                return None
+        except (RuntimeError, TypeError, AttributeError):  # an older torch without this query
+            return None
+        out, lse = FLASH_CPU(q, k, v, 0.0, False, attn_mask=None, scale=scale)
+        return out, lse
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    probs = torch.softmax(torch.matmul(q * s, k.transpose(-2, -1)), dim=-1)  # (B, H, Nq, Nk)
+    return torch.matmul(probs, v), probs
+
+
 class _Mode(TorchFunctionMode):
     """Sees every torch call made while a selected attention module runs; passes each through unchanged."""
 
@@ -616,12 +673,21 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         layer = self.engine.current
+        sub = None
+        if layer is not None and self.engine.kernel is not None and func is _TORCH_SDPA:
+            sub = substitute_sdpa(self.engine.kernel, args, kwargs)
+        out, extra = sub if sub is not None else (func(*args, **kwargs), None)
         if layer is None:
             return out
         if func is F.scaled_dot_product_attention:
-            self.engine.report(_sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs)))
+            sdpa = _sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
+            if extra is not None:  # what the substituted kernel handed back (`substitute_sdpa`)
+                if self.engine.kernel == "lse":
+                    sdpa.lse = extra
+                else:
+                    sdpa.probs = extra
+            self.engine.report(sdpa)
         elif func in _SOFTMAXES:
             call = _softmax_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
             if call is not None:
@@ -717,6 +783,7 @@ class _Engine:
         self.tokens = tokens
         self.asked = None if rows is None else list(rows)
         self.every_row = False  # the caller reads every row: verification computes them all once (`verify_call`)
+        self.kernel: str | None = None  # `substitute_sdpa`'s kernel for plain SDPA calls ("lse", "probs"), if any
         self.heads = {s.layer: s.num_heads for s in self.sites}
         self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
@@ -907,7 +974,7 @@ class _Engine:
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
     batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
-    every_row: bool = False,
+    every_row: bool = False, kernel: str | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -919,9 +986,15 @@ def observe_attention(
     every mode popped on exit, also after an exception. ``every_row``: the caller reads every query row of every
     call (a small input's dense strategy): the verification then computes all rows once, checks the sampled ones
     against the kernel's output, and leaves them on the call (`AttentionCall.verified`) for the caller to reuse.
+    ``kernel`` (``"lse"`` or ``"probs"``, no graph): plain SDPA calls run through `substitute_sdpa`, which leaves
+    the rows' log-sum-exp (``AttentionCall.lse``) or the probabilities (``AttentionCall.probs``, beside q and k)
+    on the call; calls it does not take run as they are. The verification is the same either way.
     """
+    if kernel not in (None, "lse", "probs") or (kernel is not None and graph):
+        raise ValueError(f"kernel={kernel!r} (graph={graph}): expected None, 'lse' or 'probs' without a graph")
     engine = _Engine(sites, on_call, graph, batch, rows, tokens)
     engine.every_row = every_row
+    engine.kernel = kernel
     engine.proving = proving  # (private: `prove_batch_axis`'s runs)
     handles: list[Any] = []
     try:

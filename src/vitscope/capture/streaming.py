@@ -123,14 +123,16 @@ def prepare_run(
 
 
 def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: torch.Tensor | None = None,
-               allow_probs: bool = False, every_row: bool = False) -> Any:
+               allow_probs: bool = False, every_row: bool = False, kernel: str | None = None) -> Any:
     """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
     layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it; ``norms``, when
     given, ``(num_layers, B, N)``, gets every block's output token norms (`vitscope.capture.hooks.record_token_norms`).
     A layer that materialises its attention (``call.probs``, an eager softmax) is refused unless ``allow_probs``
     (the caller then reads ``call.probs``). ``every_row``: the caller reads every row of every layer, so the
-    verification computes them once and leaves them in ``call.verified`` (`observe_attention`). Returns the
-    model's output."""
+    verification computes them once and leaves them in ``call.verified`` (`observe_attention`). ``kernel``
+    (``"lse"`` or ``"probs"``): `vitscope.capture.intercept.substitute_sdpa` runs the plain SDPA calls and leaves
+    the rows' log-sum-exp or the probabilities on the call (``"probs"`` rounds the output differently: for callers
+    that return no model output). Returns the model's output."""
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
@@ -152,7 +154,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
         check_token_axis(vit, sites, (int(px.shape[1]), int(px.shape[2]), int(px.shape[3])), px.dtype, px.device, N)
         prove_batch_axis(vit, px, sites, N)
         check = stack.enter_context(observe_attention(sites, deliver, batch=run.batch, tokens=N,
-                                                     every_row=every_row))
+                                                     every_row=every_row, kernel=kernel))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
         out = vit(run.pixels)

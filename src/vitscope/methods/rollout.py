@@ -207,10 +207,12 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
              residual: float | None = None, discard_ratio: float | None = None, start_layer: int = 0,
              renormalize: bool | None = None, query: Query = None) -> MapResult:
     """The registry's rollout: rows pushed down the layers (`streaming_rollout`), never ``N x N x N`` products;
-    the strategy (dense at small inputs, streaming at large ones) is `vitscope.capture.budget.choose_strategy`'s.
+    the strategy (dense at small inputs; at large ones fused for mean fusion without discard, else streaming) is
+    `vitscope.capture.budget.choose_strategy`'s.
     In batch mode, with per-image measures waiting on the context (`MapContext.observing`) and every layer's
     attention below `OBSERVED_BYTES`, it reads the context's capture instead, so the map and the measures come
     from one forward pass (the same map: tests/test_batch_onepass.py)."""
+    from vitscope.capture.streaming import StreamRun
     from vitscope.methods.streaming import streaming_rollout
 
     s = _settings(preset, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
@@ -223,8 +225,9 @@ def _compute(ctx: MapContext, *, preset: str | None = None, head_fusion: str | N
         grid_map = rollout(attn, head_fusion=s.head_fusion, residual=s.residual, discard_ratio=s.discard_ratio,
                            start_layer=start_layer, renormalize=s.renormalize, query=query)
         return MapResult(map=grid_map, meta={"strategy": "captured", **s.__dict__})
+    run = StreamRun(ctx.vit, ctx.pixels, ctx.grid, ctx.num_tokens)  # prepared once, by the context
     rows = streaming_rollout(
-        ctx.vit, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
+        run, ctx.pixels, residual=s.residual, head_fusion=s.head_fusion,  # type: ignore[arg-type]
         discard_ratio=s.discard_ratio, start_layer=start_layer, renormalize=s.renormalize,
         queries="auto" if query is None else query,
     )

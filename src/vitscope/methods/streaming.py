@@ -21,12 +21,14 @@ import torch
 
 from vitscope._ops import check_fusion
 from vitscope.adapters.base import SizePolicy
+from vitscope.capture import intercept
 from vitscope.capture.budget import choose_strategy
 from vitscope.capture.core import QuerySpec, resolve_layers, resolve_queries
 from vitscope.capture.intercept import AttentionCall
 from vitscope.capture.streaming import (
     HeadFusion,
     Scratch,
+    StreamRun,
     check_compute_dtype,
     chunk_rows_for,
     forward_qk,
@@ -122,7 +124,7 @@ def streaming_rollout(
     policy: SizePolicy | None = None,
     size: int | tuple[int, int] | None = None,
     device: str | torch.device | None = None,
-    strategy: Literal["auto", "dense", "streaming"] = "auto",
+    strategy: Literal["auto", "dense", "fused", "streaming"] = "auto",
 ) -> TokenRows:
     """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020), by rows.
 
@@ -137,11 +139,22 @@ def streaming_rollout(
     `vitscope.methods.rollout.rollout`.
 
     Strategies (`vitscope.capture.budget.choose_strategy`, same result within float32 rounding): ``"dense"``
-    builds each layer's fused rows while the layer runs (from the kernel's own probabilities when it
-    materialises them) and keeps them (``4 L B N^2`` bytes); ``"streaming"`` keeps q and k and rebuilds the
-    rows in chunks afterwards. ``"auto"`` picks dense for small inputs.
+    builds each layer's fused rows while the layer runs and keeps them (``4 L B N^2`` bytes): from the kernel's
+    own probabilities when it materialises them, else a plain float32 CPU SDPA call is run as SDPA's math
+    backend does (`vitscope.capture.intercept.substitute_sdpa`: its probabilities come with its output, no
+    second ``q k^T``; the model's activations then differ from the fused kernel's by float32 rounding, which
+    only a map is made of here), else they are rebuilt from q and k. ``"streaming"`` keeps q and k and rebuilds
+    the rows in chunks afterwards. ``"fused"`` (mean fusion without discard; else it streams) has SDPA's own
+    CPU kernel give each row's log-sum-exp ``lse`` with its unchanged output, keeps q, k and ``lse``, and
+    computes ``r @ P_h`` with the same kernel, roles swapped: query ``k``, key ``q``, value the rows ``r``
+    weighted by ``exp(c - lse)`` (``c`` the largest ``lse`` of the head) gives ``o``, ``lse2`` and
+    ``(r @ P_h)[j] = o[j] exp(lse2[j] - c)``, one attention's cost per layer and no ``N x N`` anywhere; layers
+    whose call the kernel does not take (CUDA, a mask, other dtypes) stream. ``"auto"`` picks dense for small
+    inputs, fused (or streaming) above the budget.
 
     Args:
+        model, images: as in `vitscope.capture`; ``model`` may also be a prepared
+            `vitscope.capture.streaming.StreamRun` (``images`` then unused).
         residual: weight ``a`` of the identity (the skip connection); 0.5 as in the paper.
         head_fusion: ``"mean"`` (the paper's), ``"max"`` or ``"min"`` over heads.
         discard_ratio: share of each fused matrix's lowest entries zeroed (never the [CLS] key column).
@@ -164,9 +177,11 @@ def streaming_rollout(
     for name, value, top in (("residual", residual, 1.0), ("discard_ratio", discard_ratio, 1.0)):
         if not (0.0 <= float(value) <= top) or (name == "discard_ratio" and value >= 1.0):
             raise VitscopeError(name, f"{value} is out of range", "pass a value in [0, 1] ([0, 1) for discard_ratio)")
-    if strategy not in ("auto", "dense", "streaming"):
-        raise VitscopeError("strategy", f"unknown strategy {strategy!r}", "use 'auto', 'dense' or 'streaming'")
-    run = prepare_run(model, images, device, policy, size)
+    if strategy not in ("auto", "dense", "fused", "streaming"):
+        raise VitscopeError("strategy", f"unknown strategy {strategy!r}",
+                            "use 'auto', 'dense', 'fused' or 'streaming'")
+    # a `StreamRun` is a model already prepared with its pixels (the registry's context: not prepared twice)
+    run = model if isinstance(model, StreamRun) else prepare_run(model, images, device, policy, size)
     info = run.vit.info
     cdt = check_compute_dtype(compute_dtype, run.pixels.device)
     L = info.num_layers
@@ -176,22 +191,35 @@ def streaming_rollout(
     B, N, H, dev = run.batch, run.num_tokens, info.num_heads, run.pixels.device
     query_ids, r = _initial_rows(queries, info.prefix, run.grid, N, B, dev, info.suffix)  # r: (B, R, N)
     layer_ids = tuple(range(start, L))
-    chosen = choose_strategy(B, N, len(layer_ids)) if strategy == "auto" else strategy
+    # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
+    plain_mean = head_fusion == "mean" and discard_ratio == 0
+    chosen = choose_strategy(B, N, len(layer_ids), fused=plain_mean) if strategy == "auto" else strategy
+    # the kernel substitution: dense takes the probabilities with the output, fused the rows' log-sum-exp
+    kernel = {"dense": "probs", "fused": "lse" if plain_mean else None}.get(chosen)
     chunk = chunk_rows_for(chunk_rows, B, H, N)
     a = float(residual)
     cls_index = info.prefix.index("cls") if "cls" in info.prefix else None
-    # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
-    plain_mean = head_fusion == "mean" and discard_ratio == 0
     renorm = renormalize and not plain_mean
     # the last layer multiplies the one-hot (or patch-mean) start rows: only the rows they weight are needed;
     # a discard threshold is taken over the whole matrix, so then every row is built
     first_rows = _rows_weighted(r) if discard_ratio == 0 else None
     scratch = Scratch()
     kept: dict[int, _LayerRows] = {}
+    from_kernel: list[int] = []  # layers whose rows the substituted kernel gave (probabilities or lse)
 
     def on_layer(layer: int, call: AttentionCall) -> None:
         rows = first_rows if layer == layer_ids[-1] else None
-        if call.probs is not None:  # the kernel materialised A: fuse its own probabilities
+        if call.lse is not None:
+            from_kernel.append(layer)
+            assert call.q is not None and call.k is not None
+            if rows is None:  # r @ P_h by the swapped kernel after the forward pass (`_swapped_products`);
+                # q and k stay views of the layer's qkv (no copy: ``3 B N D`` kept instead of ``2 B N D``)
+                kept[layer] = _LayerRows(None, q=call.q, k=call.k, scale=call.scale, lse=call.lse)
+            else:  # the last layer's few rows: the verified rows (the query's among them) or a chunk of them
+                kept[layer] = _LayerRows(rows, fused=call.rows(rows, None, True)[:, 0])
+        elif call.probs is not None:  # the kernel materialised A: fuse its own probabilities
+            if call.q is not None:
+                from_kernel.append(layer)
             p = call.probs if rows is None else call.probs[:, :, rows]  # (B, H, R', N)
             kept[layer] = _LayerRows(rows, fused=fuse_chunk(p.float(), head_fusion))
         elif chosen == "dense":
@@ -201,7 +229,7 @@ def streaming_rollout(
             kept[layer] = _LayerRows(rows, q=call.q.contiguous(), k=call.k.contiguous(), scale=call.scale,
                                      bias=call.bias_rows(slice(None)))
 
-    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense")
+    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense", kernel=kernel)
 
     for layer in reversed(layer_ids):
         item = kept.pop(layer)  # freed after this layer
@@ -209,7 +237,9 @@ def streaming_rollout(
         r_rows = r if item.rows is None else r[:, :, ids]  # (B, R, R') the weights of those rows
         # plain mean: the identity's share r @ (a I) = a r up front; otherwise each block carries it
         new_r = r * a if plain_mean and a != 0.0 else torch.zeros_like(r)
-        if plain_mean and item.fused is None:  # (1 - a) / H * sum_h r @ P_h, one product per chunk
+        if plain_mean and item.lse is not None:  # (1 - a) / H * sum_h r @ P_h, by the fused kernel
+            new_r.add_(_swapped_products(r, item), alpha=(1.0 - a) / H)
+        elif plain_mean and item.fused is None:  # (1 - a) / H * sum_h r @ P_h, one product per chunk
             assert item.q is not None and item.k is not None
             q = item.q if item.rows is None else item.q[:, :, ids]
             bias = item.bias if item.bias is None or item.rows is None or item.bias.shape[2] == 1 \
@@ -235,7 +265,8 @@ def streaming_rollout(
         image_size=run.image_size, suffix=info.suffix,
         meta={"model": info.name, "method": "rollout", "residual": a, "head_fusion": head_fusion,
               "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize,
-              "strategy": chosen},
+              "strategy": "streaming" if chosen == "fused" and not from_kernel else chosen,
+              "kernel_layers": len(from_kernel)},
     )
 
 
@@ -251,6 +282,47 @@ class _LayerRows:
     k: torch.Tensor | None = None
     scale: float = 1.0
     bias: torch.Tensor | None = None
+    lse: torch.Tensor | None = None  # (B, H, N) each row's log-sum-exp ("fused"), with q and k
+
+
+#: ``exp(c - lse)`` is used to weight the rows while the spread of a head's ``lse`` stays below this (float32's
+#: exponent range is about 87): beyond it the kernel is given ``-lse`` as a mask instead (exact, ~2x slower)
+_LSE_SPREAD = 80.0
+
+
+def _swapped_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
+    """``sum_h r @ P_h`` ``(B, R, N)`` for rows ``r`` ``(B, R, N)`` and ``P_h = softmax(q_h k_h^T * scale)`` of a
+    layer kept with its rows' log-sum-exp, by the fused kernel with the roles of queries and keys swapped.
+
+    ``(r @ P_h)[j] = sum_i r_i exp(s q_i k_j - lse_i)``: the kernel with query ``k``, key ``q`` and value
+    ``w_i = r_i exp(c - lse_i)`` returns ``o_j = sum_i exp(s k_j q_i - lse2_j) w_i`` and ``lse2_j``, so the
+    product is ``o_j exp(lse2_j - c)`` (``c``: the head's largest ``lse``, so no weight overflows, and
+    ``lse2_j - c <= log N``). The value has the head size of q and k; ``r``'s rows fill its columns, ``d`` at a
+    time. Only ``(B, H, N, d)`` tensors are made; float32 throughout (``r >= 0``: no cancellation)."""
+    q, k, lse = item.q, item.k, item.lse
+    assert q is not None and k is not None and lse is not None and intercept.FLASH_CPU is not None
+    B, H, N, d = q.shape
+    R = r.shape[1]
+    out = torch.empty(B, R, N, dtype=torch.float32, device=r.device)
+    c = lse.amax(dim=-1, keepdim=True)  # (B, H, 1)
+    spread_ok = float((c - lse).amax()) <= _LSE_SPREAD
+    weight = torch.exp(c - lse).unsqueeze(-1) if spread_ok else None  # (B, H, N, 1)
+    mask = None if spread_ok else (-lse).unsqueeze(2)  # (B, H, 1, N): -lse_i on every key i
+    w = torch.zeros(B, H, N, d, dtype=q.dtype, device=q.device)
+    for s in range(0, R, d):
+        e = min(R, s + d)
+        rt = r[:, s:e].transpose(1, 2).unsqueeze(1)  # (B, 1, N, c)
+        if weight is not None:
+            torch.mul(rt, weight, out=w[..., : e - s])
+        else:
+            w[..., : e - s] = rt
+        o, lse2 = intercept.FLASH_CPU(k, q, w, 0.0, False, attn_mask=mask, scale=item.scale)  # (B, H, N, d), (B, H, N)
+        back = torch.exp(lse2 - c) if weight is not None else torch.exp(lse2)  # (B, H, N)
+        prod = o[..., : e - s] * back.unsqueeze(-1)  # (B, H, N, c): column c of r @ P_h
+        out[:, s:e] = prod.sum(dim=1).transpose(1, 2)
+        if e < R:
+            w.zero_()
+    return out
 
 
 def _rows_weighted(r: torch.Tensor) -> list[int] | None:
