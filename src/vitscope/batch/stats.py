@@ -56,12 +56,10 @@ class ImageMeasures(Observer):
 
     ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context."""
 
-    def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
-                 chunk_rows: int | None = None) -> None:
+    def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> None:
         import torch
 
-        from vitscope.capture.streaming import Scratch, chunk_rows_for
-        from vitscope.methods.distance import offset_distances
+        from vitscope.methods.distance import DISTANCE_BLOCK_BYTES
 
         info = vit.info
         self.vit, self.norm_threshold = vit, norm_threshold
@@ -69,62 +67,35 @@ class ImageMeasures(Observer):
         self.token_norms = True
         B = int(pixels.shape[0])
         self.grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+        self.patch_size = (int(info.patch_size[0]), int(info.patch_size[1]))
         self.P0, self.P = info.num_prefix_tokens, self.grid[0] * self.grid[1]  # patches: P0 .. P0 + P - 1
-        N = self.P0 + self.P + info.num_suffix_tokens
         dev = pixels.device
-        self.table = offset_distances(self.grid, info.patch_size, "centre").to(dev)  # as mean_attention_distance
         self.distance = torch.zeros(info.num_layers, B, info.num_heads, dtype=torch.float32, device=dev)
-        self.chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
-        self.scratch = Scratch()
-        self._dist: dict[tuple[int, int], Any] = {}  # (start, end) -> (c, P) patch distances, shared by layers
+        self.scratch = torch.empty(DISTANCE_BLOCK_BYTES // 4 + 16 * self.P, dtype=torch.float32, device=dev)
         self.norms: Any = None
         self.output: Any = None
 
-    def _dist_rows(self, s: int, e: int) -> Any:
-        """Patch-centre distances of query patches ``s:e`` to every patch ``(e - s, P)`` float32 (shared by
-        layers)."""
-        from vitscope.methods.distance import patch_distances
-
-        dist = self._dist.get((s, e))
-        if dist is None:
-            dist = patch_distances(self.grid, self.vit.info.patch_size, queries=slice(s, e), table=self.table).float()
-            self._dist[(s, e)] = dist
-        return dist
-
     def on_attention(self, call: AttentionCall) -> None:
-        """Mean attention distance of each head (`vitscope.methods.streaming.streaming_distance`'s): patch rows
-        renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
+        """Mean attention distance of each head (`vitscope.methods.distance.mean_attention_distance`'s): patch
+        rows renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
 
-        From the kernel's q and k, only the patch block of the logits is formed: renormalising over patch keys
-        cancels the softmax's own normaliser, so ``sum_j e_ij d_ij / sum_j e_ij`` with ``e = exp(l - max_j l)``
-        over patch keys ``j`` is the same value without the prefix columns or a division per entry."""
-        import torch
+        From the kernel's q and k only the patch block of the logits is formed (renormalising over patch keys
+        is that block's own softmax: `add_distance_from_qk`); from probabilities (an explicit softmax, or a
+        capture that kept the whole layer) their patch block is read (`add_distance_from_probs`)."""
+        from vitscope.methods.distance import add_distance_from_probs, add_distance_from_qk
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
+        patches = slice(P0, P0 + P)
         if call.probs is not None:  # the attention itself (captured, or the model's explicit softmax)
-            for s in range(0, P, self.chunk):
-                e = min(P, s + self.chunk)
-                patch = call.rows(range(P0 + s, P0 + e), None, False)[..., P0 : P0 + P]  # (B, H, c, P)
-                acc += ((patch * self._dist_rows(s, e)).sum(dim=-1) / patch.sum(dim=-1)).sum(dim=-1)
-            acc /= P
+            add_distance_from_probs(acc, call.probs[:, :, patches, patches], self.grid, self.patch_size,
+                                    scratch=self.scratch)
             return
         assert call.q is not None and call.k is not None
-        q, k = call.q[:, :, P0 : P0 + P], call.k[:, :, P0 : P0 + P]  # (B, H, P, d): patch queries and keys
-        kt = k.float().transpose(-2, -1)  # (B, H, d, P)
-        bias = call.bias_rows(slice(P0, P0 + P))
-        B, H = int(q.shape[0]), int(q.shape[1])
-        for s in range(0, P, self.chunk):
-            e = min(P, s + self.chunk)
-            logits = self.scratch.get("logits", (B, H, e - s, P), torch.float32, q.device)
-            torch.matmul(q[:, :, s:e].float() * call.scale, kt, out=logits)  # (B, H, c, P)
-            if bias is not None:
-                logits.add_((bias[:, :, s:e] if bias.shape[2] != 1 else bias)[..., P0 : P0 + P])
-            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # e_ij, up to each row's factor
-            weighted = self.scratch.get("weighted", (B, H, e - s, P), torch.float32, q.device)
-            torch.mul(logits, self._dist_rows(s, e), out=weighted)
-            acc += (weighted.sum(dim=-1) / logits.sum(dim=-1)).sum(dim=-1)  # (B, H)
-        acc /= P
+        bias = call.bias_rows(patches)  # (B or 1, H or 1, P or 1, N)
+        add_distance_from_qk(acc, call.q[:, :, patches], call.k[:, :, patches], call.scale,
+                             None if bias is None else bias[..., patches], self.grid, self.patch_size,
+                             scratch=self.scratch)
 
     def on_norms(self, norms: Any) -> None:
         self.norms = norms  # (L, B, N)

@@ -19,11 +19,15 @@ Prefix-token query rows are never used. Two distances between patches ``i`` and 
   not 0 for ``i = j`` (two pixels of one patch are on average ``~0.52 * patch`` apart).
 
 `DistanceAccumulator` streams over many images (mean and standard deviation across images) without ever
-holding more than one batch of attention.
+holding more than one batch of attention. `add_distance_from_qk` and `add_distance_from_probs` are the same
+measure read from one layer's attention as a forward pass computes it (batch mode's per-image measures): in
+cache-sized blocks of (image, head) pairs, the renormalised patch rows folded into one matrix-vector product
+with the flattened distances (``mean_i sum_j w_ij d_ij = sum_ij w_ij d_ij / P``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -66,6 +70,90 @@ def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: 
     c = torch.arange(cols, device=table.device).repeat(rows)
     rq, cq = (r, c) if queries is None else (r[queries], c[queries])
     return table[(rq[:, None] - r[None, :]) + rows - 1, (cq[:, None] - c[None, :]) + cols - 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: DistanceMetric,
+                    device: torch.device) -> torch.Tensor:
+    """`patch_distances` of every query patch divided by the patch count ``P``, flattened query-major:
+    ``(P * P,)`` float32 on ``device``, cached per grid (the same for every layer and batch of that size)."""
+    P = grid[0] * grid[1]
+    return (patch_distances(grid, patch_size, metric) / P).reshape(-1).to(device=device, dtype=torch.float32)
+
+
+#: float32 bytes of attention worked through at once by `add_distance_from_qk` / `_from_probs`: what a core's
+#: cache holds, so the product, the softmax and the matrix-vector product read it from cache, not memory.
+DISTANCE_BLOCK_BYTES = 2**20
+
+
+def _blocks(G: int, P: int) -> tuple[int, int]:
+    """``(pairs, rows)`` per block of ``G`` (image, head) pairs with ``P x P`` patch attention each: several
+    whole pairs when one fits `DISTANCE_BLOCK_BYTES`, else one pair in chunks of rows (at least 16)."""
+    per_pair = 4 * P * P
+    if per_pair <= DISTANCE_BLOCK_BYTES:
+        return max(1, min(G, DISTANCE_BLOCK_BYTES // per_pair)), P
+    return 1, min(P, max(16, DISTANCE_BLOCK_BYTES // (4 * P)))
+
+
+def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``scratch`` when it holds ``n`` float32 values, else a new buffer of ``n``."""
+    if scratch is not None and scratch.numel() >= n and scratch.dtype == torch.float32 and scratch.device == device:
+        return scratch
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def add_distance_from_qk(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+                         bias: torch.Tensor | None, grid: tuple[int, int], patch_size: tuple[int, int],
+                         metric: DistanceMetric = "centre", scratch: torch.Tensor | None = None) -> None:
+    """``acc`` ``(B, H)`` float32 ``+=`` each image's and head's mean attention distance (renormalised over patch
+    keys) of one layer, from its patch queries and keys.
+
+    q, k: ``(B, H, P, d)`` the patch tokens' (row-major grid); bias: the additive bias of patch rows and keys,
+    broadcastable to ``(B, H, P, P)``, or ``None``. Renormalising over patch keys is the softmax of the patch
+    block of the logits alone, so only that block is formed: ``softmax(q k^T * scale + bias)`` over patch keys,
+    block by block (`DISTANCE_BLOCK_BYTES`), each reduced by one matrix-vector product with the distances.
+    ``scratch``: a float32 buffer of at least `DISTANCE_BLOCK_BYTES` (one is made when ``None``)."""
+    B, H, P, d = q.shape
+    G = B * H
+    flat = _flat_distances(grid, patch_size, metric, q.device)  # (P * P,) distances / P
+    qs = (q.float() * scale).reshape(G, P, d)  # (G, P, d) contiguous: the product's left side
+    kt = k.float().reshape(G, P, d).transpose(1, 2)  # (G, d, P)
+    bias_g = None if bias is None else bias.float().expand(B, H, P, P).reshape(G, P, P)
+    sums = acc.view(G)
+    pairs, rows = _blocks(G, P)
+    buf = _scratch(scratch, pairs * rows * P, q.device)
+    for s in range(0, G, pairs):
+        e = min(G, s + pairs)
+        for r0 in range(0, P, rows):
+            r1 = min(P, r0 + rows)
+            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)  # (g, r, P) patch logits
+            torch.bmm(qs[s:e, r0:r1], kt[s:e], out=blk)
+            if bias_g is not None:
+                blk.add_(bias_g[s:e, r0:r1])
+            torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
+            sums[s:e] += torch.mv(blk.view(e - s, -1), flat[r0 * P : r1 * P])  # (g,)
+
+
+def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
+                            patch_size: tuple[int, int], metric: DistanceMetric = "centre",
+                            scratch: torch.Tensor | None = None) -> None:
+    """`add_distance_from_qk` from one layer's attention itself: ``probs`` ``(B, H, P, P)``, the patch rows
+    and keys of the probabilities (any strides), each row renormalised over patch keys here."""
+    B, H, P, _ = probs.shape
+    G = B * H
+    flat = _flat_distances(grid, patch_size, metric, probs.device)
+    p = probs.flatten(0, 1)  # (G, P, P): a view when (B, H) are laid out together
+    sums = acc.view(G)
+    pairs, rows = _blocks(G, P)
+    buf = _scratch(scratch, pairs * rows * P, probs.device)
+    for s in range(0, G, pairs):
+        e = min(G, s + pairs)
+        for r0 in range(0, P, rows):
+            r1 = min(P, r0 + rows)
+            part = p[s:e, r0:r1].float()  # (g, r, P)
+            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)
+            torch.div(part, part.sum(dim=-1, keepdim=True), out=blk)
+            sums[s:e] += torch.mv(blk.view(e - s, -1), flat[r0 * P : r1 * P])
 
 
 def refuse_video(frames: int) -> None:
