@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,44 @@ def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = No
     return measures.result()
 
 
+#: Distance reductions an `ImageMeasures` lets wait on its thread before the forward pass waits for them (each
+#: holds one layer's patch q and k: the memory stays bounded when the thread is slower than the forward).
+_MAX_PENDING = 2
+_MEASURE_THREAD: list[ThreadPoolExecutor] = []
+
+
+def _measure_thread() -> ThreadPoolExecutor:
+    """The one thread the per-image measures' distance reductions run on (made on first use)."""
+    if not _MEASURE_THREAD:
+        _MEASURE_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-measures"))
+    return _MEASURE_THREAD[0]
+
+
+def spare_core(device: Any) -> bool:
+    """Whether a CPU forward leaves a core idle: torch's compute threads fewer than the cores this process may
+    use. Then the distances' reductions run beside the forward pass, on that core, instead of in it."""
+    import torch
+
+    if getattr(device, "type", device) != "cpu":
+        return False  # a GPU's kernels are asynchronous already
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
 class ImageMeasures(Observer):
     """Per-image measures read from a forward pass (an `Observer` of a `MapContext`): every layer's attention
     (mean attention distance per head), every block's output token norms, and the model's output (prediction).
 
-    ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context."""
+    ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context.
+    ``background``: reduce each layer's distances on a thread of their own while the forward pass goes on
+    (default: when `spare_core`); the layer's patch q and k are copied first, the reduction is the same, so the
+    results are identical either way."""
 
-    def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None) -> None:
+    def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
+                 background: bool | None = None) -> None:
         import torch
 
         from vitscope.methods.distance import DISTANCE_BLOCK_BYTES
@@ -72,6 +105,8 @@ class ImageMeasures(Observer):
         dev = pixels.device
         self.distance = torch.zeros(info.num_layers, B, info.num_heads, dtype=torch.float32, device=dev)
         self.scratch = torch.empty(DISTANCE_BLOCK_BYTES // 4 + 16 * self.P, dtype=torch.float32, device=dev)
+        self.background = spare_core(dev) if background is None else bool(background)
+        self._pending: deque[Future[None]] = deque()
         self.norms: Any = None
         self.output: Any = None
 
@@ -82,20 +117,31 @@ class ImageMeasures(Observer):
         From the kernel's q and k only the patch block of the logits is formed (renormalising over patch keys
         is that block's own softmax: `add_distance_from_qk`); from probabilities (an explicit softmax, or a
         capture that kept the whole layer) their patch block is read (`add_distance_from_probs`)."""
-        from vitscope.methods.distance import add_distance_from_probs, add_distance_from_qk
+        from vitscope.methods.distance import add_distance_from_probs, qk_operands, reduce_qk_distance
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
         patches = slice(P0, P0 + P)
         if call.probs is not None:  # the attention itself (captured, or the model's explicit softmax)
+            self._wait(0)  # the scratch is the thread's while it works
             add_distance_from_probs(acc, call.probs[:, :, patches, patches], self.grid, self.patch_size,
                                     scratch=self.scratch)
             return
         assert call.q is not None and call.k is not None
         bias = call.bias_rows(patches)  # (B or 1, H or 1, P or 1, N)
-        add_distance_from_qk(acc, call.q[:, :, patches], call.k[:, :, patches], call.scale,
-                             None if bias is None else bias[..., patches], self.grid, self.patch_size,
-                             scratch=self.scratch)
+        operands = qk_operands(call.q[:, :, patches], call.k[:, :, patches], call.scale,
+                               None if bias is None else bias[..., patches])  # copies: the model's stay untouched
+        if not self.background:
+            reduce_qk_distance(acc, *operands, self.grid, self.patch_size, scratch=self.scratch)
+            return
+        self._wait(_MAX_PENDING - 1)
+        self._pending.append(_measure_thread().submit(reduce_qk_distance, acc, *operands, self.grid,
+                                                      self.patch_size, scratch=self.scratch))
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most ``keep`` reductions are pending (re-raising a failed one)."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def on_norms(self, norms: Any) -> None:
         self.norms = norms  # (L, B, N)
@@ -112,6 +158,7 @@ class ImageMeasures(Observer):
         probability; ``-1`` / nan without a classifier)."""
         import torch
 
+        self._wait(0)  # every layer's distances are in
         if self.output is None or self.norms is None:
             raise RuntimeError("ImageMeasures.result() before the forward pass it observes")
         P0, S = self.vit.info.num_prefix_tokens, self.vit.info.num_suffix_tokens
