@@ -13,9 +13,12 @@ The three are interleaved ``--repeats`` times (bare, --no-stats, default, bare, 
 so a machine whose speed drifts affects them alike. Targets: ``--no-stats`` >= 90% and the default >= 85% of the
 bare forwards' throughput.
 
-The compute alone (no loading, no writing): CPU time of the computing thread per batch (`time.thread_time`: what
-the forward pass and the method cost, whatever else the machine runs) for a bare forward, `compute_batch` without
-and with the per-image measures, and the previous way (the map, then the measures in a second forward pass).
+The compute alone (no loading, no writing), per pass over the preloaded batches: CPU time of this process
+(`time.process_time`: every thread's, so the measures' distance reductions count wherever they run; what the
+forward pass and the method cost, whatever else the machine runs) and wall time, for a bare forward,
+`compute_batch` without and with the per-image measures, and the previous way (the map, then the measures in a
+second forward pass). With a spare core (torch threads < cores) the measures reduce each layer's distances on a
+thread of their own beside the forward (`vitscope.batch.stats.spare_core`): CPU time then exceeds wall time.
 
 Then ``vitscope batch`` runs as a CLI subprocess, is SIGKILLed midway and restarted: every output must be present
 and loadable, equal to a direct computation, and each image finished exactly once in the manifest.
@@ -181,12 +184,12 @@ def main() -> None:
 
 
 def compute_cost(vit, pixels, repeats: int) -> None:  # type: ignore[no-untyped-def]
-    """CPU time of this thread per pass over the preloaded batches: bare forwards, `compute_batch` (cls) without
-    and with the measures, and the previous two-pass way; interleaved, medians."""
+    """CPU time of this process (every thread) and wall time per pass over the preloaded batches: bare forwards,
+    `compute_batch` (cls) without and with the measures, and the previous two-pass way; interleaved, medians."""
     import torch
 
     from vitscope.batch import compute_batch
-    from vitscope.batch.stats import image_statistics
+    from vitscope.batch.stats import image_statistics, spare_core
     from vitscope.methods.api import get_method
 
     cls = get_method("cls")
@@ -202,22 +205,26 @@ def compute_cost(vit, pixels, repeats: int) -> None:  # type: ignore[no-untyped-
     ways = {"bare forward": bare, "cls map (--no-stats)": lambda x: compute_batch(vit, x, cls, stats=False),
             "cls map + measures, one pass (default)": lambda x: compute_batch(vit, x, cls),
             "cls map, then measures in a second pass (before)": two_pass}
-    times: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    wall: dict[str, list[float]] = {name: [] for name in ways}
     for fn in ways.values():
         fn(pixels[0])  # warm-up (and the per-model probes)
     for _ in range(repeats):
         for name, fn in ways.items():
-            t0 = time.thread_time()
+            c0, w0 = time.process_time(), time.perf_counter()
             for x in pixels:
                 fn(x)
-            times[name].append(time.thread_time() - t0)
-    base = statistics.median(times["bare forward"])
-    print(f"## compute only: CPU seconds of the computing thread, median of {repeats} interleaved repeats")
-    print("| per pass over every batch | CPU s | bare / this |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"| {name} | {t:.2f} | {base / t:.1%} |")
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    base_c, base_w = statistics.median(cpu["bare forward"]), statistics.median(wall["bare forward"])
+    beside = "beside the forward, on a spare core" if spare_core(pixels[0].device) else "inside the forward"
+    print(f"## compute only: CPU seconds of this process (all threads) and wall seconds, median of {repeats} "
+          f"interleaved repeats (measures' distances reduced {beside})")
+    print("| per pass over every batch | CPU s | bare / this (CPU) | wall s | bare / this (wall) |")
+    print("|---|---|---|---|---|")
+    for name in ways:
+        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
+        print(f"| {name} | {c:.2f} | {base_c / c:.1%} | {w:.2f} | {base_w / w:.1%} |")
 
 
 def kill_check(src: Path, tmp: Path, paths: list[Path], vit, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import vitscope
 from tests.conftest import assert_same_summary, make_tiny_vit
 from vitscope.batch.stats import SummaryAccumulator, image_record, image_statistics
 from vitscope.capture import capture
@@ -134,3 +135,45 @@ def test_unreadable_mask_is_named_by_its_path() -> None:
         mask_image(b"not a png", (8, 8), name="masks/a/cat.png")
     assert str(exc.value).startswith("masks: masks/a/cat.png is not an image PIL can read")
     assert "BytesIO" not in str(exc.value)
+
+
+def _measures(vit, pixels, background: bool):
+    from vitscope.batch.stats import ImageMeasures
+    from vitscope.methods.registry import MapContext
+
+    m = ImageMeasures(vitscope.wrap(vit), pixels, background=background)
+    MapContext(vitscope.wrap(vit), pixels, observers=[m]).observe()
+    return m
+
+
+def test_distances_reduced_beside_the_forward_equal_those_reduced_in_it(monkeypatch):
+    """With a spare core the distances' reductions run on a thread of their own (`spare_core`) from copies of
+    each layer's patch q and k: the measures are bit-for-bit those of the reduction inside the forward pass,
+    and a reduction that fails re-raises in `result()` (not lost on the thread)."""
+    import threading
+
+    from vitscope.methods import distance
+
+    vit = _peaked_vit()
+    pixels = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
+    inline = _measures(vit, pixels, background=False).result()
+    threads = []
+    real = distance.reduce_qk_distance
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distance, "reduce_qk_distance", spy)
+    beside = _measures(vit, pixels, background=True).result()
+    assert threads and all(name.startswith("vitscope-measures") for name in threads)
+    for key, value in inline.items():
+        np.testing.assert_array_equal(beside[key], value, err_msg=key)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("reduction failed")
+
+    monkeypatch.setattr(distance, "reduce_qk_distance", broken)
+    measures = _measures(vit, pixels, background=True)
+    with pytest.raises(RuntimeError, match="reduction failed"):
+        measures.result()

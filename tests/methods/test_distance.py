@@ -94,3 +94,57 @@ def test_accumulator_errors():
         acc.update(random_attentions(seed=1).select([0]))
     with pytest.raises(VitscopeError, match="metric"):
         mean_attention_distance(random_attentions(seed=1), metric="manhattan")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- from a forward pass's attention
+def _centre_distance_ref(probs: np.ndarray, grid, patch) -> np.ndarray:
+    """(B, H) by hand in float64: patch rows renormalised over patch keys, weighted by patch-centre distances,
+    averaged over query patches. ``probs``: (B, H, P, P) attention of patch queries to patch keys."""
+    centres = np.array([((r + 0.5) * patch[0], (c + 0.5) * patch[1]) for r in range(grid[0]) for c in range(grid[1])])
+    dist = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))  # (P, P)
+    w = probs / probs.sum(-1, keepdims=True)
+    return (w * dist).sum(-1).mean(-1)
+
+
+#: name -> (grid, batch, heads, block bytes): the blocks `add_distance_from_qk` / `_from_probs` work through
+DISTANCE_BLOCKS = {
+    "one block": ((3, 5), 2, 3, 2**20),
+    "pairs, partial last block": ((3, 5), 2, 3, 4 * 15 * 15 * 4),  # 4 of the 6 (image, head) pairs, then 2
+    "rows of one pair": ((3, 5), 2, 3, 4 * 15 * 15 - 4),  # a pair exceeds the block: 16-row chunks (here 15)
+    "rows of one pair, several chunks": ((6, 7), 1, 2, 4 * 42 * 16),  # 42 rows in chunks of 16, 16, 10
+    "ViT-S/16 at 224 px (38416 terms per sum)": ((14, 14), 2, 2, 2**20),
+}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+@pytest.mark.parametrize("case", list(DISTANCE_BLOCKS))
+def test_distance_from_qk_and_probs_equal_a_float64_hand_loop(case, bias, monkeypatch):
+    """Batch mode's per-layer distance (`add_distance_from_qk`: only the patch block of the logits, its softmax
+    reduced by one matrix-vector product; `add_distance_from_probs`: from the attention itself, prefix columns
+    present) equals a float64 loop over patch centres, whatever the blocks. q is scaled so rows are peaked
+    (mean row max > 0.2 checked): a wrong row, key or pair order changes the result."""
+    from vitscope.methods import distance as D
+
+    grid, B, H, block = DISTANCE_BLOCKS[case]
+    monkeypatch.setattr(D, "DISTANCE_BLOCK_BYTES", block)
+    P, P0, d, patch, scale = grid[0] * grid[1], 2, 8, (16, 12), 0.35
+    gen = torch.Generator().manual_seed(3)
+    q = 3.0 * torch.randn(B, H, P0 + P, d, generator=gen)  # (B, H, N, d) with 2 prefix tokens
+    k = torch.randn(B, H, P0 + P, d, generator=gen)
+    b = torch.randn(1, H, P0 + P, P0 + P, generator=gen) if bias else None  # a position bias shared by images
+    logits = (q.double() @ k.double().transpose(-2, -1)) * scale + (0 if b is None else b.double())
+    probs = torch.softmax(logits, dim=-1)  # (B, H, N, N) over every key, as the kernel computes it
+    assert float(probs.amax(-1).mean()) > 0.2
+    patches = slice(P0, P0 + P)
+    ref = _centre_distance_ref(probs[:, :, patches, patches].numpy(), grid, patch)
+    got_qk = torch.full((B, H), 5.0)  # added to, not overwritten
+    D.add_distance_from_qk(got_qk, q[:, :, patches], k[:, :, patches], scale,
+                           None if b is None else b[:, :, patches, patches], grid, patch)
+    np.testing.assert_allclose(got_qk.numpy() - 5.0, ref, rtol=1e-6, atol=1e-5)
+    got_p = torch.zeros(B, H)
+    D.add_distance_from_probs(got_p, probs.float()[:, :, patches, patches], grid, patch)
+    np.testing.assert_allclose(got_p.numpy(), ref, rtol=1e-6, atol=1e-5)
+    small = torch.empty(3)  # a scratch too small is replaced, never overrun
+    D.add_distance_from_qk(got_p.zero_(), q[:, :, patches], k[:, :, patches], scale,
+                           None if b is None else b[:, :, patches, patches], grid, patch, scratch=small)
+    np.testing.assert_allclose(got_p.numpy(), ref, rtol=1e-6, atol=1e-5)

@@ -97,7 +97,8 @@ def check_method_layer(method: Method, layer: int, vit: VitModel) -> None:
 
 
 def compute_batch(vit: VitModel, pixels: torch.Tensor, method: Method, *, layer: int = -1, stats: bool = True,
-                  norm_threshold: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                  norm_threshold: float | None = None, background: bool | None = None,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(maps, measures)`` of one batch of pixels ``(B, C, H, W)`` (on the model's device), numpy, batch first:
     ``maps`` holds ``map`` ``(B, rows, cols)`` float32 and the method's extras (``heads`` for ``cls``, ``mask``
     as uint8 for ``dino_mask``); ``measures`` (``stats=True``) the per-image measures of
@@ -105,7 +106,9 @@ def compute_batch(vit: VitModel, pixels: torch.Tensor, method: Method, *, layer:
 
     One forward pass per batch: the measures observe the forward pass the method runs for its map (its
     `MapContext` capture; a gradient method's prediction pass, which then also gives its target). A model that
-    takes at most ``vit.max_batch`` images per forward (Pixtral: 1) gets the batch in chunks of that size."""
+    takes at most ``vit.max_batch`` images per forward (Pixtral: 1) gets the batch in chunks of that size.
+    ``background``: the measures' distance reductions beside the forward pass, on a thread of their own
+    (`ImageMeasures`; default: when a core is spare, `vitscope.batch.stats.spare_core`)."""
     params = method_params(method, layer)
     if method.check is not None:  # a family the method cannot explain: one line, before any forward pass
         method.check(vit)
@@ -115,7 +118,7 @@ def compute_batch(vit: VitModel, pixels: torch.Tensor, method: Method, *, layer:
     measures: list[dict[str, np.ndarray]] = []
     for s in range(0, B, step):
         chunk = pixels[s : s + step]  # (b, C, H, W)
-        observers = [ImageMeasures(vit, chunk, norm_threshold=norm_threshold)] if stats else []
+        observers = [ImageMeasures(vit, chunk, norm_threshold=norm_threshold, background=background)] if stats else []
         ctx = MapContext(vit, chunk, observers=observers)
         if method.needs == "gradients":
             ctx.observe()  # the prediction the default target reads comes from the observed pass

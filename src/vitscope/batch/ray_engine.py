@@ -303,9 +303,10 @@ class MapActor:
         try:
             from vitscope.batch.local import compute_batch
 
-            # one forward pass per batch (the measures observe the method's own), in chunks of vit.max_batch
+            # one forward pass per batch (the measures observe the method's own), in chunks of vit.max_batch;
+            # the actor's torch threads are its whole CPU reservation: no spare core for the measures' thread
             result, extra = compute_batch(self.vit, pixels, self.spec, layer=self.layer, stats=self.stats,
-                                          norm_threshold=self.norm_threshold)
+                                          norm_threshold=self.norm_threshold, background=False)
         except Exception as exc:  # e.g. a size the model refuses: every image of the group is an error
             from vitscope.batch.local import error_line
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,18 +52,47 @@ def image_statistics(vit: Any, pixels: Any, *, norm_threshold: float | None = No
     return measures.result()
 
 
+#: Distance reductions an `ImageMeasures` lets wait on its thread before the forward pass waits for them (each
+#: holds one layer's patch q and k: the memory stays bounded when the thread is slower than the forward).
+_MAX_PENDING = 2
+_MEASURE_THREAD: list[ThreadPoolExecutor] = []
+
+
+def _measure_thread() -> ThreadPoolExecutor:
+    """The one thread the per-image measures' distance reductions run on (made on first use)."""
+    if not _MEASURE_THREAD:
+        _MEASURE_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-measures"))
+    return _MEASURE_THREAD[0]
+
+
+def spare_core(device: Any) -> bool:
+    """Whether a CPU forward leaves a core idle: torch's compute threads fewer than the cores this process may
+    use. Then the distances' reductions run beside the forward pass, on that core, instead of in it."""
+    import torch
+
+    if getattr(device, "type", device) != "cpu":
+        return False  # a GPU's kernels are asynchronous already
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
 class ImageMeasures(Observer):
     """Per-image measures read from a forward pass (an `Observer` of a `MapContext`): every layer's attention
     (mean attention distance per head), every block's output token norms, and the model's output (prediction).
 
-    ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context."""
+    ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context.
+    ``background``: reduce each layer's distances on a thread of their own while the forward pass goes on
+    (default: when `spare_core`); the layer's patch q and k are copied first, the reduction is the same, so the
+    results are identical either way."""
 
     def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
-                 chunk_rows: int | None = None) -> None:
+                 background: bool | None = None) -> None:
         import torch
 
-        from vitscope.capture.streaming import Scratch, chunk_rows_for
-        from vitscope.methods.distance import offset_distances
+        from vitscope.methods.distance import DISTANCE_BLOCK_BYTES
 
         info = vit.info
         self.vit, self.norm_threshold = vit, norm_threshold
@@ -69,62 +100,48 @@ class ImageMeasures(Observer):
         self.token_norms = True
         B = int(pixels.shape[0])
         self.grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+        self.patch_size = (int(info.patch_size[0]), int(info.patch_size[1]))
         self.P0, self.P = info.num_prefix_tokens, self.grid[0] * self.grid[1]  # patches: P0 .. P0 + P - 1
-        N = self.P0 + self.P + info.num_suffix_tokens
         dev = pixels.device
-        self.table = offset_distances(self.grid, info.patch_size, "centre").to(dev)  # as mean_attention_distance
         self.distance = torch.zeros(info.num_layers, B, info.num_heads, dtype=torch.float32, device=dev)
-        self.chunk = chunk_rows_for(chunk_rows, B, info.num_heads, N)
-        self.scratch = Scratch()
-        self._dist: dict[tuple[int, int], Any] = {}  # (start, end) -> (c, P) patch distances, shared by layers
+        self.scratch = torch.empty(DISTANCE_BLOCK_BYTES // 4 + 16 * self.P, dtype=torch.float32, device=dev)
+        self.background = spare_core(dev) if background is None else bool(background)
+        self._pending: deque[Future[None]] = deque()
         self.norms: Any = None
         self.output: Any = None
 
-    def _dist_rows(self, s: int, e: int) -> Any:
-        """Patch-centre distances of query patches ``s:e`` to every patch ``(e - s, P)`` float32 (shared by
-        layers)."""
-        from vitscope.methods.distance import patch_distances
-
-        dist = self._dist.get((s, e))
-        if dist is None:
-            dist = patch_distances(self.grid, self.vit.info.patch_size, queries=slice(s, e), table=self.table).float()
-            self._dist[(s, e)] = dist
-        return dist
-
     def on_attention(self, call: AttentionCall) -> None:
-        """Mean attention distance of each head (`vitscope.methods.streaming.streaming_distance`'s): patch rows
-        renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
+        """Mean attention distance of each head (`vitscope.methods.distance.mean_attention_distance`'s): patch
+        rows renormalised over patch keys, weighted by the patch-centre distances, averaged over query patches.
 
-        From the kernel's q and k, only the patch block of the logits is formed: renormalising over patch keys
-        cancels the softmax's own normaliser, so ``sum_j e_ij d_ij / sum_j e_ij`` with ``e = exp(l - max_j l)``
-        over patch keys ``j`` is the same value without the prefix columns or a division per entry."""
-        import torch
+        From the kernel's q and k only the patch block of the logits is formed (renormalising over patch keys
+        is that block's own softmax: `add_distance_from_qk`); from probabilities (an explicit softmax, or a
+        capture that kept the whole layer) their patch block is read (`add_distance_from_probs`)."""
+        from vitscope.methods.distance import add_distance_from_probs, qk_operands, reduce_qk_distance
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
+        patches = slice(P0, P0 + P)
         if call.probs is not None:  # the attention itself (captured, or the model's explicit softmax)
-            for s in range(0, P, self.chunk):
-                e = min(P, s + self.chunk)
-                patch = call.rows(range(P0 + s, P0 + e), None, False)[..., P0 : P0 + P]  # (B, H, c, P)
-                acc += ((patch * self._dist_rows(s, e)).sum(dim=-1) / patch.sum(dim=-1)).sum(dim=-1)
-            acc /= P
+            self._wait(0)  # the scratch is the thread's while it works
+            add_distance_from_probs(acc, call.probs[:, :, patches, patches], self.grid, self.patch_size,
+                                    scratch=self.scratch)
             return
         assert call.q is not None and call.k is not None
-        q, k = call.q[:, :, P0 : P0 + P], call.k[:, :, P0 : P0 + P]  # (B, H, P, d): patch queries and keys
-        kt = k.float().transpose(-2, -1)  # (B, H, d, P)
-        bias = call.bias_rows(slice(P0, P0 + P))
-        B, H = int(q.shape[0]), int(q.shape[1])
-        for s in range(0, P, self.chunk):
-            e = min(P, s + self.chunk)
-            logits = self.scratch.get("logits", (B, H, e - s, P), torch.float32, q.device)
-            torch.matmul(q[:, :, s:e].float() * call.scale, kt, out=logits)  # (B, H, c, P)
-            if bias is not None:
-                logits.add_((bias[:, :, s:e] if bias.shape[2] != 1 else bias)[..., P0 : P0 + P])
-            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # e_ij, up to each row's factor
-            weighted = self.scratch.get("weighted", (B, H, e - s, P), torch.float32, q.device)
-            torch.mul(logits, self._dist_rows(s, e), out=weighted)
-            acc += (weighted.sum(dim=-1) / logits.sum(dim=-1)).sum(dim=-1)  # (B, H)
-        acc /= P
+        bias = call.bias_rows(patches)  # (B or 1, H or 1, P or 1, N)
+        operands = qk_operands(call.q[:, :, patches], call.k[:, :, patches], call.scale,
+                               None if bias is None else bias[..., patches])  # copies: the model's stay untouched
+        if not self.background:
+            reduce_qk_distance(acc, *operands, self.grid, self.patch_size, scratch=self.scratch)
+            return
+        self._wait(_MAX_PENDING - 1)
+        self._pending.append(_measure_thread().submit(reduce_qk_distance, acc, *operands, self.grid,
+                                                      self.patch_size, scratch=self.scratch))
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most ``keep`` reductions are pending (re-raising a failed one)."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def on_norms(self, norms: Any) -> None:
         self.norms = norms  # (L, B, N)
@@ -141,6 +158,7 @@ class ImageMeasures(Observer):
         probability; ``-1`` / nan without a classifier)."""
         import torch
 
+        self._wait(0)  # every layer's distances are in
         if self.output is None or self.norms is None:
             raise RuntimeError("ImageMeasures.result() before the forward pass it observes")
         P0, S = self.vit.info.num_prefix_tokens, self.vit.info.num_suffix_tokens

@@ -19,11 +19,16 @@ Prefix-token query rows are never used. Two distances between patches ``i`` and 
   not 0 for ``i = j`` (two pixels of one patch are on average ``~0.52 * patch`` apart).
 
 `DistanceAccumulator` streams over many images (mean and standard deviation across images) without ever
-holding more than one batch of attention.
+holding more than one batch of attention. `add_distance_from_qk` and `add_distance_from_probs` are the same
+measure read from one layer's attention as a forward pass computes it (batch mode's per-image measures): in
+cache-sized blocks of (image, head) pairs, each block's renormalised patch rows weighted by the distances
+divided by ``P`` and summed in one reduction per pair (``mean_i sum_j w_ij d_ij = sum_ij w_ij d_ij / P``; torch's
+cascaded sum keeps the ``P^2`` terms to float32 rounding, where one matrix-vector product drifted by ~4e-6).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -66,6 +71,111 @@ def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: 
     c = torch.arange(cols, device=table.device).repeat(rows)
     rq, cq = (r, c) if queries is None else (r[queries], c[queries])
     return table[(rq[:, None] - r[None, :]) + rows - 1, (cq[:, None] - c[None, :]) + cols - 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric: DistanceMetric,
+                      device: torch.device) -> torch.Tensor:
+    """`patch_distances` of every query patch divided by the patch count ``P``: ``(P, P)`` float32 on
+    ``device``, cached per grid (the same for every layer and batch of that size)."""
+    P = grid[0] * grid[1]
+    return (patch_distances(grid, patch_size, metric) / P).to(device=device, dtype=torch.float32)
+
+
+#: float32 bytes of attention worked through at once by `add_distance_from_qk` / `_from_probs`: what a core's
+#: cache holds, so the product, the softmax and the matrix-vector product read it from cache, not memory.
+DISTANCE_BLOCK_BYTES = 2**20
+
+
+def _blocks(G: int, P: int) -> tuple[int, int]:
+    """``(pairs, rows)`` per block of ``G`` (image, head) pairs with ``P x P`` patch attention each: several
+    whole pairs when one fits `DISTANCE_BLOCK_BYTES`, else one pair in chunks of rows (at least 16)."""
+    per_pair = 4 * P * P
+    if per_pair <= DISTANCE_BLOCK_BYTES:
+        return max(1, min(G, DISTANCE_BLOCK_BYTES // per_pair)), P
+    return 1, min(P, max(16, DISTANCE_BLOCK_BYTES // (4 * P)))
+
+
+def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``scratch`` when it holds ``n`` float32 values, else a new buffer of ``n``."""
+    if scratch is not None and scratch.numel() >= n and scratch.dtype == torch.float32 and scratch.device == device:
+        return scratch
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def qk_operands(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q * scale, k, bias)`` of `add_distance_from_qk` as fresh contiguous float32 ``(B*H, P, d)``,
+    ``(B*H, P, d)`` and ``(B*H, P, P)`` (or ``None``) tensors: copies the model never touches again, so the
+    reduction (`reduce_qk_distance`) may run later, on another thread."""
+    B, H, P, d = q.shape
+    qs = torch.empty(B * H, P, d, dtype=torch.float32, device=q.device)
+    torch.mul(q, scale, out=qs.view(B, H, P, d))  # one pass: the scaled copy, laid out (B, H) pair by pair
+    kc = torch.empty(B * H, P, d, dtype=torch.float32, device=k.device)
+    kc.view(B, H, P, d).copy_(k)
+    bias_g = None
+    if bias is not None:
+        bias_g = torch.empty(B * H, P, P, dtype=torch.float32, device=bias.device)
+        bias_g.view(B, H, P, P).copy_(bias.expand(B, H, P, P))
+    return qs, kc, bias_g
+
+
+def reduce_qk_distance(acc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, bias_g: torch.Tensor | None,
+                       grid: tuple[int, int], patch_size: tuple[int, int], metric: DistanceMetric = "centre",
+                       scratch: torch.Tensor | None = None) -> None:
+    """`add_distance_from_qk` on `qk_operands`' tensors; ``acc`` ``(B, H)``."""
+    G, P, _ = qs.shape
+    dist = _scaled_distances(grid, patch_size, metric, qs.device)  # (P, P) distances / P
+    kt = kc.transpose(1, 2)  # (G, d, P)
+    sums = acc.view(G)
+    pairs, rows = _blocks(G, P)
+    buf = _scratch(scratch, pairs * rows * P, qs.device)
+    for s in range(0, G, pairs):
+        e = min(G, s + pairs)
+        for r0 in range(0, P, rows):
+            r1 = min(P, r0 + rows)
+            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)  # (g, r, P) patch logits
+            torch.bmm(qs[s:e, r0:r1], kt[s:e], out=blk)
+            if bias_g is not None:
+                blk.add_(bias_g[s:e, r0:r1])
+            torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
+            sums[s:e] += blk.mul_(dist[r0:r1]).view(e - s, -1).sum(dim=-1)  # (g,)
+
+
+def add_distance_from_qk(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+                         bias: torch.Tensor | None, grid: tuple[int, int], patch_size: tuple[int, int],
+                         metric: DistanceMetric = "centre", scratch: torch.Tensor | None = None) -> None:
+    """``acc`` ``(B, H)`` float32 ``+=`` each image's and head's mean attention distance (renormalised over patch
+    keys) of one layer, from its patch queries and keys.
+
+    q, k: ``(B, H, P, d)`` the patch tokens' (row-major grid); bias: the additive bias of patch rows and keys,
+    broadcastable to ``(B, H, P, P)``, or ``None``. Renormalising over patch keys is the softmax of the patch
+    block of the logits alone, so only that block is formed: ``softmax(q k^T * scale + bias)`` over patch keys,
+    block by block (`DISTANCE_BLOCK_BYTES`), each weighted by the distances and summed per pair.
+    ``scratch``: a float32 buffer of at least `DISTANCE_BLOCK_BYTES` (one is made when too small)."""
+    reduce_qk_distance(acc, *qk_operands(q, k, scale, bias), grid, patch_size, metric, scratch)
+
+
+def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
+                            patch_size: tuple[int, int], metric: DistanceMetric = "centre",
+                            scratch: torch.Tensor | None = None) -> None:
+    """`add_distance_from_qk` from one layer's attention itself: ``probs`` ``(B, H, P, P)``, the patch rows
+    and keys of the probabilities (any strides), each row renormalised over patch keys here."""
+    B, H, P, _ = probs.shape
+    G = B * H
+    dist = _scaled_distances(grid, patch_size, metric, probs.device)
+    p = probs.flatten(0, 1)  # (G, P, P): a view when (B, H) are laid out together
+    sums = acc.view(G)
+    pairs, rows = _blocks(G, P)
+    buf = _scratch(scratch, pairs * rows * P, probs.device)
+    for s in range(0, G, pairs):
+        e = min(G, s + pairs)
+        for r0 in range(0, P, rows):
+            r1 = min(P, r0 + rows)
+            part = p[s:e, r0:r1].float()  # (g, r, P)
+            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)
+            torch.div(part, part.sum(dim=-1, keepdim=True), out=blk)
+            sums[s:e] += blk.mul_(dist[r0:r1]).view(e - s, -1).sum(dim=-1)
 
 
 def refuse_video(frames: int) -> None:
