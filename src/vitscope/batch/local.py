@@ -917,16 +917,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
         prefetch_factor=max(2, min(batch_size, len(todo), 256)) if workers else None,
     )
     spec = get_method(method)
-    buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-
-    # Every write (outputs, manifest, counters) happens on one writer thread, in submission order, so encoding,
-    # fsync and renames overlap with the next batch's forward pass. At most two jobs are in flight.
-    def write_errors(failures: list[tuple[BatchItem, str]]) -> None:
-        manifest.append(*({"rel": it.rel, "input": str(it.path), "status": "error", "error": err, "outputs": {},
-                           "method": method, "finished": time.time()} for it, err in failures))
-        summary.failed += len(failures)
-        summary.errors.extend((it.rel, err) for it, err in failures)
-        bar.update(len(failures))
+    pipe = _Pipeline(todo, manifest, summary, bar, method)
 
     def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int],
                     extra: dict[str, np.ndarray]) -> None:
@@ -954,51 +945,84 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
             entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,
                             "outputs": outputs, "method": method, "finished": time.time(),
                             **({"stats": record} if record else {})})
-        manifest.append(*entries)  # only after every file of the batch is in place
-        summary.done += len(entries)
-        bar.update(len(entries))
-
-    pending: deque[Future[None]] = deque()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-batch-writer")
-
-    def submit(job: Callable[..., None], *job_args: Any) -> None:
-        while len(pending) >= 2:
-            pending.popleft().result()  # re-raises a failed write (e.g. disk full) here
-        _interrupt.check()  # a safe point: no lock held, the jobs in flight match their files
-        pending.append(writer.submit(job, *job_args))
+        pipe.finish(entries)
 
     def run(samples: list[dict[str, Any]]) -> None:
         pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype, non_blocking=True)  # (B, C, H, W)
         try:
             result, extra = compute_batch(vit, pixels, spec, layer=layer, stats=stats, norm_threshold=norm_threshold)
         except Exception as exc:  # e.g. a size the model refuses: every image of the batch is an error
-            _interrupt.check()  # ... unless a Ctrl-C caused it (a half-done import, a dead worker)
-            submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])
+            pipe.fail(samples, exc)
             return
-        submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])), extra)
+        pipe.submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])), extra)
 
-    _warm_imports()
-    # Ctrl-C: only recorded while the loop runs (`_interrupt.deferred`) and raised at its safe points (`submit`,
-    # each sample): a KeyboardInterrupt never lands inside a lock the writer thread (logging, tqdm, an import)
-    # then waits on forever, and an error a Ctrl-C caused is never recorded as the image's.
-    with _interrupt.deferred():
-        try:
-            for sample in loader:
-                _interrupt.check()
-                if sample["error"] is not None:
-                    submit(write_errors, [(todo[sample["index"]], sample["error"])])
-                    continue
-                key = tuple(sample["pixels"].shape)
-                bucket = buckets.setdefault(key, [])
-                bucket.append(sample)
-                if len(bucket) >= batch_size:
+    pipe.drive(loader, batch_size, run)
+
+
+class _Pipeline:
+    """The loop `_process` and `_process_videos` share: samples grouped into batches of equal shapes, each batch
+    computed on the calling thread, and every write (outputs, manifest, counters) on one writer thread, in
+    submission order, so encoding, fsync and renames overlap with the next batch's forward pass (at most two
+    jobs in flight). Ctrl-C is only recorded while the loop runs (`_interrupt.deferred`) and raised at its safe
+    points (`submit`, each sample): a KeyboardInterrupt never lands inside a lock the writer thread (logging, tqdm,
+    an import) then waits on forever, and an error a Ctrl-C caused is never recorded as the input's."""
+
+    def __init__(self, todo: list[BatchItem], manifest: Manifest, summary: BatchSummary, bar: Any,
+                 method: str) -> None:
+        self.todo, self.manifest, self.summary, self.bar, self.method = todo, manifest, summary, bar, method
+        self.pending: deque[Future[None]] = deque()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-batch-writer")
+
+    def write_errors(self, failures: list[tuple[BatchItem, str]]) -> None:
+        """(writer thread) One error line per input."""
+        self.manifest.append(*({"rel": it.rel, "input": str(it.path), "status": "error", "error": err,
+                                "outputs": {}, "method": self.method, "finished": time.time()}
+                               for it, err in failures))
+        self.summary.failed += len(failures)
+        self.summary.errors.extend((it.rel, err) for it, err in failures)
+        self.bar.update(len(failures))
+
+    def finish(self, entries: list[dict[str, Any]]) -> None:
+        """(writer thread) A batch's manifest lines, only after every file of the batch is in place."""
+        self.manifest.append(*entries)
+        self.summary.done += len(entries)
+        self.bar.update(len(entries))
+
+    def submit(self, job: Callable[..., None], *job_args: Any) -> None:
+        while len(self.pending) >= 2:
+            self.pending.popleft().result()  # re-raises a failed write (e.g. disk full) here
+        _interrupt.check()  # a safe point: no lock held, the jobs in flight match their files
+        self.pending.append(self.writer.submit(job, *job_args))
+
+    def fail(self, samples: list[dict[str, Any]], exc: Exception) -> None:
+        """Every input of a batch whose computation raised is an error line ..."""
+        _interrupt.check()  # ... unless a Ctrl-C caused it (a half-done import, a dead worker)
+        self.submit(self.write_errors, [(self.todo[s["index"]], error_line(exc)) for s in samples])
+
+    def drive(self, loader: Iterable[dict[str, Any]], batch_size: int,
+              run: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Feed ``loader``'s samples to ``run`` in batches of up to ``batch_size`` of one shape; then wait for
+        the writes (also on Ctrl-C: the job in flight finishes, so its manifest lines match its files)."""
+        buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        _warm_imports()
+        with _interrupt.deferred():
+            try:
+                for sample in loader:
+                    _interrupt.check()
+                    if sample["error"] is not None:
+                        self.submit(self.write_errors, [(self.todo[sample["index"]], sample["error"])])
+                        continue
+                    key = tuple(sample["pixels"].shape)
+                    bucket = buckets.setdefault(key, [])
+                    bucket.append(sample)
+                    if len(bucket) >= batch_size:
+                        run(buckets.pop(key))
+                for key in list(buckets):
                     run(buckets.pop(key))
-            for key in list(buckets):
-                run(buckets.pop(key))
-            while pending:
-                pending.popleft().result()
-        finally:  # also on Ctrl-C: let the job in flight finish, so its manifest lines match its files
-            writer.shutdown(wait=True, cancel_futures=True)
+                while self.pending:
+                    self.pending.popleft().result()
+            finally:
+                self.writer.shutdown(wait=True, cancel_futures=True)
 
 
 def _warm_imports() -> None:
@@ -1152,14 +1176,7 @@ def _process_videos(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifes
         prefetch_factor=max(2, min(batch_size, len(todo), 16)) if workers else None,
     )
     spec = get_method(method)
-    buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-
-    def write_errors(failures: list[tuple[BatchItem, str]]) -> None:
-        manifest.append(*({"rel": it.rel, "input": str(it.path), "status": "error", "error": err, "outputs": {},
-                           "method": method, "finished": time.time()} for it, err in failures))
-        summary.failed += len(failures)
-        summary.errors.extend((it.rel, err) for it, err in failures)
-        bar.update(len(failures))
+    pipe = _Pipeline(todo, manifest, summary, bar, method)
 
     def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int]) -> None:
         entries = []
@@ -1180,45 +1197,15 @@ def _process_videos(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifes
                 outputs[fmt] = {"path": rel_out, "bytes": len(data), "sha256": _sha256(data)}
             entries.append({"rel": item.rel, "input": str(item.path), "status": "ok", "error": None,
                             "outputs": outputs, "method": method, "finished": time.time()})
-        manifest.append(*entries)  # only after every file of the batch is in place
-        summary.done += len(entries)
-        bar.update(len(entries))
-
-    pending: deque[Future[None]] = deque()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-batch-writer")
-
-    def submit(job: Callable[..., None], *job_args: Any) -> None:
-        while len(pending) >= 2:
-            pending.popleft().result()
-        _interrupt.check()
-        pending.append(writer.submit(job, *job_args))
+        pipe.finish(entries)
 
     def run(samples: list[dict[str, Any]]) -> None:
         pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype)  # (B, T, C, H, W)
         try:
             result = compute_video_batch(vit, pixels, spec, layer=layer)
         except Exception as exc:
-            _interrupt.check()
-            submit(write_errors, [(todo[s["index"]], error_line(exc)) for s in samples])
+            pipe.fail(samples, exc)
             return
-        submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])))
+        pipe.submit(write_batch, samples, result, (int(pixels.shape[-2]), int(pixels.shape[-1])))
 
-    _warm_imports()
-    with _interrupt.deferred():
-        try:
-            for sample in loader:
-                _interrupt.check()
-                if sample["error"] is not None:
-                    submit(write_errors, [(todo[sample["index"]], sample["error"])])
-                    continue
-                key = tuple(sample["pixels"].shape)
-                bucket = buckets.setdefault(key, [])
-                bucket.append(sample)
-                if len(bucket) >= batch_size:
-                    run(buckets.pop(key))
-            for key in list(buckets):
-                run(buckets.pop(key))
-            while pending:
-                pending.popleft().result()
-        finally:
-            writer.shutdown(wait=True, cancel_futures=True)
+    pipe.drive(loader, batch_size, run)
