@@ -29,6 +29,7 @@ cascaded sum keeps the ``P^2`` terms to float32 rounding, where one matrix-vecto
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -125,20 +126,30 @@ def reduce_qk_distance(acc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, bi
                        scratch: torch.Tensor | None = None) -> None:
     """`add_distance_from_qk` on `qk_operands`' tensors; ``acc`` ``(B, H)``."""
     G, P, _ = qs.shape
-    dist = _scaled_distances(grid, patch_size, metric, qs.device)  # (P, P) distances / P
     kt = kc.transpose(1, 2)  # (G, d, P)
-    sums = acc.view(G)
+
+    def fill(blk: torch.Tensor, s: int, e: int, r0: int, r1: int) -> None:
+        torch.bmm(qs[s:e, r0:r1], kt[s:e], out=blk)  # (g, r, P) patch logits
+        if bias_g is not None:
+            blk.add_(bias_g[s:e, r0:r1])
+        torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
+
+    _reduce_blocks(acc.view(G), G, P, _scaled_distances(grid, patch_size, metric, qs.device), scratch, fill)
+
+
+def _reduce_blocks(sums: torch.Tensor, G: int, P: int, dist: torch.Tensor, scratch: torch.Tensor | None,
+                   fill: Callable[[torch.Tensor, int, int, int, int], None]) -> None:
+    """``sums`` ``(G,)`` ``+=`` each (image, head) pair's distance-weighted patch probabilities, block by block
+    (`_blocks`): ``fill(blk, s, e, r0, r1)`` writes pairs ``s:e``, patch rows ``r0:r1`` of the probabilities
+    renormalised over patch keys into ``blk`` ``(g, r, P)``; ``dist`` ``(P, P)`` the distances / P."""
     pairs, rows = _blocks(G, P)
-    buf = _scratch(scratch, pairs * rows * P, qs.device)
+    buf = _scratch(scratch, pairs * rows * P, dist.device)
     for s in range(0, G, pairs):
         e = min(G, s + pairs)
         for r0 in range(0, P, rows):
             r1 = min(P, r0 + rows)
-            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)  # (g, r, P) patch logits
-            torch.bmm(qs[s:e, r0:r1], kt[s:e], out=blk)
-            if bias_g is not None:
-                blk.add_(bias_g[s:e, r0:r1])
-            torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
+            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)
+            fill(blk, s, e, r0, r1)
             sums[s:e] += blk.mul_(dist[r0:r1]).view(e - s, -1).sum(dim=-1)  # (g,)
 
 
@@ -163,19 +174,13 @@ def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[
     and keys of the probabilities (any strides), each row renormalised over patch keys here."""
     B, H, P, _ = probs.shape
     G = B * H
-    dist = _scaled_distances(grid, patch_size, metric, probs.device)
     p = probs.flatten(0, 1)  # (G, P, P): a view when (B, H) are laid out together
-    sums = acc.view(G)
-    pairs, rows = _blocks(G, P)
-    buf = _scratch(scratch, pairs * rows * P, probs.device)
-    for s in range(0, G, pairs):
-        e = min(G, s + pairs)
-        for r0 in range(0, P, rows):
-            r1 = min(P, r0 + rows)
-            part = p[s:e, r0:r1].float()  # (g, r, P)
-            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)
-            torch.div(part, part.sum(dim=-1, keepdim=True), out=blk)
-            sums[s:e] += blk.mul_(dist[r0:r1]).view(e - s, -1).sum(dim=-1)
+
+    def fill(blk: torch.Tensor, s: int, e: int, r0: int, r1: int) -> None:
+        part = p[s:e, r0:r1].float()  # (g, r, P)
+        torch.div(part, part.sum(dim=-1, keepdim=True), out=blk)
+
+    _reduce_blocks(acc.view(G), G, P, _scaled_distances(grid, patch_size, metric, probs.device), scratch, fill)
 
 
 def refuse_video(frames: int) -> None:
