@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,11 +54,17 @@ class TokenScore:
         kind: ``"text"``, ``"image"`` or ``"patch"``.
         label: what was asked (the prompt, the reference path, ``"R,C"``).
         fn: ``fn(tokens (B, N, D), grid (rows, cols)) -> (B,)`` scores.
+        embedding: text and image targets: the embedding ``(E,)`` the image embedding is compared with (the
+            prompt's text embedding, the reference's image embedding), else ``None``.
+        of_embedding: text and image targets: the score as a function of image embeddings ``(B, E) -> (B,)``
+            (``fn`` is ``of_embedding(vit.embed(tokens))``), else ``None``. LRP methods start from these two.
     """
 
     kind: str
     label: str
     fn: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    embedding: torch.Tensor | None = field(default=None, compare=False)
+    of_embedding: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
     def score(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """One score per image ``(B,)`` from block-output tokens ``(B, N, D)`` of a ``grid`` of patches."""
@@ -174,13 +180,21 @@ def text_scores(vit: Any, prompts: Sequence[str]) -> list[TokenScore]:
         txt = tower.encode(tower.tokenize(list(prompts))).detach()  # (T, E)
     logits = tower.logits
 
-    def make(t: int) -> Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]:
+    def make(t: int) -> tuple[Callable[[torch.Tensor, tuple[int, int]], torch.Tensor],
+                              Callable[[torch.Tensor], torch.Tensor]]:
+        def of_embedding(e: torch.Tensor) -> torch.Tensor:
+            return logits(e, txt[t:t + 1].to(e.device))[:, 0]  # (B,)
+
         def score(tokens: torch.Tensor, _grid: tuple[int, int]) -> torch.Tensor:
-            return logits(embed(tokens), txt[t:t + 1].to(tokens.device))[:, 0]  # (B,)
+            return of_embedding(embed(tokens))
 
-        return score
+        return score, of_embedding
 
-    return [TokenScore("text", p, make(t)) for t, p in enumerate(prompts)]
+    out = []
+    for t, p in enumerate(prompts):
+        score, of_embedding = make(t)
+        out.append(TokenScore("text", p, score, embedding=txt[t], of_embedding=of_embedding))
+    return out
 
 
 def last_block_tokens(vit: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -212,11 +226,13 @@ def image_score(vit: Any, path: str) -> TokenScore:
     with torch.no_grad():
         ref = embed(last_block_tokens(vit, pixels)).detach()  # (1, E)
 
-    def score(tokens: torch.Tensor, _grid: tuple[int, int]) -> torch.Tensor:
-        e = embed(tokens)  # (B, E)
-        return torch.nn.functional.cosine_similarity(e, ref.to(e.dtype), dim=-1)
+    def of_embedding(e: torch.Tensor) -> torch.Tensor:  # (B, E) -> (B,)
+        return torch.nn.functional.cosine_similarity(e, ref.to(e.device, e.dtype), dim=-1)
 
-    return TokenScore("image", path, score)
+    def score(tokens: torch.Tensor, _grid: tuple[int, int]) -> torch.Tensor:
+        return of_embedding(embed(tokens))
+
+    return TokenScore("image", path, score, embedding=ref[0], of_embedding=of_embedding)
 
 
 def parse_patch(text: str) -> tuple[int, int]:

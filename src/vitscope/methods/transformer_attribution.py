@@ -55,13 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscope.adapters.base import SizePolicy, VitModel
-from vitscope.capture.hooks import eval_mode, hooks_removed_on_exit, this_thread_only
+from vitscope.capture.hooks import _first_tensor, eval_mode, hooks_removed_on_exit, this_thread_only
 from vitscope.errors import VitscopeError
 from vitscope.methods._common import Query
-from vitscope.methods._gradients import Target, grad_enabled, layers_from, resolve_classes
+from vitscope.methods._gradients import Target, grad_enabled, layers_from, per_target, resolve_classes
 from vitscope.methods.registry import MapContext, MapResult, Method, register
 from vitscope.methods.rollout import map_from_matrix
-from vitscope.methods.targets import target_meta
+from vitscope.methods.targets import TokenScore, target_meta
 
 _EPS = 1e-9  # Chefer's safe_divide stabiliser
 _FIX = "use a supported family (docs/methods.md#transformer_attribution), or the 'chefer' method"
@@ -99,14 +99,45 @@ class LrpHead:
 
 
 @dataclass
+class LrpProbe:
+    """SigLIP's attention-pooling (MAP) head: a learned probe query attending over the tokens
+    (``nn.MultiheadAttention``), then ``a + mlp(norm(a))``; its output is the pooled feature."""
+
+    probe: torch.Tensor  # (1, 1, D), a constant
+    qkv: tuple[torch.Tensor, torch.Tensor | None]  # in-projection (3D, D) rows [q; k; v]; bias
+    num_heads: int
+    proj: nn.Linear  # out_proj
+    norm: nn.Module
+    fc1: nn.Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+    fc2: nn.Linear
+
+
+@dataclass
+class LrpEmbed:
+    """A dual encoder's image embedding from the final tokens: ``pool`` (``"cls"``: token 0; ``"avg"``: the mean
+    of tokens ``start:``; ``"map"``: the `LrpProbe` head), the post norm (on every token, or on the pooled
+    feature when ``norm_after_pool``), then the projection ``(E, D)`` (none for SigLIP)."""
+
+    pool: str
+    norm: nn.Module | None
+    proj: torch.Tensor | None
+    start: int = 0
+    norm_after_pool: bool = False
+    probe: LrpProbe | None = None
+
+
+@dataclass
 class LrpModel:
-    """What the rules run on: the blocks, the final norm (or None) and the classifier head(s), averaged."""
+    """What the rules run on: the blocks, the final norm (or None) and the classifier head(s), averaged; or,
+    for a dual encoder's image tower, the image embedding (`LrpEmbed`) a text or image target is scored on."""
 
     first: nn.Module  # the module whose input is the tokens entering block 0
     blocks: list[LrpBlock]
     norm: nn.Module | None
     heads: list[LrpHead]
     num_prefix: int
+    embed: LrpEmbed | None = None
 
 
 def _child(module: nn.Module, *names: str) -> Any:
@@ -191,8 +222,8 @@ def _block(vit: VitModel, layer: int) -> LrpBlock:
         raise TypeError("a block whose norms, projections or MLP are not where ViTs keep them")
     return LrpBlock(
         norm1=norm1, qkv=qkv, num_heads=heads, scale=float(scale), proj=proj, norm2=norm2, fc1=fc1, act=act,
-        fc2=fc2, ls1=_layer_scale(_child(blk, "ls1", "layer_scale1")),
-        ls2=_layer_scale(_child(blk, "ls2", "layer_scale2")),
+        fc2=fc2, ls1=_layer_scale(_child(blk, "ls1", "layer_scale1", "ls_1")),
+        ls2=_layer_scale(_child(blk, "ls2", "layer_scale2", "ls_2")),
     )
 
 
@@ -239,6 +270,46 @@ def _readout(vit: VitModel) -> tuple[nn.Module | None, list[LrpHead]]:
     raise TypeError("no classifier head the rules know (image classifiers only: the relevance starts at a logit)")
 
 
+_DUAL = ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipModel", "SiglipVisionModel")
+
+
+def _embedding(vit: VitModel) -> LrpEmbed | None:
+    """The image embedding of the supported dual encoders and their towers (``None`` for other models):
+    transformers CLIP ``visual_projection(post_layernorm(x[:, 0]))``, SigLIP ``head(post_layernorm(x))``,
+    open_clip ``ln_post`` and 'tok'/'avg' pooling, then ``@ proj``."""
+    m: Any = vit.module
+    kind = type(m).__name__
+    if vit.info.family == "open_clip":
+        visual = getattr(m, "visual", m)
+        if getattr(visual, "attn_pool", None) is not None:
+            raise TypeError("open_clip attentional pooling (CoCa)")
+        pool = getattr(visual, "pool_type", None)
+        if pool not in ("tok", "avg"):
+            raise TypeError(f"open_clip pool_type={pool!r} ('tok' or 'avg' only)")
+        proj = visual.proj
+        return LrpEmbed("cls" if pool == "tok" else "avg", visual.ln_post,
+                        None if proj is None else proj.t(), start=1,
+                        norm_after_pool=bool(getattr(visual, "final_ln_after_pool", False)))
+    if kind not in _DUAL:
+        return None
+    tower = m.vision_model
+    proj = getattr(m, "visual_projection", None)
+    if proj is not None and (not isinstance(proj, nn.Linear) or proj.bias is not None):
+        raise TypeError("a visual projection that is not one linear map without bias")
+    weight = None if proj is None else proj.weight
+    head = getattr(tower, "head", None)
+    if not kind.startswith("Siglip"):
+        return LrpEmbed("cls", tower.post_layernorm, weight)
+    if head is None or not getattr(tower, "use_head", True):
+        raise TypeError("a SigLIP tower without its attention-pooling head")
+    mha, mlp = head.attention, head.mlp
+    if not isinstance(mha, nn.MultiheadAttention) or mha.in_proj_weight is None or not mha.batch_first:
+        raise TypeError("a pooling head whose attention is not one batch-first MultiheadAttention")
+    probe = LrpProbe(head.probe, (mha.in_proj_weight, mha.in_proj_bias), mha.num_heads, mha.out_proj,
+                     head.layernorm, _linear(mlp.fc1), mlp.activation_fn, _linear(mlp.fc2))
+    return LrpEmbed("map", tower.post_layernorm, weight, probe=probe)
+
+
 def lrp_model(model: Any) -> LrpModel:
     """The rules' view of ``model`` (a `VitModel`, spec or module), or a one-line `VitscopeError` saying why
     the model is not supported."""
@@ -250,11 +321,12 @@ def lrp_model(model: Any) -> LrpModel:
     if vit.info.num_suffix_tokens:
         raise _refuse(vit, "suffix tokens")
     try:
-        norm, heads = _readout(vit)
+        embed = _embedding(vit)
+        norm, heads = (None, []) if embed is not None else _readout(vit)
         blocks = [_block(vit, i) for i in range(vit.info.num_layers)]
     except (TypeError, AttributeError) as exc:
         raise _refuse(vit, str(exc).split("\n")[0]) from None
-    return LrpModel(vit.sites[0].block, blocks, norm, heads, vit.info.num_prefix_tokens)
+    return LrpModel(vit.sites[0].block, blocks, norm, heads, vit.info.num_prefix_tokens, embed)
 
 
 # ------------------------------------------------------------------------------------------ forward, in f64
@@ -294,16 +366,70 @@ class _BlockRecord:
 
 
 @dataclass
+class _ProbeRecord:
+    probe: torch.Tensor  # the probe query's input (B, 1, D)
+    q: torch.Tensor  # (B, H, 1, d)
+    k: torch.Tensor  # (B, H, N, d)
+    v: torch.Tensor
+    attn: torch.Tensor  # (B, H, 1, N)
+    o: torch.Tensor  # A v merged (B, 1, D)
+    a: torch.Tensor  # out_proj(o) (B, 1, D)
+    h: torch.Tensor  # norm(a)
+    g: torch.Tensor  # act(fc1(h))
+    m: torch.Tensor  # fc2(g)
+
+
+@dataclass
 class _Record:
     blocks: list[_BlockRecord] = field(default_factory=list)
-    final: torch.Tensor | None = None  # norm(x_L) (B, N, D)
+    final: torch.Tensor | None = None  # norm(x_L) (B, N, D); for an embedding, the tokens pooled
     head_in: list[torch.Tensor] = field(default_factory=list)  # each head's input (B, D or 2D)
     head_out: list[torch.Tensor] = field(default_factory=list)  # each head's share of the logits (B, C)
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, C); for a token target its scores (B,)
+    pooled: torch.Tensor | None = None  # the pooled feature (B, D), before a norm after pooling
+    probe: _ProbeRecord | None = None
+    emb: torch.Tensor | None = None  # the image embedding (B, E)
 
 
-def _run(lm: LrpModel, x: torch.Tensor) -> _Record:
-    """The explicit forward from the tokens entering block 0 ``(B, N, D)`` (float64, autograd on)."""
+def _probe_pool(p: LrpProbe, y: torch.Tensor) -> tuple[torch.Tensor, _ProbeRecord]:
+    """SigLIP's MAP head on tokens ``y`` ``(B, N, D)`` -> the pooled feature ``(B, D)`` and its record."""
+    B, N, D = y.shape
+    H = p.num_heads
+    probe = p.probe.detach().double().expand(B, 1, D)  # (B, 1, D)
+    w, bias = p.qkv[0].double(), _f64(p.qkv[1])
+    wq, wk, wv = w.chunk(3)
+    bq, bk, bv = (None, None, None) if bias is None else bias.chunk(3)
+    q = F.linear(probe, wq, bq).reshape(B, 1, H, -1).transpose(1, 2)  # (B, H, 1, d)
+    k = F.linear(y, wk, bk).reshape(B, N, H, -1).transpose(1, 2)  # (B, H, N, d)
+    v = F.linear(y, wv, bv).reshape(B, N, H, -1).transpose(1, 2)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, 1, N)
+    o = (attn @ v).transpose(1, 2).reshape(B, 1, D)
+    a = _lin(o, p.proj)
+    h = _norm(p.norm, a)
+    g = p.act(_lin(h, p.fc1))
+    m = _lin(g, p.fc2)
+    return (a + m)[:, 0], _ProbeRecord(probe, q, k, v, attn, o, a, h, g, m)
+
+
+def _embed_run(e: LrpEmbed, x: torch.Tensor, rec: _Record) -> torch.Tensor:
+    """The image embedding ``(B, E)`` from the last block's tokens ``x`` ``(B, N, D)``, recorded in ``rec``."""
+    y = x if e.norm_after_pool else _norm(e.norm, x)
+    rec.final = y
+    if e.pool == "map":
+        assert e.probe is not None
+        pooled, rec.probe = _probe_pool(e.probe, y)
+    else:
+        pooled = y[:, 0] if e.pool == "cls" else y[:, e.start:].mean(dim=1)  # (B, D)
+    rec.pooled = pooled
+    if e.norm_after_pool:
+        pooled = _norm(e.norm, pooled)
+    rec.emb = pooled if e.proj is None else F.linear(pooled, e.proj.double())  # (B, E)
+    return rec.emb
+
+
+def _run(lm: LrpModel, x: torch.Tensor, token: TokenScore | None = None) -> _Record:
+    """The explicit forward from the tokens entering block 0 ``(B, N, D)`` (float64, autograd on); a token
+    target is scored on the re-run's image embedding."""
     rec = _Record()
     for b in lm.blocks:
         B, N, _ = x.shape
@@ -325,6 +451,10 @@ def _run(lm: LrpModel, x: torch.Tensor) -> _Record:
             m = m * b.ls2.double()
         rec.blocks.append(_BlockRecord(x, h1, q, k, v, attn, o, a, x1, h2, u, g, m))
         x = x1 + m
+    if lm.embed is not None:
+        assert token is not None and token.of_embedding is not None
+        rec.logits = token.of_embedding(_embed_run(lm.embed, x, rec))  # (B,)
+        return rec
     final = _norm(lm.norm, x)
     rec.final = final
     for head in lm.heads:
@@ -390,36 +520,77 @@ class Relevance:
     attn: list[torch.Tensor]  # R^A per layer (B, H, N, N)
     grads: list[torch.Tensor]  # ∂y_c/∂A per layer (B, H, N, N)
     tokens: torch.Tensor  # relevance of the tokens entering block 0 (B, N, D)
-    logits: torch.Tensor  # the re-run's logits (B, C)
+    logits: torch.Tensor  # the re-run's logits (B, C), or a token target's scores (B,)
+    absorbed: torch.Tensor | None = None  # relevance taken by a constant input (SigLIP's probe) (B,)
 
 
-def propagate(lm: LrpModel, x0: torch.Tensor, classes: torch.Tensor) -> Relevance:
-    """LRP (the rules of the module docstring) from one-hot ``classes`` ``(B,)`` down to block 0's input tokens
-    ``x0`` ``(B, N, D)``, and the attention gradients of the target logits."""
+def _probe_rule(p: LrpProbe, pr: _ProbeRecord, y: torch.Tensor, r: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MAP head's rules: relevance ``r`` ``(B, D)`` of the pooled feature -> that of the tokens ``y``
+    ``(B, N, D)`` and the probe's share ``(B,)`` (the probe is a constant: what reaches it stays there)."""
+    B, _, D = y.shape  # (B, N, D)
+    H = p.num_heads
+    r_a, r_m = add_rule(r[:, None], pr.a, pr.m)  # a + mlp(norm(a))
+    r_m = zplus(r_m, pr.g, p.fc2.weight.double())  # the activation: identity
+    r_m = zplus(r_m, pr.h, p.fc1.weight.double())  # the norm: identity
+    r_a = r_a + r_m  # the copy of a into both terms
+    r_o = zplus(r_a, pr.o, p.proj.weight.double()).reshape(B, 1, H, -1).transpose(1, 2)  # (B, H, 1, d)
+    r_att, r_v = matmul_rule(r_o, pr.attn, pr.v)  # A v; softmax: identity
+    r_q, r_k = matmul_rule(r_att, pr.q, pr.k.transpose(-2, -1))  # q k^T
+    wq, wk, wv = p.qkv[0].double().chunk(3)
+    merge = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], D)  # noqa: E731  (B, H, n, d) -> (B, n, D)
+    r_probe = zplus(merge(r_q), pr.probe, wq)  # (B, 1, D)
+    r_y = zplus(merge(r_k.transpose(-2, -1)), y, wk) + zplus(merge(r_v), y, wv)  # k and v: copies of y
+    return r_y, r_probe.sum(dim=(1, 2))
+
+
+def _embed_rule(lm: LrpModel, rec: _Record, token: TokenScore) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Relevance of the tokens pooled ``(B, N, D)`` (and the probe's share) from the one-hot start at the
+    target's similarity: z+ with the normalised target embedding as the classifier row, the image embedding's
+    normalisation and the logit scale/bias as scalings (identity), the projection under z+, the post norm
+    identity, then the pooling."""
+    e, y = lm.embed, rec.final
+    assert e is not None and y is not None and rec.emb is not None and rec.pooled is not None
+    assert token.embedding is not None
+    B = y.shape[0]
+    row = F.normalize(token.embedding.detach().double().to(y.device), dim=-1)[None]  # (1, E)
+    emb = F.normalize(rec.emb, dim=-1)  # (B, E)
+    r = zplus(torch.ones(B, 1, dtype=y.dtype, device=y.device), emb, row)  # (B, E); normalisation: identity
+    if e.proj is not None:
+        r = zplus(r, rec.pooled if not e.norm_after_pool else _norm(e.norm, rec.pooled), e.proj.double())
+    r_y = torch.zeros_like(y)  # (B, N, D)
+    if e.pool == "cls":
+        r_y[:, 0] = r
+        return r_y, None
+    if e.pool == "avg":
+        tokens = y[:, e.start:]  # the mean of these: each token's share x_i / n * R / mean
+        r_y[:, e.start:] = tokens / tokens.shape[1] * safe_divide(r, tokens.mean(dim=1))[:, None]
+        return r_y, None
+    assert e.probe is not None and rec.probe is not None
+    return _probe_rule(e.probe, rec.probe, y, r)
+
+
+def propagate(lm: LrpModel, x0: torch.Tensor, classes: torch.Tensor | None,
+              token: TokenScore | None = None) -> Relevance:
+    """LRP (the rules of the module docstring) from one-hot ``classes`` ``(B,)`` (or, for a dual encoder, a
+    text/image ``token`` target's similarity) down to block 0's input tokens ``x0`` ``(B, N, D)``, and the
+    attention gradients of the target logits (scores)."""
     with torch.inference_mode(False), torch.enable_grad():
-        rec = _run(lm, x0.detach().double())
+        rec = _run(lm, x0.detach().double(), token)
         assert rec.logits is not None and rec.final is not None
-        score = rec.logits.gather(1, classes[:, None]).sum()
+        if token is not None:
+            score = rec.logits.sum()
+        else:
+            assert classes is not None
+            score = rec.logits.gather(1, classes[:, None]).sum()
         grads = torch.autograd.grad(score, [b.attn for b in rec.blocks])
     with torch.no_grad():
-        r_logits = F.one_hot(classes, rec.logits.shape[1]).double()  # (B, C)
-        final = rec.final
-        r_final = torch.zeros_like(final)  # (B, N, D)
-        shares = [r_logits]
-        if len(lm.heads) == 2:  # (h1 + h2) / 2: the add rule between the two heads' shares
-            shares = list(add_rule(r_logits, rec.head_out[0], rec.head_out[1]))
-        for head, hin, share in zip(lm.heads, rec.head_in, shares, strict=True):
-            r_in = zplus(share, hin, head.linear.weight.double())  # (B, D) or (B, 2D)
-            if head.read in ("cls", "dist"):
-                r_final[:, 0 if head.read == "cls" else 1] += r_in
-                continue
-            start = lm.num_prefix if head.read == "cls+mean" else head.start
-            if head.read == "cls+mean":
-                D = final.shape[-1]
-                r_final[:, 0] += r_in[:, :D]
-                r_in = r_in[:, D:]
-            tokens = final[:, start:]  # the mean of these: each token's share x_i / n * R / mean
-            r_final[:, start:] += tokens / tokens.shape[1] * safe_divide(r_in, tokens.mean(dim=1))[:, None]
+        absorbed = None
+        if token is not None:
+            r_final, absorbed = _embed_rule(lm, rec, token)
+        else:
+            assert classes is not None
+            r_final = _head_rule(lm, rec, classes)
         r = r_final  # the final norm: identity
         cams: list[torch.Tensor] = []
         for b, br in zip(reversed(lm.blocks), reversed(rec.blocks), strict=True):
@@ -438,40 +609,101 @@ def propagate(lm: LrpModel, x0: torch.Tensor, classes: torch.Tensor) -> Relevanc
             r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * D)  # 'qkv b h n d -> b n (qkv h d)'
             r_h = zplus(r_qkv, br.h1, b.qkv[0].double())  # norm1: identity
             r = r_skip + r_h
-    return Relevance(attn=cams[::-1], grads=list(grads), tokens=r, logits=rec.logits.detach())
+    return Relevance(attn=cams[::-1], grads=list(grads), tokens=r, logits=rec.logits.detach(),
+                     absorbed=absorbed)
+
+
+def _head_rule(lm: LrpModel, rec: _Record, classes: torch.Tensor) -> torch.Tensor:
+    """Relevance of the final-norm tokens ``(B, N, D)`` from the one-hot start at the class logits."""
+    assert rec.logits is not None and rec.final is not None
+    r_logits = F.one_hot(classes, rec.logits.shape[1]).double()  # (B, C)
+    final = rec.final
+    r_final = torch.zeros_like(final)  # (B, N, D)
+    shares = [r_logits]
+    if len(lm.heads) == 2:  # (h1 + h2) / 2: the add rule between the two heads' shares
+        shares = list(add_rule(r_logits, rec.head_out[0], rec.head_out[1]))
+    for head, hin, share in zip(lm.heads, rec.head_in, shares, strict=True):
+        r_in = zplus(share, hin, head.linear.weight.double())  # (B, D) or (B, 2D)
+        if head.read in ("cls", "dist"):
+            r_final[:, 0 if head.read == "cls" else 1] += r_in
+            continue
+        start = lm.num_prefix if head.read == "cls+mean" else head.start
+        if head.read == "cls+mean":
+            D = final.shape[-1]
+            r_final[:, 0] += r_in[:, :D]
+            r_in = r_in[:, D:]
+        tokens = final[:, start:]  # the mean of these: each token's share x_i / n * R / mean
+        r_final[:, start:] += tokens / tokens.shape[1] * safe_divide(r_in, tokens.mean(dim=1))[:, None]
+    return r_final
 
 
 # ------------------------------------------------------------------------------------------------- method
 
 
 def check_rerun(vit: VitModel, rerun: torch.Tensor, own: torch.Tensor) -> None:
-    """The explicit forward must give the model's own logits (else its blocks do something the rules do not
-    model): a one-line error naming the gap."""
+    """The explicit forward must give the model's own logits (or, for a text/image target, its own similarity
+    score), else its blocks or read-out do something the rules do not model: a one-line error naming the gap."""
     own = own.detach().double()
     gap = float((rerun - own).abs().max())
     tol = 1e-3 * max(1.0, float(own.abs().max()))
     if not gap <= tol:
-        raise _refuse(vit, f"re-running its blocks with the LRP rules' modules gives logits {gap:.3g} away from "
-                      "the model's own (its blocks compute something more: q/k norms, rotary or relative "
-                      "positions, a gated MLP, ...)")
+        what = "logits" if rerun.dim() == 2 else "target scores"
+        raise _refuse(vit, f"re-running its blocks with the LRP rules' modules gives {what} {gap:.3g} away from "
+                      "the model's own (its blocks or read-out compute something more: q/k norms, rotary or "
+                      "relative positions, a gated MLP, ...)")
 
 
-def first_tokens(vit: VitModel, pixels: torch.Tensor, lm: LrpModel) -> tuple[torch.Tensor, Any]:
-    """The tokens entering block 0 ``(B, N, D)`` and the output, from the model's own forward (no autograd)."""
+def first_tokens(vit: VitModel, pixels: torch.Tensor, lm: LrpModel,
+                 ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """The tokens entering block 0 ``(B, N, D)``, the output and (for a dual encoder) the last block's output
+    tokens ``(B, N, D)``, from the model's own forward (no autograd)."""
     seen: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
 
     def grab(_m: nn.Module, args: Any, kwargs: Any) -> None:
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
         seen.append(x.detach())
 
+    def grab_last(_m: nn.Module, _args: Any, out: Any) -> None:
+        last.append(_first_tensor(out).detach())
+
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
         handles = stack.enter_context(hooks_removed_on_exit())
         handles.append(lm.first.register_forward_pre_hook(this_thread_only(grab), with_kwargs=True))
+        if lm.embed is not None:
+            handles.append(vit.sites[-1].block.register_forward_hook(this_thread_only(grab_last)))
         output = vit(pixels)
     if len(seen) != 1 or seen[0].dim() != 3:
         raise _refuse(vit, "its first block is not called once on (batch, tokens, dim) tokens")
-    return seen[0], output
+    return seen[0], output, (last[-1] if last else None)
+
+
+def lrp_target(vit: VitModel, lm: LrpModel, target: Target) -> TokenScore | None:
+    """The `TokenScore` a dual encoder's relevance starts at (``None`` for a class target on a classifier), or
+    a one-line error for a target the rules cannot start from."""
+    if isinstance(target, list) and len(target) == 1 and isinstance(target[0], TokenScore):
+        target = target[0]
+    if isinstance(target, TokenScore):
+        if target.embedding is None or target.of_embedding is None:
+            raise VitscopeError("target", f"transformer_attribution starts its relevance at a class logit or a "
+                                f"text/image similarity, not a {target.kind} target",
+                                "pass 'text:<prompt>' or 'image:<path>' (dual encoders), or a class index")
+        if lm.embed is None:
+            raise VitscopeError("target", f"transformer_attribution has no rules for {type(vit.module).__name__}'s "
+                                "image embedding (a text/image target needs a CLIP/SigLIP/open_clip image tower)",
+                                "pass a class index or name, or use the 'chefer' method")
+        return target
+    if callable(target) and not isinstance(target, torch.Tensor):
+        raise VitscopeError("target", "transformer_attribution starts its relevance at one class logit (or a "
+                            "text/image similarity), not a callable",
+                            "pass a class index (one per image), or None for the predicted class")
+    if lm.embed is not None:
+        from vitscope.methods.targets import _works
+
+        raise VitscopeError("target", f"{vit.info.name} is a dual encoder's image tower: transformer_attribution "
+                            "starts at a text or image similarity", _works(vit))
+    return None
 
 
 def lrp_relevance(model: Any, images: Any, target: Target = None, *, policy: SizePolicy | None = None,
@@ -481,18 +713,24 @@ def lrp_relevance(model: Any, images: Any, target: Target = None, *, policy: Siz
 
     vit, pixels = prepare(model, images, policy=policy, size=size)
     lm = lrp_model(vit)
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise VitscopeError("target", "transformer_attribution starts its relevance at one class logit",
-                            "pass a class index (one per image), or None for the predicted class")
-    x0, output = first_tokens(vit, pixels, lm)
-    classes = resolve_classes(vit, output, target)
-    own = vit.logits(output)
-    assert classes is not None and own is not None
-    rel = propagate(lm, x0, classes.to(x0.device))
+    token = lrp_target(vit, lm, target)
+    x0, output, last = first_tokens(vit, pixels, lm)
+    if token is not None:
+        assert last is not None
+        grid = vit.grid_for((int(pixels.shape[-2]), int(pixels.shape[-1])))
+        own = token.score(last, grid)  # the model's own score: its read-out (VitModel.embed) on its own tokens
+        rel = propagate(lm, x0, None, token)
+    else:
+        classes = resolve_classes(vit, output, target)
+        logits = vit.logits(output)
+        assert classes is not None and logits is not None
+        own = logits
+        rel = propagate(lm, x0, classes.to(x0.device))
     check_rerun(vit, rel.logits, own)
     return rel, vit, pixels
 
 
+@per_target
 @grad_enabled
 def transformer_attribution(
     model: Any,
@@ -507,9 +745,11 @@ def transformer_attribution(
     """Transformer Attribution map ``(batch, rows, cols)`` (Chefer et al. CVPR 2021); see the module docstring.
 
     Args:
-        model: a `VitModel`, spec or module of a supported classifier (left unchanged).
+        model: a `VitModel`, spec or module of a supported classifier or dual encoder (left unchanged).
         images: anything `vitscope.capture` takes.
-        target: class index (default the predicted class), or one per image.
+        target: class index or name (default the predicted class), or one per image; for a dual encoder
+            (CLIP, SigLIP, open_clip) ``"text:<prompt>"`` or ``"image:<path>"`` (several: one map each,
+            ``(B * T, rows, cols)`` image-major).
         start_layer: first layer of the rollout (default 0: all layers).
         query: row of the rollout giving the map (default [CLS], else the mean over patch rows).
         policy, size: preprocessing (see `vitscope.capture`).
@@ -534,7 +774,7 @@ def attribution_map(rel: Relevance, vit: VitModel, pixels: torch.Tensor, layers:
 
 
 def _compute(ctx: MapContext, *, target: Target = None, start_layer: int = 0, query: Query = None) -> MapResult:
-    classes = class_targets(ctx, target, "transformer_attribution")
+    classes = ctx.classes(target)
     grid_map = transformer_attribution(ctx.vit, ctx.pixels, classes, start_layer=start_layer, query=query)
     return MapResult(map=grid_map, meta={"target": target_meta(classes)})
 
