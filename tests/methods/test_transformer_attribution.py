@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,31 +105,109 @@ def _ln(p: tuple[torch.Tensor, torch.Tensor, float] | None, x: torch.Tensor) -> 
     return x if p is None else F.layer_norm(x, (x.shape[-1],), p[0], p[1], p[2])
 
 
-def reference(blocks: list[RefBlock], final_ln: Any, heads: list[tuple[torch.Tensor, torch.Tensor, str, int]],
-              x0: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One image ``x0`` ``(1, N, D)``: (logits, the transformer-attribution rollout matrix, the attentions)."""
-    x = x0.double().requires_grad_(True)
-    saved: list[dict[str, torch.Tensor]] = []
-    for b in blocks:
-        B, N, D = x.shape
-        h1 = _ln(b.ln1, x)
-        qkv = F.linear(h1, b.wqkv, b.bqkv)
-        q, k, v = qkv.reshape(B, N, 3, b.heads, -1).permute(2, 0, 3, 1, 4)
-        dots = torch.einsum("bhid,bhjd->bhij", q, k) * b.scale
-        attn = dots.softmax(dim=-1)
-        attn.retain_grad()
-        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(B, N, D)
-        a = F.linear(out, b.wproj, b.bproj)
-        a = a * b.ls1 if b.ls1 is not None else a
-        x1 = x + a
-        h2 = _ln(b.ln2, x1)
-        u = F.linear(h2, b.w1, b.b1)
-        g = b.act(u)
-        m = F.linear(g, b.w2, b.b2)
-        m = m * b.ls2 if b.ls2 is not None else m
-        saved.append(dict(x=x, h1=h1, q=q, k=k, v=v, attn=attn, out=out, a=a, x1=x1, h2=h2, g=g, m=m))
-        x = x1 + m
-    y = _ln(final_ln, x)
+@dataclass
+class RefProbe:
+    """SigLIP's attention-pooling head: ``a = MHA(probe, t, t)``, ``a + fc2(act(fc1(ln(a))))``, token 0."""
+
+    probe: torch.Tensor  # (1, 1, D)
+    w_in: torch.Tensor  # (3D, D) rows [q; k; v]
+    b_in: torch.Tensor
+    heads: int
+    wo: torch.Tensor
+    bo: torch.Tensor
+    ln: tuple[torch.Tensor, torch.Tensor, float]
+    w1: torch.Tensor
+    b1: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor]
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+@dataclass
+class RefEmbed:
+    """A dual encoder's read-out as a classifier over targets: pooling (``"cls"``, ``"avg"`` of tokens
+    ``start:``, ``"map"``), the post norm (after pooling when ``norm_after_pool``), the projection ``(E, D)``,
+    then ``scale * cos(e, row_t) + bias`` for each target embedding ``row_t`` (``rows`` ``(T, E)``)."""
+
+    pool: str
+    ln: tuple[torch.Tensor, torch.Tensor, float]
+    proj: torch.Tensor | None
+    rows: torch.Tensor
+    scale: float = 1.0
+    bias: float = 0.0
+    start: int = 0
+    norm_after_pool: bool = False
+    probe: RefProbe | None = None
+    absorbed: float = 0.0  # set by `reference`: the relevance the probe (a constant input) keeps
+
+
+def _probe_forward(p: RefProbe, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    B, _, D = t.shape  # (B, N, D)
+    probe = p.probe.expand(B, 1, D)
+    (wq, wk, wv), (bq, bk, bv) = p.w_in.chunk(3), p.b_in.chunk(3)
+    split = lambda z: z.reshape(B, z.shape[1], p.heads, -1).transpose(1, 2)  # noqa: E731  (B, H, n, d)
+    q, k, v = split(F.linear(probe, wq, bq)), split(F.linear(t, wk, bk)), split(F.linear(t, wv, bv))
+    attn = (torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, 1, N)
+    out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(B, 1, D)
+    a = F.linear(out, p.wo, p.bo)
+    h = _ln(p.ln, a)
+    g = p.act(F.linear(h, p.w1, p.b1))
+    m = F.linear(g, p.w2, p.b2)
+    return (a + m)[:, 0], dict(probe=probe, q=q, k=k, v=v, attn=attn, out=out, a=a, h=h, g=g, m=m)
+
+
+def _probe_relevance(p: RefProbe, s: dict[str, torch.Tensor], t: torch.Tensor, r: torch.Tensor,
+                     ) -> tuple[torch.Tensor, float]:
+    """The rules on the MAP head (the paper's: add, z+ linear, identity norm/activation/softmax, halved matmul
+    shares, clone sums): relevance of the tokens ``t`` and the probe's (a constant's) share."""
+    d = {k: v.detach() for k, v in s.items()}
+    B, _, D = d["a"].shape
+    r1, r2 = add_rel(r[:, None], d["a"], d["m"])  # (a + m)[:, 0] of one query token: a reshape
+    r2 = linear_ab(linear_ab(r2, d["g"], p.w2), d["h"], p.w1)
+    r_a = clone_rel(d["a"], [r1, r2])
+    r_o = linear_ab(r_a, d["out"], p.wo).reshape(B, 1, p.heads, -1).transpose(1, 2)
+    cam, cam_v = simple(lambda a_, vv: torch.einsum("bhij,bhjd->bhid", a_, vv), [d["attn"], d["v"]], r_o)
+    cam_q, cam_k = simple(lambda qq, kk: torch.einsum("bhid,bhjd->bhij", qq, kk), [d["q"], d["k"]], cam / 2)
+    merge = lambda z: z.transpose(1, 2).reshape(B, z.shape[2], D)  # noqa: E731
+    (wq, wk, wv) = p.w_in.chunk(3)
+    absorbed = float(linear_ab(merge(cam_q / 2), d["probe"], wq).sum())
+    r_t = clone_rel(t, [linear_ab(merge(cam_k / 2), t, wk), linear_ab(merge(cam_v / 2), t, wv)])
+    return r_t, absorbed
+
+
+def _embed_reference(e: RefEmbed, y: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dual encoder's scores ``(1, T)`` (``target``'s backpropagated) and the relevance of ``y``, the one-hot
+    start at ``target`` among the normalised target rows (normalisation and logit scale/bias: identity)."""
+    t = y if e.norm_after_pool else _ln(e.ln, y)
+    saved: dict[str, torch.Tensor] = {}
+    if e.pool == "map":
+        assert e.probe is not None
+        pooled, saved = _probe_forward(e.probe, t)
+    else:
+        pooled = t[:, 0] if e.pool == "cls" else t[:, e.start:].mean(dim=1)
+    normed = _ln(e.ln, pooled) if e.norm_after_pool else pooled
+    emb = normed if e.proj is None else F.linear(normed, e.proj)
+    ehat, rows = F.normalize(emb, dim=-1), F.normalize(e.rows, dim=-1)
+    logits = e.scale * ehat @ rows.t() + e.bias  # (1, T)
+    logits[0, target].backward()
+    r = linear_ab(F.one_hot(torch.tensor([target]), rows.shape[0]).double(), ehat.detach(), rows)
+    if e.proj is not None:
+        r = linear_ab(r, normed.detach(), e.proj)
+    tdet = t.detach()
+    if e.pool == "cls":
+        return logits.detach(), simple(lambda u: u.index_select(1, torch.tensor([0])), [tdet], r[:, None])[0]
+    if e.pool == "avg":
+        return logits.detach(), simple(lambda u: u[:, e.start:].mean(dim=1), [tdet], r)[0]
+    assert e.probe is not None
+    r_t, e.absorbed = _probe_relevance(e.probe, saved, tdet, r)
+    return logits.detach(), r_t
+
+
+def _heads_reference(heads: list[tuple[torch.Tensor, torch.Tensor, str, int]], y: torch.Tensor, target: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier's logits ``(1, C)`` (``target``'s backpropagated) and the relevance of the final tokens ``y``
+    from the one-hot start at ``target`` (the heads averaged)."""
+    D = y.shape[-1]
     ins, outs = [], []
     for w, bias, read, start in heads:
         hin = {"cls": lambda t: t[:, 0], "dist": lambda t: t[:, 1],
@@ -152,6 +232,41 @@ def reference(blocks: list[RefBlock], final_ln: Any, heads: list[tuple[torch.Ten
             r = r + simple(lambda t: t.index_select(1, torch.tensor([0])), [ydet], r_in[:, None, :D])[0]
             r_in = r_in[:, D:]
         r = r + simple(lambda t, s=start: t[:, s:].mean(dim=1), [ydet], r_in)[0]
+    return logits.detach(), r
+
+
+def reference(blocks: list[RefBlock], final_ln: Any, heads: list[tuple[torch.Tensor, torch.Tensor, str, int]],
+              x0: torch.Tensor, target: int, embed: RefEmbed | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One image ``x0`` ``(1, N, D)``: (logits, the transformer-attribution rollout matrix, the attentions).
+    With ``embed`` (a dual encoder's image tower) the start is the one-hot ``target`` among its targets'
+    similarity scores instead of the classifier ``heads``."""
+    x = x0.double().requires_grad_(True)
+    saved: list[dict[str, torch.Tensor]] = []
+    for b in blocks:
+        B, N, D = x.shape
+        h1 = _ln(b.ln1, x)
+        qkv = F.linear(h1, b.wqkv, b.bqkv)
+        q, k, v = qkv.reshape(B, N, 3, b.heads, -1).permute(2, 0, 3, 1, 4)
+        dots = torch.einsum("bhid,bhjd->bhij", q, k) * b.scale
+        attn = dots.softmax(dim=-1)
+        attn.retain_grad()
+        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(B, N, D)
+        a = F.linear(out, b.wproj, b.bproj)
+        a = a * b.ls1 if b.ls1 is not None else a
+        x1 = x + a
+        h2 = _ln(b.ln2, x1)
+        u = F.linear(h2, b.w1, b.b1)
+        g = b.act(u)
+        m = F.linear(g, b.w2, b.b2)
+        m = m * b.ls2 if b.ls2 is not None else m
+        saved.append(dict(x=x, h1=h1, q=q, k=k, v=v, attn=attn, out=out, a=a, x1=x1, h2=h2, g=g, m=m))
+        x = x1 + m
+    y = _ln(final_ln, x)
+    if embed is not None:
+        logits, r = _embed_reference(embed, y, target)
+    else:
+        logits, r = _heads_reference(heads, y, target)
     cams = []
     for b, s in zip(reversed(blocks), reversed(saved), strict=True):
         d = {k: t.detach() for k, t in s.items()}
@@ -177,7 +292,7 @@ def reference(blocks: list[RefBlock], final_ln: Any, heads: list[tuple[torch.Ten
     joint = mats[0] + eye
     for m_ in mats[1:]:
         joint = (m_ + eye).bmm(joint)
-    return logits.detach(), joint, [s["attn"].detach() for s in saved]
+    return logits, joint, [s["attn"].detach() for s in saved]
 
 
 # ------------------------------------------------------------------------------------------- the families
@@ -255,7 +370,8 @@ def _model(build: Callable[[], nn.Module], factor: float) -> Any:
     return vitscope.load(_redraw_heads(sharpen(build().eval(), factor)))
 
 
-def _first_tokens(module: nn.Module, first: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _first_tokens(module: Callable[[torch.Tensor], Any], first: nn.Module, pixels: torch.Tensor,
+                  ) -> tuple[torch.Tensor, Any]:
     """The test's own hook: the tokens entering block 0."""
     seen = []
     h = first.register_forward_pre_hook(lambda _m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).detach()),
@@ -366,3 +482,187 @@ def test_token_targets_are_refused_and_class_names_accepted() -> None:
     named = vitscope.maps(vit, pixels, "transformer_attribution",
                           target=vitscope.methods.targets.ClassName("c", labels=list("abcde"))).map
     torch.testing.assert_close(named, transformer_attribution(vit, pixels, target=2))
+
+
+# -------------------------------------------------- dual encoders: text / image targets (the similarity start)
+
+
+@dataclass
+class Dual:
+    vit: Any
+    targets: list[str]  # two targets: the reference's "classes"
+    rows: torch.Tensor  # (T, E) the targets' embeddings, from the model's own API
+    scale: float  # the score: scale * cos + bias (text: the model's logit scale and bias; image: 1, 0)
+    bias: float
+    api: Callable[[torch.Tensor], torch.Tensor]  # pixels -> (B, T) the model's own scores
+
+
+def _save_refs(tmp: Path) -> list[str]:
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        path = tmp / f"ref{i}.png"
+        Image.fromarray(np.random.default_rng(20 + i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _image_targets(vit: Any, tmp: Path, embed: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
+    """``image:`` targets: two reference images, scored ``cos(embed(pixels), embed(ref))`` by the model's API."""
+    from vitscope.capture.prepare import prepare
+
+    paths = _save_refs(tmp)
+    with torch.no_grad():
+        rows = torch.cat([embed(prepare(vit, p)[1]) for p in paths]).double()  # (T, E)
+
+    def api(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.cosine_similarity(embed(pixels).double()[:, None], rows[None], dim=-1)  # (B, T)
+
+    return Dual(vit, [f"image:{p}" for p in paths], rows, 1.0, 0.0, api)
+
+
+def _hf_text(kind: str) -> Callable[[Path], Dual]:
+    def build(tmp: Path) -> Dual:
+        from tests.methods import targetcases as tc
+
+        vit = tc.hf_dual(tmp, kind).vit  # saved with its tokenizer, loaded from the folder (q/k sharpened x6)
+        m: Any = vit.module
+        prompts = ["a cat", "a dog"]
+        inputs = vit.text.tokenize(prompts)
+        with torch.no_grad():
+            rows = vit.text.encode(inputs).double()
+        bias = getattr(m, "logit_bias", None)
+
+        def api(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return m(pixel_values=pixels, **inputs).logits_per_image.double()  # (B, T)
+
+        return Dual(vit, [f"text:{p}" for p in prompts], rows, float(m.logit_scale.detach().exp()),
+                    0.0 if bias is None else float(bias.detach()), api)
+
+    return build
+
+
+def _open_clip_text(tmp: Path) -> Dual:
+    import open_clip
+
+    from tests.methods import targetcases as tc
+
+    m = tc.open_clip_model()  # 'tok' pooling, ln_post before pooling (q/k sharpened x6)
+    vit = vitscope.load(m)
+    prompts = ["a cat", "a dog"]
+    with torch.no_grad():
+        rows = m.encode_text(open_clip.tokenize(prompts)).double()
+    scale = float(m.logit_scale.detach().exp())
+
+    def api(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            img = F.normalize(m.encode_image(pixels).double(), dim=-1)
+            return scale * img @ F.normalize(rows, dim=-1).t()
+
+    return Dual(vit, [f"text:{p}" for p in prompts], rows, scale, 0.0, api)
+
+
+def _open_clip_avg(tmp: Path) -> Dual:
+    import open_clip
+
+    torch.manual_seed(6)
+    m = open_clip.CLIP(embed_dim=16, vision_cfg=open_clip.model.CLIPVisionCfg(
+        layers=2, width=32, head_width=16, patch_size=PATCH, image_size=SIZE, mlp_ratio=2, pool_type="avg",
+        final_ln_after_pool=True), text_cfg=open_clip.model.CLIPTextCfg(width=32, heads=2, layers=1))
+    sharpen(m.visual, 6.0)
+    return _image_targets(vitscope.load(m.eval()), tmp, m.encode_image)
+
+
+def _hf_tower(cls: str, config: str) -> Callable[[Path], Dual]:
+    """A vision tower alone (``...WithProjection`` or SigLIP's, its pooling head included): ``image:`` targets."""
+    def build(tmp: Path) -> Dual:
+        import transformers
+
+        torch.manual_seed(7)
+        extra = {"projection_dim": 16} if cls.startswith("CLIP") else {}
+        m = sharpen(getattr(transformers, cls)(getattr(transformers, config)(**_HF, **extra)).eval(), 6.0)
+        key = "image_embeds" if cls.startswith("CLIP") else "pooler_output"
+        return _image_targets(vitscope.load(m), tmp, lambda px: getattr(m(pixel_values=px), key))
+
+    return build
+
+
+# (id, builder): transformers CLIP ([CLS], projection) and SigLIP (MAP head, logit bias -1.5) with text prompts;
+# open_clip 'tok' with text prompts and 'avg' + LayerNorm after pooling with reference images; towers alone
+DUALS: list[tuple[str, Callable[[Path], Dual]]] = [
+    ("hf-clip-text", _hf_text("clip")),
+    ("hf-siglip-text", _hf_text("siglip")),
+    ("open-clip-tok-text", _open_clip_text),
+    ("open-clip-avg-image", _open_clip_avg),
+    ("hf-clip-projection-image", _hf_tower("CLIPVisionModelWithProjection", "CLIPVisionConfig")),
+    ("hf-siglip-tower-image", _hf_tower("SiglipVisionModel", "SiglipVisionConfig")),
+]
+
+
+def _ref_embed(d: Dual) -> RefEmbed:
+    """The read-out, taken from the model where its own code keeps it (not from vitscope's view of it)."""
+    m: Any = d.vit.module
+    f = lambda t: t.detach().double()  # noqa: E731
+    if not hasattr(m, "visual"):  # transformers: a composite, or the tower itself
+        tower, proj = getattr(m, "vision_model", m), getattr(m, "visual_projection", None)
+        head = getattr(tower, "head", None)
+        probe = None if head is None else RefProbe(
+            f(head.probe), f(head.attention.in_proj_weight), f(head.attention.in_proj_bias), head.attention.num_heads,
+            f(head.attention.out_proj.weight), f(head.attention.out_proj.bias), _ln_of(head.layernorm),  # type: ignore[arg-type]
+            f(head.mlp.fc1.weight), f(head.mlp.fc1.bias), head.mlp.activation_fn, f(head.mlp.fc2.weight),
+            f(head.mlp.fc2.bias))
+        return RefEmbed("cls" if probe is None else "map", _ln_of(tower.post_layernorm),  # type: ignore[arg-type]
+                        None if proj is None else f(proj.weight), d.rows, d.scale, d.bias, probe=probe)
+    v = m.visual
+    return RefEmbed("cls" if v.pool_type == "tok" else "avg", _ln_of(v.ln_post), f(v.proj).t(),  # type: ignore[arg-type]
+                    d.rows, d.scale, d.bias, start=1, norm_after_pool=v.final_ln_after_pool)
+
+
+@pytest.fixture(scope="module", params=DUALS, ids=[f[0] for f in DUALS])
+def dual(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Dual]:
+    fid, build = request.param
+    return fid, build(tmp_path_factory.mktemp(fid))
+
+
+def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple[str, Dual]) -> None:
+    """The map of each target (one-hot among the two targets' similarities) equals the reference; the
+    reference's scores are the model's own API scores (so the read-out the reference reads is the model's);
+    the relevance entering block 0 plus what SigLIP's probe keeps is the one-hot start (1 per image)."""
+    from vitscope.methods.targets import resolve_target
+
+    fid, d = dual
+    vit = d.vit
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    got = transformer_attribution(vit, pixels, d.targets)  # (2 * T, rows, cols), image-major
+    blocks, _, _ = _ref_from(vit)
+    x0, _ = _first_tokens(vit, lrp_model(vit).first, pixels)  # the model's route (a dual encoder: its tower)
+    own = d.api(pixels)  # (B, T)
+    P0, (rows, cols) = vit.info.num_prefix_tokens, vit.grid_for((SIZE, SIZE))
+    patches = slice(P0, P0 + rows * cols)
+    emb = _ref_embed(d)
+    T = len(d.targets)
+    for i in range(2):
+        for t in range(T):
+            logits, joint, attns = reference(blocks, None, [], x0[i:i + 1], t, embed=emb)
+            torch.testing.assert_close(logits[0], own[i], atol=1e-4, rtol=1e-4)  # the re-run is the model's score
+            if i == t == 0:  # peaked attention, or the test could not tell rules apart
+                assert min(float(a.amax(dim=-1).mean()) for a in attns) > 0.2, fid
+            # [CLS] row where the read-out pools [CLS]; else (SigLIP, open_clip 'avg') the mean of the patch rows
+            cls = "cls" in vit.info.prefix and emb.pool == "cls"
+            row = joint[0, 0] if cls else joint[0, patches].mean(dim=0)
+            ref_map = row[patches].reshape(rows, cols)
+            span = float(ref_map.max() - ref_map.min())
+            assert span > 1e-7, fid  # not a flat map
+            torch.testing.assert_close(got[i * T + t].double() / span, ref_map / span, atol=1e-4, rtol=1e-4)
+    for t, target in enumerate(resolve_target(vit, d.targets)):
+        rel, _, _ = lrp_relevance(vit, pixels, target)
+        kept = torch.zeros(2, dtype=torch.float64) if rel.absorbed is None else rel.absorbed
+        torch.testing.assert_close(rel.tokens.sum(dim=(1, 2)) + kept, torch.ones(2, dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+        reference(blocks, None, [], x0[1:2], t, embed=emb)
+        assert float(kept[1]) == pytest.approx(emb.absorbed, abs=1e-9)  # the probe's share, as the reference's
+        assert (emb.probe is not None) == (float(kept[1]) > 0.1), fid  # SigLIP's probe keeps q's quarter

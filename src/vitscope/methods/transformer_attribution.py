@@ -287,27 +287,33 @@ def _embedding(vit: VitModel) -> LrpEmbed | None:
         if pool not in ("tok", "avg"):
             raise TypeError(f"open_clip pool_type={pool!r} ('tok' or 'avg' only)")
         proj = visual.proj
-        return LrpEmbed("cls" if pool == "tok" else "avg", visual.ln_post,
+        return LrpEmbed("cls" if pool == "tok" else "avg", _layer_norm(visual.ln_post),
                         None if proj is None else proj.t(), start=1,
                         norm_after_pool=bool(getattr(visual, "final_ln_after_pool", False)))
     if kind not in _DUAL:
         return None
-    tower = m.vision_model
+    tower = getattr(m, "vision_model", m)  # a composite, or the tower itself (SigLIP's in transformers 5)
     proj = getattr(m, "visual_projection", None)
     if proj is not None and (not isinstance(proj, nn.Linear) or proj.bias is not None):
         raise TypeError("a visual projection that is not one linear map without bias")
     weight = None if proj is None else proj.weight
     head = getattr(tower, "head", None)
     if not kind.startswith("Siglip"):
-        return LrpEmbed("cls", tower.post_layernorm, weight)
+        return LrpEmbed("cls", _layer_norm(tower.post_layernorm), weight)
     if head is None or not getattr(tower, "use_head", True):
         raise TypeError("a SigLIP tower without its attention-pooling head")
     mha, mlp = head.attention, head.mlp
     if not isinstance(mha, nn.MultiheadAttention) or mha.in_proj_weight is None or not mha.batch_first:
         raise TypeError("a pooling head whose attention is not one batch-first MultiheadAttention")
     probe = LrpProbe(head.probe, (mha.in_proj_weight, mha.in_proj_bias), mha.num_heads, mha.out_proj,
-                     head.layernorm, _linear(mlp.fc1), mlp.activation_fn, _linear(mlp.fc2))
-    return LrpEmbed("map", tower.post_layernorm, weight, probe=probe)
+                     _layer_norm(head.layernorm), _linear(mlp.fc1), mlp.activation_fn, _linear(mlp.fc2))
+    return LrpEmbed("map", _layer_norm(tower.post_layernorm), weight, probe=probe)
+
+
+def _layer_norm(m: Any) -> nn.Module:
+    if not isinstance(m, nn.LayerNorm):
+        raise TypeError(f"a {type(m).__name__} norm in the read-out (LayerNorm only)")
+    return m
 
 
 def lrp_model(model: Any) -> LrpModel:
@@ -751,13 +757,17 @@ def transformer_attribution(
             (CLIP, SigLIP, open_clip) ``"text:<prompt>"`` or ``"image:<path>"`` (several: one map each,
             ``(B * T, rows, cols)`` image-major).
         start_layer: first layer of the rollout (default 0: all layers).
-        query: row of the rollout giving the map (default [CLS], else the mean over patch rows).
+        query: row of the rollout giving the map (default [CLS], else the mean over patch rows; the mean over
+            patch rows too for an open_clip tower with 'avg' pooling).
         policy, size: preprocessing (see `vitscope.capture`).
     """
     from vitscope.adapters import as_vit
 
     layers = layers_from(as_vit(model), start_layer)
     rel, vit, pixels = lrp_relevance(model, images, target, policy=policy, size=size)
+    embed = lrp_model(vit).embed
+    if query is None and embed is not None and embed.pool == "avg":
+        query = "mean"  # the read-out averages the patches, not [CLS]: their rows are the ones it reads
     return attribution_map(rel, vit, pixels, layers, query)
 
 
