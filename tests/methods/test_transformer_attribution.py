@@ -450,7 +450,7 @@ def test_registered_and_reached_through_maps() -> None:
 @pytest.mark.parametrize(("build", "words"), [
     (_timm("vit_tiny_patch16_224", qk_norm=True), "logits"),  # the re-run check: q/k norms are not modelled
     (_timm("vit_tiny_patch16_224", global_pool="avg"), "pooled head"),
-    (_hf("CLIPVisionModel", "CLIPVisionConfig"), "classifier"),  # a tower without a classifier
+    (_hf("CLIPVisionModel", "CLIPVisionConfig"), "image tower"),  # a class target on a tower (no classifier)
 ])
 def test_unsupported_models_are_refused_in_one_line(build: Callable[[], nn.Module], words: str) -> None:
     vit = _model(build, 4.0)
@@ -468,16 +468,23 @@ def test_a_callable_target_is_refused() -> None:
 def test_supported_methods_leaves_out_a_refused_family() -> None:
     from vitscope.methods.api import supported_methods
 
-    tower = _model(_hf("CLIPVisionModel", "CLIPVisionConfig"), 4.0)  # no classifier: refused
-    assert "transformer_attribution" not in supported_methods(tower) and "chefer" in supported_methods(tower)
+    pooled = _model(_timm("vit_tiny_patch16_224", global_pool="avg"), 4.0)  # a pooled head: refused
+    assert "transformer_attribution" not in supported_methods(pooled) and "chefer" in supported_methods(pooled)
+    tower = _model(_hf("CLIPVisionModel", "CLIPVisionConfig"), 4.0)  # an image tower: image targets
+    assert "transformer_attribution" in supported_methods(tower)
 
 
-def test_token_targets_are_refused_and_class_names_accepted() -> None:
-    """Main's target vocabulary: a class name resolves to its index; a patch (token) target is one line."""
+def test_token_targets_are_refused_and_class_names_accepted(tmp_path: Path) -> None:
+    """Main's target vocabulary: a class name resolves to its index; a patch target, and a reference image on a
+    classifier (whose embedding has no similarity start), are one line each."""
     vit = vitscope.load(_redraw_heads(sharpen(_vitscope().eval(), 16.0)))
     pixels = torch.randn(1, 3, SIZE, SIZE)
-    with pytest.raises(VitscopeError, match="one class logit") as err:
+    with pytest.raises(VitscopeError, match="not a patch target") as err:
         vitscope.maps(vit, pixels, "transformer_attribution", target="patch:1,1")
+    assert err.value.argument == "target" and "\n" not in str(err.value)
+    hf_vit = _model(_hf("ViTForImageClassification", "ViTConfig"), 16.0)  # has an image embedding, no rules
+    with pytest.raises(VitscopeError, match="image embedding") as err:
+        vitscope.maps(hf_vit, pixels, "transformer_attribution", target=f"image:{_save_refs(tmp_path)[0]}")
     assert err.value.argument == "target" and "\n" not in str(err.value)
     named = vitscope.maps(vit, pixels, "transformer_attribution",
                           target=vitscope.methods.targets.ClassName("c", labels=list("abcde"))).map
@@ -627,17 +634,11 @@ def dual(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return fid, build(tmp_path_factory.mktemp(fid))
 
 
-def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple[str, Dual]) -> None:
-    """The map of each target (one-hot among the two targets' similarities) equals the reference; the
-    reference's scores are the model's own API scores (so the read-out the reference reads is the model's);
-    the relevance entering block 0 plus what SigLIP's probe keeps is the one-hot start (1 per image)."""
-    from vitscope.methods.targets import resolve_target
-
-    fid, d = dual
+def _check_against_reference(fid: str, d: Dual, pixels: torch.Tensor) -> None:
+    """Each target's map (one-hot among the targets' similarities) equals the reference within 1e-4 of the map's
+    range; the reference's scores are the model's own API scores (so the read-out it reads is the model's)."""
     vit = d.vit
-    torch.manual_seed(3)
-    pixels = torch.randn(2, 3, SIZE, SIZE)
-    got = transformer_attribution(vit, pixels, d.targets)  # (2 * T, rows, cols), image-major
+    got = transformer_attribution(vit, pixels, d.targets)  # (B * T, rows, cols), image-major
     blocks, _, _ = _ref_from(vit)
     x0, _ = _first_tokens(vit, lrp_model(vit).first, pixels)  # the model's route (a dual encoder: its tower)
     own = d.api(pixels)  # (B, T)
@@ -645,7 +646,7 @@ def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple
     patches = slice(P0, P0 + rows * cols)
     emb = _ref_embed(d)
     T = len(d.targets)
-    for i in range(2):
+    for i in range(pixels.shape[0]):
         for t in range(T):
             logits, joint, attns = reference(blocks, None, [], x0[i:i + 1], t, embed=emb)
             torch.testing.assert_close(logits[0], own[i], atol=1e-4, rtol=1e-4)  # the re-run is the model's score
@@ -658,6 +659,21 @@ def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple
             span = float(ref_map.max() - ref_map.min())
             assert span > 1e-7, fid  # not a flat map
             torch.testing.assert_close(got[i * T + t].double() / span, ref_map / span, atol=1e-4, rtol=1e-4)
+
+
+def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple[str, Dual]) -> None:
+    """The maps equal the reference (`_check_against_reference`); the relevance entering block 0 plus what
+    SigLIP's probe keeps is the one-hot start (1 per image), the probe's share equal to the reference's."""
+    from vitscope.methods.targets import resolve_target
+
+    fid, d = dual
+    vit = d.vit
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    _check_against_reference(fid, d, pixels)
+    blocks, _, _ = _ref_from(vit)
+    x0, _ = _first_tokens(vit, lrp_model(vit).first, pixels)
+    emb = _ref_embed(d)
     for t, target in enumerate(resolve_target(vit, d.targets)):
         rel, _, _ = lrp_relevance(vit, pixels, target)
         kept = torch.zeros(2, dtype=torch.float64) if rel.absorbed is None else rel.absorbed
@@ -666,3 +682,64 @@ def test_text_and_image_targets_match_chefers_procedure_and_conserve(dual: tuple
         reference(blocks, None, [], x0[1:2], t, embed=emb)
         assert float(kept[1]) == pytest.approx(emb.absorbed, abs=1e-9)  # the probe's share, as the reference's
         assert (emb.probe is not None) == (float(kept[1]) > 0.1), fid  # SigLIP's probe keeps q's quarter
+
+
+def test_a_broken_pooling_head_rule_fails_the_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Mutation: SigLIP's MAP head with its MLP term given no relevance (all of it to the residual) no longer
+    matches the reference, so the reference test can tell the head's rule apart."""
+    import dataclasses
+    import importlib
+
+    tam = importlib.import_module("vitscope.methods.transformer_attribution")  # the module, not the function
+
+    d = _hf_text("siglip")(tmp_path)
+    pixels = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    _check_against_reference("hf-siglip-text", d, pixels)  # the unbroken rule passes
+    rule = tam._probe_rule
+    monkeypatch.setattr(tam, "_probe_rule", lambda p, pr, y, r: rule(p, dataclasses.replace(
+        pr, m=torch.zeros_like(pr.m)), y, r))
+    with pytest.raises(AssertionError):
+        _check_against_reference("hf-siglip-text", d, pixels)
+
+
+@pytest.mark.parametrize(("kind", "norm"), [("clip", "vision_model.post_layernorm"),
+                                            ("siglip", "vision_model.head.layernorm")])
+def test_a_read_out_the_rerun_does_not_reproduce_is_refused(kind: str, norm: str, tmp_path: Path) -> None:
+    """A tower whose read-out computes something more than its modules say (here a hook adding an offset after
+    a norm) gives a re-run score away from the model's own: refused in one line naming ``method``."""
+    from tests.methods import targetcases as tc
+
+    vit = tc.hf_dual(tmp_path, kind).vit
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    transformer_attribution(vit, pixels, "text:a cat")  # reproduced: no error
+    handle = vit.module.get_submodule(norm).register_forward_hook(lambda _m, _i, out: out + 1.0)
+    try:
+        with pytest.raises(VitscopeError, match="target scores") as err:
+            transformer_attribution(vit, pixels, "text:a cat")
+    finally:
+        handle.remove()
+    assert "\n" not in str(err.value) and err.value.argument == "method"
+
+
+def test_console_script_text_target(tmp_path: Path) -> None:
+    """The installed script: ``maps IMG -m hf:<SigLIP folder> --method transformer_attribution --target
+    "text:a cat"`` writes the library's map (and records the target); nothing else in the tree changes."""
+    from PIL import Image
+
+    from tests.hostile.harness import check_contained, run_script, tree_state
+    from tests.methods import targetcases as tc
+
+    vit = tc.hf_dual(tmp_path, "siglip").vit
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "cat.npz"
+    before = tree_state(tmp_path)
+    res = run_script(["maps", str(img), "-m", f"hf:{vit.info.name}", "--method", "transformer_attribution",
+                      "--target", "text:a cat", "-o", str(out)], cwd=tmp_path, timeout=300)
+    assert res.code == 0, res.stderr
+    check_contained(before, tree_state(tmp_path), tmp_path, outputs=[out, tmp_path / "cat.png"])
+    with np.load(out) as data:
+        got, meta = data["map"], str(data["meta_json"])
+    want = vitscope.maps(vit, str(img), "transformer_attribution", target="text:a cat").map
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-9)
+    assert "text:a cat" in meta and float(np.abs(got).max()) > 0
