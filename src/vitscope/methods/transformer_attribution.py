@@ -5,7 +5,7 @@ Not the same as vitscope's ``chefer`` method (`vitscope.methods.relevance`, Chef
 weights the *attention* ``A`` by its gradient. This one weights the attention's *LRP relevance* ``R^A``:
 
 1. Layer-wise relevance propagation from the target class down to the first block, starting from a one-hot
-   vector at the logits (value 1 at the target class), with the paper's rules:
+   vector at the logits (value 1 at the target class), with the paper's rules (dual encoders: see below):
 
    - linear layers (q/k/v, the attention output, the MLP and the classifier): the alpha-beta rule with
      ``alpha=1, beta=0`` (the z+ rule): ``R_j = sum_i (x_j^+ w_ij^+ + x_j^- w_ij^-) / Z_i R_i`` where
@@ -28,19 +28,35 @@ weights the *attention* ``A`` by its gradient. This one weights the attention's 
 
    and the map is the [CLS] row of ``C`` over the patch columns (no row normalisation, as in the authors' code).
 
+Dual encoders (CLIP / SigLIP / open_clip image towers) with a ``text:`` or ``image:`` target: the one-hot sits at
+the target's similarity score (``logit_scale.exp() * cos(img, txt)`` (+ SigLIP's bias), or ``cos(img, ref)``),
+whose gradient weights the relevance. Convention: the normalised target embeddings are the rows of a linear
+classifier on the projected image embedding (several prompts = several classes, the target one of them), the
+embedding's normalisation and the logit scale/bias are scalings (identity rule, like LayerNorm), and the
+projection is a linear layer under z+ (no bias). Read-outs: [CLS] (CLIP ``post_layernorm``, open_clip 'tok'), the
+patch mean (open_clip 'avg', the map's default row then the mean of the patch rows), and SigLIP's MAP head (a
+learned probe query attending over the tokens, then ``a + mlp(norm(a))``) with the rules above: the probe is a
+constant input (what reaches it stays there), in/out projections and the MLP under z+, its norm and activation
+identity, halved ``q k^T`` / ``A v`` shares, the residual rule, k and v summed as copies of the tokens.
+
 Conservation: the rules above conserve the starting relevance exactly (z+ takes none for the bias; the add
 rule rescales to ``sum R``), so the relevance entering the first block sums to 1 per image, up to the
-``1e-9`` stabiliser and any output whose every contribution is zero. It conserves the one-hot start, not the
+``1e-9`` stabiliser and any output whose every contribution is zero; with SigLIP's MAP head, 1 minus the probe's
+share (exactly 1/4: the query's half of the attention's half), kept in `Relevance.absorbed`. It conserves the one-hot start, not the
 logit's value: the bias's share is redistributed, not kept.
 
 How vitscope runs it. The model's own forward gives the tokens entering the first block; from there the
 forward is re-run explicitly in float64 from the model's own modules (norms, projections, activations, head),
-recording what the rules need, and its logits are checked against the model's own: a model whose blocks do
-something this re-run does not (q/k norms, rotary positions, a gated MLP, relative position bias, ...) is
-refused rather than explained wrongly. Supported: vitscope's ViT, timm ``VisionTransformer`` (ViT, DeiT,
+recording what the rules need, and its logits (for a text/image target, its similarity score, the read-out
+re-run too) are checked against the model's own: a model whose blocks or read-out do something this re-run does
+not (q/k norms, rotary positions, a gated MLP, relative position bias, ...) is refused rather than explained
+wrongly. Supported: vitscope's ViT, timm ``VisionTransformer`` (ViT, DeiT,
 DeiT distilled, DINOv2-style layer scale and registers, [CLS] pooling), transformers ViT / DeiT (+ teacher) /
-DINOv2 (+ registers) / CLIP / SigLIP image classifiers, torchvision ViT; classifiers only (the relevance
-starts at a class logit). Images are independent: a batch gives the maps of one image at a time.
+DINOv2 (+ registers) / CLIP / SigLIP image classifiers, torchvision ViT (class targets); transformers
+``CLIPModel`` / ``CLIPVisionModel(WithProjection)`` / ``SiglipModel`` / ``SiglipVisionModel`` and open_clip ViT
+towers ('tok'/'avg' pooling) with text/image targets. Images are independent: a batch gives the maps of one
+image at a time. Chefer's own CLIP notebook (Transformer-MM-Explainability) uses the ICCV'21 gradient method
+(vitscope's ``chefer``), not these LRP rules.
 """
 
 from __future__ import annotations
