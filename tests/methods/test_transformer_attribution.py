@@ -8,6 +8,12 @@ rollout of ``cam + I`` (``compute_rollout_attention``), [CLS] row over the patch
 The model families come from one table; each model is sharpened (q/k scaled, prefix tokens and position tables
 redrawn: tests/capture/families.py `sharpen`) so attention is peaked (mean row max > 0.2, asserted), and its
 classifier redrawn (torchvision and timm start it at zero, which leaves no relevance to propagate).
+
+Dual encoders (second table, `DUALS`: transformers CLIP/SigLIP with text prompts, open_clip 'tok'/'avg', towers
+alone with reference images; q/k sharpened x6, mean row max > 0.2 asserted): the same reference, started at the
+one-hot among the targets' similarity scores (`RefEmbed`: the normalised target embeddings as classifier rows;
+SigLIP's MAP head by `RefProbe`), its read-out weights taken from the model's own attributes and its scores
+checked against the model's own API (``logits_per_image``, ``encode_image``).
 """
 
 from __future__ import annotations
