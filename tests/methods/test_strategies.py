@@ -62,7 +62,7 @@ class Case:
     kind: str  # the toy's attention kernel: "sdpa" (q/k rebuilt) or "eager" (its own probabilities)
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 2
-    small_blocks: bool = False  # the fused product in 2-row blocks (`_BLOCK_ELEMENTS` = 2 x 17 tokens + 1)
+    small_blocks: bool = False  # the fused product in 2-row blocks (`_BLOCK_ELEMENTS` = 2 x 17 tokens + 1, no minimum)
 
     @property
     def fused(self) -> bool:
@@ -90,6 +90,7 @@ def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     if case.small_blocks:
         monkeypatch.setattr(streaming, "_BLOCK_ELEMENTS", 2 * 17 + 1)
+        monkeypatch.setattr(streaming, "_MIN_BLOCK_ROWS", 1)
     model, vit = _toy(case.kind)
     x = _pixels(case.batch)
     got = {s: streaming_rollout(vit, x, strategy=s, chunk_rows=3, **case.kwargs) for s in STRATEGIES}

@@ -284,9 +284,11 @@ class _LayerRows:
     lse: torch.Tensor | None = None  # (B, H, N) each row's log-sum-exp ("fused"), with q and k
 
 
-#: rows of one head's ``exp(s q k^T - lse)`` block are sized to about this many elements (512 KB of float32:
-#: the block is written by the GEMM, exponentiated and read by the product while it sits in the core's cache)
-_BLOCK_ELEMENTS = 1 << 17
+#: rows of one head's ``exp(s q k^T - lse)`` block: about this many elements (1 MB of float32, written by the GEMM,
+#: exponentiated and read by the product while it sits in cache), and at least ``_MIN_BLOCK_ROWS`` rows (a thinner
+#: GEMM loses more to its own overhead than the cache saves; measured at N = 261, 1374 and 5334, 1 thread)
+_BLOCK_ELEMENTS = 1 << 18
+_MIN_BLOCK_ROWS = 96
 
 
 def _lse_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
@@ -309,7 +311,7 @@ def _lse_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
     kt = k.float().transpose(-1, -2)  # (B, H, d, N): GEMM reads the transposed view as is
     shift = (lse.float() * -log2e).unsqueeze(-1)  # (B, H, N, 1): -log2(e) lse_i added to row i
     out = torch.zeros(B, R, N, dtype=torch.float32, device=r.device)
-    c = max(1, min(N, _BLOCK_ELEMENTS // N))  # query rows per block
+    c = min(N, max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // N, 1))  # query rows per block
     block = torch.empty(c, N, dtype=torch.float32, device=r.device)
     for b in range(B):
         for h in range(H):
