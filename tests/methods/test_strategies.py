@@ -8,9 +8,9 @@ kernel's own probabilities are fused). The per-call self-verification (``A_rows 
 
 Three strategies: "dense" (each layer's fused rows kept; for plain float32 CPU SDPA calls from the probabilities
 the substituted kernel returns with its output), "fused" (SDPA's CPU kernel returns each row's log-sum-exp; the
-products ``r @ P_h`` come from the same kernel with queries and keys swapped; mean fusion without discard, other
-cases stream) and "streaming". ``spread`` cases force the swapped kernel's exact ``-lse`` mask branch (taken when a
-head's log-sum-exps spread over more than float32's exponent range).
+products ``r @ P_h`` are ``r @ exp(s q k^T - lse)`` in blocks of query rows; mean fusion without discard, other
+cases stream) and "streaming". ``small_blocks`` cases make the fused product's blocks 2 rows (17 tokens: 8 whole
+blocks and a 1-row one), so a block boundary or the partial last block is exercised.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Case:
     kind: str  # the toy's attention kernel: "sdpa" (q/k rebuilt) or "eager" (its own probabilities)
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 2
-    spread: bool = False  # force the swapped kernel's -lse mask branch (`_LSE_SPREAD` = -1)
+    small_blocks: bool = False  # the fused product in 2-row blocks (`_BLOCK_ELEMENTS` = 2 x 17 tokens + 1, no minimum)
 
     @property
     def fused(self) -> bool:
@@ -80,16 +80,17 @@ CASES = [
     Case("patch-mean-sdpa", "sdpa", {"queries": "mean"}),
     Case("no-renormalize-max-sdpa", "sdpa", {"head_fusion": "max", "renormalize": False}, batch=1),
     Case("mean-residual-start-sdpa", "sdpa", {"residual": 0.3, "start_layer": 1}),
-    Case("mean-cls-lse-mask-sdpa", "sdpa", batch=2, spread=True),
-    Case("all-rows-lse-mask-sdpa", "sdpa", {"queries": None}, batch=1, spread=True),
+    Case("mean-cls-small-blocks-sdpa", "sdpa", batch=2, small_blocks=True),
+    Case("all-rows-small-blocks-sdpa", "sdpa", {"queries": None}, batch=1, small_blocks=True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    if case.spread:
-        monkeypatch.setattr(streaming, "_LSE_SPREAD", -1.0)
+    if case.small_blocks:
+        monkeypatch.setattr(streaming, "_BLOCK_ELEMENTS", 2 * 17 + 1)
+        monkeypatch.setattr(streaming, "_MIN_BLOCK_ROWS", 1)
     model, vit = _toy(case.kind)
     x = _pixels(case.batch)
     got = {s: streaming_rollout(vit, x, strategy=s, chunk_rows=3, **case.kwargs) for s in STRATEGIES}

@@ -21,7 +21,6 @@ import torch
 
 from vitscope._ops import check_fusion
 from vitscope.adapters.base import SizePolicy
-from vitscope.capture import intercept
 from vitscope.capture.budget import choose_strategy
 from vitscope.capture.core import QuerySpec, resolve_layers, resolve_queries
 from vitscope.capture.intercept import AttentionCall
@@ -146,9 +145,9 @@ def streaming_rollout(
     only a map is made of here), else they are rebuilt from q and k. ``"streaming"`` keeps q and k and rebuilds
     the rows in chunks afterwards. ``"fused"`` (mean fusion without discard; else it streams) has SDPA's own
     CPU kernel give each row's log-sum-exp ``lse`` with its unchanged output, keeps q, k and ``lse``, and
-    computes ``r @ P_h`` with the same kernel, roles swapped: query ``k``, key ``q``, value the rows ``r``
-    weighted by ``exp(c - lse)`` (``c`` the largest ``lse`` of the head) gives ``o``, ``lse2`` and
-    ``(r @ P_h)[j] = o[j] exp(lse2[j] - c)``, one attention's cost per layer and no ``N x N`` anywhere; layers
+    computes ``r @ P_h`` afterwards as ``r @ exp(s q k^T - lse)`` in cache-sized blocks (one GEMM, one ``exp2``
+    and one product per block: no max, sum or division, no ``N x N`` anywhere, about half an attention's
+    cost per layer; `_lse_products`); layers
     whose call the kernel does not take (CUDA, a mask, other dtypes) stream. ``"auto"`` picks dense for small
     inputs, fused (or streaming) above the budget.
 
@@ -212,7 +211,7 @@ def streaming_rollout(
         if call.lse is not None:
             from_kernel.append(layer)
             assert call.q is not None and call.k is not None
-            if rows is None:  # r @ P_h by the swapped kernel after the forward pass (`_swapped_products`);
+            if rows is None:  # r @ P_h from q, k and lse after the forward pass (`_lse_products`);
                 # q and k stay views of the layer's qkv (no copy: ``3 B N D`` kept instead of ``2 B N D``)
                 kept[layer] = _LayerRows(None, q=call.q, k=call.k, scale=call.scale, lse=call.lse)
             else:  # the last layer's few rows: the verified rows (the query's among them) or a chunk of them
@@ -237,8 +236,8 @@ def streaming_rollout(
         r_rows = r if item.rows is None else r[:, :, ids]  # (B, R, R') the weights of those rows
         # plain mean: the identity's share r @ (a I) = a r up front; otherwise each block carries it
         new_r = r * a if plain_mean and a != 0.0 else torch.zeros_like(r)
-        if plain_mean and item.lse is not None:  # (1 - a) / H * sum_h r @ P_h, by the fused kernel
-            new_r.add_(_swapped_products(r, item), alpha=(1.0 - a) / H)
+        if plain_mean and item.lse is not None:  # (1 - a) / H * sum_h r @ P_h, from the kernel's lse
+            new_r.add_(_lse_products(r, item), alpha=(1.0 - a) / H)
         elif plain_mean and item.fused is None:  # (1 - a) / H * sum_h r @ P_h, one product per chunk
             assert item.q is not None and item.k is not None
             q = item.q if item.rows is None else item.q[:, :, ids]
@@ -285,43 +284,42 @@ class _LayerRows:
     lse: torch.Tensor | None = None  # (B, H, N) each row's log-sum-exp ("fused"), with q and k
 
 
-#: ``exp(c - lse)`` is used to weight the rows while the spread of a head's ``lse`` stays below this (float32's
-#: exponent range is about 87): beyond it the kernel is given ``-lse`` as a mask instead (exact, ~2x slower)
-_LSE_SPREAD = 80.0
+#: rows of one head's ``exp(s q k^T - lse)`` block: about this many elements (1 MB of float32, written by the GEMM,
+#: exponentiated and read by the product while it sits in cache), and at least ``_MIN_BLOCK_ROWS`` rows (a thinner
+#: GEMM loses more to its own overhead than the cache saves; measured at N = 261, 1374 and 5334, 1 thread)
+_BLOCK_ELEMENTS = 1 << 18
+_MIN_BLOCK_ROWS = 96
 
 
-def _swapped_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
+def _lse_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
     """``sum_h r @ P_h`` ``(B, R, N)`` for rows ``r`` ``(B, R, N)`` and ``P_h = softmax(q_h k_h^T * scale)`` of a
-    layer kept with its rows' log-sum-exp, by the fused kernel with the roles of queries and keys swapped.
+    layer kept with its rows' log-sum-exp ``lse`` (the fused kernel's, from the forward pass).
 
-    ``(r @ P_h)[j] = sum_i r_i exp(s q_i k_j - lse_i)``: the kernel with query ``k``, key ``q`` and value
-    ``w_i = r_i exp(c - lse_i)`` returns ``o_j = sum_i exp(s k_j q_i - lse2_j) w_i`` and ``lse2_j``, so the
-    product is ``o_j exp(lse2_j - c)`` (``c``: the head's largest ``lse``, so no weight overflows, and
-    ``lse2_j - c <= log N``). The value has the head size of q and k; ``r``'s rows fill its columns, ``d`` at a
-    time. Only ``(B, H, N, d)`` tensors are made; float32 throughout (``r >= 0``: no cancellation)."""
+    With ``lse`` known a row of ``P_h`` needs no max, sum or division: ``P_h[i, j] = exp(s q_i k_j - lse_i)``,
+    which is at most 1 (no overflow). Per head, blocks of query rows are one GEMM
+    ``2^(log2(e) s q_i k_j - log2(e) lse_i)`` (the ``- lse`` as the GEMM's added input, ``log2(e)`` folded into
+    q), one in-place ``exp2`` and one ``r[:, i] @ P`` product accumulated into the result: the extra cost is one
+    ``q k^T`` and ``N^2`` exponentials per head, about half of what the attention's own kernel does (it also
+    multiplies by ``v``); only a cache-sized ``(c, N)`` block exists at a time. Float32 (``r >= 0``: no
+    cancellation)."""
     q, k, lse = item.q, item.k, item.lse
-    assert q is not None and k is not None and lse is not None and intercept.FLASH_CPU is not None
-    B, H, N, d = q.shape
+    assert q is not None and k is not None and lse is not None
+    B, H, N, _ = q.shape  # (batch, heads, tokens, head size)
     R = r.shape[1]
-    out = torch.empty(B, R, N, dtype=torch.float32, device=r.device)
-    c = lse.amax(dim=-1, keepdim=True)  # (B, H, 1)
-    spread_ok = float((c - lse).amax()) <= _LSE_SPREAD
-    weight = torch.exp(c - lse).unsqueeze(-1) if spread_ok else None  # (B, H, N, 1)
-    mask = None if spread_ok else (-lse).unsqueeze(2)  # (B, H, 1, N): -lse_i on every key i
-    w = torch.zeros(B, H, N, d, dtype=q.dtype, device=q.device)
-    for s in range(0, R, d):
-        e = min(R, s + d)
-        rt = r[:, s:e].transpose(1, 2).unsqueeze(1)  # (B, 1, N, c)
-        if weight is not None:
-            torch.mul(rt, weight, out=w[..., : e - s])
-        else:
-            w[..., : e - s] = rt
-        o, lse2 = intercept.FLASH_CPU(k, q, w, 0.0, False, attn_mask=mask, scale=item.scale)  # (B, H, N, d), (B, H, N)
-        back = torch.exp(lse2 - c) if weight is not None else torch.exp(lse2)  # (B, H, N)
-        prod = o[..., : e - s] * back.unsqueeze(-1)  # (B, H, N, c): column c of r @ P_h
-        out[:, s:e] = prod.sum(dim=1).transpose(1, 2)
-        if e < R:
-            w.zero_()
+    log2e = 1.4426950408889634
+    qs = (q * (item.scale * log2e)).float()  # (B, H, N, d): a copy, contiguous
+    kt = k.float().transpose(-1, -2)  # (B, H, d, N): GEMM reads the transposed view as is
+    shift = (lse.float() * -log2e).unsqueeze(-1)  # (B, H, N, 1): -log2(e) lse_i added to row i
+    out = torch.zeros(B, R, N, dtype=torch.float32, device=r.device)
+    c = min(N, max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // N, 1))  # query rows per block
+    block = torch.empty(c, N, dtype=torch.float32, device=r.device)
+    for b in range(B):
+        for h in range(H):
+            for s in range(0, N, c):
+                e = min(N, s + c)
+                p = torch.addmm(shift[b, h, s:e], qs[b, h, s:e], kt[b, h], out=block[: e - s])  # (c', N)
+                p.exp2_()  # P_h[s:e] = exp(s q k^T - lse)
+                out[b].addmm_(r[b, :, s:e], p)  # (R, N) += (R, c') @ (c', N)
     return out
 
 
