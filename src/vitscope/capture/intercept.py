@@ -66,9 +66,8 @@ from vitscope.errors import CaptureError
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
 CHUNK_BYTES = 64 * 2**20
 
-__all__ = ["CHUNK_BYTES", "FLASH_CPU", "AttentionCall", "CaptureError", "check_rows", "observe_attention",
-           "refuse_compiled", "substitute_sdpa",
-           "windowed_call_error"]
+__all__ = ["CHUNK_BYTES", "FLASH_CPU", "ROWS_CHUNK_BYTES", "AttentionCall", "CaptureError", "check_rows",
+           "observe_attention", "refuse_compiled", "substitute_sdpa", "windowed_call_error"]
 
 _SOFTMAXES = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
 #: Calls that may multiply the attention weights with V on an explicit-softmax path.
@@ -190,15 +189,19 @@ class AttentionCall:
             if bias is not None and hsel is not None and bias.shape[1] != 1:
                 bias = bias[:, hsel]
             q = q[:, :, _index(ids)].to(dtype)
-            if not fuse_heads and dtype == torch.float32 and out.is_contiguous():
-                _rows_into(out, q, k, self.scale, bias, self.layer)
-                return out
-            chunk = max(1, CHUNK_BYTES // max(1, B * q.shape[1] * Nk * 4))
-            for s, e, probs in prob_chunks(q, k.to(dtype), self.scale, chunk, dtype, None, bias):  # (B, H', c, Nk)
+            # every head kept: the softmax writes straight into the result, in cache-sized chunks
+            direct = (not fuse_heads and dtype in (torch.float32, torch.float64) and out.dtype == dtype
+                      and out.stride(-1) == 1 and (len(ids) == 1 or out.stride(-2) == Nk))
+            row_bytes = max(1, B * q.shape[1] * Nk * 4)
+            chunk = max(1, (ROWS_CHUNK_BYTES if direct else CHUNK_BYTES) // row_bytes)
+            for s, e, probs in prob_chunks(q, k.to(dtype), self.scale, chunk, dtype, None, bias,
+                                           out=out if direct else None):  # (B, H', c, Nk)
                 if fuse_heads:
                     torch.mean(probs, dim=1, keepdim=True, out=out[:, :, s:e])
-                else:
+                elif not direct:
                     out[:, :, s:e] = probs
+                check_rows(out[:, :, s:e], self.layer)  # each chunk while it is hot
+            return out
         check_rows(out, self.layer)
         return out
 
@@ -239,7 +242,7 @@ class Scratch:
 
 def prob_chunks(
     q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, compute_dtype: torch.dtype = torch.float32,
-    scratch: Scratch | None = None, bias: torch.Tensor | None = None,
+    scratch: Scratch | None = None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, softmax(q[:, :, start:stop] @ k^T * scale + bias[:, :, start:stop]))`` as float32
     ``(B, H, c, N)`` (float64 for float64 logits).
@@ -247,6 +250,10 @@ def prob_chunks(
     q: ``(B, H, Q, d)``, k: ``(B, H, N, d)``, bias (the layer's additive mask / position bias, rows aligned
     with q's): ``(B or 1, H or 1, Q or 1, N)``. Only one chunk of logits exists at a time: the yielded tensor is
     a view of a reused buffer (``scratch``, shared across calls when given), so consume it before advancing.
+
+    ``out`` (``(B, H, Q, N)`` of the probabilities' dtype, its last two dims contiguous): the softmax of each
+    chunk is written straight into ``out[:, :, start:stop]`` (no probabilities buffer and copy beside it: a
+    capture of every row touches its result once) and that view is what is yielded.
     """
     scratch = scratch or Scratch()
     out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -255,6 +262,10 @@ def prob_chunks(
     B, H, Q, _ = q.shape
     N = k.shape[2]
     dev = q.device
+    if out is not None and (out.dtype != out_dtype or tuple(out.shape) != (B, H, Q, N) or out.stride(-1) != 1
+                            or (Q > 1 and out.stride(-2) != N)):
+        raise ValueError(f"out: expected ({B}, {H}, {Q}, {N}) {out_dtype} with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     for start in range(0, Q, chunk):
         stop = min(Q, start + chunk)
         qc = q[:, :, start:stop].to(compute_dtype) * scale  # scale the (c, d) rows, not the (c, N) logits
@@ -262,42 +273,33 @@ def prob_chunks(
         torch.matmul(qc, kt, out=logits)  # (B, H, c, N)
         if bias is not None:
             logits.add_(bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
+        if out is not None:
+            dest = out[:, :, start:stop]  # (B, H, c, N): each (image, head) block is contiguous
+            if dest.is_contiguous():
+                _softmax_into(logits, dest, compute_dtype, out_dtype)
+            else:
+                for b in range(B):
+                    for h in range(H):
+                        _softmax_into(logits[b, h], dest[b, h], compute_dtype, out_dtype)
+            yield start, stop, dest
+            continue
         probs = scratch.get("probs", (B, H, stop - start, N), out_dtype, dev)
-        if compute_dtype == out_dtype:
-            torch.softmax(logits, dim=-1, out=probs)
-        else:  # half-precision logits, float32 probabilities
-            torch.softmax(logits, dim=-1, dtype=out_dtype, out=probs)
+        _softmax_into(logits, probs, compute_dtype, out_dtype)
         yield start, stop, probs
 
 
-#: rows per chunk of `_rows_into`: a chunk's logits stay small enough to be reused from the cache
-_ROWS_CHUNK_BYTES = 4 * 2**20
+def _softmax_into(logits: torch.Tensor, dest: torch.Tensor, compute_dtype: torch.dtype,
+                  out_dtype: torch.dtype) -> None:
+    """``dest = softmax(logits)`` over the last dim (``dest`` contiguous); half-precision logits give float32."""
+    if compute_dtype == out_dtype:
+        torch.softmax(logits, dim=-1, out=dest)
+    else:
+        torch.softmax(logits, dim=-1, dtype=out_dtype, out=dest)
 
 
-def _rows_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-               layer: int) -> None:
-    """``out = softmax(q @ k^T * scale + bias)`` ``(B, H, Q, Nk)`` float32 (``out`` contiguous), per image and
-    head in chunks of rows, each chunk checked (`check_rows`) while it is hot: the softmax writes straight into
-    ``out`` (no probabilities buffer and copy beside it) from one small reused logits buffer, so a capture of every
-    row (a [CLS]-free model's default query) touches its result once. The same matmul and softmax per row as
-    `prob_chunks`."""
-    B, H, Q, _ = q.shape
-    Nk = int(k.shape[2])
-    chunk = max(1, _ROWS_CHUNK_BYTES // (Nk * 4))
-    logits = torch.empty(min(chunk, Q), Nk, dtype=torch.float32, device=q.device)
-    for b in range(B):
-        for h in range(H):
-            kt = k[b, h].to(torch.float32).t()  # (d, Nk)
-            for start in range(0, Q, chunk):
-                stop = min(Q, start + chunk)
-                lg = logits[: stop - start]
-                torch.matmul(q[b, h, start:stop] * scale, kt, out=lg)  # (c, Nk)
-                if bias is not None:
-                    bb = bias[min(b, bias.shape[0] - 1), min(h, bias.shape[1] - 1)]  # (Q or 1, Nk)
-                    lg.add_(bb[start:stop] if bb.shape[0] != 1 else bb)
-                dest = out[b, h, start:stop]  # (c, Nk), contiguous
-                torch.softmax(lg, dim=-1, out=dest)
-                check_rows(dest, layer)
+#: Bytes of one chunk of logits when rows are written straight into a capture's result (`AttentionCall.rows`
+#: with every head kept): small enough that the softmax reads its logits back from the cache
+ROWS_CHUNK_BYTES = 4 * 2**20
 
 
 def _index(ids: list[int]) -> slice | list[int]:
