@@ -1039,7 +1039,7 @@ def observe_attention(
     handles: list[Any] = []
     try:
         for site in sites:
-            m = attention_module(site)
+            m = engine.modules[site.layer]  # (found once, by the engine)
             layer = site.layer
             if isinstance(m, nn.MultiheadAttention):
 
