@@ -897,7 +897,7 @@ class _Engine:
         if not self.graph:
             for name in ("q", "k", "v", "probs"):
                 t = getattr(call, name)
-                if t is not None:
+                if t is not None and t.requires_grad:  # (without a graph there is nothing to detach)
                     setattr(call, name, t.detach())
         self.on_call(call)
 
