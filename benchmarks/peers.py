@@ -27,7 +27,8 @@ queries="cls")`` (the DINO map) and ``maps(..., "rollout")`` (the registry's rol
 as users run them.
 
 Times: ``--repeats`` rounds (``--large-repeats`` at 1000 px and more), each running every path once in turn
-(interleaved, so a shared machine's drifting load hits every path alike), after one warm-up call of every path
+(interleaved, so a shared machine's drifting load hits every path alike; every other round in reverse order, so
+no path always runs after the same one), after one warm-up call of every path
 (at 1000 px and more only of the plain forwards and vitscope's paths: an eager peer's call there takes minutes,
 and the models are built once for all sizes, so tracing and kernel choice were warmed at the smaller sizes); a path's ratio is the median over rounds of its time / its library's plain time in
 the same round, and the spread is the min-max of those per-round ratios. On CPU the clock is this process's CPU
@@ -242,8 +243,9 @@ def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype,
         if size < 1000 or n == base or n.startswith("vitscope"):
             timed(fn)
     ratios: dict[str, list[float]] = {n: [] for n in table}
-    for _ in range(repeats):
-        t = {n: timed(fn) for n, (_, fn) in table.items()}
+    for round_ in range(repeats):  # every other round in reverse order: no path always follows the same one
+        order = list(table.items())[:: -1 if round_ % 2 else 1]
+        t = {n: timed(fn) for n, (_, fn) in order}
         for n, (base, _) in table.items():
             ratios[n].append(t[n] / t[base])
         ratios.setdefault("_plain_s", []).append(t[next(iter(table))])
