@@ -85,8 +85,8 @@ class ImageMeasures(Observer):
 
     ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context.
     ``background``: reduce each layer's distances on a thread of their own while the forward pass goes on
-    (default: when `spare_core`); the layer's patch q and k are copied first, the reduction is the same, so the
-    results are identical either way."""
+    (default: when `spare_core`); the layer's patch q and k are then copied first (inside the forward pass the
+    kernel's own are read in place), the reduction is the same, so the results are identical either way."""
 
     def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
                  background: bool | None = None) -> None:
@@ -117,7 +117,12 @@ class ImageMeasures(Observer):
         From the kernel's q and k only the patch block of the logits is formed (renormalising over patch keys
         is that block's own softmax: `add_distance_from_qk`); from probabilities (an explicit softmax, or a
         capture that kept the whole layer) their patch block is read (`add_distance_from_probs`)."""
-        from vitscope.methods.distance import add_distance_from_probs, qk_operands, reduce_qk_distance
+        from vitscope.methods.distance import (
+            add_distance_from_probs,
+            add_distance_from_qk,
+            qk_operands,
+            reduce_qk_distance,
+        )
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
@@ -129,11 +134,12 @@ class ImageMeasures(Observer):
             return
         assert call.q is not None and call.k is not None
         bias = call.bias_rows(patches)  # (B or 1, H or 1, P or 1, N)
-        operands = qk_operands(call.q[:, :, patches], call.k[:, :, patches], call.scale,
-                               None if bias is None else bias[..., patches])  # copies: the model's stay untouched
-        if not self.background:
-            reduce_qk_distance(acc, *operands, self.grid, self.patch_size, scratch=self.scratch)
+        q, k = call.q[:, :, patches], call.k[:, :, patches]  # (B, H, P, d) views of the kernel's own tensors
+        bias = None if bias is None else bias[..., patches]
+        if not self.background:  # inside the forward: the kernel's q and k read in place, nothing copied
+            add_distance_from_qk(acc, q, k, call.scale, bias, self.grid, self.patch_size, scratch=self.scratch)
             return
+        operands = qk_operands(q, k, call.scale, bias)  # copies: the model's stay untouched
         self._wait(_MAX_PENDING - 1)
         self._pending.append(_measure_thread().submit(reduce_qk_distance, acc, *operands, self.grid,
                                                       self.patch_size, scratch=self.scratch))
