@@ -24,6 +24,7 @@ Then ``vitscope batch`` runs as a CLI subprocess, is SIGKILLed midway and restar
 and loadable, equal to a direct computation, and each image finished exactly once in the manifest.
 
     python benchmarks/batch_throughput.py [--images 500] [--batch-size 8] [--workers 2] [--repeats 3]
+        [--no-kill] [--no-compute]
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timed run")
     ap.add_argument("--no-kill", action="store_true", help="skip the SIGKILL-restart check")
+    ap.add_argument("--no-compute", action="store_true", help="skip the compute-only table")
     ap.add_argument("--keep", action="store_true", help="keep the generated images and outputs")
     args = ap.parse_args()
 
@@ -189,7 +191,8 @@ def main() -> None:
     for name, target in (("no-stats", 0.90), ("default", 0.85)):
         verdict = "PASS" if ratio[name] >= target else "FAIL"
         print(f"batch {name} throughput = {ratio[name]:.1%} of bare forwards (target >= {target:.0%}): {verdict}")
-    compute_cost(vit, pixels, args.repeats)
+    if not args.no_compute:
+        compute_cost(vit, pixels, args.repeats)
     pixels.clear()
 
     try:

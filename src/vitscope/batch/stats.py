@@ -67,7 +67,10 @@ def _measure_thread() -> ThreadPoolExecutor:
 
 def spare_core(device: Any) -> bool:
     """Whether a CPU forward leaves a core idle: torch's compute threads fewer than the cores this process may
-    use. Then the distances' reductions run beside the forward pass, on that core, instead of in it."""
+    use, and the machine's 1-minute load average (this run's own threads included) at least half a core below
+    them. Then the distances' reductions run beside the forward pass, on that core, instead of in it; on a
+    machine whose other work keeps the cores busy, a thread of their own would only compete with the forward
+    (and cost the copies of q and k), so they run inside it."""
     import torch
 
     if getattr(device, "type", device) != "cpu":
@@ -76,7 +79,13 @@ def spare_core(device: Any) -> bool:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    if torch.get_num_threads() >= cores:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows): the thread count decides
+        return True
+    return load + 0.5 <= cores
 
 
 class ImageMeasures(Observer):
