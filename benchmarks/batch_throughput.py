@@ -17,8 +17,9 @@ The compute alone (no loading, no writing), per pass over the preloaded batches:
 (`time.process_time`: every thread's, so the measures' distance reductions count wherever they run; what the
 forward pass and the method cost, whatever else the machine runs) and wall time, for a bare forward,
 `compute_batch` without and with the per-image measures, and the previous way (the map, then the measures in a
-second forward pass). With a spare core (torch threads < cores) the measures reduce each layer's distances on a
-thread of their own beside the forward (`vitscope.batch.stats.spare_core`): CPU time then exceeds wall time.
+second forward pass), and the measures reduced inside the forward pass. With a spare core (torch threads <
+cores, and a load average that leaves one idle) the default reduces each layer's distances on a thread of
+their own beside the forward (`vitscope.batch.stats.spare_core`): CPU time then exceeds wall time.
 
 Then ``vitscope batch`` runs as a CLI subprocess, is SIGKILLed midway and restarted: every output must be present
 and loadable, equal to a direct computation, and each image finished exactly once in the manifest.
