@@ -17,13 +17,15 @@ The compute alone (no loading, no writing), per pass over the preloaded batches:
 (`time.process_time`: every thread's, so the measures' distance reductions count wherever they run; what the
 forward pass and the method cost, whatever else the machine runs) and wall time, for a bare forward,
 `compute_batch` without and with the per-image measures, and the previous way (the map, then the measures in a
-second forward pass). With a spare core (torch threads < cores) the measures reduce each layer's distances on a
-thread of their own beside the forward (`vitscope.batch.stats.spare_core`): CPU time then exceeds wall time.
+second forward pass), and the measures reduced inside the forward pass. With a spare core (torch threads <
+cores, and a load average that leaves one idle) the default reduces each layer's distances on a thread of
+their own beside the forward (`vitscope.batch.stats.spare_core`): CPU time then exceeds wall time.
 
 Then ``vitscope batch`` runs as a CLI subprocess, is SIGKILLed midway and restarted: every output must be present
 and loadable, equal to a direct computation, and each image finished exactly once in the manifest.
 
     python benchmarks/batch_throughput.py [--images 500] [--batch-size 8] [--workers 2] [--repeats 3]
+        [--no-kill] [--no-compute]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timed run")
     ap.add_argument("--no-kill", action="store_true", help="skip the SIGKILL-restart check")
+    ap.add_argument("--no-compute", action="store_true", help="skip the compute-only table")
     ap.add_argument("--keep", action="store_true", help="keep the generated images and outputs")
     args = ap.parse_args()
 
@@ -138,6 +142,18 @@ def main() -> None:
         assert not stats or summary.summary["images"] == len(paths), summary
         return float(summary.seconds)
 
+    cpu: dict[str, list[float]] = {"bare": [], "no-stats": [], "default": []}
+    load: dict[str, list[float]] = {"bare": [], "no-stats": [], "default": []}
+
+    def timed(name: str, fn) -> float:  # type: ignore[no-untyped-def]
+        """``fn()``'s seconds; its CPU seconds (this process and its loader workers) and the machine's 1-minute
+        load average before it are kept beside."""
+        load[name].append(os.getloadavg()[0])
+        c0 = cpu_seconds()
+        seconds = float(fn())
+        cpu[name].append(cpu_seconds() - c0)
+        return seconds
+
     bare()  # warm-up
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -146,33 +162,38 @@ def main() -> None:
     t_loop = time.perf_counter() - t0
     runs: dict[str, list[float]] = {"bare": [], "no-stats": [], "default": []}
     for k in range(args.repeats):  # interleaved: bare, --no-stats, default, bare, ...
-        runs["bare"].append(bare())
-        runs["no-stats"].append(batch_run(False, k))
-        runs["default"].append(batch_run(True, k))
+        runs["bare"].append(timed("bare", bare))
+        runs["no-stats"].append(timed("no-stats", lambda: batch_run(False, k)))  # noqa: B023 (called at once)
+        runs["default"].append(timed("default", lambda: batch_run(True, k)))  # noqa: B023
     med = {name: statistics.median(ts) for name, ts in runs.items()}
     # per round: bare time / batch time (throughput ratio), then the median over rounds
     ratio = {name: statistics.median(b / t for b, t in zip(runs["bare"], runs[name], strict=True))
              for name in ("no-stats", "default")}
 
     n = len(paths)
-    print(f"## end to end: median of {args.repeats} interleaved repeats (wall clock)")
-    print("| run | seconds | images/s | throughput vs bare forwards (spread over repeats) |")
-    print("|---|---|---|---|")
+    print(f"## end to end: median of {args.repeats} interleaved repeats (wall clock; CPU: this process and its "
+          "loader workers, all threads; load: the machine's 1-minute load average before each run, per repeat)")
+    print("| run | seconds | images/s | throughput vs bare forwards (spread over repeats) | CPU s | load |")
+    print("|---|---|---|---|---|---|")
 
     def spread(name: str) -> str:
         rs = [b / t for b, t in zip(runs["bare"], runs[name], strict=True)]
         return f"{min(rs):.1%}-{max(rs):.1%}"
 
-    print(f"| bare forwards (preloaded) | {med['bare']:.1f} | {n / med['bare']:.2f} | 100.0% |")
-    print(f"| load + forward loop (once) | {t_loop:.1f} | {n / t_loop:.2f} | {med['bare'] / t_loop:.1%} |")
+    def usage(name: str) -> str:
+        return f"{statistics.median(cpu[name]):.1f} | {' '.join(f'{x:.1f}' for x in load[name])}"
+
+    print(f"| bare forwards (preloaded) | {med['bare']:.1f} | {n / med['bare']:.2f} | 100.0% | {usage('bare')} |")
+    print(f"| load + forward loop (once) | {t_loop:.1f} | {n / t_loop:.2f} | {med['bare'] / t_loop:.1%} | | |")
     print(f"| vitscope batch --no-stats (maps only) | {med['no-stats']:.1f} | {n / med['no-stats']:.2f} | "
-          f"{ratio['no-stats']:.1%} ({spread('no-stats')}) |")
+          f"{ratio['no-stats']:.1%} ({spread('no-stats')}) | {usage('no-stats')} |")
     print(f"| vitscope batch (default: + per-image measures, summary.json) | {med['default']:.1f} | "
-          f"{n / med['default']:.2f} | {ratio['default']:.1%} ({spread('default')}) |")
+          f"{n / med['default']:.2f} | {ratio['default']:.1%} ({spread('default')}) | {usage('default')} |")
     for name, target in (("no-stats", 0.90), ("default", 0.85)):
         verdict = "PASS" if ratio[name] >= target else "FAIL"
         print(f"batch {name} throughput = {ratio[name]:.1%} of bare forwards (target >= {target:.0%}): {verdict}")
-    compute_cost(vit, pixels, args.repeats)
+    if not args.no_compute:
+        compute_cost(vit, pixels, args.repeats)
     pixels.clear()
 
     try:
@@ -181,6 +202,13 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of its finished children (the DataLoader's
+    workers, reaped when a run ends)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def compute_cost(vit, pixels, repeats: int) -> None:  # type: ignore[no-untyped-def]
@@ -204,6 +232,8 @@ def compute_cost(vit, pixels, repeats: int) -> None:  # type: ignore[no-untyped-
 
     ways = {"bare forward": bare, "cls map (--no-stats)": lambda x: compute_batch(vit, x, cls, stats=False),
             "cls map + measures, one pass (default)": lambda x: compute_batch(vit, x, cls),
+            "cls map + measures, one pass, reduced inside the forward (no spare core)":
+                lambda x: compute_batch(vit, x, cls, background=False),
             "cls map, then measures in a second pass (before)": two_pass}
     cpu: dict[str, list[float]] = {name: [] for name in ways}
     wall: dict[str, list[float]] = {name: [] for name in ways}

@@ -398,3 +398,32 @@ def test_cli_batch(mixed_folder: Path, model_dir: Path, tmp_path: Path, capsys: 
     assert exc.value.code == 2
     assert "another run" in capsys.readouterr().err
     torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "no stats"])
+def test_summary_figure_imports_ride_on_the_writer_thread(stats: bool, mixed_folder: Path, model_dir: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the measures on, the distance figure's imports (matplotlib) run once, on the writer thread after the
+    first batch's writes (beside the next forward passes, not after the last one), and the figure is written;
+    without measures there is no figure and nothing is imported for it."""
+    import threading
+
+    from vitscope.batch import local
+
+    calls: list[str] = []
+    real = local._import_figures
+
+    def spy() -> None:
+        calls.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(local, "_import_figures", spy)
+    out = tmp_path / "out"
+    res = run_batch(mixed_folder, out, model=model_dir, policy="native", batch_size=2, workers=0, formats="npz",
+                    stats=stats, progress=False)
+    assert res.done == 5
+    if stats:
+        assert len(calls) == 1 and calls[0].startswith("vitscope-batch-writer"), calls
+        assert (out / "distance.png").stat().st_size > 1000
+    else:
+        assert calls == [] and not (out / "distance.png").exists()

@@ -177,3 +177,23 @@ def test_distances_reduced_beside_the_forward_equal_those_reduced_in_it(monkeypa
     measures = _measures(vit, pixels, background=True)
     with pytest.raises(RuntimeError, match="reduction failed"):
         measures.result()
+
+
+@pytest.mark.parametrize(("threads", "load", "spare"), [
+    (1, 0.2, True),  # an idle core beside one compute thread
+    (1, 1.6, False),  # other work keeps the second core busy: the reductions stay inside the forward
+    (2, 0.0, False),  # torch's threads take every core
+])
+def test_spare_core_needs_an_idle_core(threads: int, load: float, spare: bool,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measures reduce beside the forward only when a core is idle: fewer torch threads than cores *and* a
+    load average that leaves one (on a busy machine a thread of their own competes with the forward)."""
+    import os
+
+    from vitscope.batch import stats
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert stats.spare_core(torch.device("cpu")) is spare
+    assert stats.spare_core(torch.device("meta")) is False  # not a CPU: never

@@ -107,30 +107,38 @@ def _centre_distance_ref(probs: np.ndarray, grid, patch) -> np.ndarray:
 
 
 #: name -> (grid, batch, heads, block bytes): the blocks `add_distance_from_qk` / `_from_probs` work through
+#: (one image's heads at a time)
 DISTANCE_BLOCKS = {
-    "one block": ((3, 5), 2, 3, 2**20),
-    "pairs, partial last block": ((3, 5), 2, 3, 4 * 15 * 15 * 4),  # 4 of the 6 (image, head) pairs, then 2
-    "rows of one pair": ((3, 5), 2, 3, 4 * 15 * 15 - 4),  # a pair exceeds the block: 16-row chunks (here 15)
-    "rows of one pair, several chunks": ((6, 7), 1, 2, 4 * 42 * 16),  # 42 rows in chunks of 16, 16, 10
+    "one block per image": ((3, 5), 2, 3, 2**20),
+    "heads, partial last block": ((3, 5), 2, 3, 2 * 15 * 15 * 4),  # 2 of an image's 3 heads, then 1
+    "rows of one head": ((3, 5), 2, 3, 4 * 15 * 15 - 4),  # a head exceeds the block: 16-row chunks (here 15)
+    "rows of one head, several chunks": ((6, 7), 1, 2, 4 * 42 * 16),  # 42 rows in chunks of 16, 16, 10
     "ViT-S/16 at 224 px (38416 terms per sum)": ((14, 14), 2, 2, 2**20),
 }
 
 
+@pytest.mark.parametrize("layout", ["qkv views", "contiguous"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
 @pytest.mark.parametrize("case", list(DISTANCE_BLOCKS))
-def test_distance_from_qk_and_probs_equal_a_float64_hand_loop(case, bias, monkeypatch):
+def test_distance_from_qk_and_probs_equal_a_float64_hand_loop(case, bias, layout, monkeypatch):
     """Batch mode's per-layer distance (`add_distance_from_qk`: only the patch block of the logits, its softmax
-    reduced by one matrix-vector product; `add_distance_from_probs`: from the attention itself, prefix columns
-    present) equals a float64 loop over patch centres, whatever the blocks. q is scaled so rows are peaked
-    (mean row max > 0.2 checked): a wrong row, key or pair order changes the result."""
+    weighted and summed per pair; `add_distance_from_probs`: from the attention itself, prefix columns present)
+    equals a float64 loop over patch centres, whatever the blocks and whatever q's and k's strides (the kernel's
+    own views are read in place). q is scaled so rows are peaked (mean row max > 0.2 checked): a wrong row, key,
+    head or image order changes the result."""
     from vitscope.methods import distance as D
 
     grid, B, H, block = DISTANCE_BLOCKS[case]
     monkeypatch.setattr(D, "DISTANCE_BLOCK_BYTES", block)
     P, P0, d, patch, scale = grid[0] * grid[1], 2, 8, (16, 12), 0.35
     gen = torch.Generator().manual_seed(3)
-    q = 3.0 * torch.randn(B, H, P0 + P, d, generator=gen)  # (B, H, N, d) with 2 prefix tokens
-    k = torch.randn(B, H, P0 + P, d, generator=gen)
+    # q and k (B, H, N, d) with 2 prefix tokens; "qkv views": as a model's attention hands them to the kernel,
+    # views of one (B, N, 3, H, d) projection, read in place (no (B, H) batch stride, rows 3*H*d apart)
+    qkv = torch.randn(B, P0 + P, 3, H, d, generator=gen).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+    if layout == "qkv views":
+        q, k = qkv[0].mul_(3.0), qkv[1]
+    else:
+        q, k = (3.0 * qkv[0]).contiguous(), qkv[1].contiguous()
     b = torch.randn(1, H, P0 + P, P0 + P, generator=gen) if bias else None  # a position bias shared by images
     logits = (q.double() @ k.double().transpose(-2, -1)) * scale + (0 if b is None else b.double())
     probs = torch.softmax(logits, dim=-1)  # (B, H, N, N) over every key, as the kernel computes it

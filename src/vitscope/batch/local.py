@@ -918,6 +918,7 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
     )
     spec = get_method(method)
     pipe = _Pipeline(todo, manifest, summary, bar, method)
+    figure_imports = [stats]  # the summary's distance figure: its imports wait for the first batch's writes
 
     def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int],
                     extra: dict[str, np.ndarray]) -> None:
@@ -946,6 +947,9 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
                             "outputs": outputs, "method": method, "finished": time.time(),
                             **({"stats": record} if record else {})})
         pipe.finish(entries)
+        if figure_imports[0]:
+            figure_imports[0] = False
+            _import_figures()
 
     def run(samples: list[dict[str, Any]]) -> None:
         pixels = torch.stack([s["pixels"] for s in samples]).to(dev, vit.dtype, non_blocking=True)  # (B, C, H, W)
@@ -1023,6 +1027,17 @@ class _Pipeline:
                     self.pending.popleft().result()
             finally:
                 self.writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _import_figures() -> None:
+    """(writer thread, after the first batch's writes) Import what the run's summary figure draws with
+    (matplotlib: most of a second of CPU), so that it overlaps with the next batches' forward passes instead of
+    following the last one; the compute path's own lazy imports are done by then. A failure here is left to
+    the figure itself (`write_summary`), which reports it where it happens."""
+    with suppress(Exception):
+        import matplotlib.pyplot  # noqa: F401
+
+        import vitscope.viz  # noqa: F401
 
 
 def _warm_imports() -> None:

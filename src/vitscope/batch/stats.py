@@ -67,7 +67,10 @@ def _measure_thread() -> ThreadPoolExecutor:
 
 def spare_core(device: Any) -> bool:
     """Whether a CPU forward leaves a core idle: torch's compute threads fewer than the cores this process may
-    use. Then the distances' reductions run beside the forward pass, on that core, instead of in it."""
+    use, and the machine's 1-minute load average (this run's own threads included) at least half a core below
+    them. Then the distances' reductions run beside the forward pass, on that core, instead of in it; on a
+    machine whose other work keeps the cores busy, a thread of their own would only compete with the forward
+    (and cost the copies of q and k), so they run inside it."""
     import torch
 
     if getattr(device, "type", device) != "cpu":
@@ -76,7 +79,13 @@ def spare_core(device: Any) -> bool:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    if torch.get_num_threads() >= cores:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows): the thread count decides
+        return True
+    return load + 0.5 <= cores
 
 
 class ImageMeasures(Observer):
@@ -85,8 +94,8 @@ class ImageMeasures(Observer):
 
     ``vit`` and ``pixels`` ``(B, C, H, W)`` (prepared: on the model's device) are those of the context.
     ``background``: reduce each layer's distances on a thread of their own while the forward pass goes on
-    (default: when `spare_core`); the layer's patch q and k are copied first, the reduction is the same, so the
-    results are identical either way."""
+    (default: when `spare_core`); the layer's patch q and k are then copied first (inside the forward pass the
+    kernel's own are read in place), the reduction is the same, so the results are identical either way."""
 
     def __init__(self, vit: Any, pixels: Any, *, norm_threshold: float | None = None,
                  background: bool | None = None) -> None:
@@ -117,7 +126,12 @@ class ImageMeasures(Observer):
         From the kernel's q and k only the patch block of the logits is formed (renormalising over patch keys
         is that block's own softmax: `add_distance_from_qk`); from probabilities (an explicit softmax, or a
         capture that kept the whole layer) their patch block is read (`add_distance_from_probs`)."""
-        from vitscope.methods.distance import add_distance_from_probs, qk_operands, reduce_qk_distance
+        from vitscope.methods.distance import (
+            add_distance_from_probs,
+            add_distance_from_qk,
+            qk_operands,
+            reduce_qk_distance,
+        )
 
         P0, P = self.P0, self.P
         acc = self.distance[call.layer]  # (B, H)
@@ -129,11 +143,12 @@ class ImageMeasures(Observer):
             return
         assert call.q is not None and call.k is not None
         bias = call.bias_rows(patches)  # (B or 1, H or 1, P or 1, N)
-        operands = qk_operands(call.q[:, :, patches], call.k[:, :, patches], call.scale,
-                               None if bias is None else bias[..., patches])  # copies: the model's stay untouched
-        if not self.background:
-            reduce_qk_distance(acc, *operands, self.grid, self.patch_size, scratch=self.scratch)
+        q, k = call.q[:, :, patches], call.k[:, :, patches]  # (B, H, P, d) views of the kernel's own tensors
+        bias = None if bias is None else bias[..., patches]
+        if not self.background:  # inside the forward: the kernel's q and k read in place, nothing copied
+            add_distance_from_qk(acc, q, k, call.scale, bias, self.grid, self.patch_size, scratch=self.scratch)
             return
+        operands = qk_operands(q, k, call.scale, bias)  # copies: the model's stay untouched
         self._wait(_MAX_PENDING - 1)
         self._pending.append(_measure_thread().submit(reduce_qk_distance, acc, *operands, self.grid,
                                                       self.patch_size, scratch=self.scratch))

@@ -21,9 +21,10 @@ Prefix-token query rows are never used. Two distances between patches ``i`` and 
 `DistanceAccumulator` streams over many images (mean and standard deviation across images) without ever
 holding more than one batch of attention. `add_distance_from_qk` and `add_distance_from_probs` are the same
 measure read from one layer's attention as a forward pass computes it (batch mode's per-image measures): in
-cache-sized blocks of (image, head) pairs, each block's renormalised patch rows weighted by the distances
-divided by ``P`` and summed in one reduction per pair (``mean_i sum_j w_ij d_ij = sum_ij w_ij d_ij / P``; torch's
-cascaded sum keeps the ``P^2`` terms to float32 rounding, where one matrix-vector product drifted by ~4e-6).
+cache-sized blocks of one image's heads (the kernel's q and k read in place, the scale applied inside the
+product), each block's renormalised patch rows weighted by the distances divided by ``P`` and summed in one
+reduction per pair (``mean_i sum_j w_ij d_ij = sum_ij w_ij d_ij / P``; torch's cascaded sum keeps the ``P^2``
+terms to float32 rounding, where one matrix-vector product drifted by ~4e-6).
 """
 
 from __future__ import annotations
@@ -84,16 +85,16 @@ def _scaled_distances(grid: tuple[int, int], patch_size: tuple[int, int], metric
 
 
 #: float32 bytes of attention worked through at once by `add_distance_from_qk` / `_from_probs`: what a core's
-#: cache holds, so the product, the softmax and the matrix-vector product read it from cache, not memory.
+#: cache holds, so the product, the softmax and the weighted sum read it from cache, not memory.
 DISTANCE_BLOCK_BYTES = 2**20
 
 
-def _blocks(G: int, P: int) -> tuple[int, int]:
-    """``(pairs, rows)`` per block of ``G`` (image, head) pairs with ``P x P`` patch attention each: several
-    whole pairs when one fits `DISTANCE_BLOCK_BYTES`, else one pair in chunks of rows (at least 16)."""
-    per_pair = 4 * P * P
-    if per_pair <= DISTANCE_BLOCK_BYTES:
-        return max(1, min(G, DISTANCE_BLOCK_BYTES // per_pair)), P
+def _blocks(H: int, P: int) -> tuple[int, int]:
+    """``(heads, rows)`` per block of one image's ``H`` heads with ``P x P`` patch attention each: several
+    whole heads when one fits `DISTANCE_BLOCK_BYTES`, else one head in chunks of rows (at least 16)."""
+    per_head = 4 * P * P
+    if per_head <= DISTANCE_BLOCK_BYTES:
+        return max(1, min(H, DISTANCE_BLOCK_BYTES // per_head)), P
     return 1, min(P, max(16, DISTANCE_BLOCK_BYTES // (4 * P)))
 
 
@@ -105,52 +106,57 @@ def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torc
 
 
 def qk_operands(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(q * scale, k, bias)`` of `add_distance_from_qk` as fresh contiguous float32 ``(B*H, P, d)``,
-    ``(B*H, P, d)`` and ``(B*H, P, P)`` (or ``None``) tensors: copies the model never touches again, so the
-    reduction (`reduce_qk_distance`) may run later, on another thread."""
-    B, H, P, d = q.shape
-    qs = torch.empty(B * H, P, d, dtype=torch.float32, device=q.device)
-    torch.mul(q, scale, out=qs.view(B, H, P, d))  # one pass: the scaled copy, laid out (B, H) pair by pair
-    kc = torch.empty(B * H, P, d, dtype=torch.float32, device=k.device)
-    kc.view(B, H, P, d).copy_(k)
-    bias_g = None
-    if bias is not None:
-        bias_g = torch.empty(B * H, P, P, dtype=torch.float32, device=bias.device)
-        bias_g.view(B, H, P, P).copy_(bias.expand(B, H, P, P))
-    return qs, kc, bias_g
+                ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """``(q, k, scale, bias)`` of `add_distance_from_qk` as fresh float32 copies (``q``, ``k`` ``(B, H, P, d)``
+    contiguous; ``bias`` its own shape) that the model never touches again, so the reduction
+    (`reduce_qk_distance`) may run later, on another thread, with the same arithmetic as on the kernel's views."""
+    qc = torch.empty(q.shape, dtype=torch.float32, device=q.device).copy_(q)  # (B, H, P, d)
+    kc = torch.empty(k.shape, dtype=torch.float32, device=k.device).copy_(k)
+    bias_c = None if bias is None else torch.empty(bias.shape, dtype=torch.float32, device=bias.device).copy_(bias)
+    return qc, kc, scale, bias_c
 
 
-def reduce_qk_distance(acc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, bias_g: torch.Tensor | None,
-                       grid: tuple[int, int], patch_size: tuple[int, int], metric: DistanceMetric = "centre",
-                       scratch: torch.Tensor | None = None) -> None:
-    """`add_distance_from_qk` on `qk_operands`' tensors; ``acc`` ``(B, H)``."""
-    G, P, _ = qs.shape
-    kt = kc.transpose(1, 2)  # (G, d, P)
+def reduce_qk_distance(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+                       bias: torch.Tensor | None, grid: tuple[int, int], patch_size: tuple[int, int],
+                       metric: DistanceMetric = "centre", scratch: torch.Tensor | None = None) -> None:
+    """`add_distance_from_qk` itself: ``acc`` ``(B, H)``, q and k ``(B, H, P, d)`` of any strides (the kernel's
+    own views, or `qk_operands`' copies), ``bias`` broadcastable to ``(B, H, P, P)`` or ``None``."""
+    B, H, P, _ = q.shape
+    kt = k.transpose(-2, -1)  # (B, H, d, P): a view; the product reads it transposed, nothing is copied
+    bias_full = None if bias is None else bias.expand(B, H, P, P)  # a view (zero strides where broadcast)
 
-    def fill(blk: torch.Tensor, s: int, e: int, r0: int, r1: int) -> None:
-        torch.bmm(qs[s:e, r0:r1], kt[s:e], out=blk)  # (g, r, P) patch logits
-        if bias_g is not None:
-            blk.add_(bias_g[s:e, r0:r1])
+    def fill(blk: torch.Tensor, b: int, h0: int, h1: int, r0: int, r1: int) -> None:
+        qb = q[b, h0:h1, r0:r1]  # (h, r, d), the model's strides
+        if q.dtype != torch.float32:
+            qb, kb = qb.float(), kt[b, h0:h1].float()
+        else:
+            kb = kt[b, h0:h1]
+        if bias_full is None:  # scale * q k^T in the product itself (beta=0: blk's old values are ignored)
+            torch.baddbmm(blk, qb, kb, beta=0.0, alpha=scale, out=blk)
+        else:
+            blk.copy_(bias_full[b, h0:h1, r0:r1])
+            torch.baddbmm(blk, qb, kb, beta=1.0, alpha=scale, out=blk)
         torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
 
-    _reduce_blocks(acc.view(G), G, P, _scaled_distances(grid, patch_size, metric, qs.device), scratch, fill)
+    _reduce_blocks(acc, B, H, P, _scaled_distances(grid, patch_size, metric, q.device), scratch, fill)
 
 
-def _reduce_blocks(sums: torch.Tensor, G: int, P: int, dist: torch.Tensor, scratch: torch.Tensor | None,
-                   fill: Callable[[torch.Tensor, int, int, int, int], None]) -> None:
-    """``sums`` ``(G,)`` ``+=`` each (image, head) pair's distance-weighted patch probabilities, block by block
-    (`_blocks`): ``fill(blk, s, e, r0, r1)`` writes pairs ``s:e``, patch rows ``r0:r1`` of the probabilities
-    renormalised over patch keys into ``blk`` ``(g, r, P)``; ``dist`` ``(P, P)`` the distances / P."""
-    pairs, rows = _blocks(G, P)
-    buf = _scratch(scratch, pairs * rows * P, dist.device)
-    for s in range(0, G, pairs):
-        e = min(G, s + pairs)
-        for r0 in range(0, P, rows):
-            r1 = min(P, r0 + rows)
-            blk = buf[: (e - s) * (r1 - r0) * P].view(e - s, r1 - r0, P)
-            fill(blk, s, e, r0, r1)
-            sums[s:e] += blk.mul_(dist[r0:r1]).view(e - s, -1).sum(dim=-1)  # (g,)
+def _reduce_blocks(sums: torch.Tensor, B: int, H: int, P: int, dist: torch.Tensor, scratch: torch.Tensor | None,
+                   fill: Callable[[torch.Tensor, int, int, int, int, int], None]) -> None:
+    """``sums`` ``(B, H)`` ``+=`` each (image, head) pair's distance-weighted patch probabilities, block by block
+    (`_blocks`: heads of one image, so the kernel's ``(B, H, ...)`` views are read in place):
+    ``fill(blk, b, h0, h1, r0, r1)`` writes image ``b``'s heads ``h0:h1``, patch rows ``r0:r1`` of the
+    probabilities renormalised over patch keys into ``blk`` ``(h, r, P)``; ``dist`` ``(P, P)`` the distances / P."""
+    heads, rows = _blocks(H, P)
+    buf = _scratch(scratch, heads * rows * P, dist.device)
+    for b in range(B):
+        for h0 in range(0, H, heads):
+            h1 = min(H, h0 + heads)
+            for r0 in range(0, P, rows):
+                r1 = min(P, r0 + rows)
+                blk = buf[: (h1 - h0) * (r1 - r0) * P].view(h1 - h0, r1 - r0, P)
+                fill(blk, b, h0, h1, r0, r1)
+                sums[b, h0:h1] += blk.mul_(dist[r0:r1]).view(h1 - h0, -1).sum(dim=-1)  # (h,)
 
 
 def add_distance_from_qk(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
@@ -159,12 +165,13 @@ def add_distance_from_qk(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, sc
     """``acc`` ``(B, H)`` float32 ``+=`` each image's and head's mean attention distance (renormalised over patch
     keys) of one layer, from its patch queries and keys.
 
-    q, k: ``(B, H, P, d)`` the patch tokens' (row-major grid); bias: the additive bias of patch rows and keys,
-    broadcastable to ``(B, H, P, P)``, or ``None``. Renormalising over patch keys is the softmax of the patch
-    block of the logits alone, so only that block is formed: ``softmax(q k^T * scale + bias)`` over patch keys,
-    block by block (`DISTANCE_BLOCK_BYTES`), each weighted by the distances and summed per pair.
+    q, k: ``(B, H, P, d)`` the patch tokens' (row-major grid), any strides (read in place: no copy); bias: the
+    additive bias of patch rows and keys, broadcastable to ``(B, H, P, P)``, or ``None``. Renormalising over
+    patch keys is the softmax of the patch block of the logits alone, so only that block is formed:
+    ``softmax(q k^T * scale + bias)`` over patch keys (the scale applied inside the product), one image's heads
+    at a time in blocks of `DISTANCE_BLOCK_BYTES`, each weighted by the distances and summed per pair.
     ``scratch``: a float32 buffer of at least `DISTANCE_BLOCK_BYTES` (one is made when too small)."""
-    reduce_qk_distance(acc, *qk_operands(q, k, scale, bias), grid, patch_size, metric, scratch)
+    reduce_qk_distance(acc, q, k, scale, bias, grid, patch_size, metric, scratch)
 
 
 def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
@@ -173,14 +180,12 @@ def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[
     """`add_distance_from_qk` from one layer's attention itself: ``probs`` ``(B, H, P, P)``, the patch rows
     and keys of the probabilities (any strides), each row renormalised over patch keys here."""
     B, H, P, _ = probs.shape
-    G = B * H
-    p = probs.flatten(0, 1)  # (G, P, P): a view when (B, H) are laid out together
 
-    def fill(blk: torch.Tensor, s: int, e: int, r0: int, r1: int) -> None:
-        part = p[s:e, r0:r1].float()  # (g, r, P)
+    def fill(blk: torch.Tensor, b: int, h0: int, h1: int, r0: int, r1: int) -> None:
+        part = probs[b, h0:h1, r0:r1].float()  # (h, r, P)
         torch.div(part, part.sum(dim=-1, keepdim=True), out=blk)
 
-    _reduce_blocks(acc.view(G), G, P, _scaled_distances(grid, patch_size, metric, probs.device), scratch, fill)
+    _reduce_blocks(acc, B, H, P, _scaled_distances(grid, patch_size, metric, probs.device), scratch, fill)
 
 
 def refuse_video(frames: int) -> None:
