@@ -253,6 +253,33 @@ def measure(size: int, repeats: int, device: torch.device, dtype: torch.dtype,
     return ratios
 
 
+#: What the acceptance compares (issue 21): every vitscope row of a kind at or below every peer of that kind
+CLS_PEERS = ("transformers eager output_attentions", "timm AttentionExtract (fused off)", "DINO get_last_selfattention")
+ROLLOUT_PEERS = ("vit-explain rollout (eager hooks + N x N product)",)
+ROLLOUT_GOAL = {518: 1.3}  # rollout's own goal at 518 px (x its library's plain forward)
+
+
+def verdicts(results: dict[int, dict[str, list[float]]]) -> list[str]:
+    """One line per comparison the issue asks for (medians of per-round ratios), each ending PASS or FAIL."""
+    lines = []
+    for size, res in results.items():
+        med = {n: statistics.median(r) for n, r in res.items() if r}
+        for kind, peers in (("[CLS] rows", CLS_PEERS), ("rollout", ROLLOUT_PEERS)):
+            mine = [n for n in med if n.startswith("vitscope") and kind in n]
+            theirs = [n for n in peers if n in med]
+            if not mine or not theirs:
+                continue
+            worst = max(mine, key=med.__getitem__)
+            best_peer = min(theirs, key=med.__getitem__)
+            ok = med[worst] <= med[best_peer]
+            lines.append(f"{size} px {kind}: slowest vitscope {med[worst]:.2f}x ({worst}) vs fastest peer "
+                         f"{med[best_peer]:.2f}x ({best_peer}): {'PASS' if ok else 'FAIL'}")
+        goal = ROLLOUT_GOAL.get(size)
+        for n in (n for n in med if n.startswith("vitscope rollout") and goal is not None):
+            lines.append(f"{size} px {n} {med[n]:.2f}x <= {goal}x: {'PASS' if med[n] <= goal else 'FAIL'}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="224,518,1022", help="image sizes in px (multiples of 14)")
@@ -292,6 +319,9 @@ def main() -> None:
             r = results[s].get(n)
             cells.append("" if not r else f"{statistics.median(r):.2f}x [{min(r):.2f} - {max(r):.2f}]")
         print(f"| {n} | " + " | ".join(cells) + " |")
+    print()
+    for line in verdicts(results):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_hooks_removed_after_errors(built: Built) -> None:
     def explode(*_: Any) -> None:
         raise Boom("inside the forward pass")
 
-    mlp = built.vit.sites[1].block.get_submodule("mlp")
+    mlp = built.vit.sites[0].block.get_submodule("mlp")  # mid-pass (capture ends after the last attention)
     handle = mlp.register_forward_hook(explode)
     try:
         with pytest.raises(Boom):

@@ -16,6 +16,7 @@ from tests.conftest import make_tiny_vit
 from vitscope.attentions import Attentions
 from vitscope.capture import capture_full
 from vitscope.errors import VitscopeError
+from vitscope.methods.rollout import rollout
 
 
 def _sharp_vit(num_registers: int = 0, image_size: tuple[int, int] = (32, 32), seed: int = 0) -> nn.Module:
@@ -59,6 +60,14 @@ def manual_reference(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
             out.append(torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d), dim=-1))
             x = blk(x)
     return torch.stack(out)
+
+
+def _sharpen(model: nn.Module, seed: int = 0) -> None:
+    """q/k weights scaled up: peaked attention (mean row max > 0.2 asserted where it matters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.copy_(torch.randn(blk.attn.qkv.weight.shape, generator=g) * 0.35)
 
 
 def _hook_count(module: nn.Module) -> int:
@@ -231,3 +240,65 @@ def test_save_load_round_trip_is_exact(tmp_path: Path, variant: str) -> None:
     for field in ("prefix", "grid", "patch_size", "image_size", "layers", "heads", "queries", "num_layers",
                   "num_heads", "meta"):
         assert getattr(back, field) == getattr(attn, field), field
+
+
+# ------------------------------------------------------------------------------------------------ early end
+def _swallowing(block: nn.Module) -> None:
+    """Make ``block`` run its own forward under ``except Exception`` (vitscope's stop must not be swallowed)."""
+    inner = block.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return inner(x)
+        except Exception:  # the point of the test: a model that swallows errors
+            return x
+
+    block.forward = forward  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 2], None], ids=["middle", "two", "all"])
+def test_capture_ends_the_pass_after_the_last_wanted_layer(layers: list[int] | None) -> None:
+    """`capture` returns no model output, so the pass ends once the last requested layer's attention is in hand:
+    later blocks, the final norm and the head do not run; the rows equal a full pass's (`capture_full`), and the
+    model is left without hooks and works as before."""
+    model = make_tiny_vit(depth=4, seed=3)
+    _sharpen(model)
+    _swallowing(model.blocks[2])
+    ran: list[str] = []
+    for name, m in [(f"block{i}", b) for i, b in enumerate(model.blocks)] + [("norm", model.norm), ("head", model.head)]:
+        m.register_forward_hook(lambda _m, _i, _o, name=name: ran.append(name))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_out = model(x)
+    capture_full(model, x, layers=layers, queries="cls")  # the layout and batch-axis probes run (once per model)
+    ran.clear()
+    full = capture_full(model, x, layers=layers, queries="cls")
+    assert ran == ["block0", "block1", "block2", "block3", "norm", "head"]
+    torch.testing.assert_close(full.output, want_out, atol=0, rtol=0)
+    ran.clear()
+    attn = vitscope.capture(model, x, layers=layers, queries="cls")
+    last = 3 if layers is None else max(layers)
+    # the last wanted block's attention ran, its MLP did not, so the block's own hook never fired
+    assert ran == [f"block{i}" for i in range(last)]
+    torch.testing.assert_close(attn.weights, full.attentions.weights, atol=0, rtol=0)
+    assert _hook_count(model) == 6  # only the test's own hooks are left
+    ran.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want_out, atol=0, rtol=0)
+    assert ran == ["block0", "block1", "block2", "block3", "norm", "head"]
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_rollout_ends_the_pass_at_the_last_layer_and_equals_the_full_pass() -> None:
+    model = make_tiny_vit(depth=3, seed=4)
+    _sharpen(model)
+    ran: list[str] = []
+    model.norm.register_forward_hook(lambda *_: ran.append("norm"))
+    model.head.register_forward_hook(lambda *_: ran.append("head"))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    vitscope.maps(model, x, "rollout")  # the layout and batch-axis probes run (once per model)
+    ran.clear()
+    got = vitscope.maps(model, x, "rollout")
+    assert ran == []  # neither the final norm nor the head ran
+    attn = capture_full(model, x).attentions  # every row of every layer, a whole pass
+    torch.testing.assert_close(got.map, rollout(attn), atol=1e-6, rtol=0)

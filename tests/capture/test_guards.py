@@ -162,7 +162,7 @@ def test_state_restored_after_an_exception_inside_forward(where: str) -> None:
     handle = model.blocks[1].get_submodule(where).register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            vitscope.capture(vit, pixels)
+            capture_full(vit, pixels)  # the whole pass (`capture` would end before layer 1's MLP)
         assert torch._C._len_torch_function_stack() == 0
     finally:
         handle.remove()

@@ -269,6 +269,7 @@ def test_rollout_streams_large_inputs_to_the_same_map(monkeypatch: pytest.Monkey
     dense = vitscope.maps(model, x, "rollout")
     dense_max = vitscope.maps(model, x, "rollout", head_fusion="max")
     monkeypatch.setattr(budget, "DENSE_BYTES", 0)  # every input counts as large
+    monkeypatch.setattr(budget, "MEAN_DENSE_BYTES", 0)
     streamed = vitscope.maps(model, x, "rollout")  # mean fusion: the fused kernel's products
     streamed_max = vitscope.maps(model, x, "rollout", head_fusion="max")  # max fusion: streamed
     assert [r.meta["strategy"] for r in (dense, dense_max, streamed, streamed_max)] == [

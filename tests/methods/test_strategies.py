@@ -6,11 +6,13 @@ the two agree within 1e-6 and both equal an independent float64 reference built 
 peaked, mean row max > 0.2, asserted). The kernels cover SDPA (q/k rebuilt) and an explicit softmax (the
 kernel's own probabilities are fused). The per-call self-verification (``A_rows @ V == O_rows``) fires on both.
 
-Three strategies: "dense" (each layer's fused rows kept; for plain float32 CPU SDPA calls from the probabilities
-the substituted kernel returns with its output), "fused" (SDPA's CPU kernel returns each row's log-sum-exp; the
-products ``r @ P_h`` are ``r @ exp(s q k^T - lse)`` in blocks of query rows; mean fusion without discard, other
-cases stream) and "streaming". ``small_blocks`` cases make the fused product's blocks 2 rows (17 tokens: 8 whole
-blocks and a 1-row one), so a block boundary or the partial last block is exercised.
+Three strategies: "dense" (each layer's fused rows kept; for plain float32 CPU SDPA calls from what the
+substituted kernel returns with its output: the head-mean rows for mean fusion, built block by block by
+`vitscope.capture.kernels.mean_sdpa`, else the probabilities), "fused" (SDPA's CPU kernel returns each row's
+log-sum-exp; the products ``r @ P_h`` are ``r @ exp(s q k^T - lse)`` in blocks of query rows; mean fusion without
+discard, other cases stream) and "streaming". ``small_blocks`` cases make both kernels' blocks 2 rows (17 tokens:
+8 whole blocks and a 1-row one), so a block boundary or the partial last block is exercised. The last layer's
+few query rows are computed as it runs (`FEW_ROWS`); ``few_rows=0`` cases take them from the kernel's rows too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from tests.capture.test_verify import _kernel, _no_state_left, _pixels, _sigmoid_attention, _toy
-from vitscope.capture import budget, intercept
+from vitscope.capture import budget, intercept, kernels
 from vitscope.capture.intercept import CaptureError
 from vitscope.errors import VitscopeError
 from vitscope.methods import streaming
@@ -62,13 +64,23 @@ class Case:
     kind: str  # the toy's attention kernel: "sdpa" (q/k rebuilt) or "eager" (its own probabilities)
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 2
-    small_blocks: bool = False  # the fused product in 2-row blocks (`_BLOCK_ELEMENTS` = 2 x 17 tokens + 1, no minimum)
+    small_blocks: bool = False  # both kernels in 2-row blocks (`BLOCK_ELEMENTS` = 2 x 17 tokens + 1, no minimum)
+    few_rows: int = streaming.FEW_ROWS  # 0: the last layer's query rows also come from the substituted kernel
 
     @property
     def fused(self) -> bool:
         """The fused strategy applies: q/k kernel, mean fusion, no discard (else it streams)."""
         kw = self.kwargs
         return self.kind == "sdpa" and kw.get("head_fusion", "mean") == "mean" and not kw.get("discard_ratio")
+
+    def kernel_layers(self, strategy: str, n_layers: int) -> int:
+        """Layers whose rows a substituted kernel gave: every q/k layer for dense (fused: where it applies),
+        but the last one when its few query rows were computed as it ran."""
+        if self.kind != "sdpa" or strategy == "streaming" or (strategy == "fused" and not self.fused):
+            return 0
+        queries = self.kwargs.get("queries", "auto")
+        last_direct = queries is not None and not self.kwargs.get("discard_ratio") and self.few_rows > 0
+        return n_layers - int(last_direct)
 
 
 CASES = [
@@ -82,6 +94,10 @@ CASES = [
     Case("mean-residual-start-sdpa", "sdpa", {"residual": 0.3, "start_layer": 1}),
     Case("mean-cls-small-blocks-sdpa", "sdpa", batch=2, small_blocks=True),
     Case("all-rows-small-blocks-sdpa", "sdpa", {"queries": None}, batch=1, small_blocks=True),
+    Case("mean-cls-last-from-kernel-sdpa", "sdpa", few_rows=0),
+    Case("patch-mean-last-from-kernel-small-blocks-sdpa", "sdpa", {"queries": "mean"}, small_blocks=True,
+         few_rows=0),
+    Case("max-last-from-kernel-sdpa", "sdpa", {"head_fusion": "max", "queries": [0, 5]}, few_rows=0),
 ]
 
 
@@ -89,17 +105,20 @@ CASES = [
 def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     if case.small_blocks:
-        monkeypatch.setattr(streaming, "_BLOCK_ELEMENTS", 2 * 17 + 1)
-        monkeypatch.setattr(streaming, "_MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 2 * 17 + 1)
+        monkeypatch.setattr(kernels, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(kernels, "WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(streaming, "FEW_ROWS", case.few_rows)
     model, vit = _toy(case.kind)
     x = _pixels(case.batch)
     got = {s: streaming_rollout(vit, x, strategy=s, chunk_rows=3, **case.kwargs) for s in STRATEGIES}
     want_strategy = {"dense": "dense", "fused": "fused" if case.fused else "streaming", "streaming": "streaming"}
     assert {s: r.meta["strategy"] for s, r in got.items()} == want_strategy
-    # the substituted kernel gave every layer's rows (q/k kernels): probabilities for dense, lse for fused
+    # the substituted kernel gave the layers' rows (q/k kernels): head-mean rows or probabilities for dense, lse
+    # for fused
     n_layers = len(model.blocks) - case.kwargs.get("start_layer", 0)
-    assert got["dense"].meta["kernel_layers"] == (n_layers if case.kind == "sdpa" else 0)
-    assert got["fused"].meta["kernel_layers"] == (n_layers if case.fused else 0)
+    assert {s: r.meta["kernel_layers"] for s, r in got.items()} == {
+        s: case.kernel_layers(s, n_layers) for s in STRATEGIES}
     for s in ("dense", "fused"):
         torch.testing.assert_close(got[s].rows, got["streaming"].rows, atol=1e-6, rtol=0)
 
@@ -109,7 +128,8 @@ def test_rollout_strategies_agree_with_each_other_and_the_reference(case: Case,
     R = _rollout64(ref, kw.get("residual", 0.5), kw.get("head_fusion", "mean"), kw.get("start_layer", 0),
                    kw.get("discard_ratio", 0.0), kw.get("renormalize", True))
     queries = kw.get("queries", "auto")
-    want = R if queries is None else R[:, 1:].mean(1, keepdim=True) if queries == "mean" else R[:, :1]
+    want = R if queries is None else R[:, 1:].mean(1, keepdim=True) if queries == "mean" \
+        else R[:, queries] if isinstance(queries, list) else R[:, :1]
     for s in STRATEGIES:
         torch.testing.assert_close(got[s].rows.double(), want, atol=1e-5, rtol=0)
     _no_state_left(model)
@@ -119,7 +139,10 @@ def test_auto_picks_dense_for_small_inputs_and_streaming_above_the_budget(monkey
     _, vit = _toy("sdpa")
     x = _pixels(2)
     assert streaming_rollout(vit, x).meta["strategy"] == "dense"
-    monkeypatch.setattr(budget, "DENSE_BYTES", 0)
+    monkeypatch.setattr(budget, "DENSE_BYTES", 0)  # mean fusion has a budget of its own (no H x N x N built)
+    assert streaming_rollout(vit, x).meta["strategy"] == "dense"
+    assert streaming_rollout(vit, x, head_fusion="max").meta["strategy"] == "streaming"
+    monkeypatch.setattr(budget, "MEAN_DENSE_BYTES", 0)
     assert streaming_rollout(vit, x).meta["strategy"] == "fused"  # mean fusion, no discard
     assert streaming_rollout(vit, x, head_fusion="max").meta["strategy"] == "streaming"
     assert streaming_rollout(vit, x, discard_ratio=0.5).meta["strategy"] == "streaming"
@@ -128,6 +151,18 @@ def test_auto_picks_dense_for_small_inputs_and_streaming_above_the_budget(monkey
     assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17 - 1) == "streaming"
     assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17 - 1, fused=True) == "fused"
     assert budget.choose_strategy(2, 17, 2, budget_bytes=4 * 2 * 2 * 17 * 17, fused=True) == "dense"
+
+
+def test_the_cost_model_at_the_benchmark_sizes() -> None:
+    """DINOv2-S/14 + 4 registers (12 layers): 224 px (261 tokens) dense either way; 518 px (1374 tokens) dense
+    for mean fusion (91 MB of head-mean rows kept, built by the substituted kernel), streaming otherwise; 1022 px
+    (5334 tokens, 1.4 GB of rows) fused; two 518 px images (182 MB) still dense, eight (728 MB) fused."""
+    assert budget.choose_strategy(1, 261, 12) == budget.choose_strategy(1, 261, 12, fused=True) == "dense"
+    assert budget.choose_strategy(1, 1374, 12, fused=True) == "dense"
+    assert budget.choose_strategy(1, 1374, 12) == "streaming"
+    assert budget.choose_strategy(1, 5334, 12, fused=True) == "fused"
+    assert budget.choose_strategy(2, 1374, 12, fused=True) == "dense"
+    assert budget.choose_strategy(8, 1374, 12, fused=True) == "fused"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -148,10 +183,11 @@ def test_unknown_strategy_and_bad_sizes_are_one_line_errors() -> None:
         budget.choose_strategy(1, 0, 12)
 
 
-FALLBACKS = [  # (id, what makes the kernel substitution unavailable or the call unsupported, expected kernel layers)
-    ("op-absent", lambda mp: mp.setattr(intercept, "FLASH_CPU", None), {"dense": 2, "fused": 0}),
+FALLBACKS = [  # (id, what makes the kernel substitution unavailable or the call unsupported, expected kernel layers:
+    # dense's kernel is vitscope's own and still runs for the first layer; the last one's [CLS] row is computed)
+    ("op-absent", lambda mp: mp.setattr(intercept, "FLASH_CPU", None), {"dense": 1, "fused": 0}),
     ("sdpa-would-not-pick-it", lambda mp: mp.setattr(torch, "_fused_sdp_choice", lambda *a, **k: 0),
-     {"dense": 2, "fused": 0}),
+     {"dense": 1, "fused": 0}),
     ("float64-model", None, {"dense": 0, "fused": 0}),
 ]
 

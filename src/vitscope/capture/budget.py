@@ -14,7 +14,7 @@ from vitscope import limits
 from vitscope.errors import VitscopeError
 from vitscope.limits import _human, check_tokens
 
-__all__ = ["DENSE_BYTES", "Strategy", "check_capture_budget", "check_tokens", "choose_strategy",
+__all__ = ["DENSE_BYTES", "MEAN_DENSE_BYTES", "Strategy", "check_capture_budget", "check_tokens", "choose_strategy",
            "estimate_capture_bytes"]
 
 Strategy = Literal["dense", "fused", "streaming"]
@@ -23,6 +23,12 @@ Strategy = Literal["dense", "fused", "streaming"]
 #: build each layer's rows while the layer runs and keep them ("dense"); above it they keep q and k and rebuild
 #: the rows in chunks afterwards ("streaming").
 DENSE_BYTES = 32 * 2**20
+
+#: The same budget where the caller fuses heads by their mean (rollout with mean fusion, no discard): there the
+#: kernel substituted for SDPA (`vitscope.capture.kernels.mean_sdpa`) builds the head-mean rows block by block
+#: with the layer's own output, so dense costs no ``H x N x N`` at any time and no second ``q k^T``; only the kept
+#: ``4 L B N^2`` bytes count (DINOv2-S/14 at 518 px: 91 MB).
+MEAN_DENSE_BYTES = 256 * 2**20
 
 
 def choose_strategy(batch: int, tokens: int, n_layers: int, *,
@@ -36,16 +42,17 @@ def choose_strategy(batch: int, tokens: int, n_layers: int, *,
     probabilities when it materialises them), ``"streaming"`` keeps q and k (``8 L B H N d`` bytes) and rebuilds
     the rows afterwards. Dense is picked while its kept memory is within ``budget_bytes`` (default
     `DENSE_BYTES`), so small inputs skip the copies of q and k and large ones never hold ``N^2`` per layer.
-    Above the budget, ``fused=True`` (the caller can use it: rollout with mean fusion and no discard) picks
-    ``"fused"``: it keeps what streaming keeps plus each row's log-sum-exp (``4 L B H N`` bytes more) and has the
-    fused attention kernel compute the products over the probabilities, never building them
+    ``fused=True`` (the caller fuses heads by their mean: rollout with mean fusion and no discard) raises the
+    default budget to `MEAN_DENSE_BYTES` (its dense rows come from the substituted kernel, the attention computed
+    once), and above it picks ``"fused"``: it keeps what streaming keeps plus each row's log-sum-exp
+    (``4 L B H N`` bytes more) and computes the products over the probabilities from them, never building them
     (`vitscope.methods.streaming.streaming_rollout`).
     """
     for name, value in (("batch", batch), ("tokens", tokens), ("n_layers", n_layers)):
         if value < 1:
             raise VitscopeError(name, f"must be positive, got {value}", "pass the model's and input's sizes")
     dense = 4 * n_layers * batch * tokens * tokens
-    cap = DENSE_BYTES if budget_bytes is None else budget_bytes
+    cap = (MEAN_DENSE_BYTES if fused else DENSE_BYTES) if budget_bytes is None else budget_bytes
     if dense <= cap:
         return "dense"
     return "fused" if fused else "streaming"

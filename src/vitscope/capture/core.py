@@ -21,10 +21,11 @@ import torch
 from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
-from vitscope.capture.hooks import eval_mode, record_sites, record_token_norms
+from vitscope.capture.hooks import StopForward, eval_mode, record_sites, record_token_norms, stop_when
 from vitscope.capture.intercept import (
     AttentionCall,
     CaptureError,
+    attention_module,
     observe_attention,
     prove_batch_axis,
     refuse_compiled,
@@ -133,14 +134,16 @@ def check_declared(call: AttentionCall, site: AttentionSite, declared: dict[str,
 def guarded_forward(vit: Any, pixels: torch.Tensor, sites: Sequence[AttentionSite],
                     on_call: Any, *, rows: Sequence[int] | None, tokens: int,
                     to_check: Sequence[AttentionSite] = (), declared: dict[int, dict[str, torch.Tensor]] | None = None,
-                    norms: torch.Tensor | None = None) -> Any:
+                    norms: torch.Tensor | None = None, until_captured: bool = False) -> Any:
     """The model's one forward pass on ``pixels`` ``(B, C, H, W)`` (a video's ``(B, T, C, H, W)``) with the
     attention of ``sites`` observed (``on_call(call)`` per verified kernel call; ``rows``: the query rows wanted,
     ``tokens``: N) and every guard of a capture: compiled models refused, the token axis checked (once per model
     and geometry; a video model runs at its one size and frame count, so its shape checks stand), the batch axis
     proven, declared q/k (``to_check``) recorded into ``declared`` for `check_declared`, block token norms into
     ``norms`` ``(L, B, N)``. Used by `capture_full` and by the observed pass of `vitscope.methods.observe`.
-    Returns the model output."""
+    Returns the model output; with ``until_captured`` (and no ``norms``) the pass ends as soon as every site's
+    attention is captured (`vitscope.capture.hooks.stop_when`: later blocks and the head do not run) and
+    ``None`` is returned."""
     B, (C, H, W) = int(pixels.shape[0]), (int(s) for s in pixels.shape[-3:])  # a video's: (B, T, C, H, W)
     refuse_compiled(vit.module)
     if sites and not vit.info.frames:
@@ -151,10 +154,21 @@ def guarded_forward(vit: Any, pixels: torch.Tensor, sites: Sequence[AttentionSit
         if to_check:
             assert declared is not None
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=rows, tokens=tokens))
+        seen: set[int] = set()
+
+        def on_seen(call: AttentionCall) -> None:
+            on_call(call)
+            seen.add(call.layer)
+
+        check = stack.enter_context(observe_attention(sites, on_seen, batch=B, rows=rows, tokens=tokens))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
-        output = vit(pixels)
+        elif until_captured and sites:
+            stack.enter_context(stop_when([attention_module(s) for s in sites], lambda: len(seen) == len(sites)))
+        try:
+            output = vit(pixels)
+        except StopForward:
+            output = None
         check()
     return output
 
@@ -172,8 +186,11 @@ def capture_full(
     device: str | torch.device | None = None,
     max_tokens: int | None = None,
     max_bytes: int | None = None,
+    output: bool = True,
 ) -> CaptureResult:
-    """Like `capture`, also returning the model output and the pixel values used."""
+    """Like `capture`, also returning the model output and the pixel values used. ``output=False``: the forward
+    pass ends once the last wanted layer's attention is captured (`guarded_forward`'s ``until_captured``); the
+    result's ``output`` is then ``None``."""
     from vitscope.capture.prepare import prepare
 
     if not isinstance(token_norms, bool):
@@ -206,8 +223,8 @@ def capture_full(
             check_declared(call, vit.sites[call.layer], declared.pop(call.layer))
         call.rows(query_ids, heads_kept, head_sel == "mean", out=weights[pos[call.layer]])
 
-    output = guarded_forward(vit, pixels, sites, on_call, rows=query_ids, tokens=N, to_check=to_check,
-                             declared=declared, norms=norms)
+    model_output = guarded_forward(vit, pixels, sites, on_call, rows=query_ids, tokens=N, to_check=to_check,
+                                   declared=declared, norms=norms, until_captured=not output)
 
     attn = Attentions(
         weights=weights, prefix=info.prefix, grid=grid, patch_size=info.patch_size, image_size=(Hpx, Wpx),
@@ -215,7 +232,7 @@ def capture_full(
         num_heads=info.num_heads, token_norms=norms, meta={"model": info.name, "family": info.family},
         suffix=info.suffix, frames=info.token_frames, tubelet=info.tubelet,
     )
-    return CaptureResult(attentions=attn, output=output, pixel_values=pixels)
+    return CaptureResult(attentions=attn, output=model_output, pixel_values=pixels)
 
 
 def capture(
@@ -254,7 +271,9 @@ def capture(
             options that lower it: ``layers``, ``queries``, ``heads="mean"``, a smaller ``size``).
 
     Returns:
-        `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``.
+        `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``. The forward pass ends
+        once the last requested layer's attention is captured: later blocks, the final norm and the head do not
+        run (``layers=[3]`` of a 12-layer model costs four blocks); `capture_full` runs it whole.
 
     Threads: one model may be captured from several threads at once, and each capture equals a sequential one.
     vitscope's hooks sit on the model's modules but act only on the forward pass of the thread that registered
@@ -268,5 +287,5 @@ def capture(
     """
     return capture_full(
         model, images, layers=layers, queries=queries, heads=heads, policy=policy, size=size,
-        token_norms=token_norms, device=device, max_tokens=max_tokens, max_bytes=max_bytes,
+        token_norms=token_norms, device=device, max_tokens=max_tokens, max_bytes=max_bytes, output=False,
     ).attentions

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 
 from vitscope.adapters.base import AttentionSite, VitModel, refuse_compiled
 from vitscope.capture.hooks import this_thread_only
+from vitscope.capture.kernels import mean_sdpa
 from vitscope.errors import CaptureError
 
 #: Upper bound on the float32 scratch (bytes) of one chunk of attention logits.
@@ -132,6 +133,9 @@ class AttentionCall:
     #: ``(B, H, Nq)`` float32 log-sum-exp of each row's logits, when the caller asked for the fused kernel
     #: (`observe_attention(kernel="lse")`) and the call was one it runs exactly (`substitute_sdpa`).
     lse: torch.Tensor | None = None
+    #: ``(B, Nq, Nk)`` float32 head-mean probabilities ``mean_h A_h``, when the caller asked for them
+    #: (`observe_attention(kernel="mean")`) and `substitute_sdpa` ran the call (`vitscope.capture.kernels.mean_sdpa`).
+    mean_probs: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -431,7 +435,8 @@ def verify_call(call: AttentionCall, asked: Sequence[int] | None = None,
         out = out.reshape(B, H, Nq, -1)
     ids = sample_rows(Nq, asked)
     Nk = int(k.shape[2])
-    every_row = (every_row and mha is None and call.probs is None and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
+    every_row = (every_row and mha is None and call.probs is None and call.mean_probs is None
+                 and q.dtype == torch.float32 and 4 * B * H * Nq * Nk <= CHUNK_BYTES
                  and not (q.requires_grad or k.requires_grad))
     with torch.no_grad():
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -665,6 +670,8 @@ def substitute_sdpa(kernel: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     - ``kernel="probs"``: SDPA's definition written out (its math backend), ``A = softmax(q k^T * scale)``,
       ``O = A V``; ``extra`` is ``A`` ``(B, H, Nq, Nk)``. The output equals SDPA's within float32 rounding
       (about 1e-7 relative), not bitwise: used only where the caller returns no model output (rollout's maps).
+    - ``kernel="mean"``: `vitscope.capture.kernels.mean_sdpa`, the same definition in cache-sized blocks;
+      ``extra`` is ``mean_h A_h`` ``(B, Nq, Nk)`` (no ``H x N x N`` tensor); output as with ``"probs"``.
     """
     bound = dict(zip(_SDPA_NAMES, args, strict=False))
     bound.update(kwargs)
@@ -692,6 +699,8 @@ def substitute_sdpa(kernel: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         out, lse = FLASH_CPU(q, k, v, 0.0, False, attn_mask=None, scale=scale)
         return out, lse
     s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if kernel == "mean":
+        return mean_sdpa(q, k, v, s)
     probs = torch.softmax(torch.matmul(q * s, k.transpose(-2, -1)), dim=-1)  # (B, H, Nq, Nk)
     return torch.matmul(probs, v), probs
 
@@ -715,16 +724,19 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         layer = self.engine.current
         sub = None
-        if layer is not None and self.engine.kernel is not None and func is _TORCH_SDPA:
-            sub = substitute_sdpa(self.engine.kernel, args, kwargs)
+        kernel = self.engine.kernel_for(layer)
+        if kernel is not None and func is _TORCH_SDPA:
+            sub = substitute_sdpa(kernel, args, kwargs)
         out, extra = sub if sub is not None else (func(*args, **kwargs), None)
         if layer is None:
             return out
         if func is F.scaled_dot_product_attention:
             sdpa = _sdpa_call(layer, args, kwargs, out, self.engine.fold(layer, args, kwargs))
             if extra is not None:  # what the substituted kernel handed back (`substitute_sdpa`)
-                if self.engine.kernel == "lse":
+                if kernel == "lse":
                     sdpa.lse = extra
+                elif kernel == "mean":
+                    sdpa.mean_probs = extra
                 else:
                     sdpa.probs = extra
             self.engine.report(sdpa)
@@ -823,7 +835,9 @@ class _Engine:
         self.tokens = tokens
         self.asked = None if rows is None else list(rows)
         self.every_row = False  # the caller reads every row: verification computes them all once (`verify_call`)
-        self.kernel: str | None = None  # `substitute_sdpa`'s kernel for plain SDPA calls ("lse", "probs"), if any
+        #: `substitute_sdpa`'s kernel for plain SDPA calls ("lse", "probs", "mean"), if any: one for every layer,
+        #: or per layer (a layer missing from the mapping runs as it is)
+        self.kernel: str | Mapping[int, str | None] | None = None
         self.heads = {s.layer: s.num_heads for s in self.sites}
         self.modules = {s.layer: attention_module(s) for s in self.sites}
         self.mode = _Mode(self)
@@ -834,6 +848,12 @@ class _Engine:
         self.entered = 0
         self.proving = False  # `prove_batch_axis`'s own runs: a fold whose order is not yet proven is read
         self.folded: set[int] = set()  # layers whose call in this pass folded heads into the batch
+
+    def kernel_for(self, layer: int | None) -> str | None:
+        """`substitute_sdpa`'s kernel for ``layer``'s SDPA call (``None``: the call runs as it is)."""
+        if layer is None or self.kernel is None:
+            return None
+        return self.kernel if isinstance(self.kernel, str) else self.kernel.get(layer)
 
     def fold(self, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
         """``(B, H)`` when the call's first tensor is 3-d with a leading axis of exactly images x the layer's
@@ -1014,7 +1034,7 @@ class _Engine:
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
     batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
-    every_row: bool = False, kernel: str | None = None,
+    every_row: bool = False, kernel: str | Mapping[int, str | None] | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -1026,12 +1046,16 @@ def observe_attention(
     every mode popped on exit, also after an exception. ``every_row``: the caller reads every query row of every
     call (a small input's dense strategy): the verification then computes all rows once, checks the sampled ones
     against the kernel's output, and leaves them on the call (`AttentionCall.verified`) for the caller to reuse.
-    ``kernel`` (``"lse"`` or ``"probs"``, no graph): plain SDPA calls run through `substitute_sdpa`, which leaves
-    the rows' log-sum-exp (``AttentionCall.lse``) or the probabilities (``AttentionCall.probs``, beside q and k)
-    on the call; calls it does not take run as they are. The verification is the same either way.
+    ``kernel`` (``"lse"``, ``"probs"`` or ``"mean"``, no graph; or a mapping from layer to one of them or
+    ``None``): plain SDPA calls run through `substitute_sdpa`, which leaves the rows' log-sum-exp
+    (``AttentionCall.lse``), the probabilities (``AttentionCall.probs``, beside q and k) or their mean over
+    heads (``AttentionCall.mean_probs``) on the call; calls it does not take run as they are. The verification
+    is the same either way (the sampled rows times V reproduce the substituted kernel's output).
     """
-    if kernel not in (None, "lse", "probs") or (kernel is not None and graph):
-        raise ValueError(f"kernel={kernel!r} (graph={graph}): expected None, 'lse' or 'probs' without a graph")
+    kinds = set(kernel.values()) if isinstance(kernel, Mapping) else {kernel}
+    if not kinds <= {None, "lse", "probs", "mean"} or (kinds != {None} and graph):
+        raise ValueError(f"kernel={kernel!r} (graph={graph}): expected None, 'lse', 'probs' or 'mean' "
+                         "(or a mapping from layer to one of them) without a graph")
     engine = _Engine(sites, on_call, graph, batch, rows, tokens)
     engine.every_row = every_row
     engine.kernel = kernel

@@ -19,7 +19,7 @@ default; float16/bfloat16 allowed on CUDA/MPS for speed) and softmax, fusion and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,12 +29,13 @@ import torch
 from vitscope._ops import check_fusion, fuse_heads
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.capture.core import QuerySpec, check_call_tokens, resolve_layers, resolve_queries
-from vitscope.capture.hooks import eval_mode, record_token_norms
+from vitscope.capture.hooks import StopForward, eval_mode, record_token_norms, stop_when
 from vitscope.capture.intercept import (
     CHUNK_BYTES,
     AttentionCall,
     CaptureError,
     Scratch,
+    attention_module,
     observe_attention,
     prob_chunks,
     prove_batch_axis,
@@ -123,16 +124,19 @@ def prepare_run(
 
 
 def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: torch.Tensor | None = None,
-               allow_probs: bool = False, every_row: bool = False, kernel: str | None = None) -> Any:
+               allow_probs: bool = False, every_row: bool = False,
+               kernel: str | Mapping[int, str | None] | None = None, until_captured: bool = False) -> Any:
     """Run the model once, intercepting the attention of ``layer_ids``: ``on_layer(layer, call)`` gets each
     layer's `AttentionCall` (q, k ``(B, H, N, d)``, scale, additive bias) as the kernel saw it; ``norms``, when
     given, ``(num_layers, B, N)``, gets every block's output token norms (`vitscope.capture.hooks.record_token_norms`).
     A layer that materialises its attention (``call.probs``, an eager softmax) is refused unless ``allow_probs``
     (the caller then reads ``call.probs``). ``every_row``: the caller reads every row of every layer, so the
     verification computes them once and leaves them in ``call.verified`` (`observe_attention`). ``kernel``
-    (``"lse"`` or ``"probs"``): `vitscope.capture.intercept.substitute_sdpa` runs the plain SDPA calls and leaves
-    the rows' log-sum-exp or the probabilities on the call (``"probs"`` rounds the output differently: for callers
-    that return no model output). Returns the model's output."""
+    (``"lse"``, ``"probs"`` or ``"mean"``, or a mapping from layer to one of them): `vitscope.capture.intercept.substitute_sdpa`
+    runs the plain SDPA calls and leaves the rows' log-sum-exp, the probabilities or their head mean on the call
+    (``"probs"`` and ``"mean"`` round the output differently: for callers that return no model output).
+    Returns the model's output; with ``until_captured`` (and no ``norms``) the pass ends once every layer in
+    ``layer_ids`` was delivered (`vitscope.capture.hooks.stop_when`) and ``None`` is returned."""
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
@@ -145,7 +149,9 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
                 "or vitscope.capture",
             )
         on_layer(call.layer, call)
+        seen.add(call.layer)
 
+    seen: set[int] = set()
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
@@ -157,7 +163,12 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
                                                      every_row=every_row, kernel=kernel))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
-        out = vit(run.pixels)
+        elif until_captured and sites:
+            stack.enter_context(stop_when([attention_module(s) for s in sites], lambda: len(seen) == len(sites)))
+        try:
+            out = vit(run.pixels)
+        except StopForward:
+            out = None
         check()
         return out
 
@@ -217,5 +228,5 @@ def fused_attention(
         for start, stop, probs in prob_chunks(q, k, call.scale, chunk, cdt, scratch, bias):
             out[pos[layer], :, start:stop] = fuse_chunk(probs, head_fusion)
 
-    forward_qk(run, layer_ids, on_layer)
+    forward_qk(run, layer_ids, on_layer, until_captured=True)
     return out

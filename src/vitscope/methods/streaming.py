@@ -24,6 +24,7 @@ from vitscope.adapters.base import SizePolicy
 from vitscope.capture.budget import choose_strategy
 from vitscope.capture.core import QuerySpec, resolve_layers, resolve_queries
 from vitscope.capture.intercept import AttentionCall
+from vitscope.capture.kernels import block_rows
 from vitscope.capture.streaming import (
     HeadFusion,
     Scratch,
@@ -138,18 +139,21 @@ def streaming_rollout(
     `vitscope.methods.rollout.rollout`.
 
     Strategies (`vitscope.capture.budget.choose_strategy`, same result within float32 rounding): ``"dense"``
-    builds each layer's fused rows while the layer runs and keeps them (``4 L B N^2`` bytes): from the kernel's
-    own probabilities when it materialises them, else a plain float32 CPU SDPA call is run as SDPA's math
-    backend does (`vitscope.capture.intercept.substitute_sdpa`: its probabilities come with its output, no
-    second ``q k^T``; the model's activations then differ from the fused kernel's by float32 rounding, which
-    only a map is made of here), else they are rebuilt from q and k. ``"streaming"`` keeps q and k and rebuilds
-    the rows in chunks afterwards. ``"fused"`` (mean fusion without discard; else it streams) has SDPA's own
-    CPU kernel give each row's log-sum-exp ``lse`` with its unchanged output, keeps q, k and ``lse``, and
-    computes ``r @ P_h`` afterwards as ``r @ exp(s q k^T - lse)`` in cache-sized blocks (one GEMM, one ``exp2``
-    and one product per block: no max, sum or division, no ``N x N`` anywhere, about half an attention's
-    cost per layer; `_lse_products`); layers
-    whose call the kernel does not take (CUDA, a mask, other dtypes) stream. ``"auto"`` picks dense for small
-    inputs, fused (or streaming) above the budget.
+    builds each layer's fused rows while the layer runs and keeps them (``4 L B N^2`` bytes): for mean fusion
+    from `vitscope.capture.kernels.mean_sdpa`, which a plain float32 CPU SDPA call is run as (the attention in
+    cache-sized blocks, the head-mean rows added up from the very probabilities that make the layer's output: no
+    second ``q k^T``, no ``H x N x N``); for max/min fusion from the probabilities of SDPA's definition written
+    out (`vitscope.capture.intercept.substitute_sdpa`); from the kernel's own probabilities when it materialises
+    them; else they are rebuilt from q and k. The substituted kernels' outputs differ from the fused kernel's by
+    float32 rounding, which only a map is made of here. ``"streaming"`` keeps q and k and rebuilds the rows in
+    chunks afterwards. ``"fused"`` (mean fusion without discard; else it streams) has SDPA's own CPU kernel give
+    each row's log-sum-exp ``lse`` with its unchanged output, keeps q, k and ``lse``, and computes ``r @ P_h``
+    afterwards as ``r @ exp(s q k^T - lse)`` in cache-sized blocks (one GEMM, one ``exp2`` and one product per
+    block: no max, sum or division, no ``N x N`` anywhere, about half an attention's cost per layer;
+    `_lse_products`); layers whose call the kernel does not take (CUDA, a mask, other dtypes) stream. ``"auto"``
+    picks dense while its kept rows fit the budget (larger for mean fusion: `MEAN_DENSE_BYTES`), then fused (or
+    streaming). The last layer's few query rows (`FEW_ROWS`) are computed as it runs, and since no model output
+    is returned the forward pass ends there (the final norm and head do not run).
 
     Args:
         model, images: as in `vitscope.capture`; ``model`` may also be a prepared
@@ -193,8 +197,6 @@ def streaming_rollout(
     # mean-fused rows already sum to 1, so (1 - a) F + a I does too: renormalising would only add rounding
     plain_mean = head_fusion == "mean" and discard_ratio == 0
     chosen = choose_strategy(B, N, len(layer_ids), fused=plain_mean) if strategy == "auto" else strategy
-    # the kernel substitution: dense takes the probabilities with the output, fused the rows' log-sum-exp
-    kernel = {"dense": "probs", "fused": "lse" if plain_mean else None}.get(chosen)
     chunk = chunk_rows_for(chunk_rows, B, H, N)
     a = float(residual)
     cls_index = info.prefix.index("cls") if "cls" in info.prefix else None
@@ -202,20 +204,30 @@ def streaming_rollout(
     # the last layer multiplies the one-hot (or patch-mean) start rows: only the rows they weight are needed;
     # a discard threshold is taken over the whole matrix, so then every row is built
     first_rows = _rows_weighted(r) if discard_ratio == 0 else None
+    # the kernel substituted for plain SDPA calls: dense takes the head-mean rows (mean fusion) or the probabilities
+    # with the layer's output, fused the rows' log-sum-exp; the last layer's few rows are recomputed instead
+    kernel: dict[int, str | None] = {
+        layer: None if chosen == "streaming" or (chosen == "fused" and not plain_mean) else
+        "lse" if chosen == "fused" else "mean" if plain_mean else "probs" for layer in layer_ids}
+    if first_rows is not None and len(first_rows) <= FEW_ROWS:
+        kernel[layer_ids[-1]] = None
     scratch = Scratch()
     kept: dict[int, _LayerRows] = {}
     from_kernel: list[int] = []  # layers whose rows the substituted kernel gave (probabilities or lse)
 
     def on_layer(layer: int, call: AttentionCall) -> None:
         rows = first_rows if layer == layer_ids[-1] else None
-        if call.lse is not None:
+        if rows is not None and len(rows) <= FEW_ROWS and call.probs is None:
+            # the last layer's few rows, now: the verified rows (the query's among them) or a chunk of them
+            kept[layer] = _LayerRows(rows, fused=_fused_rows(call, rows, head_fusion, chunk, cdt, scratch))
+        elif call.mean_probs is not None:  # the substituted kernel's head-mean rows (dense, mean fusion)
+            from_kernel.append(layer)
+            kept[layer] = _LayerRows(rows, fused=call.mean_probs if rows is None else call.mean_probs[:, rows])
+        elif call.lse is not None:  # r @ P_h from q, k and lse after the forward pass (`_lse_products`; rows
+            # that r does not weight add nothing); q and k stay views of the layer's qkv (``3 B N D`` kept, no copy)
             from_kernel.append(layer)
             assert call.q is not None and call.k is not None
-            if rows is None:  # r @ P_h from q, k and lse after the forward pass (`_lse_products`);
-                # q and k stay views of the layer's qkv (no copy: ``3 B N D`` kept instead of ``2 B N D``)
-                kept[layer] = _LayerRows(None, q=call.q, k=call.k, scale=call.scale, lse=call.lse)
-            else:  # the last layer's few rows: the verified rows (the query's among them) or a chunk of them
-                kept[layer] = _LayerRows(rows, fused=call.rows(rows, None, True)[:, 0])
+            kept[layer] = _LayerRows(None, q=call.q, k=call.k, scale=call.scale, lse=call.lse)
         elif call.probs is not None:  # the kernel materialised A: fuse its own probabilities
             if call.q is not None:
                 from_kernel.append(layer)
@@ -228,7 +240,10 @@ def streaming_rollout(
             kept[layer] = _LayerRows(rows, q=call.q.contiguous(), k=call.k.contiguous(), scale=call.scale,
                                      bias=call.bias_rows(slice(None)))
 
-    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense", kernel=kernel)
+    # dense rows rebuilt from q and k (calls the kernel does not take) reuse the verification's, built for every row
+    # at once; mean fusion's come from its kernel, and its last layer needs only the query rows
+    forward_qk(run, layer_ids, on_layer, allow_probs=True, every_row=chosen == "dense" and not plain_mean,
+               kernel=kernel, until_captured=True)  # no output wanted: the pass ends at the last layer's attention
 
     for layer in reversed(layer_ids):
         item = kept.pop(layer)  # freed after this layer
@@ -259,12 +274,14 @@ def streaming_rollout(
                     new_r.baddbmm_(r_rows[:, :, s:e], block, alpha=1.0 - a)
         r = new_r
         del item
+    # fused streams for other fusions, and where no layer's call was one the kernel takes
+    streamed = chosen == "fused" and (not plain_mean or (any(kernel.values()) and not from_kernel))
     return TokenRows(
         rows=r, queries=query_ids, prefix=info.prefix, grid=run.grid, patch_size=info.patch_size,
         image_size=run.image_size, suffix=info.suffix,
         meta={"model": info.name, "method": "rollout", "residual": a, "head_fusion": head_fusion,
               "discard_ratio": float(discard_ratio), "start_layer": start, "renormalize": renormalize,
-              "strategy": "streaming" if chosen == "fused" and not from_kernel else chosen,
+              "strategy": "streaming" if streamed else chosen,
               "kernel_layers": len(from_kernel)},
     )
 
@@ -284,11 +301,9 @@ class _LayerRows:
     lse: torch.Tensor | None = None  # (B, H, N) each row's log-sum-exp ("fused"), with q and k
 
 
-#: rows of one head's ``exp(s q k^T - lse)`` block: about this many elements (1 MB of float32, written by the GEMM,
-#: exponentiated and read by the product while it sits in cache), and at least ``_MIN_BLOCK_ROWS`` rows (a thinner
-#: GEMM loses more to its own overhead than the cache saves; measured at N = 261, 1374 and 5334, 1 thread)
-_BLOCK_ELEMENTS = 1 << 18
-_MIN_BLOCK_ROWS = 96
+#: The last layer's query rows, when at most this many, are computed as the layer runs (the verification's rows
+#: reused) instead of by a substituted kernel that would build every row.
+FEW_ROWS = 64
 
 
 def _lse_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
@@ -311,7 +326,7 @@ def _lse_products(r: torch.Tensor, item: _LayerRows) -> torch.Tensor:
     kt = k.float().transpose(-1, -2)  # (B, H, d, N): GEMM reads the transposed view as is
     shift = (lse.float() * -log2e).unsqueeze(-1)  # (B, H, N, 1): -log2(e) lse_i added to row i
     out = torch.zeros(B, R, N, dtype=torch.float32, device=r.device)
-    c = min(N, max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // N, 1))  # query rows per block
+    c = block_rows(N, N)  # query rows per block: one head's block of about 1 MB
     block = torch.empty(c, N, dtype=torch.float32, device=r.device)
     for b in range(B):
         for h in range(H):
