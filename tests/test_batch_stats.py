@@ -158,13 +158,13 @@ def test_distances_reduced_beside_the_forward_equal_those_reduced_in_it(monkeypa
     pixels = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
     inline = _measures(vit, pixels, background=False).result()
     threads = []
-    real = distance.reduce_qk_distance
+    real = distance.add_distance_from_qk
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distance, "reduce_qk_distance", spy)
+    monkeypatch.setattr(distance, "add_distance_from_qk", spy)
     beside = _measures(vit, pixels, background=True).result()
     assert threads and all(name.startswith("vitscope-measures") for name in threads)
     for key, value in inline.items():
@@ -173,7 +173,7 @@ def test_distances_reduced_beside_the_forward_equal_those_reduced_in_it(monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("reduction failed")
 
-    monkeypatch.setattr(distance, "reduce_qk_distance", broken)
+    monkeypatch.setattr(distance, "add_distance_from_qk", broken)
     measures = _measures(vit, pixels, background=True)
     with pytest.raises(RuntimeError, match="reduction failed"):
         measures.result()

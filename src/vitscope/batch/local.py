@@ -918,10 +918,11 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
     )
     spec = get_method(method)
     pipe = _Pipeline(todo, manifest, summary, bar, method)
-    figure_imports = [stats]  # the summary's distance figure: its imports wait for the first batch's writes
+    figure_pending = stats  # the summary's distance figure: its imports wait for the first batch's writes
 
     def write_batch(samples: list[dict[str, Any]], result: dict[str, np.ndarray], hw: tuple[int, int],
                     extra: dict[str, np.ndarray]) -> None:
+        nonlocal figure_pending
         entries = []
         for b, sample in enumerate(samples):
             item = todo[sample["index"]]
@@ -947,8 +948,8 @@ def _process(vit: VitModel, todo: list[BatchItem], out_dir: Path, manifest: Mani
                             "outputs": outputs, "method": method, "finished": time.time(),
                             **({"stats": record} if record else {})})
         pipe.finish(entries)
-        if figure_imports[0]:
-            figure_imports[0] = False
+        if figure_pending:
+            figure_pending = False
             _import_figures()
 
     def run(samples: list[dict[str, Any]]) -> None:

@@ -130,7 +130,6 @@ class ImageMeasures(Observer):
             add_distance_from_probs,
             add_distance_from_qk,
             qk_operands,
-            reduce_qk_distance,
         )
 
         P0, P = self.P0, self.P
@@ -148,10 +147,10 @@ class ImageMeasures(Observer):
         if not self.background:  # inside the forward: the kernel's q and k read in place, nothing copied
             add_distance_from_qk(acc, q, k, call.scale, bias, self.grid, self.patch_size, scratch=self.scratch)
             return
-        operands = qk_operands(q, k, call.scale, bias)  # copies: the model's stay untouched
+        qc, kc, bias_c = qk_operands(q, k, bias)  # copies: the model's stay untouched
         self._wait(_MAX_PENDING - 1)
-        self._pending.append(_measure_thread().submit(reduce_qk_distance, acc, *operands, self.grid,
-                                                      self.patch_size, scratch=self.scratch))
+        self._pending.append(_measure_thread().submit(add_distance_from_qk, acc, qc, kc, call.scale, bias_c,
+                                                      self.grid, self.patch_size, scratch=self.scratch))
 
     def _wait(self, keep: int) -> None:
         """Wait until at most ``keep`` reductions are pending (re-raising a failed one)."""

@@ -105,40 +105,15 @@ def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torc
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
-def qk_operands(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-    """``(q, k, scale, bias)`` of `add_distance_from_qk` as fresh float32 copies (``q``, ``k`` ``(B, H, P, d)``
-    contiguous; ``bias`` its own shape) that the model never touches again, so the reduction
-    (`reduce_qk_distance`) may run later, on another thread, with the same arithmetic as on the kernel's views."""
+def qk_operands(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q, k, bias)`` of `add_distance_from_qk` as fresh float32 copies (``q``, ``k`` ``(B, H, P, d)``
+    contiguous; ``bias`` its own shape) that the model never touches again, so the reduction may run later, on
+    another thread, with the same arithmetic as on the kernel's views."""
     qc = torch.empty(q.shape, dtype=torch.float32, device=q.device).copy_(q)  # (B, H, P, d)
     kc = torch.empty(k.shape, dtype=torch.float32, device=k.device).copy_(k)
     bias_c = None if bias is None else torch.empty(bias.shape, dtype=torch.float32, device=bias.device).copy_(bias)
-    return qc, kc, scale, bias_c
-
-
-def reduce_qk_distance(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
-                       bias: torch.Tensor | None, grid: tuple[int, int], patch_size: tuple[int, int],
-                       metric: DistanceMetric = "centre", scratch: torch.Tensor | None = None) -> None:
-    """`add_distance_from_qk` itself: ``acc`` ``(B, H)``, q and k ``(B, H, P, d)`` of any strides (the kernel's
-    own views, or `qk_operands`' copies), ``bias`` broadcastable to ``(B, H, P, P)`` or ``None``."""
-    B, H, P, _ = q.shape
-    kt = k.transpose(-2, -1)  # (B, H, d, P): a view; the product reads it transposed, nothing is copied
-    bias_full = None if bias is None else bias.expand(B, H, P, P)  # a view (zero strides where broadcast)
-
-    def fill(blk: torch.Tensor, b: int, h0: int, h1: int, r0: int, r1: int) -> None:
-        qb = q[b, h0:h1, r0:r1]  # (h, r, d), the model's strides
-        if q.dtype != torch.float32:
-            qb, kb = qb.float(), kt[b, h0:h1].float()
-        else:
-            kb = kt[b, h0:h1]
-        if bias_full is None:  # scale * q k^T in the product itself (beta=0: blk's old values are ignored)
-            torch.baddbmm(blk, qb, kb, beta=0.0, alpha=scale, out=blk)
-        else:
-            blk.copy_(bias_full[b, h0:h1, r0:r1])
-            torch.baddbmm(blk, qb, kb, beta=1.0, alpha=scale, out=blk)
-        torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
-
-    _reduce_blocks(acc, B, H, P, _scaled_distances(grid, patch_size, metric, q.device), scratch, fill)
+    return qc, kc, bias_c
 
 
 def _reduce_blocks(sums: torch.Tensor, B: int, H: int, P: int, dist: torch.Tensor, scratch: torch.Tensor | None,
@@ -171,7 +146,24 @@ def add_distance_from_qk(acc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, sc
     ``softmax(q k^T * scale + bias)`` over patch keys (the scale applied inside the product), one image's heads
     at a time in blocks of `DISTANCE_BLOCK_BYTES`, each weighted by the distances and summed per pair.
     ``scratch``: a float32 buffer of at least `DISTANCE_BLOCK_BYTES` (one is made when too small)."""
-    reduce_qk_distance(acc, q, k, scale, bias, grid, patch_size, metric, scratch)
+    B, H, P, _ = q.shape
+    kt = k.transpose(-2, -1)  # (B, H, d, P): a view; the product reads it transposed, nothing is copied
+    bias_full = None if bias is None else bias.expand(B, H, P, P)  # a view (zero strides where broadcast)
+
+    def fill(blk: torch.Tensor, b: int, h0: int, h1: int, r0: int, r1: int) -> None:
+        qb = q[b, h0:h1, r0:r1]  # (h, r, d), the model's strides
+        if q.dtype != torch.float32:
+            qb, kb = qb.float(), kt[b, h0:h1].float()
+        else:
+            kb = kt[b, h0:h1]
+        if bias_full is None:  # scale * q k^T in the product itself (beta=0: blk's old values are ignored)
+            torch.baddbmm(blk, qb, kb, beta=0.0, alpha=scale, out=blk)
+        else:
+            blk.copy_(bias_full[b, h0:h1, r0:r1])
+            torch.baddbmm(blk, qb, kb, beta=1.0, alpha=scale, out=blk)
+        torch._softmax(blk, -1, False, out=blk)  # renormalised over patch keys
+
+    _reduce_blocks(acc, B, H, P, _scaled_distances(grid, patch_size, metric, q.device), scratch, fill)
 
 
 def add_distance_from_probs(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
