@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vitscope._hooks import submodules
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.errors import VitscopeError
 
@@ -67,8 +68,8 @@ def resolve_device(
 
 def check_loaded(vit: VitModel, argument: str = "model") -> None:
     """Refuse a model whose weights are on the meta device (built without data: nothing can run)."""
-    module = vit.module
-    if any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers()):
+    tensors = (t for m in submodules(vit.module) for d in (m._parameters, m._buffers) for t in d.values())
+    if any(t is not None and t.is_meta for t in tensors):
         raise VitscopeError(
             argument, "the model's weights are on the meta device (not loaded)",
             "materialise them first: model.to_empty(device='cpu') and load_state_dict(...), or vitscope.load(spec)",
