@@ -21,11 +21,10 @@ import torch
 from vitscope.adapters.base import AttentionSite, SizePolicy
 from vitscope.attentions import Attentions
 from vitscope.capture.budget import check_capture_budget
-from vitscope.capture.hooks import StopForward, eval_mode, record_sites, record_token_norms, stop_when
+from vitscope.capture.hooks import StopForward, eval_mode, record_sites, record_token_norms
 from vitscope.capture.intercept import (
     AttentionCall,
     CaptureError,
-    attention_module,
     observe_attention,
     prove_batch_axis,
     refuse_compiled,
@@ -142,8 +141,8 @@ def guarded_forward(vit: Any, pixels: torch.Tensor, sites: Sequence[AttentionSit
     proven, declared q/k (``to_check``) recorded into ``declared`` for `check_declared`, block token norms into
     ``norms`` ``(L, B, N)``. Used by `capture_full` and by the observed pass of `vitscope.methods.observe`.
     Returns the model output; with ``until_captured`` (and no ``norms``) the pass ends as soon as every site's
-    attention is captured (`vitscope.capture.hooks.stop_when`: later blocks and the head do not run) and
-    ``None`` is returned."""
+    attention is captured (`vitscope.capture.intercept.observe_attention`'s ``until_captured``: later blocks
+    and the head do not run) and ``None`` is returned."""
     B, (C, H, W) = int(pixels.shape[0]), (int(s) for s in pixels.shape[-3:])  # a video's: (B, T, C, H, W)
     refuse_compiled(vit.module)
     if sites and not vit.info.frames:
@@ -154,17 +153,10 @@ def guarded_forward(vit: Any, pixels: torch.Tensor, sites: Sequence[AttentionSit
         if to_check:
             assert declared is not None
             stack.enter_context(record_sites(to_check, ("q", "k"), declared.__setitem__))
-        seen: set[int] = set()
-
-        def on_seen(call: AttentionCall) -> None:
-            on_call(call)
-            seen.add(call.layer)
-
-        check = stack.enter_context(observe_attention(sites, on_seen, batch=B, rows=rows, tokens=tokens))
+        check = stack.enter_context(observe_attention(sites, on_call, batch=B, rows=rows, tokens=tokens,
+                                                     until_captured=until_captured and norms is None))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
-        elif until_captured and sites:
-            stack.enter_context(stop_when([attention_module(s) for s in sites], lambda: len(seen) == len(sites)))
         try:
             output = vit(pixels)
         except StopForward:

@@ -23,7 +23,7 @@ from torch import nn
 from vitscope._hooks import eval_mode, hooks_removed_on_exit
 from vitscope.adapters.base import AttentionSite, Tap
 
-__all__ = ["StopForward", "eval_mode", "hooks_removed_on_exit", "record_block_outputs", "record_sites", "stop_when",
+__all__ = ["StopForward", "eval_mode", "hooks_removed_on_exit", "record_block_outputs", "record_sites",
            "this_thread_only"]
 
 _Hook = TypeVar("_Hook", bound=Callable[..., None])
@@ -41,26 +41,12 @@ def this_thread_only(hook: _Hook) -> _Hook:
 
     return cast(_Hook, guarded)
 
+
 class StopForward(BaseException):
-    """Raised by `stop_when`'s hook to end a forward pass once everything wanted from it is in hand; caught by
-    the caller around the forward pass. A ``BaseException``, so a model's own ``except Exception`` does not
+    """Raised by a hook to end a forward pass once everything wanted from it is in hand
+    (`vitscope.capture.intercept.observe_attention`'s ``until_captured``); caught by the caller around the
+    forward pass. A ``BaseException``, so a model's own ``except Exception`` does not
     swallow it and carry on half done."""
-
-
-@contextmanager
-def stop_when(modules: Sequence[nn.Module], done: Callable[[], bool]) -> Iterator[None]:
-    """While the block runs, a forward hook on each of ``modules`` (registered after any already there, so it
-    runs last) raises `StopForward` once ``done()`` is true: the rest of the model (later blocks, the final
-    norm, the head) does not run. Hooks act on this thread's passes only and are removed on exit."""
-
-    def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
-        if done():
-            raise StopForward
-
-    with hooks_removed_on_exit() as handles:
-        for m in {id(m): m for m in modules}.values():
-            handles.append(m.register_forward_hook(this_thread_only(hook)))
-        yield
 
 
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]

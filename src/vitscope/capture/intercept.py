@@ -60,7 +60,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vitscope.adapters.base import AttentionSite, VitModel, refuse_compiled
-from vitscope.capture.hooks import this_thread_only
+from vitscope.capture.hooks import StopForward, this_thread_only
 from vitscope.capture.kernels import mean_sdpa
 from vitscope.errors import CaptureError
 
@@ -848,6 +848,7 @@ class _Engine:
         self.entered = 0
         self.proving = False  # `prove_batch_axis`'s own runs: a fold whose order is not yet proven is read
         self.folded: set[int] = set()  # layers whose call in this pass folded heads into the batch
+        self.delivered: set[int] = set()  # layers whose call reached ``on_call``
 
     def kernel_for(self, layer: int | None) -> str | None:
         """`substitute_sdpa`'s kernel for ``layer``'s SDPA call (``None``: the call runs as it is)."""
@@ -920,6 +921,7 @@ class _Engine:
                 if t is not None and t.requires_grad:  # (without a graph there is nothing to detach)
                     setattr(call, name, t.detach())
         self.on_call(call)
+        self.delivered.add(call.layer)
 
     def report(self, call: AttentionCall, mha: nn.MultiheadAttention | None = None) -> None:
         """A q/k call (SDPA, nn.MultiheadAttention): counted, verified, delivered."""
@@ -1034,7 +1036,7 @@ class _Engine:
 def observe_attention(
     sites: Sequence[AttentionSite], on_call: Callable[[AttentionCall], None], *, graph: bool = False,
     batch: int | None = None, rows: Sequence[int] | None = None, tokens: int | None = None, proving: bool = False,
-    every_row: bool = False, kernel: str | Mapping[int, str | None] | None = None,
+    every_row: bool = False, kernel: str | Mapping[int, str | None] | None = None, until_captured: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """Report each of ``sites``' attention computations to ``on_call`` while the block runs.
 
@@ -1051,6 +1053,10 @@ def observe_attention(
     (``AttentionCall.lse``), the probabilities (``AttentionCall.probs``, beside q and k) or their mean over
     heads (``AttentionCall.mean_probs``) on the call; calls it does not take run as they are. The verification
     is the same either way (the sampled rows times V reproduce the substituted kernel's output).
+    ``until_captured``: once every site's call was delivered, a forward hook on its attention module (run after
+    the engine's own, so a second kernel call in that module is still refused) raises
+    `vitscope.capture.hooks.StopForward`: the rest of the model does not run; the caller catches it around the
+    forward pass (for callers that need no model output).
     """
     kinds = set(kernel.values()) if isinstance(kernel, Mapping) else {kernel}
     if not kinds <= {None, "lse", "probs", "mean"} or (kinds != {None} and graph):
@@ -1082,6 +1088,14 @@ def observe_attention(
 
                 handles.append(m.register_forward_pre_hook(this_thread_only(pre)))
                 handles.append(m.register_forward_hook(this_thread_only(post)))
+        if until_captured:
+
+            def stop(_m: nn.Module, _args: Any, _out: Any) -> None:
+                if len(engine.delivered) == len(engine.sites):
+                    raise StopForward
+
+            for m in {id(m): m for m in engine.modules.values()}.values():  # after every engine hook on it
+                handles.append(m.register_forward_hook(this_thread_only(stop)))
         yield engine.check_complete
     finally:
         engine.close()

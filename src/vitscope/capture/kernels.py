@@ -69,8 +69,9 @@ def mean_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
                 p.sub_(p.amax(dim=-1, keepdim=True)).exp2_()  # unnormalised, each row's largest is 1
                 inv = p.sum(dim=-1, keepdim=True).reciprocal_()  # (c', 1)
                 out[b, s:e, h] = torch.mm(p, v[b, h]).mul_(inv)  # (c', dv)
+                w = inv.mul_(1.0 / H)  # each row's weight in the head mean
                 if h == 0:
-                    torch.mul(p, inv.mul_(1.0 / H), out=f)
+                    torch.mul(p, w, out=f)
                 else:
-                    f.addcmul_(p, inv.mul_(1.0 / H))
+                    f.addcmul_(p, w)
     return out.transpose(1, 2), fused

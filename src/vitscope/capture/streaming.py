@@ -29,13 +29,12 @@ import torch
 from vitscope._ops import check_fusion, fuse_heads
 from vitscope.adapters.base import SizePolicy, VitModel
 from vitscope.capture.core import QuerySpec, check_call_tokens, resolve_layers, resolve_queries
-from vitscope.capture.hooks import StopForward, eval_mode, record_token_norms, stop_when
+from vitscope.capture.hooks import StopForward, eval_mode, record_token_norms
 from vitscope.capture.intercept import (
     CHUNK_BYTES,
     AttentionCall,
     CaptureError,
     Scratch,
-    attention_module,
     observe_attention,
     prob_chunks,
     prove_batch_axis,
@@ -136,7 +135,8 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
     runs the plain SDPA calls and leaves the rows' log-sum-exp, the probabilities or their head mean on the call
     (``"probs"`` and ``"mean"`` round the output differently: for callers that return no model output).
     Returns the model's output; with ``until_captured`` (and no ``norms``) the pass ends once every layer in
-    ``layer_ids`` was delivered (`vitscope.capture.hooks.stop_when`) and ``None`` is returned."""
+    ``layer_ids`` was delivered (`vitscope.capture.intercept.observe_attention`'s ``until_captured``) and
+    ``None`` is returned."""
     vit, N = run.vit, run.num_tokens
 
     def deliver(call: AttentionCall) -> None:
@@ -149,9 +149,7 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
                 "or vitscope.capture",
             )
         on_layer(call.layer, call)
-        seen.add(call.layer)
 
-    seen: set[int] = set()
     refuse_compiled(vit.module)
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(eval_mode(vit.module))
@@ -160,11 +158,10 @@ def forward_qk(run: StreamRun, layer_ids: Sequence[int], on_layer: Any, norms: t
         check_token_axis(vit, sites, (int(px.shape[1]), int(px.shape[2]), int(px.shape[3])), px.dtype, px.device, N)
         prove_batch_axis(vit, px, sites, N)
         check = stack.enter_context(observe_attention(sites, deliver, batch=run.batch, tokens=N,
-                                                     every_row=every_row, kernel=kernel))
+                                                     every_row=every_row, kernel=kernel,
+                                                     until_captured=until_captured and norms is None))
         if norms is not None:
             stack.enter_context(record_token_norms(vit.sites, norms))
-        elif until_captured and sites:
-            stack.enter_context(stop_when([attention_module(s) for s in sites], lambda: len(seen) == len(sites)))
         try:
             out = vit(run.pixels)
         except StopForward:

@@ -204,12 +204,13 @@ def streaming_rollout(
     # the last layer multiplies the one-hot (or patch-mean) start rows: only the rows they weight are needed;
     # a discard threshold is taken over the whole matrix, so then every row is built
     first_rows = _rows_weighted(r) if discard_ratio == 0 else None
+    # the last layer's few query rows are computed as it runs (no kernel substituted there)
+    last_direct = first_rows is not None and len(first_rows) <= FEW_ROWS
     # the kernel substituted for plain SDPA calls: dense takes the head-mean rows (mean fusion) or the probabilities
-    # with the layer's output, fused the rows' log-sum-exp; the last layer's few rows are recomputed instead
-    kernel: dict[int, str | None] = {
-        layer: None if chosen == "streaming" or (chosen == "fused" and not plain_mean) else
-        "lse" if chosen == "fused" else "mean" if plain_mean else "probs" for layer in layer_ids}
-    if first_rows is not None and len(first_rows) <= FEW_ROWS:
+    # with the layer's output, fused the rows' log-sum-exp (mean fusion; else it streams)
+    each = {"dense": "mean" if plain_mean else "probs", "fused": "lse" if plain_mean else None}.get(chosen)
+    kernel: dict[int, str | None] = dict.fromkeys(layer_ids, each)
+    if last_direct:
         kernel[layer_ids[-1]] = None
     scratch = Scratch()
     kept: dict[int, _LayerRows] = {}
@@ -217,7 +218,7 @@ def streaming_rollout(
 
     def on_layer(layer: int, call: AttentionCall) -> None:
         rows = first_rows if layer == layer_ids[-1] else None
-        if rows is not None and len(rows) <= FEW_ROWS and call.probs is None:
+        if rows is not None and last_direct and call.probs is None:
             # the last layer's few rows, now: the verified rows (the query's among them) or a chunk of them
             kept[layer] = _LayerRows(rows, fused=_fused_rows(call, rows, head_fusion, chunk, cdt, scratch))
         elif call.mean_probs is not None:  # the substituted kernel's head-mean rows (dense, mean fusion)
