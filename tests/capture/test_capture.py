@@ -19,9 +19,11 @@ from vitscope.errors import VitscopeError
 from vitscope.methods.rollout import rollout
 
 
-def _sharp_vit(num_registers: int = 0, image_size: tuple[int, int] = (32, 32), seed: int = 0) -> nn.Module:
-    """Tiny ViT (2 layers, 4 heads, dim 32, patch 8) with peaked attention (the default init is near-uniform)."""
-    model = make_tiny_vit(num_registers=num_registers, image_size=image_size, seed=seed)
+def _sharp_vit(num_registers: int = 0, image_size: tuple[int, int] = (32, 32), seed: int = 0,
+               depth: int = 2) -> nn.Module:
+    """Tiny ViT (``depth`` layers, 4 heads, dim 32, patch 8) with peaked attention (the default init is
+    near-uniform)."""
+    model = make_tiny_vit(num_registers=num_registers, image_size=image_size, seed=seed, depth=depth)
     g = torch.Generator().manual_seed(seed + 10)
     with torch.no_grad():
         for blk in model.blocks:
@@ -60,14 +62,6 @@ def manual_reference(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
             out.append(torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d), dim=-1))
             x = blk(x)
     return torch.stack(out)
-
-
-def _sharpen(model: nn.Module, seed: int = 0) -> None:
-    """q/k weights scaled up: peaked attention (mean row max > 0.2 asserted where it matters)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.copy_(torch.randn(blk.attn.qkv.weight.shape, generator=g) * 0.35)
 
 
 def _hook_count(module: nn.Module) -> int:
@@ -261,8 +255,7 @@ def test_capture_ends_the_pass_after_the_last_wanted_layer(layers: list[int] | N
     """`capture` returns no model output, so the pass ends once the last requested layer's attention is in hand:
     later blocks, the final norm and the head do not run; the rows equal a full pass's (`capture_full`), and the
     model is left without hooks and works as before."""
-    model = make_tiny_vit(depth=4, seed=3)
-    _sharpen(model)
+    model = _sharp_vit(seed=3, depth=4)
     _swallowing(model.blocks[2])
     ran: list[str] = []
     for name, m in [(f"block{i}", b) for i, b in enumerate(model.blocks)] + [("norm", model.norm), ("head", model.head)]:
@@ -274,6 +267,7 @@ def test_capture_ends_the_pass_after_the_last_wanted_layer(layers: list[int] | N
     ran.clear()
     full = capture_full(model, x, layers=layers, queries="cls")
     assert ran == ["block0", "block1", "block2", "block3", "norm", "head"]
+    assert full.attentions.weights.amax(-1).mean() > 0.2  # peaked: a wrong row cannot pass as near-uniform
     torch.testing.assert_close(full.output, want_out, atol=0, rtol=0)
     ran.clear()
     attn = vitscope.capture(model, x, layers=layers, queries="cls")
@@ -290,8 +284,7 @@ def test_capture_ends_the_pass_after_the_last_wanted_layer(layers: list[int] | N
 
 
 def test_rollout_ends_the_pass_at_the_last_layer_and_equals_the_full_pass() -> None:
-    model = make_tiny_vit(depth=3, seed=4)
-    _sharpen(model)
+    model = _sharp_vit(seed=4, depth=3)
     ran: list[str] = []
     model.norm.register_forward_hook(lambda *_: ran.append("norm"))
     model.head.register_forward_hook(lambda *_: ran.append("head"))
@@ -301,4 +294,5 @@ def test_rollout_ends_the_pass_at_the_last_layer_and_equals_the_full_pass() -> N
     got = vitscope.maps(model, x, "rollout")
     assert ran == []  # neither the final norm nor the head ran
     attn = capture_full(model, x).attentions  # every row of every layer, a whole pass
+    assert attn.weights.amax(-1).mean() > 0.2  # peaked
     torch.testing.assert_close(got.map, rollout(attn), atol=1e-6, rtol=0)
