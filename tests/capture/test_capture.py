@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import vitscope
 from tests.conftest import make_tiny_vit
 from vitscope.attentions import Attentions
 from vitscope.capture import capture_full
+from vitscope.capture.intercept import sample_rows
 from vitscope.errors import VitscopeError
 from vitscope.methods.rollout import rollout
 
@@ -296,3 +299,80 @@ def test_rollout_ends_the_pass_at_the_last_layer_and_equals_the_full_pass() -> N
     attn = capture_full(model, x).attentions  # every row of every layer, a whole pass
     assert attn.weights.amax(-1).mean() > 0.2  # peaked
     torch.testing.assert_close(got.map, rollout(attn), atol=1e-6, rtol=0)
+
+
+class _KernelShapes(TorchFunctionMode):
+    """Records the query shape of every ``scaled_dot_product_attention`` call (also the ones vitscope makes
+    itself: its mode is popped while it handles a call, so they reach this one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.queries.append(tuple((args[0] if args else kwargs["query"]).shape))
+        return func(*args, **kwargs)
+
+
+def _attention_variant(attn: nn.Module, variant: str, gen: torch.Generator) -> None:
+    """Give the tiny ViT's attention module ``attn`` another kind of SDPA call: an additive bias with a query
+    axis (BEiT's relative position bias), a boolean key mask (one key hidden from image 1), heads folded into
+    the batch (SAM's layout), or a causal flag."""
+    table = torch.randn(attn.heads, 64, 64, generator=gen) * 2  # (H, 64, 64): a bias for up to 64 tokens
+    base = attn.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        H, d = attn.heads, attn.head_dim
+        qkv = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        q, k, v = qkv.unbind(0)
+        if variant == "bias":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=table[None, :, :N, :N], scale=attn.scale)
+        elif variant == "key mask":
+            keep = torch.ones(B, 1, 1, N, dtype=torch.bool)
+            keep[-1, ..., N - 1] = False
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=attn.scale)
+        elif variant == "folded":
+            q, k, v = (t.reshape(B * H, N, d) for t in (q, k, v))  # (B*H, N, d), batch-major
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).reshape(B, H, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
+        return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    attn.forward = base if variant == "plain" else forward  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("variant", "queries"), [
+    ("plain", "cls"), ("plain", None), ("plain", [3, 9, (3, 2)]), ("bias", "cls"), ("bias", None),
+    ("key mask", "cls"), ("folded", "cls"), ("causal", "cls"),
+])
+def test_the_last_wanted_layer_computes_only_the_rows_it_proves(variant: str, queries: Any) -> None:
+    """The pass ends at the last wanted layer's kernel call: torch's SDPA runs there on the rows the verification
+    reads only (row 0, a few spread rows, the caller's when few), so neither the rest of that layer's kernel nor
+    its projection runs; the captured rows equal a whole pass's (`capture_full`) bitwise for every kind of call
+    (a bias or mask sliced to those rows, heads folded into the batch). A causal call, whose rows depend on how
+    many queries it gets, runs whole."""
+    model = _sharp_vit(seed=7, depth=3)
+    gen = torch.Generator().manual_seed(8)
+    for blk in model.blocks:
+        _attention_variant(blk.attn, variant, gen)
+    proj_ran: list[int] = []
+    for i, blk in enumerate(model.blocks):
+        blk.attn.proj.register_forward_hook(lambda *_, i=i: proj_ran.append(i))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    want = capture_full(model, x, layers=[0, 2], queries=queries).attentions  # whole pass, whole kernels
+    assert want.weights.amax(-1).mean() > 0.2  # peaked: a wrong row cannot pass as near-uniform
+    proj_ran.clear()
+    with _KernelShapes() as seen:
+        got = vitscope.capture(model, x, layers=[0, 2], queries=queries)
+    torch.testing.assert_close(got.weights, want.weights, atol=0, rtol=0)
+    N = want.num_tokens
+    asked = None if want.queries is None else list(want.queries)
+    rows = N if variant == "causal" else len(sample_rows(N, asked))
+    B, H = 2, 4
+    full = (B * H, N, 8) if variant == "folded" else (B, H, N, 8)
+    last = (B * H, rows, 8) if variant == "folded" else (B, H, rows, 8)
+    assert seen.queries == [full, full, last]
+    assert proj_ran == ([0, 1, 2] if variant == "causal" else [0, 1])

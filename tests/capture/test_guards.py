@@ -50,6 +50,10 @@ class RopeBlock(nn.Module):
             o = (e / e.sum(-1, keepdim=True)) @ v
         elif self.kernel == "twice":
             o = F.scaled_dot_product_attention(q, k, v) + 0 * F.scaled_dot_product_attention(q, k, v)
+        elif self.kernel == "twice when large":  # a second kernel call above 17 tokens only
+            o = F.scaled_dot_product_attention(q, k, v)
+            if N > 17:
+                o = o + 0 * F.scaled_dot_product_attention(q, k, v)
         else:  # "masked": a mask that hides every key from query 0, so its row is 0/0
             mask = torch.ones(N, N, dtype=torch.bool)
             mask[0] = False
@@ -131,6 +135,23 @@ def test_attention_vitscope_cannot_see_is_refused() -> None:
 def test_two_kernels_in_one_layer_are_refused() -> None:
     model = RopeViT(kernel="twice").eval()
     _one_line_error(model, vitscope.wrap(model, **DECL), r"^model: layer 0 computed attention 2 times")
+
+
+def test_a_second_kernel_call_at_a_new_size_is_refused_when_the_pass_would_end_at_the_first() -> None:
+    """`capture` ends the pass at the last wanted layer's kernel call only at token counts where a whole run of
+    that module was seen to make one call: a module that makes a second call at a larger size only is still
+    refused there (ending at its first call would hand back rows the module then recomputes)."""
+    model = RopeViT(kernel="twice when large").eval()
+    vit = vitscope.wrap(model, **DECL)
+    small = torch.randn(2, 3, 16, 16)  # 17 tokens: one call
+    first = vitscope.capture(vit, small, layers=[-1], queries="cls")  # a whole run of the last module
+    again = vitscope.capture(vit, small, layers=[-1], queries="cls")  # ends at its kernel call
+    torch.testing.assert_close(again.weights, first.weights, atol=0, rtol=0)
+    torch.testing.assert_close(again.weights[0, :, :, 0], _reference(model, small)[-1][:, :, 0], atol=1e-5, rtol=0)
+    with pytest.raises(CaptureError, match=r"^model: layer 1 computed attention 2 times") as err:
+        vitscope.capture(vit, torch.randn(2, 3, 20, 20), layers=[-1], queries="cls")  # 26 tokens
+    assert "\n" not in str(err.value)
+    _no_state_left(model)
 
 
 def test_rows_that_do_not_sum_to_one_are_refused() -> None:

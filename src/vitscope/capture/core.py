@@ -265,7 +265,8 @@ def capture(
     Returns:
         `Attentions` with ``weights`` of shape ``(layers, batch, heads, queries, keys)``. The forward pass ends
         once the last requested layer's attention is captured: later blocks, the final norm and the head do not
-        run (``layers=[3]`` of a 12-layer model costs four blocks); `capture_full` runs it whole.
+        run (``layers=[3]`` of a 12-layer model costs four blocks), and after the first capture at a size that
+        layer's kernel computes only the rows that prove the capture; `capture_full` runs the model whole.
 
     Threads: one model may be captured from several threads at once, and each capture equals a sequential one.
     vitscope's hooks sit on the model's modules but act only on the forward pass of the thread that registered

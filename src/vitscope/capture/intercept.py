@@ -43,6 +43,11 @@ Guards (a one-line `CaptureError` naming the layer, never a silently wrong map o
 - the weights multiplied with V are not the softmax output (talking heads, a mask multiplied in after the
   softmax, a renormalisation), or no product with V is seen after an explicit softmax -> refused;
 - `AttentionCall.rows` checks that rows sum to 1.
+
+A pass that needs no model output (``until_captured``) ends at the last wanted layer's kernel call once that
+module is known to make one call per run at this token count; torch's SDPA then computes only the sampled rows,
+whose outputs prove the recomputed rows exactly as a whole kernel's would (attention rows do not depend on the
+other queries; causal calls, whose rows do, run whole).
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ _BATCH_AXIS_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKey
 _FOLDS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 #: Folding modules whose fold was proven batch-major (`prove_batch_axis`).
 _FOLD_ORDER_PROVEN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+#: Attention module -> the token counts at which a whole run of it was seen to make exactly one attention call
+#: (`_Engine.leave`): at those a pass may end at its kernel call (`_Engine.ends_at`), since no second call follows.
+_ONE_CALL: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -705,6 +713,36 @@ def substitute_sdpa(kernel: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return torch.matmul(probs, v), probs
 
 
+def sampled_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], asked: Sequence[int] | None) -> torch.Tensor | None:
+    """torch's SDPA on the query rows `verify_call` reads (``sample_rows(Nq, asked)``) only: the output
+    ``(..., Nq, dv)`` holds those rows, every other row is ``NaN`` (never read; a read would fail the check).
+    For the call a pass ends at (`_Engine.ends_at`): the rest of the layer's kernel is not computed. ``None``
+    (run the call as it is) where a row depends on the other queries or the call cannot be sliced: a causal
+    flag, dropout, a graph, a nested tensor, a mask without a query axis of 1 or ``Nq``."""
+    bound = dict(zip(_SDPA_NAMES, args, strict=False))
+    bound.update(kwargs)
+    q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    if q.dim() not in (3, 4) or q.is_nested or bound.get("is_causal") or bound.get("dropout_p"):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None
+    Nq = int(q.shape[-2])
+    idx = _row_index(sample_rows(Nq, asked), q.device)
+    mask = bound.get("attn_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+            return None
+        if mask.shape[-2] == Nq:
+            mask = mask.index_select(-2, idx)  # (..., s, Nk)
+        elif mask.shape[-2] != 1:
+            return None
+    rows = _TORCH_SDPA(**{**bound, "query": q.index_select(-2, idx), "attn_mask": mask})  # (..., s, dv)
+    out = rows.new_full((*rows.shape[:-2], Nq, rows.shape[-1]), float("nan"))  # (..., Nq, dv)
+    return out.index_copy_(-2, idx, rows)
+
+
 #: The calls `_Mode` looks at (the attention module's other calls, projections, reshapes, norms, pass through)
 _WATCHED = frozenset((F.scaled_dot_product_attention, _TORCH_SDPA, F.multi_head_attention_forward, *_SOFTMAXES,
                       *_PRODUCTS))
@@ -725,6 +763,11 @@ class _Mode(TorchFunctionMode):
         layer = self.engine.current
         sub = None
         kernel = self.engine.kernel_for(layer)
+        if kernel is None and func is _TORCH_SDPA and layer is not None and self.engine.ends_at(layer):
+            rows = sampled_sdpa(args, kwargs, self.engine.asked)
+            if rows is not None:  # the last call the pass needs: its verified rows only, then the pass ends
+                self.engine.report(_sdpa_call(layer, args, kwargs, rows, self.engine.fold(layer, args, kwargs)))
+                raise StopForward
         if kernel is not None and func is _TORCH_SDPA:
             sub = substitute_sdpa(kernel, args, kwargs)
         out, extra = sub if sub is not None else (func(*args, **kwargs), None)
@@ -849,6 +892,7 @@ class _Engine:
         self.proving = False  # `prove_batch_axis`'s own runs: a fold whose order is not yet proven is read
         self.folded: set[int] = set()  # layers whose call in this pass folded heads into the batch
         self.delivered: set[int] = set()  # layers whose call reached ``on_call``
+        self.until_captured = False  # the pass ends once every site was delivered (`observe_attention`)
 
     def kernel_for(self, layer: int | None) -> str | None:
         """`substitute_sdpa`'s kernel for ``layer``'s SDPA call (``None``: the call runs as it is)."""
@@ -880,6 +924,14 @@ class _Engine:
     @property
     def current(self) -> int | None:
         return self.stack[-1] if self.stack else None
+
+    def ends_at(self, layer: int) -> bool:
+        """``layer``'s kernel call is the last one the pass needs (``until_captured``, every other site delivered)
+        and a whole run of its module at this token count was seen to make one call (`_ONE_CALL`; the first
+        capture at a size runs it whole): the pass may end at the call itself."""
+        return (self.until_captured and not self.proving and self.counts[layer] == 0
+                and len(self.delivered) == len(self.sites) - 1 and layer not in self.delivered
+                and self.tokens in _ONE_CALL.get(self.modules[layer], ()))
 
     def _count(self, call: AttentionCall) -> None:
         """One call per module run; batch and heads as the model is described (counts from the kernel call)."""
@@ -1005,6 +1057,8 @@ class _Engine:
                 "vitscope reads token softmax attention only: linear or sigmoid attention, custom kernels, flash/flex "
                 "attention and torch.compile'd modules cannot be captured; use attn_implementation='sdpa' or 'eager'",
             )
+        if self.tokens is not None:  # one call per run (a second was refused in `_count`, none just above)
+            _ONE_CALL.setdefault(self.modules[layer], set()).add(self.tokens)
 
     def close(self) -> None:
         while self.entered:
@@ -1056,7 +1110,11 @@ def observe_attention(
     ``until_captured``: once every site's call was delivered, a forward hook on its attention module (run after
     the engine's own, so a second kernel call in that module is still refused) raises
     `vitscope.capture.hooks.StopForward`: the rest of the model does not run; the caller catches it around the
-    forward pass (for callers that need no model output).
+    forward pass (for callers that need no model output). The pass ends at the last site's kernel call itself
+    when a whole run of its module at this token count was seen to make that one call only (`_Engine.ends_at`):
+    a plain SDPA call (no causal flag; a mask is sliced to the rows) with no substituted kernel then computes
+    the rows the verification reads and no others (`sampled_sdpa`), and neither the rest of that kernel nor
+    the module's projection runs.
     """
     kinds = set(kernel.values()) if isinstance(kernel, Mapping) else {kernel}
     if not kinds <= {None, "lse", "probs", "mean"} or (kinds != {None} and graph):
@@ -1066,6 +1124,7 @@ def observe_attention(
     engine.every_row = every_row
     engine.kernel = kernel
     engine.proving = proving  # (private: `prove_batch_axis`'s runs)
+    engine.until_captured = until_captured
     handles: list[Any] = []
     try:
         for site in sites:
