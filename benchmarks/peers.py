@@ -38,7 +38,7 @@ time); ``--clock wall`` (the default on CUDA, synchronised) times wall seconds. 
 comparisons (`PAIRS`: each vitscope path against the peers that get the same rows; rollout <= 1.3x at 518 px),
 each with PASS or FAIL.
 
-    python benchmarks/peers.py [--quick] [--sizes 224,518,1022] [--small-repeats 21] [--repeats 7]
+    python benchmarks/peers.py [--quick] [--sizes 224,518,1022] [--small-repeats 41] [--repeats 7]
                                [--large-repeats 1] [--threads 1]
     python benchmarks/peers.py --device cuda --dtype bfloat16     # on a GPU: fp16/bf16 weights and inputs
 """
@@ -293,7 +293,7 @@ def verdicts(results: dict[int, dict[str, list[float]]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="224,518,1022", help="image sizes in px (multiples of 14)")
-    ap.add_argument("--small-repeats", type=int, default=21, help="interleaved rounds below 400 px (fast rounds, "
+    ap.add_argument("--small-repeats", type=int, default=41, help="interleaved rounds below 400 px (fast rounds, "
                     "ratios within a few percent of each other: more rounds for a stable median)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds from 400 to 1000 px")
     ap.add_argument("--large-repeats", type=int, default=1, help="interleaved rounds at 1000 px and more")
