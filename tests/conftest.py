@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class KernelQueries(TorchFunctionMode):
+    """Records the query shape of every ``scaled_dot_product_attention`` call made while it is active, also the
+    ones vitscope makes itself (its own mode is popped while it handles a call, so they reach this one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.queries.append(tuple((args[0] if args else kwargs["query"]).shape))
+        return func(*args, **kwargs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import vitscope
-from tests.conftest import make_tiny_vit
+from tests.conftest import KernelQueries, make_tiny_vit
 from vitscope.attentions import Attentions
 from vitscope.capture import capture_full
 from vitscope.capture.intercept import sample_rows
@@ -301,21 +300,6 @@ def test_rollout_ends_the_pass_at_the_last_layer_and_equals_the_full_pass() -> N
     torch.testing.assert_close(got.map, rollout(attn), atol=1e-6, rtol=0)
 
 
-class _KernelShapes(TorchFunctionMode):
-    """Records the query shape of every ``scaled_dot_product_attention`` call (also the ones vitscope makes
-    itself: its mode is popped while it handles a call, so they reach this one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queries: list[tuple[int, ...]] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.queries.append(tuple((args[0] if args else kwargs["query"]).shape))
-        return func(*args, **kwargs)
-
-
 def _attention_variant(attn: nn.Module, variant: str, gen: torch.Generator) -> None:
     """Give the tiny ViT's attention module ``attn`` another kind of SDPA call: an additive bias with a query
     axis (BEiT's relative position bias), a boolean key mask (one key hidden from image 1), heads folded into
@@ -365,7 +349,7 @@ def test_the_last_wanted_layer_computes_only_the_rows_it_proves(variant: str, qu
     want = capture_full(model, x, layers=[0, 2], queries=queries).attentions  # whole pass, whole kernels
     assert want.weights.amax(-1).mean() > 0.2  # peaked: a wrong row cannot pass as near-uniform
     proj_ran.clear()
-    with _KernelShapes() as seen:
+    with KernelQueries() as seen:
         got = vitscope.capture(model, x, layers=[0, 2], queries=queries)
     torch.testing.assert_close(got.weights, want.weights, atol=0, rtol=0)
     N = want.num_tokens

@@ -36,6 +36,9 @@ from torch import nn
 
 import vitscope
 from tests.capture.families import BY_ID, FAMILIES, FAMILY_DOCS, SIZES, Built, Family, built, main_tensor
+from tests.conftest import KernelQueries
+from vitscope.capture import capture_full
+from vitscope.capture.intercept import sample_rows
 from vitscope.errors import VitscopeError
 
 IDS = [f.id for f in FAMILIES]
@@ -127,6 +130,37 @@ def test_capture_equals_reference(fid: str, sname: str, batch: int, mode: str) -
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0)
     diff = (attn.weights - expected).abs().max().item()
     assert torch.allclose(attn.weights, expected, atol=1e-5), f"{fid} {sname} b{batch} {mode}: max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_the_pass_ends_at_the_last_layers_kernel_on_the_verified_rows(fid: str) -> None:
+    """Once a whole run at a size has shown the last layer's module makes one call, `capture` ends the pass at
+    that call, and a family whose attention is torch's SDPA computes only the verified rows there (its bias or
+    mask sliced to them: BEiT, relpos, EVA's RoPE before the call); every family's rows still equal its
+    reference. A family without SDPA (eager softmax, nn.MultiheadAttention) runs as before."""
+    sname = "square" if BY_ID[fid].square_only else "wide"
+    _fam, b = _family(fid, sname)
+    size = SIZES[sname]
+    pixels = _pixels(size, 3)
+    ref, _ = _reference(fid, sname, 3)  # (L, B, H, N, N)
+    first = vitscope.capture(b.model, pixels, layers=[-1], queries=[0])  # a whole run of the last module at N
+    with KernelQueries() as whole:
+        capture_full(b.model, pixels, layers=[-1], queries=[0])  # the whole model, every kernel whole
+    with KernelQueries() as early:
+        attn = vitscope.capture(b.model, pixels, layers=[-1], queries=[0])
+    expected = ref[-1:, :, :, :1]  # (1, B, H, 1, N)
+    assert expected.amax(-1).mean() > 0.2  # peaked
+    torch.testing.assert_close(first.weights, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn.weights, first.weights, atol=1e-6, rtol=0)
+    N = ref.shape[-1]
+    blocks = [q for q in whole.queries if q[-2] == N]  # the blocks' SDPA calls (not a pooling head's)
+    few = len(sample_rows(N, [0]))
+    assert few < N
+    if blocks:  # the last block's call got the verified rows only, after the other blocks' whole calls
+        assert early.queries == [*blocks[:-1], (*blocks[-1][:-2], few, blocks[-1][-1])]
+    else:
+        assert early.queries == []
+    assert _hooked(b.module) == [] and _modes_active() == 0
 
 
 @pytest.mark.parametrize("fid", [f.id for f in FAMILIES if not f.has_cls])
